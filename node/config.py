@@ -1,0 +1,302 @@
+"""The command line: Petals `run_server` flags with the same names and defaults, plus the node's own.
+
+`--config FILE` (YAML or JSON: a map of flag names to values) is turned into flags placed before the
+real command line, so the file and the command line are checked by the same parser and the command
+line wins. Any invalid value exits with code 2 and a message naming the flag.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+from typing import Any, Optional, Sequence
+
+import msgspec
+
+PUBLIC_INITIAL_PEERS = [
+    "/dns/bootstrap1.petals.dev/tcp/31337/p2p/QmedTaZXmULqwspJXz44SsPZyTNKxhnnFvYRajfH7MGhCY",
+    "/dns/bootstrap2.petals.dev/tcp/31338/p2p/QmQGTqmM7NKjV6ggU1ZCap8zWiyKR89RViDXiqehSiCpY5",
+    "/dns6/bootstrap1.petals.dev/tcp/31337/p2p/QmedTaZXmULqwspJXz44SsPZyTNKxhnnFvYRajfH7MGhCY",
+    "/dns6/bootstrap2.petals.dev/tcp/31338/p2p/QmQGTqmM7NKjV6ggU1ZCap8zWiyKR89RViDXiqehSiCpY5",
+    "/ip4/159.89.214.152/tcp/31337/p2p/QmedTaZXmULqwspJXz44SsPZyTNKxhnnFvYRajfH7MGhCY",
+    "/ip4/159.203.156.48/tcp/31338/p2p/QmQGTqmM7NKjV6ggU1ZCap8zWiyKR89RViDXiqehSiCpY5",
+]
+
+COMPRESSION_TYPES = ("NONE", "MEANSTD_16BIT", "FLOAT16", "QUANTILE_8BIT", "UNIFORM_8BIT", "BLOCKWISE_8BIT")
+
+# Flags whose feature belongs to an issue that has not landed: (flag, test of the parsed value, message).
+NOT_YET = (
+    ("--quant_type", lambda v: v not in (None, "none"), "quantization (int8, nf4) is not available yet; use --quant_type none"),
+    ("--tensor_parallel_devices", lambda v: bool(v), "tensor parallelism is not available yet"),
+    ("--adapters", lambda v: bool(v), "LoRA adapters are not available yet"),
+    ("--throughput", lambda v: v is not None and not isinstance(v, float), "measured throughput (auto, eval, dry_run) is not available yet; pass a number, e.g. --throughput 1.0"),
+    ("--num_blocks", lambda v: v is not None, "choosing blocks from the swarm is not available yet; use --block_indices START:END (or neither, to serve every block)"),
+    ("--max_disk_space", lambda v: v is not None, "the managed weight cache (--max_disk_space) is not available yet"),
+)
+
+
+class NodeConfig(msgspec.Struct, kw_only=True):
+    """Every flag, parsed and checked. Field names are the flag names."""
+
+    model: str
+    public_name: Optional[str] = None
+    token: Optional[str] = None
+    num_blocks: Optional[int] = None
+    block_indices: Optional[tuple[int, int]] = None
+    dht_prefix: Optional[str] = None
+    port: Optional[int] = None
+    public_ip: Optional[str] = None
+    no_auto_relay: bool = False
+    host_maddrs: Optional[list[str]] = None
+    announce_maddrs: Optional[list[str]] = None
+    daemon_startup_timeout: float = 60
+    compression: str = "NONE"
+    num_handlers: int = 8
+    prefetch_batches: int = 1
+    sender_threads: int = 1
+    inference_max_length: Optional[int] = None
+    min_batch_size: int = 1
+    max_batch_size: Optional[int] = None
+    max_chunk_size_bytes: int = 256 * 1024 * 1024
+    attn_cache_tokens: Optional[int] = None
+    cache_dir: Optional[str] = None
+    max_disk_space: Optional[str] = None
+    device: Optional[str] = None
+    torch_dtype: str = "auto"
+    max_alloc_timeout: float = 600
+    revision: Optional[str] = None
+    throughput: Any = None  # None (not given), a float, or "auto" / "eval" / "dry_run"
+    update_period: float = 120
+    expiration: Optional[float] = None
+    request_timeout: float = 180
+    session_timeout: float = 60 * 30
+    step_timeout: float = 5 * 60
+    initial_peers: Optional[list[str]] = None
+    new_swarm: bool = False
+    increase_file_limit: int = 4096
+    stats_report_interval: Optional[float] = None
+    custom_module_path: Optional[str] = None
+    identity_path: Optional[str] = None
+    balance_quality: float = 0.75
+    mean_balance_check_period: float = 60
+    quant_type: Optional[str] = None
+    tensor_parallel_devices: Optional[list[str]] = None
+    skip_reachability_check: bool = False
+    adapters: list[str] = []
+    # the node's own flags
+    run_dir: Optional[str] = None
+    max_restarts: int = 5
+    restart_window: float = 60
+    heartbeat_timeout: float = 15
+    shutdown_grace: float = 10
+    log_format: str = "auto"
+    log_level: str = "info"
+
+    @property
+    def peers(self) -> list[str]:
+        if self.new_swarm:
+            return []
+        return list(self.initial_peers) if self.initial_peers is not None else list(PUBLIC_INITIAL_PEERS)
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value <= 0:
+        raise ValueError(text)
+    return value
+
+
+def _non_negative_int(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise ValueError(text)
+    return value
+
+
+def _positive_float(text: str) -> float:
+    value = float(text)
+    if not (value > 0 and math.isfinite(value)):
+        raise ValueError(text)
+    return value
+
+
+def _non_negative_float(text: str) -> float:
+    value = float(text)
+    if not (value >= 0 and math.isfinite(value)):
+        raise ValueError(text)
+    return value
+
+
+def _block_range(text: str) -> tuple[int, int]:
+    start, sep, end = text.partition(":")
+    if not sep:
+        raise ValueError(text)
+    start, end = int(start), int(end)
+    if not 0 <= start < end:
+        raise ValueError(text)
+    return start, end
+
+
+def _throughput(text: str):
+    if text in ("auto", "eval", "dry_run"):
+        return text
+    return _non_negative_float(text)
+
+
+def _prefix(text: str) -> str:
+    if not text or "." in text or " " in text:
+        raise ValueError(text)
+    return text
+
+
+for _fn, _name in [
+    (_positive_int, "positive integer"),
+    (_non_negative_int, "non-negative integer"),
+    (_positive_float, "positive number"),
+    (_non_negative_float, "non-negative number"),
+    (_block_range, "START:END range"),
+    (_throughput, "number or one of auto, eval, dry_run"),
+    (_prefix, "prefix without '.' or ' '"),
+]:
+    _fn.__name__ = _name  # argparse names the expected kind in its error from the function name
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m node.supervisor",
+        description="Serve a range of transformer blocks to a Petals swarm.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    p.add_argument("model_pos", nargs="?", metavar="MODEL", help="hub repository or local directory of the model")
+    p.add_argument("--model", "--converted_model_name_or_path", dest="model", help="same as MODEL")
+    p.add_argument("--config", "-c", help="YAML or JSON file of flag values; the command line overrides it")
+    p.add_argument("--public_name", help="published in the DHT so that others can tell who serves")
+    tok = p.add_mutually_exclusive_group()
+    tok.add_argument("--token", help="Hugging Face hub token")
+    tok.add_argument("--use_auth_token", dest="token", help=argparse.SUPPRESS)
+    p.add_argument("--num_blocks", type=_positive_int, help="how many blocks to serve, chosen from the swarm")
+    p.add_argument("--block_indices", type=_block_range, help="serve exactly these blocks, START:END (end excluded)")
+    p.add_argument("--dht_prefix", type=_prefix, help="prefix of block uids; derived from the repository by default")
+    p.add_argument("--port", type=_positive_int, help="listen on this TCP port on every interface")
+    p.add_argument("--public_ip", help="announce this IPv4 address (needs --port)")
+    p.add_argument("--no_auto_relay", action="store_true", help="do not look for libp2p relays")
+    p.add_argument("--host_maddrs", nargs="+", help="multiaddrs to listen on")
+    p.add_argument("--announce_maddrs", nargs="+", help="multiaddrs to announce")
+    p.add_argument("--daemon_startup_timeout", type=_positive_float, default=60)
+    p.add_argument("--compression", choices=COMPRESSION_TYPES, default="NONE", help="compression of outputs")
+    p.add_argument("--num_handlers", type=_positive_int, default=8, help="network frontend processes")
+    p.add_argument("--prefetch_batches", type=_positive_int, default=1, help="accepted for compatibility")
+    p.add_argument("--sender_threads", type=_positive_int, default=1, help="accepted for compatibility")
+    p.add_argument("--inference_max_length", type=_positive_int, help="longest inference session (8192 GQA, else 2048)")
+    p.add_argument("--min_batch_size", type=_positive_int, default=1, help="accepted for compatibility")
+    p.add_argument("--max_batch_size", type=_positive_int, help="most tokens in one task (8192 GQA, else 2048)")
+    p.add_argument("--max_chunk_size_bytes", type=_positive_int, default=256 * 1024 * 1024)
+    p.add_argument("--attn_cache_tokens", type=_positive_int, help="KV cache budget per block (16384 GQA, else 4096)")
+    p.add_argument("--cache_dir", help="where hub downloads go ($PETALS_CACHE or ~/.cache/petals)")
+    p.add_argument("--max_disk_space", help="cap on the weight cache, e.g. 50GB")
+    p.add_argument("--device", help="cpu, cuda or cuda:N (default: cuda if available)")
+    p.add_argument("--torch_dtype", choices=("auto", "bfloat16", "float16", "float32"), default="auto")
+    p.add_argument("--max_alloc_timeout", type=_non_negative_float, default=600)
+    p.add_argument("--revision", help="hub revision of the model")
+    p.add_argument("--throughput", type=_throughput, help="published tokens/s, or auto/eval/dry_run")
+    p.add_argument("--update_period", type=_positive_float, default=120, help="DHT refresh period (s)")
+    p.add_argument("--expiration", type=_positive_float, help="DHT record lifetime (s); max(2*update_period, 3)")
+    p.add_argument("--request_timeout", type=_positive_float, default=180)
+    p.add_argument("--session_timeout", type=_positive_float, default=60 * 30)
+    p.add_argument("--step_timeout", type=_positive_float, default=5 * 60)
+    p.add_argument("--initial_peers", nargs="*", help="multiaddrs of swarm peers (default: the public swarm)")
+    p.add_argument("--new_swarm", action="store_true", help="start a new private swarm (no initial peers)")
+    p.add_argument("--increase_file_limit", type=_non_negative_int, default=4096)
+    p.add_argument("--stats_report_interval", type=_positive_float, help="log runtime stats this often (s)")
+    p.add_argument("--custom_module_path", help="accepted for compatibility; has no effect")
+    p.add_argument("--identity_path", help="libp2p private key file (created if missing)")
+    p.add_argument("--balance_quality", type=_non_negative_float, default=0.75)
+    p.add_argument("--mean_balance_check_period", type=_positive_float, default=60)
+    p.add_argument("--quant_type", choices=("none", "int8", "nf4"), help="weight quantization")
+    p.add_argument("--tensor_parallel_devices", nargs="+", help="split blocks over these devices")
+    p.add_argument("--skip_reachability_check", action="store_true")
+    p.add_argument("--adapters", nargs="*", default=[], help="LoRA adapter repositories")
+    node = p.add_argument_group("node")
+    node.add_argument("--run_dir", help="directory for the node's sockets and state (default /tmp/node.PID)")
+    node.add_argument("--max_restarts", type=_non_negative_int, default=5, help="restarts allowed in --restart_window")
+    node.add_argument("--restart_window", type=_positive_float, default=60, help="seconds")
+    node.add_argument("--heartbeat_timeout", type=_positive_float, default=15, help="an actor silent this long is replaced")
+    node.add_argument("--shutdown_grace", type=_non_negative_float, default=10, help="seconds to finish work on SIGTERM")
+    node.add_argument("--log_format", choices=("auto", "json", "console"), default="auto")
+    node.add_argument("--log_level", choices=("debug", "info", "warning", "error"), default="info")
+    return p
+
+
+def _file_to_argv(path: str, parser: argparse.ArgumentParser) -> list[str]:
+    try:
+        with open(path) as f:
+            text = f.read()
+    except OSError as e:
+        parser.error(f"argument --config: cannot read {path}: {e.strerror}")
+    try:
+        if path.endswith(".json"):
+            values = json.loads(text)
+        else:
+            import yaml  # PyYAML comes with transformers
+
+            values = yaml.safe_load(text)
+    except Exception as e:
+        parser.error(f"argument --config: {path} is not valid YAML/JSON: {e}")
+    if values is None:
+        return []
+    if not isinstance(values, dict):
+        parser.error(f"argument --config: {path} must hold a map of flag names to values")
+    known = {a.dest for a in parser._actions} | {s.lstrip("-") for a in parser._actions for s in a.option_strings}
+    argv: list[str] = []
+    for key, value in values.items():
+        key = str(key).replace("-", "_")
+        if key not in known or key in ("config", "model_pos", "help"):
+            parser.error(f"argument --config: unknown setting {key!r} in {path}")
+        flag = f"--{key}"
+        if isinstance(value, bool):
+            if value:
+                argv.append(flag)
+        elif isinstance(value, list):
+            argv.append(flag)
+            argv.extend(str(v) for v in value)
+        elif value is not None:
+            argv.extend([flag, str(value)])
+    return argv
+
+
+def parse_config(argv: Optional[Sequence[str]] = None) -> NodeConfig:
+    parser = build_parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
+    first = parser.parse_args(argv)
+    if first.config:
+        argv = _file_to_argv(first.config, parser) + argv
+    args = parser.parse_args(argv)
+
+    model = args.model or args.model_pos
+    if not model:
+        parser.error("the following arguments are required: MODEL (or --model)")
+    if args.model and args.model_pos and args.model != args.model_pos:
+        parser.error(f"argument --model: conflicts with positional MODEL {args.model_pos!r}")
+    if args.public_ip and not args.port:
+        parser.error("argument --public_ip: needs --port")
+    if args.port and args.host_maddrs:
+        parser.error("argument --port: cannot be combined with --host_maddrs")
+    if args.public_ip and args.announce_maddrs:
+        parser.error("argument --public_ip: cannot be combined with --announce_maddrs")
+    if args.new_swarm and args.initial_peers:
+        parser.error("argument --new_swarm: cannot be combined with --initial_peers")
+    if args.num_blocks is not None and args.block_indices is not None:
+        parser.error("argument --num_blocks: cannot be combined with --block_indices")
+    for flag, unsupported, message in NOT_YET:
+        if unsupported(getattr(args, flag.lstrip("-"))):
+            parser.error(f"argument {flag}: {message}")
+
+    fields = {f: getattr(args, f) for f in NodeConfig.__struct_fields__ if f != "model" and hasattr(args, f)}
+    return NodeConfig(model=model, **fields)
+
+
+def default_cache_dir() -> str:
+    return os.environ.get("PETALS_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "petals")

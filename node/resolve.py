@@ -1,0 +1,138 @@
+"""From flags and the model's config to the node's plan (PROTOCOL 2.1, 5.5, 5.6).
+
+Everything that can be decided before any process starts is decided here, once: the model family,
+the block range, the dht prefix, the dtype and device, and the defaults that depend on attention.
+"""
+
+from __future__ import annotations
+
+import os
+
+from node.config import NodeConfig, default_cache_dir
+from protocol import SERVER_VERSION
+from protocol.plan import NodePlan
+
+COMPRESSION = {"NONE": 0, "MEANSTD_16BIT": 1, "FLOAT16": 2, "QUANTILE_8BIT": 3, "UNIFORM_8BIT": 4, "BLOCKWISE_8BIT": 5}
+
+
+class PlanError(ValueError):
+    """A setting that cannot work with this model or machine; the message names the flag."""
+
+
+def resolve_device(requested) -> str:
+    import torch
+
+    if requested:
+        if requested.startswith("cuda") and not torch.cuda.is_available():
+            raise PlanError(f"argument --device: {requested} requested but CUDA is not available")
+        if requested != "cpu" and not requested.startswith("cuda"):
+            raise PlanError(f"argument --device: {requested!r} is not supported (use cpu, cuda or cuda:N)")
+        return requested
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def resolve_dtype(requested: str, model_config, device: str) -> str:
+    if requested == "auto":
+        declared = getattr(model_config, "torch_dtype", None) or getattr(model_config, "dtype", None)
+        declared = str(declared).replace("torch.", "") if declared is not None else None
+        dtype = "bfloat16" if declared in (None, "auto", "float32") else declared
+    else:
+        dtype = requested
+    if dtype not in ("float32", "bfloat16", "float16"):
+        raise PlanError(f"argument --torch_dtype: the model declares {dtype}, which the node does not serve; pass --torch_dtype")
+    if dtype == "float16" and device == "cpu":
+        raise PlanError("argument --torch_dtype: float16 is not supported on the CPU; use bfloat16 or float32")
+    return dtype
+
+
+def resolve_plan(config: NodeConfig, run_dir: str, log) -> NodePlan:
+    from node.checkpoint import Checkpoint
+    from node.models import get_family
+
+    cache_dir = config.cache_dir or default_cache_dir()
+    checkpoint = Checkpoint.open(config.model, revision=config.revision, token=config.token, cache_dir=cache_dir)
+    model_config = checkpoint.config()
+    try:
+        family = get_family(model_config)
+    except ValueError as e:
+        raise PlanError(f"argument --model: {e}") from None
+
+    total = model_config.num_hidden_layers
+    start, end = config.block_indices or (0, total)
+    if end > total:
+        raise PlanError(f"argument --block_indices: the model has {total} blocks, cannot serve {start}:{end}")
+
+    if config.dht_prefix:
+        prefix = config.dht_prefix
+    elif checkpoint.is_local:
+        raise PlanError("argument --dht_prefix: required when the model is a local directory")
+    else:
+        prefix = family.default_dht_prefix(checkpoint.name)
+
+    device = resolve_device(config.device)
+    dtype = resolve_dtype(config.torch_dtype, model_config, device)
+    heads = model_config.num_attention_heads
+    kv_heads = getattr(model_config, "num_key_value_heads", None) or heads
+    head_dim = getattr(model_config, "head_dim", None) or model_config.hidden_size // heads
+    kv_groups = family.kv_groups_for_budget(model_config)
+    is_gqa = kv_groups > 1
+
+    if config.quant_type in (None, "none"):
+        quant_type = "none"
+        if config.quant_type is None and device.startswith("cuda"):
+            log.warning("quantization is not available yet: serving unquantized (Petals would default to nf4 on CUDA)")
+
+    if config.throughput is None:
+        throughput = 1.0
+        log.warning("throughput is not measured yet: publishing 1.0 (set --throughput to publish another value)")
+    else:
+        throughput = float(config.throughput)
+
+    update_period = config.update_period
+    return NodePlan(
+        run_dir=run_dir,
+        version=SERVER_VERSION,
+        model=config.model,
+        revision=config.revision,
+        token=config.token,
+        cache_dir=cache_dir,
+        family=family.name,
+        dht_prefix=prefix,
+        repository=checkpoint.repository,
+        total_blocks=total,
+        start_block=start,
+        end_block=end,
+        hidden_size=model_config.hidden_size,
+        num_attention_heads=heads,
+        num_kv_heads=kv_heads,
+        head_dim=head_dim,
+        kv_groups=kv_groups,
+        torch_dtype=dtype,
+        device=device,
+        quant_type=quant_type,
+        max_batch_size=config.max_batch_size or (8192 if is_gqa else 2048),
+        inference_max_length=config.inference_max_length or (8192 if is_gqa else 2048),
+        attn_cache_tokens=config.attn_cache_tokens or (16384 if is_gqa else 4096),
+        max_chunk_size_bytes=config.max_chunk_size_bytes,
+        max_alloc_timeout=config.max_alloc_timeout,
+        request_timeout=config.request_timeout,
+        session_timeout=config.session_timeout,
+        step_timeout=config.step_timeout,
+        compression=COMPRESSION[config.compression],
+        initial_peers=config.peers,
+        public_name=config.public_name,
+        throughput=throughput,
+        update_period=update_period,
+        expiration=config.expiration or max(2 * update_period, 3),
+        num_handlers=config.num_handlers,
+        heartbeat_timeout=config.heartbeat_timeout,
+        shutdown_grace=config.shutdown_grace,
+        stats_report_interval=config.stats_report_interval,
+        log_format=config.log_format,
+        log_level=config.log_level,
+    )
+
+
+def default_run_dir() -> str:
+    return os.path.join("/tmp", f"node.{os.getpid()}")
+

@@ -1,0 +1,368 @@
+"""The supervisor: `python -m node.supervisor --model X [flags]`.
+
+Owns: the configuration and the plan, the run directory, the p2pd daemon (the node's libp2p
+  identity), and the process table of actors: the DHT announcer, the KV-cache allocator, the block
+  runtime and `--num_handlers` network frontends.
+Receives (ROUTER `control.sock`): Ready, Heartbeat, Fatal and Announced from actors; SIGTERM/SIGINT.
+Sends: Announce (the node's state) to the announcer; PeerDown/PeerUp when an actor is replaced;
+  Stop on shutdown. Writes RUN_DIR/status.json for operators and probes.
+
+The node's state follows its actors: JOINING until the runtime, the allocator and a frontend are
+ready, then ONLINE; JOINING again while the runtime is replaced; OFFLINE on the way out.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import resource
+import shutil
+import signal
+import sys
+import time
+from typing import Optional
+
+import zmq
+import zmq.asyncio
+
+from node import logs
+from node.config import NodeConfig, parse_config
+from node.processes import ActorProcess, ActorSpec, RestartIntensity, backoff
+from protocol.dht_records import ServerState
+from protocol.messages import (
+    Announce,
+    Announced,
+    ControlToSupervisor,
+    Fatal,
+    Heartbeat,
+    PeerDown,
+    PeerUp,
+    Ready,
+    Stop,
+)
+from protocol.plan import NodePlan, write_plan
+from protocol.transport import AsyncChannel, BadMessage
+
+TICK = 0.1
+
+
+def actor_specs(plan: NodePlan) -> list[ActorSpec]:
+    specs = [
+        ActorSpec("announcer", "procs.announcer"),
+        ActorSpec("allocator", "procs.cache"),
+        ActorSpec("runtime.0", "procs.runtime"),
+    ]
+    specs += [ActorSpec(f"frontend.{i}", "procs.frontend") for i in range(plan.num_handlers)]
+    return specs
+
+
+class Supervisor:
+    def __init__(self, config: NodeConfig, plan: NodePlan, log, own_run_dir: bool):
+        self.config = config
+        self.plan = plan
+        self.log = log.bind(blocks=[plan.start_block, plan.end_block], dht_prefix=plan.dht_prefix)
+        self.own_run_dir = own_run_dir
+        self.actors = {spec.name: ActorProcess(spec) for spec in actor_specs(plan)}
+        self.intensity = RestartIntensity(config.max_restarts, config.restart_window)
+        self.daemon = None
+        self.control: Optional[AsyncChannel] = None
+        self.stop_requested = asyncio.Event()
+        self.exit_code: Optional[int] = None
+        self.started = False  # every actor has been ready once
+        self.announced: Optional[int] = None  # last state sent to the announcer
+        self.confirmed: Optional[int] = None  # last state the announcer stored
+        self.state_changed = asyncio.Event()
+        self.maddrs: list[str] = []
+
+    # --- lifecycle ---------------------------------------------------------------------------
+
+    async def run(self) -> int:
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, self._on_signal, sig)
+        from node.daemon import DaemonError, start_daemon
+
+        try:
+            self.daemon = await start_daemon(self.config, self.plan.run_dir, self.log)
+        except DaemonError as e:
+            self.log.error("cannot start p2pd", error=str(e))
+            return 1
+        self.plan.daemon_maddr = self.daemon.control_maddr
+        self.plan.peer_id = self.daemon.peer_id
+        write_plan(self.plan)
+        self.maddrs = await self.daemon.visible_maddrs()
+        self.log.info("node starting", peer_id=self.plan.peer_id, maddrs=self.maddrs, run_dir=self.plan.run_dir)
+
+        ctx = zmq.asyncio.Context()
+        sock = ctx.socket(zmq.ROUTER)
+        sock.setsockopt(zmq.LINGER, 0)
+        sock.setsockopt(zmq.ROUTER_MANDATORY, 1)
+        sock.setsockopt(zmq.ROUTER_HANDOVER, 1)  # a replacement actor takes over its predecessor's identity
+        sock.bind(self.plan.endpoint("control.sock"))
+        self.control = AsyncChannel(sock, ControlToSupervisor, router=True)
+        receiver = loop.create_task(self._receive())
+        try:
+            for actor in self.actors.values():
+                actor.spawn(self.plan.run_dir)
+            self.write_status()
+            await self._watch()
+        finally:
+            await self._shutdown()
+            receiver.cancel()
+            sock.close(0)
+            ctx.term()
+        return self.exit_code or 0
+
+    def _on_signal(self, sig: int) -> None:
+        self.log.info("signal received", signal=signal.Signals(sig).name)
+        self.stop_requested.set()
+
+    async def _watch(self) -> None:
+        while self.exit_code is None and not self.stop_requested.is_set():
+            now = time.monotonic()
+            for actor in self.actors.values():
+                self._check(actor, now)
+            if not self.daemon.alive:
+                self.log.error("p2pd died; the node cannot serve without its peer identity")
+                self.exit_code = 1
+                break
+            self._update_state()
+            try:
+                await asyncio.wait_for(self.stop_requested.wait(), TICK)
+            except asyncio.TimeoutError:
+                pass
+
+    def _check(self, actor: ActorProcess, now: float) -> None:
+        if actor.respawn_at is not None:
+            if now >= actor.respawn_at:
+                actor.spawn(self.plan.run_dir)
+                self.log.info("actor restarted", actor=actor.spec.name, pid=actor.pid, restarts=actor.restarts)
+                self.write_status()
+            return
+        if actor.running:
+            if now - actor.last_heartbeat > self.config.heartbeat_timeout:
+                self.log.warning("actor silent; killing it", actor=actor.spec.name, pid=actor.pid,
+                                 silent_seconds=round(now - actor.last_heartbeat, 1))
+                actor.kill()
+            return
+        self._died(actor, now)
+
+    def _died(self, actor: ActorProcess, now: float) -> None:
+        name = actor.spec.name
+        self.log.warning("actor died", actor=name, pid=actor.pid, how=actor.describe_exit(), was_ready=actor.ready)
+        actor.ready = False
+        for other in self.actors.values():
+            if other is not actor:
+                self.send(other.spec.name, PeerDown(name))
+        if name == "announcer":
+            self.announced = self.confirmed = None  # its successor must be told the state again
+        if not self.intensity.allow(now):
+            self.log.error(
+                "too many restarts; giving up",
+                max_restarts=self.config.max_restarts,
+                window_seconds=self.config.restart_window,
+            )
+            self.exit_code = 1
+            return
+        actor.restarts += 1
+        actor.consecutive_failures += 1
+        actor.respawn_at = now + backoff(actor.consecutive_failures)
+
+    def _update_state(self) -> None:
+        announcer = self.actors["announcer"]
+        if not announcer.ready:
+            return
+        serving = (
+            self.actors["runtime.0"].ready
+            and self.actors["allocator"].ready
+            and any(a.ready for n, a in self.actors.items() if n.startswith("frontend"))
+        )
+        if not self.started and all(a.ready for a in self.actors.values()):
+            self.started = True
+        desired = ServerState.ONLINE if (serving and self.started) else ServerState.JOINING
+        if desired != self.announced:
+            self.announce(desired)
+
+    def announce(self, state: ServerState) -> None:
+        self.announced = state
+        self.state_changed.clear()
+        self.send("announcer", Announce(int(state), self.plan.start_block, self.plan.end_block))
+        self.log.info("state", state=state.name)
+        self.write_status()
+
+    # --- receiving ---------------------------------------------------------------------------
+
+    async def _receive(self) -> None:
+        while True:
+            try:
+                envelope = await self.control.recv()
+            except BadMessage as e:
+                self.log.warning("bad control message", reason=e.reason)
+                continue
+            name = envelope.sender.decode(errors="replace")
+            actor = self.actors.get(name)
+            if actor is None:
+                self.log.warning("message from an unknown actor", actor=name)
+                continue
+            msg = envelope.msg
+            if isinstance(msg, Heartbeat):
+                actor.last_heartbeat = time.monotonic()
+                actor.stats = msg.stats
+            elif isinstance(msg, Ready):
+                if msg.pid != actor.pid:
+                    continue  # a late message from a predecessor
+                actor.last_heartbeat = time.monotonic()
+                actor.ready = True
+                actor.consecutive_failures = 0
+                self.log.info("actor ready", actor=name, pid=msg.pid, **msg.detail)
+                if actor.was_ready:
+                    for other in self.actors.values():
+                        if other is not actor:
+                            self.send(other.spec.name, PeerUp(name))
+                actor.was_ready = True
+                self.write_status()
+            elif isinstance(msg, Fatal):
+                self.log.error("actor cannot work; stopping the node", actor=name, reason=msg.reason)
+                self.exit_code = 1
+            elif isinstance(msg, Announced):
+                self.confirmed = msg.state
+                self.state_changed.set()
+                if not msg.ok:
+                    self.log.warning("announcement incomplete", state=ServerState(msg.state).name, error=msg.error)
+
+    # --- sending -----------------------------------------------------------------------------
+
+    def send(self, name: str, msg) -> bool:
+        try:
+            self.control.send(msg, to=name.encode())
+            return True
+        except zmq.ZMQError:
+            return False  # not connected (dead or still starting): it learns the state when ready
+
+    def write_status(self, state: Optional[str] = None) -> None:
+        if state is None:
+            state = ServerState(self.announced).name.lower() if self.announced is not None else "starting"
+        status = {
+            "state": state,
+            "peer_id": self.plan.peer_id,
+            "maddrs": self.maddrs,
+            "supervisor_pid": os.getpid(),
+            "dht_prefix": self.plan.dht_prefix,
+            "blocks": [self.plan.start_block, self.plan.end_block],
+            "actors": {
+                n: {"pid": a.pid, "ready": a.ready, "restarts": a.restarts} for n, a in self.actors.items()
+            },
+            "updated": time.time(),
+        }
+        path = os.path.join(self.plan.run_dir, "status.json")
+        with open(path + ".tmp", "w") as f:
+            json.dump(status, f)
+        os.replace(path + ".tmp", path)
+
+    # --- shutdown ----------------------------------------------------------------------------
+
+    async def _shutdown(self) -> None:
+        """OFFLINE first, then frontends (they finish in-flight work), then everything else, then p2pd."""
+        began = time.monotonic()
+        if self.actors["announcer"].ready and self.announced is not None:
+            self.announce(ServerState.OFFLINE)
+            try:
+                while self.confirmed != ServerState.OFFLINE:
+                    await asyncio.wait_for(self.state_changed.wait(), 5)
+                    self.state_changed.clear()
+            except asyncio.TimeoutError:
+                self.log.warning("OFFLINE not confirmed by the announcer")
+        frontends = [a for n, a in self.actors.items() if n.startswith("frontend")]
+        await self._stop(frontends, self.config.shutdown_grace)
+        await self._stop([self.actors["runtime.0"]], 2.0)
+        await self._stop([self.actors["allocator"], self.actors["announcer"]], 2.0)
+        if self.daemon is not None:
+            await self.daemon.stop()
+        self.write_status("stopped")
+        self.log.info("node stopped", seconds=round(time.monotonic() - began, 2), exit_code=self.exit_code or 0)
+        self._clean_run_dir()
+
+    async def _stop(self, actors: list[ActorProcess], grace: float) -> None:
+        for actor in actors:
+            actor.respawn_at = None
+            if actor.running:
+                actor.stopping = True
+                if not self.send(actor.spec.name, Stop(grace)):
+                    actor.popen.terminate()
+        deadline = time.monotonic() + grace + 3.0
+        while any(a.running for a in actors) and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        for actor in actors:
+            if actor.running:
+                self.log.warning("actor did not stop in time; killing it", actor=actor.spec.name)
+                actor.kill()
+                actor.popen.wait()
+
+    def _clean_run_dir(self) -> None:
+        if self.own_run_dir:
+            shutil.rmtree(self.plan.run_dir, ignore_errors=True)
+            return
+        for entry in os.listdir(self.plan.run_dir):
+            if entry.endswith(".sock"):
+                try:
+                    os.remove(os.path.join(self.plan.run_dir, entry))
+                except OSError:
+                    pass
+
+
+def prepare_run_dir(config: NodeConfig) -> tuple[str, bool]:
+    from node.resolve import default_run_dir
+
+    own = config.run_dir is None
+    run_dir = os.path.abspath(config.run_dir or default_run_dir())
+    os.makedirs(run_dir, mode=0o700, exist_ok=True)
+    status_path = os.path.join(run_dir, "status.json")
+    if os.path.exists(status_path):
+        try:
+            with open(status_path) as f:
+                status = json.load(f)
+            pid = status.get("supervisor_pid")
+            if status.get("state") != "stopped" and pid and pid != os.getpid():
+                os.kill(pid, 0)
+                raise SystemExit(f"python -m node.supervisor: error: argument --run_dir: {run_dir} is used by a running node (pid {pid})")
+        except (OSError, ValueError):
+            pass  # a stale run directory from a node that is gone
+    longest = os.path.join(run_dir, "probe.frontend.999.sock")
+    if len(longest) > 100:
+        raise SystemExit(f"python -m node.supervisor: error: argument --run_dir: {run_dir} is too long for unix sockets")
+    return run_dir, own
+
+
+def raise_file_limit(wanted: int, log) -> None:
+    if wanted <= 0:
+        return
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < wanted:
+        new = wanted if hard == resource.RLIM_INFINITY else min(wanted, hard)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (new, hard))
+        log.info("raised the open file limit", old=soft, new=new)
+
+
+def main(argv: Optional[list[str]] = None) -> None:
+    config = parse_config(argv)
+    log = logs.setup("supervisor", config.log_level, config.log_format)
+    run_dir, own = prepare_run_dir(config)
+    raise_file_limit(config.increase_file_limit, log)
+    from node.resolve import PlanError, resolve_plan
+
+    try:
+        plan = resolve_plan(config, run_dir, log)
+    except PlanError as e:
+        sys.stderr.write(f"python -m node.supervisor: error: {e}\n")
+        sys.exit(2)
+    except (OSError, ValueError) as e:
+        sys.stderr.write(f"python -m node.supervisor: error: argument --model: cannot load {config.model}: {e}\n")
+        sys.exit(2)
+    logs.quiet_hivemind()
+    code = asyncio.run(Supervisor(config, plan, log, own).run())
+    sys.exit(code)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,216 @@
+"""What every actor process shares: the control plane, the probe socket and dying with the supervisor.
+
+An actor is started as `python -m procs.<role> RUN_DIR NAME`. It owns:
+- a control thread with a DEALER (identity NAME) to the supervisor's ROUTER: it sends Ready, Fatal and
+  a Heartbeat with the actor's stats every second, and receives Stop and other control messages;
+- an XPUB probe socket (used only by the actor's main thread) that publishes the headers of the
+  messages the actor handles and its stats, but only while a probe is subscribed.
+The role module supplies the main function and everything else.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import queue
+import signal
+import sys
+import threading
+import time
+from typing import Any, Callable, Optional
+
+_PR_SET_PDEATHSIG = 1
+
+
+def _die_with_supervisor() -> None:
+    # The actor must not outlive a supervisor killed with -9: ask the kernel to kill us with it.
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+    except (OSError, AttributeError):
+        pass  # not Linux: the heartbeat timeout of a new supervisor is the fallback
+    expected = os.environ.get("NODE_SUPERVISOR_PID")
+    if expected and os.getppid() != int(expected):
+        os._exit(1)  # the supervisor died before the line above ran
+
+
+_die_with_supervisor()
+
+import msgspec  # noqa: E402
+import zmq  # noqa: E402
+
+from node import logs  # noqa: E402
+from protocol.messages import (  # noqa: E402
+    ControlToActor,
+    Fatal,
+    Heartbeat,
+    Message,
+    ProbeEvent,
+    Ready,
+    Stop,
+)
+from protocol.plan import NodePlan, read_plan  # noqa: E402
+from protocol.transport import BadMessage, Channel  # noqa: E402
+
+
+class Probe:
+    """An XPUB socket that stays silent (and costs nothing) while nobody subscribes."""
+
+    def __init__(self, ctx: zmq.Context, endpoint: str, actor: str):
+        self.actor = actor
+        self._sock = ctx.socket(zmq.XPUB)
+        self._sock.setsockopt(zmq.LINGER, 0)
+        self._sock.setsockopt(zmq.SNDHWM, 10000)
+        self._sock.bind(endpoint)
+        self._topics: set[bytes] = set()
+        self._encoder = msgspec.msgpack.Encoder()
+
+    @property
+    def active(self) -> bool:
+        while True:
+            try:
+                sub = self._sock.recv(zmq.NOBLOCK)
+            except zmq.Again:
+                break
+            if sub[:1] == b"\x01":
+                self._topics.add(sub[1:])
+            elif sub[:1] == b"\x00":
+                self._topics.discard(sub[1:])
+        return bool(self._topics)
+
+    def publish(self, direction: str, type_: str, session: str = "", req: int = -1, fields: Optional[dict] = None):
+        if not self.active:
+            return
+        event = ProbeEvent(self.actor, time.time(), direction, type_, session or "", req, fields or {})
+        try:
+            self._sock.send_multipart([type_.encode(), self._encoder.encode(event)], zmq.NOBLOCK)
+        except zmq.Again:
+            pass  # a slow probe loses events rather than slowing the node
+
+    def observe(self, direction: str, msg: Message) -> None:
+        """Channel observer: publish a message header (tensor frames are summarized by their metadata)."""
+        if not self.active:
+            return
+        fields = msgspec.structs.asdict(msg)
+        self.publish(direction, type(msg).__name__, str(fields.get("session", "")), fields.get("req", -1), fields)
+
+    def close(self) -> None:
+        self._sock.close(0)
+
+
+class Actor:
+    """The parts of an actor process that do not depend on its role."""
+
+    def __init__(self, name: str, run_dir: str):
+        self.name = name
+        self.plan: NodePlan = read_plan(run_dir)
+        self.log = logs.setup(name, self.plan.log_level, self.plan.log_format)
+        self.ctx = zmq.Context()
+        self.stats: dict[str, Any] = {}  # written by the main thread, read by the control thread
+        self.stopping = threading.Event()
+        self.grace = self.plan.shutdown_grace
+        # control messages other than Stop go to this callback (from the control thread)
+        self.on_control: Callable[[Message], None] = self._queue_control
+        self.control_inbox: "queue.Queue[Message]" = queue.Queue()
+        self.on_stop: Callable[[], None] = lambda: None
+        self.probe = Probe(self.ctx, self.plan.endpoint(f"probe.{name}.sock"), name)
+        self._outbox: "queue.Queue[Message]" = queue.Queue()
+        self._control_thread = threading.Thread(target=self._control_loop, name="control", daemon=True)
+        self._closed = False
+        self._last_stats = 0.0
+        signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the supervisor's to handle
+        signal.signal(signal.SIGTERM, lambda *_: self.request_stop(self.plan.shutdown_grace))
+
+    def start_control(self) -> None:
+        self._control_thread.start()
+
+    def ready(self, **detail: Any) -> None:
+        self._outbox.put(Ready(self.name, os.getpid(), detail))
+        self.log.info("ready", **detail)
+
+    def fatal(self, reason: str) -> None:
+        self.log.error("fatal", reason=reason)
+        self._outbox.put(Fatal(self.name, reason))
+
+    def send_control(self, msg: Message) -> None:
+        self._outbox.put(msg)
+
+    def request_stop(self, grace: float) -> None:
+        self.grace = grace
+        self.stopping.set()
+        self.on_stop()
+
+    def publish_stats(self, every: float = 1.0) -> None:
+        """Called from the main thread's loop: stats go to probes at most once per `every` seconds."""
+        now = time.monotonic()
+        if now - self._last_stats >= every:
+            self._last_stats = now
+            self.probe.publish("stats", "Stats", fields=dict(self.stats))
+
+    def _queue_control(self, msg: Message) -> None:
+        self.control_inbox.put(msg)
+
+    def _control_loop(self) -> None:
+        sock = self.ctx.socket(zmq.DEALER)
+        sock.setsockopt(zmq.ROUTING_ID, self.name.encode())
+        sock.setsockopt(zmq.LINGER, 1000)
+        sock.connect(self.plan.endpoint("control.sock"))
+        channel = Channel(sock, ControlToActor)
+        next_beat = 0.0
+        try:
+            while not self._closed:
+                while True:
+                    try:
+                        channel.send(self._outbox.get_nowait())
+                    except queue.Empty:
+                        break
+                now = time.monotonic()
+                if now >= next_beat:
+                    channel.send(Heartbeat(self.name, dict(self.stats)))
+                    next_beat = now + self.plan.heartbeat_interval
+                if not sock.poll(100):
+                    continue
+                try:
+                    envelope = channel.recv()
+                except BadMessage as e:
+                    self.log.warning("bad control message", reason=e.reason)
+                    continue
+                if isinstance(envelope.msg, Stop):
+                    self.log.info("stop requested", grace=envelope.msg.grace)
+                    self.request_stop(envelope.msg.grace)
+                else:
+                    self.on_control(envelope.msg)
+        finally:
+            # flush what the main thread queued last (Fatal, Announced) before the socket goes
+            while True:
+                try:
+                    channel.send(self._outbox.get_nowait())
+                except queue.Empty:
+                    break
+            sock.close()
+
+    def close(self) -> None:
+        self._closed = True
+        if self._control_thread.is_alive():
+            self._control_thread.join(timeout=2)
+        self.probe.close()
+        self.ctx.destroy(linger=0)
+
+
+def run(main: Callable[[Actor], None], argv: Optional[list[str]] = None) -> None:
+    """Entry point of every role module: `python -m procs.<role> RUN_DIR NAME`."""
+    argv = sys.argv[1:] if argv is None else argv
+    if len(argv) != 2:
+        sys.stderr.write(f"usage: python -m procs.<role> RUN_DIR NAME (got {argv})\n")
+        sys.exit(2)
+    actor = Actor(argv[1], argv[0])
+    actor.start_control()
+    code = 0
+    try:
+        main(actor)
+    except Exception as e:
+        actor.log.exception("actor failed", error=repr(e))
+        code = 1
+    finally:
+        actor.close()
+    actor.log.info("exit", code=code)
+    sys.exit(code)

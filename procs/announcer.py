@@ -1,0 +1,159 @@
+"""The DHT announcer: the node's presence in the swarm (PROTOCOL 2).
+
+Owns: a hivemind DHTNode attached to the supervisor's p2pd (so it answers DHT RPCs under the node's
+  peer id, with a DHT id derived from it that survives restarts), and the node's ServerInfo.
+Receives: Announce(state, blocks) from the supervisor; Capacity from the allocator; Stop.
+Sends: the per-block records and the `_petals.models` record, refreshed every `update_period` with
+  a later expiration each time; Announced to the supervisor after each state change; CapacityQuery.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import Optional
+
+import zmq.asyncio
+from hivemind.dht.node import DHTNode
+from hivemind.dht.routing import DHTID
+from hivemind.p2p import P2P
+from hivemind.utils.multiaddr import Multiaddr
+
+from node.logs import quiet_hivemind
+from procs import actor as actor_lib
+from procs.requester import Requester
+from protocol import SERVER_VERSION
+from protocol.dht_records import MODELS_KEY, ServerInfo, ServerState, block_uids, model_record, to_tuple
+from protocol.messages import Announce, Announced, AllocatorReply, CapacityQuery, Stop
+
+
+class Announcer:
+    def __init__(self, actor: actor_lib.Actor):
+        self.actor = actor
+        self.plan = actor.plan
+        self.log = actor.log
+        self.control: asyncio.Queue = asyncio.Queue()
+        loop = asyncio.get_running_loop()
+        actor.on_control = lambda msg: loop.call_soon_threadsafe(self.control.put_nowait, msg)
+        actor.on_stop = lambda: loop.call_soon_threadsafe(self.control.put_nowait, Stop(actor.grace))
+        ctx = zmq.asyncio.Context.shadow(actor.ctx)
+        self.allocator = Requester(ctx, self.plan.endpoint("allocator.sock"), actor.name, AllocatorReply, log=self.log)
+        self.dht: Optional[DHTNode] = None
+        self.state: Optional[Announce] = None
+        self.last_expiration = 0.0
+        self.stored = 0
+
+    async def start(self) -> None:
+        self.allocator.start()
+        p2p = await P2P.replicate(Multiaddr(self.plan.daemon_maddr))
+        self.peer_id = p2p.peer_id.to_base58()
+        self.dht = await DHTNode.create(
+            p2p=p2p,
+            node_id=DHTID.generate(source=p2p.peer_id.to_bytes()),
+            initial_peers=self.plan.initial_peers,
+            num_workers=max(1, self.plan.total_blocks),
+        )
+        self.actor.ready(peer_id=self.peer_id)
+
+    # --- receiving ---------------------------------------------------------------------------
+
+    async def serve(self) -> None:
+        next_refresh = float("inf")
+        while True:
+            timeout = max(0.0, next_refresh - time.monotonic())
+            try:
+                msg = await asyncio.wait_for(self.control.get(), timeout=min(timeout, 1.0))
+            except asyncio.TimeoutError:
+                msg = None
+            if isinstance(msg, Stop):
+                return
+            if isinstance(msg, Announce):
+                self.state = msg
+                ok, error = await self.announce()
+                self.actor.send_control(Announced(msg.state, ok, error))
+                next_refresh = time.monotonic() + self.plan.update_period
+            elif self.state is not None and self.state.state != ServerState.OFFLINE and time.monotonic() >= next_refresh:
+                await self.announce()
+                next_refresh = time.monotonic() + self.plan.update_period
+            self.actor.stats.update(state=self.state.state if self.state else -1, stored=self.stored)
+            self.actor.publish_stats()
+
+    async def cache_tokens_left(self) -> Optional[int]:
+        try:
+            reply = await self.allocator.request(CapacityQuery(self.allocator.next_id()), timeout=2)
+        except Exception:
+            return None  # allocator restarting: publish "unknown" rather than a wrong number
+        return reply.msg.tokens_left
+
+    # --- sending -----------------------------------------------------------------------------
+
+    def server_info(self, state: Announce, tokens_left: Optional[int]) -> ServerInfo:
+        plan = self.plan
+        return ServerInfo(
+            state=ServerState(state.state),
+            throughput=float(plan.throughput),
+            start_block=state.start_block,
+            end_block=state.end_block,
+            public_name=plan.public_name,
+            version=SERVER_VERSION,
+            adapters=(),
+            torch_dtype=plan.torch_dtype,
+            quant_type=plan.quant_type,
+            using_relay=False,
+            cache_tokens_left=tokens_left,
+            next_pings=None if state.state == ServerState.OFFLINE else {},
+        )
+
+    async def announce(self) -> tuple[bool, str]:
+        state = self.state
+        info = self.server_info(state, await self.cache_tokens_left())
+        uids = block_uids(self.plan.dht_prefix, state.start_block, state.end_block)
+        # every refresh must expire strictly later than the last one or DHT nodes reject it
+        expiration = max(time.time() + self.plan.expiration, self.last_expiration + 0.001)
+        self.last_expiration = expiration
+        began = time.perf_counter()
+        try:
+            value = to_tuple(info)
+            results = await self.dht.store_many(
+                uids, [value] * len(uids), expiration, subkeys=[self.peer_id] * len(uids)
+            )
+            ok = all(results.values())
+            if state.state != ServerState.OFFLINE and not self.plan.dht_prefix.startswith("_"):
+                record = model_record(self.plan.total_blocks, self.plan.repository)
+                await self.dht.store(MODELS_KEY, record, expiration, subkey=self.plan.dht_prefix)
+        except Exception as e:
+            self.log.warning("announce failed", state=ServerState(state.state).name, error=repr(e))
+            return False, repr(e)
+        self.stored += 1
+        self.log.info(
+            "announced",
+            state=ServerState(state.state).name,
+            blocks=[state.start_block, state.end_block],
+            ok=ok,
+            cache_tokens_left=info.cache_tokens_left,
+            seconds=round(time.perf_counter() - began, 3),
+        )
+        return ok, "" if ok else "some DHT stores were refused"
+
+    async def close(self) -> None:
+        self.allocator.close()
+        if self.dht is not None:
+            await self.dht.shutdown()
+
+
+async def amain(actor: actor_lib.Actor) -> None:
+    quiet_hivemind()
+    announcer = Announcer(actor)
+    try:
+        await announcer.start()
+        await announcer.serve()
+    finally:
+        await announcer.close()
+
+
+def main(actor: actor_lib.Actor) -> None:
+    asyncio.run(amain(actor))
+
+
+if __name__ == "__main__":
+    actor_lib.run(main)

@@ -1,0 +1,202 @@
+"""A network frontend: the Petals RPC handlers, registered on the supervisor's p2pd daemon.
+
+Owns: an attachment to the node's p2pd (P2P.replicate, so the peer id is the node's), the handler
+  registrations (balanced: p2pd spreads calls over all frontends), and the open inference sessions.
+Receives: Petals RPCs from the swarm; replies from the runtime and the allocator; PushDelivery for
+  sessions it owns; control: Stop, PeerDown, PeerUp.
+Sends: Forward/Backward/InferStep/Cancel to the runtime; Allocate/Release/Adopt/CapacityQuery/
+  PushRoute to the allocator; replies and error frames to clients.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import zmq
+import zmq.asyncio
+from hivemind.p2p import P2P, P2PContext
+from hivemind.proto import runtime_pb2
+from hivemind.utils.multiaddr import Multiaddr
+
+from node.logs import quiet_hivemind
+from procs import actor as actor_lib
+from procs.requester import Requester
+from procs.rpc_handlers import NAME_PREFIX, STREAMS, UNARY, Handlers, ShuttingDown
+from protocol import streams
+from protocol.messages import AllocatorReply, PeerDown, PeerUp, PushDelivery, RuntimeReply, Stop
+
+PREFETCH = 5  # like hivemind: at most this many unread requests buffered per stream
+
+
+def stream_handler(p2p: P2P, name: str, handler, log):
+    """Serve one stream RPC with hivemind's framing, but answer malformed input with an error frame."""
+
+    async def handle(stream_info, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        context = P2PContext(handle_name=name, local_id=p2p.peer_id, remote_id=stream_info.peer_id)
+        inbox: asyncio.Queue = asyncio.Queue(PREFETCH)
+
+        async def requests():
+            while True:
+                item = await inbox.get()
+                if item is None:
+                    return
+                if isinstance(item, Exception):
+                    raise item
+                yield item
+
+        async def process() -> None:
+            try:
+                async for response in handler(requests(), context):
+                    streams.write_message(writer, response)
+                    await writer.drain()
+            except (ConnectionError, asyncio.IncompleteReadError):
+                pass  # the client is gone; nobody to tell
+            except Exception as e:
+                streams.write_error(writer, str(e) or type(e).__name__)
+                await writer.drain()
+
+        task = asyncio.get_running_loop().create_task(process())
+        receiving = True
+        try:
+            while not task.done():
+                if not receiving:
+                    await task
+                    break
+                receive = asyncio.get_running_loop().create_task(streams.read_frame(reader))
+                await asyncio.wait({task, receive}, return_when=asyncio.FIRST_COMPLETED)
+                if task.done():
+                    receive.cancel()
+                    break
+                try:
+                    marker, payload = receive.result()
+                except (asyncio.IncompleteReadError, ConnectionError):
+                    task.cancel()  # the client closed or died mid-call: stop its work, free its cache
+                    break
+                except streams.FrameTooLarge as e:
+                    await inbox.put(ValueError(str(e)))
+                    receiving = False
+                    continue
+                if marker == streams.MESSAGE:
+                    request = runtime_pb2.ExpertRequest()
+                    try:
+                        request.ParseFromString(payload)
+                    except Exception:
+                        await inbox.put(ValueError(f"malformed ExpertRequest ({len(payload)} bytes could not be parsed)"))
+                        receiving = False
+                        continue
+                    await inbox.put(request)
+                elif marker == streams.ERROR:
+                    text = streams.error_text(payload)
+                    await inbox.put(None if text is None else ConnectionError(f"the client sent an error: {text}"))
+                else:
+                    await inbox.put(ValueError(f"malformed stream frame (marker {marker!r})"))
+                    receiving = False
+        except Exception:
+            log.warning("stream handler failed", rpc=name, exc_info=True)
+            task.cancel()
+        finally:
+            writer.close()
+
+    return handle
+
+
+class Frontend:
+    def __init__(self, actor: actor_lib.Actor):
+        self.actor = actor
+        self.plan = actor.plan
+        self.log = actor.log
+        self.control: asyncio.Queue = asyncio.Queue()
+        loop = asyncio.get_running_loop()
+        actor.on_control = lambda msg: loop.call_soon_threadsafe(self.control.put_nowait, msg)
+        actor.on_stop = lambda: loop.call_soon_threadsafe(self.control.put_nowait, Stop(actor.grace))
+        self.ctx = zmq.asyncio.Context.shadow(actor.ctx)
+        observe = actor.probe.observe
+        self.runtime = Requester(self.ctx, self.plan.endpoint("runtime.sock"), actor.name, RuntimeReply, observer=observe, log=self.log)
+        self.allocator = Requester(
+            self.ctx, self.plan.endpoint("allocator.sock"), actor.name, AllocatorReply,
+            observer=observe, on_unsolicited=self.unsolicited, log=self.log,
+        )
+        self.handlers = Handlers(self.plan, self.runtime, self.allocator, self.log)
+        self.p2p = None
+
+    async def start(self) -> None:
+        self.runtime.start()
+        self.allocator.start()
+        self.p2p = await P2P.replicate(Multiaddr(self.plan.daemon_maddr))
+        self.handlers.p2p = self.p2p
+        for name in UNARY:
+            request_type = runtime_pb2.ExpertUID if name == "rpc_info" else runtime_pb2.ExpertRequest
+            await self.p2p.add_protobuf_handler(NAME_PREFIX + name, getattr(self.handlers, name), request_type, balanced=True)
+        for name in STREAMS:
+            handler = stream_handler(self.p2p, NAME_PREFIX + name, getattr(self.handlers, name), self.log)
+            await self.p2p.add_binary_stream_handler(NAME_PREFIX + name, handler, balanced=True)
+        self.actor.ready(peer_id=self.p2p.peer_id.to_base58())
+
+    # --- receiving ---------------------------------------------------------------------------
+
+    def unsolicited(self, envelope) -> None:
+        if isinstance(envelope.msg, PushDelivery) and len(envelope.frames) == 1:
+            self.handlers.deliver_push(envelope.msg.session, envelope.frames[0].bytes)
+
+    async def serve(self) -> None:
+        while True:
+            try:
+                msg = await asyncio.wait_for(self.control.get(), timeout=1.0)
+            except asyncio.TimeoutError:
+                msg = None
+            if isinstance(msg, Stop):
+                await self.drain(msg.grace)
+                return
+            if isinstance(msg, PeerDown):
+                self.peer_down(msg.name)
+            elif isinstance(msg, PeerUp) and msg.name == "allocator":
+                self.readopt()
+            self.actor.stats.update(self.handlers.stats())
+            self.actor.publish_stats()
+
+    def peer_down(self, name: str) -> None:
+        if name.startswith("runtime"):
+            self.log.info("runtime died: failing requests waiting on it", waiting=self.runtime.in_flight)
+            self.runtime.fail_all("the block runtime restarted")
+        elif name == "allocator":
+            self.allocator.fail_all("the cache allocator restarted")
+
+    def readopt(self) -> None:
+        """A new allocator knows nothing: tell it the grants our open sessions still hold."""
+        for session in list(self.handlers.live):
+            adopt = session.adopt_message()
+            if adopt is not None:
+                self.allocator.send(adopt)
+
+    async def drain(self, grace: float) -> None:
+        """Refuse new work, let running steps finish, end open sessions with a clear error."""
+        self.handlers.draining = True
+        for session in list(self.handlers.live):
+            session.abort(ShuttingDown("the server is shutting down; retry on another server"))
+        deadline = time.monotonic() + grace
+        while self.handlers.in_flight and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        self.log.info("drained", unfinished=self.handlers.in_flight)
+
+    def close(self) -> None:
+        self.runtime.close()
+        self.allocator.close()
+
+
+async def amain(actor: actor_lib.Actor) -> None:
+    quiet_hivemind()
+    frontend = Frontend(actor)
+    try:
+        await frontend.start()
+        await frontend.serve()
+    finally:
+        frontend.close()
+
+
+def main(actor: actor_lib.Actor) -> None:
+    asyncio.run(amain(actor))
+
+
+if __name__ == "__main__":
+    actor_lib.run(main)

@@ -1,0 +1,98 @@
+"""Request/reply over one asyncio DEALER: each request carries an id, each reply resolves its future.
+
+A peer that dies takes its pending requests with it: `fail_all` turns them into errors at once
+(the supervisor says when a peer was replaced) and a timeout bounds every wait.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+from typing import Any, Callable, Optional, Sequence
+
+import zmq
+import zmq.asyncio
+
+from protocol.messages import Message
+from protocol.transport import AsyncChannel, BadMessage, Envelope, Observer
+
+
+class PeerUnavailable(RuntimeError):
+    pass
+
+
+class Requester:
+    def __init__(
+        self,
+        ctx: zmq.asyncio.Context,
+        endpoint: str,
+        identity: str,
+        accepts: Any,
+        *,
+        observer: Optional[Observer] = None,
+        on_unsolicited: Optional[Callable[[Envelope], None]] = None,
+        log=None,
+    ):
+        sock = ctx.socket(zmq.DEALER)
+        sock.setsockopt(zmq.ROUTING_ID, identity.encode())
+        sock.setsockopt(zmq.LINGER, 0)
+        sock.connect(endpoint)
+        self.channel = AsyncChannel(sock, accepts, observer=observer)
+        self._ids = itertools.count(1)
+        self._pending: dict[int, asyncio.Future] = {}
+        self._on_unsolicited = on_unsolicited
+        self._log = log
+        self._reader: Optional[asyncio.Task] = None
+
+    def start(self) -> None:
+        self._reader = asyncio.get_running_loop().create_task(self._read())
+
+    def next_id(self) -> int:
+        return next(self._ids)
+
+    def send(self, msg: Message, frames: Sequence = ()) -> None:
+        """Fire and forget (Release, Cancel, Adopt...)."""
+        self.channel.send(msg, frames)
+
+    async def request(self, msg: Message, frames: Sequence = (), timeout: Optional[float] = None) -> Envelope:
+        """Send `msg` (whose `req` came from next_id) and wait for the reply with the same `req`."""
+        future = asyncio.get_running_loop().create_future()
+        self._pending[msg.req] = future
+        try:
+            self.channel.send(msg, frames)
+            return await asyncio.wait_for(future, timeout)
+        finally:
+            self._pending.pop(msg.req, None)
+
+    def fail_all(self, reason: str) -> None:
+        for future in self._pending.values():
+            if not future.done():
+                future.set_exception(PeerUnavailable(reason))
+
+    @property
+    def in_flight(self) -> int:
+        return len(self._pending)
+
+    async def _read(self) -> None:
+        while True:
+            try:
+                envelope = await self.channel.recv()
+            except BadMessage as e:
+                if self._log is not None:
+                    self._log.warning("bad reply", reason=e.reason)
+                continue
+            except (asyncio.CancelledError, zmq.ContextTerminated):
+                return
+            req = getattr(envelope.msg, "req", None)
+            future = self._pending.get(req) if req is not None else None
+            if future is not None:
+                if not future.done():
+                    future.set_result(envelope)
+            elif self._on_unsolicited is not None:
+                self._on_unsolicited(envelope)
+
+    def close(self) -> None:
+        if self._reader is not None:
+            self._reader.cancel()
+        self.fail_all("shutting down")
+        self.channel.sock.close(0)

@@ -1,0 +1,242 @@
+"""Every message that crosses a process boundary inside the node.
+
+A message travels as one msgpack header frame (one of the Structs below, tagged by class name),
+followed by one raw frame per entry of its `tensors` list, in order. Tensors are never pickled.
+
+Sockets and who may send what on them:
+- control plane: supervisor ROUTER <-> one DEALER per actor (identity = actor name)
+- runtime inbox: runtime ROUTER <- frontends' and the allocator's DEALERs
+- allocator inbox: allocator ROUTER <- frontends' and the announcer's DEALERs
+- probe plane: every actor's XPUB -> `python -m node.probe`
+"""
+
+from __future__ import annotations
+
+from typing import Any, Union
+
+import msgspec
+
+
+class TensorMeta(msgspec.Struct, array_like=True, frozen=True):
+    """Header of one raw tensor frame: torch dtype name without "torch." and the shape."""
+
+    dtype: str
+    shape: tuple[int, ...]
+
+
+class Message(msgspec.Struct, tag_field="type", tag=True, omit_defaults=True):
+    pass
+
+
+# --- control plane: actor -> supervisor -------------------------------------------------------
+
+
+class Ready(Message):
+    """The actor has finished starting and serves its role."""
+
+    name: str
+    pid: int
+    detail: dict[str, Any] = {}
+
+
+class Heartbeat(Message):
+    name: str
+    stats: dict[str, Any] = {}
+
+
+class Fatal(Message):
+    """The actor cannot work and restarting it will not help (bad weights, bad configuration)."""
+
+    name: str
+    reason: str
+
+
+class Announced(Message):
+    """The announcer stored a state in the DHT (or failed to)."""
+
+    state: int
+    ok: bool
+    error: str = ""
+
+
+# --- control plane: supervisor -> actor -------------------------------------------------------
+
+
+class Stop(Message):
+    """Finish or fail in-flight work within `grace` seconds, then exit 0."""
+
+    grace: float = 0.0
+
+
+class PeerDown(Message):
+    """Actor `name` died: fail whatever waits on it (a replacement is on its way)."""
+
+    name: str
+
+
+class PeerUp(Message):
+    """The replacement of actor `name` is ready: tell it what it must know (e.g. cache grants)."""
+
+    name: str
+
+
+class Announce(Message):
+    """Supervisor -> announcer: publish this state for this block range now, then keep refreshing it."""
+
+    state: int
+    start_block: int
+    end_block: int
+
+
+# --- runtime inbox ----------------------------------------------------------------------------
+
+
+class Forward(Message):
+    """Frames: hidden_states [B, T, H], prompts ([0] or [n_blocks, B|1, P, H])."""
+
+    req: int
+    start: int
+    end: int
+    tensors: list[TensorMeta]
+    adapter: str = ""
+    peer: str = ""
+
+
+class Backward(Message):
+    """Frames: inputs [B, T, H], grad_outputs [B, T, H], prompts ([0] or [n_blocks, B|1, P, H])."""
+
+    req: int
+    start: int
+    end: int
+    tensors: list[TensorMeta]
+    adapter: str = ""
+    peer: str = ""
+
+
+class InferStep(Message):
+    """One step of an inference session. Frames: hidden_states [B, T, H], prompts, hypo_ids ([0] or [B]).
+
+    `position` is how many cached tokens to keep before this step (rollback when smaller than before).
+    The runtime creates the cache of `handle` on the first step (position 0) and drops it on DropCache.
+    """
+
+    req: int
+    session: str
+    handle: int
+    start: int
+    end: int
+    position: int
+    max_length: int
+    batch: int
+    tensors: list[TensorMeta]
+    step: str = ""
+    adapter: str = ""
+
+
+class Cancel(Message):
+    """The requester no longer waits for `req` (client gone): skip it if it has not started."""
+
+    req: int
+
+
+class DropCache(Message):
+    """Allocator -> runtime: these cache handles are released; free their tensors."""
+
+    handles: list[int]
+
+
+class Result(Message):
+    req: int
+    tensors: list[TensorMeta]
+
+
+class Failure(Message):
+    """The request failed; `error` is meant for the Petals client and names what was wrong."""
+
+    req: int
+    error: str
+
+
+# --- allocator inbox --------------------------------------------------------------------------
+
+
+class Allocate(Message):
+    """Reserve KV cache for a session: `batch` x `max_length` tokens in each of `blocks` blocks.
+
+    Wait up to `timeout` seconds for room; the grant lapses `lease` seconds after it is made.
+    """
+
+    req: int
+    session: str
+    batch: int
+    max_length: int
+    blocks: int
+    timeout: float = 0.0
+    lease: float = 1800.0
+
+
+class Granted(Message):
+    req: int
+    handle: int
+
+
+class Release(Message):
+    handle: int
+
+
+class Adopt(Message):
+    """A frontend tells a (new) allocator about the grants it still holds, so accounting survives."""
+
+    handle: int
+    session: str
+    batch: int
+    max_length: int
+    blocks: int
+    expires_in: float
+
+
+class CapacityQuery(Message):
+    req: int
+
+
+class Capacity(Message):
+    req: int
+    bytes_left: int
+    tokens_left: int  # DHT units: one K or V row of one block (PROTOCOL 5.7)
+    tokens_available: int  # rpc_info units: K+V of one block at batch 1
+    sessions: int
+
+
+class PushRoute(Message):
+    """A frontend got rpc_push for `session`: deliver the request (one frame) to the frontend owning it."""
+
+    session: str
+
+
+class PushDelivery(Message):
+    """Allocator -> owning frontend: a pushed step for `session` (one frame: serialized ExpertRequest)."""
+
+    session: str
+
+
+# --- probe plane ------------------------------------------------------------------------------
+
+
+class ProbeEvent(msgspec.Struct, omit_defaults=True):
+    """What an actor publishes for probes: a message header it sent or received, or its stats."""
+
+    actor: str
+    t: float
+    dir: str  # "in", "out" or "stats"
+    type: str
+    session: str = ""
+    req: int = -1
+    fields: dict[str, Any] = {}
+
+
+ControlToSupervisor = Union[Ready, Heartbeat, Fatal, Announced]
+ControlToActor = Union[Stop, PeerDown, PeerUp, Announce]
+RuntimeInbox = Union[Forward, Backward, InferStep, Cancel, DropCache]
+RuntimeReply = Union[Result, Failure]
+AllocatorInbox = Union[Allocate, Release, Adopt, CapacityQuery, PushRoute]
+AllocatorReply = Union[Granted, Failure, Capacity, PushDelivery]

@@ -1,0 +1,93 @@
+"""What every actor is told at launch: the node's resolved plan, written once to RUN_DIR/plan.json.
+
+The supervisor resolves the command line and the model (family, dtype, block range, derived
+defaults) into one NodePlan; actors read it instead of re-parsing flags, so that they all agree.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Optional
+
+import msgspec
+
+
+class NodePlan(msgspec.Struct, kw_only=True):
+    # where the node lives
+    run_dir: str
+    daemon_maddr: str = ""  # the p2pd control socket that actors attach to
+    peer_id: str = ""
+    version: str
+
+    # the model and the part of it we serve
+    model: str
+    revision: Optional[str] = None
+    token: Optional[str] = None
+    cache_dir: Optional[str] = None
+    family: str
+    dht_prefix: str
+    repository: Optional[str] = None
+    total_blocks: int
+    start_block: int
+    end_block: int
+    hidden_size: int
+    num_attention_heads: int
+    num_kv_heads: int
+    head_dim: int
+    kv_groups: int  # num_key_value_groups as Petals budgets the cache (PROTOCOL 5.6, 5.7)
+    torch_dtype: str
+    device: str
+    quant_type: str = "none"
+
+    # limits and timeouts (PROTOCOL 5.6-5.9)
+    max_batch_size: int
+    inference_max_length: int
+    attn_cache_tokens: int
+    max_chunk_size_bytes: int
+    max_alloc_timeout: float
+    request_timeout: float
+    session_timeout: float
+    step_timeout: float
+    compression: int = 0
+
+    # swarm
+    initial_peers: list[str] = []
+    public_name: Optional[str] = None
+    throughput: float
+    update_period: float
+    expiration: float
+    num_handlers: int
+
+    # supervision
+    heartbeat_interval: float = 1.0
+    heartbeat_timeout: float = 15.0
+    shutdown_grace: float = 10.0
+    stats_report_interval: Optional[float] = None
+    log_format: str = "auto"
+    log_level: str = "info"
+
+    @property
+    def num_blocks(self) -> int:
+        return self.end_block - self.start_block
+
+    def endpoint(self, name: str) -> str:
+        return f"ipc://{os.path.join(self.run_dir, name)}"
+
+
+PLAN_FILE = "plan.json"
+
+
+def write_plan(plan: NodePlan) -> str:
+    path = os.path.join(plan.run_dir, PLAN_FILE)
+    tmp = path + ".tmp"
+    # the plan may hold a hub token: readable by the node's user only
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "wb") as f:
+        f.write(msgspec.json.encode(plan))
+    os.replace(tmp, path)
+    return path
+
+
+def read_plan(run_dir: str) -> NodePlan:
+    with open(os.path.join(run_dir, PLAN_FILE), "rb") as f:
+        return msgspec.json.decode(f.read(), type=NodePlan)

@@ -1,0 +1,178 @@
+"""Petals RPC requests, checked: which blocks, which tensors, which options (PROTOCOL 3.1-3.7).
+
+Pure functions from protobufs to plain values. Every problem raises ValueError (or KeyError for an
+unknown adapter, like Petals) with a message that tells the client what was wrong.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any, Optional, Sequence
+
+from protocol import wire
+from protocol.wire import RawTensor
+
+COMPRESSION_VALUES = range(6)  # runtime.proto CompressionType: NONE .. BLOCKWISE_8BIT
+
+
+@dataclass
+class Span:
+    """The blocks a request runs through, global indices [start, end)."""
+
+    start: int
+    end: int
+
+    @property
+    def length(self) -> int:
+        return self.end - self.start
+
+
+def parse_span(uid: str, dht_prefix: str, served_start: int, served_end: int) -> Span:
+    indices = wire.parse_chain(uid, dht_prefix)
+    wire.check_served(indices, served_start, served_end, uid)
+    return Span(indices[0], indices[-1] + 1)
+
+
+def decode_tensors(protos: Sequence) -> list[RawTensor]:
+    out = []
+    for i, proto in enumerate(protos):
+        try:
+            out.append(wire.decode_tensor(proto))
+        except ValueError as e:
+            raise ValueError(f"tensor {i}: {e}") from None
+    return out
+
+
+def positional(tensors: list[RawTensor], metadata: dict, structure: Any = None, *, names: Sequence[str]) -> list[RawTensor]:
+    """The first len(names) positional arguments, via `args_structure` when the client sent one."""
+    if structure is None:
+        structure = metadata.get("args_structure")
+    args = wire.resolve_args(tensors, structure)
+    if len(args) < len(names):
+        raise ValueError(f"expected {len(names)} tensors ({', '.join(names)}), got {len(args)}")
+    for name, arg in zip(names, args):
+        if not isinstance(arg, RawTensor):
+            raise ValueError(f"argument {name} must be a tensor, got {type(arg).__name__}")
+    return list(args[: len(names)])
+
+
+def check_points(metadata: dict) -> None:
+    points = metadata.get("points", 0.0)
+    if isinstance(points, bool) or not isinstance(points, (int, float)) or not math.isfinite(points):
+        raise ValueError(f"points must be a number, got {points!r}")
+
+
+def active_adapter(metadata: dict, adapters: Sequence[str]) -> str:
+    name = metadata.get("active_adapter")
+    if name in (None, ""):
+        return ""
+    if not isinstance(name, str):
+        raise ValueError(f"active_adapter must be a string, got {type(name).__name__}")
+    if name not in adapters:
+        raise KeyError(f"adapter {name} not found")
+    return name
+
+
+def output_compression(metadata: dict, n_outputs: int, default: int) -> list[int]:
+    value = metadata.get("output_compression")
+    if value is None:
+        return [default] * n_outputs
+    if not isinstance(value, (list, tuple)) or not all(isinstance(v, int) and not isinstance(v, bool) for v in value):
+        raise ValueError(f"output_compression must be a list of compression type numbers, got {value!r}")
+    if any(v not in COMPRESSION_VALUES for v in value):
+        raise ValueError(f"output_compression has an unknown compression type: {list(value)}")
+    if len(value) != n_outputs:
+        raise ValueError(f"output_compression has {len(value)} entries for {n_outputs} outputs")
+    return list(value)
+
+
+def hidden_shape(tensor: RawTensor, name: str, hidden_size: int, max_tokens: int) -> tuple[int, int]:
+    """Check a [batch, length, hidden] tensor; return (batch, length)."""
+    if len(tensor.shape) != 3 or tensor.shape[2] != hidden_size:
+        raise ValueError(f"{name} must have shape [batch, length, {hidden_size}], got {list(tensor.shape)}")
+    if not tensor.dtype.startswith(("float", "bfloat")):
+        raise ValueError(f"{name} must be a floating point tensor, got {tensor.dtype}")
+    batch, length = tensor.shape[0], tensor.shape[1]
+    if batch * length > max_tokens:
+        raise ValueError(f"Task size greater than max_batch_size ({batch * length} > {max_tokens}): {name} is {list(tensor.shape)}")
+    return batch, length
+
+
+@dataclass
+class SessionOpen:
+    """What the first message of rpc_inference fixes for the whole session."""
+
+    span: Span
+    session_id: str
+    max_length: int
+    batch: int
+    alloc_timeout: float
+    args_structure: Any
+    adapter: str
+
+
+def session_open(
+    request, metadata: dict, *, dht_prefix: str, served: tuple[int, int], inference_max_length: int, adapters: Sequence[str]
+) -> SessionOpen:
+    span = parse_span(request.uid, dht_prefix, *served)
+    max_length = metadata.get("max_length")
+    if max_length is None:
+        raise ValueError("the first inference message must set max_length")
+    if isinstance(max_length, bool) or not isinstance(max_length, int):
+        raise TypeError(f"max_length must be an int, got {type(max_length).__name__} {max_length!r}")
+    if not 0 <= max_length <= inference_max_length:
+        raise ValueError(f"Cannot allocate KV cache for {max_length} tokens, max = {inference_max_length}")
+    session_id = metadata.get("session_id") or ""
+    if not isinstance(session_id, str):
+        raise ValueError(f"session_id must be a string, got {type(session_id).__name__}")
+    alloc_timeout = metadata.get("alloc_timeout", 0.0)
+    if isinstance(alloc_timeout, bool) or not isinstance(alloc_timeout, (int, float)) or not alloc_timeout >= 0:
+        raise ValueError(f"alloc_timeout must be a non-negative number, got {alloc_timeout!r}")
+    check_points(metadata)
+    adapter = active_adapter(metadata, adapters)
+    batch = request.tensors[0].size[0] if request.tensors and len(request.tensors[0].size) > 0 else 1
+    return SessionOpen(span, session_id, max_length, batch, float(alloc_timeout), metadata.get("args_structure"), adapter)
+
+
+def start_from_position(metadata: dict, prefix_length: int) -> int:
+    """Rollback: the cache position to continue from (PROTOCOL 3.6 step 4.2, checked unlike Petals)."""
+    value = metadata.get("start_from_position")
+    if value is None:
+        return prefix_length
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ValueError(f"start_from_position must be an int, got {value!r}")
+    if not 0 <= value <= prefix_length:
+        raise ValueError(f"start_from_position {value} is outside the {prefix_length} tokens processed so far")
+    return value
+
+
+def next_servers(metadata: dict) -> list[tuple[str, str, int, int]]:
+    """v2.2.0 clients' push chain: [(peer_b58, session_id, start, end), ...]; malformed entries are errors."""
+    value = metadata.get("next_servers")
+    if not value:
+        return []
+    if not isinstance(value, (list, tuple)):
+        raise ValueError(f"next_servers must be a list, got {type(value).__name__}")
+    out = []
+    for entry in value:
+        if (
+            not isinstance(entry, (list, tuple))
+            or len(entry) != 4
+            or not isinstance(entry[0], str)
+            or not isinstance(entry[1], str)
+            or not all(isinstance(x, int) and not isinstance(x, bool) for x in entry[2:])
+        ):
+            raise ValueError(f"next_servers entries must be (peer_id, session_id, start, end), got {entry!r}")
+        out.append((entry[0], entry[1], entry[2], entry[3]))
+    return out
+
+
+def optional_tensor(tensor: Optional[RawTensor]) -> Optional[RawTensor]:
+    """Petals sends an empty tensor for an absent argument."""
+    if tensor is None:
+        return None
+    n = 1
+    for d in tensor.shape:
+        n *= d
+    return None if n == 0 else tensor

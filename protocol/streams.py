@@ -1,0 +1,59 @@
+"""hivemind's framing of protobuf streams over a libp2p stream (PROTOCOL 1.2).
+
+Each frame: one marker byte (0x00 message, 0x01 error), an 8-byte big-endian length, the payload.
+The caller ends its input with an empty error frame; the server ends by closing the stream.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Optional
+
+from hivemind.proto.p2pd_pb2 import RPCError
+
+MESSAGE = b"\x00"
+ERROR = b"\x01"
+HEADER_LEN = 8
+# A stream part carries at most 4 MiB of tensor data plus its metadata; anything far larger is hostile.
+MAX_FRAME_BYTES = 64 * 1024 * 1024
+
+
+class FrameTooLarge(ValueError):
+    pass
+
+
+async def read_frame(reader: asyncio.StreamReader, max_bytes: int = MAX_FRAME_BYTES) -> tuple[bytes, bytes]:
+    """Returns (marker, payload); raises asyncio.IncompleteReadError when the peer is gone."""
+    marker = await reader.readexactly(1)
+    length = int.from_bytes(await reader.readexactly(HEADER_LEN), "big")
+    if length > max_bytes:
+        raise FrameTooLarge(f"stream message of {length} bytes exceeds the limit of {max_bytes}")
+    payload = await reader.readexactly(length) if length else b""
+    return marker, payload
+
+
+def write_frame(writer: asyncio.StreamWriter, marker: bytes, payload: bytes) -> None:
+    writer.write(marker + len(payload).to_bytes(HEADER_LEN, "big"))
+    if payload:
+        writer.write(payload)
+
+
+def write_message(writer: asyncio.StreamWriter, message) -> None:
+    write_frame(writer, MESSAGE, message.SerializeToString())
+
+
+def write_error(writer: asyncio.StreamWriter, text: str) -> None:
+    write_frame(writer, ERROR, RPCError(message=text).SerializeToString())
+
+
+def end_of_stream(writer: asyncio.StreamWriter) -> None:
+    write_frame(writer, ERROR, b"")
+
+
+def error_text(payload: bytes) -> Optional[str]:
+    """The message of an error frame, or None for the end-of-stream marker."""
+    if not payload:
+        return None
+    error = RPCError()
+    error.ParseFromString(payload)
+    return error.message or None
