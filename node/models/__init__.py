@@ -1,0 +1,35 @@
+"""Model families the node can serve, keyed by `config.model_type`.
+
+Adding a family: write `node/models/<family>.py` with a block class and a `FAMILY = FamilySpec(...)`,
+then add one line to `_FAMILIES` below.
+"""
+
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass
+from typing import Callable
+
+from transformers import PretrainedConfig
+
+
+@dataclass(frozen=True)
+class FamilySpec:
+    name: str
+    block_prefix: str  # state-dict prefix of the decoder layers; block i is "{block_prefix}.{i}."
+    block_class: type  # has from_state(config, state, dtype=, device=) and kv_cache_shape(batch, max_length)
+    default_dht_prefix: Callable[[str], str]  # Hub repo name -> DHT prefix (PROTOCOL 2.1)
+    kv_groups_for_budget: Callable[[PretrainedConfig], int]  # divides the cache budget (PROTOCOL 5.7)
+
+
+# model_type -> module defining FAMILY; imported lazily so one family's import cost is not paid by others.
+_FAMILIES = {
+    "llama": "node.models.llama",
+}
+
+
+def get_family(config: PretrainedConfig) -> FamilySpec:
+    model_type = getattr(config, "model_type", None)
+    if model_type not in _FAMILIES:
+        raise ValueError(f"unsupported model_type {model_type!r}; supported: {', '.join(sorted(_FAMILIES))}")
+    return importlib.import_module(_FAMILIES[model_type]).FAMILY
