@@ -20,8 +20,17 @@ def setup(actor: str, level: str = "info", fmt: str = "auto") -> structlog.stdli
     if fmt == "auto":
         fmt = "console" if sys.stderr.isatty() else "json"
     level_no = _LEVELS.get(level, logging.INFO)
+    pid = os.getpid()
+
+    def add_origin(logger, method, event: dict) -> dict:
+        # a processor, not contextvars: events from every thread of the process carry the actor name
+        event.setdefault("actor", actor)
+        event.setdefault("pid", pid)
+        return event
+
     shared = [
         structlog.contextvars.merge_contextvars,
+        add_origin,
         structlog.stdlib.add_log_level,
         structlog.processors.TimeStamper(fmt="iso", utc=True),
     ]
@@ -58,8 +67,6 @@ def setup(actor: str, level: str = "info", fmt: str = "auto") -> structlog.stdli
     os.environ.setdefault("HIVEMIND_LOGLEVEL", "WARNING" if level_no > logging.DEBUG else "DEBUG")
     for noisy in ("hivemind", "asyncio", "filelock", "urllib3", "httpx"):
         logging.getLogger(noisy).setLevel(max(level_no, logging.WARNING))
-    structlog.contextvars.clear_contextvars()
-    structlog.contextvars.bind_contextvars(actor=actor, pid=os.getpid())
     return structlog.get_logger()
 
 
