@@ -15,9 +15,9 @@ from hivemind.utils.serializer import MSGPackSerializer
 from protocol import dht_records as d
 from protocol.dht_records import ServerInfo, ServerState
 
-VECTORS = Path(os.environ.get("PETALS_VECTORS", "/work/shared/vectors"))
+from tests.conftest import VECTORS
+
 DHT = VECTORS / "dht"
-needs_vectors = pytest.mark.skipif(not DHT.is_dir(), reason=f"no recorded DHT values at {DHT}")
 
 
 def recorded_values():
@@ -26,7 +26,6 @@ def recorded_values():
     return sorted(DHT.glob("*/*.msgpack"))
 
 
-@needs_vectors
 @pytest.mark.parametrize("path", recorded_values(), ids=lambda p: f"{p.parent.name}/{p.name}")
 def test_recorded_values_roundtrip(path):
     data = path.read_bytes()
@@ -63,7 +62,6 @@ def _dictionary_entries(value_bytes: bytes):
     return items
 
 
-@needs_vectors
 @pytest.mark.parametrize("family", ["llama", "bloom", "mixtral", "falcon"])
 def test_find_responses_and_spans(family):
     """The values the client read back via rpc_find decode, and give one ONLINE span over all 4 blocks."""

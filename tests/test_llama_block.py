@@ -11,7 +11,9 @@ from node.models import get_family
 from node.models.llama import LlamaBlock, Rotary, default_dht_prefix, kv_groups_for_budget
 from node.tinymodel import make_tiny_llama
 
-MICRO = "/work/shared/models/micro-llama"
+from tests.conftest import MICRO_LLAMA
+
+MICRO = str(MICRO_LLAMA)
 TOL = 1e-5
 LLAMA3 = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
           "original_max_position_embeddings": 32}

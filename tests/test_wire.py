@@ -22,12 +22,12 @@ from hivemind.utils.tensor_descr import BatchTensorDescriptor
 from protocol import rpc_info, wire
 from protocol.wire import RawTensor
 
-VECTORS = Path(os.environ.get("PETALS_VECTORS", "/work/shared/vectors"))
+from tests.conftest import VECTORS
+
 MODELS = VECTORS.parent / "models"
 FAMILIES = ("llama", "bloom", "mixtral", "falcon")
 MiB = 1024 * 1024
 
-needs_vectors = pytest.mark.skipif(not VECTORS.is_dir(), reason=f"no recorded vectors at {VECTORS}")
 
 
 # --- helpers to walk the vectors ------------------------------------------------------------------
@@ -93,7 +93,6 @@ def family_of(scen: Path) -> str:
 # --- requests: metadata, uids, args, tensors --------------------------------------------------------
 
 
-@needs_vectors
 @pytest.mark.parametrize("item", CALLS, ids=call_id)
 def test_recorded_requests_decode(item):
     scen, call = item
@@ -166,7 +165,6 @@ def wire_locations():
     return out
 
 
-@needs_vectors
 @pytest.mark.parametrize("item", wire_locations(), ids=lambda it: f"{it[0].parent.name}/{it[0].name}/{it[1]}@{it[2]}")
 def test_recorded_tensor_values(item):
     """Tensors decode bit-for-bit to the client-side tensors in tensors.safetensors."""
@@ -191,7 +189,6 @@ def test_recorded_tensor_values(item):
 # --- responses: decode and re-encode to the same bytes -----------------------------------------------
 
 
-@needs_vectors
 @pytest.mark.parametrize("item", [c for c in CALLS if c[1]["handler"] != "rpc_info"], ids=call_id)
 def test_recorded_responses_reencode_identically(item):
     scen, call = item
@@ -222,7 +219,6 @@ def test_recorded_responses_reencode_identically(item):
 # --- rpc_info -----------------------------------------------------------------------------------------
 
 
-@needs_vectors
 @pytest.mark.parametrize("family", FAMILIES)
 def test_rpc_info_matches_recording(family):
     data = (VECTORS / family / "01_rpc_info" / "c0_rpc_info" / "000_response.pb").read_bytes()
