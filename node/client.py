@@ -328,9 +328,19 @@ class Client:
     def close(self) -> None:
         try:
             self.run(self.swarm.close(), timeout=10)
+            self.run(self._cancel_leftovers(), timeout=10)
         finally:
             self._loop.call_soon_threadsafe(self._loop.stop)
             self._thread.join(timeout=5)
+
+    @staticmethod
+    async def _cancel_leftovers() -> None:
+        """hivemind leaves background tasks behind on shutdown; end them so the loop closes quietly."""
+        current = asyncio.current_task()
+        leftovers = [t for t in asyncio.all_tasks() if t is not current]
+        for task in leftovers:
+            task.cancel()
+        await asyncio.gather(*leftovers, return_exceptions=True)
 
     def __enter__(self):
         return self

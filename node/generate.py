@@ -24,7 +24,7 @@ class LocalHead:
         self.num_blocks = self.config.num_hidden_layers
         empty = self.config.__class__.from_dict({**self.config.to_dict(), "num_hidden_layers": 0})
         with no_init_weights():  # real buffers (rotary tables), uninitialized weights: we load them next
-            self.model = AutoModelForCausalLM.from_config(empty, torch_dtype=dtype)
+            self.model = AutoModelForCausalLM.from_config(empty, dtype=dtype)
         names = [name for name, _ in self.model.named_parameters()]
         state = checkpoint.tensors(names, dtype=dtype)
         if "lm_head.weight" not in state and getattr(self.config, "tie_word_embeddings", False):

@@ -6,17 +6,12 @@ waits until RUN_DIR/status.json says ONLINE and always stops what it started.
 
 from __future__ import annotations
 
-import json
 import os
-import signal
-import subprocess
-import sys
-import time
 from pathlib import Path
-from typing import Optional
 
-import psutil
 import pytest
+
+from node.launcher import NodeProcess  # noqa: F401  (tests start their own nodes with it)
 
 ROOT = Path(__file__).resolve().parent.parent
 # A copy of ../shared (the micro models and the recorded Petals traffic) lives in tests/data so that a
@@ -42,112 +37,6 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
-
-
-class NodeProcess:
-    """One node: a supervisor process and everything it spawns."""
-
-    def __init__(self, model: str, run_dir: Path, *args: str, dht_prefix: str = "micro-llama", log_path: Optional[Path] = None):
-        self.run_dir = Path(run_dir)
-        self.argv = [
-            sys.executable, "-m", "node.supervisor",
-            "--model", str(model),
-            "--dht_prefix", dht_prefix,
-            "--torch_dtype", "float32",
-            "--host_maddrs", "/ip4/127.0.0.1/tcp/0",
-            "--run_dir", str(self.run_dir),
-            "--throughput", "1.0",
-            "--num_handlers", "1",
-            "--log_format", "json",
-        ]
-        self.argv += list(args)
-        if not any(a in ("--initial_peers", "--new_swarm") for a in args):
-            self.argv.append("--new_swarm")
-        self.dht_prefix = dht_prefix
-        self.log_path = log_path or (self.run_dir.parent / f"{self.run_dir.name}.log")
-        self.proc: Optional[subprocess.Popen] = None
-
-    def start(self, timeout: float = 90) -> "NodeProcess":
-        self.run_dir.parent.mkdir(parents=True, exist_ok=True)
-        self._log = open(self.log_path, "ab")
-        env = dict(os.environ, PYTHONPATH=str(ROOT))
-        self.proc = subprocess.Popen(self.argv, cwd=ROOT, env=env, stdout=self._log, stderr=subprocess.STDOUT)
-        self.wait_state("online", timeout)
-        return self
-
-    @property
-    def status(self) -> dict:
-        try:
-            return json.loads((self.run_dir / "status.json").read_text())
-        except (OSError, ValueError):
-            return {}
-
-    def wait_state(self, state: str, timeout: float = 60) -> dict:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            status = self.status
-            if status.get("state") == state and status.get("supervisor_pid") == self.proc.pid:
-                return status
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"node exited with {self.proc.returncode}; log:\n{self.log_tail()}")
-            time.sleep(0.1)
-        raise TimeoutError(f"node not {state} after {timeout} s; status {self.status}; log:\n{self.log_tail()}")
-
-    def wait_ready(self, name: str, old_pid: Optional[int] = None, timeout: float = 30) -> int:
-        """Wait until actor `name` is ready again with a new pid; return that pid."""
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            actor = self.status.get("actors", {}).get(name, {})
-            if actor.get("ready") and actor.get("pid") and actor.get("pid") != old_pid:
-                return actor["pid"]
-            time.sleep(0.05)
-        raise TimeoutError(f"{name} not ready again after {timeout} s: {self.status}")
-
-    @property
-    def maddrs(self) -> list[str]:
-        return self.status["maddrs"]
-
-    @property
-    def peer_id(self) -> str:
-        return self.status["peer_id"]
-
-    def actor_pid(self, name: str) -> int:
-        return self.status["actors"][name]["pid"]
-
-    def all_pids(self) -> list[int]:
-        """The supervisor and every descendant (p2pd included)."""
-        try:
-            root = psutil.Process(self.proc.pid)
-            return [root.pid] + [p.pid for p in root.children(recursive=True)]
-        except psutil.NoSuchProcess:
-            return []
-
-    def log_tail(self, n: int = 60) -> str:
-        try:
-            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-n:])
-        except OSError:
-            return ""
-
-    def stop(self, sig: int = signal.SIGTERM, timeout: float = 30) -> int:
-        if self.proc is None or self.proc.poll() is not None:
-            return self.proc.returncode if self.proc else 0
-        pids = self.all_pids()
-        self.proc.send_signal(sig)
-        try:
-            return self.proc.wait(timeout)
-        finally:
-            for pid in pids:  # never leave anything behind, even when the test failed
-                try:
-                    os.kill(pid, signal.SIGKILL)
-                except OSError:
-                    pass
-            self._log.close()
-
-    def __enter__(self):
-        return self.start()
-
-    def __exit__(self, *exc):
-        self.stop()
 
 
 @pytest.fixture(scope="session")
