@@ -325,13 +325,18 @@ def prepare_run_dir(config: NodeConfig) -> tuple[str, bool]:
             pid = status.get("supervisor_pid")
             if status.get("state") != "stopped" and pid and pid != os.getpid():
                 os.kill(pid, 0)
-                raise SystemExit(f"python -m node.supervisor: error: argument --run_dir: {run_dir} is used by a running node (pid {pid})")
+                usage_error(f"argument --run_dir: {run_dir} is used by a running node (pid {pid})")
         except (OSError, ValueError):
             pass  # a stale run directory from a node that is gone
     longest = os.path.join(run_dir, "probe.frontend.999.sock")
     if len(longest) > 100:
-        raise SystemExit(f"python -m node.supervisor: error: argument --run_dir: {run_dir} is too long for unix sockets")
+        usage_error(f"argument --run_dir: {run_dir} is too long for unix sockets")
     return run_dir, own
+
+
+def usage_error(message: str) -> None:
+    sys.stderr.write(f"python -m node.supervisor: error: {message}\n")
+    sys.exit(2)
 
 
 def raise_file_limit(wanted: int, log) -> None:
@@ -354,11 +359,9 @@ def main(argv: Optional[list[str]] = None) -> None:
     try:
         plan = resolve_plan(config, run_dir, log)
     except PlanError as e:
-        sys.stderr.write(f"python -m node.supervisor: error: {e}\n")
-        sys.exit(2)
+        usage_error(str(e))
     except (OSError, ValueError) as e:
-        sys.stderr.write(f"python -m node.supervisor: error: argument --model: cannot load {config.model}: {e}\n")
-        sys.exit(2)
+        usage_error(f"argument --model: cannot load {config.model}: {e}")
     logs.quiet_hivemind()
     code = asyncio.run(Supervisor(config, plan, log, own).run())
     sys.exit(code)

@@ -1,0 +1,119 @@
+"""The command line and config file: Petals flag names and defaults, checked values, exit code 2."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+from node.config import PUBLIC_INITIAL_PEERS, parse_config
+from tests.conftest import MICRO_LLAMA, ROOT
+
+
+def parse_error(capsys, argv) -> str:
+    with pytest.raises(SystemExit) as exit_info:
+        parse_config(argv)
+    assert exit_info.value.code == 2
+    return capsys.readouterr().err
+
+
+def test_petals_defaults():
+    c = parse_config(["some/model"])
+    assert c.model == "some/model"
+    assert (c.num_handlers, c.update_period, c.request_timeout, c.session_timeout, c.step_timeout) == (8, 120, 180, 1800, 300)
+    assert (c.max_alloc_timeout, c.balance_quality, c.mean_balance_check_period, c.compression) == (600, 0.75, 60, "NONE")
+    assert c.torch_dtype == "auto" and c.max_chunk_size_bytes == 256 * 1024 * 1024
+    assert c.peers == PUBLIC_INITIAL_PEERS
+    assert parse_config(["m", "--new_swarm"]).peers == []
+
+
+def test_model_flag_forms():
+    assert parse_config(["--model", "a/b"]).model == "a/b"
+    assert parse_config(["--converted_model_name_or_path", "a/b"]).model == "a/b"
+
+
+@pytest.mark.parametrize(
+    "argv, flag",
+    [
+        (["m", "--num_handlers", "0"], "--num_handlers"),
+        (["m", "--block_indices", "5:2"], "--block_indices"),
+        (["m", "--block_indices", "abc"], "--block_indices"),
+        (["m", "--update_period", "-1"], "--update_period"),
+        (["m", "--torch_dtype", "int8"], "--torch_dtype"),
+        (["m", "--dht_prefix", "a.b"], "--dht_prefix"),
+        (["m", "--compression", "GZIP"], "--compression"),
+        (["m", "--max_batch_size", "1.5"], "--max_batch_size"),
+        (["m", "--public_ip", "1.2.3.4"], "--public_ip"),
+        (["m", "--new_swarm", "--initial_peers", "/ip4/1.2.3.4/tcp/1/p2p/QmX"], "--new_swarm"),
+    ],
+)
+def test_invalid_values_name_the_flag(capsys, argv, flag):
+    assert flag in parse_error(capsys, argv)
+
+
+def test_missing_model(capsys):
+    assert "MODEL" in parse_error(capsys, [])
+
+
+@pytest.mark.parametrize(
+    "argv, flag, words",
+    [
+        (["m", "--quant_type", "nf4"], "--quant_type", "quantization"),
+        (["m", "--tensor_parallel_devices", "cuda:0", "cuda:1"], "--tensor_parallel_devices", "tensor parallelism"),
+        (["m", "--adapters", "x/lora"], "--adapters", "adapters"),
+        (["m", "--throughput", "auto"], "--throughput", "measured throughput"),
+        (["m", "--num_blocks", "3"], "--num_blocks", "--block_indices"),
+        (["m", "--max_disk_space", "50GB"], "--max_disk_space", "weight cache"),
+    ],
+)
+def test_features_of_open_issues_exit_with_a_message(capsys, argv, flag, words):
+    err = parse_error(capsys, argv)
+    assert flag in err and words in err
+
+
+def test_config_file_and_override(tmp_path):
+    path = tmp_path / "node.yml"
+    path.write_text("model: some/model\nnum_handlers: 3\nnew_swarm: true\nblock_indices: '1:3'\nhost_maddrs: [/ip4/127.0.0.1/tcp/0]\n")
+    c = parse_config(["--config", str(path)])
+    assert (c.model, c.num_handlers, c.new_swarm, c.block_indices, c.host_maddrs) == ("some/model", 3, True, (1, 3), ["/ip4/127.0.0.1/tcp/0"])
+    c = parse_config(["--config", str(path), "--num_handlers", "5"])
+    assert c.num_handlers == 5
+
+
+def test_config_file_errors_name_the_setting(capsys, tmp_path):
+    bad = tmp_path / "bad.yml"
+    bad.write_text("model: m\nnum_handlers: zero\n")
+    assert "--num_handlers" in parse_error(capsys, ["--config", str(bad)])
+    unknown = tmp_path / "unknown.yml"
+    unknown.write_text("model: m\nno_such_flag: 1\n")
+    assert "no_such_flag" in parse_error(capsys, ["--config", str(unknown)])
+    assert "--config" in parse_error(capsys, ["--config", str(tmp_path / "missing.yml")])
+
+
+def run_supervisor(*args, timeout=60) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "node.supervisor", *args], cwd=ROOT, capture_output=True, text=True, timeout=timeout
+    )
+
+
+def test_supervisor_exits_2_on_a_bad_flag():
+    result = run_supervisor("--model", str(MICRO_LLAMA), "--num_handlers", "-3")
+    assert result.returncode == 2 and "--num_handlers" in result.stderr
+
+
+def test_supervisor_exits_2_when_the_model_cannot_serve_the_blocks(tmp_path):
+    result = run_supervisor(
+        "--model", str(MICRO_LLAMA), "--dht_prefix", "x", "--block_indices", "2:9", "--new_swarm", "--run_dir", str(tmp_path / "r")
+    )
+    assert result.returncode == 2 and "--block_indices" in result.stderr
+
+
+def test_supervisor_exits_2_for_a_local_model_without_prefix(tmp_path):
+    result = run_supervisor("--model", str(MICRO_LLAMA), "--new_swarm", "--run_dir", str(tmp_path / "r"))
+    assert result.returncode == 2 and "--dht_prefix" in result.stderr
+
+
+def test_supervisor_exits_2_for_a_missing_model(tmp_path):
+    result = run_supervisor("--model", str(tmp_path / "nothing-here"), "--new_swarm", "--run_dir", str(tmp_path / "r"))
+    assert result.returncode == 2 and "--model" in result.stderr
