@@ -38,6 +38,7 @@ class ActorProcess:
     consecutive_failures: int = 0
     respawn_at: Optional[float] = None  # set while waiting out a backoff
     stopping: bool = False
+    load_ordered: bool = False  # runtime only: LoadBlocks was sent to this process
 
     @property
     def pid(self) -> Optional[int]:
@@ -62,6 +63,7 @@ class ActorProcess:
         self.ready = False
         self.respawn_at = None
         self.stopping = False
+        self.load_ordered = False
 
     def kill(self) -> None:
         if self.running:

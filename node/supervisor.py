@@ -8,7 +8,8 @@ Sends: Announce (the node's state) to the announcer; PeerDown/PeerUp when an act
   Stop on shutdown. Writes RUN_DIR/status.json for operators and probes.
 
 The node's state follows its actors: JOINING until the runtime, the allocator and a frontend are
-ready, then ONLINE; JOINING again while the runtime is replaced; OFFLINE on the way out.
+ready, then ONLINE; JOINING again while the runtime is replaced; OFFLINE on the way out. The runtime
+loads its blocks only once the announcer has stored a state (JOINING), as Petals servers do.
 """
 
 from __future__ import annotations
@@ -36,6 +37,7 @@ from protocol.messages import (
     ControlToSupervisor,
     Fatal,
     Heartbeat,
+    LoadBlocks,
     PeerDown,
     PeerUp,
     Ready,
@@ -45,6 +47,7 @@ from protocol.plan import NodePlan, write_plan
 from protocol.transport import AsyncChannel, BadMessage
 
 TICK = 0.1
+STARTUP_SILENCE = 60.0  # longest an actor may take to send its first heartbeat
 
 
 def actor_specs(plan: NodePlan) -> list[ActorSpec]:
@@ -141,7 +144,11 @@ class Supervisor:
                 self.write_status()
             return
         if actor.running:
-            if now - actor.last_heartbeat > self.config.heartbeat_timeout:
+            # Until its first heartbeat an actor is still importing torch and friends (seconds on a
+            # busy host): a short --heartbeat_timeout must not kill every actor before it can speak.
+            heard = actor.last_heartbeat > actor.started_at
+            limit = self.config.heartbeat_timeout if heard else max(self.config.heartbeat_timeout, STARTUP_SILENCE)
+            if now - actor.last_heartbeat > limit:
                 self.log.warning("actor silent; killing it", actor=actor.spec.name, pid=actor.pid,
                                  silent_seconds=round(now - actor.last_heartbeat, 1))
                 actor.kill()
@@ -183,6 +190,9 @@ class Supervisor:
         desired = ServerState.ONLINE if (serving and self.started) else ServerState.JOINING
         if desired != self.announced:
             self.announce(desired)
+        runtime = self.actors["runtime.0"]
+        if self.confirmed == ServerState.JOINING and runtime.running and not runtime.ready and not runtime.load_ordered:
+            runtime.load_ordered = self.send("runtime.0", LoadBlocks())
 
     def announce(self, state: ServerState) -> None:
         self.announced = state
@@ -227,6 +237,7 @@ class Supervisor:
                 self.exit_code = 1
             elif isinstance(msg, Announced):
                 self.confirmed = msg.state
+                self.log.info("announced", state=ServerState(msg.state).name, ok=msg.ok)
                 self.state_changed.set()
                 if not msg.ok:
                     self.log.warning("announcement incomplete", state=ServerState(msg.state).name, error=msg.error)

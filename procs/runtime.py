@@ -3,7 +3,7 @@
 Owns: the weights of blocks [start_block, end_block), the K/V tensors of every open session (by
   cache handle), and a priority queue of work (inference first, then forward and backward).
 Receives (ROUTER `runtime.sock`): Forward, Backward, InferStep and Cancel from frontends; DropCache
-  from the allocator.
+  from the allocator. Control: LoadBlocks (the node is announced JOINING), Stop.
 Sends: a Result (output tensors as raw frames) or a Failure naming what was wrong, to the sender.
 """
 
@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import heapq
 import itertools
+import queue
 import time
 from dataclasses import dataclass, field
 from typing import Optional
@@ -23,7 +24,7 @@ from node.checkpoint import Checkpoint
 from node.models import get_family
 from procs import actor as actor_lib
 from protocol.frames import DTYPES, FrameError, from_frames, to_frames
-from protocol.messages import Backward, Cancel, DropCache, Failure, Forward, InferStep, Result, RuntimeInbox
+from protocol.messages import Backward, Cancel, DropCache, Failure, Forward, InferStep, LoadBlocks, Result, RuntimeInbox
 from protocol.plan import NodePlan
 from protocol.transport import BadMessage, Channel
 
@@ -301,8 +302,21 @@ class Runtime:
         self.actor.publish_stats()
 
 
+def wait_for_load_order(actor: actor_lib.Actor) -> bool:
+    """Blocks load only once the swarm sees us JOINING (PROTOCOL 2.4); imports are done meanwhile."""
+    while not actor.stopping.is_set():
+        try:
+            if isinstance(actor.control_inbox.get(timeout=0.1), LoadBlocks):
+                return True
+        except queue.Empty:
+            continue
+    return False
+
+
 def main(actor: actor_lib.Actor) -> None:
     torch.set_grad_enabled(False)
+    if not wait_for_load_order(actor):
+        return
     began = time.perf_counter()
     try:
         blocks, _ = load_blocks(actor.plan, actor.log)

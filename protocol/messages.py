@@ -88,6 +88,10 @@ class Announce(Message):
     end_block: int
 
 
+class LoadBlocks(Message):
+    """Supervisor -> runtime: the swarm has been told we are JOINING; load the blocks now."""
+
+
 # --- runtime inbox ----------------------------------------------------------------------------
 
 
@@ -235,7 +239,7 @@ class ProbeEvent(msgspec.Struct, omit_defaults=True):
 
 
 ControlToSupervisor = Union[Ready, Heartbeat, Fatal, Announced]
-ControlToActor = Union[Stop, PeerDown, PeerUp, Announce]
+ControlToActor = Union[Stop, PeerDown, PeerUp, Announce, LoadBlocks]
 RuntimeInbox = Union[Forward, Backward, InferStep, Cancel, DropCache]
 RuntimeReply = Union[Result, Failure]
 AllocatorInbox = Union[Allocate, Release, Adopt, CapacityQuery, PushRoute]

@@ -101,8 +101,14 @@ class AsyncChannel(_Codec):
         self.sock = sock
 
     def send(self, msg: Message, frames: Sequence = (), to: Optional[bytes] = None) -> None:
-        """Queue the message without waiting: ZeroMQ buffers it (high-water mark permitting)."""
-        self.sock.send_multipart(self._pack(msg, frames, to), copy=False)
+        """Queue the message without waiting: ZeroMQ buffers it (high-water mark permitting).
+
+        pyzmq tries the send at once; a failure (an unroutable identity on a ROUTER) is raised here,
+        not left in a future that nobody reads.
+        """
+        future = self.sock.send_multipart(self._pack(msg, frames, to), copy=False)
+        if future.done():
+            future.result()
 
     async def recv(self) -> Envelope:
         return self._unpack(await self.sock.recv_multipart(copy=False))
