@@ -232,10 +232,9 @@ class _ServerSession:
     async def step(self, hidden: torch.Tensor, prompts=None, hypo_ids=None, start_from_position=None, step_id=None, timeout=60.0):
         metadata: dict[str, Any] = {"session_id": self.session_id, "step_id": step_id or str(uuid.uuid4())}
         if not self.stepped:
-            metadata.update(max_length=self.max_length, points=0.0, active_adapter=None)
+            metadata.update(max_length=self.max_length, points=0.0, active_adapter=None, **self.extra_metadata)
         metadata["args_structure"] = ARGS_3
         metadata["start_from_position"] = self.position if start_from_position is None else start_from_position
-        metadata.update(self.extra_metadata)
         tensors = [
             hidden,
             prompts if prompts is not None else _empty(),
@@ -267,8 +266,11 @@ class _ServerSession:
 class InferenceSession:
     """Incremental inference through a chain of servers (one stream per span), like a Petals client."""
 
-    def __init__(self, client: SwarmClient, max_length: int, start: int, end: int, route: Optional[list] = None):
+    def __init__(
+        self, client: SwarmClient, max_length: int, start: int, end: int, route: Optional[list] = None, metadata: Optional[dict] = None
+    ):
         self.client = client
+        self.metadata = metadata  # extra keys of the first step, e.g. {"alloc_timeout": 10}
         self.max_length = max_length
         self.start = start
         self.end = end
@@ -278,7 +280,7 @@ class InferenceSession:
 
     async def __aenter__(self) -> "InferenceSession":
         route = self.route or await self.client.route(self.start, self.end)
-        self.sessions = [_ServerSession(self.client, span, self.max_length) for span in route]
+        self.sessions = [_ServerSession(self.client, span, self.max_length, self.metadata) for span in route]
         return self
 
     async def __aexit__(self, *exc) -> None:
