@@ -62,6 +62,7 @@ def setup(actor: str, level: str = "info", fmt: str = "auto") -> structlog.stdli
     )
     root = logging.getLogger()
     root.handlers[:] = [handler]
+    logging.captureWarnings(True)  # library warnings become events too, not stray stderr lines
     root.setLevel(level_no)
     # hivemind and p2pd are chatty at INFO about things an operator of this node does not act on
     os.environ.setdefault("HIVEMIND_LOGLEVEL", "WARNING" if level_no > logging.DEBUG else "DEBUG")

@@ -9,8 +9,6 @@ Sends: a Result (output tensors as raw frames) or a Failure naming what was wron
 
 from __future__ import annotations
 
-import heapq
-import itertools
 import queue
 import time
 from dataclasses import dataclass, field
@@ -22,15 +20,12 @@ import zmq
 from node import compute
 from node.checkpoint import Checkpoint
 from node.models import get_family
+from node.scheduler import Scheduler, Task
 from procs import actor as actor_lib
 from protocol.frames import DTYPES, FrameError, from_frames, to_frames
 from protocol.messages import Backward, Cancel, DropCache, Failure, Forward, InferStep, LoadBlocks, Result, RuntimeInbox
 from protocol.plan import NodePlan
 from protocol.transport import BadMessage, Channel
-
-INFERENCE_PRIORITY = 1.0
-TRAINING_PRIORITY = 2.0  # forward and backward wait for inference steps
-
 
 class RequestError(ValueError):
     """The request is wrong; the message goes back to the client as is."""
@@ -45,15 +40,6 @@ class SessionCache:
     kv: list  # one (K, V) pair per block of [start, end)
     length: int = 0  # positions [0, length) hold valid keys and values
     last_used: float = field(default_factory=time.monotonic)
-
-
-@dataclass(order=True)
-class Task:
-    priority: float
-    seq: int
-    sender: bytes = field(compare=False)
-    msg: object = field(compare=False)
-    frames: list = field(compare=False)
 
 
 def load_blocks(plan: NodePlan, log) -> tuple[list, object]:
@@ -79,9 +65,7 @@ class Runtime:
         self.dtype = DTYPES[self.plan.torch_dtype]
         self.device = torch.device(self.plan.device)
         self.caches: dict[int, SessionCache] = {}
-        self.queue: list[Task] = []
-        self.cancelled: set[tuple[bytes, int]] = set()
-        self.seq = itertools.count()
+        self.queue = Scheduler()
         self.done = 0
         self.failed = 0
         self.busy_seconds = 0.0
@@ -98,8 +82,9 @@ class Runtime:
         last_gc = time.monotonic()
         while not self.actor.stopping.is_set():
             self.receive(timeout_ms=0 if self.queue else 100)
-            if self.queue:
-                self.run(heapq.heappop(self.queue))
+            task = self.queue.pop()
+            if task is not None:
+                self.run(task)
             if time.monotonic() - last_gc > 10:
                 self.collect_idle_caches()
                 last_gc = time.monotonic()
@@ -123,16 +108,14 @@ class Runtime:
                 for handle in msg.handles:
                     self.caches.pop(handle, None)
             elif isinstance(msg, Cancel):
-                self.cancelled.add((envelope.sender, msg.req))
+                self.queue.cancel(envelope.sender, msg.req)
             else:
-                priority = INFERENCE_PRIORITY if isinstance(msg, InferStep) else TRAINING_PRIORITY
-                heapq.heappush(self.queue, Task(priority, next(self.seq), envelope.sender, msg, envelope.frames))
+                self.queue.push(envelope.sender, msg, envelope.frames, inference=isinstance(msg, InferStep))
 
     def drain(self) -> None:
         """On stop: finish what is queued within the grace period, fail the rest."""
         deadline = time.monotonic() + self.actor.grace
-        while self.queue:
-            task = heapq.heappop(self.queue)
+        while (task := self.queue.pop()) is not None:
             if time.monotonic() < deadline:
                 self.run(task)
             else:
@@ -142,10 +125,6 @@ class Runtime:
 
     def run(self, task: Task) -> None:
         msg = task.msg
-        key = (task.sender, msg.req)
-        if key in self.cancelled:
-            self.cancelled.discard(key)
-            return
         began = time.perf_counter()
         try:
             if isinstance(msg, Forward):

@@ -112,3 +112,24 @@ def test_rpc_info(micro_client, micro_node):
     assert info["cache_tokens_available"] == 65536
     assert info["keyword_names"] == ()
     assert len(info["outputs_schema"]) == 1
+
+
+def test_inference_with_deep_prompts(micro_client, micro_hf):
+    torch.manual_seed(8)
+    hidden, prompts = torch.randn(1, 6, 64), torch.randn(4, 1, 3, 64)
+    ref = hf_blocks(micro_hf, hidden, 0, 4, prompts=prompts)
+    with micro_client.session(max_length=6, start=0, end=4) as session:
+        first = session.step(hidden[:, :4], prompts=prompts)  # the prompts sit at the first positions
+        rest = [session.step(hidden[:, t : t + 1]) for t in range(4, 6)]
+    assert rel_err(torch.cat([first] + rest, 1), ref) <= TOL
+
+
+def test_logs_are_json_lines_with_the_actor(micro_node):
+    import json
+
+    actors = set()
+    for line in micro_node.log_path.read_text().splitlines():
+        event = json.loads(line)  # one event per line, JSON when not on a terminal
+        assert {"event", "level", "timestamp", "actor", "pid"} <= set(event)
+        actors.add(event["actor"].split(".")[0])
+    assert {"supervisor", "announcer", "allocator", "runtime", "frontend"} <= actors
