@@ -20,6 +20,13 @@ import psutil
 ROOT = Path(__file__).resolve().parent.parent
 
 
+def _stop_with_owner() -> None:
+    # A node started for a test, a demo or a benchmark shuts down (SIGTERM) if its owner dies.
+    import ctypes
+
+    ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+
+
 class NodeProcess:
     """One node: a supervisor process and everything it spawns."""
 
@@ -47,8 +54,14 @@ class NodeProcess:
         self.run_dir.parent.mkdir(parents=True, exist_ok=True)
         self._log = open(self.log_path, "ab")
         env = dict(os.environ, PYTHONPATH=str(ROOT))
-        self.proc = subprocess.Popen(self.argv, cwd=ROOT, env=env, stdout=self._log, stderr=subprocess.STDOUT)
-        self.wait_state("online", timeout)
+        self.proc = subprocess.Popen(
+            self.argv, cwd=ROOT, env=env, stdout=self._log, stderr=subprocess.STDOUT, preexec_fn=_stop_with_owner
+        )
+        try:
+            self.wait_state("online", timeout)
+        except BaseException:
+            self.stop()
+            raise
         return self
 
     @property

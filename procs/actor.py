@@ -86,11 +86,17 @@ class Probe:
         except zmq.Again:
             pass  # a slow probe loses events rather than slowing the node
 
-    def observe(self, direction: str, msg: Message) -> None:
-        """Channel observer: publish a message header (tensor frames are summarized by their metadata)."""
+    def observe(self, direction: str, msg: Message, peer: Optional[bytes] = None) -> None:
+        """Channel observer: publish a message header (tensor frames are summarized by their metadata).
+
+        `peer` is the other end's identity on a ROUTER (who sent it, or to whom it goes), so that a
+        probe can tell apart the request numbers of different frontends.
+        """
         if not self.active:
             return
         fields = msgspec.structs.asdict(msg)
+        if peer is not None:
+            fields["peer_actor"] = peer.decode(errors="replace")
         self.publish(direction, type(msg).__name__, str(fields.get("session", "")), fields.get("req", -1), fields)
 
     def close(self) -> None:

@@ -15,7 +15,7 @@ import zmq.asyncio
 
 from protocol.messages import Message
 
-Observer = Callable[[str, Message], None]  # (direction "in"/"out", message) -> None
+Observer = Callable[[str, Message, Optional[bytes]], None]  # (direction "in"/"out", message, peer identity)
 
 _encoder = msgspec.msgpack.Encoder()
 
@@ -50,7 +50,7 @@ class _Codec:
         parts.append(_encoder.encode(msg))
         parts.extend(frames)
         if self.observer is not None:
-            self.observer("out", msg)
+            self.observer("out", msg, to)
         return parts
 
     def _unpack(self, parts: list) -> Envelope:
@@ -66,7 +66,7 @@ class _Codec:
         except (msgspec.DecodeError, msgspec.ValidationError) as e:
             raise BadMessage(sender, f"undecodable message: {e}") from None
         if self.observer is not None:
-            self.observer("in", msg)
+            self.observer("in", msg, sender)
         return Envelope(sender, msg, parts[1:])
 
 

@@ -1,0 +1,259 @@
+"""Watch a running node from the inside: every actor's message headers and stats, live.
+
+    python -m node.probe RUN_DIR [--actor NAME ...] [--type TYPE ...] [--session ID] [--json]
+                                 [--stats | --no-stats] [--duration SECONDS] [--count N]
+
+Every actor binds an XPUB socket at RUN_DIR/probe.<actor>.sock and publishes, only while someone
+subscribes, a ProbeEvent for each message it sends ("out") or receives ("in") on its data sockets
+and its stats ("stats") about once a second. This command subscribes to them (re-scanning RUN_DIR
+every second, so actors that start later or restart are picked up) and prints one line per event:
+
+    14:02:11.532 runtime.0    in    InferStep  session=1b9e3c2a req=7 handle=3 start=0 end=4 ...
+
+Filters: --actor takes exact names or prefixes ("frontend" is every frontend); --type exact
+message type names ("Stats" selects stats); --session a session id or a prefix of one. Replies
+(Result, Granted, Failure) carry no session: they are matched to the request with the same req on
+the same actor (and, on a ROUTER, the same peer actor), and Release/DropCache to the session whose
+cache handle they free. Stats are shown unless --session or --type asks for something else; --stats
+and --no-stats decide explicitly. --json prints one JSON object per event. Progress and attach notices
+("attached to runtime.0") go to stderr, so stdout holds events only.
+
+Exit status: 0 when --duration or --count is reached, on Ctrl-C or when the node stops; 2 when
+RUN_DIR holds no node (no status.json, or no probe socket matches --actor).
+
+The probe imports neither torch nor hivemind so that it starts in a fraction of a second.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import sys
+import time
+from typing import Any, Optional
+
+import msgspec
+import zmq
+
+from protocol.messages import ProbeEvent
+
+PROG = "python -m node.probe"
+RESCAN_SECONDS = 1.0
+
+# Which requests a reply can answer, by the requester's socket: a frontend numbers its runtime
+# requests and its allocator requests separately, so "req 3" alone does not name one request.
+REQUEST_FAMILY = {"InferStep": "runtime", "Allocate": "allocator"}  # the requests that name a session
+REPLY_FAMILIES = {"Result": ("runtime",), "Granted": ("allocator",), "Failure": ("runtime", "allocator")}
+
+
+def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog=PROG, description="Print a running node's internal messages and stats live.")
+    p.add_argument("run_dir", metavar="RUN_DIR", help="the node's run directory (--run_dir of the supervisor)")
+    p.add_argument("--actor", action="append", default=[], metavar="NAME", help="actor name or prefix (repeatable)")
+    p.add_argument("--type", action="append", default=[], metavar="TYPE", dest="types", help="message type, e.g. InferStep (repeatable)")
+    p.add_argument("--session", metavar="ID", default="", help="session id (or a prefix of one)")
+    p.add_argument("--json", action="store_true", help="one JSON object per line")
+    p.add_argument("--stats", action=argparse.BooleanOptionalAction, default=None, help="show the actors' periodic stats")
+    p.add_argument("--duration", type=float, default=None, metavar="SECONDS", help="exit after this many seconds")
+    p.add_argument("--count", type=int, default=None, metavar="N", help="exit after printing N events")
+    args = p.parse_args(argv)
+    if args.stats is None:
+        args.stats = not args.session and (not args.types or "Stats" in args.types)
+    return args
+
+
+def fail(message: str) -> None:
+    sys.stderr.write(f"{PROG}: error: {message}\n")
+    sys.exit(2)
+
+
+def note(message: str) -> None:
+    sys.stderr.write(f"probe: {message}\n")
+    sys.stderr.flush()
+
+
+def read_status(run_dir: str) -> Optional[dict]:
+    try:
+        with open(os.path.join(run_dir, "status.json")) as f:
+            return json.load(f)
+    except (OSError, ValueError):
+        return None
+
+
+def probe_sockets(run_dir: str, prefixes: list[str]) -> dict[str, str]:
+    """{actor name: socket path} for the probe sockets in RUN_DIR whose actor matches --actor."""
+    found = {}
+    try:
+        entries = os.listdir(run_dir)
+    except OSError:
+        return found
+    for entry in entries:
+        if entry.startswith("probe.") and entry.endswith(".sock"):
+            name = entry[len("probe.") : -len(".sock")]
+            if not prefixes or any(name.startswith(p) for p in prefixes):
+                found[name] = os.path.join(run_dir, entry)
+    return found
+
+
+class SessionTracker:
+    """Attributes replies to the session of the request they answer (matched by actor and req), and
+    cache releases (Release, DropCache) to the session that held the cache handle."""
+
+    def __init__(self) -> None:
+        self._open: dict[tuple[str, str, str, int], str] = {}
+        self._handles: dict[int, str] = {}
+
+    def session_of(self, event: ProbeEvent) -> str:
+        session = event.session
+        peer = event.fields.get("peer_actor", "")  # on a ROUTER: which frontend's numbering `req` is in
+        if session:
+            family = REQUEST_FAMILY.get(event.type)
+            if family and event.req >= 0:
+                self._open[(event.actor, peer, family, event.req)] = session
+        else:
+            for family in REPLY_FAMILIES.get(event.type, ()):
+                session = self._open.pop((event.actor, peer, family, event.req), "")
+                if session:
+                    break
+        handles = event.fields.get("handles") or [event.fields.get("handle")]
+        if session and isinstance(handles[0], int):
+            self._handles[handles[0]] = session
+        elif not session:
+            session = next((self._handles[h] for h in handles if h in self._handles), "")
+        if len(self._open) + len(self._handles) > 100_000:  # replies or releases we never saw: forget
+            self._open.clear()
+            self._handles.clear()
+        return session
+
+
+def _tensor(meta: Any) -> str:
+    # TensorMeta travels as [dtype, shape]
+    if isinstance(meta, (list, tuple)) and len(meta) == 2 and isinstance(meta[0], str):
+        return f"{meta[0]}[{','.join(str(d) for d in meta[1])}]"
+    return str(meta)
+
+
+def _value(key: str, value: Any) -> str:
+    if key == "tensors" and isinstance(value, list):
+        return "[" + ", ".join(_tensor(m) for m in value) + "]"
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    if isinstance(value, (dict, list)):
+        text = json.dumps(value, separators=(",", ":"), default=str)
+    else:
+        text = str(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def human_line(event: ProbeEvent, session: str) -> str:
+    clock = datetime.datetime.fromtimestamp(event.t).strftime("%H:%M:%S.%f")[:-3]
+    head = f"{clock} {event.actor:<12} {event.dir:<5} {event.type:<10}"
+    parts = []
+    if session:
+        parts.append(f"session={session[:8]}")
+    if event.req >= 0:
+        parts.append(f"req={event.req}")
+    parts += [f"{k}={_value(k, v)}" for k, v in event.fields.items() if k not in ("session", "req")]
+    return f"{head} {' '.join(parts)}".rstrip()
+
+
+def json_line(event: ProbeEvent, session: str) -> str:
+    record = msgspec.structs.asdict(event)
+    record["session"] = session
+    return msgspec.json.encode(record).decode()
+
+
+def run(args: argparse.Namespace) -> int:
+    run_dir = os.path.abspath(args.run_dir)
+    status = read_status(run_dir)
+    if status is None:
+        fail(f"{run_dir} has no readable status.json: no node runs there")
+    if status.get("state") == "stopped":
+        fail(f"the node in {run_dir} is stopped")
+    sockets = probe_sockets(run_dir, args.actor)
+    if not sockets:
+        wanted = f" for --actor {' '.join(args.actor)}" if args.actor else ""
+        fail(f"no probe sockets{wanted} in {run_dir} (actors: {', '.join(sorted(status.get('actors', {}))) or 'none'})")
+    note(f"node {status.get('peer_id', '?')} ({status.get('state', '?')}) in {run_dir}")
+
+    ctx = zmq.Context()
+    sub = ctx.socket(zmq.SUB)
+    sub.setsockopt(zmq.LINGER, 0)
+    sub.setsockopt(zmq.RCVHWM, 100_000)
+    # Subscribe to everything: Stats events tell us when each actor is attached even if they are not
+    # printed, and topics match by prefix (a "Capacity" topic would also receive "CapacityQuery").
+    sub.setsockopt(zmq.SUBSCRIBE, b"")
+    decoder = msgspec.msgpack.Decoder(ProbeEvent)
+    tracker = SessionTracker()
+    connected: set[str] = set()
+    attached: set[str] = set()
+    types = set(args.types)
+    printed = 0
+    deadline = time.monotonic() + args.duration if args.duration is not None else float("inf")
+    next_scan = 0.0
+    try:
+        while True:
+            now = time.monotonic()
+            if now >= deadline:
+                return 0
+            if now >= next_scan:
+                for name, path in sorted(sockets.items()):
+                    if path not in connected:
+                        # ZeroMQ reconnects by itself when a restarted actor binds the same path again
+                        sub.connect(f"ipc://{path}")
+                        connected.add(path)
+                        note(f"connecting to {name}")
+                next_scan = now + RESCAN_SECONDS
+                status = read_status(run_dir)
+                if status is not None and status.get("state") == "stopped":
+                    note("the node stopped")
+                    return 0
+                sockets = probe_sockets(run_dir, args.actor)
+            if not sub.poll(max(1, int(1000 * min(next_scan, deadline) - 1000 * now))):
+                continue
+            while True:
+                try:
+                    topic, payload = sub.recv_multipart(zmq.NOBLOCK)
+                except zmq.Again:
+                    break
+                except ValueError:
+                    continue  # not two frames: not a probe event
+                try:
+                    event = decoder.decode(payload)
+                except (msgspec.DecodeError, msgspec.ValidationError):
+                    continue  # an actor from another version of the node: skip rather than die
+                if event.actor not in attached:
+                    # the first event proves our subscription reached this actor (ZeroMQ's slow joiner)
+                    attached.add(event.actor)
+                    note(f"attached to {event.actor}")
+                session = tracker.session_of(event)
+                if event.dir == "stats":
+                    if not args.stats:
+                        continue
+                elif (types and event.type not in types) or not session.startswith(args.session):
+                    continue
+                print(json_line(event, session) if args.json else human_line(event, session), flush=True)
+                printed += 1
+                if args.count is not None and printed >= args.count:
+                    return 0
+    finally:
+        ctx.destroy(linger=0)
+
+
+def main(argv: Optional[list[str]] = None) -> None:
+    args = parse_args(argv)
+    try:
+        code = run(args)
+    except KeyboardInterrupt:
+        code = 0
+    except BrokenPipeError:
+        # the reader went away (`| head`): silence the final flush of stdout too
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        code = 0
+    sys.exit(code)
+
+
+if __name__ == "__main__":
+    main()
