@@ -15,10 +15,12 @@ import signal
 import time
 from dataclasses import dataclass, field
 from importlib.resources import files
-from typing import Optional
+from typing import Optional, Sequence
 
 from hivemind.p2p import P2P
-from hivemind.p2p.p2p_daemon_bindings.control import DEFAULT_MAX_MSG_SIZE
+from hivemind.p2p.p2p_daemon_bindings.control import DEFAULT_MAX_MSG_SIZE, DaemonConnector
+from hivemind.p2p.p2p_daemon_bindings.utils import raise_if_failed, read_pbmsg_safe, write_pbmsg
+from hivemind.proto import p2pd_pb2
 from hivemind.utils.multiaddr import Multiaddr
 
 from node.config import NodeConfig
@@ -63,6 +65,31 @@ class Daemon:
     @property
     def alive(self) -> bool:
         return self.proc.returncode is None
+
+    async def remove_stream_handlers(self, listen_maddr: str, names: Sequence[str]) -> None:
+        """Unregister the stream handlers of an attached process that died.
+
+        p2pd drops a client's unary handlers when its control connection closes, but it keeps a
+        (balanced) stream handler and goes on dialing the dead client's socket: after a frontend
+        restart, every other stream call (rpc_inference, *_stream) would fail or hang.
+        """
+        address = Multiaddr(listen_maddr)
+        reader, writer = await DaemonConnector(Multiaddr(self.control_maddr)).open_connection()
+        try:
+            request = p2pd_pb2.Request(
+                type=p2pd_pb2.Request.REMOVE_STREAM_HANDLER,
+                removeStreamHandler=p2pd_pb2.RemoveStreamHandlerRequest(addr=address.to_bytes(), proto=list(names)),
+            )
+            await write_pbmsg(writer, request)
+            response = p2pd_pb2.Response()
+            await read_pbmsg_safe(reader, response)
+        finally:
+            writer.close()
+        raise_if_failed(response)
+        try:
+            os.remove(address["unix"])  # a process killed with -9 leaves its socket file behind
+        except (OSError, KeyError, TypeError):
+            pass
 
     async def stop(self, timeout: float = 5.0) -> None:
         if self.log_task is not None:

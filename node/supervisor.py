@@ -74,9 +74,12 @@ class Supervisor:
         self.exit_code: Optional[int] = None
         self.started = False  # every actor has been ready once
         self.announced: Optional[int] = None  # last state sent to the announcer
+        self.reported: Optional[int] = None  # last state announced: status.json keeps it while the announcer restarts
         self.confirmed: Optional[int] = None  # last state the announcer stored
         self.state_changed = asyncio.Event()
         self.maddrs: list[str] = []
+        self.stream_handlers: dict[str, tuple[str, list[str]]] = {}  # frontend -> (its socket, handler names)
+        self.tasks: set[asyncio.Task] = set()
 
     # --- lifecycle ---------------------------------------------------------------------------
 
@@ -162,6 +165,10 @@ class Supervisor:
         for other in self.actors.values():
             if other is not actor:
                 self.send(other.spec.name, PeerDown(name))
+        if name in self.stream_handlers:
+            task = asyncio.get_running_loop().create_task(self._unregister(name, *self.stream_handlers.pop(name)))
+            self.tasks.add(task)
+            task.add_done_callback(self.tasks.discard)
         if name == "announcer":
             self.announced = self.confirmed = None  # its successor must be told the state again
         if not self.intensity.allow(now):
@@ -195,7 +202,7 @@ class Supervisor:
             runtime.load_ordered = self.send("runtime.0", LoadBlocks())
 
     def announce(self, state: ServerState) -> None:
-        self.announced = state
+        self.announced = self.reported = state
         self.state_changed.clear()
         self.send("announcer", Announce(int(state), self.plan.start_block, self.plan.end_block))
         self.log.info("state", state=state.name)
@@ -231,6 +238,8 @@ class Supervisor:
                         if other is not actor:
                             self.send(other.spec.name, PeerUp(name))
                 actor.was_ready = True
+                if "stream_maddr" in msg.detail:
+                    self.stream_handlers[name] = (msg.detail["stream_maddr"], list(msg.detail.get("stream_handlers", ())))
                 self.write_status()
             elif isinstance(msg, Fatal):
                 self.log.error("actor cannot work; stopping the node", actor=name, reason=msg.reason)
@@ -241,6 +250,13 @@ class Supervisor:
                 self.state_changed.set()
                 if not msg.ok:
                     self.log.warning("announcement incomplete", state=ServerState(msg.state).name, error=msg.error)
+
+    async def _unregister(self, name: str, stream_maddr: str, handlers: list[str]) -> None:
+        try:
+            await self.daemon.remove_stream_handlers(stream_maddr, handlers)
+            self.log.info("stream handlers of a dead actor removed", actor=name, socket=stream_maddr)
+        except Exception as e:
+            self.log.warning("cannot remove the stream handlers of a dead actor", actor=name, error=repr(e))
 
     # --- sending -----------------------------------------------------------------------------
 
@@ -253,7 +269,7 @@ class Supervisor:
 
     def write_status(self, state: Optional[str] = None) -> None:
         if state is None:
-            state = ServerState(self.announced).name.lower() if self.announced is not None else "starting"
+            state = ServerState(self.reported).name.lower() if self.reported is not None else "starting"
         status = {
             "state": state,
             "peer_id": self.plan.peer_id,

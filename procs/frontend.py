@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from typing import Optional
 
 import zmq
 import zmq.asyncio
@@ -27,6 +28,7 @@ from protocol import streams
 from protocol.messages import AllocatorReply, PeerDown, PeerUp, PushDelivery, RuntimeReply, Stop
 
 PREFETCH = 5  # like hivemind: at most this many unread requests buffered per stream
+INPUT_DRAIN_SECONDS = 1.0  # after our last frame, how long to wait for the rest of the client's input
 
 
 def stream_handler(p2p: P2P, name: str, handler, log):
@@ -58,6 +60,8 @@ def stream_handler(p2p: P2P, name: str, handler, log):
 
         task = asyncio.get_running_loop().create_task(process())
         receiving = True
+        ended = False  # the client sent its end-of-input, closed, or sent what cannot be read any further
+        receive = None
         try:
             while not task.done():
                 if not receiving:
@@ -66,11 +70,12 @@ def stream_handler(p2p: P2P, name: str, handler, log):
                 receive = asyncio.get_running_loop().create_task(streams.read_frame(reader))
                 await asyncio.wait({task, receive}, return_when=asyncio.FIRST_COMPLETED)
                 if task.done():
-                    receive.cancel()
-                    break
+                    break  # `receive` stays pending for drain_input
+                received, receive = receive, None
                 try:
-                    marker, payload = receive.result()
+                    marker, payload = received.result()
                 except (asyncio.IncompleteReadError, ConnectionError):
+                    ended = True
                     task.cancel()  # the client closed or died mid-call: stop its work, free its cache
                     break
                 except streams.FrameTooLarge as e:
@@ -89,16 +94,42 @@ def stream_handler(p2p: P2P, name: str, handler, log):
                 elif marker == streams.ERROR:
                     text = streams.error_text(payload)
                     await inbox.put(None if text is None else ConnectionError(f"the client sent an error: {text}"))
+                    ended = True
                 else:
                     await inbox.put(ValueError(f"malformed stream frame (marker {marker!r})"))
                     receiving = False
+            if receiving and not ended and task.done() and not task.cancelled():
+                await drain_input(reader, receive)
+                receive = None
         except Exception:
             log.warning("stream handler failed", rpc=name, exc_info=True)
             task.cancel()
         finally:
+            if receive is not None:
+                receive.cancel()
             writer.close()
 
     return handle
+
+
+async def drain_input(reader: asyncio.StreamReader, receive: Optional[asyncio.Task]) -> None:
+    """Our reply is complete (often an early error) but the client may still be sending: read and drop its
+    frames up to its end-of-input, for at most INPUT_DRAIN_SECONDS. Closing the stream with input still
+    unread makes it a reset, and the client may then lose our last frames (the error message)."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + INPUT_DRAIN_SECONDS
+    try:
+        while True:
+            receive = receive or loop.create_task(streams.read_frame(reader))
+            marker, _ = await asyncio.wait_for(receive, max(0.0, deadline - loop.time()))
+            receive = None
+            if marker != streams.MESSAGE:
+                return  # end-of-input (or an error or a bad frame: nothing more to read)
+    except (asyncio.TimeoutError, asyncio.IncompleteReadError, ConnectionError, ValueError):
+        return
+    finally:
+        if receive is not None:
+            receive.cancel()
 
 
 class Frontend:
@@ -131,7 +162,12 @@ class Frontend:
         for name in STREAMS:
             handler = stream_handler(self.p2p, NAME_PREFIX + name, getattr(self.handlers, name), self.log)
             await self.p2p.add_binary_stream_handler(NAME_PREFIX + name, handler, balanced=True)
-        self.actor.ready(peer_id=self.p2p.peer_id.to_base58())
+        # if we die, the supervisor unregisters our stream handlers (p2pd would go on dialing us)
+        self.actor.ready(
+            peer_id=self.p2p.peer_id.to_base58(),
+            stream_maddr=str(self.p2p._client_listen_maddr),
+            stream_handlers=[NAME_PREFIX + name for name in STREAMS],
+        )
 
     # --- receiving ---------------------------------------------------------------------------
 
@@ -177,7 +213,17 @@ class Frontend:
         deadline = time.monotonic() + grace
         while self.handlers.in_flight and time.monotonic() < deadline:
             await asyncio.sleep(0.05)
-        self.log.info("drained", unfinished=self.handlers.in_flight)
+        unfinished = self.handlers.in_flight
+        if unfinished:
+            # The grace period is over: fail what still waits so that its callers get an error reply
+            # now. Work cut off by our exit gets no reply at all, and p2pd keeps its callers waiting.
+            self.runtime.fail_all("the server is shutting down")
+            self.allocator.fail_all("the server is shutting down")
+            deadline = time.monotonic() + 1.0
+            while self.handlers.in_flight and time.monotonic() < deadline:
+                await asyncio.sleep(0.05)
+            await asyncio.sleep(0.1)  # the error replies leave through p2pd
+        self.log.info("drained", unfinished=unfinished)
 
     def close(self) -> None:
         self.runtime.close()

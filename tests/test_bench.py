@@ -1,0 +1,59 @@
+"""Smoke test of the benchmark (`python -m node.bench`): it runs end to end and reports every figure.
+
+Only that: no speed threshold is asserted here (performance is measured by running the benchmark,
+never in timed unit tests). Repetitions are cut to the minimum so that the test stays short.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+
+from node.launcher import ROOT
+
+
+def test_bench_smoke(tmp_path):
+    report = tmp_path / "bench.json"
+    argv = [
+        sys.executable, "-m", "node.bench",
+        "--preset", "tiny", "--tokens", "8",
+        "--repeats", "1", "--gen_repeats", "1", "--warmup", "1",
+        "--max_seconds", "150",
+        "--json", str(report),
+    ]
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    proc = subprocess.Popen(argv, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        out, _ = proc.communicate(timeout=200)
+    except subprocess.TimeoutExpired:
+        proc.send_signal(signal.SIGTERM)  # the benchmark stops its node on SIGTERM
+        try:
+            out, _ = proc.communicate(timeout=40)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            out, _ = proc.communicate()
+        raise AssertionError(f"the benchmark did not finish in time:\n{out[-4000:]}")
+    assert proc.returncode == 0, out[-4000:]
+
+    data = json.loads(report.read_text())
+    expected = {"cold_start", "generation", "forward", "backward", "peak_pss"}
+    assert set(data["metrics"]) == expected
+    for name, m in data["metrics"].items():
+        for key in ("node", "local", "ratio"):
+            value = m[key]
+            assert isinstance(value, (int, float)) and math.isfinite(value) and value > 0, (name, key, value)
+    for key, value in data["per_token"].items():
+        assert isinstance(value, (int, float)) and value > 0, (key, value)
+    assert data["machine"]["cpu_count"] > 0 and data["machine"]["torch_threads"] > 0
+    assert data["model"]["num_blocks"] == 8 and data["model"]["hidden_size"] == 256
+    # the node computes what transformers computes (float32): same tokens, same outputs
+    assert data["checks"]["generated_tokens_match"] is True
+    assert data["checks"]["forward_max_rel_err"] < 1e-4 and data["checks"]["backward_max_rel_err"] < 1e-4
+
+    # the table is printed, with its ratio column explained
+    assert "generation, 1 session, batch 1, 8 tokens" in out
+    assert "higher is better for the node" in out
