@@ -391,7 +391,7 @@ def main(argv: Optional[list[str]] = None) -> None:
         usage_error(f"argument --model: cannot load {config.model}: {e}")
     logs.quiet_hivemind()
     code = asyncio.run(Supervisor(config, plan, log, own).run())
-    sys.exit(code)
+    logs.exit_now(code)
 
 
 if __name__ == "__main__":

@@ -219,4 +219,4 @@ def run(main: Callable[[Actor], None], argv: Optional[list[str]] = None) -> None
     finally:
         actor.close()
     actor.log.info("exit", code=code)
-    sys.exit(code)
+    logs.exit_now(code)
