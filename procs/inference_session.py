@@ -36,6 +36,7 @@ class InferenceSession:
         self.steps_done: set[str] = set()
         self.deadline = time.monotonic() + self.plan.session_timeout
         self.lease_deadline = 0.0
+        self.pushed = False  # whether the request being handled came from rpc_push
 
     def push(self, request: runtime_pb2.ExpertRequest) -> None:
         self.incoming.put_nowait((_PUSH, request))
@@ -52,8 +53,8 @@ class InferenceSession:
             if request is None:
                 return
             await self._open(request)
-            while request.tensors:  # an empty request is the client's close message
-                response = await self._step(request)
+            while request.tensors or self.pushed:  # an empty request from the client is its close message
+                response = await self._step_or_drop(request)
                 if response is not None:
                     yield response
                 request = await self._next()
@@ -89,6 +90,7 @@ class InferenceSession:
             return None
         if kind == _ERROR:
             raise item
+        self.pushed = kind == _PUSH
         return item
 
     # --- opening and closing -----------------------------------------------------------------
@@ -152,6 +154,20 @@ class InferenceSession:
             self.log.info("session closed", session=self.opened.session_id, peer=self.peer, tokens=self.prefix)
 
     # --- stepping ----------------------------------------------------------------------------
+
+    async def _step_or_drop(self, request: runtime_pb2.ExpertRequest) -> Optional[runtime_pb2.ExpertResponse]:
+        """A client's step; a pushed one that is empty or fails is dropped, not the session's end.
+
+        A push only races the client's own copy of the step (PROTOCOL 3.7), and anyone who knows the
+        session_id can send one: a broken upstream server must not end the client's session.
+        """
+        if not self.pushed:
+            return await self._step(request)
+        try:
+            return await self._step(request) if request.tensors else None
+        except Exception as e:
+            self.log.info("pushed step dropped", session=self._sid, error=str(e))
+            return None
 
     async def _step(self, request: runtime_pb2.ExpertRequest) -> Optional[runtime_pb2.ExpertResponse]:
         opened = self.opened

@@ -53,7 +53,7 @@ def positional(tensors: list[RawTensor], metadata: dict, structure: Any = None, 
         raise ValueError(f"expected {len(names)} tensors ({', '.join(names)}), got {len(args)}")
     for name, arg in zip(names, args):
         if not isinstance(arg, RawTensor):
-            raise ValueError(f"argument {name} must be a tensor, got {type(arg).__name__}")
+            raise ValueError(f"argument {name} must be a tensor, but args_structure puts a {type(arg).__name__} there")
     return list(args[: len(names)])
 
 
