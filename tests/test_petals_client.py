@@ -1,0 +1,92 @@
+"""An unmodified Petals client against the node, and the node in one swarm with a Petals server.
+
+Petals pins versions that cannot live in the node's environment (transformers 4.43.1, hivemind
+213bff9), so these tests run only when PETALS_PYTHON names an interpreter that has Petals installed;
+otherwise they are skipped. The client script runs under that interpreter.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+import time
+
+import pytest
+
+from node.launcher import NodeProcess
+from tests.conftest import MICRO_LLAMA
+
+PETALS_PYTHON = os.environ.get("PETALS_PYTHON")
+pytestmark = pytest.mark.skipif(not PETALS_PYTHON, reason="set PETALS_PYTHON to a Python with Petals installed")
+
+CLIENT = textwrap.dedent(
+    """
+    import sys, torch
+    from petals import AutoDistributedModelForCausalLM
+    from transformers import AutoModelForCausalLM
+    model_path, peers = sys.argv[1], sys.argv[2:]
+    model = AutoDistributedModelForCausalLM.from_pretrained(
+        model_path, initial_peers=peers, dht_prefix="micro-llama", torch_dtype=torch.float32
+    )
+    ref = AutoModelForCausalLM.from_pretrained(model_path, torch_dtype=torch.float32)
+    ids = torch.tensor([[1, 17, 42, 99, 3]])
+    ours = model.generate(ids, max_new_tokens=20, do_sample=False)
+    theirs = ref.generate(ids, max_new_tokens=20, do_sample=False)
+    assert ours.tolist() == theirs.tolist(), (ours.tolist(), theirs.tolist())
+    x = torch.randn(2, 9, ref.config.hidden_size, requires_grad=True)
+    y = model.model.layers(x)
+    y.backward(torch.ones_like(y))
+    leaf, out = x.detach().clone().requires_grad_(True), {}
+    ref.model.layers[0].register_forward_pre_hook(lambda m, a, k: ((leaf,) + a[1:], k), with_kwargs=True)
+    ref.model.layers[-1].register_forward_hook(lambda m, a, o: out.__setitem__("y", o[0]))
+    ref(inputs_embeds=torch.zeros_like(x))
+    out["y"].backward(torch.ones_like(out["y"]))
+    assert float((y - out["y"]).abs().max() / out["y"].abs().max()) <= 1e-5
+    assert float((x.grad - leaf.grad).abs().max() / leaf.grad.abs().max()) <= 1e-5
+    print("PETALS CLIENT OK")
+    """
+)
+
+
+def run_client(peers: list[str]) -> None:
+    result = subprocess.run(
+        [PETALS_PYTHON, "-c", CLIENT, str(MICRO_LLAMA), *peers], capture_output=True, text=True, timeout=300
+    )
+    assert "PETALS CLIENT OK" in result.stdout, result.stdout[-3000:] + result.stderr[-3000:]
+
+
+def test_petals_client_generates_through_the_node(tmp_path):
+    with NodeProcess(MICRO_LLAMA, tmp_path / "node", "--num_handlers", "2") as node:
+        run_client(node.maddrs)
+
+
+def test_node_and_petals_server_share_a_swarm(tmp_path):
+    with NodeProcess(MICRO_LLAMA, tmp_path / "node", "--block_indices", "0:2") as node:
+        log = tmp_path / "petals_server.log"
+        server = subprocess.Popen(
+            [
+                PETALS_PYTHON, "-m", "petals.cli.run_server", str(MICRO_LLAMA), "--dht_prefix", "micro-llama",
+                "--torch_dtype", "float32", "--device", "cpu", "--block_indices", "2:4", "--throughput", "1",
+                "--host_maddrs", "/ip4/127.0.0.1/tcp/0", "--num_handlers", "2", "--initial_peers", *node.maddrs,
+            ],
+            stdout=log.open("w"),
+            stderr=subprocess.STDOUT,
+        )
+        try:
+            deadline = time.monotonic() + 120
+            while "Started" not in log.read_text():
+                assert server.poll() is None and time.monotonic() < deadline, log.read_text()[-3000:]
+                time.sleep(0.5)
+            run_client(node.maddrs)
+        finally:
+            server.terminate()
+            try:
+                server.wait(30)
+            except subprocess.TimeoutExpired:
+                server.kill()
+
+
+if __name__ == "__main__":
+    sys.exit(pytest.main([__file__, "-v"]))
