@@ -34,7 +34,6 @@ The node is always stopped, also on errors, Ctrl-C, SIGTERM or when --max_second
 from __future__ import annotations
 
 import argparse
-import ctypes
 import json
 import os
 import platform
@@ -53,6 +52,7 @@ import psutil
 import torch
 
 from node.launcher import ROOT, NodeProcess
+from node.processes import die_with_parent
 
 PROMPT = [1, 15, 27, 99, 4, 63, 250, 7]
 BATCH, LENGTH = 4, 128  # the forward/backward shape: 4 sequences of 128 tokens
@@ -61,24 +61,6 @@ MIB = 1024 * 1024
 
 class BenchTimeout(Exception):
     pass
-
-
-def _pdeathsig() -> None:
-    ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG: the node dies with us
-
-
-class BenchNode(NodeProcess):
-    """NodeProcess whose supervisor is killed with this process even on kill -9 (its actors follow it)."""
-
-    def start(self, timeout: float = 120) -> "BenchNode":
-        self.run_dir.parent.mkdir(parents=True, exist_ok=True)
-        self._log = open(self.log_path, "ab")
-        env = dict(os.environ, PYTHONPATH=str(ROOT))
-        self.proc = subprocess.Popen(
-            self.argv, cwd=ROOT, env=env, stdout=self._log, stderr=subprocess.STDOUT, preexec_fn=_pdeathsig
-        )
-        self.wait_state("online", timeout)
-        return self
 
 
 class PssSampler:
@@ -252,7 +234,7 @@ class LocalMemoryProbe:
         self.proc = subprocess.Popen(
             [sys.executable, "-c", LOCAL_MEMORY_SCRIPT, model_path, dtype, device, str(BATCH), str(LENGTH)],
             cwd=ROOT, env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-            preexec_fn=_pdeathsig,
+            preexec_fn=die_with_parent,
         )
 
     def result(self, timeout: float) -> int:
@@ -388,7 +370,7 @@ def run(args, work: Path, dtype: torch.dtype, device: torch.device, bench_began:
     print(f"load average before: {load_before[0]:.2f} {load_before[1]:.2f} {load_before[2]:.2f} "
           "(the client, the node and the local baseline share these cores; other load makes the figures noisy)")
 
-    node = BenchNode(
+    node = NodeProcess(
         model_path, work / "run",
         "--torch_dtype", args.dtype, "--device", args.device, "--num_handlers", "1",
         dht_prefix=args.dht_prefix, log_path=work / "node.log",

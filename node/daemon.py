@@ -9,9 +9,7 @@ the run directory. Actors attach with P2P.replicate(control_maddr).
 from __future__ import annotations
 
 import asyncio
-import ctypes
 import os
-import signal
 import time
 from dataclasses import dataclass, field
 from importlib.resources import files
@@ -24,14 +22,11 @@ from hivemind.proto import p2pd_pb2
 from hivemind.utils.multiaddr import Multiaddr
 
 from node.config import NodeConfig
+from node.processes import die_with_parent
 
 
 class DaemonError(RuntimeError):
     pass
-
-
-def _pdeathsig() -> None:
-    ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
 
 
 def listen_maddrs(config: NodeConfig) -> tuple[list[str], Optional[list[str]]]:
@@ -150,7 +145,7 @@ async def start_daemon(config: NodeConfig, run_dir: str, log) -> Daemon:
         stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.STDOUT,
         env=env,
-        preexec_fn=_pdeathsig,
+        preexec_fn=die_with_parent,
         start_new_session=True,
     )
     lines: list[str] = []

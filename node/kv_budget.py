@@ -25,6 +25,18 @@ class CacheGeometry:
     num_blocks: int
     attn_cache_tokens: int
 
+    @classmethod
+    def of(cls, plan) -> "CacheGeometry":
+        return cls(
+            hidden_size=plan.hidden_size,
+            num_kv_heads=plan.num_kv_heads,
+            head_dim=plan.head_dim,
+            kv_groups=plan.kv_groups,
+            dtype_bytes=DTYPE_BYTES[plan.torch_dtype],
+            num_blocks=plan.num_blocks,
+            attn_cache_tokens=plan.attn_cache_tokens,
+        )
+
     @property
     def capacity(self) -> int:
         per_block = (2 * self.hidden_size * self.attn_cache_tokens // self.kv_groups) * self.dtype_bytes

@@ -17,14 +17,9 @@ from typing import Optional
 
 import psutil
 
+from node.processes import stop_with_parent
+
 ROOT = Path(__file__).resolve().parent.parent
-
-
-def _stop_with_owner() -> None:
-    # A node started for a test, a demo or a benchmark shuts down (SIGTERM) if its owner dies.
-    import ctypes
-
-    ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
 
 
 class NodeProcess:
@@ -55,7 +50,7 @@ class NodeProcess:
         self._log = open(self.log_path, "ab")
         env = dict(os.environ, PYTHONPATH=str(ROOT))
         self.proc = subprocess.Popen(
-            self.argv, cwd=ROOT, env=env, stdout=self._log, stderr=subprocess.STDOUT, preexec_fn=_stop_with_owner
+            self.argv, cwd=ROOT, env=env, stdout=self._log, stderr=subprocess.STDOUT, preexec_fn=stop_with_parent  # a node started for a test, demo or benchmark ends with its owner
         )
         try:
             self.wait_state("online", timeout)

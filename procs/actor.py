@@ -10,7 +10,7 @@ The role module supplies the main function and everything else.
 
 from __future__ import annotations
 
-import ctypes
+import asyncio
 import os
 import queue
 import signal
@@ -19,15 +19,11 @@ import threading
 import time
 from typing import Any, Callable, Optional
 
-_PR_SET_PDEATHSIG = 1
-
-
 def _die_with_supervisor() -> None:
     # The actor must not outlive a supervisor killed with -9: ask the kernel to kill us with it.
-    try:
-        ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
-    except (OSError, AttributeError):
-        pass  # not Linux: the heartbeat timeout of a new supervisor is the fallback
+    from node.processes import die_with_parent
+
+    die_with_parent()
     expected = os.environ.get("NODE_SUPERVISOR_PID")
     if expected and os.getppid() != int(expected):
         os._exit(1)  # the supervisor died before the line above ran
@@ -154,6 +150,14 @@ class Actor:
 
     def _queue_control(self, msg: Message) -> None:
         self.control_inbox.put(msg)
+
+    def async_control(self) -> "asyncio.Queue[Message]":
+        """For actors with an event loop: control messages, Stop included, delivered on the loop's thread."""
+        loop = asyncio.get_running_loop()
+        queue_: asyncio.Queue = asyncio.Queue()
+        self.on_control = lambda msg: loop.call_soon_threadsafe(queue_.put_nowait, msg)
+        self.on_stop = lambda: loop.call_soon_threadsafe(queue_.put_nowait, Stop(self.grace))
+        return queue_
 
     def _control_loop(self) -> None:
         sock = self.ctx.socket(zmq.DEALER)

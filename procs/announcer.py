@@ -32,10 +32,7 @@ class Announcer:
         self.actor = actor
         self.plan = actor.plan
         self.log = actor.log
-        self.control: asyncio.Queue = asyncio.Queue()
-        loop = asyncio.get_running_loop()
-        actor.on_control = lambda msg: loop.call_soon_threadsafe(self.control.put_nowait, msg)
-        actor.on_stop = lambda: loop.call_soon_threadsafe(self.control.put_nowait, Stop(actor.grace))
+        self.control = actor.async_control()
         ctx = zmq.asyncio.Context.shadow(actor.ctx)
         self.allocator = Requester(ctx, self.plan.endpoint("allocator.sock"), actor.name, AllocatorReply, log=self.log)
         self.dht: Optional[DHTNode] = None

@@ -15,7 +15,7 @@ import time
 
 import zmq
 
-from node.kv_budget import DTYPE_BYTES, AllocationFailed, CacheBudget, CacheGeometry, Lease, Waiter
+from node.kv_budget import AllocationFailed, CacheBudget, CacheGeometry, Lease, Waiter
 from procs import actor as actor_lib
 from protocol.messages import (
     Adopt,
@@ -32,27 +32,14 @@ from protocol.messages import (
     Release,
     RuntimeReply,
 )
-from protocol.plan import NodePlan
 from protocol.transport import BadMessage, Channel
-
-
-def geometry(plan: NodePlan) -> CacheGeometry:
-    return CacheGeometry(
-        hidden_size=plan.hidden_size,
-        num_kv_heads=plan.num_kv_heads,
-        head_dim=plan.head_dim,
-        kv_groups=plan.kv_groups,
-        dtype_bytes=DTYPE_BYTES[plan.torch_dtype],
-        num_blocks=plan.num_blocks,
-        attn_cache_tokens=plan.attn_cache_tokens,
-    )
 
 
 class Allocator:
     def __init__(self, actor: actor_lib.Actor):
         self.actor = actor
         self.log = actor.log
-        self.geometry = geometry(actor.plan)
+        self.geometry = CacheGeometry.of(actor.plan)
         self.budget = CacheBudget(self.geometry.capacity)
         inbox = actor.ctx.socket(zmq.ROUTER)
         inbox.setsockopt(zmq.LINGER, 0)

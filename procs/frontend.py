@@ -137,10 +137,7 @@ class Frontend:
         self.actor = actor
         self.plan = actor.plan
         self.log = actor.log
-        self.control: asyncio.Queue = asyncio.Queue()
-        loop = asyncio.get_running_loop()
-        actor.on_control = lambda msg: loop.call_soon_threadsafe(self.control.put_nowait, msg)
-        actor.on_stop = lambda: loop.call_soon_threadsafe(self.control.put_nowait, Stop(actor.grace))
+        self.control = actor.async_control()
         self.ctx = zmq.asyncio.Context.shadow(actor.ctx)
         observe = actor.probe.observe
         self.runtime = Requester(self.ctx, self.plan.endpoint("runtime.sock"), actor.name, RuntimeReply, observer=observe, log=self.log)

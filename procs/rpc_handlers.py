@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from typing import AsyncIterator, Optional, Sequence
+from typing import AsyncIterator, Sequence
 
 from hivemind.proto import runtime_pb2
 
