@@ -71,9 +71,7 @@ def resolve_plan(config: NodeConfig, run_dir: str, log) -> NodePlan:
 
     device = resolve_device(config.device)
     dtype = resolve_dtype(config.torch_dtype, model_config, device)
-    heads = model_config.num_attention_heads
-    kv_heads = getattr(model_config, "num_key_value_heads", None) or heads
-    head_dim = getattr(model_config, "head_dim", None) or model_config.hidden_size // heads
+    geometry = family.geometry(model_config)
     kv_groups = family.kv_groups_for_budget(model_config)
     is_gqa = kv_groups > 1
 
@@ -103,9 +101,9 @@ def resolve_plan(config: NodeConfig, run_dir: str, log) -> NodePlan:
         start_block=start,
         end_block=end,
         hidden_size=model_config.hidden_size,
-        num_attention_heads=heads,
-        num_kv_heads=kv_heads,
-        head_dim=head_dim,
+        num_attention_heads=geometry.num_heads,
+        num_kv_heads=geometry.num_kv_heads,
+        head_dim=geometry.head_dim,
         kv_groups=kv_groups,
         torch_dtype=dtype,
         device=device,

@@ -14,12 +14,28 @@ from transformers import PretrainedConfig
 
 
 @dataclass(frozen=True)
+class Geometry:
+    """Attention shape of a block: what the cache budget and the runtime's K/V tensors are made of."""
+
+    num_heads: int
+    num_kv_heads: int  # heads of the K/V cache (GQA/MQA: fewer than num_heads)
+    head_dim: int
+
+
+def standard_geometry(config: PretrainedConfig) -> Geometry:
+    heads = config.num_attention_heads
+    kv_heads = getattr(config, "num_key_value_heads", None) or heads
+    return Geometry(heads, kv_heads, getattr(config, "head_dim", None) or config.hidden_size // heads)
+
+
+@dataclass(frozen=True)
 class FamilySpec:
     name: str
     block_prefix: str  # state-dict prefix of the decoder layers; block i is "{block_prefix}.{i}."
     block_class: type  # has from_state(config, state, dtype=, device=) and kv_cache_shape(batch, max_length)
     default_dht_prefix: Callable[[str], str]  # Hub repo name -> DHT prefix (PROTOCOL 2.1)
     kv_groups_for_budget: Callable[[PretrainedConfig], int]  # divides the cache budget (PROTOCOL 5.7)
+    geometry: Callable[[PretrainedConfig], Geometry] = standard_geometry
 
 
 # model_type -> module defining FAMILY; imported lazily so one family's import cost is not paid by others.
