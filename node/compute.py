@@ -1,17 +1,34 @@
 """What a chain of blocks computes for each kind of request (PROTOCOL 3.4-3.6, 4.3, 4.4).
 
 Pure functions over torch tensors: no sockets, no queues. The runtime validates inputs, picks the
-blocks and the cache, and calls these.
+blocks and the caches, and calls these. `run` is the batched pass: several pieces of work (inference
+steps of different sessions, or forward requests), each over its own range of blocks, go through
+each block together, so that their tokens share one matrix multiplication per weight.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Optional, Sequence
 
 import torch
 from torch import nn
 
+from node.models import Segment
+
 KV = tuple[torch.Tensor, torch.Tensor]
+
+
+@dataclass
+class Work:
+    """One request's share of a batched pass over blocks[first : first + n_blocks]."""
+
+    first: int  # index into the runtime's blocks
+    n_blocks: int
+    hidden: torch.Tensor  # [B, T, H]
+    cache: Optional[Sequence[KV]] = None  # one (K, V) per block, or None without a cache (forward)
+    past: int = 0  # cached positions before these tokens
+    prompts: Optional[torch.Tensor] = None  # [n_blocks, B|1, P, H], added to the first P positions
 
 
 def add_prompt(hidden: torch.Tensor, prompt: Optional[torch.Tensor]) -> torch.Tensor:
@@ -26,10 +43,26 @@ def _prompt(prompts: Optional[torch.Tensor], i: int) -> Optional[torch.Tensor]:
     return None if prompts is None else prompts[i]
 
 
-def forward(blocks: Sequence[nn.Module], hidden: torch.Tensor, prompts: Optional[torch.Tensor]) -> torch.Tensor:
+def run(blocks: Sequence[nn.Module], works: Sequence[Work], max_chunk_bytes: int) -> list[torch.Tensor]:
+    """Each work's hidden states after its blocks, block by block for all works at once."""
+    hidden = [w.hidden for w in works]
+    first = min(w.first for w in works)
+    last = max(w.first + w.n_blocks for w in works)
     with torch.inference_mode():
-        for i, block in enumerate(blocks):
-            hidden = block(add_prompt(hidden, _prompt(prompts, i)))
+        for i in range(first, last):
+            active = [j for j, w in enumerate(works) if w.first <= i < w.first + w.n_blocks]
+            segments = []
+            for j in active:
+                w, k = works[j], i - works[j].first
+                h = add_prompt(hidden[j], _prompt(w.prompts, k))
+                segments.append(Segment(h, None if w.cache is None else w.cache[k], w.past))
+            block = blocks[i]
+            if hasattr(block, "forward_segments"):
+                outputs = block.forward_segments(segments, max_chunk_bytes=max_chunk_bytes)
+            else:  # a family without batched code: one sequence at a time, same results
+                outputs = [block(s.hidden, s.cache, s.past, max_chunk_bytes=max_chunk_bytes) for s in segments]
+            for j, out in zip(active, outputs):
+                hidden[j] = out
     return hidden
 
 
@@ -65,28 +98,7 @@ def backward(
 
 def reorder_cache(cache: Sequence[KV], hypo_ids: torch.Tensor) -> None:
     """Beam search: every K and V row of every block follows its hypothesis, over the full length."""
-    for k, v in cache:
-        k.copy_(k.index_select(0, hypo_ids))
-        v.copy_(v.index_select(0, hypo_ids))
-
-
-def inference_step(
-    blocks: Sequence[nn.Module],
-    cache: Sequence[KV],
-    hidden: torch.Tensor,
-    prompts: Optional[torch.Tensor],
-    hypo_ids: Optional[torch.Tensor],
-    position: int,
-    max_chunk_bytes: int,
-) -> torch.Tensor:
-    """Attend to the `position` cached tokens plus the new ones, writing the new K/V after them."""
     with torch.inference_mode():
-        if hypo_ids is not None:
-            reorder_cache(cache, hypo_ids)
-        if hidden.shape[1] == 0:
-            return hidden
-        for i, block in enumerate(blocks):
-            hidden = block(
-                add_prompt(hidden, _prompt(prompts, i)), cache=cache[i], past=position, max_chunk_bytes=max_chunk_bytes
-            )
-    return hidden
+        for k, v in cache:
+            k.copy_(k.index_select(0, hypo_ids))
+            v.copy_(v.index_select(0, hypo_ids))

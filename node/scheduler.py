@@ -1,50 +1,80 @@
-"""Which piece of work the runtime does next (PROTOCOL 5.8): inference steps before forward and
-backward passes, each kind in arrival order; work whose requester gave up is skipped.
+"""Which work the runtime does next (PROTOCOL 5.8, and better: batches).
+
+Inference steps go first, all that are ready at once (one per session: a session's next step cannot
+start before its previous one ends). Forward and backward requests wait while inference steps are
+ready; then forwards are taken together in arrival order up to a token budget, or one backward.
+Work whose requester gave up is dropped.
 """
 
 from __future__ import annotations
 
-import heapq
-import itertools
-from dataclasses import dataclass, field
-from typing import Optional
-
-INFERENCE_PRIORITY = 1.0
-TRAINING_PRIORITY = 2.0  # forward and backward wait while inference steps are ready
+from collections import deque
+from dataclasses import dataclass
+from typing import Callable, Iterable
 
 
-@dataclass(order=True)
+@dataclass
 class Task:
-    priority: float
-    seq: int
-    sender: bytes = field(compare=False)
-    msg: object = field(compare=False)
-    frames: list = field(compare=False)
+    sender: bytes
+    msg: object
+    frames: list
+
+    @property
+    def key(self) -> tuple[bytes, int]:
+        return self.sender, self.msg.req
+
+
+def tokens(task: Task) -> int:
+    """B x T of the task's first tensor (the size Petals checks against max_batch_size)."""
+    shape = task.msg.tensors[0].shape if task.msg.tensors else ()
+    return shape[0] * shape[1] if len(shape) >= 2 else 1
 
 
 class Scheduler:
-    def __init__(self):
-        self._heap: list[Task] = []
-        self._seq = itertools.count()
-        self._cancelled: set[tuple[bytes, int]] = set()
+    def __init__(self, is_inference: Callable[[object], bool], is_forward: Callable[[object], bool]):
+        self._is_inference = is_inference
+        self._is_forward = is_forward
+        self.inference: deque[Task] = deque()
+        self.training: deque[Task] = deque()
 
-    def push(self, sender: bytes, msg, frames: list, inference: bool) -> None:
-        priority = INFERENCE_PRIORITY if inference else TRAINING_PRIORITY
-        heapq.heappush(self._heap, Task(priority, next(self._seq), sender, msg, frames))
+    def push(self, sender: bytes, msg, frames: list) -> None:
+        task = Task(sender, msg, frames)
+        (self.inference if self._is_inference(msg) else self.training).append(task)
 
-    def cancel(self, sender: bytes, req: int) -> None:
-        if any(t.sender == sender and t.msg.req == req for t in self._heap):
-            self._cancelled.add((sender, req))
+    def cancel(self, sender: bytes, req: int) -> bool:
+        for queue in (self.inference, self.training):
+            for task in queue:
+                if task.key == (sender, req):
+                    queue.remove(task)
+                    return True
+        return False
 
-    def pop(self) -> Optional[Task]:
-        while self._heap:
-            task = heapq.heappop(self._heap)
-            key = (task.sender, task.msg.req)
-            if key in self._cancelled:
-                self._cancelled.discard(key)
-                continue
-            return task
-        return None
+    def take_inference(self, busy: Iterable = ()) -> list[Task]:
+        """Every ready inference step whose session (msg.handle) has no step in progress."""
+        taken, seen, kept = [], set(busy), deque()
+        for task in self.inference:
+            if task.msg.handle in seen:
+                kept.append(task)
+            else:
+                seen.add(task.msg.handle)
+                taken.append(task)
+        self.inference = kept
+        return taken
+
+    def take_training(self, max_tokens: int) -> list[Task]:
+        """Forwards in arrival order while they fit in `max_tokens` (at least one), or one backward."""
+        if not self.training:
+            return []
+        if not self._is_forward(self.training[0].msg):
+            return [self.training.popleft()]
+        taken, total = [], 0
+        while self.training and self._is_forward(self.training[0].msg):
+            size = tokens(self.training[0])
+            if taken and total + size > max_tokens:
+                break
+            total += size
+            taken.append(self.training.popleft())
+        return taken
 
     def __len__(self) -> int:
-        return len(self._heap)
+        return len(self.inference) + len(self.training)

@@ -1,10 +1,16 @@
-"""The block runtime: the node's blocks on one device, their attention caches, and the work queue.
+"""The block runtime: the node's blocks on one device, their attention caches, and the work.
 
 Owns: the weights of blocks [start_block, end_block), the K/V tensors of every open session (by
-  cache handle), and a priority queue of work (inference first, then forward and backward).
+  cache handle), the queue of work and the inference steps in progress.
 Receives (ROUTER `runtime.sock`): Forward, Backward, InferStep and Cancel from frontends; DropCache
   from the allocator. Control: LoadBlocks (the node is announced JOINING), Stop.
 Sends: a Result (output tensors as raw frames) or a Failure naming what was wrong, to the sender.
+
+Work runs in rounds. An inference round takes every session's ready step and runs them through the
+blocks together (one matrix multiplication per weight for all their tokens); a long prefill goes in
+chunks of PREFILL_CHUNK tokens, one per round, so that it cannot hold up everyone's next token for
+long. Forward and backward requests run when no inference step is ready: forwards merged up to
+--max_batch_size tokens, backwards one at a time.
 """
 
 from __future__ import annotations
@@ -17,32 +23,36 @@ from typing import Optional
 import torch
 import zmq
 
-from node import compute
+from node import compute, inputs
 from node.checkpoint import Checkpoint
+from node.inputs import RequestError, Target
 from node.models import get_family
 from node.scheduler import Scheduler, Task
+from node.session_caches import SessionCache, SessionCaches
 from procs import actor as actor_lib
 from protocol.frames import DTYPES, FrameError, from_frames, to_frames
 from protocol.messages import Backward, Cancel, DropCache, Failure, Forward, InferStep, LoadBlocks, Result, RuntimeInbox
 from protocol.plan import NodePlan
 from protocol.transport import BadMessage, Channel
 
-class RequestError(ValueError):
-    """The request is wrong; the message goes back to the client as is."""
+PREFILL_CHUNK = 256  # tokens of one session's step per round
 
 
 @dataclass
-class SessionCache:
-    batch: int
-    max_length: int
-    start: int
-    end: int
-    kv: list  # one (K, V) pair per block of [start, end)
-    length: int = 0  # positions [0, length) hold valid keys and values
-    last_used: float = field(default_factory=time.monotonic)
+class Step:
+    """An inference step in progress: validated inputs and how far it has got."""
+
+    task: Task
+    cache: SessionCache
+    hidden: torch.Tensor  # [B, T, H]
+    prompts: Optional[torch.Tensor]
+    position: int
+    first: int  # index of its first block in the runtime's blocks
+    done: int = 0  # tokens (along T) already processed
+    outputs: list = field(default_factory=list)
 
 
-def load_blocks(plan: NodePlan, log) -> tuple[list, object]:
+def load_blocks(plan: NodePlan, log) -> list:
     checkpoint = Checkpoint.open(plan.model, revision=plan.revision, token=plan.token, cache_dir=plan.cache_dir)
     config = checkpoint.config()
     family = get_family(config)
@@ -53,7 +63,7 @@ def load_blocks(plan: NodePlan, log) -> tuple[list, object]:
         state = checkpoint.block_state(f"{family.block_prefix}.{index}.", dtype=dtype, device=plan.device)
         blocks.append(family.block_class.from_state(config, state, dtype=dtype, device=plan.device))
         log.info("block loaded", block=index, seconds=round(time.perf_counter() - began, 3))
-    return blocks, family
+    return blocks
 
 
 class Runtime:
@@ -62,13 +72,11 @@ class Runtime:
         self.plan = actor.plan
         self.log = actor.log
         self.blocks = blocks
-        self.dtype = DTYPES[self.plan.torch_dtype]
-        self.device = torch.device(self.plan.device)
-        self.caches: dict[int, SessionCache] = {}
-        self.queue = Scheduler()
-        self.done = 0
-        self.failed = 0
-        self.busy_seconds = 0.0
+        self.target = Target(self.plan.hidden_size, self.plan.max_batch_size, DTYPES[self.plan.torch_dtype], torch.device(self.plan.device))
+        self.caches = SessionCaches(self.target.dtype, self.target.device)
+        self.queue = Scheduler(is_inference=lambda m: isinstance(m, InferStep), is_forward=lambda m: isinstance(m, Forward))
+        self.steps: list[Step] = []  # inference steps in progress (chunked prefills span rounds)
+        self.stats = dict(done=0, failed=0, rounds=0, round_sessions=0, round_tokens=0, busy_seconds=0.0)
         sock = actor.ctx.socket(zmq.ROUTER)
         sock.setsockopt(zmq.LINGER, 0)
         sock.setsockopt(zmq.ROUTER_HANDOVER, 1)  # a restarted frontend reuses its identity
@@ -81,18 +89,19 @@ class Runtime:
         self.actor.ready(blocks=[self.plan.start_block, self.plan.end_block], dtype=self.plan.torch_dtype)
         last_gc = time.monotonic()
         while not self.actor.stopping.is_set():
-            self.receive(timeout_ms=0 if self.queue else 100)
-            task = self.queue.pop()
-            if task is not None:
-                self.run(task)
+            self.receive(timeout_ms=0 if (self.queue or self.steps) else 100)
+            if not self.inference_round():
+                self.training_round()
             if time.monotonic() - last_gc > 10:
-                self.collect_idle_caches()
+                dropped = self.caches.drop_idle(self.plan.step_timeout + 60)
+                if dropped:  # their frontend died without the allocator noticing
+                    self.log.info("dropped idle caches", count=dropped)
                 last_gc = time.monotonic()
             self.update_stats()
         self.drain()
 
     def receive(self, timeout_ms: int) -> None:
-        """Take everything that has arrived, so the queue can order it by priority."""
+        """Take everything that has arrived, so that a round sees all the work that is ready."""
         if not self.inbox.sock.poll(timeout_ms):
             return
         while True:
@@ -105,164 +114,161 @@ class Runtime:
                 return
             msg = envelope.msg
             if isinstance(msg, DropCache):
-                for handle in msg.handles:
-                    self.caches.pop(handle, None)
+                self.caches.drop(msg.handles)
             elif isinstance(msg, Cancel):
-                self.queue.cancel(envelope.sender, msg.req)
+                if not self.queue.cancel(envelope.sender, msg.req):
+                    self.steps = [s for s in self.steps if s.task.key != (envelope.sender, msg.req)]
             else:
-                self.queue.push(envelope.sender, msg, envelope.frames, inference=isinstance(msg, InferStep))
+                self.queue.push(envelope.sender, msg, envelope.frames)
 
     def drain(self) -> None:
-        """On stop: finish what is queued within the grace period, fail the rest."""
+        """On stop: finish what is under way within the grace period, fail the rest."""
         deadline = time.monotonic() + self.actor.grace
-        while (task := self.queue.pop()) is not None:
-            if time.monotonic() < deadline:
-                self.run(task)
-            else:
-                self.reply(task.sender, Failure(task.msg.req, "the server is shutting down; retry elsewhere"))
+        while (self.queue or self.steps) and time.monotonic() < deadline:
+            if not self.inference_round():
+                self.training_round()
+        for task in [s.task for s in self.steps] + list(self.queue.inference) + list(self.queue.training):
+            self.reply(task.sender, Failure(task.msg.req, "the server is shutting down; retry elsewhere"))
 
-    # --- computing ---------------------------------------------------------------------------
+    # --- inference rounds --------------------------------------------------------------------
 
-    def run(self, task: Task) -> None:
-        msg = task.msg
-        began = time.perf_counter()
+    def inference_round(self) -> bool:
+        busy = {s.task.msg.handle for s in self.steps}
+        for task in self.queue.take_inference(busy):
+            step = self.guard(task, self.admit)
+            if step is not None:
+                self.steps.append(step)
+        self.steps = [s for s in self.steps if not self.finish_if_done(s)]
+        if not self.steps:
+            return False
+        works, began = [], time.perf_counter()
+        for step in self.steps:
+            batch, length = step.hidden.shape[:2]
+            take = min(length - step.done, max(1, PREFILL_CHUNK // batch))
+            chunk = step.hidden[:, step.done : step.done + take]
+            prompts = None
+            if step.prompts is not None and step.done < step.prompts.shape[2]:
+                prompts = step.prompts[:, :, step.done : step.done + take]
+            works.append(compute.Work(step.first, len(step.cache.kv), chunk, step.cache.kv, step.position + step.done, prompts))
         try:
-            if isinstance(msg, Forward):
-                outputs = self.forward(msg, task.frames)
-            elif isinstance(msg, Backward):
-                outputs = self.backward(msg, task.frames)
-            else:
-                outputs = self.inference_step(msg, task.frames)
-        except (RequestError, FrameError) as e:
-            self.failed += 1
-            self.reply(task.sender, Failure(msg.req, str(e)))
-            return
-        except Exception as e:  # a bug or out of memory must fail this request, not the runtime
-            self.failed += 1
-            self.log.exception("task failed", task=type(msg).__name__, req=msg.req)
-            self.reply(task.sender, Failure(msg.req, f"{type(e).__name__}: {e}"))
-            return
-        finally:
-            self.busy_seconds += time.perf_counter() - began
-        self.done += 1
-        metas, frames = to_frames(outputs)
-        self.reply(task.sender, Result(msg.req, metas), frames)
+            outputs = compute.run(self.blocks, works, self.plan.max_chunk_size_bytes)
+        except Exception as e:  # out of memory or a bug: fail this round's steps, keep serving
+            self.log.exception("inference round failed", sessions=len(self.steps))
+            for step in self.steps:
+                self.fail(step.task, f"{type(e).__name__}: {e}")
+            self.steps = []
+            return True
+        for step, work, output in zip(self.steps, works, outputs):
+            step.outputs.append(output)
+            step.done += work.hidden.shape[1]
+            step.cache.length = step.position + step.done
+            step.cache.last_used = time.monotonic()
+        self.count_round(works, began)
+        self.steps = [s for s in self.steps if not self.finish_if_done(s)]
+        return True
 
-    def chain(self, start: int, end: int) -> list:
-        if not (self.plan.start_block <= start < end <= self.plan.end_block):
-            raise RequestError(f"blocks {start}:{end} are not served here (this node serves {self.plan.start_block}:{self.plan.end_block})")
-        return self.blocks[start - self.plan.start_block : end - self.plan.start_block]
-
-    def hidden_states(self, tensor: torch.Tensor, name: str, batch: Optional[int] = None) -> torch.Tensor:
-        if tensor.dim() != 3 or tensor.shape[-1] != self.plan.hidden_size:
-            raise RequestError(f"{name} must have shape [batch, length, {self.plan.hidden_size}], got {list(tensor.shape)}")
-        if not tensor.dtype.is_floating_point:
-            raise RequestError(f"{name} must be a floating point tensor, got {tensor.dtype}")
-        if batch is not None and tensor.shape[0] != batch:
-            raise RequestError(f"{name} has batch size {tensor.shape[0]}, but the session was opened with {batch}")
-        tensor = tensor.to(self.device, self.dtype)
-        if not torch.isfinite(tensor).all():
-            raise RequestError(f"{name} contain NaN or infinite values")
-        return tensor
-
-    def prompts(self, tensor: torch.Tensor, n_blocks: int, batch: int, length: int) -> Optional[torch.Tensor]:
-        if tensor.numel() == 0:
-            return None
-        h = self.plan.hidden_size
-        if tensor.dim() != 4 or tensor.shape[0] != n_blocks or tensor.shape[1] not in (1, batch) or tensor.shape[3] != h:
-            raise RequestError(f"prompts must have shape [{n_blocks}, 1 or {batch}, prefix, {h}], got {list(tensor.shape)}")
-        if tensor.shape[2] > length:
-            raise RequestError(f"prompts cover {tensor.shape[2]} positions but the input has only {length}")
-        if not tensor.dtype.is_floating_point:
-            raise RequestError(f"prompts must be a floating point tensor, got {tensor.dtype}")
-        tensor = tensor.to(self.device, self.dtype)
-        if not torch.isfinite(tensor).all():
-            raise RequestError("prompts contain NaN or infinite values")
-        return tensor
-
-    def check_size(self, hidden: torch.Tensor) -> None:
-        tokens = hidden.shape[0] * hidden.shape[1]
-        if tokens > self.plan.max_batch_size:
-            raise RequestError(f"Task size greater than max_batch_size ({tokens} > {self.plan.max_batch_size})")
-
-    def forward(self, msg: Forward, frames: list) -> list[torch.Tensor]:
-        blocks = self.chain(msg.start, msg.end)
-        hidden, prompts = from_frames(msg.tensors, frames, ("hidden_states", "prompts"))
-        hidden = self.hidden_states(hidden, "hidden_states")
-        self.check_size(hidden)
-        prompts = self.prompts(prompts, len(blocks), hidden.shape[0], hidden.shape[1])
-        return [compute.forward(blocks, hidden, prompts)]
-
-    def backward(self, msg: Backward, frames: list) -> list[torch.Tensor]:
-        blocks = self.chain(msg.start, msg.end)
-        inputs, grad_outputs, prompts = from_frames(msg.tensors, frames, ("inputs", "grad_outputs", "prompts"))
-        inputs = self.hidden_states(inputs, "inputs")
-        self.check_size(inputs)
-        grad_outputs = self.hidden_states(grad_outputs, "grad_outputs")
-        if grad_outputs.shape != inputs.shape:
-            raise RequestError(f"grad_outputs has shape {list(grad_outputs.shape)}, expected {list(inputs.shape)} like inputs")
-        prompts = self.prompts(prompts, len(blocks), inputs.shape[0], inputs.shape[1])
-        grad_inputs, grad_prompts = compute.backward(blocks, inputs, grad_outputs, prompts)
-        return [grad_inputs] if grad_prompts is None else [grad_inputs, grad_prompts]
-
-    def inference_step(self, msg: InferStep, frames: list) -> list[torch.Tensor]:
-        blocks = self.chain(msg.start, msg.end)
-        hidden, prompts, hypo_ids = from_frames(msg.tensors, frames, ("hidden_states", "prompts", "hypo_ids"))
-        cache = self.session_cache(msg, len(blocks))
-        hidden = self.hidden_states(hidden, "hidden_states", cache.batch)
-        self.check_size(hidden)
+    def admit(self, task: Task) -> Step:
+        msg: InferStep = task.msg
+        first, n_blocks = self.chain(msg.start, msg.end)
+        hidden, prompts, hypo_ids = from_frames(msg.tensors, task.frames, ("hidden_states", "prompts", "hypo_ids"))
+        cache = self.caches.get(
+            msg.handle, msg.batch, msg.max_length, msg.start, msg.end, msg.position, self.blocks[first : first + n_blocks]
+        )
+        hidden = inputs.hidden_states(hidden, "hidden_states", self.target, cache.batch)
         length = hidden.shape[1]
         if msg.position > cache.length:
             raise RequestError(f"start_from_position {msg.position} is past the {cache.length} tokens this session holds")
         if msg.position + length > cache.max_length:
-            raise RequestError(
-                f"Maximum length exceeded: prefix {msg.position} + current {length} > max_length {cache.max_length}"
-            )
-        prompts = self.prompts(prompts, len(blocks), cache.batch, length)
-        if hypo_ids.numel() == 0:
-            hypo_ids = None
-        else:
-            if hypo_ids.dtype != torch.int64:
-                raise RequestError(f"hypo_ids must be int64, got {hypo_ids.dtype}")
-            if hypo_ids.shape != (cache.batch,):
-                raise RequestError(f"hypo_ids must have shape [{cache.batch}], got {list(hypo_ids.shape)}")
-            if hypo_ids.min() < 0 or hypo_ids.max() >= cache.batch:
-                raise RequestError(f"hypo_ids must be in [0, {cache.batch}), got {hypo_ids.tolist()}")
-            hypo_ids = hypo_ids.to(self.device)
-        output = compute.inference_step(
-            blocks, cache.kv, hidden, prompts, hypo_ids, msg.position, self.plan.max_chunk_size_bytes
-        )
-        cache.length = msg.position + length
-        cache.last_used = time.monotonic()
-        return [output]
+            raise RequestError(f"Maximum length exceeded: prefix {msg.position} + current {length} > max_length {cache.max_length}")
+        prompts = inputs.prompts(prompts, n_blocks, cache.batch, length, self.target)
+        hypo_ids = inputs.hypo_ids(hypo_ids, cache.batch, self.target)
+        if hypo_ids is not None:
+            compute.reorder_cache(cache.kv, hypo_ids)
+        cache.length = msg.position  # a rollback forgets what came after
+        return Step(task, cache, hidden, prompts, msg.position, first)
 
-    def session_cache(self, msg: InferStep, n_blocks: int) -> SessionCache:
-        cache = self.caches.get(msg.handle)
-        if cache is not None:
-            if (cache.start, cache.end) != (msg.start, msg.end):
-                raise RequestError(f"this session serves blocks {cache.start}:{cache.end}, not {msg.start}:{msg.end}")
-            return cache
-        if msg.position != 0:
-            raise RequestError("the attention cache of this session is gone (the server restarted); open a new session")
-        kv = []
-        for block in self.chain(msg.start, msg.end):
-            shape = block.kv_cache_shape(msg.batch, msg.max_length)
-            kv.append((torch.empty(shape, dtype=self.dtype, device=self.device), torch.empty(shape, dtype=self.dtype, device=self.device)))
-        cache = SessionCache(msg.batch, msg.max_length, msg.start, msg.end, kv)
-        self.caches[msg.handle] = cache
-        return cache
+    def finish_if_done(self, step: Step) -> bool:
+        if step.done < step.hidden.shape[1]:
+            return False
+        output = torch.cat(step.outputs, dim=1) if step.outputs else step.hidden
+        self.succeed(step.task, [output])
+        return True
 
-    def collect_idle_caches(self) -> None:
-        """A cache nobody stepped for longer than any session may wait is garbage (its frontend died)."""
-        limit = self.plan.step_timeout + 60
-        now = time.monotonic()
-        idle = [h for h, c in self.caches.items() if now - c.last_used > limit]
-        for handle in idle:
-            del self.caches[handle]
-        if idle:
-            self.log.info("dropped idle caches", count=len(idle))
+    # --- forward and backward ----------------------------------------------------------------
+
+    def training_round(self) -> None:
+        tasks = self.queue.take_training(self.plan.max_batch_size)
+        if not tasks:
+            return
+        began = time.perf_counter()
+        if isinstance(tasks[0].msg, Backward):
+            outputs = self.guard(tasks[0], self.backward)
+            if outputs is not None:
+                self.succeed(tasks[0], outputs)
+            self.stats["busy_seconds"] += time.perf_counter() - began
+            return
+        prepared = [(task, self.guard(task, self.prepare_forward)) for task in tasks]
+        prepared = [(task, work) for task, work in prepared if work is not None]
+        if not prepared:
+            return
+        try:
+            outputs = compute.run(self.blocks, [work for _, work in prepared], self.plan.max_chunk_size_bytes)
+        except Exception as e:
+            self.log.exception("forward batch failed", requests=len(prepared))
+            for task, _ in prepared:
+                self.fail(task, f"{type(e).__name__}: {e}")
+            return
+        for (task, _), output in zip(prepared, outputs):
+            self.succeed(task, [output])
+        self.count_round([work for _, work in prepared], began)
+
+    def prepare_forward(self, task: Task) -> compute.Work:
+        msg: Forward = task.msg
+        first, n_blocks = self.chain(msg.start, msg.end)
+        hidden, prompts = from_frames(msg.tensors, task.frames, ("hidden_states", "prompts"))
+        hidden = inputs.hidden_states(hidden, "hidden_states", self.target)
+        prompts = inputs.prompts(prompts, n_blocks, hidden.shape[0], hidden.shape[1], self.target)
+        return compute.Work(first, n_blocks, hidden, prompts=prompts)
+
+    def backward(self, task: Task) -> list[torch.Tensor]:
+        msg: Backward = task.msg
+        first, n_blocks = self.chain(msg.start, msg.end)
+        tensors = from_frames(msg.tensors, task.frames, ("inputs", "grad_outputs", "prompts"))
+        x = inputs.hidden_states(tensors[0], "inputs", self.target)
+        grad_outputs = inputs.hidden_states(tensors[1], "grad_outputs", self.target)
+        if grad_outputs.shape != x.shape:
+            raise RequestError(f"grad_outputs has shape {list(grad_outputs.shape)}, expected {list(x.shape)} like inputs")
+        prompts = inputs.prompts(tensors[2], n_blocks, x.shape[0], x.shape[1], self.target)
+        grad_inputs, grad_prompts = compute.backward(self.blocks[first : first + n_blocks], x, grad_outputs, prompts)
+        return [grad_inputs] if grad_prompts is None else [grad_inputs, grad_prompts]
+
+    def chain(self, start: int, end: int) -> tuple[int, int]:
+        """The request's blocks as (index of the first in self.blocks, count)."""
+        if not (self.plan.start_block <= start < end <= self.plan.end_block):
+            raise RequestError(f"blocks {start}:{end} are not served here (this node serves {self.plan.start_block}:{self.plan.end_block})")
+        return start - self.plan.start_block, end - start
 
     # --- sending -----------------------------------------------------------------------------
+
+    def guard(self, task: Task, prepare):
+        """Run `prepare(task)`; a bad request (or a bug) is answered with a Failure and gives None."""
+        try:
+            return prepare(task)
+        except (RequestError, FrameError) as e:
+            self.fail(task, str(e))
+        except Exception as e:  # a bug or out of memory must fail this request, not the runtime
+            self.log.exception("task failed", task=type(task.msg).__name__, req=task.msg.req)
+            self.fail(task, f"{type(e).__name__}: {e}")
+        return None
+
+    def succeed(self, task: Task, outputs: list[torch.Tensor]) -> None:
+        self.stats["done"] += 1
+        metas, frames = to_frames(outputs)
+        self.reply(task.sender, Result(task.msg.req, metas), frames)
+
+    def fail(self, task: Task, error: str) -> None:
+        self.stats["failed"] += 1
+        self.reply(task.sender, Failure(task.msg.req, error))
 
     def reply(self, to: bytes, msg, frames=()) -> None:
         try:
@@ -270,14 +276,15 @@ class Runtime:
         except zmq.ZMQError as e:
             self.log.info("reply undeliverable", error=str(e))
 
+    def count_round(self, works: list, began: float) -> None:
+        self.stats["rounds"] += 1
+        self.stats["round_sessions"] = len(works)
+        self.stats["round_tokens"] = sum(w.hidden.shape[0] * w.hidden.shape[1] for w in works)
+        self.stats["busy_seconds"] += time.perf_counter() - began
+
     def update_stats(self) -> None:
-        self.actor.stats.update(
-            queue=len(self.queue),
-            sessions=len(self.caches),
-            done=self.done,
-            failed=self.failed,
-            busy_seconds=round(self.busy_seconds, 3),
-        )
+        self.actor.stats.update(self.stats, queue=len(self.queue), in_progress=len(self.steps), sessions=len(self.caches))
+        self.actor.stats["busy_seconds"] = round(self.stats["busy_seconds"], 3)
         self.actor.publish_stats()
 
 
@@ -298,7 +305,7 @@ def main(actor: actor_lib.Actor) -> None:
         return
     began = time.perf_counter()
     try:
-        blocks, _ = load_blocks(actor.plan, actor.log)
+        blocks = load_blocks(actor.plan, actor.log)
     except Exception as e:
         actor.log.exception("cannot load blocks")
         actor.fatal(f"cannot load blocks {actor.plan.start_block}:{actor.plan.end_block} of {actor.plan.model}: {e}")

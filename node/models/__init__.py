@@ -8,9 +8,20 @@ from __future__ import annotations
 
 import importlib
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Optional
 
+import torch
 from transformers import PretrainedConfig
+
+
+@dataclass
+class Segment:
+    """One sequence's share of a batched pass: hidden [B, T, H] at positions past..past+T-1, and its
+    per-block cache (K, V) or None (forward without cache, past 0)."""
+
+    hidden: torch.Tensor
+    cache: Optional[tuple] = None
+    past: int = 0
 
 
 @dataclass(frozen=True)

@@ -9,7 +9,7 @@ that runs one session's queries against that session's own cache.
 from __future__ import annotations
 
 import threading
-from typing import Optional
+from typing import Optional, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -18,7 +18,7 @@ from transformers import PretrainedConfig
 from transformers.activations import ACT2FN
 from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
-from node.models import FamilySpec
+from node.models import FamilySpec, Segment
 
 DEFAULT_MAX_CHUNK_BYTES = 256 * 1024 * 1024
 KV = tuple[torch.Tensor, torch.Tensor]
@@ -264,13 +264,52 @@ class LlamaBlock(nn.Module):
         """hidden [B, T, H] at positions past..past+T-1. With cache = (k, v) of kv_cache_shape(B, max_length),
         the new keys/values go to slots [past, past+T) and attention covers slots [0, past+T)."""
         batch, length, _ = hidden.shape
+        self._check(length, cache, past)
+        hidden = hidden.to(self.dtype)
+        cos, sin = self.rotary.get(past, length, hidden.device, hidden.dtype)
+        q, k, v = self.project_qkv(hidden, cos, sin)  # [B, T, n, d]
+        attn = self._attend_cached(q, k, v, cache, past, max_chunk_bytes)
+        return self.finish(attn, hidden)
+
+    def forward_segments(self, segments: Sequence[Segment], max_chunk_bytes: int = DEFAULT_MAX_CHUNK_BYTES) -> list[torch.Tensor]:
+        """Several sequences (sessions) at once: their tokens go through the projections and the MLP as
+        one [N, H] batch, while each attends to its own cache at its own positions."""
+        if len(segments) == 1:
+            s = segments[0]
+            return [self.forward(s.hidden, s.cache, s.past, max_chunk_bytes)]
+        device = segments[0].hidden.device
+        flat, cos, sin = [], [], []
+        for s in segments:
+            batch, length, _ = s.hidden.shape
+            self._check(length, s.cache, s.past)
+            flat.append(s.hidden.to(self.dtype).reshape(batch * length, self.hidden_size))
+            c, si = self.rotary.get(s.past, length, device, self.dtype)
+            cos.append(c.expand(batch, length, self.head_dim).reshape(batch * length, self.head_dim))
+            sin.append(si.expand(batch, length, self.head_dim).reshape(batch * length, self.head_dim))
+        flat = torch.cat(flat)
+        q, k, v = self.project_qkv(flat, torch.cat(cos), torch.cat(sin))  # [N, n, d]
+        attn, offset = [], 0
+        for s in segments:
+            batch, length, _ = s.hidden.shape
+            rows = slice(offset, offset + batch * length)
+            offset += batch * length
+            shape = (batch, length, -1, self.head_dim)
+            out = self._attend_cached(q[rows].view(shape), k[rows].view(shape), v[rows].view(shape), s.cache, s.past, max_chunk_bytes)
+            attn.append(out.reshape(batch * length, -1))
+        out = self.finish(torch.cat(attn), flat)
+        sizes = [s.hidden.shape[0] * s.hidden.shape[1] for s in segments]
+        return [part.view(*s.hidden.shape[:2], self.hidden_size) for part, s in zip(torch.split(out, sizes), segments)]
+
+    def _check(self, length: int, cache: Optional[KV], past: int) -> None:
         if cache is None and past != 0:
             raise ValueError("past > 0 needs a cache")
         if cache is not None and past + length > cache[0].shape[2]:
             raise ValueError(f"past {past} + {length} new tokens exceed the cache length {cache[0].shape[2]}")
-        hidden = hidden.to(self.dtype)
-        cos, sin = self.rotary.get(past, length, hidden.device, hidden.dtype)
-        q, k, v = self.project_qkv(hidden, cos, sin)  # [B, T, n, d]
+
+    def _attend_cached(self, q, k, v, cache: Optional[KV], past: int, max_chunk_bytes: int) -> torch.Tensor:
+        """q [B, T, heads, d], k and v [B, T, kv, d] of one sequence -> attention output [B, T, heads*d],
+        with the new keys/values stored in the cache slots [past, past+T) first."""
+        batch, length = q.shape[:2]
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # [B, n, T, d]
         if cache is not None:
             k_cache, v_cache = cache
@@ -279,8 +318,7 @@ class LlamaBlock(nn.Module):
             # Slots past past+T may hold garbage (even NaN) from other steps: never let them in.
             k, v = k_cache[:, :, : past + length], v_cache[:, :, : past + length]
         attn = self.attend(q, k, v, past, max_chunk_bytes)
-        attn = attn.transpose(1, 2).reshape(batch, length, self.num_heads * self.head_dim)
-        return self.finish(attn, hidden)
+        return attn.transpose(1, 2).reshape(batch, length, self.num_heads * self.head_dim)
 
 
 def default_dht_prefix(repo_name: str) -> str:
