@@ -34,6 +34,7 @@ The node is always stopped, also on errors, Ctrl-C, SIGTERM or when --max_second
 from __future__ import annotations
 
 import argparse
+import asyncio
 import json
 import os
 import platform
@@ -183,6 +184,28 @@ def node_generate(client, head, route, prompt: torch.Tensor, new_tokens: int, de
     return tokens
 
 
+def node_generate_concurrently(client, head, route, prompts: torch.Tensor, new_tokens: int, device: torch.device) -> torch.Tensor:
+    """One inference session per row of `prompts`, all at once (asyncio), as independent clients would."""
+    swarm = client.swarm
+    total = prompts.shape[1] + new_tokens
+
+    async def one(prompt: torch.Tensor) -> torch.Tensor:
+        tokens = prompt
+        async with swarm.inference_session(max_length=total, start=0, end=head.num_blocks, route=route) as session:
+            hidden = await session.step(head.embed(prompt.to(device)))
+            while True:
+                next_token = head.logits(hidden[:, -1:].to(device)).argmax(-1).cpu()
+                tokens = torch.cat([tokens, next_token], dim=1)
+                if tokens.shape[1] >= total:
+                    return tokens
+                hidden = await session.step(head.embed(next_token.to(device)))
+
+    async def all_sessions():
+        return await asyncio.gather(*(one(prompts[i : i + 1]) for i in range(prompts.shape[0])))
+
+    return torch.cat(client.run(all_sessions()), dim=0)
+
+
 # --- measuring ---------------------------------------------------------------------------------------
 
 
@@ -295,13 +318,14 @@ def parse_args(argv) -> argparse.Namespace:
     p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     p.add_argument("--repeats", type=int, default=10, help="timed forward and backward calls per side (default 10)")
     p.add_argument("--gen_repeats", type=int, default=3, help="timed generations per side (default 3)")
+    p.add_argument("--sessions", type=int, default=8, help="concurrent sessions for the aggregate row (default 8)")
     p.add_argument("--warmup", type=int, default=2, help="untimed runs per side before each measurement (default 2)")
     p.add_argument("--json", metavar="FILE", help="write the figures as JSON to FILE")
     p.add_argument("--dht_prefix", default="bench-llama")
     p.add_argument("--max_seconds", type=float, default=900, help="give up (and stop the node) after this long")
     p.add_argument("--keep", action="store_true", help="keep the work directory (model, run dir, node log)")
     args = p.parse_args(argv)
-    for name in ("tokens", "repeats", "gen_repeats"):
+    for name in ("tokens", "repeats", "gen_repeats", "sessions"):
         if getattr(args, name) < 1:
             p.error(f"--{name} must be at least 1")
     if args.warmup < 0:
@@ -422,6 +446,19 @@ def run(args, work: Path, dtype: torch.dtype, device: torch.device, bench_began:
         samples["generate_s"] = {"node": node_s, "local": local_s}
         checks["generated_tokens_match"] = outputs["node"].tolist() == outputs["local"].tolist()
 
+        # 1b. generation, several concurrent sessions, against the same sequences batched locally
+        k = args.sessions
+        prompts = torch.stack([torch.tensor([(t * (i + 3) + i) % config.vocab_size for t in PROMPT]) for i in range(k)])
+        print(f"generation: {k} concurrent sessions x {n} new tokens, {args.gen_repeats} runs per side ...", flush=True)
+        many = {}
+        node_s, local_s = alternate(
+            lambda: many.__setitem__("node", node_generate_concurrently(client, head, route, prompts, n, device)),
+            lambda: many.__setitem__("local", local_generate(model, prompts.to(device), n).cpu()),
+            args.gen_repeats, args.warmup,
+        )
+        samples["generate_many_s"] = {"node": node_s, "local": local_s}
+        checks["concurrent_tokens_match"] = many["node"].tolist() == many["local"].tolist()
+
         # 2. forward, 4 x 128 tokens of hidden states
         g = torch.Generator().manual_seed(1)
         hidden = torch.randn(BATCH, LENGTH, config.hidden_size, generator=g).to(dtype)
@@ -479,6 +516,9 @@ def run(args, work: Path, dtype: torch.dtype, device: torch.device, bench_began:
         "cold_start": metric("s", cold_start, local_load, False, "cold start: node to ONLINE / local from_pretrained"),
         "generation": metric("tokens/s", n / median(gen["node"]), n / median(gen["local"]), True,
                              f"generation, 1 session, batch 1, {n} tokens"),
+        "concurrent": metric("tokens/s", k * n / median(samples["generate_many_s"]["node"]),
+                             k * n / median(samples["generate_many_s"]["local"]), True,
+                             f"generation, {k} sessions (local: batch {k}), {n} tokens each"),
         "forward": metric("tokens/s", tokens_fb / median(fwd_s["node"]), tokens_fb / median(fwd_s["local"]), True,
                           f"forward {BATCH}x{LENGTH}, all blocks"),
         "backward": metric("ms", 1000 * median(bwd_s["node"]), 1000 * median(bwd_s["local"]), False,
@@ -496,7 +536,8 @@ def run(args, work: Path, dtype: torch.dtype, device: torch.device, bench_began:
     print("ratio: node/local for tokens/s, local/node for seconds, ms and MiB; higher is better for the node, 1.0 = parity")
     print(f"per generated token through the node (medians): client embed+norm+head {per_token['client_head_ms']:.2f} ms, "
           f"session.step round trip {per_token['node_step_round_trip_ms']:.2f} ms (prefill step {per_token['prefill_round_trip_ms']:.2f} ms)")
-    print(f"checks: generated tokens match transformers: {checks['generated_tokens_match']}; "
+    print(f"checks: generated tokens match transformers: {checks['generated_tokens_match']} "
+          f"(concurrent sessions: {checks['concurrent_tokens_match']}); "
           f"max rel err forward {checks['forward_max_rel_err']:.2e}, backward {checks['backward_max_rel_err']:.2e}")
     load_after = os.getloadavg()
     print(f"load average after: {load_after[0]:.2f} {load_after[1]:.2f} {load_after[2]:.2f}; total {time.monotonic() - bench_began:.1f} s")
@@ -512,7 +553,7 @@ def run(args, work: Path, dtype: torch.dtype, device: torch.device, bench_began:
                         "torch": torch.__version__, "python": platform.python_version(), "platform": platform.platform(),
                         "loadavg_before": list(load_before), "loadavg_after": list(load_after)},
             "settings": {"dtype": args.dtype, "device": args.device, "tokens": n, "prompt_tokens": len(PROMPT),
-                         "forward_shape": [BATCH, LENGTH], "repeats": args.repeats, "gen_repeats": args.gen_repeats,
+                         "forward_shape": [BATCH, LENGTH], "repeats": args.repeats, "gen_repeats": args.gen_repeats, "sessions": args.sessions,
                          "warmup": args.warmup, "num_handlers": 1},
             "metrics": metrics,
             "per_token": per_token,
