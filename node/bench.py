@@ -52,6 +52,7 @@ from typing import Callable, Optional
 import psutil
 import torch
 
+from node.generate import BatchedHead
 from node.launcher import ROOT, NodeProcess
 from node.processes import die_with_parent
 
@@ -185,16 +186,18 @@ def node_generate(client, head, route, prompt: torch.Tensor, new_tokens: int, de
 
 
 def node_generate_concurrently(client, head, route, prompts: torch.Tensor, new_tokens: int, device: torch.device) -> torch.Tensor:
-    """One inference session per row of `prompts`, all at once (asyncio), as independent clients would."""
+    """One inference session per row of `prompts`, all at once (asyncio): independent sessions through
+    the node, with the client's LM head batched over the sessions ready together (BatchedHead)."""
     swarm = client.swarm
     total = prompts.shape[1] + new_tokens
+    batched = BatchedHead(head)
 
     async def one(prompt: torch.Tensor) -> torch.Tensor:
         tokens = prompt
         async with swarm.inference_session(max_length=total, start=0, end=head.num_blocks, route=route) as session:
             hidden = await session.step(head.embed(prompt.to(device)))
             while True:
-                next_token = head.logits(hidden[:, -1:].to(device)).argmax(-1).cpu()
+                next_token = (await batched.logits(hidden[:, -1:].to(device))).argmax(-1).cpu()
                 tokens = torch.cat([tokens, next_token], dim=1)
                 if tokens.shape[1] >= total:
                     return tokens

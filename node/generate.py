@@ -7,6 +7,7 @@ they compute exactly what transformers does around the blocks.
 
 from __future__ import annotations
 
+import asyncio
 from typing import Optional
 
 import torch
@@ -53,6 +54,31 @@ class LocalHead:
     @torch.inference_mode()
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.model.get_output_embeddings()(self.final_norm(hidden.to(self.dtype)))
+
+
+class BatchedHead:
+    """The LM head of several concurrent sessions of one client process, computed in one matrix
+    multiplication when their hidden states arrive together (as a multi-user client would): the
+    head's weights are read once per round instead of once per session."""
+
+    def __init__(self, head: LocalHead):
+        self.head = head
+        self.pending: list = []
+
+    async def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        loop = asyncio.get_running_loop()
+        future = loop.create_future()
+        self.pending.append((hidden, future))
+        if len(self.pending) == 1:
+            loop.call_soon(self._flush)  # after the replies that arrived in the same loop turn queue up
+        return await future
+
+    def _flush(self) -> None:
+        items, self.pending = self.pending, []
+        outputs = self.head.logits(torch.cat([hidden for hidden, _ in items]))
+        for (hidden, future), out in zip(items, outputs.split([h.shape[0] for h, _ in items])):
+            if not future.done():
+                future.set_result(out)
 
 
 def greedy_generate(client, head: LocalHead, input_ids: torch.Tensor, max_new_tokens: int) -> torch.Tensor:

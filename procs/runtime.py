@@ -36,6 +36,7 @@ from protocol.plan import NodePlan
 from protocol.transport import BadMessage, Channel
 
 PREFILL_CHUNK = 256  # tokens of one session's step per round
+MAX_GATHER_WAIT = 0.1  # seconds a round may wait for the sessions of the previous round
 
 
 @dataclass
@@ -76,7 +77,10 @@ class Runtime:
         self.caches = SessionCaches(self.target.dtype, self.target.device)
         self.queue = Scheduler(is_inference=lambda m: isinstance(m, InferStep), is_forward=lambda m: isinstance(m, Forward))
         self.steps: list[Step] = []  # inference steps in progress (chunked prefills span rounds)
+        self.last_handles: set[int] = set()  # the sessions of the last inference round
+        self.last_round_seconds = 0.0
         self.stats = dict(done=0, failed=0, rounds=0, round_sessions=0, round_tokens=0, busy_seconds=0.0)
+        self.round_sizes: dict[str, int] = {}  # how many requests went through together, and how often
         sock = actor.ctx.socket(zmq.ROUTER)
         sock.setsockopt(zmq.LINGER, 0)
         sock.setsockopt(zmq.ROUTER_HANDOVER, 1)  # a restarted frontend reuses its identity
@@ -90,6 +94,7 @@ class Runtime:
         last_gc = time.monotonic()
         while not self.actor.stopping.is_set():
             self.receive(timeout_ms=0 if (self.queue or self.steps) else 100)
+            self.wait_for_stragglers()
             if not self.inference_round():
                 self.training_round()
             if time.monotonic() - last_gc > 10:
@@ -132,6 +137,22 @@ class Runtime:
 
     # --- inference rounds --------------------------------------------------------------------
 
+    def wait_for_stragglers(self) -> None:
+        """Sessions of the last round whose next step is not here yet usually are a few milliseconds
+        away (their clients are busy with the previous token). Starting without them would cost them
+        a whole extra pass over the weights, so wait a little: at most one round's time, at most
+        MAX_GATHER_WAIT, and only while some of them are missing."""
+        if not self.last_handles or not self.queue.inference:
+            return
+        deadline = time.monotonic() + min(MAX_GATHER_WAIT, 0.5 * self.last_round_seconds)
+        while True:
+            ready = {t.msg.handle for t in self.queue.inference} | {s.task.msg.handle for s in self.steps}
+            missing = [h for h in self.last_handles if h not in ready and h in self.caches.caches]
+            left = deadline - time.monotonic()
+            if not missing or left <= 0:
+                return
+            self.receive(timeout_ms=max(1, int(left * 1000)))
+
     def inference_round(self) -> bool:
         busy = {s.task.msg.handle for s in self.steps}
         for task in self.queue.take_inference(busy):
@@ -142,6 +163,7 @@ class Runtime:
         if not self.steps:
             return False
         works, began = [], time.perf_counter()
+        self.last_handles = {step.task.msg.handle for step in self.steps}
         for step in self.steps:
             batch, length = step.hidden.shape[:2]
             take = min(length - step.done, max(1, PREFILL_CHUNK // batch))
@@ -164,6 +186,7 @@ class Runtime:
             step.cache.length = step.position + step.done
             step.cache.last_used = time.monotonic()
         self.count_round(works, began)
+        self.last_round_seconds = time.perf_counter() - began
         self.steps = [s for s in self.steps if not self.finish_if_done(s)]
         return True
 
@@ -279,11 +302,14 @@ class Runtime:
     def count_round(self, works: list, began: float) -> None:
         self.stats["rounds"] += 1
         self.stats["round_sessions"] = len(works)
+        self.round_sizes[str(len(works))] = self.round_sizes.get(str(len(works)), 0) + 1
         self.stats["round_tokens"] = sum(w.hidden.shape[0] * w.hidden.shape[1] for w in works)
         self.stats["busy_seconds"] += time.perf_counter() - began
 
     def update_stats(self) -> None:
-        self.actor.stats.update(self.stats, queue=len(self.queue), in_progress=len(self.steps), sessions=len(self.caches))
+        self.actor.stats.update(
+            self.stats, queue=len(self.queue), in_progress=len(self.steps), sessions=len(self.caches), round_sizes=dict(self.round_sizes)
+        )
         self.actor.stats["busy_seconds"] = round(self.stats["busy_seconds"], 3)
         self.actor.publish_stats()
 
