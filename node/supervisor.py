@@ -50,25 +50,34 @@ TICK = 0.1
 STARTUP_SILENCE = 60.0  # longest an actor may take to send its first heartbeat
 
 
-def actor_specs(plan: NodePlan) -> list[ActorSpec]:
+def actor_specs(num_handlers: int) -> list[ActorSpec]:
     specs = [
         ActorSpec("announcer", "procs.announcer"),
         ActorSpec("allocator", "procs.cache"),
         ActorSpec("runtime.0", "procs.runtime"),
     ]
-    specs += [ActorSpec(f"frontend.{i}", "procs.frontend") for i in range(plan.num_handlers)]
+    specs += [ActorSpec(f"frontend.{i}", "procs.frontend") for i in range(num_handlers)]
     return specs
 
 
+def start_actors(config: NodeConfig, run_dir: str) -> dict[str, ActorProcess]:
+    """Start every actor at once: each imports its libraries (seconds of CPU for torch) while the
+    supervisor resolves the model and starts p2pd, then waits for RUN_DIR/plan.json."""
+    actors = {spec.name: ActorProcess(spec) for spec in actor_specs(config.num_handlers)}
+    for actor in actors.values():
+        actor.spawn(run_dir)
+    return actors
+
+
 class Supervisor:
-    def __init__(self, config: NodeConfig, plan: NodePlan, log, own_run_dir: bool):
+    def __init__(self, config: NodeConfig, plan: NodePlan, log, own_run_dir: bool, actors: dict[str, ActorProcess], daemon):
         self.config = config
         self.plan = plan
         self.log = log.bind(blocks=[plan.start_block, plan.end_block], dht_prefix=plan.dht_prefix)
         self.own_run_dir = own_run_dir
-        self.actors = {spec.name: ActorProcess(spec) for spec in actor_specs(plan)}
+        self.actors = actors
         self.intensity = RestartIntensity(config.max_restarts, config.restart_window)
-        self.daemon = None
+        self.daemon = daemon
         self.control: Optional[AsyncChannel] = None
         self.stop_requested = asyncio.Event()
         self.exit_code: Optional[int] = None
@@ -84,22 +93,10 @@ class Supervisor:
     # --- lifecycle ---------------------------------------------------------------------------
 
     async def run(self) -> int:
+        """The actors and p2pd were started before the plan existed; actors wait for plan.json."""
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self._on_signal, sig)
-        from node.daemon import DaemonError, start_daemon
-
-        try:
-            self.daemon = await start_daemon(self.config, self.plan.run_dir, self.log)
-        except DaemonError as e:
-            self.log.error("cannot start p2pd", error=str(e))
-            return 1
-        self.plan.daemon_maddr = self.daemon.control_maddr
-        self.plan.peer_id = self.daemon.peer_id
-        write_plan(self.plan)
-        self.maddrs = await self.daemon.visible_maddrs()
-        self.log.info("node starting", peer_id=self.plan.peer_id, maddrs=self.maddrs, run_dir=self.plan.run_dir)
-
         ctx = zmq.asyncio.Context()
         sock = ctx.socket(zmq.ROUTER)
         sock.setsockopt(zmq.LINGER, 0)
@@ -109,8 +106,11 @@ class Supervisor:
         self.control = AsyncChannel(sock, ControlToSupervisor, router=True)
         receiver = loop.create_task(self._receive())
         try:
-            for actor in self.actors.values():
-                actor.spawn(self.plan.run_dir)
+            self.plan.daemon_maddr = self.daemon.control_maddr
+            self.plan.peer_id = self.daemon.peer_id
+            write_plan(self.plan)
+            self.maddrs = await self.daemon.visible_maddrs()
+            self.log.info("node starting", peer_id=self.plan.peer_id, maddrs=self.maddrs, run_dir=self.plan.run_dir)
             self.write_status()
             await self._watch()
         finally:
@@ -355,6 +355,9 @@ def prepare_run_dir(config: NodeConfig) -> tuple[str, bool]:
                 usage_error(f"argument --run_dir: {run_dir} is used by a running node (pid {pid})")
         except (OSError, ValueError):
             pass  # a stale run directory from a node that is gone
+    for stale in ("plan.json", "plan.json.tmp"):  # actors start before the new plan is written
+        if os.path.exists(os.path.join(run_dir, stale)):
+            os.remove(os.path.join(run_dir, stale))
     longest = os.path.join(run_dir, "probe.frontend.999.sock")
     if len(longest) > 100:
         usage_error(f"argument --run_dir: {run_dir} is too long for unix sockets")
@@ -381,17 +384,41 @@ def main(argv: Optional[list[str]] = None) -> None:
     log = logs.setup("supervisor", config.log_level, config.log_format)
     run_dir, own = prepare_run_dir(config)
     raise_file_limit(config.increase_file_limit, log)
+    actors = start_actors(config, run_dir)
+    code = asyncio.run(boot(config, run_dir, own, actors, log))
+    logs.exit_now(code)
+
+
+async def boot(config: NodeConfig, run_dir: str, own: bool, actors: dict[str, ActorProcess], log) -> int:
+    """Resolve the model (seconds of imports) while p2pd starts, then supervise."""
+    from node.hivemind_light import install
+
+    install()  # the supervisor needs hivemind's P2P, not its torch-based parts
+    from node.daemon import DaemonError, start_daemon
     from node.resolve import PlanError, resolve_plan
 
+    daemon = asyncio.get_running_loop().create_task(start_daemon(config, run_dir, log))
     try:
-        plan = resolve_plan(config, run_dir, log)
-    except PlanError as e:
-        usage_error(str(e))
-    except (OSError, ValueError) as e:
+        plan = await asyncio.get_running_loop().run_in_executor(None, resolve_plan, config, run_dir, log)
+    except (PlanError, OSError, ValueError) as e:
+        for actor in actors.values():
+            actor.kill()
+        try:
+            await (await daemon).stop()
+        except DaemonError:
+            pass
+        if isinstance(e, PlanError):
+            usage_error(str(e))
         usage_error(f"argument --model: cannot load {config.model}: {e}")
     logs.quiet_hivemind()
-    code = asyncio.run(Supervisor(config, plan, log, own).run())
-    logs.exit_now(code)
+    try:
+        started = await daemon
+    except DaemonError as e:
+        log.error("cannot start p2pd", error=str(e))
+        for actor in actors.values():
+            actor.kill()
+        return 1
+    return await Supervisor(config, plan, log, own, actors, started).run()
 
 
 if __name__ == "__main__":

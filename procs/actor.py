@@ -44,8 +44,18 @@ from protocol.messages import (  # noqa: E402
     Ready,
     Stop,
 )
-from protocol.plan import NodePlan, read_plan  # noqa: E402
+from protocol.plan import PLAN_FILE, NodePlan, read_plan  # noqa: E402
 from protocol.transport import BadMessage, Channel  # noqa: E402
+
+
+def wait_for_plan(run_dir: str) -> NodePlan:
+    """Actors start while the supervisor still resolves the model; the plan appears when it is done."""
+    path = os.path.join(run_dir, PLAN_FILE)
+    while not os.path.exists(path):
+        if os.getppid() == 1:  # orphaned before the plan came: nothing to serve
+            os._exit(1)
+        time.sleep(0.02)
+    return read_plan(run_dir)
 
 
 class Probe:
@@ -104,7 +114,7 @@ class Actor:
 
     def __init__(self, name: str, run_dir: str):
         self.name = name
-        self.plan: NodePlan = read_plan(run_dir)
+        self.plan: NodePlan = wait_for_plan(run_dir)
         self.log = logs.setup(name, self.plan.log_level, self.plan.log_format)
         self.ctx = zmq.Context()
         self.stats: dict[str, Any] = {}  # written by the main thread, read by the control thread
