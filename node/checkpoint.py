@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import json
 import os
-from typing import Iterable, Optional
+from contextlib import contextmanager
+from typing import Iterable, Iterator, Optional
 
 import huggingface_hub
 import safetensors
@@ -17,13 +18,16 @@ import torch
 from huggingface_hub.errors import EntryNotFoundError, LocalEntryNotFoundError
 from transformers import AutoConfig, PretrainedConfig
 
+from node.weight_cache import DEFAULT_ATTEMPTS, WeightCache
+
 INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
 
 
 class Checkpoint:
     def __init__(self, name: str, *, path: Optional[str] = None, repo_id: Optional[str] = None,
-                 revision: Optional[str] = None, token: Optional[str] = None, cache_dir: Optional[str] = None):
+                 revision: Optional[str] = None, token: Optional[str] = None, cache_dir: Optional[str] = None,
+                 weight_cache: Optional[WeightCache] = None):
         self.name = name
         self.is_local = path is not None
         self.repository = None if self.is_local else f"https://huggingface.co/{repo_id}"
@@ -32,18 +36,35 @@ class Checkpoint:
         self._revision = revision
         self._token = token
         self._cache_dir = cache_dir
+        if weight_cache is None and not self.is_local:
+            from node.config import default_cache_dir
+
+            weight_cache = WeightCache(cache_dir or default_cache_dir())
+            self._cache_dir = weight_cache.cache_dir
+        self._cache = weight_cache  # hub repositories only: downloads, locking and eviction
         self._weight_map: Optional[dict[str, str]] = None  # tensor name -> file name inside the checkpoint
 
     @classmethod
     def open(cls, name_or_path: str, *, revision: Optional[str] = None, token: Optional[str] = None,
-             cache_dir: Optional[str] = None) -> "Checkpoint":
+             cache_dir: Optional[str] = None, max_disk_space: Optional[int] = None,
+             download_attempts: int = DEFAULT_ATTEMPTS, weight_cache: Optional[WeightCache] = None) -> "Checkpoint":
+        """A local directory, or a hub repository cached in `cache_dir` (default $PETALS_CACHE or
+        ~/.cache/petals) under the policy of node.weight_cache; `weight_cache` replaces that policy's
+        settings (cache_dir, max_disk_space, download_attempts) with a ready one."""
         if os.path.isdir(name_or_path):
             return cls(name_or_path, path=name_or_path)
         repo_id = name_or_path
         # Legacy alias kept for old clients and scripts (PROTOCOL 2.1).
         if repo_id.startswith("bigscience/") and repo_id.endswith("-petals"):
             repo_id = repo_id[: -len("-petals")]
-        return cls(name_or_path, repo_id=repo_id, revision=revision, token=token, cache_dir=cache_dir)
+        if weight_cache is None:
+            from node.config import default_cache_dir
+
+            weight_cache = WeightCache(
+                cache_dir or default_cache_dir(), max_disk_space=max_disk_space, attempts=download_attempts
+            )
+        return cls(name_or_path, repo_id=repo_id, revision=revision, token=token, cache_dir=weight_cache.cache_dir,
+                   weight_cache=weight_cache)
 
     def __repr__(self) -> str:
         return f"Checkpoint({self.name!r}, local={self.is_local})"
@@ -57,9 +78,24 @@ class Checkpoint:
             if not os.path.isfile(path):
                 raise FileNotFoundError(f"{path} does not exist")
             return path
-        # Looked up through the module so tests (and callers) can substitute the downloader.
-        return huggingface_hub.hf_hub_download(
-            self._repo_id, filename, revision=self._revision, token=self._token, cache_dir=self._cache_dir
+        return self._cache.fetch(self._repo_id, filename, revision=self._revision, token=self._token)
+
+    @contextmanager
+    def _local(self, filename: str) -> Iterator[str]:
+        """A local path of the file that stays valid inside the context: for a hub file, the weight
+        cache's shared lock is held, so that no node evicts it while it is read."""
+        if self.is_local:
+            yield self._file(filename)
+            return
+        for _ in range(3):
+            path = self._file(filename)  # may take the exclusive lock: not under the shared one
+            with self._cache.reading():
+                if os.path.exists(path):
+                    yield path
+                    return
+        raise FileNotFoundError(
+            f"{filename} of {self.name} keeps being evicted from {self._cache_dir} by other nodes: "
+            "is --max_disk_space too small for the blocks of all the nodes that share this cache?"
         )
 
     def _find_weights(self) -> str:
@@ -71,12 +107,13 @@ class Checkpoint:
                     return filename
         else:
             # A file already in the cache wins even if an earlier candidate exists on the Hub.
-            for filename in candidates:
-                cached = huggingface_hub.try_to_load_from_cache(
-                    self._repo_id, filename, cache_dir=self._cache_dir, revision=self._revision
-                )
-                if isinstance(cached, str):
-                    return filename
+            with self._cache.reading():
+                for filename in candidates:
+                    cached = huggingface_hub.try_to_load_from_cache(
+                        self._repo_id, filename, cache_dir=self._cache_dir, revision=self._revision
+                    )
+                    if isinstance(cached, str):
+                        return filename
             for filename in candidates:
                 try:
                     self._file(filename)
@@ -96,50 +133,65 @@ class Checkpoint:
         if self._weight_map is None:
             filename = self._find_weights()
             if filename == INDEX_FILE:
-                with open(self._file(INDEX_FILE)) as f:
+                with self._local(INDEX_FILE) as path, open(path) as f:
                     self._weight_map = dict(json.load(f)["weight_map"])
             else:
-                with safetensors.safe_open(self._file(SINGLE_FILE), framework="pt") as f:
+                with self._local(SINGLE_FILE) as path, safetensors.safe_open(path, framework="pt") as f:
                     self._weight_map = {name: SINGLE_FILE for name in f.keys()}
         return self._weight_map
 
     def config(self) -> PretrainedConfig:
-        config_path = self._file("config.json")
-        return AutoConfig.from_pretrained(os.path.dirname(config_path))
+        with self._local("config.json") as config_path:
+            return AutoConfig.from_pretrained(os.path.dirname(config_path))
 
     # --- tensors -------------------------------------------------------------------------------
 
     def _read(self, names: Iterable[str], dtype: torch.dtype, device) -> dict[str, torch.Tensor]:
-        """Reads the named tensors, opening each file that holds any of them once."""
+        """Reads the named tensors, opening each file that holds any of them once. Each tensor's bytes
+        are read once, into a tensor of the final dtype on the final device; nothing else of the file."""
         weight_map = self.weight_map()
         by_file: dict[str, list[str]] = {}
         for name in names:
             by_file.setdefault(weight_map[name], []).append(name)
         out = {}
         for filename, file_names in by_file.items():
-            with safetensors.safe_open(self._file(filename), framework="pt") as f:
+            with self._local(filename) as path, safetensors.safe_open(path, framework="pt") as f:
                 for name in file_names:
-                    tensor = f.get_tensor(name)
+                    stored = f.get_tensor(name)  # a view of the file's memory map: nothing read yet
+                    tensor = stored
                     # Integer tensors (e.g. quantization metadata) must keep their exact values.
                     if tensor.is_floating_point():
                         tensor = tensor.to(dtype)
-                    out[name] = tensor.to(device)
+                    tensor = tensor.to(device)
+                    if tensor is stored:
+                        # Already in the final dtype and device, but still the file's pages: read them
+                        # now into memory of our own, or the first request would read the disk, the
+                        # kernel could drop the weights under pressure, and an evicted file's disk
+                        # space would stay in use while the node runs.
+                        tensor = tensor.clone()
+                    out[name] = tensor
         return out
 
     def block_state(self, index_prefix: str, *, dtype: torch.dtype, device="cpu") -> dict[str, torch.Tensor]:
         """The tensors of one block, named relative to `index_prefix` (e.g. "model.layers.3.")."""
         weight_map = self.weight_map()
-        prefix = index_prefix
-        names = [n for n in weight_map if n.startswith(prefix)]
-        if not names and "." in index_prefix.rstrip("."):
+        candidates = [index_prefix]
+        if index_prefix.rstrip(".").count(".") >= 2:
             # Checkpoints saved from the bare model (LlamaModel rather than LlamaForCausalLM) lack "model.".
-            prefix = index_prefix.split(".", 1)[1]
+            candidates.append(index_prefix.split(".", 1)[1])
+        # A family that names its layers as in the bare model (BLOOM: "h.3.") reads a causal-LM checkpoint
+        # too, where they sit under one more component ("transformer.h.3.").
+        candidates += sorted(
+            {n.split(".", 1)[0] + "." + index_prefix for n in weight_map if n.partition(".")[2].startswith(index_prefix)}
+        )
+        for prefix in candidates:
             names = [n for n in weight_map if n.startswith(prefix)]
-        if not names:
+            if names:
+                break
+        else:
             raise ValueError(
-                f"{self.name}: no tensors start with {index_prefix!r}"
-                + (f" or {prefix!r}" if prefix != index_prefix else "")
-                + "; is the block index within num_hidden_layers and the model family right?"
+                f"{self.name}: no tensors start with {' or '.join(map(repr, candidates))}"
+                "; is the block index within num_hidden_layers and the model family right?"
             )
         tensors = self._read(names, dtype, device)
         return {name[len(prefix):]: tensor for name, tensor in tensors.items()}

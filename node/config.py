@@ -11,6 +11,7 @@ import argparse
 import json
 import math
 import os
+import re
 import sys
 from typing import Any, Optional, Sequence
 
@@ -34,7 +35,6 @@ NOT_YET = (
     ("--adapters", lambda v: bool(v), "LoRA adapters are not available yet"),
     ("--throughput", lambda v: v is not None and not isinstance(v, float), "measured throughput (auto, eval, dry_run) is not available yet; pass a number, e.g. --throughput 1.0"),
     ("--num_blocks", lambda v: v is not None, "choosing blocks from the swarm is not available yet; use --block_indices START:END (or neither, to serve every block)"),
-    ("--max_disk_space", lambda v: v is not None, "the managed weight cache (--max_disk_space) is not available yet"),
 )
 
 
@@ -63,7 +63,7 @@ class NodeConfig(msgspec.Struct, kw_only=True):
     max_chunk_size_bytes: int = 256 * 1024 * 1024
     attn_cache_tokens: Optional[int] = None
     cache_dir: Optional[str] = None
-    max_disk_space: Optional[str] = None
+    max_disk_space: Optional[int] = None  # bytes
     device: Optional[str] = None
     torch_dtype: str = "auto"
     max_alloc_timeout: float = 600
@@ -94,6 +94,7 @@ class NodeConfig(msgspec.Struct, kw_only=True):
     shutdown_grace: float = 10
     log_format: str = "auto"
     log_level: str = "info"
+    download_attempts: int = 5
 
     @property
     def peers(self) -> list[str]:
@@ -146,10 +147,41 @@ def _throughput(text: str):
     return _non_negative_float(text)
 
 
+def _size(text: str) -> int:
+    value = parse_size(text)
+    if value <= 0:
+        raise ValueError(text)
+    return value
+
+
 def _prefix(text: str) -> str:
     if not text or "." in text or " " in text:
         raise ValueError(text)
     return text
+
+
+# sizes as humanfriendly.parse_size reads them (Petals parses --max_disk_space with it)
+
+_DECIMAL = ("k", "m", "g", "t", "p", "e", "z", "y")
+_BINARY_NAMES = ("kibibyte", "mebibyte", "gibibyte", "tebibyte", "pebibyte", "exbibyte", "zebibyte", "yobibyte")
+
+
+def parse_size(text: str) -> int:
+    """Bytes in "50GB" (50·10⁹), "100GiB" (100·2³⁰), "1.5 TB", "512M", "4096"; ValueError otherwise."""
+    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([A-Za-z]*)\s*", str(text))
+    if not match:
+        raise ValueError(f"not a size: {text!r}")
+    number = float(match.group(1)) if "." in match.group(1) else int(match.group(1))
+    unit = match.group(2).lower()
+    if not unit or unit.startswith("b"):
+        return int(number)
+    unit = unit.rstrip("s")
+    for power, (prefix, name) in enumerate(zip(_DECIMAL, _BINARY_NAMES), start=1):
+        if unit in (prefix + "ib", name):
+            return int(number * 1024**power)
+        if unit.startswith(prefix):
+            return int(number * 1000**power)
+    raise ValueError(f"unknown size unit in {text!r}")
 
 
 for _fn, _name in [
@@ -160,6 +192,7 @@ for _fn, _name in [
     (_block_range, "START:END range"),
     (_throughput, "number or one of auto, eval, dry_run"),
     (_prefix, "prefix without '.' or ' '"),
+    (_size, "size (e.g. 50GB = 50*10^9 bytes, 100GiB = 100*2^30 bytes)"),
 ]:
     _fn.__name__ = _name  # argparse names the expected kind in its error from the function name
 
@@ -196,7 +229,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max_chunk_size_bytes", type=_positive_int, default=256 * 1024 * 1024)
     p.add_argument("--attn_cache_tokens", type=_positive_int, help="KV cache budget per block (16384 GQA, else 4096)")
     p.add_argument("--cache_dir", help="where hub downloads go ($PETALS_CACHE or ~/.cache/petals)")
-    p.add_argument("--max_disk_space", help="cap on the weight cache, e.g. 50GB")
+    p.add_argument("--max_disk_space", type=_size, help="cap on the weight cache in --cache_dir, e.g. 50GB or 100GiB; "
+                   "least recently used files are deleted to stay under it (default: only keep 1 GiB of the disk free)")
     p.add_argument("--device", help="cpu, cuda or cuda:N (default: cuda if available)")
     p.add_argument("--torch_dtype", choices=("auto", "bfloat16", "float16", "float32"), default="auto")
     p.add_argument("--max_alloc_timeout", type=_non_negative_float, default=600)
@@ -225,6 +259,8 @@ def build_parser() -> argparse.ArgumentParser:
     node.add_argument("--restart_window", type=_positive_float, default=60, help="seconds")
     node.add_argument("--heartbeat_timeout", type=_positive_float, default=15, help="an actor silent this long is replaced")
     node.add_argument("--shutdown_grace", type=_non_negative_float, default=10, help="seconds to finish work on SIGTERM")
+    node.add_argument("--download_attempts", type=_positive_int, default=5,
+                      help="tries per weight file on network errors, with exponential backoff (2 s, 4 s, ...)")
     node.add_argument("--log_format", choices=("auto", "json", "console"), default="auto")
     node.add_argument("--log_level", choices=("debug", "info", "warning", "error"), default="info")
     return p

@@ -13,6 +13,7 @@ from typing import Optional
 import torch
 
 from node.checkpoint import Checkpoint
+from node.models import get_family
 
 
 class LocalHead:
@@ -43,13 +44,17 @@ class LocalHead:
         # Call the modules themselves: the zero-layer model's forward would add milliseconds per token
         # of wrapper work (masks, rotary tables) that a client pays on every step.
         base = self.model.base_model
+        family = get_family(self.config)
+        # BLOOM normalizes the embeddings before block 0; the client does it, as a Petals client does.
+        self.embed_norm = getattr(base, family.embed_norm) if family.embed_norm else None
         self.final_norm = getattr(base, "norm", None) or getattr(base, "ln_f", None)
         if self.final_norm is None:
             raise ValueError(f"{model}: cannot find the final norm of a {self.config.model_type} model")
 
     @torch.inference_mode()
     def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
-        return self.model.get_input_embeddings()(input_ids)
+        hidden = self.model.get_input_embeddings()(input_ids)
+        return hidden if self.embed_norm is None else self.embed_norm(hidden)
 
     @torch.inference_mode()
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:

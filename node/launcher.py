@@ -25,8 +25,10 @@ ROOT = Path(__file__).resolve().parent.parent
 class NodeProcess:
     """One node: a supervisor process and everything it spawns."""
 
-    def __init__(self, model: str, run_dir: Path, *args: str, dht_prefix: str = "micro-llama", log_path: Optional[Path] = None):
+    def __init__(self, model: str, run_dir: Path, *args: str, dht_prefix: str = "micro-llama", log_path: Optional[Path] = None,
+                 env: Optional[dict] = None):
         self.run_dir = Path(run_dir)
+        self.env = dict(env or {})  # added to the environment of the node (e.g. HF_ENDPOINT)
         self.argv = [
             sys.executable, "-m", "node.supervisor",
             "--model", str(model),
@@ -48,7 +50,7 @@ class NodeProcess:
     def start(self, timeout: float = 90) -> "NodeProcess":
         self.run_dir.parent.mkdir(parents=True, exist_ok=True)
         self._log = open(self.log_path, "ab")
-        env = dict(os.environ, PYTHONPATH=str(ROOT))
+        env = {**os.environ, **self.env, "PYTHONPATH": str(ROOT)}
         self.proc = subprocess.Popen(
             self.argv, cwd=ROOT, env=env, stdout=self._log, stderr=subprocess.STDOUT, preexec_fn=stop_with_parent  # a node started for a test, demo or benchmark ends with its owner
         )

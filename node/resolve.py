@@ -50,7 +50,10 @@ def resolve_plan(config: NodeConfig, run_dir: str, log) -> NodePlan:
     from node.models import get_family
 
     cache_dir = config.cache_dir or default_cache_dir()
-    checkpoint = Checkpoint.open(config.model, revision=config.revision, token=config.token, cache_dir=cache_dir)
+    checkpoint = Checkpoint.open(
+        config.model, revision=config.revision, token=config.token, cache_dir=cache_dir,
+        max_disk_space=config.max_disk_space, download_attempts=config.download_attempts,
+    )
     model_config = checkpoint.config()
     try:
         family = get_family(model_config)
@@ -94,6 +97,8 @@ def resolve_plan(config: NodeConfig, run_dir: str, log) -> NodePlan:
         revision=config.revision,
         token=config.token,
         cache_dir=cache_dir,
+        max_disk_space=config.max_disk_space,
+        download_attempts=config.download_attempts,
         family=family.name,
         dht_prefix=prefix,
         repository=checkpoint.repository,

@@ -54,7 +54,14 @@ class Step:
 
 
 def load_blocks(plan: NodePlan, log) -> list:
-    checkpoint = Checkpoint.open(plan.model, revision=plan.revision, token=plan.token, cache_dir=plan.cache_dir)
+    checkpoint = Checkpoint.open(
+        plan.model,
+        revision=plan.revision,
+        token=plan.token,
+        cache_dir=plan.cache_dir,
+        max_disk_space=plan.max_disk_space,
+        download_attempts=plan.download_attempts,
+    )
     config = checkpoint.config()
     family = get_family(config)
     dtype = DTYPES[plan.torch_dtype]

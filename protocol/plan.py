@@ -24,6 +24,8 @@ class NodePlan(msgspec.Struct, kw_only=True):
     revision: Optional[str] = None
     token: Optional[str] = None
     cache_dir: Optional[str] = None
+    max_disk_space: Optional[int] = None  # bytes the weight cache may hold (node/weight_cache.py)
+    download_attempts: int = 5
     family: str
     dht_prefix: str
     repository: Optional[str] = None

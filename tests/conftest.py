@@ -75,13 +75,19 @@ def micro_hf():
     return model.eval()
 
 
+def hf_layers(model):
+    """The decoder layers of a transformers causal LM, whatever the family calls them."""
+    base = model.base_model
+    return base.layers if hasattr(base, "layers") else base.h
+
+
 def hf_blocks(model, hidden, start: int, end: int, prompts=None):
     """Reference: transformers' layers [start, end) applied to `hidden` (deep prompts added before each)."""
     import torch
 
     captured = {}
     hooks = []
-    layers = model.model.layers
+    layers = hf_layers(model)
 
     def replace_input(module, args, kwargs):
         return (hidden,) + tuple(args[1:]), kwargs

@@ -40,7 +40,7 @@ def test_bench_smoke(tmp_path):
     assert proc.returncode == 0, out[-4000:]
 
     data = json.loads(report.read_text())
-    expected = {"cold_start", "generation", "forward", "backward", "peak_pss"}
+    expected = {"cold_start", "generation", "concurrent", "forward", "backward", "peak_pss"}
     assert set(data["metrics"]) == expected
     for name, m in data["metrics"].items():
         for key in ("node", "local", "ratio"):
@@ -52,6 +52,7 @@ def test_bench_smoke(tmp_path):
     assert data["model"]["num_blocks"] == 8 and data["model"]["hidden_size"] == 256
     # the node computes what transformers computes (float32): same tokens, same outputs
     assert data["checks"]["generated_tokens_match"] is True
+    assert data["checks"]["concurrent_tokens_match"] is True
     assert data["checks"]["forward_max_rel_err"] < 1e-4 and data["checks"]["backward_max_rel_err"] < 1e-4
 
     # the table is printed, with its ratio column explained

@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from node.config import PUBLIC_INITIAL_PEERS, parse_config
+from node.config import PUBLIC_INITIAL_PEERS, parse_config, parse_size
 from tests.conftest import MICRO_LLAMA, ROOT
 
 
@@ -46,10 +46,33 @@ def test_model_flag_forms():
         (["m", "--max_batch_size", "1.5"], "--max_batch_size"),
         (["m", "--public_ip", "1.2.3.4"], "--public_ip"),
         (["m", "--new_swarm", "--initial_peers", "/ip4/1.2.3.4/tcp/1/p2p/QmX"], "--new_swarm"),
+        (["m", "--max_disk_space", "lots"], "--max_disk_space"),
+        (["m", "--max_disk_space", "5XB"], "--max_disk_space"),
+        (["m", "--max_disk_space", "-5GB"], "--max_disk_space"),
+        (["m", "--max_disk_space", "0"], "--max_disk_space"),
+        (["m", "--download_attempts", "0"], "--download_attempts"),
     ],
 )
 def test_invalid_values_name_the_flag(capsys, argv, flag):
     assert flag in parse_error(capsys, argv)
+
+
+@pytest.mark.parametrize(
+    "text, size",
+    [
+        ("50GB", 50 * 10**9), ("100GiB", 100 * 2**30), ("1.5 TB", 1.5e12), ("512M", 512 * 10**6), ("512 MiB", 512 * 2**20),
+        ("4096", 4096), ("10 bytes", 10), ("2k", 2000), ("3 gigabytes", 3 * 10**9), ("1 tebibyte", 2**40), ("7KiB", 7168),
+    ],
+)
+def test_disk_sizes_as_humanfriendly_reads_them(text, size):
+    assert parse_size(text) == size
+    assert parse_config(["m", "--max_disk_space", text]).max_disk_space == size
+
+
+def test_download_settings():
+    c = parse_config(["m"])
+    assert (c.max_disk_space, c.download_attempts) == (None, 5)
+    assert parse_config(["m", "--download_attempts", "2"]).download_attempts == 2
 
 
 def test_missing_model(capsys):
@@ -64,7 +87,6 @@ def test_missing_model(capsys):
         (["m", "--adapters", "x/lora"], "--adapters", "adapters"),
         (["m", "--throughput", "auto"], "--throughput", "measured throughput"),
         (["m", "--num_blocks", "3"], "--num_blocks", "--block_indices"),
-        (["m", "--max_disk_space", "50GB"], "--max_disk_space", "weight cache"),
     ],
 )
 def test_features_of_open_issues_exit_with_a_message(capsys, argv, flag, words):

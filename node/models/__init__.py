@@ -47,11 +47,17 @@ class FamilySpec:
     default_dht_prefix: Callable[[str], str]  # Hub repo name -> DHT prefix (PROTOCOL 2.1)
     kv_groups_for_budget: Callable[[PretrainedConfig], int]  # divides the cache budget (PROTOCOL 5.7)
     geometry: Callable[[PretrainedConfig], Geometry] = standard_geometry
+    # Client side: a module of the base model applied to the token embeddings before block 0 (BLOOM's
+    # "word_embeddings_layernorm"), None when the embeddings go to the blocks as they are.
+    embed_norm: Optional[str] = None
 
 
 # model_type -> module defining FAMILY; imported lazily so one family's import cost is not paid by others.
 _FAMILIES = {
+    "bloom": "node.models.bloom",
+    "falcon": "node.models.falcon",
     "llama": "node.models.llama",
+    "mixtral": "node.models.mixtral",
 }
 
 
