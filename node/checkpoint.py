@@ -10,15 +10,17 @@ from __future__ import annotations
 import json
 import os
 from contextlib import contextmanager
-from typing import Iterable, Iterator, Optional
+from typing import TYPE_CHECKING, Iterable, Iterator, Optional
 
 import huggingface_hub
 import safetensors
-import torch
 from huggingface_hub.errors import EntryNotFoundError, LocalEntryNotFoundError
 from transformers import AutoConfig, PretrainedConfig
 
 from node.weight_cache import DEFAULT_ATTEMPTS, WeightCache
+
+if TYPE_CHECKING:  # the supervisor reads configs with this module and must not pay for torch
+    import torch
 
 INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"

@@ -14,7 +14,7 @@ from typing import Optional, Sequence
 import torch
 from torch import nn
 
-from node.models import Segment
+from node.models.common import Segment
 
 KV = tuple[torch.Tensor, torch.Tensor]
 

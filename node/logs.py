@@ -71,6 +71,15 @@ def setup(actor: str, level: str = "info", fmt: str = "auto") -> structlog.stdli
     return structlog.get_logger()
 
 
+def route_transformers_logs() -> None:
+    """transformers prints through a handler of its own; send its records through ours instead
+    (call once transformers is imported: it installs that handler on first use)."""
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_default_handler()
+    hf_logging.enable_propagation()
+
+
 def quiet_hivemind() -> None:
     """hivemind installs its own colored handler on import; route its records through ours instead."""
     from hivemind.utils.logging import use_hivemind_log_handler

@@ -6,7 +6,9 @@ the block range, the dht prefix, the dtype and device, and the defaults that dep
 
 from __future__ import annotations
 
+import importlib.util
 import os
+import sys
 
 from node.config import NodeConfig, default_cache_dir
 from protocol import SERVER_VERSION
@@ -19,21 +21,54 @@ class PlanError(ValueError):
     """A setting that cannot work with this model or machine; the message names the flag."""
 
 
-def resolve_device(requested) -> str:
-    import torch
+def cuda_available() -> bool:
+    """Whether this torch build can use an NVIDIA GPU here, without importing torch (seconds and
+    hundreds of MB in the supervisor): a CUDA build of torch and a GPU device node. The runtime checks
+    again with torch itself and stops the node with a clear message if this was wrong."""
+    if "torch" in sys.modules:
+        return sys.modules["torch"].cuda.is_available()
+    spec = importlib.util.find_spec("torch")
+    if spec is None or not spec.submodule_search_locations:
+        return False
+    version = {}
+    try:
+        with open(os.path.join(spec.submodule_search_locations[0], "version.py")) as f:
+            exec(f.read(), version)
+    except OSError:
+        return False
+    return bool(version.get("cuda")) and os.path.exists("/dev/nvidia0")
 
+
+def resolve_device(requested) -> str:
     if requested:
-        if requested.startswith("cuda") and not torch.cuda.is_available():
+        if requested.startswith("cuda") and not cuda_available():
             raise PlanError(f"argument --device: {requested} requested but CUDA is not available")
         if requested != "cpu" and not requested.startswith("cuda"):
             raise PlanError(f"argument --device: {requested!r} is not supported (use cpu, cuda or cuda:N)")
         return requested
-    return "cuda" if torch.cuda.is_available() else "cpu"
+    return "cuda" if cuda_available() else "cpu"
+
+
+def import_transformers_without_torch() -> None:
+    """The supervisor reads model configs with transformers but runs no model: keep it from importing
+    torch (USE_TORCH is read once, when transformers is imported; children must not inherit it)."""
+    if "transformers" in sys.modules:
+        return
+    os.environ["USE_TORCH"] = "0"
+    os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")  # "no framework found" is expected here
+    try:
+        importlib.import_module("transformers.models.auto.configuration_auto")
+    finally:
+        del os.environ["USE_TORCH"]
+    from node.logs import route_transformers_logs
+
+    route_transformers_logs()
 
 
 def resolve_dtype(requested: str, model_config, device: str) -> str:
     if requested == "auto":
-        declared = getattr(model_config, "torch_dtype", None) or getattr(model_config, "dtype", None)
+        # transformers >= 4.56 calls it `dtype` (and warns on `torch_dtype`); older versions `torch_dtype`
+        declared = getattr(model_config, "dtype", None) or getattr(model_config, "torch_dtype", None)
         declared = str(declared).replace("torch.", "") if declared is not None else None
         dtype = "bfloat16" if declared in (None, "auto", "float32") else declared
     else:

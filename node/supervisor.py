@@ -395,7 +395,9 @@ async def boot(config: NodeConfig, run_dir: str, own: bool, actors: dict[str, Ac
 
     install()  # the supervisor needs hivemind's P2P, not its torch-based parts
     from node.daemon import DaemonError, start_daemon
-    from node.resolve import PlanError, resolve_plan
+    from node.resolve import PlanError, import_transformers_without_torch, resolve_plan
+
+    import_transformers_without_torch()
 
     daemon = asyncio.get_running_loop().create_task(start_daemon(config, run_dir, log))
     try:

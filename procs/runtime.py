@@ -23,7 +23,7 @@ from typing import Optional
 import torch
 import zmq
 
-from node import compute, inputs
+from node import compute, inputs, logs
 from node.checkpoint import Checkpoint
 from node.inputs import RequestError, Target
 from node.models import get_family
@@ -334,6 +334,7 @@ def wait_for_load_order(actor: actor_lib.Actor) -> bool:
 
 def main(actor: actor_lib.Actor) -> None:
     torch.set_grad_enabled(False)
+    logs.route_transformers_logs()
     if not wait_for_load_order(actor):
         return
     began = time.perf_counter()

@@ -8,7 +8,7 @@ from transformers import LlamaForCausalLM
 
 from node.checkpoint import Checkpoint
 from node.models import get_family
-from node.models.llama import LlamaBlock, Rotary, default_dht_prefix, kv_groups_for_budget
+from node.models.llama import LlamaBlock, Rotary
 from node.tinymodel import make_tiny_llama
 
 from tests.conftest import MICRO_LLAMA
@@ -247,9 +247,9 @@ def test_rotary_table_grows_on_demand(micro):
 def test_family_registry(micro):
     family = get_family(micro.config)
     assert family.name == "llama" and family.block_prefix == "model.layers" and family.block_class is LlamaBlock
-    assert family.kv_groups_for_budget(micro.config) == 2 == kv_groups_for_budget(micro.config)
-    assert default_dht_prefix("meta-llama/Meta-Llama-3.1-405B-Instruct") == "Meta-Llama-3-1-405B-Instruct-hf"
-    assert default_dht_prefix("meta-llama/Llama-2-70b-chat-hf") == "Llama-2-70b-chat-hf"
+    assert family.kv_groups_for_budget(micro.config) == 2
+    assert family.default_dht_prefix("meta-llama/Meta-Llama-3.1-405B-Instruct") == "Meta-Llama-3-1-405B-Instruct-hf"
+    assert family.default_dht_prefix("meta-llama/Llama-2-70b-chat-hf") == "Llama-2-70b-chat-hf"
     assert family.default_dht_prefix("local-model") == "local-model-hf"
     other = type(micro.config)()
     other.model_type = "gpt2"

@@ -15,7 +15,6 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import PretrainedConfig
 
-from node.models import FamilySpec
 from node.models.common import DEFAULT_MAX_CHUNK_BYTES, KV, attend_in_chunks, check_cache, load_block, store_and_read
 
 
@@ -137,20 +136,3 @@ class BloomBlock(nn.Module):
         x = self.post_attention_layernorm(attn_out)
         residual = x if self.post_ln_residual else attn_out
         return residual + self._linear(bloom_gelu(self.mlp.dense_h_to_4h(x)), self.mlp.dense_4h_to_h)
-
-
-def default_dht_prefix(repo_name: str) -> str:
-    # Petals loads "bigscience/<x>-petals" as "bigscience/<x>" and then appends "-petals" again.
-    if repo_name.startswith("bigscience/") and repo_name.endswith("-petals"):
-        repo_name = repo_name[: -len("-petals")]
-    return (repo_name + "-petals").replace(".", "-")
-
-
-FAMILY = FamilySpec(
-    name="bloom",
-    block_prefix="h",
-    block_class=BloomBlock,
-    default_dht_prefix=default_dht_prefix,
-    kv_groups_for_budget=lambda config: 1,
-    embed_norm="word_embeddings_layernorm",
-)

@@ -3,6 +3,7 @@ numerics, see the family modules)."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Callable, Optional
 
 import torch
@@ -11,6 +12,16 @@ from transformers import PretrainedConfig
 
 DEFAULT_MAX_CHUNK_BYTES = 256 * 1024 * 1024
 KV = tuple[torch.Tensor, torch.Tensor]
+
+
+@dataclass
+class Segment:
+    """One sequence's share of a batched pass: hidden [B, T, H] at positions past..past+T-1, and its
+    per-block cache (K, V) or None (forward without cache, past 0)."""
+
+    hidden: torch.Tensor
+    cache: Optional[tuple] = None
+    past: int = 0
 
 
 def check_cache(length: int, cache: Optional[KV], past: int) -> None:

@@ -22,16 +22,10 @@ from torch import nn
 from transformers import PretrainedConfig
 from transformers.activations import get_activation
 
-from node.models import FamilySpec, Geometry
+from node.models import falcon_kv_heads
 from node.models.bloom import alibi_slopes
 from node.models.common import DEFAULT_MAX_CHUNK_BYTES, KV, attend_in_chunks, check_cache, load_block, store_and_read
 from node.models.llama import Rotary, rotate_half
-
-
-def kv_heads(config: PretrainedConfig) -> int:
-    if config.new_decoder_architecture:
-        return config.num_kv_heads
-    return 1 if config.multi_query else config.num_attention_heads
 
 
 class FalconLinear(nn.Linear):
@@ -74,7 +68,7 @@ class FalconBlock(nn.Module):
         self.new_arch = bool(config.new_decoder_architecture)
         self.multi_query = bool(config.multi_query) and not self.new_arch
         self.parallel = bool(config.parallel_attn)
-        self.num_kv_heads = kv_heads(config)
+        self.num_kv_heads = falcon_kv_heads(config)
         if not self.new_arch and not self.multi_query and config.num_kv_heads != self.num_heads:
             raise ValueError(
                 f"Falcon without multi_query or the new architecture needs num_kv_heads == num_attention_heads, got {config.num_kv_heads}"
@@ -184,25 +178,3 @@ class FalconBlock(nn.Module):
         row_bytes = batch * self.num_heads * keys * q.element_size()
         out = attend_in_chunks(attend, length, row_bytes, max_chunk_bytes)  # [B, heads, T, d]
         return self.self_attention.dense(out.transpose(1, 2).reshape(batch, length, self.hidden_size))
-
-
-def default_dht_prefix(repo_name: str) -> str:
-    return repo_name.rsplit("/", 1)[-1].replace(".", "-")
-
-
-def kv_groups_for_budget(config: PretrainedConfig) -> int:
-    return config.num_attention_heads // kv_heads(config)
-
-
-def geometry(config: PretrainedConfig) -> Geometry:
-    return Geometry(config.num_attention_heads, kv_heads(config), config.hidden_size // config.num_attention_heads)
-
-
-FAMILY = FamilySpec(
-    name="falcon",
-    block_prefix="transformer.h",
-    block_class=FalconBlock,
-    default_dht_prefix=default_dht_prefix,
-    kv_groups_for_budget=kv_groups_for_budget,
-    geometry=geometry,
-)

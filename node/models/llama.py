@@ -18,7 +18,7 @@ from transformers import PretrainedConfig
 from transformers.activations import ACT2FN
 from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
-from node.models import FamilySpec, Segment
+from node.models.common import Segment
 
 DEFAULT_MAX_CHUNK_BYTES = 256 * 1024 * 1024
 KV = tuple[torch.Tensor, torch.Tensor]
@@ -319,21 +319,3 @@ class LlamaBlock(nn.Module):
             k, v = k_cache[:, :, : past + length], v_cache[:, :, : past + length]
         attn = self.attend(q, k, v, past, max_chunk_bytes)
         return attn.transpose(1, 2).reshape(batch, length, self.num_heads * self.head_dim)
-
-
-def default_dht_prefix(repo_name: str) -> str:
-    prefix = repo_name.rsplit("/", 1)[-1].replace(".", "-")
-    return prefix if prefix.endswith("-hf") else prefix + "-hf"
-
-
-def kv_groups_for_budget(config: PretrainedConfig) -> int:
-    return config.num_attention_heads // (getattr(config, "num_key_value_heads", None) or config.num_attention_heads)
-
-
-FAMILY = FamilySpec(
-    name="llama",
-    block_prefix="model.layers",
-    block_class=LlamaBlock,
-    default_dht_prefix=default_dht_prefix,
-    kv_groups_for_budget=kv_groups_for_budget,
-)

@@ -15,7 +15,6 @@ from torch import nn
 from transformers import PretrainedConfig
 from transformers.activations import ACT2FN
 
-from node.models import FamilySpec
 from node.models.llama import LlamaBlock, repeat_kv
 
 
@@ -85,18 +84,3 @@ class MixtralBlock(LlamaBlock):
         return F.scaled_dot_product_attention(
             q, repeat_kv(k, self.groups), repeat_kv(v, self.groups), attn_mask=mask, scale=self.scaling
         )
-
-
-def default_dht_prefix(repo_name: str) -> str:
-    return repo_name.replace(".", "-")
-
-
-FAMILY = FamilySpec(
-    name="mixtral",
-    block_prefix="model.layers",
-    block_class=MixtralBlock,
-    default_dht_prefix=default_dht_prefix,
-    # Petals' Mixtral config hard-codes num_key_value_groups = 1: the budget is counted as without GQA
-    # (PROTOCOL 7.3 item 12), while the cache itself keeps num_key_value_heads.
-    kv_groups_for_budget=lambda config: 1,
-)
