@@ -21,7 +21,7 @@ from hivemind.p2p import P2P, PeerID
 from hivemind.proto import runtime_pb2
 
 from protocol import wire
-from protocol.dht_records import ServerInfo, ServerState, block_uids, from_tuple
+from protocol.dht_records import ServerInfo, ServerState, block_uids, read_servers
 
 PREFIX = "TransformerConnectionHandler."
 ARGS_2 = ((b"__T0", b"__T1"), {})
@@ -90,20 +90,7 @@ class SwarmClient:
 
     async def servers(self, num_blocks: int) -> dict[int, dict[str, ServerInfo]]:
         """Every valid server record per block, as a Petals client reads them (latest=True)."""
-        uids = block_uids(self.prefix, 0, num_blocks)
-        found = await self.dht.get_many(uids, sufficient_expiration_time=float("inf"))
-        out: dict[int, dict[str, ServerInfo]] = {}
-        for index, uid in enumerate(uids):
-            entry = found.get(uid)
-            out[index] = {}
-            if entry is None or not isinstance(entry.value, dict):
-                continue
-            for peer, item in entry.value.items():
-                try:
-                    out[index][peer] = from_tuple(item.value)
-                except (TypeError, ValueError):
-                    continue
-        return out
+        return await read_servers(self.dht, self.prefix, num_blocks)
 
     async def spans(self, num_blocks: int, min_state: ServerState = ServerState.ONLINE) -> list[RemoteSpan]:
         spans: dict[str, RemoteSpan] = {}

@@ -33,8 +33,6 @@ NOT_YET = (
     ("--quant_type", lambda v: v not in (None, "none"), "quantization (int8, nf4) is not available yet; use --quant_type none"),
     ("--tensor_parallel_devices", lambda v: bool(v), "tensor parallelism is not available yet"),
     ("--adapters", lambda v: bool(v), "LoRA adapters are not available yet"),
-    ("--throughput", lambda v: v is not None and not isinstance(v, float), "measured throughput (auto, eval, dry_run) is not available yet; pass a number, e.g. --throughput 1.0"),
-    ("--num_blocks", lambda v: v is not None, "choosing blocks from the swarm is not available yet; use --block_indices START:END (or neither, to serve every block)"),
 )
 
 
@@ -95,6 +93,11 @@ class NodeConfig(msgspec.Struct, kw_only=True):
     log_format: str = "auto"
     log_level: str = "info"
     download_attempts: int = 5
+    network_bandwidth: Optional[float] = None  # Mbit/s; None: assume 100 (PROTOCOL 5.2)
+    mean_block_selection_delay: float = 5.0
+    balance_checks: int = 3
+    drain_timeout: float = 60
+    memory_margin: float = 0.2
 
     @property
     def peers(self) -> list[str]:
@@ -139,6 +142,13 @@ def _block_range(text: str) -> tuple[int, int]:
     if not 0 <= start < end:
         raise ValueError(text)
     return start, end
+
+
+def _fraction(text: str) -> float:
+    value = float(text)
+    if not 0.0 <= value < 1.0:
+        raise ValueError(text)
+    return value
 
 
 def _throughput(text: str):
@@ -191,6 +201,7 @@ for _fn, _name in [
     (_non_negative_float, "non-negative number"),
     (_block_range, "START:END range"),
     (_throughput, "number or one of auto, eval, dry_run"),
+    (_fraction, "fraction in [0, 1)"),
     (_prefix, "prefix without '.' or ' '"),
     (_size, "size (e.g. 50GB = 50*10^9 bytes, 100GiB = 100*2^30 bytes)"),
 ]:
@@ -261,6 +272,16 @@ def build_parser() -> argparse.ArgumentParser:
     node.add_argument("--shutdown_grace", type=_non_negative_float, default=10, help="seconds to finish work on SIGTERM")
     node.add_argument("--download_attempts", type=_positive_int, default=5,
                       help="tries per weight file on network errors, with exponential backoff (2 s, 4 s, ...)")
+    node.add_argument("--network_bandwidth", type=_positive_float,
+                      help="the link's bandwidth in Mbit/s for the published network_rps (no speed test offline; default 100)")
+    node.add_argument("--mean_block_selection_delay", type=_non_negative_float, default=5.0,
+                      help="mean random wait (s) before choosing blocks, so that nodes starting together do not pick the same ones")
+    node.add_argument("--balance_checks", type=_positive_int, default=3,
+                      help="consecutive balance checks that must find the swarm unbalanced before the node moves")
+    node.add_argument("--drain_timeout", type=_non_negative_float, default=60,
+                      help="seconds open sessions may finish on the old blocks when the node moves")
+    node.add_argument("--memory_margin", type=_fraction, default=0.2,
+                      help="share of RAM (on a CPU) kept free when choosing --num_blocks automatically")
     node.add_argument("--log_format", choices=("auto", "json", "console"), default="auto")
     node.add_argument("--log_level", choices=("debug", "info", "warning", "error"), default="info")
     return p

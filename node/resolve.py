@@ -96,9 +96,14 @@ def resolve_plan(config: NodeConfig, run_dir: str, log) -> NodePlan:
         raise PlanError(f"argument --model: {e}") from None
 
     total = model_config.num_hidden_layers
-    start, end = config.block_indices or (0, total)
-    if end > total:
-        raise PlanError(f"argument --block_indices: the model has {total} blocks, cannot serve {start}:{end}")
+    if config.block_indices:
+        start, end = config.block_indices
+        if end > total:
+            raise PlanError(f"argument --block_indices: the model has {total} blocks, cannot serve {start}:{end}")
+    else:
+        start = end = 0  # chosen by the supervisor once the runtime has measured the device
+        if config.num_blocks is not None and config.num_blocks > total:
+            raise PlanError(f"argument --num_blocks: the model has only {total} blocks")
 
     if config.dht_prefix:
         prefix = config.dht_prefix
@@ -118,11 +123,10 @@ def resolve_plan(config: NodeConfig, run_dir: str, log) -> NodePlan:
         if config.quant_type is None and device.startswith("cuda"):
             log.warning("quantization is not available yet: serving unquantized (Petals would default to nf4 on CUDA)")
 
-    if config.throughput is None:
-        throughput = 1.0
-        log.warning("throughput is not measured yet: publishing 1.0 (set --throughput to publish another value)")
+    if isinstance(config.throughput, float):
+        throughput, mode = config.throughput, "fixed"
     else:
-        throughput = float(config.throughput)
+        throughput, mode = 0.0, config.throughput or "auto"
 
     update_period = config.update_period
     return NodePlan(
@@ -140,6 +144,8 @@ def resolve_plan(config: NodeConfig, run_dir: str, log) -> NodePlan:
         total_blocks=total,
         start_block=start,
         end_block=end,
+        choose_blocks=config.block_indices is None,
+        wanted_blocks=config.num_blocks,
         hidden_size=model_config.hidden_size,
         num_attention_heads=geometry.num_heads,
         num_kv_heads=geometry.num_kv_heads,
@@ -160,6 +166,8 @@ def resolve_plan(config: NodeConfig, run_dir: str, log) -> NodePlan:
         initial_peers=config.peers,
         public_name=config.public_name,
         throughput=throughput,
+        throughput_mode=mode,
+        network_bandwidth=config.network_bandwidth,
         update_period=update_period,
         expiration=config.expiration or max(2 * update_period, 3),
         num_handlers=config.num_handlers,

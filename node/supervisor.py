@@ -3,13 +3,18 @@
 Owns: the configuration and the plan, the run directory, the p2pd daemon (the node's libp2p
   identity), and the process table of actors: the DHT announcer, the KV-cache allocator, the block
   runtime and `--num_handlers` network frontends.
-Receives (ROUTER `control.sock`): Ready, Heartbeat, Fatal and Announced from actors; SIGTERM/SIGINT.
-Sends: Announce (the node's state) to the announcer; PeerDown/PeerUp when an actor is replaced;
-  Stop on shutdown. Writes RUN_DIR/status.json for operators and probes.
+Receives (ROUTER `control.sock`): Ready, Heartbeat, Fatal and Announced from actors; Measured from
+  the runtime and SwarmView from the announcer (for node/placement.py); SIGTERM/SIGINT.
+Sends: Announce (the node's state) to the announcer; LoadBlocks to the runtime; Serve (the blocks)
+  to frontends and the allocator; SwarmQuery; PeerDown/PeerUp when an actor is replaced; Stop on
+  shutdown. Writes RUN_DIR/status.json for operators and probes.
 
 The node's state follows its actors: JOINING until the runtime, the allocator and a frontend are
 ready, then ONLINE; JOINING again while the runtime is replaced; OFFLINE on the way out. The runtime
-loads its blocks only once the announcer has stored a state (JOINING), as Petals servers do.
+loads its blocks only once the announcer has stored a state (JOINING), as Petals servers do. Which
+blocks, and how many, is decided first (node/placement.py), from the runtime's measurement of its
+device and the swarm the announcer reads; the same placement moves the node when the swarm is
+unbalanced (OFFLINE, drain, runtime restarted on the new blocks, JOINING, ONLINE).
 """
 
 from __future__ import annotations
@@ -29,6 +34,7 @@ import zmq.asyncio
 
 from node import logs
 from node.config import NodeConfig, parse_config
+from node.placement import Placement, PlacementError
 from node.processes import ActorProcess, ActorSpec, RestartIntensity, backoff
 from protocol.dht_records import ServerState
 from protocol.messages import (
@@ -38,10 +44,13 @@ from protocol.messages import (
     Fatal,
     Heartbeat,
     LoadBlocks,
+    Measured,
     PeerDown,
     PeerUp,
     Ready,
+    Serve,
     Stop,
+    SwarmView,
 )
 from protocol.plan import NodePlan, write_plan
 from protocol.transport import AsyncChannel, BadMessage
@@ -89,6 +98,9 @@ class Supervisor:
         self.maddrs: list[str] = []
         self.stream_handlers: dict[str, tuple[str, list[str]]] = {}  # frontend -> (its socket, handler names)
         self.tasks: set[asyncio.Task] = set()
+        self.placement = Placement(config, plan, self.log, lambda msg: self.send("announcer", msg))
+        self.placing: Optional[asyncio.Task] = None
+        self.moving = False  # a rebalancing move is under way: it drives the state itself
 
     # --- lifecycle ---------------------------------------------------------------------------
 
@@ -185,7 +197,11 @@ class Supervisor:
 
     def _update_state(self) -> None:
         announcer = self.actors["announcer"]
-        if not announcer.ready:
+        if not announcer.ready or self.moving:
+            return
+        if not self.placement.placed:
+            if self.placing is None:
+                self.placing = self.spawn_task(self._place())
             return
         serving = (
             self.actors["runtime.0"].ready
@@ -199,12 +215,12 @@ class Supervisor:
             self.announce(desired)
         runtime = self.actors["runtime.0"]
         if self.confirmed == ServerState.JOINING and runtime.running and not runtime.ready and not runtime.load_ordered:
-            runtime.load_ordered = self.send("runtime.0", LoadBlocks())
+            runtime.load_ordered = self.send("runtime.0", LoadBlocks(self.plan.start_block, self.plan.end_block))
 
-    def announce(self, state: ServerState) -> None:
+    def announce(self, state: ServerState, retire=None) -> None:
         self.announced = self.reported = state
         self.state_changed.clear()
-        self.send("announcer", Announce(int(state), self.plan.start_block, self.plan.end_block))
+        self.send("announcer", Announce(int(state), self.plan.start_block, self.plan.end_block, retire=retire, **self.placement.numbers))
         self.log.info("state", state=state.name)
         self.write_status()
 
@@ -241,6 +257,12 @@ class Supervisor:
                 if "stream_maddr" in msg.detail:
                     self.stream_handlers[name] = (msg.detail["stream_maddr"], list(msg.detail.get("stream_handlers", ())))
                 self.write_status()
+                if self.placement.placed and (name == "allocator" or name.startswith("frontend")):
+                    self.send(name, Serve(self.plan.start_block, self.plan.end_block))
+            elif isinstance(msg, Measured):
+                self.placement.on_measured(msg)
+            elif isinstance(msg, SwarmView):
+                self.placement.on_view(msg)
             elif isinstance(msg, Fatal):
                 self.log.error("actor cannot work; stopping the node", actor=name, reason=msg.reason)
                 self.exit_code = 1
@@ -250,6 +272,98 @@ class Supervisor:
                 self.state_changed.set()
                 if not msg.ok:
                     self.log.warning("announcement incomplete", state=ServerState(msg.state).name, error=msg.error)
+
+    # --- placement ---------------------------------------------------------------------------
+
+    def spawn_task(self, coro) -> asyncio.Task:
+        task = asyncio.get_running_loop().create_task(coro)
+        self.tasks.add(task)
+        task.add_done_callback(self.tasks.discard)
+        return task
+
+    async def _place(self) -> None:
+        try:
+            start, end = await self.placement.place()
+        except (PlacementError, ValueError, asyncio.TimeoutError) as e:
+            self.log.error("cannot place the node", error=str(e) or repr(e))
+            self.exit_code = 1
+            return
+        if self.plan.throughput_mode == "dry_run":
+            numbers = {**self.placement.numbers, "num_blocks": self.placement.count}
+            print(json.dumps(numbers), flush=True)
+            self.log.info("throughput measured (dry run)", **numbers)
+            self.exit_code = 0
+            self.stop_requested.set()
+            return
+        self.plan.throughput_mode = "auto" if self.plan.throughput_mode != "fixed" else "fixed"  # a restarted runtime reads the cache
+        self.set_blocks(start, end)
+        if self.placement.can_move:
+            self.spawn_task(self._balance())
+
+    def set_blocks(self, start: int, end: int) -> None:
+        """The node's blocks are now [start, end): the plan (read by restarted actors) and live actors."""
+        self.plan.start_block, self.plan.end_block = start, end
+        write_plan(self.plan)
+        self.log = self.log.bind(blocks=[start, end])
+        self.placement.log = self.log
+        for name in self.actors:
+            if name == "allocator" or name.startswith("frontend"):
+                self.send(name, Serve(start, end))
+        self.write_status()
+
+    async def _balance(self) -> None:
+        """Balance checks at random intervals while ONLINE; a persistent imbalance moves the node."""
+        while True:
+            await asyncio.sleep(self.placement.next_check_in())
+            if self.moving or self.confirmed != ServerState.ONLINE:
+                continue
+            try:
+                target = await self.placement.check_balance(self.plan.peer_id, (self.plan.start_block, self.plan.end_block))
+            except (PlacementError, asyncio.TimeoutError) as e:
+                self.log.warning("balance check failed", error=str(e) or repr(e))
+                continue
+            if target is not None:
+                await self._move(*target)
+
+    async def _move(self, start: int, end: int) -> None:
+        """OFFLINE on the old blocks, let open sessions finish (bounded), restart the runtime on the
+        new blocks; the usual JOINING -> LoadBlocks -> ONLINE sequence follows."""
+        old = (self.plan.start_block, self.plan.end_block)
+        self.log.info("moving", old=list(old), new=[start, end], move=self.placement.moves)
+        self.moving = True
+        try:
+            self.announce(ServerState.OFFLINE)
+            drained = await self._drain(self.config.drain_timeout)
+            self.log.info("old blocks drained" if drained else "drain timed out; ending open sessions", old=list(old))
+            runtime = self.actors["runtime.0"]
+            runtime.respawn_at = float("inf")  # a planned restart: not a failure, no backoff
+            runtime.stopping = True
+            if runtime.running and not self.send("runtime.0", Stop(0.0)):
+                runtime.popen.terminate()
+            deadline = time.monotonic() + 5.0
+            while runtime.running and time.monotonic() < deadline:
+                await asyncio.sleep(0.05)
+            runtime.kill()
+            runtime.ready = False
+            for name in self.actors:
+                if name != "runtime.0":
+                    self.send(name, PeerDown("runtime.0"))
+            self.set_blocks(start, end)
+            runtime.respawn_at = time.monotonic()  # _check spawns it with the new plan
+            self.announced = None  # JOINING on the new blocks next
+        finally:
+            self.moving = False
+
+    async def _drain(self, timeout: float) -> bool:
+        """Wait until no session holds cache and no task is queued, or `timeout` passes."""
+        deadline = time.monotonic() + timeout
+        await asyncio.sleep(min(timeout, 1.5))  # the next heartbeats show who came in before OFFLINE
+        while time.monotonic() < deadline:
+            allocator, runtime = self.actors["allocator"].stats, self.actors["runtime.0"].stats
+            if not allocator.get("sessions") and not runtime.get("queue") and not runtime.get("in_progress"):
+                return True
+            await asyncio.sleep(0.2)
+        return False
 
     async def _unregister(self, name: str, stream_maddr: str, handlers: list[str]) -> None:
         try:

@@ -2,9 +2,11 @@
 
 Owns: a hivemind DHTNode attached to the supervisor's p2pd (so it answers DHT RPCs under the node's
   peer id, with a DHT id derived from it that survives restarts), and the node's ServerInfo.
-Receives: Announce(state, blocks) from the supervisor; Capacity from the allocator; Stop.
+Receives: Announce(state, blocks, throughput) and SwarmQuery from the supervisor; Capacity from the
+  allocator; Stop.
 Sends: the per-block records and the `_petals.models` record, refreshed every `update_period` with
-  a later expiration each time; Announced to the supervisor after each state change; CapacityQuery.
+  a later expiration each time; Announced to the supervisor after each state change; SwarmView (the
+  swarm's records, for block selection and rebalancing); CapacityQuery.
 """
 
 from __future__ import annotations
@@ -23,8 +25,8 @@ from node.logs import quiet_hivemind
 from procs import actor as actor_lib
 from procs.requester import Requester
 from protocol import SERVER_VERSION
-from protocol.dht_records import MODELS_KEY, ServerInfo, ServerState, block_uids, model_record, to_tuple
-from protocol.messages import Announce, Announced, AllocatorReply, CapacityQuery, Stop
+from protocol.dht_records import MODELS_KEY, ServerInfo, ServerState, block_uids, model_record, read_servers, to_tuple
+from protocol.messages import Announce, Announced, AllocatorReply, CapacityQuery, Stop, SwarmQuery, SwarmView
 
 
 class Announcer:
@@ -64,9 +66,12 @@ class Announcer:
                 msg = None
             if isinstance(msg, Stop):
                 return
-            if isinstance(msg, Announce):
+            if isinstance(msg, SwarmQuery):
+                self.actor.send_control(await self.swarm_view(msg.req))
+            elif isinstance(msg, Announce):
                 self.state = msg
                 ok, error = await self.announce()
+                msg.retire = None  # retired blocks are announced OFFLINE once, not refreshed
                 self.actor.send_control(Announced(msg.state, ok, error))
                 next_refresh = time.monotonic() + self.plan.update_period
             elif self.state is not None and self.state.state != ServerState.OFFLINE and time.monotonic() >= next_refresh:
@@ -84,19 +89,34 @@ class Announcer:
 
     # --- sending -----------------------------------------------------------------------------
 
+    async def swarm_view(self, req: int) -> SwarmView:
+        began = time.perf_counter()
+        try:
+            servers = await read_servers(self.dht, self.plan.dht_prefix, self.plan.total_blocks)
+        except Exception as e:
+            self.log.warning("cannot read the swarm", error=repr(e))
+            return SwarmView(req, error=repr(e))
+        blocks = {index: {peer: to_tuple(info) for peer, info in infos.items()} for index, infos in servers.items()}
+        self.log.info("swarm read", servers=len({p for infos in servers.values() for p in infos}),
+                      seconds=round(time.perf_counter() - began, 3))
+        return SwarmView(req, blocks)
+
     def server_info(self, state: Announce, tokens_left: Optional[int]) -> ServerInfo:
         plan = self.plan
         return ServerInfo(
             state=ServerState(state.state),
-            throughput=float(plan.throughput),
+            throughput=float(state.throughput),
             start_block=state.start_block,
             end_block=state.end_block,
             public_name=plan.public_name,
             version=SERVER_VERSION,
+            network_rps=state.network_rps,
+            forward_rps=state.forward_rps,
+            inference_rps=state.inference_rps,
             adapters=(),
             torch_dtype=plan.torch_dtype,
             quant_type=plan.quant_type,
-            using_relay=False,
+            using_relay=state.using_relay,
             cache_tokens_left=tokens_left,
             next_pings=None if state.state == ServerState.OFFLINE else {},
         )
@@ -109,11 +129,13 @@ class Announcer:
         expiration = max(time.time() + self.plan.expiration, self.last_expiration + 0.001)
         self.last_expiration = expiration
         began = time.perf_counter()
+        values = [to_tuple(info)] * len(uids)
+        if state.retire is not None:  # blocks left behind by a move: OFFLINE, then they expire
+            retired = [uid for uid in block_uids(self.plan.dht_prefix, *state.retire) if uid not in uids]
+            offline = to_tuple(self.server_info(Announce(int(ServerState.OFFLINE), *state.retire), None))
+            uids, values = uids + retired, values + [offline] * len(retired)
         try:
-            value = to_tuple(info)
-            results = await self.dht.store_many(
-                uids, [value] * len(uids), expiration, subkeys=[self.peer_id] * len(uids)
-            )
+            results = await self.dht.store_many(uids, values, expiration, subkeys=[self.peer_id] * len(uids))
             ok = all(results.values())
             if state.state != ServerState.OFFLINE and not self.plan.dht_prefix.startswith("_"):
                 record = model_record(self.plan.total_blocks, self.plan.repository)

@@ -11,6 +11,7 @@ Sends: Granted / Failure / Capacity replies; PushDelivery to the frontend owning
 
 from __future__ import annotations
 
+import dataclasses
 import time
 
 import zmq
@@ -27,6 +28,7 @@ from protocol.messages import (
     Failure,
     Granted,
     PeerDown,
+    Serve,
     PushDelivery,
     PushRoute,
     Release,
@@ -108,12 +110,23 @@ class Allocator:
     def handle_control(self) -> None:
         while not self.actor.control_inbox.empty():
             msg = self.actor.control_inbox.get_nowait()
-            if isinstance(msg, PeerDown) and msg.name.startswith("frontend"):
+            if isinstance(msg, Serve):
+                self.resize(msg.end_block - msg.start_block)
+            elif isinstance(msg, PeerDown) and msg.name.startswith("frontend"):
                 leases, waiters = self.budget.drop_owner(msg.name)
                 if leases or waiters:
                     self.log.info("dropped sessions of a replaced frontend", frontend=msg.name, sessions=len(leases))
                 self.ended(leases, "owner replaced")
                 self.grant_waiting(time.time())
+
+    def resize(self, num_blocks: int) -> None:
+        """The budget follows the number of blocks served (chosen after this process started)."""
+        if num_blocks == self.geometry.num_blocks:
+            return
+        self.geometry = dataclasses.replace(self.geometry, num_blocks=num_blocks)
+        self.budget.capacity = self.geometry.capacity
+        self.log.info("cache budget set", blocks=num_blocks, capacity_bytes=self.budget.capacity)
+        self.grant_waiting(time.time())
 
     # --- deciding ----------------------------------------------------------------------------
 

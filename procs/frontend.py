@@ -3,7 +3,7 @@
 Owns: an attachment to the node's p2pd (P2P.replicate, so the peer id is the node's), the handler
   registrations (balanced: p2pd spreads calls over all frontends), and the open inference sessions.
 Receives: Petals RPCs from the swarm; replies from the runtime and the allocator; PushDelivery for
-  sessions it owns; control: Stop, PeerDown, PeerUp.
+  sessions it owns; control: Stop, PeerDown, PeerUp, Serve (the blocks served now).
 Sends: Forward/Backward/InferStep/Cancel to the runtime; Allocate/Release/Adopt/CapacityQuery/
   PushRoute to the allocator; replies and error frames to clients.
 """
@@ -25,7 +25,7 @@ from procs import actor as actor_lib
 from procs.requester import Requester
 from procs.rpc_handlers import NAME_PREFIX, STREAMS, UNARY, Handlers, ShuttingDown
 from protocol import streams
-from protocol.messages import AllocatorReply, PeerDown, PeerUp, PushDelivery, RuntimeReply, Stop
+from protocol.messages import AllocatorReply, PeerDown, PeerUp, PushDelivery, RuntimeReply, Serve, Stop
 
 PREFETCH = 5  # like hivemind: at most this many unread requests buffered per stream
 INPUT_DRAIN_SECONDS = 1.0  # after our last frame, how long to wait for the rest of the client's input
@@ -185,6 +185,8 @@ class Frontend:
                 self.peer_down(msg.name)
             elif isinstance(msg, PeerUp) and msg.name == "allocator":
                 self.readopt()
+            elif isinstance(msg, Serve):  # the blocks were chosen, or the node moved
+                self.plan.start_block, self.plan.end_block = msg.start_block, msg.end_block
             self.actor.stats.update(self.handlers.stats())
             self.actor.publish_stats()
 

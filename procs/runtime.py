@@ -321,20 +321,46 @@ class Runtime:
         self.actor.publish_stats()
 
 
+def report_capacity(actor: actor_lib.Actor) -> bool:
+    """Tell the supervisor what the device holds and how fast a block runs on it (it chooses the
+    number of blocks and the announced throughput from this) while the announcer joins the swarm."""
+    from node import capacity
+
+    plan = actor.plan
+    try:
+        config = Checkpoint.open(
+            plan.model, revision=plan.revision, token=plan.token, cache_dir=plan.cache_dir,
+            max_disk_space=plan.max_disk_space, download_attempts=plan.download_attempts,
+        ).config()
+        report = capacity.measure(plan, get_family(config).block_class, config, log=actor.log)
+    except Exception as e:
+        actor.log.exception("cannot measure the device")
+        actor.fatal(f"cannot measure {plan.device} for {plan.model}: {e}")
+        return False
+    actor.send_control(report)
+    return True
+
+
 def wait_for_load_order(actor: actor_lib.Actor) -> bool:
-    """Blocks load only once the swarm sees us JOINING (PROTOCOL 2.4); imports are done meanwhile."""
+    """Blocks load only once the swarm sees us JOINING (PROTOCOL 2.4); imports are done meanwhile.
+    The order names the blocks: the supervisor may have chosen them after this process started."""
     while not actor.stopping.is_set():
         try:
-            if isinstance(actor.control_inbox.get(timeout=0.1), LoadBlocks):
-                return True
+            msg = actor.control_inbox.get(timeout=0.1)
         except queue.Empty:
             continue
+        if isinstance(msg, LoadBlocks):
+            if msg.start_block >= 0:
+                actor.plan.start_block, actor.plan.end_block = msg.start_block, msg.end_block
+            return True
     return False
 
 
 def main(actor: actor_lib.Actor) -> None:
     torch.set_grad_enabled(False)
     logs.route_transformers_logs()
+    if not report_capacity(actor):
+        return
     if not wait_for_load_order(actor):
         return
     began = time.perf_counter()

@@ -275,6 +275,25 @@ def block_uids(prefix: str, start: int, end: int) -> list[str]:
     return [f"{prefix}{UID_DELIMITER}{i}" for i in range(start, end)]
 
 
+async def read_servers(dht_node, prefix: str, num_blocks: int) -> dict[int, dict[str, ServerInfo]]:
+    """Every valid server record per block of a hivemind DHTNode, as a Petals client reads them
+    (latest=True: the whole DHT is searched and replicas merged). Invalid entries are skipped."""
+    uids = block_uids(prefix, 0, num_blocks)
+    found = await dht_node.get_many(uids, sufficient_expiration_time=float("inf"))
+    out: dict[int, dict[str, ServerInfo]] = {}
+    for index, uid in enumerate(uids):
+        entry = found.get(uid)
+        out[index] = {}
+        if entry is None or not isinstance(entry.value, dict):
+            continue
+        for peer, item in entry.value.items():
+            try:
+                out[index][peer] = from_tuple(item.value)
+            except (TypeError, ValueError):
+                continue
+    return out
+
+
 # --- spans (PROTOCOL 2.5) -------------------------------------------------------------------------
 
 

@@ -59,6 +59,29 @@ class Announced(Message):
     error: str = ""
 
 
+class Measured(Message):
+    """Runtime -> supervisor, before any block loads: what the device holds and how fast a block runs
+    there (PROTOCOL 5.2-5.4). The rps fields are None unless throughput is measured (auto, eval, dry_run)."""
+
+    device_type: str
+    device_memory: int  # bytes: the device's total (a CPU's: the host's RAM)
+    available_memory: int  # bytes free now
+    block_params: int
+    block_bytes: int
+    inference_rps: Any = None
+    forward_rps: Any = None
+    network_rps: Any = None
+
+
+class SwarmView(Message):
+    """Announcer -> supervisor: every valid server record of the model's blocks, read as clients read
+    them (latest=True). blocks[index][peer id] = the record's tuple; `error` when the DHT failed."""
+
+    req: int
+    blocks: dict[int, dict[str, Any]] = {}
+    error: str = ""
+
+
 # --- control plane: supervisor -> actor -------------------------------------------------------
 
 
@@ -81,15 +104,38 @@ class PeerUp(Message):
 
 
 class Announce(Message):
-    """Supervisor -> announcer: publish this state for this block range now, then keep refreshing it."""
+    """Supervisor -> announcer: publish this state for this block range now, then keep refreshing it.
+    `retire` is a range the node no longer serves: announced OFFLINE once, then left to expire."""
 
     state: int
     start_block: int
     end_block: int
+    throughput: float = 0.0
+    inference_rps: Any = None
+    forward_rps: Any = None
+    network_rps: Any = None
+    using_relay: bool = False
+    retire: Any = None  # [start, end] or None
 
 
 class LoadBlocks(Message):
-    """Supervisor -> runtime: the swarm has been told we are JOINING; load the blocks now."""
+    """Supervisor -> runtime: the swarm has been told we are JOINING; load these blocks now."""
+
+    start_block: int = -1
+    end_block: int = -1
+
+
+class Serve(Message):
+    """Supervisor -> frontends and allocator: the node's blocks are now [start_block, end_block)."""
+
+    start_block: int
+    end_block: int
+
+
+class SwarmQuery(Message):
+    """Supervisor -> announcer: read the swarm's records of every block of the model (SwarmView)."""
+
+    req: int
 
 
 # --- runtime inbox ----------------------------------------------------------------------------
@@ -238,8 +284,8 @@ class ProbeEvent(msgspec.Struct, omit_defaults=True):
     fields: dict[str, Any] = {}
 
 
-ControlToSupervisor = Union[Ready, Heartbeat, Fatal, Announced]
-ControlToActor = Union[Stop, PeerDown, PeerUp, Announce, LoadBlocks]
+ControlToSupervisor = Union[Ready, Heartbeat, Fatal, Announced, Measured, SwarmView]
+ControlToActor = Union[Stop, PeerDown, PeerUp, Announce, LoadBlocks, Serve, SwarmQuery]
 RuntimeInbox = Union[Forward, Backward, InferStep, Cancel, DropCache]
 RuntimeReply = Union[Result, Failure]
 AllocatorInbox = Union[Allocate, Release, Adopt, CapacityQuery, PushRoute]

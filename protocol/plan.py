@@ -30,8 +30,11 @@ class NodePlan(msgspec.Struct, kw_only=True):
     dht_prefix: str
     repository: Optional[str] = None
     total_blocks: int
+    # the blocks served now; before the supervisor has chosen them (choose_blocks) both are 0
     start_block: int
     end_block: int
+    choose_blocks: bool = False  # the range comes from the swarm (PROTOCOL 5.1), not --block_indices
+    wanted_blocks: Optional[int] = None  # --num_blocks; None: as many as memory allows (PROTOCOL 5.3)
     hidden_size: int
     num_attention_heads: int
     num_kv_heads: int
@@ -55,7 +58,9 @@ class NodePlan(msgspec.Struct, kw_only=True):
     # swarm
     initial_peers: list[str] = []
     public_name: Optional[str] = None
-    throughput: float
+    throughput: float  # what to announce when throughput_mode is "fixed"
+    throughput_mode: str = "fixed"  # or "auto", "eval", "dry_run" (PROTOCOL 5.2)
+    network_bandwidth: Optional[float] = None  # Mbit/s
     update_period: float
     expiration: float
     num_handlers: int

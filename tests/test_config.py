@@ -85,13 +85,19 @@ def test_missing_model(capsys):
         (["m", "--quant_type", "nf4"], "--quant_type", "quantization"),
         (["m", "--tensor_parallel_devices", "cuda:0", "cuda:1"], "--tensor_parallel_devices", "tensor parallelism"),
         (["m", "--adapters", "x/lora"], "--adapters", "adapters"),
-        (["m", "--throughput", "auto"], "--throughput", "measured throughput"),
-        (["m", "--num_blocks", "3"], "--num_blocks", "--block_indices"),
     ],
 )
 def test_features_of_open_issues_exit_with_a_message(capsys, argv, flag, words):
     err = parse_error(capsys, argv)
     assert flag in err and words in err
+
+
+def test_swarm_settings(capsys):
+    c = parse_config(["m", "--num_blocks", "3", "--throughput", "eval", "--network_bandwidth", "1000"])
+    assert (c.num_blocks, c.throughput, c.network_bandwidth) == (3, "eval", 1000.0)
+    assert (c.balance_checks, c.drain_timeout, c.mean_block_selection_delay) == (3, 60, 5.0)
+    assert "--memory_margin" in parse_error(capsys, ["m", "--memory_margin", "1.5"])
+    assert "--balance_checks" in parse_error(capsys, ["m", "--balance_checks", "0"])
 
 
 def test_config_file_and_override(tmp_path):

@@ -1,0 +1,85 @@
+"""How many blocks fit on this node (PROTOCOL 5.3, 5.4, 5.7): pure arithmetic, no torch.
+
+The runtime reports what only it can know (the parameters of one block of the real architecture,
+the device's memory); the supervisor decides here, before any block loads, and logs the numbers.
+Petals refuses to choose on a CPU; the node chooses from the RAM that is available, keeping a margin
+for everything else on the host.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
+QUANT_BYTES = {"int8": 1.0, "nf4": 4.25 / 8}
+GiB = 1024**3
+
+
+def block_size_bytes(n_params: int, dtype: str, quant_type: str = "none") -> int:
+    """Memory of one block's weights: parameters x bytes per value, plus 1% for what rides along."""
+    per_value = QUANT_BYTES.get(quant_type, DTYPE_BYTES[dtype])
+    return round(n_params * per_value * 1.01)
+
+
+def cache_bytes_per_block(hidden_size: int, attn_cache_tokens: int, kv_groups: int, dtype: str) -> int:
+    """The attention cache budget of one block: K and V rows of --attn_cache_tokens tokens."""
+    return (2 * hidden_size * attn_cache_tokens // kv_groups) * DTYPE_BYTES[dtype]
+
+
+def autograd_bytes(hidden_size: int, num_devices: int = 1) -> int:
+    """What Petals keeps free for backward passes: 2 GiB per device for a 14336-wide model, in proportion."""
+    return int(2 * GiB * num_devices * hidden_size / 14336)
+
+
+@dataclass
+class Estimate:
+    num_blocks: int
+    memory: int  # bytes the choice is made from
+    autograd: int
+    block: int
+    cache: int
+    adapters: int
+    source: str  # "gpu" or "ram"
+
+    def fields(self) -> dict:
+        return asdict(self)
+
+
+class NotEnoughMemory(ValueError):
+    pass
+
+
+def estimate_num_blocks(
+    *,
+    device_type: str,
+    device_memory: int,
+    available_memory: int,
+    block_bytes: int,
+    cache_bytes: int,
+    adapter_bytes: int = 0,
+    hidden_size: int,
+    total_blocks: int,
+    num_devices: int = 1,
+    margin: float = 0.2,
+) -> Estimate:
+    """How many blocks (with their cache and adapters) fit next to the autograd reserve.
+
+    On a GPU the node has the device to itself, as in Petals: its total memory counts (for tensor
+    parallelism, the smallest device times their number). On a CPU it shares the host's RAM: only what
+    is available now counts, less `margin` of it for everyone else.
+    """
+    if device_type == "cuda":
+        memory, source = device_memory, "gpu"
+    else:
+        memory, source = int(available_memory * (1.0 - margin)), "ram"
+    autograd = autograd_bytes(hidden_size, num_devices)
+    per_block = block_bytes + cache_bytes + adapter_bytes
+    count = min(total_blocks, (memory - autograd) // per_block) if per_block > 0 else total_blocks
+    estimate = Estimate(int(count), memory, autograd, block_bytes, cache_bytes, adapter_bytes, source)
+    if count < 1:
+        raise NotEnoughMemory(
+            f"not enough memory for one block: {memory / GiB:.2f} GiB of {source}, {autograd / GiB:.2f} GiB kept for "
+            f"autograd, {per_block / GiB:.2f} GiB per block (weights {block_bytes / GiB:.2f}, cache {cache_bytes / GiB:.2f}); "
+            "pass --num_blocks or --block_indices, or lower --attn_cache_tokens"
+        )
+    return estimate
