@@ -47,13 +47,18 @@ class NodeProcess:
         self.log_path = log_path or (self.run_dir.parent / f"{self.run_dir.name}.log")
         self.proc: Optional[subprocess.Popen] = None
 
-    def start(self, timeout: float = 90) -> "NodeProcess":
+    def launch(self) -> "NodeProcess":
+        """Start the supervisor without waiting (several nodes starting together)."""
         self.run_dir.parent.mkdir(parents=True, exist_ok=True)
         self._log = open(self.log_path, "ab")
         env = {**os.environ, **self.env, "PYTHONPATH": str(ROOT)}
         self.proc = subprocess.Popen(
             self.argv, cwd=ROOT, env=env, stdout=self._log, stderr=subprocess.STDOUT, preexec_fn=stop_with_parent  # a node started for a test, demo or benchmark ends with its owner
         )
+        return self
+
+    def start(self, timeout: float = 90) -> "NodeProcess":
+        self.launch()
         try:
             self.wait_state("online", timeout)
         except BaseException:

@@ -157,8 +157,26 @@ class Placement:
         if self.streak < self.config.balance_checks:
             return None
         self.streak = 0
-        self.moves += 1
         return target
+
+    async def confirm_move(self, peer_id: str, old: tuple[int, int], target: tuple[int, int]) -> Optional[tuple[int, int]]:
+        """Once our old blocks are OFFLINE and drained: is the move still right? Two nodes on one span
+        may decide together; each then sees the other gone from the span, and the best place for
+        either is the old span. The one with the lower peer id stays there, the other moves."""
+        total = self.plan.total_blocks
+        infos = await self.swarm()
+        others = {b: {p: i for p, i in peers.items() if p != peer_id} for b, peers in infos.items()}
+        now = block_selection.choose_best_blocks(self.count, others, total)
+        if now != tuple(old):
+            return now
+        leaving = sorted(
+            p for peers in infos.values() for p, i in peers.items()
+            if p != peer_id and i.state == ServerState.OFFLINE and (i.start_block, i.end_block) == tuple(old)
+        )
+        if leaving and leaving[0] < peer_id:
+            self.log.info("another node left our blocks at the same time; it stays, we move", other=leaving[0])
+            return target
+        return None
 
     def next_check_in(self) -> float:
         return self.rng.uniform(0, 2 * self.config.mean_balance_check_period)

@@ -329,11 +329,22 @@ class Supervisor:
         """OFFLINE on the old blocks, let open sessions finish (bounded), restart the runtime on the
         new blocks; the usual JOINING -> LoadBlocks -> ONLINE sequence follows."""
         old = (self.plan.start_block, self.plan.end_block)
-        self.log.info("moving", old=list(old), new=[start, end], move=self.placement.moves)
+        self.log.info("leaving blocks", old=list(old), target=[start, end])
         self.moving = True
         try:
             self.announce(ServerState.OFFLINE)
             drained = await self._drain(self.config.drain_timeout)
+            try:
+                confirmed = await self.placement.confirm_move(self.plan.peer_id, old, (start, end))
+            except (PlacementError, asyncio.TimeoutError) as e:
+                self.log.warning("cannot confirm the move; staying", error=str(e) or repr(e))
+                confirmed = None
+            if confirmed is None:
+                self.log.info("move cancelled: the old blocks are the best place now", blocks=list(old))
+                self.announced = None  # ONLINE again on the old blocks, sessions never lost
+                return
+            start, end = confirmed
+            self.placement.moves += 1
             self.log.info("old blocks drained" if drained else "drain timed out; ending open sessions", old=list(old))
             runtime = self.actors["runtime.0"]
             runtime.respawn_at = float("inf")  # a planned restart: not a failure, no backoff
@@ -391,6 +402,7 @@ class Supervisor:
             "supervisor_pid": os.getpid(),
             "dht_prefix": self.plan.dht_prefix,
             "blocks": [self.plan.start_block, self.plan.end_block],
+            "moves": self.placement.moves,
             "actors": {
                 n: {"pid": a.pid, "ready": a.ready, "restarts": a.restarts} for n, a in self.actors.items()
             },

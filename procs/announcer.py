@@ -29,6 +29,9 @@ from protocol.dht_records import MODELS_KEY, ServerInfo, ServerState, block_uids
 from protocol.messages import Announce, Announced, AllocatorReply, CapacityQuery, Stop, SwarmQuery, SwarmView
 
 
+SWARM_READ_TIMEOUT = 10.0  # seconds
+
+
 class Announcer:
     def __init__(self, actor: actor_lib.Actor):
         self.actor = actor
@@ -51,6 +54,7 @@ class Announcer:
             node_id=DHTID.generate(source=p2p.peer_id.to_bytes()),
             initial_peers=self.plan.initial_peers,
             num_workers=max(1, self.plan.total_blocks),
+            reuse_get_requests=False,  # a search stuck on a dead peer must not capture later reads
         )
         self.actor.ready(peer_id=self.peer_id)
 
@@ -59,11 +63,15 @@ class Announcer:
     async def serve(self) -> None:
         next_refresh = float("inf")
         while True:
-            timeout = max(0.0, next_refresh - time.monotonic())
+            # never a zero timeout: wait_for(get(), 0) cancels the get before it can take a message
+            timeout = min(max(0.05, next_refresh - time.monotonic()), 1.0)
             try:
-                msg = await asyncio.wait_for(self.control.get(), timeout=min(timeout, 1.0))
-            except asyncio.TimeoutError:
-                msg = None
+                msg = self.control.get_nowait()
+            except asyncio.QueueEmpty:
+                try:
+                    msg = await asyncio.wait_for(self.control.get(), timeout=timeout)
+                except asyncio.TimeoutError:
+                    msg = None
             if isinstance(msg, Stop):
                 return
             if isinstance(msg, SwarmQuery):
@@ -73,7 +81,7 @@ class Announcer:
                 ok, error = await self.announce()
                 msg.retire = None  # retired blocks are announced OFFLINE once, not refreshed
                 self.actor.send_control(Announced(msg.state, ok, error))
-                next_refresh = time.monotonic() + self.plan.update_period
+                next_refresh = time.monotonic() + self.plan.update_period if msg.state != ServerState.OFFLINE else float("inf")
             elif self.state is not None and self.state.state != ServerState.OFFLINE and time.monotonic() >= next_refresh:
                 await self.announce()
                 next_refresh = time.monotonic() + self.plan.update_period
@@ -92,12 +100,13 @@ class Announcer:
     async def swarm_view(self, req: int) -> SwarmView:
         began = time.perf_counter()
         try:
-            servers = await read_servers(self.dht, self.plan.dht_prefix, self.plan.total_blocks)
-        except Exception as e:
+            # hivemind's search can wait forever on a peer that died mid-traversal: bound it
+            servers = await asyncio.wait_for(read_servers(self.dht, self.plan.dht_prefix, self.plan.total_blocks), SWARM_READ_TIMEOUT)
+        except (Exception, asyncio.TimeoutError) as e:
             self.log.warning("cannot read the swarm", error=repr(e))
             return SwarmView(req, error=repr(e))
         blocks = {index: {peer: to_tuple(info) for peer, info in infos.items()} for index, infos in servers.items()}
-        self.log.info("swarm read", servers=len({p for infos in servers.values() for p in infos}),
+        self.log.info("swarm read", servers=len({p for infos in servers.values() for p in infos}), peers=len(self.dht.protocol.routing_table.uid_to_peer_id),
                       seconds=round(time.perf_counter() - began, 3))
         return SwarmView(req, blocks)
 
@@ -135,11 +144,13 @@ class Announcer:
             offline = to_tuple(self.server_info(Announce(int(ServerState.OFFLINE), *state.retire), None))
             uids, values = uids + retired, values + [offline] * len(retired)
         try:
-            results = await self.dht.store_many(uids, values, expiration, subkeys=[self.peer_id] * len(uids))
+            results = await asyncio.wait_for(
+                self.dht.store_many(uids, values, expiration, subkeys=[self.peer_id] * len(uids)), SWARM_READ_TIMEOUT
+            )
             ok = all(results.values())
             if state.state != ServerState.OFFLINE and not self.plan.dht_prefix.startswith("_"):
                 record = model_record(self.plan.total_blocks, self.plan.repository)
-                await self.dht.store(MODELS_KEY, record, expiration, subkey=self.plan.dht_prefix)
+                await asyncio.wait_for(self.dht.store(MODELS_KEY, record, expiration, subkey=self.plan.dht_prefix), SWARM_READ_TIMEOUT)
         except Exception as e:
             self.log.warning("announce failed", state=ServerState(state.state).name, error=repr(e))
             return False, repr(e)
