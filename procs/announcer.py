@@ -5,7 +5,8 @@ Owns: a hivemind DHTNode attached to the supervisor's p2pd (so it answers DHT RP
 Receives: Announce(state, blocks, throughput) and SwarmQuery from the supervisor; Capacity from the
   allocator; Stop.
 Sends: the per-block records and the `_petals.models` record, refreshed every `update_period` with
-  a later expiration each time; Announced to the supervisor after each state change; SwarmView (the
+  a later expiration each time (with next_pings: round trips to the servers after ours, pinged
+  just before); Announced to the supervisor after each state change; SwarmView (the
   swarm's records, for block selection and rebalancing); CapacityQuery.
 """
 
@@ -18,10 +19,12 @@ from typing import Optional
 import zmq.asyncio
 from hivemind.dht.node import DHTNode
 from hivemind.dht.routing import DHTID
-from hivemind.p2p import P2P
+from hivemind.p2p import P2P, PeerID
+from hivemind.proto import dht_pb2
 from hivemind.utils.multiaddr import Multiaddr
 
 from node.logs import quiet_hivemind
+from node.next_pings import NextPings, peers_to_ping
 from procs import actor as actor_lib
 from procs.requester import Requester
 from protocol import SERVER_VERSION
@@ -30,6 +33,7 @@ from protocol.messages import Announce, Announced, AllocatorReply, CapacityQuery
 
 
 SWARM_READ_TIMEOUT = 10.0  # seconds
+PING_TIMEOUT = 5.0
 
 
 class Announcer:
@@ -44,6 +48,7 @@ class Announcer:
         self.state: Optional[Announce] = None
         self.last_expiration = 0.0
         self.stored = 0
+        self.pings = NextPings()
 
     async def start(self) -> None:
         self.allocator.start()
@@ -110,7 +115,31 @@ class Announcer:
                       seconds=round(time.perf_counter() - began, 3))
         return SwarmView(req, blocks)
 
-    def server_info(self, state: Announce, tokens_left: Optional[int]) -> ServerInfo:
+    async def ping_next(self, state: Announce) -> dict[str, float]:
+        """Ping the servers that follow our span (PROTOCOL 2.4) and return the smoothed round trips."""
+        try:
+            infos = await asyncio.wait_for(read_servers(self.dht, self.plan.dht_prefix, self.plan.total_blocks), SWARM_READ_TIMEOUT)
+        except Exception as e:
+            self.log.info("cannot read the next servers", error=repr(e))
+            return self.pings.current()
+        peers = peers_to_ping(infos, state.start_block, state.end_block, self.peer_id)
+        rtts = await asyncio.gather(*(self.ping(peer) for peer in peers))
+        for peer, rtt in zip(peers, rtts):
+            self.pings.update(peer, rtt)
+        return self.pings.current()
+
+    async def ping(self, peer: str) -> float:
+        request = dht_pb2.PingRequest(peer=self.dht.protocol.node_info)
+        began = time.perf_counter()
+        try:
+            await self.dht.protocol.get_stub(PeerID.from_base58(peer)).rpc_ping(request, timeout=PING_TIMEOUT)
+        except Exception as e:
+            if "protocol not supported" in str(e):  # a DHT client: reachable, it just serves no DHT
+                return time.perf_counter() - began
+            return float("inf")
+        return time.perf_counter() - began
+
+    def server_info(self, state: Announce, tokens_left: Optional[int], next_pings: Optional[dict] = None) -> ServerInfo:
         plan = self.plan
         return ServerInfo(
             state=ServerState(state.state),
@@ -127,12 +156,13 @@ class Announcer:
             quant_type=plan.quant_type,
             using_relay=state.using_relay,
             cache_tokens_left=tokens_left,
-            next_pings=None if state.state == ServerState.OFFLINE else {},
+            next_pings=None if state.state == ServerState.OFFLINE else (next_pings or {}),
         )
 
     async def announce(self) -> tuple[bool, str]:
         state = self.state
-        info = self.server_info(state, await self.cache_tokens_left())
+        pings = await self.ping_next(state) if state.state != ServerState.OFFLINE else None
+        info = self.server_info(state, await self.cache_tokens_left(), pings)
         uids = block_uids(self.plan.dht_prefix, state.start_block, state.end_block)
         # every refresh must expire strictly later than the last one or DHT nodes reject it
         expiration = max(time.time() + self.plan.expiration, self.last_expiration + 0.001)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import copy
 import time
 import uuid
 
@@ -151,8 +152,9 @@ def test_bfloat16_node_matches_transformers_in_bfloat16(tmp_path, micro_hf):
         with Client(node.maddrs, "micro-bf16") as client:
             assert client.spans(4)[0].info.torch_dtype == "bfloat16"
             out = client.forward(hidden, 0, 4)
-    reference = hf_blocks(micro_hf.to(torch.bfloat16), hidden.to(torch.bfloat16), 0, 4)
-    micro_hf.to(torch.float32)
+    # a copy: .to() is in place, and a float32 -> bfloat16 -> float32 round trip would spoil the
+    # shared model for every later test
+    reference = hf_blocks(copy.deepcopy(micro_hf).to(torch.bfloat16), hidden.to(torch.bfloat16), 0, 4)
     assert rel_err(out, reference) <= 1e-2
 
 
@@ -170,3 +172,20 @@ def test_sharded_checkpoint_is_served(tmp_path):
         with Client(node.maddrs, "sharded") as client:
             out = client.forward(hidden, 1, 3)
     assert rel_err(out, hf_blocks(hf, hidden, 1, 3)) <= TOL
+
+
+def test_next_pings_name_the_following_server(client, swarm):
+    """The first node pings the server of the block after its span and publishes the round trip."""
+    first, second = swarm
+    deadline = time.monotonic() + 30
+    while True:
+        info = client.servers(4)[0].get(first.peer_id)
+        pings = info.next_pings if info else None
+        if pings and second.peer_id in pings:
+            break
+        assert time.monotonic() < deadline, f"no ping of the second node published: {pings}"
+        time.sleep(0.5)
+    assert isinstance(pings[second.peer_id], float) and 0 < pings[second.peer_id] < 5
+    assert first.peer_id not in pings
+    last = client.servers(4)[2].get(second.peer_id)
+    assert last.next_pings == {}  # nothing follows the last block
