@@ -43,6 +43,7 @@ class Placement:
         self.placed = False  # the range is chosen (or fixed) and the ServerInfo numbers known
         self.count = plan.end_block - plan.start_block
         self.numbers: dict = dict(throughput=float(plan.throughput))
+        self.using_relay = False  # the announcer found that only relays reach us (PROTOCOL 5.10)
         self.streak = 0  # consecutive balance checks that wanted a move
         self.moves = 0
 
@@ -119,7 +120,7 @@ class Placement:
         if self.plan.throughput_mode == "fixed":
             return dict(throughput=float(self.plan.throughput))
         info = dict(inference_rps=report.inference_rps, forward_rps=report.forward_rps, network_rps=report.network_rps)
-        announced = throughput.server_throughput(info, self.count, using_relay=False)
+        announced = throughput.server_throughput(info, self.count, using_relay=self.using_relay)
         return dict(throughput=float(announced), **{k: float(v) for k, v in info.items()})
 
     async def choose(self) -> tuple[int, int]:

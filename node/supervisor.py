@@ -257,6 +257,8 @@ class Supervisor:
                 if "stream_maddr" in msg.detail:
                     self.stream_handlers[name] = (msg.detail["stream_maddr"], list(msg.detail.get("stream_handlers", ())))
                 self.write_status()
+                if name == "announcer":
+                    self.placement.using_relay = bool(msg.detail.get("using_relay", False))
                 if self.placement.placed and (name == "allocator" or name.startswith("frontend")):
                     self.send(name, Serve(self.plan.start_block, self.plan.end_block))
             elif isinstance(msg, Measured):

@@ -25,6 +25,7 @@ from hivemind.utils.multiaddr import Multiaddr
 
 from node.logs import quiet_hivemind
 from node.next_pings import NextPings, peers_to_ping
+from node.reachability import Reachability
 from procs import actor as actor_lib
 from procs.requester import Requester
 from protocol import SERVER_VERSION
@@ -49,19 +50,37 @@ class Announcer:
         self.last_expiration = 0.0
         self.stored = 0
         self.pings = NextPings()
+        self.using_relay = False
 
     async def start(self) -> None:
         self.allocator.start()
         p2p = await P2P.replicate(Multiaddr(self.plan.daemon_maddr))
         self.peer_id = p2p.peer_id.to_base58()
+        self.reachability = Reachability(p2p, self.log)
+        await self.reachability.serve()
+        self.using_relay = await self.check_reachability(p2p)
         self.dht = await DHTNode.create(
             p2p=p2p,
+            client_mode=self.using_relay,  # peers that cannot dial us must not route DHT queries to us
             node_id=DHTID.generate(source=p2p.peer_id.to_bytes()),
             initial_peers=self.plan.initial_peers,
             num_workers=max(1, self.plan.total_blocks),
             reuse_get_requests=False,  # a search stuck on a dead peer must not capture later reads
         )
-        self.actor.ready(peer_id=self.peer_id)
+        self.actor.ready(peer_id=self.peer_id, using_relay=self.using_relay)
+
+    async def check_reachability(self, p2p: P2P) -> bool:
+        """Whether only relays reach us (PROTOCOL 5.10): asked of the swarm's peers at startup."""
+        peers = {PeerID.from_base58(m.split("/p2p/")[-1].split("/")[0]) for m in self.plan.initial_peers if "/p2p/" in m}
+        peers |= {info.peer_id for info in await p2p.list_peers()}
+        peers.discard(p2p.peer_id)
+        if not peers:
+            return False  # a new swarm: nobody to ask
+        began = time.perf_counter()
+        reachable = await self.reachability.check_self(sorted(peers, key=str))
+        self.log.info("reachability checked", directly_reachable=reachable, asked=min(len(peers), 5),
+                      seconds=round(time.perf_counter() - began, 2))
+        return reachable is False
 
     # --- receiving ---------------------------------------------------------------------------
 
@@ -154,7 +173,7 @@ class Announcer:
             adapters=(),
             torch_dtype=plan.torch_dtype,
             quant_type=plan.quant_type,
-            using_relay=state.using_relay,
+            using_relay=self.using_relay,
             cache_tokens_left=tokens_left,
             next_pings=None if state.state == ServerState.OFFLINE else (next_pings or {}),
         )
@@ -197,6 +216,8 @@ class Announcer:
 
     async def close(self) -> None:
         self.allocator.close()
+        if getattr(self, "reachability", None) is not None:
+            await self.reachability.close()
         if self.dht is not None:
             await self.dht.shutdown()
 

@@ -114,7 +114,6 @@ class Announce(Message):
     inference_rps: Any = None
     forward_rps: Any = None
     network_rps: Any = None
-    using_relay: bool = False
     retire: Any = None  # [start, end] or None
 
 

@@ -189,3 +189,19 @@ def test_next_pings_name_the_following_server(client, swarm):
     assert first.peer_id not in pings
     last = client.servers(4)[2].get(second.peer_id)
     assert last.next_pings == {}  # nothing follows the last block
+
+
+def test_a_node_nobody_can_dial_announces_using_relay(tmp_path, client, swarm):
+    """A node that announces an address nobody listens on fails the rpc_check of its peers: it
+    publishes using_relay (and runs its DHT in client mode); the nodes that can be dialed do not."""
+    first, second = swarm
+    hidden = NodeProcess(MICRO_LLAMA, tmp_path / "hidden", "--block_indices", "0:1", "--initial_peers", *first.maddrs,
+                         "--announce_maddrs", "/ip4/127.0.0.1/tcp/9", dht_prefix="micro-llama")
+    with hidden:
+        deadline = time.monotonic() + 30
+        while (info := client.servers(4)[0].get(hidden.peer_id)) is None:
+            assert time.monotonic() < deadline, "the hidden node's record never appeared"
+            time.sleep(0.5)
+        assert info.using_relay is True
+        assert client.servers(4)[0][first.peer_id].using_relay is False
+        assert client.servers(4)[2][second.peer_id].using_relay is False
