@@ -179,6 +179,30 @@ class Placement:
             return target
         return None
 
+    async def confirm_switch(self, peer_id: str, old: tuple[int, int], target: tuple[int, int]) -> Optional[tuple[int, int]]:
+        """The new blocks are loaded: is the target still the best place (another node may have
+        moved there meanwhile)? With our old range still announced, as in check_balance."""
+        total = self.plan.total_blocks
+        infos = await self.swarm()
+        others = {b: {p: i for p, i in peers.items() if p != peer_id} for b, peers in infos.items()}
+        now = block_selection.choose_best_blocks(self.count, others, total)
+        if now != tuple(target) or now == tuple(old):
+            self.log.info("move no longer needed", target=list(target), best_now=list(now))
+            return None
+        return now
+
+    async def switched_together(self, peer_id: str, old: tuple[int, int], new: tuple[int, int]) -> bool:
+        """Right after a switch: did another node leave our old blocks for our new ones at the same
+        moment? Then the one with the lower peer id keeps the move and the other goes back."""
+        total = self.plan.total_blocks
+        infos = await self.swarm()
+        others = {b: {p: i for p, i in peers.items() if p != peer_id} for b, peers in infos.items()}
+        if block_selection.choose_best_blocks(self.count, others, total) != tuple(old):
+            return False
+        twins = {p for peers in infos.values() for p, i in peers.items()
+                 if p != peer_id and i.state != ServerState.OFFLINE and (i.start_block, i.end_block) == tuple(new)}
+        return any(p < peer_id for p in twins)
+
     def next_check_in(self) -> float:
         return self.rng.uniform(0, 2 * self.config.mean_balance_check_period)
 

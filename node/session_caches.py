@@ -59,5 +59,8 @@ class SessionCaches:
         self.drop(idle)
         return len(idle)
 
+    def items(self):
+        return list(self.caches.items())
+
     def __len__(self) -> int:
         return len(self.caches)

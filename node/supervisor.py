@@ -40,7 +40,9 @@ from protocol.dht_records import ServerState
 from protocol.messages import (
     Announce,
     Announced,
+    BlocksLoaded,
     ControlToSupervisor,
+    DropBlocks,
     Fatal,
     Heartbeat,
     LoadBlocks,
@@ -101,6 +103,7 @@ class Supervisor:
         self.placement = Placement(config, plan, self.log, lambda msg: self.send("announcer", msg))
         self.placing: Optional[asyncio.Task] = None
         self.moving = False  # a rebalancing move is under way: it drives the state itself
+        self.loaded: Optional[asyncio.Future] = None  # BlocksLoaded of a load-then-switch move
 
     # --- lifecycle ---------------------------------------------------------------------------
 
@@ -265,6 +268,9 @@ class Supervisor:
                 self.placement.on_measured(msg)
             elif isinstance(msg, SwarmView):
                 self.placement.on_view(msg)
+            elif isinstance(msg, BlocksLoaded):
+                if self.loaded is not None and not self.loaded.done():
+                    self.loaded.set_result(msg)
             elif isinstance(msg, Fatal):
                 self.log.error("actor cannot work; stopping the node", actor=name, reason=msg.reason)
                 self.exit_code = 1
@@ -309,7 +315,7 @@ class Supervisor:
         self.log = self.log.bind(blocks=[start, end])
         self.placement.log = self.log
         for name in self.actors:
-            if name == "allocator" or name.startswith("frontend"):
+            if name != "announcer":
                 self.send(name, Serve(start, end))
         self.write_status()
 
@@ -327,7 +333,83 @@ class Supervisor:
             if target is not None:
                 await self._move(*target)
 
+    def room_to_load_first(self, start: int, end: int) -> bool:
+        """Whether the blocks the move adds fit beside the current ones (free memory, less the margin)."""
+        old = range(self.plan.start_block, self.plan.end_block)
+        added = sum(1 for i in range(start, end) if i not in old)
+        free = self.actors["runtime.0"].stats.get("free_memory")
+        report = self.placement.measured
+        if free is None or report is None:
+            return False
+        return added * report.block_bytes <= free * (1.0 - self.config.memory_margin)
+
     async def _move(self, start: int, end: int) -> None:
+        if self.room_to_load_first(start, end):
+            await self._switch(start, end)
+        else:
+            await self._drain_and_restart(start, end)
+
+    async def _switch(self, start: int, end: int) -> None:
+        """Load-then-switch: the runtime loads the new blocks while it serves the old ones; then the
+        node announces the new range ONLINE (the old one OFFLINE) at once, old sessions finish on the
+        old blocks (bounded by --drain_timeout), and only then are those freed. No session is lost."""
+        old = (self.plan.start_block, self.plan.end_block)
+        self.log.info("loading blocks before switching", old=list(old), target=[start, end])
+        self.moving = True
+        try:
+            self.loaded = asyncio.get_running_loop().create_future()
+            if not self.send("runtime.0", LoadBlocks(start, end)):
+                return
+            try:
+                loaded = await asyncio.wait_for(self.loaded, self.config.request_timeout)
+            except asyncio.TimeoutError:
+                loaded = None
+            if loaded is None or not loaded.ok:
+                self.log.warning("move abandoned: the new blocks did not load", error=getattr(loaded, "error", "timeout"))
+                self.send("runtime.0", DropBlocks(*old))
+                return
+            target = await self._still_wanted(old, (start, end))
+            if target is None:
+                self.send("runtime.0", DropBlocks(*old))
+                return
+            self.set_blocks(start, end)
+            self.announce(ServerState.ONLINE, retire=list(old))
+            await asyncio.sleep(1.5)  # a node that switched at the same moment shows up now
+            if await self._switched_together(old, (start, end)):
+                self.log.info("another node took the same blocks at the same time; switching back", blocks=list(old))
+                self.set_blocks(*old)
+                self.announce(ServerState.ONLINE, retire=[start, end])
+                self.send("runtime.0", DropBlocks(*old))
+                return
+            await self._drain_outside(self.config.drain_timeout)
+            self.send("runtime.0", DropBlocks(start, end))
+            self.placement.moves += 1
+            self.log.info("moved", old=list(old), blocks=[start, end], moves=self.placement.moves)
+            self.write_status()
+        finally:
+            self.moving = False
+
+    async def _still_wanted(self, old: tuple[int, int], target: tuple[int, int]):
+        try:
+            return await self.placement.confirm_switch(self.plan.peer_id, old, target)
+        except (PlacementError, asyncio.TimeoutError) as e:
+            self.log.warning("cannot confirm the move; staying", error=str(e) or repr(e))
+            return None
+
+    async def _switched_together(self, old: tuple[int, int], new: tuple[int, int]) -> bool:
+        try:
+            return await self.placement.switched_together(self.plan.peer_id, old, new)
+        except (PlacementError, asyncio.TimeoutError):
+            return False
+
+    async def _drain_outside(self, timeout: float) -> None:
+        """Wait until no session uses blocks outside the announced range, or `timeout` passes."""
+        deadline = time.monotonic() + timeout
+        await asyncio.sleep(min(timeout, 1.5))
+        while time.monotonic() < deadline and self.actors["runtime.0"].stats.get("sessions_outside"):
+            await asyncio.sleep(0.2)
+
+    async def _drain_and_restart(self, start: int, end: int) -> None:
         """OFFLINE on the old blocks, let open sessions finish (bounded), restart the runtime on the
         new blocks; the usual JOINING -> LoadBlocks -> ONLINE sequence follows."""
         old = (self.plan.start_block, self.plan.end_block)

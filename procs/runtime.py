@@ -3,8 +3,10 @@
 Owns: the weights of blocks [start_block, end_block), the K/V tensors of every open session (by
   cache handle), the queue of work and the inference steps in progress.
 Receives (ROUTER `runtime.sock`): Forward, Backward, InferStep and Cancel from frontends; DropCache
-  from the allocator. Control: LoadBlocks (the node is announced JOINING), Stop.
-Sends: a Result (output tensors as raw frames) or a Failure naming what was wrong, to the sender.
+  from the allocator. Control: LoadBlocks (the node is announced JOINING; while serving: load these
+  beside the current ones), Serve (the announced range), DropBlocks (keep only these), Stop.
+Sends: a Result (output tensors as raw frames) or a Failure naming what was wrong, to the sender;
+  Measured before loading and BlocksLoaded after a load while serving, to the supervisor.
 
 Work runs in rounds. An inference round takes every session's ready step and runs them through the
 blocks together (one matrix multiplication per weight for all their tokens); a long prefill goes in
@@ -16,6 +18,7 @@ long. Forward and backward requests run when no inference step is ready: forward
 from __future__ import annotations
 
 import queue
+import threading
 import time
 from dataclasses import dataclass, field
 from typing import Optional
@@ -31,7 +34,20 @@ from node.scheduler import Scheduler, Task
 from node.session_caches import SessionCache, SessionCaches
 from procs import actor as actor_lib
 from protocol.frames import DTYPES, FrameError, from_frames, to_frames
-from protocol.messages import Backward, Cancel, DropCache, Failure, Forward, InferStep, LoadBlocks, Result, RuntimeInbox
+from protocol.messages import (
+    Backward,
+    BlocksLoaded,
+    Cancel,
+    DropBlocks,
+    DropCache,
+    Failure,
+    Forward,
+    InferStep,
+    LoadBlocks,
+    Result,
+    RuntimeInbox,
+    Serve,
+)
 from protocol.plan import NodePlan
 from protocol.transport import BadMessage, Channel
 
@@ -53,7 +69,8 @@ class Step:
     outputs: list = field(default_factory=list)
 
 
-def load_blocks(plan: NodePlan, log) -> list:
+def load_blocks(plan: NodePlan, log, indices=None) -> dict:
+    """{global index: block} for `indices` (default: the plan's range), each read on its own."""
     checkpoint = Checkpoint.open(
         plan.model,
         revision=plan.revision,
@@ -65,21 +82,27 @@ def load_blocks(plan: NodePlan, log) -> list:
     config = checkpoint.config()
     family = get_family(config)
     dtype = DTYPES[plan.torch_dtype]
-    blocks = []
-    for index in range(plan.start_block, plan.end_block):
+    blocks = {}
+    for index in (range(plan.start_block, plan.end_block) if indices is None else indices):
         began = time.perf_counter()
         state = checkpoint.block_state(f"{family.block_prefix}.{index}.", dtype=dtype, device=plan.device)
-        blocks.append(family.block_class.from_state(config, state, dtype=dtype, device=plan.device))
+        blocks[index] = family.block_class.from_state(config, state, dtype=dtype, device=plan.device)
         log.info("block loaded", block=index, seconds=round(time.perf_counter() - began, 3))
     return blocks
 
 
 class Runtime:
-    def __init__(self, actor: actor_lib.Actor, blocks: list):
+    def __init__(self, actor: actor_lib.Actor, blocks: dict):
         self.actor = actor
         self.plan = actor.plan
         self.log = actor.log
-        self.blocks = blocks
+        # indexed by global block index; None where not held. A move may hold two ranges for a while:
+        # the announced one (plan.start_block:end_block) and the one its open sessions still use.
+        self.blocks: list = [None] * self.plan.total_blocks
+        for index, block in blocks.items():
+            self.blocks[index] = block
+        self.loading: Optional[BlockLoader] = None
+        self.memory_checked = 0.0
         self.target = Target(self.plan.hidden_size, self.plan.max_batch_size, DTYPES[self.plan.torch_dtype], torch.device(self.plan.device))
         self.caches = SessionCaches(self.target.dtype, self.target.device)
         self.queue = Scheduler(is_inference=lambda m: isinstance(m, InferStep), is_forward=lambda m: isinstance(m, Forward))
@@ -109,8 +132,36 @@ class Runtime:
                 if dropped:  # their frontend died without the allocator noticing
                     self.log.info("dropped idle caches", count=dropped)
                 last_gc = time.monotonic()
+            self.handle_control()
             self.update_stats()
         self.drain()
+
+    def handle_control(self) -> None:
+        """A move without downtime: load the new blocks beside the old ones, serve both while the
+        old sessions finish, then drop what is no longer served (PROTOCOL 5.1, node/placement.py)."""
+        if self.loading is not None and self.loading.done.is_set():
+            loader, self.loading = self.loading, None
+            if loader.error is not None:
+                self.log.error("cannot load the new blocks", blocks=list(loader.span), error=loader.error)
+                self.actor.send_control(BlocksLoaded(*loader.span, ok=False, error=loader.error))
+            else:
+                for index, block in loader.blocks.items():
+                    self.blocks[index] = block
+                self.actor.send_control(BlocksLoaded(*loader.span))
+        while not self.actor.control_inbox.empty():
+            msg = self.actor.control_inbox.get_nowait()
+            if isinstance(msg, LoadBlocks) and self.loading is None:
+                missing = [i for i in range(msg.start_block, msg.end_block) if self.blocks[i] is None]
+                self.loading = BlockLoader(self.plan, self.log, (msg.start_block, msg.end_block), missing)
+            elif isinstance(msg, Serve):
+                self.plan.start_block, self.plan.end_block = msg.start_block, msg.end_block
+            elif isinstance(msg, DropBlocks):
+                kept = range(msg.start_block, msg.end_block)
+                dropped = [i for i, b in enumerate(self.blocks) if b is not None and i not in kept]
+                for i in dropped:
+                    self.blocks[i] = None
+                self.caches.drop([h for h, c in self.caches.items() if c.start < msg.start_block or c.end > msg.end_block])
+                self.log.info("blocks dropped", dropped=dropped, kept=[msg.start_block, msg.end_block])
 
     def receive(self, timeout_ms: int) -> None:
         """Take everything that has arrived, so that a round sees all the work that is ready."""
@@ -274,9 +325,9 @@ class Runtime:
 
     def chain(self, start: int, end: int) -> tuple[int, int]:
         """The request's blocks as (index of the first in self.blocks, count)."""
-        if not (self.plan.start_block <= start < end <= self.plan.end_block):
+        if not (0 <= start < end <= len(self.blocks)) or any(b is None for b in self.blocks[start:end]):
             raise RequestError(f"blocks {start}:{end} are not served here (this node serves {self.plan.start_block}:{self.plan.end_block})")
-        return start - self.plan.start_block, end - start
+        return start, end - start
 
     # --- sending -----------------------------------------------------------------------------
 
@@ -314,11 +365,41 @@ class Runtime:
         self.stats["busy_seconds"] += time.perf_counter() - began
 
     def update_stats(self) -> None:
+        outside = sum(1 for _, c in self.caches.items() if c.start < self.plan.start_block or c.end > self.plan.end_block)
         self.actor.stats.update(
-            self.stats, queue=len(self.queue), in_progress=len(self.steps), sessions=len(self.caches), round_sizes=dict(self.round_sizes)
+            self.stats, queue=len(self.queue), in_progress=len(self.steps), sessions=len(self.caches), round_sizes=dict(self.round_sizes),
+            blocks_held=sum(b is not None for b in self.blocks), sessions_outside=outside,
         )
+        now = time.monotonic()
+        if now - self.memory_checked > 1.0:  # the supervisor decides from it whether a move can load first
+            from node.capacity import device_memory
+
+            self.actor.stats["free_memory"] = device_memory(self.target.device)[1]
+            self.memory_checked = now
         self.actor.stats["busy_seconds"] = round(self.stats["busy_seconds"], 3)
         self.actor.publish_stats()
+
+
+class BlockLoader:
+    """Loads blocks on a thread while the runtime serves (reading and converting weights mostly runs
+    outside the GIL); the runtime installs them between rounds."""
+
+    def __init__(self, plan: NodePlan, log, span: tuple[int, int], indices: list[int]):
+        self.span = span
+        self.blocks: dict = {}
+        self.error: Optional[str] = None
+        self.done = threading.Event()
+        threading.Thread(target=self._run, args=(plan, log, indices), name="loader", daemon=True).start()
+
+    def _run(self, plan, log, indices) -> None:
+        try:
+            began = time.perf_counter()
+            self.blocks = load_blocks(plan, log, indices)
+            log.info("new blocks loaded", blocks=list(self.span), loaded=indices, seconds=round(time.perf_counter() - began, 2))
+        except Exception as e:
+            self.error = f"{type(e).__name__}: {e}"
+        finally:
+            self.done.set()
 
 
 def report_capacity(actor: actor_lib.Actor) -> bool:

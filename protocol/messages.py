@@ -73,6 +73,15 @@ class Measured(Message):
     network_rps: Any = None
 
 
+class BlocksLoaded(Message):
+    """Runtime -> supervisor: the blocks of a LoadBlocks sent while serving are in memory (or not)."""
+
+    start_block: int
+    end_block: int
+    ok: bool = True
+    error: str = ""
+
+
 class SwarmView(Message):
     """Announcer -> supervisor: every valid server record of the model's blocks, read as clients read
     them (latest=True). blocks[index][peer id] = the record's tuple; `error` when the DHT failed."""
@@ -126,6 +135,13 @@ class LoadBlocks(Message):
 
 class Serve(Message):
     """Supervisor -> frontends and allocator: the node's blocks are now [start_block, end_block)."""
+
+    start_block: int
+    end_block: int
+
+
+class DropBlocks(Message):
+    """Supervisor -> runtime after a move: free every block outside [start_block, end_block)."""
 
     start_block: int
     end_block: int
@@ -283,8 +299,8 @@ class ProbeEvent(msgspec.Struct, omit_defaults=True):
     fields: dict[str, Any] = {}
 
 
-ControlToSupervisor = Union[Ready, Heartbeat, Fatal, Announced, Measured, SwarmView]
-ControlToActor = Union[Stop, PeerDown, PeerUp, Announce, LoadBlocks, Serve, SwarmQuery]
+ControlToSupervisor = Union[Ready, Heartbeat, Fatal, Announced, Measured, SwarmView, BlocksLoaded]
+ControlToActor = Union[Stop, PeerDown, PeerUp, Announce, LoadBlocks, Serve, SwarmQuery, DropBlocks]
 RuntimeInbox = Union[Forward, Backward, InferStep, Cancel, DropCache]
 RuntimeReply = Union[Result, Failure]
 AllocatorInbox = Union[Allocate, Release, Adopt, CapacityQuery, PushRoute]

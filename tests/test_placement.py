@@ -125,10 +125,14 @@ def test_half_nodes_cover_the_model_a_late_node_fills_the_gap_and_a_leaving_one_
             n.stop()
 
 
-def test_an_imbalance_moves_exactly_one_node_once_while_a_client_generates(tmp_path, six_blocks, reference):
+@pytest.mark.parametrize("how", ["load_then_switch", "drain_then_restart"])
+def test_an_imbalance_moves_exactly_one_node_once_while_a_client_generates(tmp_path, six_blocks, reference, how):
     """Two movable nodes share 0:3 while a pinned node holds 3:6; the pinned node leaves, so 0:3 has
     three servers and 3:6 one: both movable nodes see it, exactly one moves, and only once. A client
-    generates all along (through the full node when needed) and never gets a wrong token."""
+    generates all along (through the full node when needed) and never gets a wrong token. With room
+    for both ranges the mover loads the new blocks first; without (a margin that leaves no memory)
+    it drains its sessions and restarts its runtime on the new blocks."""
+    movable = HALF if how == "load_then_switch" else (*HALF, "--memory_margin", "0.9999999")
     started = []
     results = {"ok": 0, "retried": 0, "wrong": 0}
     stop = threading.Event()
@@ -147,13 +151,13 @@ def test_an_imbalance_moves_exactly_one_node_once_while_a_client_generates(tmp_p
     try:
         full = node(six_blocks, tmp_path, "full", "--block_indices", "0:6", *FAST).start()
         started.append(full)
-        x = node(six_blocks, tmp_path, "x", *HALF, peers=full.maddrs).start()
+        x = node(six_blocks, tmp_path, "x", *movable, peers=full.maddrs).start()
         started.append(x)
         pinned = node(six_blocks, tmp_path, "pinned", "--block_indices", "3:6", *FAST, peers=full.maddrs).start()
         started.append(pinned)
         with Client(full.maddrs, PREFIX) as client:
             wait_for("the pinned node", lambda: len(spans(client)) == 3)
-            y = node(six_blocks, tmp_path, "y", *HALF, peers=full.maddrs).start()
+            y = node(six_blocks, tmp_path, "y", *movable, peers=full.maddrs).start()
             started.append(y)
             assert x.status["blocks"] == y.status["blocks"] == [0, 3]
             worker = threading.Thread(target=generate_all_along, args=(client,), daemon=True)
@@ -165,6 +169,9 @@ def test_an_imbalance_moves_exactly_one_node_once_while_a_client_generates(tmp_p
             stop.set()
             worker.join(60)
             assert moves(x) + moves(y) == 1
+            mover = x if moves(x) else y
+            events = [json.loads(line)["event"] for line in mover.log_path.read_text().splitlines() if line.startswith("{")]
+            assert ("loading blocks before switching" in events) == (how == "load_then_switch")
             assert sorted(n.status["blocks"] for n in (x, y)) == [[0, 3], [3, 6]]
             assert results["ok"] > 0 and results["wrong"] == 0, results
             generates(client, reference)
