@@ -54,6 +54,7 @@ def measure(plan: NodePlan, block_class, config, prepare=lambda block: block, lo
         available_memory=available,
         block_params=n_params,
         block_bytes=block_size_bytes(n_params, plan.torch_dtype, plan.quant_type),
+        quant_type=plan.quant_type,
     )
     if plan.throughput_mode in ("auto", "eval", "dry_run"):
         key = throughput.cache_key(plan.model, device, plan.torch_dtype, plan.quant_type)

@@ -30,7 +30,6 @@ COMPRESSION_TYPES = ("NONE", "MEANSTD_16BIT", "FLOAT16", "QUANTILE_8BIT", "UNIFO
 
 # Flags whose feature belongs to an issue that has not landed: (flag, test of the parsed value, message).
 NOT_YET = (
-    ("--quant_type", lambda v: v not in (None, "none"), "quantization (int8, nf4) is not available yet; use --quant_type none"),
     ("--tensor_parallel_devices", lambda v: bool(v), "tensor parallelism is not available yet"),
     ("--adapters", lambda v: bool(v), "LoRA adapters are not available yet"),
 )

@@ -51,7 +51,8 @@ class NodeProcess:
         """Start the supervisor without waiting (several nodes starting together)."""
         self.run_dir.parent.mkdir(parents=True, exist_ok=True)
         self._log = open(self.log_path, "ab")
-        env = {**os.environ, **self.env, "PYTHONPATH": str(ROOT)}
+        env = {**os.environ, **self.env}
+        env["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT), self.env.get("PYTHONPATH")) if p)
         self.proc = subprocess.Popen(
             self.argv, cwd=ROOT, env=env, stdout=self._log, stderr=subprocess.STDOUT, preexec_fn=stop_with_parent  # a node started for a test, demo or benchmark ends with its owner
         )

@@ -52,6 +52,9 @@ class Placement:
     def on_measured(self, msg: Measured) -> None:
         if self.measured is None:
             self.log.info("device measured", **{f: getattr(msg, f) for f in msg.__struct_fields__})
+        if msg.quant_type != self.plan.quant_type:
+            self.log.warning("the runtime serves another quantization than planned", planned=self.plan.quant_type, served=msg.quant_type)
+            self.plan.quant_type = msg.quant_type
         self.measured = msg
         self.measured_event.set()
 
@@ -118,10 +121,10 @@ class Placement:
     def server_numbers(self, report: Measured) -> dict:
         """The ServerInfo figures: a stated throughput alone, or the measured one and its parts."""
         if self.plan.throughput_mode == "fixed":
-            return dict(throughput=float(self.plan.throughput))
+            return dict(throughput=float(self.plan.throughput), quant_type=self.plan.quant_type)
         info = dict(inference_rps=report.inference_rps, forward_rps=report.forward_rps, network_rps=report.network_rps)
         announced = throughput.server_throughput(info, self.count, using_relay=self.using_relay)
-        return dict(throughput=float(announced), **{k: float(v) for k, v in info.items()})
+        return dict(throughput=float(announced), quant_type=self.plan.quant_type, **{k: float(v) for k, v in info.items()})
 
     async def choose(self) -> tuple[int, int]:
         total = self.plan.total_blocks

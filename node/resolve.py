@@ -118,10 +118,8 @@ def resolve_plan(config: NodeConfig, run_dir: str, log) -> NodePlan:
     kv_groups = family.kv_groups_for_budget(model_config)
     is_gqa = kv_groups > 1
 
-    if config.quant_type in (None, "none"):
-        quant_type = "none"
-        if config.quant_type is None and device.startswith("cuda"):
-            log.warning("quantization is not available yet: serving unquantized (Petals would default to nf4 on CUDA)")
+    # nf4 by default on CUDA, as Petals does; the runtime falls back to none if the device cannot run it
+    quant_type = config.quant_type or ("nf4" if device.startswith("cuda") else "none")
 
     if isinstance(config.throughput, float):
         throughput, mode = config.throughput, "fixed"

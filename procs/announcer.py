@@ -172,7 +172,7 @@ class Announcer:
             inference_rps=state.inference_rps,
             adapters=(),
             torch_dtype=plan.torch_dtype,
-            quant_type=plan.quant_type,
+            quant_type=state.quant_type or plan.quant_type,
             using_relay=self.using_relay,
             cache_tokens_left=tokens_left,
             next_pings=None if state.state == ServerState.OFFLINE else (next_pings or {}),

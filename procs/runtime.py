@@ -30,6 +30,7 @@ from node import compute, inputs, logs
 from node.checkpoint import Checkpoint
 from node.inputs import RequestError, Target
 from node.models import get_family
+from node.quantize import QuantizationUnavailable, check_quantization, quantize_block
 from node.scheduler import Scheduler, Task
 from node.session_caches import SessionCache, SessionCaches
 from procs import actor as actor_lib
@@ -86,7 +87,7 @@ def load_blocks(plan: NodePlan, log, indices=None) -> dict:
     for index in (range(plan.start_block, plan.end_block) if indices is None else indices):
         began = time.perf_counter()
         state = checkpoint.block_state(f"{family.block_prefix}.{index}.", dtype=dtype, device=plan.device)
-        blocks[index] = family.block_class.from_state(config, state, dtype=dtype, device=plan.device)
+        blocks[index] = quantize_block(family.block_class.from_state(config, state, dtype=dtype, device=plan.device), plan.quant_type, dtype)
         log.info("block loaded", block=index, seconds=round(time.perf_counter() - began, 3))
     return blocks
 
@@ -409,11 +410,18 @@ def report_capacity(actor: actor_lib.Actor) -> bool:
 
     plan = actor.plan
     try:
+        check_quantization(plan.quant_type, DTYPES[plan.torch_dtype], plan.device)
+    except QuantizationUnavailable as e:
+        actor.log.warning("quantization unavailable; serving unquantized", quant_type=plan.quant_type, error=str(e))
+        plan.quant_type = "none"
+    try:
         config = Checkpoint.open(
             plan.model, revision=plan.revision, token=plan.token, cache_dir=plan.cache_dir,
             max_disk_space=plan.max_disk_space, download_attempts=plan.download_attempts,
         ).config()
-        report = capacity.measure(plan, get_family(config).block_class, config, log=actor.log)
+        dtype = DTYPES[plan.torch_dtype]
+        report = capacity.measure(plan, get_family(config).block_class, config, log=actor.log,
+                                  prepare=lambda block: quantize_block(block, plan.quant_type, dtype))
     except Exception as e:
         actor.log.exception("cannot measure the device")
         actor.fatal(f"cannot measure {plan.device} for {plan.model}: {e}")

@@ -68,6 +68,7 @@ class Measured(Message):
     available_memory: int  # bytes free now
     block_params: int
     block_bytes: int
+    quant_type: str = "none"  # what the runtime serves: the plan's, or none if the device cannot run it
     inference_rps: Any = None
     forward_rps: Any = None
     network_rps: Any = None
@@ -123,6 +124,7 @@ class Announce(Message):
     inference_rps: Any = None
     forward_rps: Any = None
     network_rps: Any = None
+    quant_type: str = ""  # as served (the runtime may have fallen back); empty: the plan's
     retire: Any = None  # [start, end] or None
 
 

@@ -82,7 +82,6 @@ def test_missing_model(capsys):
 @pytest.mark.parametrize(
     "argv, flag, words",
     [
-        (["m", "--quant_type", "nf4"], "--quant_type", "quantization"),
         (["m", "--tensor_parallel_devices", "cuda:0", "cuda:1"], "--tensor_parallel_devices", "tensor parallelism"),
         (["m", "--adapters", "x/lora"], "--adapters", "adapters"),
     ],

@@ -78,7 +78,7 @@ class BloomBlock(nn.Module):
 
     @property
     def dtype(self) -> torch.dtype:
-        return self.self_attention.query_key_value.weight.dtype
+        return self.__dict__.get("compute_dtype") or self.self_attention.query_key_value.weight.dtype  # set when quantized
 
     def kv_cache_shape(self, batch: int, max_length: int) -> tuple[int, int, int, int]:
         return (batch, self.num_heads, max_length, self.head_dim)

@@ -201,7 +201,7 @@ class LlamaBlock(nn.Module):
 
     @property
     def dtype(self) -> torch.dtype:
-        return self.self_attn.q_proj.weight.dtype
+        return self.__dict__.get("compute_dtype") or self.self_attn.q_proj.weight.dtype  # set when quantized
 
     def kv_cache_shape(self, batch: int, max_length: int) -> tuple[int, int, int, int]:
         return (batch, self.num_kv_heads, max_length, self.head_dim)
