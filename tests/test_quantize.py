@@ -27,6 +27,12 @@ from tests.conftest import MICRO_LLAMA, hf_blocks, rel_err
 BOUND = {"int8": 0.05, "nf4": 0.25}
 
 
+def plain_linears(block: nn.Module) -> list:
+    import bitsandbytes as bnb
+
+    return [m for m in block.modules() if isinstance(m, nn.Linear) and not isinstance(m, (bnb.nn.Linear8bitLt, bnb.nn.Linear4bit))]
+
+
 @pytest.fixture(scope="module")
 def config():
     return LlamaConfig(hidden_size=256, intermediate_size=688, num_attention_heads=8, num_key_value_heads=4, num_hidden_layers=1)
@@ -37,8 +43,7 @@ def test_quantized_block_is_close_and_sized_as_the_formula(config, quant_type):
     block_class = get_family(config).block_class
     plain = random_block(block_class, config, torch.float32, "cpu")
     quantized = quantize_block(copy.deepcopy(plain), quant_type, torch.float32)
-    linears = [m for m in quantized.modules() if type(m) is nn.Linear]
-    assert not linears, "every nn.Linear is replaced"
+    assert not plain_linears(quantized), "every nn.Linear is replaced"
     formula = block_size_bytes(block_params(block_class, config), "float32", quant_type)
     assert abs(block_memory(quantized) / formula - 1) <= 0.05
     torch.manual_seed(0)
@@ -83,3 +88,22 @@ def test_node_falls_back_when_the_device_cannot_quantize(tmp_path):
         with Client(node.maddrs, "micro-fallback") as client:
             assert client.spans(4)[0].info.quant_type == "none"
         assert "quantization unavailable; serving unquantized" in node.log_path.read_text()
+
+
+@pytest.mark.parametrize("family", ["bloom", "falcon", "mixtral"])
+@pytest.mark.parametrize("quant_type", ["int8", "nf4"])
+def test_every_family_quantizes(family, quant_type):
+    from transformers import AutoConfig
+
+    from tests.conftest import SHARED
+
+    config = AutoConfig.from_pretrained(str(SHARED / "models" / f"micro-{family}"))
+    block_class = get_family(config).block_class
+    plain = random_block(block_class, config, torch.float32, "cpu")
+    quantized = quantize_block(copy.deepcopy(plain), quant_type, torch.float32)
+    assert not plain_linears(quantized)
+    torch.manual_seed(0)
+    x = torch.randn(1, 5, config.hidden_size)
+    with torch.inference_mode():
+        expected, got = plain(x), quantized(x)
+    assert torch.isfinite(got).all() and rel_err(got - x, expected - x) <= BOUND[quant_type] * 2
