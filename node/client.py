@@ -72,6 +72,7 @@ class SwarmClient:
         self.dht = dht
         self.p2p: P2P = dht.p2p
         self.prefix = dht_prefix
+        self.active_adapter: Optional[str] = None  # a LoRA adapter the servers must apply (and publish)
 
     @classmethod
     async def connect(cls, initial_peers: Sequence[str], dht_prefix: str) -> "SwarmClient":
@@ -152,7 +153,7 @@ class SwarmClient:
         return [_decode(t) for t in response.tensors]
 
     async def forward_span(self, span: RemoteSpan, hidden: torch.Tensor, prompts: Optional[torch.Tensor] = None) -> torch.Tensor:
-        metadata = {"points": 0.0, "active_adapter": None, "args_structure": ARGS_2}
+        metadata = {"points": 0.0, "active_adapter": self.active_adapter, "args_structure": ARGS_2}
         tensors = [hidden, prompts if prompts is not None else _empty()]
         request = _request(self.uid(span.start, span.end), tensors, metadata)
         (output,) = await self._call_tensors(span.peer_id, "rpc_forward", request, sum(t.numel() * t.element_size() for t in tensors))
@@ -161,7 +162,7 @@ class SwarmClient:
     async def backward_span(
         self, span: RemoteSpan, inputs: torch.Tensor, grad_outputs: torch.Tensor, prompts: Optional[torch.Tensor] = None
     ) -> list[torch.Tensor]:
-        metadata = {"points": 0.0, "active_adapter": None, "args_structure": ARGS_3}
+        metadata = {"points": 0.0, "active_adapter": self.active_adapter, "args_structure": ARGS_3}
         tensors = [inputs, grad_outputs, prompts if prompts is not None else _empty()]
         request = _request(self.uid(span.start, span.end), tensors, metadata)
         return await self._call_tensors(span.peer_id, "rpc_backward", request, sum(t.numel() * t.element_size() for t in tensors))
@@ -219,7 +220,7 @@ class _ServerSession:
     async def step(self, hidden: torch.Tensor, prompts=None, hypo_ids=None, start_from_position=None, step_id=None, timeout=60.0):
         metadata: dict[str, Any] = {"session_id": self.session_id, "step_id": step_id or str(uuid.uuid4())}
         if not self.stepped:
-            metadata.update(max_length=self.max_length, points=0.0, active_adapter=None, **self.extra_metadata)
+            metadata.update(max_length=self.max_length, points=0.0, active_adapter=self.client.active_adapter, **self.extra_metadata)
         metadata["args_structure"] = ARGS_3
         metadata["start_from_position"] = self.position if start_from_position is None else start_from_position
         tensors = [

@@ -31,7 +31,6 @@ COMPRESSION_TYPES = ("NONE", "MEANSTD_16BIT", "FLOAT16", "QUANTILE_8BIT", "UNIFO
 # Flags whose feature belongs to an issue that has not landed: (flag, test of the parsed value, message).
 NOT_YET = (
     ("--tensor_parallel_devices", lambda v: bool(v), "tensor parallelism is not available yet"),
-    ("--adapters", lambda v: bool(v), "LoRA adapters are not available yet"),
 )
 
 

@@ -152,6 +152,7 @@ def resolve_plan(config: NodeConfig, run_dir: str, log) -> NodePlan:
         torch_dtype=dtype,
         device=device,
         quant_type=quant_type,
+        adapters=list(config.adapters),
         max_batch_size=config.max_batch_size or (8192 if is_gqa else 2048),
         inference_max_length=config.inference_max_length or (8192 if is_gqa else 2048),
         attn_cache_tokens=config.attn_cache_tokens or (16384 if is_gqa else 4096),

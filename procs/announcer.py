@@ -170,7 +170,7 @@ class Announcer:
             network_rps=state.network_rps,
             forward_rps=state.forward_rps,
             inference_rps=state.inference_rps,
-            adapters=(),
+            adapters=tuple(plan.adapters),
             torch_dtype=plan.torch_dtype,
             quant_type=state.quant_type or plan.quant_type,
             using_relay=self.using_relay,

@@ -36,7 +36,7 @@ class Handlers:
         self.runtime = runtime
         self.allocator = allocator
         self.log = log
-        self.adapters: tuple[str, ...] = ()
+        self.adapters: tuple[str, ...] = tuple(plan.adapters)
         self.sessions: dict[str, "object"] = {}  # session_id -> InferenceSession, for rpc_push
         self.live: set = set()  # every open InferenceSession
         self.p2p = None  # set by the frontend once attached; used to push to the next server

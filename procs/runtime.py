@@ -26,7 +26,7 @@ from typing import Optional
 import torch
 import zmq
 
-from node import compute, inputs, logs
+from node import compute, inputs, logs, lora
 from node.checkpoint import Checkpoint
 from node.inputs import RequestError, Target
 from node.models import get_family
@@ -83,11 +83,14 @@ def load_blocks(plan: NodePlan, log, indices=None) -> dict:
     config = checkpoint.config()
     family = get_family(config)
     dtype = DTYPES[plan.torch_dtype]
+    adapters = [lora.load_adapter(name, cache_dir=plan.cache_dir, token=plan.token) for name in plan.adapters]
     blocks = {}
     for index in (range(plan.start_block, plan.end_block) if indices is None else indices):
         began = time.perf_counter()
         state = checkpoint.block_state(f"{family.block_prefix}.{index}.", dtype=dtype, device=plan.device)
-        blocks[index] = quantize_block(family.block_class.from_state(config, state, dtype=dtype, device=plan.device), plan.quant_type, dtype)
+        block = quantize_block(family.block_class.from_state(config, state, dtype=dtype, device=plan.device), plan.quant_type, dtype)
+        lora.attach(block, index, family.block_prefix, adapters, dtype, plan.device)
+        blocks[index] = block
         log.info("block loaded", block=index, seconds=round(time.perf_counter() - began, 3))
     return blocks
 
@@ -232,7 +235,7 @@ class Runtime:
                 prompts = step.prompts[:, :, step.done : step.done + take]
             works.append(compute.Work(step.first, len(step.cache.kv), chunk, step.cache.kv, step.position + step.done, prompts))
         try:
-            outputs = compute.run(self.blocks, works, self.plan.max_chunk_size_bytes)
+            outputs = self.run(works, [step.task.msg.adapter for step in self.steps])
         except Exception as e:  # out of memory or a bug: fail this round's steps, keep serving
             self.log.exception("inference round failed", sessions=len(self.steps))
             for step in self.steps:
@@ -248,6 +251,17 @@ class Runtime:
         self.last_round_seconds = time.perf_counter() - began
         self.steps = [s for s in self.steps if not self.finish_if_done(s)]
         return True
+
+    def run(self, works: list, adapters: list[str]) -> list[torch.Tensor]:
+        """Works through the blocks together, except that each adapter (or none) gets its own batch:
+        a batch computes with one adapter active, so no request sees another's."""
+        outputs: list = [None] * len(works)
+        for adapter in dict.fromkeys(adapters):
+            chosen = [i for i, a in enumerate(adapters) if a == adapter]
+            with lora.activate(adapter):
+                for i, out in zip(chosen, compute.run(self.blocks, [works[i] for i in chosen], self.plan.max_chunk_size_bytes)):
+                    outputs[i] = out
+        return outputs
 
     def admit(self, task: Task) -> Step:
         msg: InferStep = task.msg
@@ -294,7 +308,7 @@ class Runtime:
         if not prepared:
             return
         try:
-            outputs = compute.run(self.blocks, [work for _, work in prepared], self.plan.max_chunk_size_bytes)
+            outputs = self.run([work for _, work in prepared], [task.msg.adapter for task, _ in prepared])
         except Exception as e:
             self.log.exception("forward batch failed", requests=len(prepared))
             for task, _ in prepared:
@@ -321,7 +335,8 @@ class Runtime:
         if grad_outputs.shape != x.shape:
             raise RequestError(f"grad_outputs has shape {list(grad_outputs.shape)}, expected {list(x.shape)} like inputs")
         prompts = inputs.prompts(tensors[2], n_blocks, x.shape[0], x.shape[1], self.target)
-        grad_inputs, grad_prompts = compute.backward(self.blocks[first : first + n_blocks], x, grad_outputs, prompts)
+        with lora.activate(msg.adapter):
+            grad_inputs, grad_prompts = compute.backward(self.blocks[first : first + n_blocks], x, grad_outputs, prompts)
         return [grad_inputs] if grad_prompts is None else [grad_inputs, grad_prompts]
 
     def chain(self, start: int, end: int) -> tuple[int, int]:

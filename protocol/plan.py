@@ -43,6 +43,7 @@ class NodePlan(msgspec.Struct, kw_only=True):
     torch_dtype: str
     device: str
     quant_type: str = "none"
+    adapters: list[str] = []  # LoRA adapters, by the names given on the command line (node/lora.py)
 
     # limits and timeouts (PROTOCOL 5.6-5.9)
     max_batch_size: int

@@ -83,7 +83,6 @@ def test_missing_model(capsys):
     "argv, flag, words",
     [
         (["m", "--tensor_parallel_devices", "cuda:0", "cuda:1"], "--tensor_parallel_devices", "tensor parallelism"),
-        (["m", "--adapters", "x/lora"], "--adapters", "adapters"),
     ],
 )
 def test_features_of_open_issues_exit_with_a_message(capsys, argv, flag, words):
