@@ -96,6 +96,7 @@ class NodeConfig(msgspec.Struct, kw_only=True):
     balance_checks: int = 3
     drain_timeout: float = 60
     memory_margin: float = 0.2
+    metrics_port: Optional[int] = None
 
     @property
     def peers(self) -> list[str]:
@@ -280,6 +281,8 @@ def build_parser() -> argparse.ArgumentParser:
                       help="seconds open sessions may finish on the old blocks when the node moves")
     node.add_argument("--memory_margin", type=_fraction, default=0.2,
                       help="share of RAM (on a CPU) kept free when choosing --num_blocks automatically")
+    node.add_argument("--metrics_port", type=_non_negative_int,
+                      help="serve Prometheus metrics on this port (0: any free port; default: off)")
     node.add_argument("--log_format", choices=("auto", "json", "console"), default="auto")
     node.add_argument("--log_level", choices=("debug", "info", "warning", "error"), default="info")
     return p

@@ -35,6 +35,7 @@ import zmq.asyncio
 from node import logs
 from node.config import NodeConfig, parse_config
 from node.placement import Placement, PlacementError
+from node.sd_notify import Notifier
 from node.processes import ActorProcess, ActorSpec, RestartIntensity, backoff
 from protocol.dht_records import ServerState
 from protocol.messages import (
@@ -104,6 +105,9 @@ class Supervisor:
         self.placing: Optional[asyncio.Task] = None
         self.moving = False  # a rebalancing move is under way: it drives the state itself
         self.loaded: Optional[asyncio.Future] = None  # BlocksLoaded of a load-then-switch move
+        self.notifier = Notifier()  # systemd (Type=notify), when started by it
+        self.metrics_server = None  # --metrics_port: node/metrics.py
+        self.notified_ready = False
 
     # --- lifecycle ---------------------------------------------------------------------------
 
@@ -125,6 +129,11 @@ class Supervisor:
             self.plan.peer_id = self.daemon.peer_id
             write_plan(self.plan)
             self.maddrs = await self.daemon.visible_maddrs()
+            if self.config.metrics_port is not None:
+                from node import metrics
+
+                self.metrics_server, _ = metrics.serve(self.config.metrics_port, self.metrics_snapshot)
+                self.log.info("metrics served", port=self.metrics_server.server_port)
             self.log.info("node starting", peer_id=self.plan.peer_id, maddrs=self.maddrs, run_dir=self.plan.run_dir)
             self.write_status()
             await self._watch()
@@ -149,6 +158,7 @@ class Supervisor:
                 self.exit_code = 1
                 break
             self._update_state()
+            self.notifier.watchdog(healthy=self.exit_code is None)
             try:
                 await asyncio.wait_for(self.stop_requested.wait(), TICK)
             except asyncio.TimeoutError:
@@ -226,6 +236,11 @@ class Supervisor:
         self.send("announcer", Announce(int(state), self.plan.start_block, self.plan.end_block, retire=retire, **self.placement.numbers))
         self.log.info("state", state=state.name)
         self.write_status()
+        status = f"{state.name} blocks {self.plan.start_block}:{self.plan.end_block} peer {self.plan.peer_id}"
+        if state == ServerState.ONLINE and not self.notified_ready:
+            self.notified_ready = self.notifier.ready(status)
+        else:
+            self.notifier.status(status)
 
     # --- receiving ---------------------------------------------------------------------------
 
@@ -476,6 +491,15 @@ class Supervisor:
         except zmq.ZMQError:
             return False  # not connected (dead or still starting): it learns the state when ready
 
+    def metrics_snapshot(self) -> dict:
+        """What node/metrics.py exposes, read from its HTTP thread (stats dicts are replaced, not mutated)."""
+        return {
+            "state": int(self.reported) if self.reported is not None else -1,
+            "blocks": [self.plan.start_block, self.plan.end_block],
+            "moves": self.placement.moves,
+            "actors": {n: {"ready": a.ready, "restarts": a.restarts, "stats": a.stats} for n, a in list(self.actors.items())},
+        }
+
     def write_status(self, state: Optional[str] = None) -> None:
         if state is None:
             state = ServerState(self.reported).name.lower() if self.reported is not None else "starting"
@@ -487,6 +511,7 @@ class Supervisor:
             "dht_prefix": self.plan.dht_prefix,
             "blocks": [self.plan.start_block, self.plan.end_block],
             "moves": self.placement.moves,
+            "metrics_port": self.metrics_server.server_port if self.metrics_server is not None else None,
             "actors": {
                 n: {"pid": a.pid, "ready": a.ready, "restarts": a.restarts} for n, a in self.actors.items()
             },
@@ -502,6 +527,7 @@ class Supervisor:
     async def _shutdown(self) -> None:
         """OFFLINE first, then frontends (they finish in-flight work), then everything else, then p2pd."""
         began = time.monotonic()
+        self.notifier.stopping()
         if self.actors["announcer"].ready and self.announced is not None:
             self.announce(ServerState.OFFLINE)
             try:
@@ -516,6 +542,8 @@ class Supervisor:
         await self._stop([self.actors["allocator"], self.actors["announcer"]], 2.0)
         if self.daemon is not None:
             await self.daemon.stop()
+        if self.metrics_server is not None:
+            self.metrics_server.shutdown()
         self.write_status("stopped")
         self.log.info("node stopped", seconds=round(time.monotonic() - began, 2), exit_code=self.exit_code or 0)
         self._clean_run_dir()

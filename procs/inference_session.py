@@ -162,7 +162,10 @@ class InferenceSession:
         session_id can send one: a broken upstream server must not end the client's session.
         """
         if not self.pushed:
-            return await self._step(request)
+            began = time.perf_counter()
+            response = await self._step(request)
+            self.handlers.observe("inference_step", time.perf_counter() - began)
+            return response
         try:
             return await self._step(request) if request.tensors else None
         except Exception as e:

@@ -8,7 +8,9 @@ clients call them. Raised exceptions become the client's error: `repr(e)` for un
 from __future__ import annotations
 
 import asyncio
+import bisect
 import contextlib
+import time
 from typing import AsyncIterator, Sequence
 
 from hivemind.proto import runtime_pb2
@@ -30,6 +32,9 @@ class ShuttingDown(RuntimeError):
     pass
 
 
+LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)  # seconds
+
+
 class Handlers:
     def __init__(self, plan: NodePlan, runtime: Requester, allocator: Requester, log):
         self.plan = plan
@@ -44,6 +49,7 @@ class Handlers:
         self.draining = False
         self.calls: dict[str, int] = {}
         self.errors: dict[str, int] = {}
+        self.latency: dict[str, dict] = {}  # per RPC (and per inference step): histogram for node/metrics.py
 
     # --- bookkeeping shared by every RPC ------------------------------------------------------
 
@@ -53,6 +59,7 @@ class Handlers:
             raise ShuttingDown("the server is shutting down; retry on another server")
         self.in_flight += 1
         self.calls[name] = self.calls.get(name, 0) + 1
+        began = time.perf_counter()
         try:
             yield
         except BaseException as e:
@@ -62,6 +69,13 @@ class Handlers:
             raise
         finally:
             self.in_flight -= 1
+            self.observe(name, time.perf_counter() - began)
+
+    def observe(self, name: str, seconds: float) -> None:
+        entry = self.latency.setdefault(name, {"buckets": [0] * (len(LATENCY_BUCKETS) + 1), "sum": 0.0, "count": 0})
+        entry["buckets"][bisect.bisect_left(LATENCY_BUCKETS, seconds)] += 1
+        entry["sum"] += seconds
+        entry["count"] += 1
 
     def span(self, uid: str) -> rq.Span:
         return rq.parse_span(uid, self.plan.dht_prefix, self.plan.start_block, self.plan.end_block)
@@ -237,4 +251,5 @@ class Handlers:
             "sessions": len(self.sessions),
             "calls": dict(self.calls),
             "errors": dict(self.errors),
+            "latency": {name: dict(entry, buckets=list(entry["buckets"])) for name, entry in self.latency.items()},
         }
