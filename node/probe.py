@@ -1,7 +1,9 @@
 """Watch a running node from the inside: every actor's message headers and stats, live.
 
     python -m node.probe RUN_DIR [--actor NAME ...] [--type TYPE ...] [--session ID] [--json]
-                                 [--stats | --no-stats] [--duration SECONDS] [--count N]
+                                 [--no-stats] [--duration SECONDS] [--count N]
+    python -m node.probe RUN_DIR --stats [--actor NAME ...]     # a live table of every actor's stats
+    python -m node.probe RUN_DIR --follow SESSION              # one session's steps, timed across actors
 
 Every actor binds an XPUB socket at RUN_DIR/probe.<actor>.sock and publishes, only while someone
 subscribes, a ProbeEvent for each message it sends ("out") or receives ("in") on its data sockets
@@ -14,9 +16,15 @@ Filters: --actor takes exact names or prefixes ("frontend" is every frontend); -
 message type names ("Stats" selects stats); --session a session id or a prefix of one. Replies
 (Result, Granted, Failure) carry no session: they are matched to the request with the same req on
 the same actor (and, on a ROUTER, the same peer actor), and Release/DropCache to the session whose
-cache handle they free. Stats are shown unless --session or --type asks for something else; --stats
-and --no-stats decide explicitly. --json prints one JSON object per event. Progress and attach notices
-("attached to runtime.0") go to stderr, so stdout holds events only.
+cache handle they free. Stats events are shown unless --session, --type or --no-stats asks
+otherwise. --json prints one JSON object per event. Progress and attach notices ("attached to
+runtime.0") go to stderr, so stdout holds events only.
+
+--stats replaces the event stream by a table of each actor's latest stats, redrawn every second
+(--count N: N tables). --follow SESSION prints, for each step of that session, when the frontend sent
+it to the runtime, when the runtime took it and answered, and when the frontend had the answer:
+
+    step req=7 handle=3 tokens=1: to runtime 0.21 ms, in runtime 5.40 ms, back 0.18 ms, total 5.79 ms
 
 Exit status: 0 when --duration or --count is reached, on Ctrl-C or when the node stops; 2 when
 RUN_DIR holds no node (no status.json, or no probe socket matches --actor).
@@ -55,12 +63,13 @@ def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
     p.add_argument("--type", action="append", default=[], metavar="TYPE", dest="types", help="message type, e.g. InferStep (repeatable)")
     p.add_argument("--session", metavar="ID", default="", help="session id (or a prefix of one)")
     p.add_argument("--json", action="store_true", help="one JSON object per line")
-    p.add_argument("--stats", action=argparse.BooleanOptionalAction, default=None, help="show the actors' periodic stats")
+    p.add_argument("--no-stats", dest="no_stats", action="store_true", help="leave out the actors' periodic stats events")
+    p.add_argument("--stats", dest="table", action="store_true", help="a live table of every actor's stats instead of events")
+    p.add_argument("--follow", metavar="SESSION", default="", help="time each step of one session across actors")
     p.add_argument("--duration", type=float, default=None, metavar="SECONDS", help="exit after this many seconds")
     p.add_argument("--count", type=int, default=None, metavar="N", help="exit after printing N events")
     args = p.parse_args(argv)
-    if args.stats is None:
-        args.stats = not args.session and (not args.types or "Stats" in args.types)
+    args.stats = not args.no_stats and not args.session and not args.follow and (not args.types or "Stats" in args.types)
     return args
 
 
@@ -165,6 +174,66 @@ def json_line(event: ProbeEvent, session: str) -> str:
     return msgspec.json.encode(record).decode()
 
 
+class StatsTable:
+    """The latest stats of each actor, printed as one table."""
+
+    def __init__(self) -> None:
+        self.latest: dict[str, dict] = {}
+
+    def update(self, event: ProbeEvent) -> None:
+        self.latest[event.actor] = event.fields
+
+    def render(self) -> str:
+        lines = [time.strftime("%H:%M:%S") + f"  {len(self.latest)} actors"]
+        for actor in sorted(self.latest):
+            cells = [f"{k}={_value(k, v)}" for k, v in sorted(self.latest[actor].items()) if not isinstance(v, (dict, list))]
+            lines.append(f"{actor:<12} " + " ".join(cells))
+        return "\n".join(lines)
+
+
+class StepTimer:
+    """Times one session's steps: frontend -> runtime -> frontend, matched by (frontend, req)."""
+
+    def __init__(self, session: str) -> None:
+        self.session = session
+        self.steps: dict[tuple[str, int], dict] = {}
+
+    def feed(self, event: ProbeEvent, session: str) -> Optional[str]:
+        if event.actor.startswith("frontend") and event.dir == "out" and event.type == "InferStep":
+            if session.startswith(self.session):
+                tokens = _tokens(event.fields.get("tensors"))
+                self.steps[(event.actor, event.req)] = {"sent": event.t, "handle": event.fields.get("handle"), "tokens": tokens}
+            return None
+        if event.actor.startswith("runtime"):
+            step = self.steps.get((event.fields.get("peer_actor", ""), event.req))
+            if step is not None:
+                if event.dir == "in" and event.type == "InferStep":
+                    step["taken"] = event.t
+                elif event.dir == "out" and event.type in ("Result", "Failure"):
+                    step["answered"] = event.t
+            return None
+        if event.actor.startswith("frontend") and event.dir == "in" and event.type in ("Result", "Failure"):
+            step = self.steps.pop((event.actor, event.req), None)
+            if step is None:
+                return None
+            step["back"] = event.t
+
+            def ms(a: str, b: str) -> str:
+                return f"{1000 * (step[b] - step[a]):.2f} ms" if a in step and b in step else "?"
+
+            outcome = "" if event.type == "Result" else " FAILED"
+            return (f"step req={event.req} handle={step['handle']} tokens={step['tokens']}{outcome}: to runtime {ms('sent', 'taken')}, "
+                    f"in runtime {ms('taken', 'answered')}, back {ms('answered', 'back')}, total {ms('sent', 'back')}")
+        return None
+
+
+def _tokens(tensors: Any) -> Any:
+    try:
+        return tensors[0][1][1]  # hidden_states [batch, tokens, hidden]
+    except (TypeError, IndexError):
+        return "?"
+
+
 def run(args: argparse.Namespace) -> int:
     run_dir = os.path.abspath(args.run_dir)
     status = read_status(run_dir)
@@ -190,6 +259,9 @@ def run(args: argparse.Namespace) -> int:
     connected: set[str] = set()
     attached: set[str] = set()
     types = set(args.types)
+    table = StatsTable() if args.table else None
+    timer = StepTimer(args.follow) if args.follow else None
+    next_table = time.monotonic() + 1.0
     printed = 0
     deadline = time.monotonic() + args.duration if args.duration is not None else float("inf")
     next_scan = 0.0
@@ -211,7 +283,16 @@ def run(args: argparse.Namespace) -> int:
                     note("the node stopped")
                     return 0
                 sockets = probe_sockets(run_dir, args.actor)
-            if not sub.poll(max(1, int(1000 * min(next_scan, deadline) - 1000 * now))):
+            if table is not None and now >= next_table and table.latest:
+                if sys.stdout.isatty():
+                    sys.stdout.write("\x1b[2J\x1b[H")  # redraw in place on a terminal
+                print(table.render() + "\n", flush=True)
+                next_table = now + 1.0
+                printed += 1
+                if args.count is not None and printed >= args.count:
+                    return 0
+            wake = min(next_scan, deadline, next_table if table is not None else deadline)
+            if not sub.poll(max(1, int(1000 * wake - 1000 * now))):
                 continue
             while True:
                 try:
@@ -229,6 +310,19 @@ def run(args: argparse.Namespace) -> int:
                     attached.add(event.actor)
                     note(f"attached to {event.actor}")
                 session = tracker.session_of(event)
+                if table is not None:
+                    if event.dir == "stats":
+                        table.update(event)
+                    continue
+                if timer is not None:
+                    line = timer.feed(event, session)
+                    if line is None:
+                        continue
+                    print(line, flush=True)
+                    printed += 1
+                    if args.count is not None and printed >= args.count:
+                        return 0
+                    continue
                 if event.dir == "stats":
                     if not args.stats:
                         continue

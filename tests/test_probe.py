@@ -158,3 +158,33 @@ def test_probe_refuses_a_directory_without_a_node(tmp_path, micro_node):
     assert done.returncode == 2 and "no probe sockets" in done.stderr
     done = probe(micro_node.run_dir, "--actor", "nosuch")
     assert done.returncode == 2 and "--actor nosuch" in done.stderr and "runtime.0" in done.stderr
+
+
+def test_probe_stats_table(micro_node):
+    """--stats: one table of every actor's latest stats per second; --count bounds it."""
+    probe = ProbeProcess(micro_node.run_dir, "--stats", "--count", "2", duration=30)
+    assert probe.finish(interrupt=False) == 0, probe.err
+    tables = "\n".join(probe.out).split("\n\n")
+    tables = [t for t in tables if t.strip()]
+    assert len(tables) == 2, probe.out
+    rows = {line.split()[0]: line for line in tables[-1].splitlines()[1:]}
+    assert set(micro_node.status["actors"]) <= set(rows), rows
+    assert "rounds=" in rows["runtime.0"] and "capacity_bytes=" in rows["allocator"]
+
+
+def test_probe_follows_a_session_step_by_step_with_timings(micro_node, micro_client):
+    session = run_session(micro_client, [4, 1, 1])
+    sid = next(session)
+    probe = ProbeProcess(micro_node.run_dir, "--follow", sid, "--count", "3")
+    try:
+        probe.wait_attached(micro_node.status["actors"])
+        for _ in session:
+            pass
+    finally:
+        session.close()
+        code = probe.finish(interrupt=False)
+    assert code == 0, probe.err
+    assert len(probe.out) == 3, probe.out
+    assert [line.split("tokens=")[1].split(":")[0] for line in probe.out] == ["4", "1", "1"]
+    for line in probe.out:
+        assert line.startswith("step req=") and "in runtime " in line and "total " in line and "?" not in line, line
