@@ -111,6 +111,7 @@ class Placement:
             available_memory=report.available_memory,
             block_bytes=report.block_bytes,
             cache_bytes=resources.cache_bytes_per_block(plan.hidden_size, plan.attn_cache_tokens, plan.kv_groups, plan.torch_dtype),
+            adapter_bytes=report.adapter_bytes,
             hidden_size=plan.hidden_size,
             total_blocks=plan.total_blocks,
             margin=self.config.memory_margin,

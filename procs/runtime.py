@@ -83,7 +83,7 @@ def load_blocks(plan: NodePlan, log, indices=None) -> dict:
     config = checkpoint.config()
     family = get_family(config)
     dtype = DTYPES[plan.torch_dtype]
-    adapters = [lora.load_adapter(name, cache_dir=plan.cache_dir, token=plan.token) for name in plan.adapters]
+    adapters = load_adapters(plan)
     blocks = {}
     for index in (range(plan.start_block, plan.end_block) if indices is None else indices):
         began = time.perf_counter()
@@ -93,6 +93,15 @@ def load_blocks(plan: NodePlan, log, indices=None) -> dict:
         blocks[index] = block
         log.info("block loaded", block=index, seconds=round(time.perf_counter() - began, 3))
     return blocks
+
+
+def load_adapters(plan: NodePlan) -> list:
+    """The plan's LoRA adapters, their files fetched into the model's cache (lora.AdapterError if not)."""
+    return [
+        lora.load_adapter(name, cache_dir=plan.cache_dir, token=plan.token, max_disk_space=plan.max_disk_space,
+                          download_attempts=plan.download_attempts)
+        for name in plan.adapters
+    ]
 
 
 class Runtime:
@@ -435,8 +444,18 @@ def report_capacity(actor: actor_lib.Actor) -> bool:
             max_disk_space=plan.max_disk_space, download_attempts=plan.download_attempts,
         ).config()
         dtype = DTYPES[plan.torch_dtype]
-        report = capacity.measure(plan, get_family(config).block_class, config, log=actor.log,
+        family = get_family(config)
+        # adapters are fetched and tried on an empty block 0 now, so that a wrong one stops the node
+        # before it joins; what they add to that block counts in each block's memory (PROTOCOL 5.3)
+        with torch.device("meta"):
+            empty = family.block_class(config)
+        adapter_params = lora.attach(empty, 0, family.block_prefix, load_adapters(plan), dtype, "meta")
+        report = capacity.measure(plan, family.block_class, config, log=actor.log,
                                   prepare=lambda block: quantize_block(block, plan.quant_type, dtype))
+        report.adapter_bytes = adapter_params * dtype.itemsize
+    except lora.AdapterError as e:
+        actor.fatal(str(e))
+        return False
     except Exception as e:
         actor.log.exception("cannot measure the device")
         actor.fatal(f"cannot measure {plan.device} for {plan.model}: {e}")

@@ -69,6 +69,7 @@ class Measured(Message):
     block_params: int
     block_bytes: int
     quant_type: str = "none"  # what the runtime serves: the plan's, or none if the device cannot run it
+    adapter_bytes: int = 0  # LoRA weights the adapters add to a block (PROTOCOL 5.3)
     inference_rps: Any = None
     forward_rps: Any = None
     network_rps: Any = None

@@ -1,26 +1,33 @@
-"""LoRA adapters (PROTOCOL 5.12): loaded from a directory made here with peft, selected per request,
-published in ServerInfo; outputs equal peft's on the same transformers model; requests with different
-adapters (or none) batched at the same time each get their own; an unknown name is a clear error."""
+"""LoRA adapters (PROTOCOL 5.12): loaded from a directory made here with peft (or a local hub), selected
+per request, published in ServerInfo; outputs equal peft's on the same transformers model (float32,
+relative error 1e-5) for every family and peft's per-module options; requests with different adapters
+(or none) batched at the same time each get their own; unknown names and wrong adapters are clear errors."""
 
 from __future__ import annotations
 
 import copy
+import json
 import threading
 
 import pytest
+import safetensors.torch
 import torch
 
+from node import lora
+from node.checkpoint import Checkpoint
 from node.client import Client
 from node.launcher import NodeProcess
-from tests.conftest import MICRO_LLAMA, hf_blocks, rel_err
+from node.models import get_family
+from tests.conftest import MICRO_LLAMA, SHARED, hf_blocks, rel_err
 
 peft = pytest.importorskip("peft")
 TOL = 1e-5
 
 
-def make_adapter(base, path, seed: int, targets, rank: int = 4, alpha: float = 8.0):
+def make_adapter(base, path, seed: int, targets, rank: int = 4, alpha: float = 8.0, **options):
     """A LoRA adapter with random (non-zero) A and B, saved as peft saves it; returns the peft model."""
-    model = peft.get_peft_model(copy.deepcopy(base), peft.LoraConfig(r=rank, lora_alpha=alpha, target_modules=targets, lora_dropout=0.0))
+    config = peft.LoraConfig(r=rank, lora_alpha=alpha, target_modules=targets, lora_dropout=0.0, **options)
+    model = peft.get_peft_model(copy.deepcopy(base), config)
     generator = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, param in model.named_parameters():
@@ -139,3 +146,149 @@ def test_adapter_on_quantized_blocks(tmp_path, adapters):
             out = client.forward(hidden, 0, 4)
     expected = reference(model, hidden, 0, 4)
     assert rel_err(out - hidden, expected - hidden) <= 0.05  # the int8 bound of tests/test_quantize.py
+
+
+def test_node_measures_adapter_memory(node, adapters):
+    """The runtime tries the adapters on an empty block 0 before joining; what they add to it counts in
+    the memory of each block (PROTOCOL 5.3)."""
+    events = [json.loads(line) for line in node.log_path.read_text().splitlines() if line.startswith("{")]
+    (measured,) = [e for e in events if e.get("event") == "device measured"]
+    expected = sum(p.numel() for model in adapters.values() for n, p in model.named_parameters() if "lora_" in n and ".layers.0." in n)
+    assert measured["adapter_bytes"] == expected * 4 > 0
+
+
+# --- blocks of every family against peft, without a node ------------------------------------------
+
+# targets of each family's modules, attention and MLP (Mixtral: the experts)
+FAMILY_TARGETS = {
+    "micro-llama": ["k_proj", "o_proj", "up_proj"],
+    "micro-bloom": ["query_key_value", "dense_4h_to_h"],  # BLOOM's checkpoint is bare (h.N.), peft's keys transformer.h.N.
+    "micro-falcon": ["query_key_value", "dense", "dense_h_to_4h"],
+    "micro-mixtral": ["v_proj", "w1", "w2"],
+}
+
+
+class Blocks:
+    """A micro model's blocks loaded as the runtime loads them, adapters attached."""
+
+    def __init__(self, model: str):
+        self.checkpoint = Checkpoint.open(str(SHARED / "models" / model))
+        self.config = self.checkpoint.config()
+        self.family = get_family(self.config)
+
+    def load(self, adapters, indices=None) -> list:
+        blocks, added = [], 0
+        for i in indices if indices is not None else range(self.config.num_hidden_layers):
+            state = self.checkpoint.block_state(f"{self.family.block_prefix}.{i}.", dtype=torch.float32)
+            block = self.family.block_class.from_state(self.config, state, dtype=torch.float32, device="cpu")
+            added += lora.attach(block, i, self.family.block_prefix, adapters, torch.float32, "cpu")
+            blocks.append(block)
+        self.added = added
+        return blocks
+
+    @staticmethod
+    def run(blocks, hidden, adapter):
+        with torch.no_grad(), lora.activate(adapter):
+            for block in blocks:
+                hidden = block(hidden)
+        return hidden
+
+
+def hf_model(model: str):
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(str(SHARED / "models" / model), dtype=torch.float32).eval()
+
+
+@pytest.mark.parametrize("model", list(FAMILY_TARGETS))
+def test_blocks_of_every_family_equal_peft(tmp_path, model):
+    reference_model = make_adapter(hf_model(model), tmp_path / "adapter", 11, FAMILY_TARGETS[model])
+    adapter = lora.load_adapter(str(tmp_path / "adapter"))
+    ours = Blocks(model)
+    blocks = ours.load([adapter])
+    assert ours.added == sum(p.numel() for n, p in reference_model.named_parameters() if "lora_" in n)
+    torch.manual_seed(12)
+    hidden = torch.randn(2, 5, ours.config.hidden_size)
+    n = ours.config.num_hidden_layers
+    expected = reference(reference_model, hidden, 0, n)
+    assert rel_err(Blocks.run(blocks, hidden, adapter.name), expected) <= TOL
+    assert rel_err(expected, hf_blocks(hf_model(model), hidden, 0, n)) > 1e-3  # the adapter really changes the outputs
+    assert rel_err(Blocks.run(blocks, hidden, ""), hf_blocks(hf_model(model), hidden, 0, n)) <= TOL  # none: the base model
+
+
+def test_per_module_rank_alpha_rslora_and_layers_equal_peft(tmp_path, micro_hf):
+    options = dict(rank_pattern={"q_proj": 2}, alpha_pattern={"down_proj": 16.0}, use_rslora=True, layers_to_transform=[1, 2])
+    reference_model = make_adapter(micro_hf, tmp_path / "adapter", 13, ["q_proj", "v_proj", "down_proj"], rank=4, alpha=6.0, **options)
+    adapter = lora.load_adapter(str(tmp_path / "adapter"))
+    ours = Blocks("micro-llama")
+    blocks = ours.load([adapter])
+    assert [type(b.self_attn.q_proj).__name__ for b in blocks] == ["Linear", "LoraLinear", "LoraLinear", "Linear"]
+    assert blocks[1].self_attn.q_proj.lora_a[lora._key(adapter.name)].shape[0] == 2
+    torch.manual_seed(14)
+    hidden = torch.randn(1, 6, 64)
+    assert rel_err(Blocks.run(blocks, hidden, adapter.name), reference(reference_model, hidden, 0, 4)) <= TOL
+
+
+def test_adapter_from_a_hub(tmp_path, micro_hf):
+    from tests.test_weight_cache import Hub, cache
+
+    reference_model = make_adapter(micro_hf, tmp_path / "adapter", 15, ["q_proj"])
+    hub = Hub()
+    try:
+        hub.add("org/lora", tmp_path / "adapter")
+        adapter = lora.load_adapter("org/lora", weight_cache=cache(tmp_path, hub))
+        assert adapter.path.startswith(str(tmp_path / "cache"))
+        blocks = Blocks("micro-llama").load([adapter], [0, 1])
+        with pytest.raises(lora.AdapterError, match="org/nothing"):
+            lora.load_adapter("org/nothing", weight_cache=cache(tmp_path, hub))
+    finally:
+        hub.close()
+    hidden = torch.randn(1, 3, 64)
+    assert rel_err(Blocks.run(blocks, hidden, "org/lora"), reference(reference_model, hidden, 0, 2)) <= TOL
+
+
+def write_adapter(path, config: dict, tensors: dict) -> str:
+    path.mkdir(parents=True, exist_ok=True)
+    (path / lora.CONFIG_FILE).write_text(json.dumps({"peft_type": "LORA", "r": 2, "lora_alpha": 2, **config}))
+    safetensors.torch.save_file(tensors, str(path / lora.WEIGHTS_FILE))
+    return str(path)
+
+
+def test_wrong_adapters_are_clear_errors(tmp_path):
+    ab = {"base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight": torch.ones(2, 64),
+          "base_model.model.model.layers.0.self_attn.q_proj.lora_B.weight": torch.ones(64, 2)}
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(lora.AdapterError, match="has no adapter_config.json"):
+        lora.load_adapter(str(tmp_path / "empty"))
+    for config, words in [({"use_dora": True}, "use_dora"), ({"peft_type": "IA3"}, "only LORA"),
+                          ({"bias": "all"}, "biases"), ({"r": "x"}, "bad adapter_config.json")]:
+        with pytest.raises(lora.AdapterError, match=words):
+            lora.load_adapter(write_adapter(tmp_path / words.replace(" ", "_"), config, ab))
+    blocks = Blocks("micro-llama")
+    # weights for a module the block does not have: a model of another family, never silently dropped
+    odd = write_adapter(tmp_path / "odd", {"target_modules": ["query_key_value"]},
+                        {"base_model.model.model.layers.0.self_attn.query_key_value.lora_A.weight": torch.ones(2, 64),
+                         "base_model.model.model.layers.0.self_attn.query_key_value.lora_B.weight": torch.ones(192, 2)})
+    with pytest.raises(lora.AdapterError, match="not a Linear of this node's block 0"):
+        blocks.load([lora.load_adapter(odd)], [0])
+    missing = write_adapter(tmp_path / "missing", {"target_modules": ["q_proj", "k_proj"]}, ab)
+    with pytest.raises(lora.AdapterError, match="targets model.layers.0.self_attn.k_proj but has no LoRA weights"):
+        blocks.load([lora.load_adapter(missing)], [0])
+    shapes = write_adapter(tmp_path / "shapes", {"target_modules": ["q_proj"], "r": 3}, ab)
+    with pytest.raises(lora.AdapterError, match="LoRA shapes"):
+        blocks.load([lora.load_adapter(shapes)], [0])
+    pattern = write_adapter(tmp_path / "pattern", {"target_modules": "model.layers.0.self_attn.(q_proj"}, ab)
+    with pytest.raises(lora.AdapterError, match="bad pattern"):
+        blocks.load([lora.load_adapter(pattern)], [0])
+
+
+def test_a_node_with_a_wrong_adapter_stops_before_joining(tmp_path):
+    (tmp_path / "not-an-adapter").mkdir()
+    node = NodeProcess(MICRO_LLAMA, tmp_path / "bad", "--adapters", str(tmp_path / "not-an-adapter"), dht_prefix="micro-badlora")
+    node.launch()
+    try:
+        assert node.proc.wait(60) != 0
+    finally:
+        node.stop()
+    log = node.log_path.read_text()
+    assert "has no adapter_config.json" in log and '"state": "JOINING"' not in log
