@@ -4,17 +4,45 @@ Every nn.Linear of the block is replaced: int8 by Linear8bitLt (no fp16 copy of 
 threshold 6.0), nf4 by Linear4bit (blocks of 64 values, compressed statistics, computing in the
 block's dtype). Norms, embeddings of positions and biases stay in the block's dtype.
 
-A device that cannot run a quantization (bitsandbytes missing or without kernels for it) is found
-by a trial on one small layer before any block is converted: the runtime then serves unquantized,
-says so in its log, and the node publishes the quant_type it really serves.
+The supervisor plans a quant_type without torch (node/resolve.py: --quant_type, else nf4 on CUDA
+and none elsewhere). A device that cannot run it (bitsandbytes missing or without kernels for it) is
+found by the runtime with a trial on one small layer before any block is converted: it then serves
+unquantized and logs a warning. The quant_type really served reaches ServerInfo by the one message
+that already carries the runtime's measurements: Measured.quant_type (runtime -> supervisor), where
+node/placement.py adopts it into the supervisor's plan and passes it with the announced figures
+(Announce.quant_type -> announcer). The size of a block under each quant_type is the torch-free
+formula of node/resources.py (block_size_bytes, PROTOCOL 5.4); block_memory measures the real one.
 """
 
 from __future__ import annotations
+
+import logging
 
 import torch
 from torch import nn
 
 QUANT_TYPES = ("none", "int8", "nf4")
+
+
+class _Once(logging.Filter):
+    """Lets each message template through once: bitsandbytes warns on every int8 matmul of inputs
+    that are not float16 (every Linear of every request), which would bury everything else."""
+
+    def __init__(self):
+        super().__init__()
+        self.seen: set = set()
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.msg in self.seen:
+            return False
+        self.seen.add(record.msg)
+        return True
+
+
+def _quiet_repeats() -> None:
+    bnb_logger = logging.getLogger("bitsandbytes.autograd._functions")
+    if not any(isinstance(f, _Once) for f in bnb_logger.filters):
+        bnb_logger.addFilter(_Once())
 
 
 class QuantizationUnavailable(RuntimeError):
@@ -23,6 +51,8 @@ class QuantizationUnavailable(RuntimeError):
 
 def quantized_linear(linear: nn.Linear, quant_type: str, dtype: torch.dtype) -> nn.Module:
     import bitsandbytes as bnb
+
+    _quiet_repeats()
 
     device = linear.weight.device
     weight = linear.weight.data.to(dtype)
