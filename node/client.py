@@ -107,11 +107,14 @@ class SwarmClient:
     async def route(self, start: int, end: int, num_blocks: Optional[int] = None) -> list[RemoteSpan]:
         """Cover [start, end) greedily with the span that reaches furthest at each point."""
         spans = await self.spans(num_blocks or end)
+        if self.active_adapter:  # as Petals clients do: only servers that publish the adapter (PROTOCOL 5.12)
+            spans = [s for s in spans if self.active_adapter in (s.info.adapters or ())]
         route, position = [], start
         while position < end:
             covering = [s for s in spans if s.start <= position < s.end]
             if not covering:
-                raise RuntimeError(f"no ONLINE server holds block {position} of {self.prefix}")
+                with_adapter = f" with adapter {self.active_adapter}" if self.active_adapter else ""
+                raise RuntimeError(f"no ONLINE server{with_adapter} holds block {position} of {self.prefix}")
             best = max(covering, key=lambda s: s.end)
             route.append(RemoteSpan(best.peer_id, position, min(best.end, end), best.info))
             position = min(best.end, end)

@@ -131,9 +131,17 @@ def test_sessions_with_different_adapters_at_once(node, adapters, micro_hf):
 
 def test_unknown_adapter_is_a_clear_error(client):
     client.swarm.active_adapter = "someone/else"
-    with pytest.raises(Exception, match="adapter someone/else not found"):
-        client.forward(torch.randn(1, 2, 64), 0, 4)
-    client.swarm.active_adapter = None
+    try:
+        with pytest.raises(RuntimeError, match="no ONLINE server with adapter someone/else"):
+            client.forward(torch.randn(1, 2, 64), 0, 4)  # the client looks for servers that publish it
+        (span,) = client.spans(4)
+        with pytest.raises(Exception, match="adapter someone/else not found"):  # and the server refuses it
+            client.forward_span(span, torch.randn(1, 2, 64))
+        with pytest.raises(Exception, match="adapter someone/else not found"):
+            with client.session(max_length=4, start=0, end=4, route=[span]) as session:
+                session.step(torch.randn(1, 2, 64))
+    finally:
+        client.swarm.active_adapter = None
 
 
 def test_adapter_on_quantized_blocks(tmp_path, adapters):
