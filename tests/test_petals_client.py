@@ -88,5 +88,52 @@ def test_node_and_petals_server_share_a_swarm(tmp_path):
                 server.kill()
 
 
+def start_petals_server(log, peers, *flags):
+    server = subprocess.Popen(
+        [
+            PETALS_PYTHON, "-m", "petals.cli.run_server", str(MICRO_LLAMA), "--dht_prefix", "micro-llama",
+            "--torch_dtype", "float32", "--device", "cpu", "--throughput", "1", "--host_maddrs", "/ip4/127.0.0.1/tcp/0",
+            "--num_handlers", "2", "--initial_peers", *peers, *flags,
+        ],
+        stdout=log.open("w"),
+        stderr=subprocess.STDOUT,
+    )
+    deadline = time.monotonic() + 120
+    while "Started" not in log.read_text():
+        assert server.poll() is None and time.monotonic() < deadline, log.read_text()[-3000:]
+        time.sleep(0.5)
+    return server
+
+
+def test_node_and_petals_server_choose_blocks_by_the_same_rule(tmp_path):
+    """A Petals server holds 0:2; a node with --num_blocks 2 takes 2:4 (the Petals rule over the
+    swarm it reads, Petals records included); a second Petals server then sees the swarm evenly
+    covered and takes the first window, 0:2, as the rule says; a Petals client generates through it."""
+    from node.client import Client
+
+    with NodeProcess(MICRO_LLAMA, tmp_path / "seed", "--block_indices", "0:4") as seed:
+        first = start_petals_server(tmp_path / "petals1.log", seed.maddrs, "--block_indices", "0:2")
+        try:
+            with NodeProcess(MICRO_LLAMA, tmp_path / "node", "--num_blocks", "2", "--mean_block_selection_delay", "0.2",
+                             "--initial_peers", *seed.maddrs) as node:
+                assert node.status["blocks"] == [2, 4]
+                second = start_petals_server(tmp_path / "petals2.log", seed.maddrs, "--num_blocks", "2")
+                try:
+                    with Client(seed.maddrs, "micro-llama") as client:
+                        deadline = time.monotonic() + 60
+                        while len(client.spans(4)) < 4:
+                            assert time.monotonic() < deadline, client.spans(4)
+                            time.sleep(0.5)
+                        spans = {(s.start, s.end) for s in client.spans(4) if s.peer_id not in (seed.peer_id, node.peer_id)}
+                    assert spans == {(0, 2)}, spans  # both Petals servers on 0:2
+                    run_client(node.maddrs)
+                finally:
+                    second.terminate()
+                    second.wait(30)
+        finally:
+            first.terminate()
+            first.wait(30)
+
+
 if __name__ == "__main__":
     sys.exit(pytest.main([__file__, "-v"]))
