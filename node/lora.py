@@ -217,7 +217,8 @@ class LoraLinear(nn.Module):
 
 
 def _key(name: str) -> str:
-    return name.replace(".", "_").replace("/", "__") if name else ""  # ParameterDict keys cannot hold dots
+    # ParameterDict keys cannot hold dots; "_" doubled first, so that "a.b" and "a_b" stay apart
+    return name.replace("_", "__").replace(".", "_d") if name else ""
 
 
 @contextlib.contextmanager

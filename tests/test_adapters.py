@@ -300,3 +300,13 @@ def test_a_node_with_a_wrong_adapter_stops_before_joining(tmp_path):
         node.stop()
     log = node.log_path.read_text()
     assert "has no adapter_config.json" in log and '"state": "JOINING"' not in log
+
+
+def test_adapters_whose_names_differ_only_in_dots_and_underscores(tmp_path, micro_hf):
+    first = make_adapter(micro_hf, tmp_path / "lora.v1", 16, ["q_proj"])
+    second = make_adapter(micro_hf, tmp_path / "lora_v1", 17, ["q_proj"])
+    adapters = [lora.load_adapter(str(tmp_path / "lora.v1")), lora.load_adapter(str(tmp_path / "lora_v1"))]
+    blocks = Blocks("micro-llama").load(adapters, [0])
+    hidden = torch.randn(1, 3, 64)
+    assert rel_err(Blocks.run(blocks, hidden, adapters[0].name), reference(first, hidden, 0, 1)) <= TOL
+    assert rel_err(Blocks.run(blocks, hidden, adapters[1].name), reference(second, hidden, 0, 1)) <= TOL
