@@ -73,6 +73,7 @@ def test_node_and_petals_server_share_a_swarm(tmp_path):
             ],
             stdout=log.open("w"),
             stderr=subprocess.STDOUT,
+            start_new_session=True,
         )
         try:
             deadline = time.monotonic() + 120
@@ -81,11 +82,24 @@ def test_node_and_petals_server_share_a_swarm(tmp_path):
                 time.sleep(0.5)
             run_client(node.maddrs)
         finally:
-            server.terminate()
-            try:
-                server.wait(30)
-            except subprocess.TimeoutExpired:
-                server.kill()
+            stop_petals_server(server)
+
+
+def stop_petals_server(server: subprocess.Popen) -> None:
+    """SIGTERM to the server's whole group (a Petals server can leave its p2pd behind), then SIGKILL."""
+    import signal
+
+    for sig, wait in ((signal.SIGTERM, 30), (signal.SIGKILL, 10)):
+        try:
+            os.killpg(server.pid, sig)
+        except ProcessLookupError:
+            return
+        try:
+            server.wait(wait)
+            os.killpg(server.pid, signal.SIGKILL)  # whatever else is left in the group
+        except (subprocess.TimeoutExpired, ProcessLookupError):
+            continue
+        return
 
 
 def start_petals_server(log, peers, *flags):
@@ -97,6 +111,7 @@ def start_petals_server(log, peers, *flags):
         ],
         stdout=log.open("w"),
         stderr=subprocess.STDOUT,
+        start_new_session=True,  # its own process group: its p2pd is stopped with it
     )
     deadline = time.monotonic() + 120
     while "Started" not in log.read_text():
@@ -128,11 +143,9 @@ def test_node_and_petals_server_choose_blocks_by_the_same_rule(tmp_path):
                     assert spans == {(0, 2)}, spans  # both Petals servers on 0:2
                     run_client(node.maddrs)
                 finally:
-                    second.terminate()
-                    second.wait(30)
+                    stop_petals_server(second)
         finally:
-            first.terminate()
-            first.wait(30)
+            stop_petals_server(first)
 
 
 if __name__ == "__main__":
