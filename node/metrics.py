@@ -1,14 +1,17 @@
 """Prometheus metrics of a node: `--metrics_port PORT` serves them at http://HOST:PORT/metrics.
 
 Owned by the supervisor, which already receives every actor's stats in its heartbeats: nothing in
-the serving path is touched to scrape. A collector reads the latest stats at each scrape. Counters
-stay monotonic when an actor is replaced (its successor counts from zero): what a predecessor had
-counted is kept as an offset.
+the serving path is touched to scrape. Receives: every heartbeat (Totals.observe, for counters) and,
+at each scrape, a snapshot of the supervisor's table (state, blocks, restarts, latest stats, for
+gauges). Sends: the Prometheus text format over HTTP from prometheus_client's server thread.
+Counters stay monotonic when an actor is replaced (its successor counts from zero): what each
+predecessor had counted is kept.
 """
 
 from __future__ import annotations
 
-from typing import Callable, Iterable
+import threading
+from typing import Callable, Iterable, Iterator
 
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 from prometheus_client.registry import Collector, CollectorRegistry
@@ -16,28 +19,73 @@ from prometheus_client.registry import Collector, CollectorRegistry
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)  # procs/rpc_handlers.py
 
 
-class Monotonic:
-    """Sums of per-actor counters that survive the actor's replacement."""
+class Totals:
+    """Counters summed over every process that has held each actor's name.
+
+    Fed by the supervisor with every heartbeat, keyed by the process that counted (Heartbeat.pid): when
+    a new process takes over an actor's name it counts from zero, and what its predecessor had counted,
+    up to its last heartbeat, is kept. Seeing every heartbeat, not only those a scrape happens to
+    read, is what keeps this exact whenever the scrapes come. Read by the collector on the HTTP thread.
+    """
 
     def __init__(self):
-        self.last: dict[tuple, float] = {}
-        self.offset: dict[tuple, float] = {}
+        self.lock = threading.Lock()
+        self.pids: dict[str, int] = {}
+        self.current: dict[str, dict[tuple, float]] = {}  # actor -> what its running process counted
+        self.past: dict[tuple, float] = {}  # what processes that are gone counted, summed over them
 
-    def __call__(self, key: tuple, value: float) -> float:
-        if value < self.last.get(key, 0.0):  # a new process counts from zero
-            self.offset[key] = self.offset.get(key, 0.0) + self.last[key]
-        self.last[key] = value
-        return self.offset.get(key, 0.0) + value
+    def observe(self, actor: str, pid: int, stats: dict) -> None:
+        try:
+            counts = dict(counters(actor, stats))
+        except (TypeError, ValueError, AttributeError):
+            return  # stats of an unexpected shape must not take the supervisor's receive loop down
+        with self.lock:
+            if pid != self.pids.get(actor):
+                for key, value in self.current.pop(actor, {}).items():
+                    self.past[key] = self.past.get(key, 0.0) + value
+                self.pids[actor] = pid
+            mine = self.current.setdefault(actor, {})
+            for key, value in counts.items():
+                mine[key] = max(mine.get(key, 0.0), value)  # never backwards, even for a rounded float
+
+    def totals(self) -> dict[tuple, float]:
+        with self.lock:
+            out = dict(self.past)
+            for counts in self.current.values():
+                for key, value in counts.items():
+                    out[key] = out.get(key, 0.0) + value
+        return out
+
+
+def counters(actor: str, stats: dict) -> Iterator[tuple[tuple, float]]:
+    """The monotonic counts in one actor's heartbeat stats, as ((metric, *labels), value)."""
+    if actor.startswith("frontend"):  # procs/rpc_handlers.py Handlers.stats
+        for rpc, n in stats.get("calls", {}).items():
+            yield ("requests", rpc), float(n)
+        for rpc, n in stats.get("errors", {}).items():
+            yield ("errors", rpc), float(n)
+        for rpc, entry in stats.get("latency", {}).items():
+            for i, n in enumerate(entry["buckets"]):
+                yield ("latency_bucket", rpc, i), float(n)
+            yield ("latency_sum", rpc), float(entry["sum"])
+    elif actor == "runtime.0":  # the leader runs every round (procs/runtime.py update_stats)
+        yield ("rounds",), float(stats.get("rounds", 0))
+        yield ("busy_seconds",), float(stats.get("busy_seconds", 0.0))
+        yield ("tasks", "done"), float(stats.get("done", 0))
+        yield ("tasks", "failed"), float(stats.get("failed", 0))
+        for size, n in stats.get("round_sizes", {}).items():
+            yield ("round_size", str(size)), float(n)
 
 
 class NodeCollector(Collector):
-    def __init__(self, snapshot: Callable[[], dict]):
-        self.snapshot = snapshot  # () -> {"state", "blocks", "actors": {name: {"restarts", "ready", "stats"}}}
-        self.monotonic = Monotonic()
+    def __init__(self, snapshot: Callable[[], dict], totals: Totals):
+        self.snapshot = snapshot  # () -> {"state", "blocks", "moves", "actors": {name: {"restarts", "ready", "stats"}}}
+        self.totals = totals
 
     def collect(self) -> Iterable:
         snap = self.snapshot()
         actors = snap["actors"]
+        totals = self.totals.totals()
         yield _gauge("node_state", "0 offline, 1 joining, 2 online; -1 before the first announcement", snap["state"])
         start, end = snap["blocks"]
         blocks = GaugeMetricFamily("node_blocks", "blocks served", labels=["start", "end"])
@@ -56,35 +104,20 @@ class NodeCollector(Collector):
         requests = CounterMetricFamily("node_requests", "requests per RPC", labels=["rpc"])
         errors = CounterMetricFamily("node_request_errors", "requests answered with an error, per RPC", labels=["rpc"])
         latency = HistogramMetricFamily("node_request_seconds", "time to answer, per RPC, and per inference step", labels=["rpc"])
-        calls, failed, histograms = {}, {}, {}
-        in_flight = 0
-        for name, actor in actors.items():
-            if not name.startswith("frontend"):
-                continue
-            stats = actor["stats"]
-            in_flight += stats.get("in_flight", 0)
-            for rpc, n in stats.get("calls", {}).items():
-                calls[rpc] = calls.get(rpc, 0) + self.monotonic((name, "calls", rpc), n)
-            for rpc, n in stats.get("errors", {}).items():
-                failed[rpc] = failed.get(rpc, 0) + self.monotonic((name, "errors", rpc), n)
-            for rpc, entry in stats.get("latency", {}).items():
-                h = histograms.setdefault(rpc, {"buckets": [0.0] * (len(LATENCY_BUCKETS) + 1), "sum": 0.0})
-                for i, n in enumerate(entry["buckets"]):
-                    h["buckets"][i] += self.monotonic((name, "latency", rpc, i), n)
-                h["sum"] += self.monotonic((name, "latency_sum", rpc), entry["sum"])
-        for rpc, n in sorted(calls.items()):
+        for rpc, n in _labelled(totals, "requests"):
             requests.add_metric([rpc], n)
-        for rpc, n in sorted(failed.items()):
+        for rpc, n in _labelled(totals, "errors"):
             errors.add_metric([rpc], n)
-        for rpc, h in sorted(histograms.items()):
+        for rpc, total in _labelled(totals, "latency_sum"):
             cumulative, buckets = 0.0, []
-            for bound, n in zip((*LATENCY_BUCKETS, float("inf")), h["buckets"]):
-                cumulative += n
+            for i, bound in enumerate((*LATENCY_BUCKETS, float("inf"))):
+                cumulative += totals.get(("latency_bucket", rpc, i), 0.0)
                 buckets.append(("+Inf" if bound == float("inf") else str(bound), cumulative))
-            latency.add_metric([rpc], buckets, h["sum"])
+            latency.add_metric([rpc], buckets, total)
         yield requests
         yield errors
         yield latency
+        in_flight = sum(a["stats"].get("in_flight", 0) for n, a in actors.items() if n.startswith("frontend"))
         yield _gauge("node_requests_in_flight", "requests being handled by the frontends", in_flight)
         yield _gauge("node_sessions_open", "inference sessions open", sum(
             a["stats"].get("sessions", 0) for n, a in actors.items() if n.startswith("frontend")))
@@ -92,19 +125,31 @@ class NodeCollector(Collector):
         runtime = actors.get("runtime.0", {}).get("stats", {})
         yield _gauge("node_queue_depth", "tasks waiting in the runtime", runtime.get("queue", 0))
         yield _gauge("node_steps_in_progress", "inference steps under way (chunked prefills)", runtime.get("in_progress", 0))
-        yield _counter("node_runtime_rounds", "compute rounds run by the runtime", self.monotonic(("runtime", "rounds"), runtime.get("rounds", 0)))
-        yield _counter("node_runtime_busy_seconds", "time the runtime spent computing",
-                       self.monotonic(("runtime", "busy"), runtime.get("busy_seconds", 0.0)))
+        yield _counter("node_runtime_rounds", "compute rounds run by the runtime", totals.get(("rounds",), 0.0))
+        yield _counter("node_runtime_busy_seconds", "time the runtime spent computing", totals.get(("busy_seconds",), 0.0))
+        tasks = CounterMetricFamily("node_runtime_tasks", "work items the runtime answered, by outcome", labels=["outcome"])
+        for outcome in ("done", "failed"):
+            tasks.add_metric([outcome], totals.get(("tasks", outcome), 0.0))
+        yield tasks
         sizes = CounterMetricFamily("node_batch_size_rounds", "rounds by how many requests ran together", labels=["requests"])
-        for size, n in sorted(runtime.get("round_sizes", {}).items(), key=lambda kv: int(kv[0])):
-            sizes.add_metric([size], self.monotonic(("runtime", "round_size", size), n))
+        for size, n in sorted(_labelled(totals, "round_size"), key=lambda kv: int(kv[0])):
+            sizes.add_metric([size], n)
         yield sizes
 
         allocator = actors.get("allocator", {}).get("stats", {})
         used, capacity = allocator.get("used_bytes", 0), allocator.get("capacity_bytes", 0)
         yield _gauge("node_cache_bytes_used", "attention cache bytes held by sessions", used)
         yield _gauge("node_cache_bytes_left", "attention cache bytes free", max(0, capacity - used))
+        yield _gauge("node_cache_tokens_used", "attention cache held by sessions, in tokens (Petals' cache_tokens_left unit)",
+                     allocator.get("tokens_used", 0))
+        yield _gauge("node_cache_tokens_left", "attention cache free, in tokens, as announced in cache_tokens_left",
+                     allocator.get("tokens_left", 0))
         yield _gauge("node_cache_waiting", "allocations queued for cache", allocator.get("waiting", 0))
+
+
+def _labelled(totals: dict[tuple, float], metric: str) -> list[tuple[str, float]]:
+    """(label, value) of a one-label counter, in label order."""
+    return sorted((key[1], value) for key, value in totals.items() if key[0] == metric and len(key) == 2)
 
 
 def _gauge(name: str, doc: str, value: float) -> GaugeMetricFamily:
@@ -115,10 +160,10 @@ def _counter(name: str, doc: str, value: float) -> CounterMetricFamily:
     return CounterMetricFamily(name, doc, value=value)
 
 
-def serve(port: int, snapshot: Callable[[], dict], addr: str = "0.0.0.0"):
+def serve(port: int, snapshot: Callable[[], dict], totals: Totals, addr: str = "0.0.0.0"):
     """Start the HTTP endpoint on a thread; returns (server, thread) for shutdown."""
     from prometheus_client import start_http_server
 
     registry = CollectorRegistry(auto_describe=False)
-    registry.register(NodeCollector(snapshot))
+    registry.register(NodeCollector(snapshot, totals))
     return start_http_server(port, addr=addr, registry=registry)

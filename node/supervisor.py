@@ -107,6 +107,7 @@ class Supervisor:
         self.loaded: Optional[asyncio.Future] = None  # BlocksLoaded of a load-then-switch move
         self.notifier = Notifier()  # systemd (Type=notify), when started by it
         self.metrics_server = None  # --metrics_port: node/metrics.py
+        self.metrics_totals = None  # node/metrics.py Totals, fed with every heartbeat
         self.notified_ready = False
 
     # --- lifecycle ---------------------------------------------------------------------------
@@ -132,8 +133,13 @@ class Supervisor:
             if self.config.metrics_port is not None:
                 from node import metrics
 
-                self.metrics_server, _ = metrics.serve(self.config.metrics_port, self.metrics_snapshot)
-                self.log.info("metrics served", port=self.metrics_server.server_port)
+                self.metrics_totals = metrics.Totals()
+                try:
+                    self.metrics_server, _ = metrics.serve(self.config.metrics_port, self.metrics_snapshot, self.metrics_totals)
+                    self.log.info("metrics served", port=self.metrics_server.server_port)
+                except OSError as e:  # the port is taken: say so and stop (_watch returns at once)
+                    self.log.error("cannot serve metrics", port=self.config.metrics_port, error=str(e))
+                    self.exit_code = 1
             self.log.info("node starting", peer_id=self.plan.peer_id, maddrs=self.maddrs, run_dir=self.plan.run_dir)
             self.write_status()
             await self._watch()
@@ -260,6 +266,8 @@ class Supervisor:
             if isinstance(msg, Heartbeat):
                 actor.last_heartbeat = time.monotonic()
                 actor.stats = msg.stats
+                if self.metrics_totals is not None:
+                    self.metrics_totals.observe(name, msg.pid, msg.stats)
             elif isinstance(msg, Ready):
                 if msg.pid != actor.pid:
                     continue  # a late message from a predecessor

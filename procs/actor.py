@@ -185,7 +185,7 @@ class Actor:
                         break
                 now = time.monotonic()
                 if now >= next_beat:
-                    channel.send(Heartbeat(self.name, dict(self.stats)))
+                    channel.send(Heartbeat(self.name, dict(self.stats), os.getpid()))
                     next_beat = now + self.plan.heartbeat_interval
                 if not sock.poll(100):
                     continue

@@ -73,6 +73,9 @@ class Allocator:
             self.actor.stats.update(
                 used_bytes=self.budget.used,
                 capacity_bytes=self.budget.capacity,
+                # in Petals' cache_tokens_left unit, for node/metrics.py
+                tokens_used=self.geometry.tokens_left(self.budget.used),
+                tokens_left=self.geometry.tokens_left(max(0, self.budget.capacity - self.budget.used)),
                 sessions=len(self.budget.leases),
                 waiting=len(self.budget.waiters),
             )

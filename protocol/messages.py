@@ -42,6 +42,7 @@ class Ready(Message):
 class Heartbeat(Message):
     name: str
     stats: dict[str, Any] = {}
+    pid: int = 0  # which process of the actor counted `stats` (node/metrics.py keeps counters across restarts)
 
 
 class Fatal(Message):

@@ -73,7 +73,9 @@ def test_supervisord_starts_and_stops_the_node(tmp_path):
         status = run_dir / "status.json"
         wait_for("the node ONLINE under supervisord",
                  lambda: status.exists() and json.loads(status.read_text() or "{}").get("state") == "online", 90)
-        assert node_processes(str(run_dir)), "the node's processes are visible"
+        running = node_processes(str(run_dir))
+        assert any("p2pd" in " ".join(p.cmdline()) for p in running), "p2pd is among the node's processes"
+        assert len(running) >= 5, "supervisor, p2pd, announcer, allocator, runtime, frontend"
         out = subprocess.run(ctl + ["stop", "petals-node"], capture_output=True, text=True, timeout=60)
         assert "stopped" in out.stdout, out.stdout + out.stderr
         wait_for("every process of the node gone", lambda: not node_processes(str(run_dir)), 20)
@@ -107,40 +109,73 @@ def test_notifier_speaks_the_systemd_protocol(tmp_path):
 
 
 def test_node_notifies_ready_watchdog_and_stopping(tmp_path):
+    """The datagrams a real node sends to $NOTIFY_SOCKET, in order: STATUS=JOINING while it loads,
+    READY=1 with STATUS=ONLINE once, WATCHDOG=1 every WATCHDOG_USEC/2 while it serves, STOPPING=1 at
+    SIGTERM, then only STATUS= (OFFLINE) until it exits."""
     server = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
     server.bind(str(tmp_path / "notify"))
     server.settimeout(0.5)
     env = {"NOTIFY_SOCKET": str(tmp_path / "notify"), "WATCHDOG_USEC": "1000000"}
+    messages: list[tuple[float, str]] = []
+
+    def receive(until: float) -> None:
+        while time.monotonic() < until:
+            try:
+                messages.append((time.monotonic(), server.recv(4096).decode()))
+            except socket.timeout:
+                if until == float("inf"):
+                    return
+
     node = NodeProcess(MICRO_LLAMA, tmp_path / "sd", dht_prefix="micro-sd2", env=env).start()
     try:
-        messages = []
-        deadline = time.monotonic() + 3
-        while time.monotonic() < deadline:
-            try:
-                messages.append(server.recv(4096).decode())
-            except socket.timeout:
-                pass
+        receive(time.monotonic() + 3)
     finally:
         node.stop()
+    receive(float("inf"))  # what was sent while stopping
+    server.close()
+    texts = [m for _, m in messages]
+    ready = [i for i, m in enumerate(texts) if m.startswith("READY=1")]
+    assert len(ready) == 1, texts
+    assert "STATUS=ONLINE" in texts[ready[0]] and f"MAINPID={node.proc.pid}" in texts[ready[0]]
+    assert any(m.startswith("STATUS=JOINING") for m in texts[: ready[0]]), texts
+    stopping = [i for i, m in enumerate(texts) if m.startswith("STOPPING=1")]
+    assert len(stopping) == 1 and stopping[0] > ready[0], texts
+    assert all(m.startswith("STATUS=") for m in texts[stopping[0] + 1 :]), texts
+    assert any("OFFLINE" in m for m in texts[stopping[0] :]), texts
+    pings = [t for (t, m) in messages[ready[0] : stopping[0]] if m == "WATCHDOG=1"]
+    assert len(pings) >= 4, texts  # 3 s at one every 0.5 s
+    gaps = [b - a for a, b in zip(pings, pings[1:])]
+    assert 0.35 < min(gaps) and max(gaps) < 1.0, gaps  # about half of WATCHDOG_USEC: no flood, never late
+
+
+def scrape(port: int) -> dict:
+    """{(sample name, sorted labels): value} of the node's /metrics, parsed by prometheus_client."""
+    import urllib.request
+
+    from prometheus_client.parser import text_string_to_metric_families
+
+    text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
+    return {(s.name, tuple(sorted(s.labels.items()))): s.value for f in text_string_to_metric_families(text) for s in f.samples}
+
+
+def scrape_until(port: int, what: str, predicate, timeout: float = 15.0) -> dict:
+    """Scrape until `predicate(samples)` holds: counts arrive with the actors' next heartbeats."""
+    deadline = time.monotonic() + timeout
     while True:
-        try:
-            messages.append(server.recv(4096).decode())
-        except socket.timeout:
-            break
-    ready = [m for m in messages if m.startswith("READY=1")]
-    assert len(ready) == 1 and "STATUS=ONLINE" in ready[0] and f"MAINPID={node.proc.pid}" in ready[0]
-    assert sum(m == "WATCHDOG=1" for m in messages) >= 3  # every 0.5 s while healthy
-    assert messages[-1].startswith("STOPPING=1") or any(m.startswith("STOPPING=1") for m in messages[-3:])
+        samples = scrape(port)
+        if predicate(samples):
+            return samples
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{what}: {sorted(samples.items())}")
+        time.sleep(0.3)
 
 
 def test_metrics_are_scraped_in_prometheus_format(tmp_path):
-    import urllib.request
-
     import torch
-    from prometheus_client.parser import text_string_to_metric_families
 
     from node.client import Client
 
+    forward = ("node_requests_total", (("rpc", "rpc_forward"),))
     with NodeProcess(MICRO_LLAMA, tmp_path / "metrics", "--metrics_port", "0", dht_prefix="micro-metrics") as node:
         port = node.status["metrics_port"]
         with Client(node.maddrs, "micro-metrics") as client:
@@ -149,34 +184,70 @@ def test_metrics_are_scraped_in_prometheus_format(tmp_path):
             with client.session(max_length=4, start=0, end=4) as session:
                 for t in range(4):
                     session.step(torch.randn(1, 1, 64))
-            try:
+                held = scrape_until(port, "a session holding cache", lambda s: s[("node_sessions_open", ())] == 1)
+            with pytest.raises(Exception):
                 client.forward(torch.randn(1, 4, 63), 0, 4)  # a wrong hidden size: an error
-            except Exception:
-                pass
-        time.sleep(2.5)  # the next heartbeats carry the counts
-        text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
-    samples = {}
-    for family in text_string_to_metric_families(text):
-        for s in family.samples:
-            samples[(s.name, tuple(sorted(s.labels.items())))] = s.value
-    assert samples[("node_state", ())] == 2  # ONLINE
-    assert samples[("node_blocks", (("end", "4"), ("start", "0")))] == 4
-    assert samples[("node_requests_total", (("rpc", "rpc_forward"),))] == 4
-    assert samples[("node_request_errors_total", (("rpc", "rpc_forward"),))] == 1
-    assert samples[("node_request_seconds_count", (("rpc", "inference_step"),))] == 4
-    assert samples[("node_request_seconds_bucket", (("le", "+Inf"), ("rpc", "inference_step")))] == 4
-    assert samples[("node_actor_up", (("actor", "runtime.0"),))] == 1
-    assert samples[("node_actor_restarts_total", (("actor", "runtime.0"),))] == 0
-    assert samples[("node_runtime_rounds_total", ())] >= 4
-    assert samples[("node_cache_bytes_left", ())] > 0
-    assert ("node_queue_depth", ()) in samples and ("node_sessions_open", ()) in samples
-    assert sum(v for (name, _), v in samples.items() if name == "node_batch_size_rounds_total") >= 4
+        samples = scrape_until(port, "4 forwards counted", lambda s: s.get(forward) == 4)
+        # Petals' unit is one K or V row of one block: K and V of 4 positions over 4 blocks
+        assert held[("node_cache_tokens_used", ())] == 2 * 4 * 4
+        assert held[("node_cache_bytes_used", ())] > 0
+        assert samples[("node_state", ())] == 2  # ONLINE
+        assert samples[("node_blocks", (("end", "4"), ("start", "0")))] == 4
+        assert samples[("node_request_errors_total", (("rpc", "rpc_forward"),))] == 1
+        assert samples[("node_request_seconds_count", (("rpc", "inference_step"),))] == 4
+        assert samples[("node_request_seconds_bucket", (("le", "+Inf"), ("rpc", "inference_step")))] == 4
+        assert samples[("node_request_seconds_count", (("rpc", "rpc_forward"),))] == 4
+        assert samples[("node_request_seconds_sum", (("rpc", "rpc_forward"),))] > 0
+        assert samples[("node_actor_up", (("actor", "runtime.0"),))] == 1
+        assert samples[("node_actor_restarts_total", (("actor", "runtime.0"),))] == 0
+        assert samples[("node_runtime_rounds_total", ())] >= 4
+        assert samples[("node_runtime_tasks_total", (("outcome", "done"),))] >= 7
+        assert samples[("node_cache_bytes_left", ())] > 0 and samples[("node_cache_tokens_left", ())] > 0
+        assert samples[("node_cache_tokens_used", ())] == 0 and samples[("node_sessions_open", ())] == 0
+        assert ("node_queue_depth", ()) in samples and ("node_requests_in_flight", ()) in samples
+        assert sum(v for (name, _), v in samples.items() if name == "node_batch_size_rounds_total") >= 4
+
+        # a replaced frontend counts from zero; the node's counters must not go back
+        pid = node.actor_pid("frontend.0")
+        os.kill(pid, 9)
+        node.wait_ready("frontend.0", pid, timeout=60)
+        with Client(node.maddrs, "micro-metrics") as client:
+            client.forward(torch.randn(1, 4, 64), 0, 4)
+        after = scrape_until(port, "the forward after the restart counted", lambda s: s.get(forward) == 5)
+        assert after[("node_actor_restarts_total", (("actor", "frontend.0"),))] == 1
+        assert after[("node_request_errors_total", (("rpc", "rpc_forward"),))] == 1
+        assert after[("node_request_seconds_count", (("rpc", "inference_step"),))] == 4
 
 
-def test_counters_survive_an_actor_replacement():
-    from node.metrics import Monotonic
+def test_metrics_totals_survive_an_actor_replacement():
+    from node.metrics import LATENCY_BUCKETS, Totals
+    from procs import rpc_handlers
 
-    total = Monotonic()
-    assert total(("frontend.0", "calls"), 5) == 5
-    assert total(("frontend.0", "calls"), 7) == 7
-    assert total(("frontend.0", "calls"), 2) == 9  # the replacement counted 2 since it started
+    assert LATENCY_BUCKETS == rpc_handlers.LATENCY_BUCKETS
+    totals = Totals()
+    totals.observe("frontend.0", 100, {"calls": {"rpc_forward": 5}})
+    totals.observe("frontend.0", 100, {"calls": {"rpc_forward": 7}})
+    totals.observe("frontend.1", 101, {"calls": {"rpc_forward": 1}})
+    assert totals.totals()[("requests", "rpc_forward")] == 8
+    # the replacement has already counted more than its predecessor when it is first heard from
+    totals.observe("frontend.0", 200, {"calls": {"rpc_forward": 9}})
+    assert totals.totals()[("requests", "rpc_forward")] == 7 + 9 + 1
+    totals.observe("frontend.0", 200, {"calls": {"rpc_forward": "bad"}})  # ignored, not raised
+    totals.observe("runtime.0", 300, {"rounds": 3, "round_sizes": {"2": 3}})
+    totals.observe("runtime.0", 301, {"rounds": 1, "round_sizes": {"1": 1}})
+    t = totals.totals()
+    assert t[("rounds",)] == 4 and t[("round_size", "2")] == 3 and t[("round_size", "1")] == 1
+
+
+def test_a_taken_metrics_port_stops_the_node_with_a_message(tmp_path):
+    taken = socket.socket()
+    taken.bind(("0.0.0.0", 0))
+    taken.listen()
+    node = NodeProcess(MICRO_LLAMA, tmp_path / "taken", "--metrics_port", str(taken.getsockname()[1]), dht_prefix="micro-taken")
+    try:
+        node.launch()
+        assert node.proc.wait(60) == 1
+    finally:
+        node.stop()
+        taken.close()
+    assert "cannot serve metrics" in node.log_tail()
