@@ -2,7 +2,7 @@
 
     python -m node.probe RUN_DIR [--actor NAME ...] [--type TYPE ...] [--session ID] [--json]
                                  [--no-stats] [--duration SECONDS] [--count N]
-    python -m node.probe RUN_DIR --stats [--actor NAME ...]     # a live table of every actor's stats
+    python -m node.probe RUN_DIR --stats [--actor NAME ...] [--once]  # a live table of every actor's stats
     python -m node.probe RUN_DIR --follow SESSION              # one session's steps, timed across actors
 
 Every actor binds an XPUB socket at RUN_DIR/probe.<actor>.sock and publishes, only while someone
@@ -20,11 +20,18 @@ cache handle they free. Stats events are shown unless --session, --type or --no-
 otherwise. --json prints one JSON object per event. Progress and attach notices ("attached to
 runtime.0") go to stderr, so stdout holds events only.
 
---stats replaces the event stream by a table of each actor's latest stats, redrawn every second
-(--count N: N tables). --follow SESSION prints, for each step of that session, when the frontend sent
-it to the runtime, when the runtime took it and answered, and when the frontend had the answer:
+--stats replaces the event stream by a table of each actor's latest stats (with its pid and restart
+count from status.json), redrawn every second (--count N: N tables; --once: one). --follow SESSION
+prints, for each step of that session (a session id or a prefix of one), where its time went:
 
-    step req=7 handle=3 tokens=1: to runtime 0.21 ms, in runtime 5.40 ms, back 0.18 ms, total 5.79 ms
+    step 3 req=7 handle=3 tokens=1: frontend 0.31 ms, to runtime 0.21 ms, queued 0.05 ms,
+        compute 5.35 ms, back 0.18 ms, reply 0.04 ms, total 6.14 ms
+
+frontend: from the step's arrival from the client to its InferStep leaving for the runtime (decoding,
+checks); to runtime / back: the ZeroMQ hops; queued: in the runtime's queue until a compute round
+took it (waiting for the round under way, or for the other sessions of the round); compute: that
+round (or rounds, for a long prefill) until its Result left; reply: until the frontend handed the
+answer to the client's stream. With --json each step is one object with the raw timestamps.
 
 Exit status: 0 when --duration or --count is reached, on Ctrl-C or when the node stops; 2 when
 RUN_DIR holds no node (no status.json, or no probe socket matches --actor).
@@ -67,8 +74,11 @@ def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
     p.add_argument("--stats", dest="table", action="store_true", help="a live table of every actor's stats instead of events")
     p.add_argument("--follow", metavar="SESSION", default="", help="time each step of one session across actors")
     p.add_argument("--duration", type=float, default=None, metavar="SECONDS", help="exit after this many seconds")
-    p.add_argument("--count", type=int, default=None, metavar="N", help="exit after printing N events")
+    p.add_argument("--count", type=int, default=None, metavar="N", help="exit after printing N events (--stats: N tables)")
+    p.add_argument("--once", action="store_true", help="print one table (--stats) or one event, then exit (--count 1)")
     args = p.parse_args(argv)
+    if args.once:
+        args.count = 1
     args.stats = not args.no_stats and not args.session and not args.follow and (not args.types or "Stats" in args.types)
     return args
 
@@ -183,48 +193,115 @@ class StatsTable:
     def update(self, event: ProbeEvent) -> None:
         self.latest[event.actor] = event.fields
 
-    def render(self) -> str:
-        lines = [time.strftime("%H:%M:%S") + f"  {len(self.latest)} actors"]
+    def render(self, status: Optional[dict] = None) -> str:
+        """One line for the node (from status.json), one per actor: pid and restarts (the supervisor's
+        table), then the actor's own scalar stats."""
+        status = status or {}
+        blocks = status.get("blocks") or ["?", "?"]
+        lines = [time.strftime("%H:%M:%S") + f"  node {status.get('state', '?')}  blocks {blocks[0]}:{blocks[1]}  {len(self.latest)} actors"]
+        table = status.get("actors", {})
         for actor in sorted(self.latest):
-            cells = [f"{k}={_value(k, v)}" for k, v in sorted(self.latest[actor].items()) if not isinstance(v, (dict, list))]
+            info = table.get(actor, {})
+            cells = [f"pid={info.get('pid', '?')}", f"restarts={info.get('restarts', '?')}"]
+            cells += [f"{k}={_value(k, v)}" for k, v in sorted(self.latest[actor].items()) if not isinstance(v, (dict, list))]
             lines.append(f"{actor:<12} " + " ".join(cells))
         return "\n".join(lines)
 
 
 class StepTimer:
-    """Times one session's steps: frontend -> runtime -> frontend, matched by (frontend, req)."""
+    """Times one session's steps across actors, from these events:
 
-    def __init__(self, session: str) -> None:
+    frontend  in  ClientStep    the step taken from the client's stream (or an rpc_push)
+    frontend  out InferStep     sent to the runtime (req numbers the frontend's runtime requests)
+    runtime   in  InferStep     received by the runtime (peer_actor: which frontend)
+    runtime   run Round         a compute round began with this step in it (the first one counts)
+    runtime   out Result        computed (or Failure)
+    frontend  in  Result        the answer back in the frontend
+    frontend  out ClientReply   handed to the client's stream (or ClientError: the session ends)
+
+    Steps are keyed by (frontend, session) until the InferStep gives them a req, then also by
+    (frontend, req), which is how the runtime's events name them.
+    """
+
+    MARKS = ("received", "sent", "taken", "started", "finished", "back", "replied")
+    # (label, from, to): the intervals of one printed line
+    PARTS = (("frontend", "received", "sent"), ("to runtime", "sent", "taken"), ("queued", "taken", "started"),
+             ("compute", "started", "finished"), ("back", "finished", "back"), ("reply", "back", "replied"))
+
+    def __init__(self, session: str, as_json: bool = False) -> None:
         self.session = session
-        self.steps: dict[tuple[str, int], dict] = {}
+        self.as_json = as_json
+        self.pending: dict[tuple[str, str], dict] = {}  # (frontend, session) -> the step under way
+        self.by_req: dict[tuple[str, int], dict] = {}  # (frontend, req) -> the same step
+        self.count: dict[str, int] = {}  # steps seen per session
+
+    def _step(self, frontend: str, session: str) -> dict:
+        step = self.pending.get((frontend, session))
+        if step is None:
+            self.count[session] = self.count.get(session, 0) + 1
+            step = self.pending[(frontend, session)] = {"n": self.count[session], "session": session, "frontend": frontend}
+        return step
 
     def feed(self, event: ProbeEvent, session: str) -> Optional[str]:
-        if event.actor.startswith("frontend") and event.dir == "out" and event.type == "InferStep":
-            if session.startswith(self.session):
-                tokens = _tokens(event.fields.get("tensors"))
-                self.steps[(event.actor, event.req)] = {"sent": event.t, "handle": event.fields.get("handle"), "tokens": tokens}
+        ours = bool(session) and session.startswith(self.session)
+        if event.actor.startswith("frontend"):
+            if event.type == "ClientStep" and ours:
+                self.pending.pop((event.actor, session), None)
+                self._step(event.actor, session)["received"] = event.t
+            elif event.type == "InferStep" and event.dir == "out" and ours:
+                step = self._step(event.actor, session)
+                step.update(sent=event.t, req=event.req, handle=event.fields.get("handle"), tokens=_tokens(event.fields.get("tensors")))
+                self.by_req[(event.actor, event.req)] = step
+            elif event.type in ("Result", "Failure") and event.dir == "in":
+                step = self.by_req.pop((event.actor, event.req), None)
+                if step is not None:
+                    step["back"] = event.t
+                    step["failed"] = step.get("failed") or event.type == "Failure"
+            elif event.type in ("ClientReply", "ClientError") and ours:
+                step = self.pending.pop((event.actor, session), None)
+                if step is not None:
+                    step["replied"] = event.t
+                    step["failed"] = step.get("failed") or event.type == "ClientError"
+                    step["error"] = event.fields.get("error", "")
+                    step["answered"] = event.fields.get("answered", event.type == "ClientReply")
+                    return self.render(step)
             return None
         if event.actor.startswith("runtime"):
-            step = self.steps.get((event.fields.get("peer_actor", ""), event.req))
+            if event.type == "Round":
+                for peer, req in event.fields.get("steps", ()):
+                    step = self.by_req.get((peer, req))
+                    if step is not None:
+                        step.setdefault("started", event.t)
+                return None
+            step = self.by_req.get((event.fields.get("peer_actor", ""), event.req))
             if step is not None:
                 if event.dir == "in" and event.type == "InferStep":
                     step["taken"] = event.t
                 elif event.dir == "out" and event.type in ("Result", "Failure"):
-                    step["answered"] = event.t
-            return None
-        if event.actor.startswith("frontend") and event.dir == "in" and event.type in ("Result", "Failure"):
-            step = self.steps.pop((event.actor, event.req), None)
-            if step is None:
-                return None
-            step["back"] = event.t
-
-            def ms(a: str, b: str) -> str:
-                return f"{1000 * (step[b] - step[a]):.2f} ms" if a in step and b in step else "?"
-
-            outcome = "" if event.type == "Result" else " FAILED"
-            return (f"step req={event.req} handle={step['handle']} tokens={step['tokens']}{outcome}: to runtime {ms('sent', 'taken')}, "
-                    f"in runtime {ms('taken', 'answered')}, back {ms('answered', 'back')}, total {ms('sent', 'back')}")
+                    step["finished"] = event.t
         return None
+
+    def render(self, step: dict) -> str:
+        def ms(a: str, b: str) -> Optional[float]:
+            return round(1000 * (step[b] - step[a]), 3) if a in step and b in step else None
+
+        parts = {label: ms(a, b) for label, a, b in self.PARTS}
+        total = ms("received", "replied")
+        if self.as_json:
+            record = {k: step.get(k) for k in ("session", "n", "req", "handle", "tokens", "failed", "error")}
+            record.update({k: step[k] for k in self.MARKS if k in step}, ms={**parts, "total": total})
+            return json.dumps(record)
+        if "sent" not in step:
+            why = f"FAILED: {step['error']}" if step.get("failed") else "answered without the runtime (a step sent twice)"
+            return f"step {step['n']} session={step['session'][:8]}: {why}, total {_ms(total)}"
+        outcome = " FAILED" if step.get("failed") else ""
+        timings = ", ".join(f"{label} {_ms(v)}" for label, v in parts.items())
+        return (f"step {step['n']} req={step['req']} handle={step['handle']} tokens={step['tokens']}{outcome}: "
+                f"{timings}, total {_ms(total)}")
+
+
+def _ms(value: Optional[float]) -> str:
+    return "?" if value is None else f"{value:.2f} ms"
 
 
 def _tokens(tensors: Any) -> Any:
@@ -260,7 +337,7 @@ def run(args: argparse.Namespace) -> int:
     attached: set[str] = set()
     types = set(args.types)
     table = StatsTable() if args.table else None
-    timer = StepTimer(args.follow) if args.follow else None
+    timer = StepTimer(args.follow, as_json=args.json) if args.follow else None
     next_table = time.monotonic() + 1.0
     printed = 0
     deadline = time.monotonic() + args.duration if args.duration is not None else float("inf")
@@ -286,7 +363,7 @@ def run(args: argparse.Namespace) -> int:
             if table is not None and now >= next_table and table.latest:
                 if sys.stdout.isatty():
                     sys.stdout.write("\x1b[2J\x1b[H")  # redraw in place on a terminal
-                print(table.render() + "\n", flush=True)
+                print(table.render(status) + "\n", flush=True)
                 next_table = now + 1.0
                 printed += 1
                 if args.count is not None and printed >= args.count:

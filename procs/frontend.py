@@ -146,6 +146,7 @@ class Frontend:
             observer=observe, on_unsolicited=self.unsolicited, log=self.log,
         )
         self.handlers = Handlers(self.plan, self.runtime, self.allocator, self.log)
+        self.handlers.probe = actor.probe
         self.p2p = None
 
     async def start(self) -> None:

@@ -54,7 +54,13 @@ class InferenceSession:
                 return
             await self._open(request)
             while request.tensors or self.pushed:  # an empty request from the client is its close message
-                response = await self._step_or_drop(request)
+                self._trace("in", "ClientStep", pushed=self.pushed)
+                try:
+                    response = await self._step_or_drop(request)
+                except Exception as e:
+                    self._trace("out", "ClientError", error=str(e)[:200])
+                    raise
+                self._trace("out", "ClientReply", answered=response is not None)
                 if response is not None:
                     yield response
                 request = await self._next()
@@ -63,6 +69,13 @@ class InferenceSession:
         finally:
             reader.cancel()
             self._close()
+
+    def _trace(self, direction: str, type_: str, **fields) -> None:
+        """For `node.probe --follow`: when the frontend took a step from its client and answered it
+        (these are not ZeroMQ messages, so no channel observer publishes them)."""
+        probe = self.handlers.probe
+        if probe is not None:
+            probe.publish(direction, type_, self._sid, fields=fields)
 
     # --- receiving ---------------------------------------------------------------------------
 

@@ -44,6 +44,7 @@ class Handlers:
         self.adapters: tuple[str, ...] = tuple(plan.adapters)
         self.sessions: dict[str, "object"] = {}  # session_id -> InferenceSession, for rpc_push
         self.live: set = set()  # every open InferenceSession
+        self.probe = None  # the actor's probe socket (procs/actor.py), for the steps `node.probe --follow` times
         self.p2p = None  # set by the frontend once attached; used to push to the next server
         self.in_flight = 0
         self.draining = False

@@ -243,6 +243,8 @@ class Runtime:
             if step.prompts is not None and step.done < step.prompts.shape[2]:
                 prompts = step.prompts[:, :, step.done : step.done + take]
             works.append(compute.Work(step.first, len(step.cache.kv), chunk, step.cache.kv, step.position + step.done, prompts))
+        if self.actor.probe.active:  # for `node.probe --follow`: when each step's compute began
+            self.actor.probe.publish("run", "Round", fields={"steps": [[s.task.sender.decode(errors="replace"), s.task.msg.req] for s in self.steps]})
         try:
             outputs = self.run(works, [step.task.msg.adapter for step in self.steps])
         except Exception as e:  # out of memory or a bug: fail this round's steps, keep serving

@@ -296,7 +296,7 @@ class ProbeEvent(msgspec.Struct, omit_defaults=True):
 
     actor: str
     t: float
-    dir: str  # "in", "out" or "stats"
+    dir: str  # "in", "out", "stats", or "run" (the runtime starting a round)
     type: str
     session: str = ""
     req: int = -1

@@ -161,15 +161,21 @@ def test_probe_refuses_a_directory_without_a_node(tmp_path, micro_node):
 
 
 def test_probe_stats_table(micro_node):
-    """--stats: one table of every actor's latest stats per second; --count bounds it."""
+    """--stats: one table of every actor's latest stats per second; --count bounds it, --once is one."""
     probe = ProbeProcess(micro_node.run_dir, "--stats", "--count", "2", duration=30)
     assert probe.finish(interrupt=False) == 0, probe.err
     tables = "\n".join(probe.out).split("\n\n")
     tables = [t for t in tables if t.strip()]
     assert len(tables) == 2, probe.out
-    rows = {line.split()[0]: line for line in tables[-1].splitlines()[1:]}
+    head, *lines = tables[-1].splitlines()
+    assert "node online" in head and "blocks 0:4" in head, head
+    rows = {line.split()[0]: line for line in lines}
     assert set(micro_node.status["actors"]) <= set(rows), rows
     assert "rounds=" in rows["runtime.0"] and "capacity_bytes=" in rows["allocator"]
+    assert f"pid={micro_node.actor_pid('runtime.0')} restarts=0" in rows["runtime.0"]
+    once = ProbeProcess(micro_node.run_dir, "--stats", "--once", duration=30)
+    assert once.finish(interrupt=False) == 0, once.err
+    assert len([t for t in "\n".join(once.out).split("\n\n") if t.strip()]) == 1, once.out
 
 
 def test_probe_follows_a_session_step_by_step_with_timings(micro_node, micro_client):
@@ -186,5 +192,30 @@ def test_probe_follows_a_session_step_by_step_with_timings(micro_node, micro_cli
     assert code == 0, probe.err
     assert len(probe.out) == 3, probe.out
     assert [line.split("tokens=")[1].split(":")[0] for line in probe.out] == ["4", "1", "1"]
-    for line in probe.out:
-        assert line.startswith("step req=") and "in runtime " in line and "total " in line and "?" not in line, line
+    for n, line in enumerate(probe.out, 1):
+        assert line.startswith(f"step {n} req=") and "?" not in line and "FAILED" not in line, line
+        for part in ("frontend ", "to runtime ", "queued ", "compute ", "back ", "reply ", "total "):
+            assert part in line, line
+
+
+def test_probe_follow_json_timestamps_are_in_order(micro_node, micro_client):
+    """--follow --json: each step's marks, from the client's request to the reply, in causal order,
+    and the intervals add up to the total."""
+    session = run_session(micro_client, [3, 1])
+    sid = next(session)
+    probe = ProbeProcess(micro_node.run_dir, "--follow", sid[:8], "--json", "--count", "2")
+    try:
+        probe.wait_attached(micro_node.status["actors"])
+        for _ in session:
+            pass
+    finally:
+        session.close()
+        code = probe.finish(interrupt=False)
+    assert code == 0, probe.err
+    steps = [json.loads(line) for line in probe.out]
+    assert [s["n"] for s in steps] == [1, 2] and all(s["session"] == sid for s in steps)
+    for s in steps:
+        marks = [s[k] for k in ("received", "sent", "taken", "started", "finished", "back", "replied")]
+        assert marks == sorted(marks), s
+        parts = sum(v for k, v in s["ms"].items() if k != "total")
+        assert abs(parts - s["ms"]["total"]) < 0.01 and not s["failed"], s
