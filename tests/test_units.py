@@ -6,6 +6,7 @@ from __future__ import annotations
 import configparser
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -86,6 +87,25 @@ def test_supervisord_starts_and_stops_the_node(tmp_path):
         subprocess.run(ctl + ["shutdown"], capture_output=True, timeout=60)
         for proc in node_processes(str(run_dir)) + node_processes(str(path)):
             proc.kill()
+
+
+def test_systemd_unit_is_valid(tmp_path):
+    """The unit parses without a complaint from systemd-analyze (where installed) and asks for what the
+    node implements."""
+    text = (ROOT / "node" / "units" / "petals-node.service").read_text()
+    unit = configparser.RawConfigParser(strict=False)
+    unit.read_string(text.replace("\\\n", " "))
+    service = unit["Service"]
+    assert service["Type"] == "notify" and service["NotifyAccess"] == "main" and service["KillMode"] in ("mixed", "control-group")
+    assert int(service["WatchdogSec"]) > 0 and int(service["TimeoutStopSec"]) > 10 + 5  # --shutdown_grace, then stopping
+    analyze = shutil.which("systemd-analyze")
+    if analyze is None:
+        pytest.skip("systemd-analyze is not installed")
+    path = tmp_path / "petals-node.service"
+    path.write_text(text.replace("/opt/petals-node/.venv/bin/python", sys.executable))
+    done = subprocess.run([analyze, "verify", str(path)], capture_output=True, text=True, timeout=60)
+    complaints = [line for line in (done.stdout + done.stderr).splitlines() if str(path) in line]
+    assert done.returncode == 0 and not complaints, done.stdout + done.stderr
 
 
 def test_notifier_speaks_the_systemd_protocol(tmp_path):
