@@ -165,7 +165,9 @@ def test_node_notifies_ready_watchdog_and_stopping(tmp_path):
     pings = [t for (t, m) in messages[ready[0] : stopping[0]] if m == "WATCHDOG=1"]
     assert len(pings) >= 4, texts  # 3 s at one every 0.5 s
     gaps = [b - a for a, b in zip(pings, pings[1:])]
-    assert 0.35 < min(gaps) and max(gaps) < 1.0, gaps  # about half of WATCHDOG_USEC: no flood, never late
+    # about half of WATCHDOG_USEC apart: no flood; and never very late, though a loaded 2-core CI machine
+    # can stall the supervisor's loop for a few hundred ms (the unit's WatchdogSec=60 leaves ample room)
+    assert 0.35 < min(gaps) and max(gaps) < 2.0, gaps
 
 
 def scrape(port: int) -> dict:
