@@ -17,7 +17,10 @@ import time
 from contextlib import contextmanager
 from typing import Callable, Optional, Sequence
 
-import torch
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # torch is imported where it is needed: the supervisor uses the pure parts only
+    import torch
 
 CACHE_FILE = "throughput_v5.json"
 LOCK_FILE = "throughput.lock"
@@ -25,7 +28,9 @@ DEFAULT_BANDWIDTH = 100e6  # bits/s
 RELAY_PENALTY = 0.2
 
 
-def device_name(device: torch.device) -> str:
+def device_name(device: "torch.device") -> str:
+    import torch
+
     device = torch.device(device)
     if device.type == "cuda":
         return f"{torch.cuda.get_device_name(device)} GPU"
@@ -71,6 +76,8 @@ def measure_compute(block: torch.nn.Module, hidden_size: int, dtype: torch.dtype
                     inference_steps: int = 100, forward_steps: int = 10, forward_tokens: int = 1024) -> dict:
     """Steps per second of one block: single-token inference (the cache growing from empty) and
     forward passes of `forward_tokens` tokens, each after one warm-up."""
+    import torch
+
     sync = torch.cuda.synchronize if torch.device(device).type == "cuda" else (lambda *_: None)
     with torch.inference_mode():
         cache = tuple(torch.zeros(block.kv_cache_shape(1, inference_steps + 1), dtype=dtype, device=device) for _ in range(2))

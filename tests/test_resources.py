@@ -85,3 +85,19 @@ def test_next_pings_are_smoothed_and_expire():
     assert pings.current()["a"] == pytest.approx(0.3)
     now[0] = 301.0
     assert pings.current() == {}
+
+
+def test_the_supervisor_does_not_import_torch():
+    """torch costs the supervisor ~140 MiB and seconds of start-up; only the runtime needs it."""
+    import subprocess
+    import sys
+
+    from tests.conftest import ROOT
+
+    code = (
+        "import sys; import node.supervisor, node.placement, node.metrics, node.sd_notify, node.resolve, node.throughput; "
+        "from node.resolve import import_transformers_without_torch; import_transformers_without_torch(); "
+        "print('torch' in sys.modules)"
+    )
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert out.stdout.strip() == "False", out.stdout + out.stderr
