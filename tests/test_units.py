@@ -164,10 +164,14 @@ def test_node_notifies_ready_watchdog_and_stopping(tmp_path):
     assert any("OFFLINE" in m for m in texts[stopping[0] :]), texts
     pings = [t for (t, m) in messages[ready[0] : stopping[0]] if m == "WATCHDOG=1"]
     assert len(pings) >= 4, texts  # 3 s at one every 0.5 s
+    # Times are when this test read each datagram: a stalled test reads two queued pings back to back, so
+    # "no flood" is judged by the count over the serving window (one per 0.5 s), and "never very late" by
+    # the widest gap, generous because a loaded 2-core CI machine stalls both processes at times (the
+    # unit's WatchdogSec=60 leaves ample room).
+    window = messages[stopping[0]][0] - messages[ready[0]][0]
+    assert len(pings) <= window / 0.5 + 2, (window, texts)
     gaps = [b - a for a, b in zip(pings, pings[1:])]
-    # about half of WATCHDOG_USEC apart: no flood; and never very late, though a loaded 2-core CI machine
-    # can stall the supervisor's loop for a few hundred ms (the unit's WatchdogSec=60 leaves ample room)
-    assert 0.35 < min(gaps) and max(gaps) < 2.0, gaps
+    assert max(gaps) < 2.5, gaps
 
 
 def scrape(port: int) -> dict:
