@@ -60,6 +60,8 @@ class BloomBlock(nn.Module):
         self.hidden_size = config.hidden_size
         self.num_heads = config.n_head
         self.num_kv_heads = self.num_heads
+        # the model's heads and this rank's first one (when sharded): ALiBi slopes depend on both
+        self.all_heads, self.head_offset = self.num_heads, 0
         self.head_dim = self.hidden_size // self.num_heads
         if self.head_dim * self.num_heads != self.hidden_size:
             raise ValueError(f"hidden_size {self.hidden_size} is not divisible by n_head {self.num_heads}")
@@ -82,6 +84,28 @@ class BloomBlock(nn.Module):
 
     def kv_cache_shape(self, batch: int, max_length: int) -> tuple[int, int, int, int]:
         return (batch, self.num_heads, max_length, self.head_dim)
+
+    def shard(self, rank: int, world: int, group) -> "BloomBlock":
+        """Keep this rank's heads (the fused projection holds q, k, v per head) and MLP columns."""
+        from node import shard
+        from node.tp_split import even_split, head_split
+
+        heads = head_split(self.num_heads, self.num_heads, world)[rank]
+        attn, d = self.self_attention, self.head_dim
+        attn.query_key_value = shard.column(attn.query_key_value, shard.head_rows(heads.q0, heads.q1, 3 * d), group)
+        attn.dense = shard.row(attn.dense, shard.head_rows(heads.q0, heads.q1, d), group)
+        first, last = even_split(self.mlp.dense_h_to_4h.out_features, world, "the MLP width")[rank]
+        self.mlp.dense_h_to_4h = shard.column(self.mlp.dense_h_to_4h, slice(first, last), group)
+        self.mlp.dense_4h_to_h = shard.row(self.mlp.dense_4h_to_h, slice(first, last), group)
+        self.head_offset = heads.q0
+        self.num_heads = self.num_kv_heads = heads.q1 - heads.q0
+        if self.slow_tp > 1:  # the exact Megatron summation order cannot survive the split; its missing bias can
+            attn.dense.bias = self.mlp.dense_4h_to_h.bias = None
+            self.slow_tp = 1
+        return self
+
+    def _slopes(self, device) -> torch.Tensor:
+        return alibi_slopes(self.all_heads, device)[self.head_offset : self.head_offset + self.num_heads]
 
     def _linear(self, x: torch.Tensor, layer: nn.Linear) -> torch.Tensor:
         if self.slow_tp == 1:
@@ -114,7 +138,7 @@ class BloomBlock(nn.Module):
         v = v.reshape(batch * self.num_heads, keys, self.head_dim)
         # ALiBi over absolute key positions (softmax is shift-invariant per query, as in HF).
         positions = torch.arange(keys, device=hidden.device, dtype=torch.float32)
-        alibi = alibi_slopes(self.num_heads, hidden.device)[:, None] * positions
+        alibi = self._slopes(hidden.device)[:, None] * positions
         alibi = alibi.to(hidden.dtype).expand(batch, self.num_heads, keys).reshape(batch * self.num_heads, 1, keys)
 
         def attend(start: int, end: int) -> torch.Tensor:
@@ -130,7 +154,7 @@ class BloomBlock(nn.Module):
         row_bytes = batch * self.num_heads * keys * q.element_size()
         context = attend_in_chunks(attend, length, row_bytes, max_chunk_bytes)  # [B*heads, T, d]
         context = context.view(batch, self.num_heads, length, self.head_dim).permute(0, 2, 1, 3)
-        context = context.reshape(batch, length, self.hidden_size)
+        context = context.reshape(batch, length, self.num_heads * self.head_dim)
         attn_out = residual + self._linear(context, self.self_attention.dense)
 
         x = self.post_attention_layernorm(attn_out)

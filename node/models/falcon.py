@@ -74,6 +74,8 @@ class FalconBlock(nn.Module):
                 f"Falcon without multi_query or the new architecture needs num_kv_heads == num_attention_heads, got {config.num_kv_heads}"
             )
         self.groups = self.num_heads // self.num_kv_heads
+        # the model's heads and this rank's first one (when sharded): ALiBi slopes depend on both
+        self.all_heads, self.head_offset = self.num_heads, 0
         norms = config.num_ln_in_parallel_attn or (2 if self.new_arch else 1)
         # The combinations transformers can run (others fail there on a missing layer norm).
         if self.new_arch and not self.parallel:
@@ -105,6 +107,30 @@ class FalconBlock(nn.Module):
 
     def kv_cache_shape(self, batch: int, max_length: int) -> tuple[int, int, int, int]:
         return (batch, self.num_kv_heads, max_length, self.head_dim)
+
+    def shard(self, rank: int, world: int, group) -> "FalconBlock":
+        """Keep this rank's heads in the fused projection's layout (whole KV groups; multi-query keeps
+        its one K and V on every rank) and its MLP columns."""
+        from node import shard
+        from node.tp_split import even_split, head_split
+
+        heads = head_split(self.num_heads, self.num_kv_heads, world)[rank]
+        attn, d = self.self_attention, self.head_dim
+        if self.new_arch:  # [kv groups, groups + 2, d]
+            rows = shard.head_rows(heads.kv0, heads.kv1, (self.groups + 2) * d)
+        elif self.multi_query:  # [heads + 2, d]: this rank's queries, then the shared key and value
+            rows = torch.cat([torch.arange(heads.q0 * d, heads.q1 * d), torch.arange(self.num_heads * d, (self.num_heads + 2) * d)])
+        else:  # [heads, 3, d]
+            rows = shard.head_rows(heads.q0, heads.q1, 3 * d)
+        attn.query_key_value = shard.column(attn.query_key_value, rows, group)
+        attn.dense = shard.row(attn.dense, shard.head_rows(heads.q0, heads.q1, d), group)
+        first, last = even_split(self.mlp.dense_h_to_4h.out_features, world, "ffn_hidden_size")[rank]
+        self.mlp.dense_h_to_4h = shard.column(self.mlp.dense_h_to_4h, slice(first, last), group)
+        self.mlp.dense_4h_to_h = shard.row(self.mlp.dense_4h_to_h, slice(first, last), group)
+        self.head_offset = heads.q0
+        self.num_heads, self.num_kv_heads = heads.q1 - heads.q0, heads.kv1 - heads.kv0
+        self.groups = self.num_heads // self.num_kv_heads
+        return self
 
     def forward(
         self, hidden: torch.Tensor, cache: Optional[KV] = None, past: int = 0, max_chunk_bytes: int = DEFAULT_MAX_CHUNK_BYTES
@@ -161,7 +187,7 @@ class FalconBlock(nn.Module):
         if self.alibi:
             # As transformers: bfloat16 slopes times integer positions, in the model dtype, over sqrt(head_dim).
             positions = torch.arange(keys, device=x.device)
-            slopes = alibi_slopes(self.num_heads, x.device).bfloat16()
+            slopes = alibi_slopes(self.all_heads, x.device)[self.head_offset : self.head_offset + self.num_heads].bfloat16()
             bias = (slopes[:, None] * positions).to(x.dtype) / math.sqrt(self.head_dim)
             bias = bias[None, :, None, :]  # [1, heads, 1, keys]
 
@@ -177,4 +203,4 @@ class FalconBlock(nn.Module):
 
         row_bytes = batch * self.num_heads * keys * q.element_size()
         out = attend_in_chunks(attend, length, row_bytes, max_chunk_bytes)  # [B, heads, T, d]
-        return self.self_attention.dense(out.transpose(1, 2).reshape(batch, length, self.hidden_size))
+        return self.self_attention.dense(out.transpose(1, 2).reshape(batch, length, self.num_heads * self.head_dim))

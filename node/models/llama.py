@@ -203,6 +203,33 @@ class LlamaBlock(nn.Module):
     def dtype(self) -> torch.dtype:
         return self.__dict__.get("compute_dtype") or self.self_attn.q_proj.weight.dtype  # set when quantized
 
+    def shard(self, rank: int, world: int, group) -> "LlamaBlock":
+        """Keep this rank's query heads with their KV heads, and its MLP columns (node/shard.py)."""
+        from node import shard
+        from node.tp_split import head_split
+
+        heads = head_split(self.num_heads, self.num_kv_heads, world)[rank]
+        attn, d = self.self_attn, self.head_dim
+        q_rows, kv_rows = shard.head_rows(heads.q0, heads.q1, d), shard.head_rows(heads.kv0, heads.kv1, d)
+        attn.q_proj = shard.column(attn.q_proj, q_rows, group)
+        attn.k_proj = shard.column(attn.k_proj, kv_rows, group)
+        attn.v_proj = shard.column(attn.v_proj, kv_rows, group)
+        attn.o_proj = shard.row(attn.o_proj, q_rows, group)
+        self.num_heads, self.num_kv_heads = heads.q1 - heads.q0, heads.kv1 - heads.kv0
+        self.groups = self.num_heads // self.num_kv_heads
+        self._shard_mlp(rank, world, group)
+        return self
+
+    def _shard_mlp(self, rank: int, world: int, group) -> None:
+        from node import shard
+        from node.tp_split import even_split
+
+        mlp = self.mlp
+        first, last = even_split(mlp.gate_proj.out_features, world, "intermediate_size")[rank]
+        mlp.gate_proj = shard.column(mlp.gate_proj, slice(first, last), group)
+        mlp.up_proj = shard.column(mlp.up_proj, slice(first, last), group)
+        mlp.down_proj = shard.row(mlp.down_proj, slice(first, last), group)
+
     def kv_cache_shape(self, batch: int, max_length: int) -> tuple[int, int, int, int]:
         return (batch, self.num_kv_heads, max_length, self.head_dim)
 

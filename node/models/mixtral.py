@@ -63,6 +63,19 @@ class MixtralBlock(LlamaBlock):
         self.block_sparse_moe = SparseMoE(config)
         self.sliding_window = getattr(config, "sliding_window", None)
 
+    def _shard_mlp(self, rank: int, world: int, group) -> None:
+        """Every rank routes every token (the router is small); each expert keeps its columns, and the
+        mixture's output is reduced once."""
+        from node import shard
+        from node.tp_split import even_split
+
+        for expert in self.block_sparse_moe.experts:
+            cols = slice(*even_split(expert.w1.out_features, world, "intermediate_size")[rank])
+            expert.w1 = shard.sliced(expert.w1, rows=cols)
+            expert.w3 = shard.sliced(expert.w3, rows=cols)
+            expert.w2 = shard.sliced(expert.w2, cols=cols)
+        self.block_sparse_moe = shard.Region(self.block_sparse_moe, group)
+
     def finish(self, attn: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
         hidden = residual + self.self_attn.o_proj(attn)
         return hidden + self.block_sparse_moe(self.post_attention_layernorm(hidden))
