@@ -41,12 +41,31 @@ def device_memory(device: torch.device) -> tuple[int, int]:
     return ram.total, ram.available
 
 
+def group_memory(plan: NodePlan, log=None) -> tuple[int, int]:
+    """(total, available) of a tensor-parallel group (PROTOCOL 5.3): on GPUs the smallest device times
+    their number, refused when they differ by more than 1.5x (the smallest would run out first while
+    the others idle); on CPUs the ranks share the host's RAM, counted once."""
+    devices = [torch.device(d) for d in plan.tensor_parallel_devices]
+    if devices[0].type != "cuda":
+        return device_memory(devices[0])
+    memories = [device_memory(d) for d in dict.fromkeys(devices)]
+    totals = [m[0] for m in memories]
+    if max(totals) > 1.5 * min(totals):
+        message = (f"the devices of --tensor_parallel_devices differ in memory ({', '.join(f'{t / 2**30:.1f}' for t in totals)} GiB); "
+                   "the smallest limits every shard")
+        if log is not None:
+            log.warning(message)
+        if plan.wanted_blocks is None and plan.choose_blocks:
+            raise ValueError(message + ": set --num_blocks")
+    return min(totals) * len(memories), min(m[1] for m in memories) * len(memories)  # a device named twice counts once
+
+
 def measure(plan: NodePlan, block_class, config, prepare=lambda block: block, log=None) -> Measured:
     """Everything the supervisor needs before choosing blocks. `prepare` turns a freshly built block
     into what the node will serve (quantization), so that its speed is measured as served."""
     device = torch.device(plan.device)
     dtype = DTYPES[plan.torch_dtype]
-    total, available = device_memory(device)
+    total, available = group_memory(plan, log) if plan.tp_world > 1 else device_memory(device)
     n_params = block_params(block_class, config)
     report = Measured(
         device_type=device.type,
@@ -55,9 +74,12 @@ def measure(plan: NodePlan, block_class, config, prepare=lambda block: block, lo
         block_params=n_params,
         block_bytes=block_size_bytes(n_params, plan.torch_dtype, plan.quant_type),
         quant_type=plan.quant_type,
+        num_devices=plan.tp_world,
     )
     if plan.throughput_mode in ("auto", "eval", "dry_run"):
-        key = throughput.cache_key(plan.model, device, plan.torch_dtype, plan.quant_type)
+        # With tensor parallelism the key names every device (PROTOCOL 5.2); the block is still timed
+        # whole on the first device: a bound for what the group does, without forming it first.
+        key = throughput.cache_key(plan.model, device, plan.torch_dtype, plan.quant_type, plan.tensor_parallel_devices)
 
         def run() -> dict:
             block = prepare(random_block(block_class, config, dtype, device))

@@ -9,7 +9,7 @@ each block together, so that their tokens share one matrix multiplication per we
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional, Sequence
+from typing import Any, Optional, Sequence
 
 import torch
 from torch import nn
@@ -29,6 +29,7 @@ class Work:
     cache: Optional[Sequence[KV]] = None  # one (K, V) per block, or None without a cache (forward)
     past: int = 0  # cached positions before these tokens
     prompts: Optional[torch.Tensor] = None  # [n_blocks, B|1, P, H], added to the first P positions
+    tag: Any = None  # the caller's (the runtime's step); not used here
 
 
 def add_prompt(hidden: torch.Tensor, prompt: Optional[torch.Tensor]) -> torch.Tensor:

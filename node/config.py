@@ -28,10 +28,7 @@ PUBLIC_INITIAL_PEERS = [
 
 COMPRESSION_TYPES = ("NONE", "MEANSTD_16BIT", "FLOAT16", "QUANTILE_8BIT", "UNIFORM_8BIT", "BLOCKWISE_8BIT")
 
-# Flags whose feature belongs to an issue that has not landed: (flag, test of the parsed value, message).
-NOT_YET = (
-    ("--tensor_parallel_devices", lambda v: bool(v), "tensor parallelism is not available yet"),
-)
+DEVICE = re.compile(r"^(cpu|cuda(:\d+)?)$")
 
 
 class NodeConfig(msgspec.Struct, kw_only=True):
@@ -348,9 +345,13 @@ def parse_config(argv: Optional[Sequence[str]] = None) -> NodeConfig:
         parser.error("argument --new_swarm: cannot be combined with --initial_peers")
     if args.num_blocks is not None and args.block_indices is not None:
         parser.error("argument --num_blocks: cannot be combined with --block_indices")
-    for flag, unsupported, message in NOT_YET:
-        if unsupported(getattr(args, flag.lstrip("-"))):
-            parser.error(f"argument {flag}: {message}")
+    for device in args.tensor_parallel_devices or ():
+        if not DEVICE.match(device):
+            parser.error(f"argument --tensor_parallel_devices: {device!r} is not a device (use cpu, cuda or cuda:N)")
+    if args.tensor_parallel_devices and len({d.split(":")[0] for d in args.tensor_parallel_devices}) > 1:
+        parser.error("argument --tensor_parallel_devices: all devices of a group must be of one kind (cpu or cuda)")
+    if args.tensor_parallel_devices and len(args.tensor_parallel_devices) > 1 and args.adapters:
+        parser.error("argument --adapters: LoRA adapters cannot be combined with --tensor_parallel_devices yet")
 
     fields = {f: getattr(args, f) for f in NodeConfig.__struct_fields__ if f != "model" and hasattr(args, f)}
     return NodeConfig(model=model, **fields)

@@ -10,6 +10,8 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Optional
 
+from node.tp_split import kv_heads_per_rank
+
 DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2, "float64": 8}
 
 
@@ -29,7 +31,8 @@ class CacheGeometry:
     def of(cls, plan) -> "CacheGeometry":
         return cls(
             hidden_size=plan.hidden_size,
-            num_kv_heads=plan.num_kv_heads,
+            # with tensor parallelism a session's cache is split: what the busiest device holds counts
+            num_kv_heads=kv_heads_per_rank(plan.num_attention_heads, plan.num_kv_heads, plan.tp_world),
             head_dim=plan.head_dim,
             kv_groups=plan.kv_groups,
             dtype_bytes=DTYPE_BYTES[plan.torch_dtype],

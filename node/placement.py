@@ -114,6 +114,7 @@ class Placement:
             adapter_bytes=report.adapter_bytes,
             hidden_size=plan.hidden_size,
             total_blocks=plan.total_blocks,
+            num_devices=report.num_devices,
             margin=self.config.memory_margin,
         )
         self.log.info("number of blocks chosen from memory", **estimate.fields())

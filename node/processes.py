@@ -17,6 +17,8 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Optional
 
+# the rendezvous file of the runtimes' tensor-parallel group, new for each incarnation (node/tp_group.py)
+TP_STORE_ENV = "NODE_TP_STORE"
 PROJECT_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 _PR_SET_PDEATHSIG = 1
 
@@ -54,6 +56,7 @@ class ActorProcess:
     respawn_at: Optional[float] = None  # set while waiting out a backoff
     stopping: bool = False
     load_ordered: bool = False  # runtime only: LoadBlocks was sent to this process
+    env: dict = field(default_factory=dict)  # added to its environment at each spawn
 
     @property
     def pid(self) -> Optional[int]:
@@ -64,7 +67,7 @@ class ActorProcess:
         return self.popen is not None and self.popen.poll() is None
 
     def spawn(self, run_dir: str) -> None:
-        env = dict(os.environ, NODE_SUPERVISOR_PID=str(os.getpid()))
+        env = dict(os.environ, NODE_SUPERVISOR_PID=str(os.getpid()), **self.env)
         env["PYTHONPATH"] = os.pathsep.join(p for p in (PROJECT_ROOT, env.get("PYTHONPATH")) if p)
         self.popen = subprocess.Popen(
             [sys.executable, "-m", self.spec.module, run_dir, self.spec.name],

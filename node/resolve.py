@@ -11,6 +11,7 @@ import os
 import sys
 
 from node.config import NodeConfig, default_cache_dir
+from node.tp_split import check_split
 from protocol import SERVER_VERSION
 from protocol.plan import NodePlan
 
@@ -113,8 +114,19 @@ def resolve_plan(config: NodeConfig, run_dir: str, log) -> NodePlan:
         prefix = family.default_dht_prefix(checkpoint.name)
 
     device = resolve_device(config.device)
-    dtype = resolve_dtype(config.torch_dtype, model_config, device)
     geometry = family.geometry(model_config)
+    tp_devices = list(config.tensor_parallel_devices or ())
+    if len(tp_devices) > 1:
+        for requested in tp_devices:
+            resolve_device(requested)
+        try:
+            check_split(model_config, geometry, len(tp_devices))
+        except ValueError as e:
+            raise PlanError(f"argument --tensor_parallel_devices: {e}") from None
+        device = tp_devices[0]  # rank 0 receives the work and returns the outputs (Petals: outputs on --device)
+    elif tp_devices:
+        device, tp_devices = resolve_device(tp_devices[0]), []  # a group of one is a plain node
+    dtype = resolve_dtype(config.torch_dtype, model_config, device)
     kv_groups = family.kv_groups_for_budget(model_config)
     is_gqa = kv_groups > 1
 
@@ -151,6 +163,7 @@ def resolve_plan(config: NodeConfig, run_dir: str, log) -> NodePlan:
         kv_groups=kv_groups,
         torch_dtype=dtype,
         device=device,
+        tensor_parallel_devices=tp_devices,
         quant_type=quant_type,
         adapters=list(config.adapters),
         max_batch_size=config.max_batch_size or (8192 if is_gqa else 2048),

@@ -53,9 +53,12 @@ class SessionCaches:
         for handle in handles:
             self.caches.pop(handle, None)
 
-    def drop_idle(self, seconds: float) -> int:
+    def idle(self, seconds: float) -> list[int]:
         now = time.monotonic()
-        idle = [h for h, c in self.caches.items() if now - c.last_used > seconds]
+        return [h for h, c in self.caches.items() if now - c.last_used > seconds]
+
+    def drop_idle(self, seconds: float) -> int:
+        idle = self.idle(seconds)
         self.drop(idle)
         return len(idle)
 

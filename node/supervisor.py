@@ -2,7 +2,8 @@
 
 Owns: the configuration and the plan, the run directory, the p2pd daemon (the node's libp2p
   identity), and the process table of actors: the DHT announcer, the KV-cache allocator, the block
-  runtime and `--num_handlers` network frontends.
+  runtime (with --tensor_parallel_devices, one per device: runtime.0 leads, runtime.K follows; they
+  live and restart as one group) and `--num_handlers` network frontends.
 Receives (ROUTER `control.sock`): Ready, Heartbeat, Fatal and Announced from actors; Measured from
   the runtime and SwarmView from the announcer (for node/placement.py); SIGTERM/SIGINT.
 Sends: Announce (the node's state) to the announcer; LoadBlocks to the runtime; Serve (the blocks)
@@ -36,7 +37,7 @@ from node import logs
 from node.config import NodeConfig, parse_config
 from node.placement import Placement, PlacementError
 from node.sd_notify import Notifier
-from node.processes import ActorProcess, ActorSpec, RestartIntensity, backoff
+from node.processes import TP_STORE_ENV, ActorProcess, ActorSpec, RestartIntensity, backoff
 from protocol.dht_records import ServerState
 from protocol.messages import (
     Announce,
@@ -62,23 +63,42 @@ TICK = 0.1
 STARTUP_SILENCE = 60.0  # longest an actor may take to send its first heartbeat
 
 
-def actor_specs(num_handlers: int) -> list[ActorSpec]:
+def actor_specs(num_handlers: int, tp_world: int = 1) -> list[ActorSpec]:
     specs = [
         ActorSpec("announcer", "procs.announcer"),
         ActorSpec("allocator", "procs.cache"),
         ActorSpec("runtime.0", "procs.runtime"),
     ]
+    specs += [ActorSpec(f"runtime.{rank}", "procs.runtime_rank") for rank in range(1, tp_world)]
     specs += [ActorSpec(f"frontend.{i}", "procs.frontend") for i in range(num_handlers)]
     return specs
+
+
+def tp_world(config: NodeConfig) -> int:
+    return max(1, len(config.tensor_parallel_devices or ()))
 
 
 def start_actors(config: NodeConfig, run_dir: str) -> dict[str, ActorProcess]:
     """Start every actor at once: each imports its libraries (seconds of CPU for torch) while the
     supervisor resolves the model and starts p2pd, then waits for RUN_DIR/plan.json."""
-    actors = {spec.name: ActorProcess(spec) for spec in actor_specs(config.num_handlers)}
+    actors = {spec.name: ActorProcess(spec) for spec in actor_specs(config.num_handlers, tp_world(config))}
+    new_group_store(actors, run_dir, 0)
     for actor in actors.values():
         actor.spawn(run_dir)
     return actors
+
+
+def new_group_store(actors: dict[str, ActorProcess], run_dir: str, generation: int) -> None:
+    """Each incarnation of a tensor-parallel group meets at a store of its own (node/tp_group.py)."""
+    for name in os.listdir(run_dir):
+        if name.startswith("tp-store."):
+            try:
+                os.remove(os.path.join(run_dir, name))
+            except OSError:
+                pass
+    for name, actor in actors.items():
+        if name.startswith("runtime."):
+            actor.env[TP_STORE_ENV] = os.path.join(run_dir, f"tp-store.{generation}")
 
 
 class Supervisor:
@@ -88,6 +108,8 @@ class Supervisor:
         self.log = log.bind(blocks=[plan.start_block, plan.end_block], dht_prefix=plan.dht_prefix)
         self.own_run_dir = own_run_dir
         self.actors = actors
+        self.runtimes = sorted((n for n in actors if n.startswith("runtime.")), key=lambda n: int(n.split(".")[1]))
+        self.group_generation = 0  # incarnations of the tensor-parallel group (each meets at its own store)
         self.intensity = RestartIntensity(config.max_restarts, config.restart_window)
         self.daemon = daemon
         self.control: Optional[AsyncChannel] = None
@@ -191,6 +213,9 @@ class Supervisor:
 
     def _died(self, actor: ActorProcess, now: float) -> None:
         name = actor.spec.name
+        if name in self.runtimes and len(self.runtimes) > 1:
+            self._restart_group(actor, now)
+            return
         self.log.warning("actor died", actor=name, pid=actor.pid, how=actor.describe_exit(), was_ready=actor.ready)
         actor.ready = False
         for other in self.actors.values():
@@ -214,6 +239,37 @@ class Supervisor:
         actor.consecutive_failures += 1
         actor.respawn_at = now + backoff(actor.consecutive_failures)
 
+    def _restart_group(self, dead: ActorProcess, now: float) -> None:
+        """A rank is gone: the others cannot compute without it (their reductions would wait for it
+        forever), so the whole group goes and comes back together, meeting at a new store. Frontends
+        fail what they sent to runtime.0; the node is JOINING until the group has loaded again."""
+        self.log.warning("tensor-parallel rank died; restarting the group", actor=dead.spec.name, pid=dead.pid,
+                         how=dead.describe_exit(), ranks=len(self.runtimes))
+        for name in self.runtimes:
+            rank = self.actors[name]
+            if rank.running:
+                rank.kill()
+                try:
+                    rank.popen.wait(timeout=5)
+                except Exception:
+                    pass
+            rank.ready = False
+            for other in self.actors:
+                if other not in self.runtimes:
+                    self.send(other, PeerDown(name))
+        if not self.intensity.allow(now):
+            self.log.error("too many restarts; giving up", max_restarts=self.config.max_restarts,
+                           window_seconds=self.config.restart_window)
+            self.exit_code = 1
+            return
+        dead.restarts += 1
+        dead.consecutive_failures += 1
+        self.group_generation += 1
+        new_group_store({n: self.actors[n] for n in self.runtimes}, self.plan.run_dir, self.group_generation)
+        respawn_at = now + backoff(dead.consecutive_failures)
+        for name in self.runtimes:
+            self.actors[name].respawn_at = respawn_at
+
     def _update_state(self) -> None:
         announcer = self.actors["announcer"]
         if not announcer.ready or self.moving:
@@ -223,7 +279,7 @@ class Supervisor:
                 self.placing = self.spawn_task(self._place())
             return
         serving = (
-            self.actors["runtime.0"].ready
+            all(self.actors[n].ready for n in self.runtimes)
             and self.actors["allocator"].ready
             and any(a.ready for n, a in self.actors.items() if n.startswith("frontend"))
         )
@@ -232,9 +288,10 @@ class Supervisor:
         desired = ServerState.ONLINE if (serving and self.started) else ServerState.JOINING
         if desired != self.announced:
             self.announce(desired)
-        runtime = self.actors["runtime.0"]
-        if self.confirmed == ServerState.JOINING and runtime.running and not runtime.ready and not runtime.load_ordered:
-            runtime.load_ordered = self.send("runtime.0", LoadBlocks(self.plan.start_block, self.plan.end_block))
+        for name in self.runtimes:  # each rank loads its shard
+            runtime = self.actors[name]
+            if self.confirmed == ServerState.JOINING and runtime.running and not runtime.ready and not runtime.load_ordered:
+                runtime.load_ordered = self.send(name, LoadBlocks(self.plan.start_block, self.plan.end_block))
 
     def announce(self, state: ServerState, retire=None) -> None:
         self.announced = self.reported = state
@@ -358,6 +415,8 @@ class Supervisor:
 
     def room_to_load_first(self, start: int, end: int) -> bool:
         """Whether the blocks the move adds fit beside the current ones (free memory, less the margin)."""
+        if len(self.runtimes) > 1:
+            return False  # a group restarts on its new blocks (its ranks cannot load beside serving in step)
         old = range(self.plan.start_block, self.plan.end_block)
         added = sum(1 for i in range(start, end) if i not in old)
         free = self.actors["runtime.0"].stats.get("free_memory")
@@ -453,21 +512,27 @@ class Supervisor:
             start, end = confirmed
             self.placement.moves += 1
             self.log.info("old blocks drained" if drained else "drain timed out; ending open sessions", old=list(old))
-            runtime = self.actors["runtime.0"]
-            runtime.respawn_at = float("inf")  # a planned restart: not a failure, no backoff
-            runtime.stopping = True
-            if runtime.running and not self.send("runtime.0", Stop(0.0)):
-                runtime.popen.terminate()
+            ranks = [self.actors[n] for n in self.runtimes]
+            for runtime in ranks:
+                runtime.respawn_at = float("inf")  # a planned restart: not a failure, no backoff
+                runtime.stopping = True
+            if ranks[0].running and not self.send("runtime.0", Stop(0.0)):
+                ranks[0].popen.terminate()
             deadline = time.monotonic() + 5.0
-            while runtime.running and time.monotonic() < deadline:
+            while ranks[0].running and time.monotonic() < deadline:
                 await asyncio.sleep(0.05)
-            runtime.kill()
-            runtime.ready = False
-            for name in self.actors:
-                if name != "runtime.0":
-                    self.send(name, PeerDown("runtime.0"))
+            for runtime in ranks:
+                runtime.kill()
+                runtime.ready = False
+                for name in self.actors:
+                    if name not in self.runtimes:
+                        self.send(name, PeerDown(runtime.spec.name))
             self.set_blocks(start, end)
-            runtime.respawn_at = time.monotonic()  # _check spawns it with the new plan
+            if len(ranks) > 1:
+                self.group_generation += 1
+                new_group_store({n: self.actors[n] for n in self.runtimes}, self.plan.run_dir, self.group_generation)
+            for runtime in ranks:
+                runtime.respawn_at = time.monotonic()  # _check spawns it with the new plan
             self.announced = None  # JOINING on the new blocks next
         finally:
             self.moving = False
@@ -546,7 +611,8 @@ class Supervisor:
                 self.log.warning("OFFLINE not confirmed by the announcer")
         frontends = [a for n, a in self.actors.items() if n.startswith("frontend")]
         await self._stop(frontends, self.config.shutdown_grace)
-        await self._stop([self.actors["runtime.0"]], 2.0)
+        await self._stop([self.actors["runtime.0"]], 2.0)  # the leader first: the other ranks serve its drain
+        await self._stop([self.actors[n] for n in self.runtimes[1:]], 2.0)
         await self._stop([self.actors["allocator"], self.actors["announcer"]], 2.0)
         if self.daemon is not None:
             await self.daemon.stop()

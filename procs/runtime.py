@@ -6,7 +6,9 @@ Receives (ROUTER `runtime.sock`): Forward, Backward, InferStep and Cancel from f
   from the allocator. Control: LoadBlocks (the node is announced JOINING; while serving: load these
   beside the current ones), Serve (the announced range), DropBlocks (keep only these), Stop.
 Sends: a Result (output tensors as raw frames) or a Failure naming what was wrong, to the sender;
-  Measured before loading and BlocksLoaded after a load while serving, to the supervisor.
+  Measured before loading and BlocksLoaded after a load while serving, to the supervisor. With
+  tensor parallelism this is rank 0: before each computation it pushes it to the other ranks
+  (procs/runtime_rank.py, node/tp_group.py), which compute their shards of it in step.
 
 Work runs in rounds. An inference round takes every session's ready step and runs them through the
 blocks together (one matrix multiplication per weight for all their tokens); a long prefill goes in
@@ -33,6 +35,7 @@ from node.models import get_family
 from node.quantize import QuantizationUnavailable, check_quantization, quantize_block
 from node.scheduler import Scheduler, Task
 from node.session_caches import SessionCache, SessionCaches
+from node.tp_group import Group
 from procs import actor as actor_lib
 from protocol.frames import DTYPES, FrameError, from_frames, to_frames
 from protocol.messages import (
@@ -43,11 +46,16 @@ from protocol.messages import (
     DropCache,
     Failure,
     Forward,
+    GroupBackward,
+    GroupDrop,
+    GroupRun,
+    GroupStop,
     InferStep,
     LoadBlocks,
     Result,
     RuntimeInbox,
     Serve,
+    ShardWork,
 )
 from protocol.plan import NodePlan
 from protocol.transport import BadMessage, Channel
@@ -68,10 +76,18 @@ class Step:
     first: int  # index of its first block in the runtime's blocks
     done: int = 0  # tokens (along T) already processed
     outputs: list = field(default_factory=list)
+    # beam search's reordering; with a group it is applied by all ranks just before the first chunk runs
+    hypo_ids: Optional[torch.Tensor] = None
 
 
-def load_blocks(plan: NodePlan, log, indices=None) -> dict:
-    """{global index: block} for `indices` (default: the plan's range), each read on its own."""
+class GroupBroken(Exception):
+    """A computation failed after the other ranks were told to run it: their reductions no longer pair
+    up with ours, so the group must restart (the supervisor does it when this process exits)."""
+
+
+def load_blocks(plan: NodePlan, log, indices=None, group: Optional[Group] = None) -> dict:
+    """{global index: block} for `indices` (default: the plan's range), each read on its own; with a
+    group, this rank's shard of each."""
     checkpoint = Checkpoint.open(
         plan.model,
         revision=plan.revision,
@@ -88,7 +104,10 @@ def load_blocks(plan: NodePlan, log, indices=None) -> dict:
     for index in (range(plan.start_block, plan.end_block) if indices is None else indices):
         began = time.perf_counter()
         state = checkpoint.block_state(f"{family.block_prefix}.{index}.", dtype=dtype, device=plan.device)
-        block = quantize_block(family.block_class.from_state(config, state, dtype=dtype, device=plan.device), plan.quant_type, dtype)
+        block = family.block_class.from_state(config, state, dtype=dtype, device=plan.device)
+        if group is not None:
+            block = block.shard(group.rank, group.world, None)
+        block = quantize_block(block, plan.quant_type, dtype)
         lora.attach(block, index, family.block_prefix, adapters, dtype, plan.device)
         blocks[index] = block
         log.info("block loaded", block=index, seconds=round(time.perf_counter() - began, 3))
@@ -105,8 +124,9 @@ def load_adapters(plan: NodePlan) -> list:
 
 
 class Runtime:
-    def __init__(self, actor: actor_lib.Actor, blocks: dict):
+    def __init__(self, actor: actor_lib.Actor, blocks: dict, group: Optional[Group] = None):
         self.actor = actor
+        self.group = group  # tensor parallelism: we lead it
         self.plan = actor.plan
         self.log = actor.log
         # indexed by global block index; None where not held. A move may hold two ranges for a while:
@@ -141,9 +161,10 @@ class Runtime:
             if not self.inference_round():
                 self.training_round()
             if time.monotonic() - last_gc > 10:
-                dropped = self.caches.drop_idle(self.plan.step_timeout + 60)
-                if dropped:  # their frontend died without the allocator noticing
-                    self.log.info("dropped idle caches", count=dropped)
+                idle = self.caches.idle(self.plan.step_timeout + 60)
+                if idle:  # their frontend died without the allocator noticing
+                    self.drop_caches(idle)
+                    self.log.info("dropped idle caches", count=len(idle))
                 last_gc = time.monotonic()
             self.handle_control()
             self.update_stats()
@@ -163,7 +184,10 @@ class Runtime:
                 self.actor.send_control(BlocksLoaded(*loader.span))
         while not self.actor.control_inbox.empty():
             msg = self.actor.control_inbox.get_nowait()
-            if isinstance(msg, LoadBlocks) and self.loading is None:
+            if isinstance(msg, LoadBlocks) and self.group is not None:
+                self.log.warning("a group cannot load blocks while serving; the supervisor restarts it instead")
+                self.actor.send_control(BlocksLoaded(msg.start_block, msg.end_block, ok=False, error="tensor-parallel group"))
+            elif isinstance(msg, LoadBlocks) and self.loading is None:
                 missing = [i for i in range(msg.start_block, msg.end_block) if self.blocks[i] is None]
                 self.loading = BlockLoader(self.plan, self.log, (msg.start_block, msg.end_block), missing)
             elif isinstance(msg, Serve):
@@ -173,7 +197,7 @@ class Runtime:
                 dropped = [i for i, b in enumerate(self.blocks) if b is not None and i not in kept]
                 for i in dropped:
                     self.blocks[i] = None
-                self.caches.drop([h for h, c in self.caches.items() if c.start < msg.start_block or c.end > msg.end_block])
+                self.drop_caches([h for h, c in self.caches.items() if c.start < msg.start_block or c.end > msg.end_block])
                 self.log.info("blocks dropped", dropped=dropped, kept=[msg.start_block, msg.end_block])
 
     def receive(self, timeout_ms: int) -> None:
@@ -190,7 +214,7 @@ class Runtime:
                 return
             msg = envelope.msg
             if isinstance(msg, DropCache):
-                self.caches.drop(msg.handles)
+                self.drop_caches(msg.handles)
             elif isinstance(msg, Cancel):
                 if not self.queue.cancel(envelope.sender, msg.req):
                     self.steps = [s for s in self.steps if s.task.key != (envelope.sender, msg.req)]
@@ -205,6 +229,14 @@ class Runtime:
                 self.training_round()
         for task in [s.task for s in self.steps] + list(self.queue.inference) + list(self.queue.training):
             self.reply(task.sender, Failure(task.msg.req, "the server is shutting down; retry elsewhere"))
+        if self.group is not None:
+            self.group.share(GroupStop())
+
+    def drop_caches(self, handles) -> None:
+        handles = list(handles)
+        self.caches.drop(handles)
+        if self.group is not None and handles:
+            self.group.share(GroupDrop(handles))
 
     # --- inference rounds --------------------------------------------------------------------
 
@@ -242,7 +274,7 @@ class Runtime:
             prompts = None
             if step.prompts is not None and step.done < step.prompts.shape[2]:
                 prompts = step.prompts[:, :, step.done : step.done + take]
-            works.append(compute.Work(step.first, len(step.cache.kv), chunk, step.cache.kv, step.position + step.done, prompts))
+            works.append(compute.Work(step.first, len(step.cache.kv), chunk, step.cache.kv, step.position + step.done, prompts, step))
         if self.actor.probe.active:  # for `node.probe --follow`: when each step's compute began
             self.actor.probe.publish("run", "Round", fields={"steps": [[s.task.sender.decode(errors="replace"), s.task.msg.req] for s in self.steps]})
         try:
@@ -250,8 +282,9 @@ class Runtime:
         except Exception as e:  # out of memory or a bug: fail this round's steps, keep serving
             self.log.exception("inference round failed", sessions=len(self.steps))
             for step in self.steps:
-                self.fail(step.task, f"{type(e).__name__}: {e}")
+                self.fail(step.task, self.retryable(e))
             self.steps = []
+            self.break_group(e)
             return True
         for step, work, output in zip(self.steps, works, outputs):
             step.outputs.append(output)
@@ -269,6 +302,8 @@ class Runtime:
         outputs: list = [None] * len(works)
         for adapter in dict.fromkeys(adapters):
             chosen = [i for i, a in enumerate(adapters) if a == adapter]
+            if self.group is not None:
+                self.share_run([works[i] for i in chosen], adapter)
             with lora.activate(adapter):
                 for i, out in zip(chosen, compute.run(self.blocks, [works[i] for i in chosen], self.plan.max_chunk_size_bytes)):
                     outputs[i] = out
@@ -289,10 +324,11 @@ class Runtime:
             raise RequestError(f"Maximum length exceeded: prefix {msg.position} + current {length} > max_length {cache.max_length}")
         prompts = inputs.prompts(prompts, n_blocks, cache.batch, length, self.target)
         hypo_ids = inputs.hypo_ids(hypo_ids, cache.batch, self.target)
-        if hypo_ids is not None:
+        if hypo_ids is not None and self.group is None:
             compute.reorder_cache(cache.kv, hypo_ids)
+            hypo_ids = None
         cache.length = msg.position  # a rollback forgets what came after
-        return Step(task, cache, hidden, prompts, msg.position, first)
+        return Step(task, cache, hidden, prompts, msg.position, first, hypo_ids=hypo_ids)
 
     def finish_if_done(self, step: Step) -> bool:
         if step.done < step.hidden.shape[1]:
@@ -323,7 +359,8 @@ class Runtime:
         except Exception as e:
             self.log.exception("forward batch failed", requests=len(prepared))
             for task, _ in prepared:
-                self.fail(task, f"{type(e).__name__}: {e}")
+                self.fail(task, self.retryable(e))
+            self.break_group(e)
             return
         for (task, _), output in zip(prepared, outputs):
             self.succeed(task, [output])
@@ -346,8 +383,18 @@ class Runtime:
         if grad_outputs.shape != x.shape:
             raise RequestError(f"grad_outputs has shape {list(grad_outputs.shape)}, expected {list(x.shape)} like inputs")
         prompts = inputs.prompts(tensors[2], n_blocks, x.shape[0], x.shape[1], self.target)
-        with lora.activate(msg.adapter):
-            grad_inputs, grad_prompts = compute.backward(self.blocks[first : first + n_blocks], x, grad_outputs, prompts)
+        if self.group is not None:
+            shared = [x, grad_outputs, prompts if prompts is not None else torch.empty(0)]
+            metas, frames = to_frames(shared)
+            self.group.share(GroupBackward(first, n_blocks, metas, msg.adapter), frames)
+        try:
+            with lora.activate(msg.adapter):
+                grad_inputs, grad_prompts = compute.backward(self.blocks[first : first + n_blocks], x, grad_outputs, prompts)
+        except Exception as e:
+            self.log.exception("backward failed", req=msg.req)
+            self.fail(task, self.retryable(e))
+            self.break_group(e)
+            return None
         return [grad_inputs] if grad_prompts is None else [grad_inputs, grad_prompts]
 
     def chain(self, start: int, end: int) -> tuple[int, int]:
@@ -356,12 +403,48 @@ class Runtime:
             raise RequestError(f"blocks {start}:{end} are not served here (this node serves {self.plan.start_block}:{self.plan.end_block})")
         return start, end - start
 
+    # --- the tensor-parallel group ------------------------------------------------------------
+
+    def share_run(self, works: list, adapter: str) -> None:
+        """Tell the other ranks to run these works (caches by handle, made on first sight)."""
+        shard_works, tensors = [], []
+        for work in works:
+            step: Optional[Step] = work.tag
+            tensors.append(work.hidden)
+            if work.prompts is not None:
+                tensors.append(work.prompts)
+            if step is None:
+                shard_works.append(ShardWork(work.first, work.n_blocks, work.past, -1, prompts=work.prompts is not None))
+                continue
+            cache, reorder = step.cache, step.hypo_ids
+            if reorder is not None:
+                compute.reorder_cache(cache.kv, reorder)
+                tensors.append(reorder)
+                step.hypo_ids = None
+            shard_works.append(ShardWork(
+                work.first, work.n_blocks, work.past, step.task.msg.handle, cache.batch, cache.max_length,
+                cache.start, cache.end, prompts=work.prompts is not None, hypo_ids=reorder is not None,
+            ))
+        metas, frames = to_frames(tensors)
+        self.group.share(GroupRun(shard_works, metas, adapter), frames)
+
+    def retryable(self, e: Exception) -> str:
+        if self.group is None:
+            return f"{type(e).__name__}: {e}"
+        return f"the server's tensor-parallel group failed and restarts ({type(e).__name__}: {e}); retry"
+
+    def break_group(self, e: Exception) -> None:
+        if self.group is not None:
+            raise GroupBroken(f"{type(e).__name__}: {e}") from e
+
     # --- sending -----------------------------------------------------------------------------
 
     def guard(self, task: Task, prepare):
         """Run `prepare(task)`; a bad request (or a bug) is answered with a Failure and gives None."""
         try:
             return prepare(task)
+        except GroupBroken:
+            raise
         except (RequestError, FrameError) as e:
             self.fail(task, str(e))
         except Exception as e:  # a bug or out of memory must fail this request, not the runtime
@@ -481,6 +564,15 @@ def wait_for_load_order(actor: actor_lib.Actor) -> bool:
     return False
 
 
+def join_group(actor: actor_lib.Actor) -> Optional[Group]:
+    """With --tensor_parallel_devices: meet the other ranks (they start loading as we do)."""
+    if actor.plan.tp_world == 1:
+        return None
+    group = Group(actor.plan, 0, actor.ctx, timeout=max(60.0, actor.plan.request_timeout))
+    actor.log.info("tensor-parallel group formed", world=group.world, devices=actor.plan.tensor_parallel_devices)
+    return group
+
+
 def main(actor: actor_lib.Actor) -> None:
     torch.set_grad_enabled(False)
     logs.route_transformers_logs()
@@ -489,14 +581,24 @@ def main(actor: actor_lib.Actor) -> None:
     if not wait_for_load_order(actor):
         return
     began = time.perf_counter()
+    group = join_group(actor)
     try:
-        blocks = load_blocks(actor.plan, actor.log)
+        blocks = load_blocks(actor.plan, actor.log, group=group)
     except Exception as e:
         actor.log.exception("cannot load blocks")
         actor.fatal(f"cannot load blocks {actor.plan.start_block}:{actor.plan.end_block} of {actor.plan.model}: {e}")
         return
+    if group is not None:
+        group.barrier()  # every shard is in memory: the node may go ONLINE
     actor.log.info("blocks loaded", seconds=round(time.perf_counter() - began, 2), count=len(blocks))
-    Runtime(actor, blocks).serve()
+    try:
+        Runtime(actor, blocks, group).serve()
+    except GroupBroken as e:
+        actor.log.error("tensor-parallel group broken; exiting so that the supervisor restarts it", error=str(e))
+        time.sleep(0.2)  # let the failures just sent reach the frontends
+        raise  # without tearing the group down: with a peer gone that could wait forever
+    if group is not None:
+        group.close()
 
 
 if __name__ == "__main__":

@@ -7,6 +7,7 @@ Sockets and who may send what on them:
 - control plane: supervisor ROUTER <-> one DEALER per actor (identity = actor name)
 - runtime inbox: runtime ROUTER <- frontends' and the allocator's DEALERs
 - allocator inbox: allocator ROUTER <- frontends' and the announcer's DEALERs
+- tensor-parallel group: runtime.0's PUSH -> each other rank's PULL (its work, in order)
 - probe plane: every actor's XPUB -> `python -m node.probe`
 """
 
@@ -74,6 +75,7 @@ class Measured(Message):
     inference_rps: Any = None
     forward_rps: Any = None
     network_rps: Any = None
+    num_devices: int = 1  # tensor parallelism: device_memory is then the smallest device's times this
 
 
 class BlocksLoaded(Message):
@@ -291,6 +293,50 @@ class PushDelivery(Message):
 # --- probe plane ------------------------------------------------------------------------------
 
 
+# --- tensor-parallel group: runtime.0's PUSH -> the PULL of each other rank -------------------
+# Rank 0 validates and schedules; the other ranks repeat its computations on their shards in the
+# same order (their reductions pair up with rank 0's), so these carry only what a shard needs.
+
+
+class ShardWork(msgspec.Struct, array_like=True, frozen=True):
+    """One compute.Work of a round. Its frames, in order: hidden, prompts if `prompts`, hypo_ids if
+    `hypo_ids` (the session's cache is reordered before the round, as rank 0 did on admission)."""
+
+    first: int
+    n_blocks: int
+    past: int
+    handle: int  # -1: no cache (a forward request)
+    batch: int = 0
+    max_length: int = 0
+    start: int = 0
+    end: int = 0
+    prompts: bool = False
+    hypo_ids: bool = False
+
+
+class GroupRun(Message):
+    works: list[ShardWork]
+    tensors: list[TensorMeta]
+    adapter: str = ""
+
+
+class GroupBackward(Message):
+    """Frames: inputs, grad_outputs, prompts ([0] when none)."""
+
+    first: int
+    n_blocks: int
+    tensors: list[TensorMeta]
+    adapter: str = ""
+
+
+class GroupDrop(Message):
+    handles: list[int]
+
+
+class GroupStop(Message):
+    """Rank 0 has drained: nothing more will come."""
+
+
 class ProbeEvent(msgspec.Struct, omit_defaults=True):
     """What an actor publishes for probes: a message header it sent or received, or its stats."""
 
@@ -309,3 +355,4 @@ RuntimeInbox = Union[Forward, Backward, InferStep, Cancel, DropCache]
 RuntimeReply = Union[Result, Failure]
 AllocatorInbox = Union[Allocate, Release, Adopt, CapacityQuery, PushRoute]
 AllocatorReply = Union[Granted, Failure, Capacity, PushDelivery]
+GroupInbox = Union[GroupRun, GroupBackward, GroupDrop, GroupStop]

@@ -42,6 +42,8 @@ class NodePlan(msgspec.Struct, kw_only=True):
     kv_groups: int  # num_key_value_groups as Petals budgets the cache (PROTOCOL 5.6, 5.7)
     torch_dtype: str
     device: str
+    # --tensor_parallel_devices: runtime.K serves its shard of the blocks on the K-th; [] without
+    tensor_parallel_devices: list[str] = []
     quant_type: str = "none"
     adapters: list[str] = []  # LoRA adapters, by the names given on the command line (node/lora.py)
 
@@ -77,6 +79,10 @@ class NodePlan(msgspec.Struct, kw_only=True):
     @property
     def num_blocks(self) -> int:
         return self.end_block - self.start_block
+
+    @property
+    def tp_world(self) -> int:
+        return max(1, len(self.tensor_parallel_devices))
 
     def endpoint(self, name: str) -> str:
         return f"ipc://{os.path.join(self.run_dir, name)}"

@@ -79,15 +79,13 @@ def test_missing_model(capsys):
     assert "MODEL" in parse_error(capsys, [])
 
 
-@pytest.mark.parametrize(
-    "argv, flag, words",
-    [
-        (["m", "--tensor_parallel_devices", "cuda:0", "cuda:1"], "--tensor_parallel_devices", "tensor parallelism"),
-    ],
-)
-def test_features_of_open_issues_exit_with_a_message(capsys, argv, flag, words):
-    err = parse_error(capsys, argv)
-    assert flag in err and words in err
+def test_tensor_parallel_devices(capsys):
+    assert parse_config(["m", "--tensor_parallel_devices", "cpu", "cpu"]).tensor_parallel_devices == ["cpu", "cpu"]
+    assert parse_config(["m", "--tensor_parallel_devices", "cuda:0", "cuda:1"]).tensor_parallel_devices == ["cuda:0", "cuda:1"]
+    assert "'gpu0' is not a device" in parse_error(capsys, ["m", "--tensor_parallel_devices", "gpu0", "cpu"])
+    assert "one kind" in parse_error(capsys, ["m", "--tensor_parallel_devices", "cuda:0", "cpu"])
+    err = parse_error(capsys, ["m", "--tensor_parallel_devices", "cpu", "cpu", "--adapters", "a/b"])
+    assert "--adapters" in err and "tensor_parallel" in err
 
 
 def test_swarm_settings(capsys):

@@ -1,0 +1,109 @@
+"""A node with `--tensor_parallel_devices cpu cpu`: two runtime processes (gloo) serve micro-llama to the
+project's Petals-speaking client, with the same results as a single-device node (test_node.py's checks,
+run again here against the group), and the group survives the loss of either rank."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import time
+
+import pytest
+import torch
+
+from node.launcher import NodeProcess
+from tests.conftest import MICRO_LLAMA, hf_blocks, rel_err
+from tests.test_node import (  # noqa: F401  (collected again here, against the tensor-parallel node)
+    test_backward_equals_transformers,
+    test_forward_equals_transformers,
+    test_forward_with_deep_prompts,
+    test_greedy_generation_equals_transformers,
+    test_inference_equals_full_forward,
+    test_inference_hypo_ids_reorder_cache,
+    test_inference_rollback,
+    test_inference_with_deep_prompts,
+    test_large_forward_uses_stream_and_matches,
+)
+
+TOL = 1e-5
+RECOVERY = 60.0  # seconds: two runtimes re-import torch, rejoin and reload on a 2-core machine
+
+
+@pytest.fixture(scope="module")
+def micro_node(tmp_path_factory):
+    node = NodeProcess(MICRO_LLAMA, tmp_path_factory.mktemp("nodes") / "tp", "--tensor_parallel_devices", "cpu", "cpu",
+                       "--heartbeat_timeout", "5")
+    node.start()
+    yield node
+    node.stop()
+
+
+@pytest.fixture(scope="module")
+def micro_client(micro_node):
+    from node.client import Client
+
+    client = Client(micro_node.maddrs, "micro-llama")
+    yield client
+    client.close()
+
+
+def events(node: NodeProcess) -> list[dict]:
+    out = []
+    for line in node.log_path.read_text(errors="replace").splitlines():
+        try:
+            out.append(json.loads(line))
+        except ValueError:
+            pass
+    return out
+
+
+def test_two_runtime_processes_each_with_its_shard(micro_node):
+    actors = micro_node.status["actors"]
+    assert {"runtime.0", "runtime.1"} <= set(actors) and all(actors[n]["ready"] for n in ("runtime.0", "runtime.1"))
+    assert actors["runtime.0"]["pid"] != actors["runtime.1"]["pid"]
+    ready = [e for e in events(micro_node) if e.get("event") == "actor ready" and e.get("actor") == "runtime.1"]
+    assert ready and (ready[-1]["rank"], ready[-1]["device"]) == (1, "cpu")
+
+
+def test_cache_tokens_count_one_device(micro_client, micro_node):
+    """Each rank holds one of micro-llama's two KV heads: a session costs half of what it does on one device."""
+    info = micro_client.rpc_info(micro_node.peer_id, "micro-llama.0")
+    assert info["cache_tokens_available"] == 2 * 65536
+
+
+def wait_online_with_new_group(node: NodeProcess, old: dict, deadline: float) -> None:
+    while time.monotonic() < deadline:
+        actors = node.status.get("actors", {})
+        fresh = all(actors.get(n, {}).get("ready") and actors[n]["pid"] != old[n]["pid"] for n in ("runtime.0", "runtime.1"))
+        if fresh and node.status.get("state") == "online":
+            return
+        time.sleep(0.1)
+    raise TimeoutError(f"the group did not come back: {node.status}\n{node.log_tail(40)}")
+
+
+@pytest.mark.parametrize("rank", ["runtime.1", "runtime.0"])
+def test_killing_one_rank_restarts_the_group(micro_node, micro_client, micro_hf, rank):
+    """kill -9 of one rank during a session: the session's next step fails with an error (the client
+    retries elsewhere), the whole group restarts, JOINING then ONLINE, and a new session is served."""
+    torch.manual_seed(5)
+    hidden = torch.randn(1, 8, 64)
+    ref = hf_blocks(micro_hf, hidden, 0, 4)
+    old = micro_node.status["actors"]
+    seen = len(events(micro_node))
+    with micro_client.session(max_length=8, start=0, end=4) as session:
+        assert rel_err(session.step(hidden[:, :4]), ref[:, :4]) <= TOL
+        t0 = time.monotonic()
+        os.kill(old[rank]["pid"], signal.SIGKILL)
+        with pytest.raises(Exception):
+            session.step(hidden[:, 4:])
+    wait_online_with_new_group(micro_node, old, t0 + RECOVERY)
+    with micro_client.session(max_length=8, start=0, end=4) as session:
+        out = torch.cat([session.step(hidden[:, :4]), session.step(hidden[:, 4:])], dim=1)
+    assert rel_err(out, ref) <= TOL
+    later = events(micro_node)[seen:]
+    states = [e["state"] for e in later if e.get("event") == "state" and e.get("actor") == "supervisor"]
+    assert states[:2] == ["JOINING", "ONLINE"], states
+    died = [e for e in later if e.get("event") == "tensor-parallel rank died; restarting the group"]
+    assert [e["actor"] for e in died] == [rank], died
+    print(f"{rank}: served again {time.monotonic() - t0:.1f} s after kill -9")
