@@ -219,20 +219,28 @@ class StepTimer:
     frontend  in  Result        the answer back in the frontend
     frontend  out ClientReply   handed to the client's stream (or ClientError: the session ends)
 
-    Steps are keyed by (frontend, session) until the InferStep gives them a req, then also by
-    (frontend, req), which is how the runtime's events name them.
+    Steps are keyed by (frontend, session) until the InferStep gives them a req, then by (frontend,
+    req), which is how the runtime's events name them. Each actor publishes on its own socket, so
+    the runtime's events of a step may reach us after the frontend's reply to it (or before the
+    frontend's InferStep): the runtime's marks are kept by (frontend, req) on their own, and a
+    finished step waits up to GRACE seconds for them before it is printed, steps in order.
     """
 
     MARKS = ("received", "sent", "taken", "started", "finished", "back", "replied")
+    RUNTIME_MARKS = ("taken", "started", "finished")
     # (label, from, to): the intervals of one printed line
     PARTS = (("frontend", "received", "sent"), ("to runtime", "sent", "taken"), ("queued", "taken", "started"),
              ("compute", "started", "finished"), ("back", "finished", "back"), ("reply", "back", "replied"))
+    GRACE = 1.0
+    KEEP = 4096  # runtime marks of requests not (or no longer) ours, kept for a late frontend event
 
     def __init__(self, session: str, as_json: bool = False) -> None:
         self.session = session
         self.as_json = as_json
         self.pending: dict[tuple[str, str], dict] = {}  # (frontend, session) -> the step under way
-        self.by_req: dict[tuple[str, int], dict] = {}  # (frontend, req) -> the same step
+        self.by_req: dict[tuple[str, int], dict] = {}  # (frontend, req) -> the step, until its answer is back
+        self.runtime: dict[tuple[str, int], dict] = {}  # (frontend, req) -> the runtime's marks, oldest first
+        self.done: list[tuple[float, dict]] = []  # (print by, step): answered, in the order answered
         self.count: dict[str, int] = {}  # steps seen per session
 
     def _step(self, frontend: str, session: str) -> dict:
@@ -242,7 +250,16 @@ class StepTimer:
             step = self.pending[(frontend, session)] = {"n": self.count[session], "session": session, "frontend": frontend}
         return step
 
-    def feed(self, event: ProbeEvent, session: str) -> Optional[str]:
+    def _marks(self, frontend: str, req: int) -> dict:
+        marks = self.runtime.get((frontend, req))
+        if marks is None:
+            if len(self.runtime) >= self.KEEP:
+                del self.runtime[next(iter(self.runtime))]
+            marks = self.runtime[(frontend, req)] = {}
+        return marks
+
+    def feed(self, event: ProbeEvent, session: str, now: float) -> list[str]:
+        """Take one event; return the lines of the steps now complete (now: time.monotonic())."""
         ours = bool(session) and session.startswith(self.session)
         if event.actor.startswith("frontend"):
             if event.type == "ClientStep" and ours:
@@ -264,22 +281,35 @@ class StepTimer:
                     step["failed"] = step.get("failed") or event.type == "ClientError"
                     step["error"] = event.fields.get("error", "")
                     step["answered"] = event.fields.get("answered", event.type == "ClientReply")
-                    return self.render(step)
-            return None
-        if event.actor.startswith("runtime"):
+                    self.by_req.pop((event.actor, step.get("req")), None)
+                    self.done.append((now + self.GRACE, step))
+        elif event.actor.startswith("runtime"):
             if event.type == "Round":
                 for peer, req in event.fields.get("steps", ()):
-                    step = self.by_req.get((peer, req))
-                    if step is not None:
-                        step.setdefault("started", event.t)
-                return None
-            step = self.by_req.get((event.fields.get("peer_actor", ""), event.req))
-            if step is not None:
-                if event.dir == "in" and event.type == "InferStep":
-                    step["taken"] = event.t
-                elif event.dir == "out" and event.type in ("Result", "Failure"):
-                    step["finished"] = event.t
-        return None
+                    self._marks(peer, req).setdefault("started", event.t)
+            elif event.dir == "in" and event.type == "InferStep":
+                self._marks(event.fields.get("peer_actor", ""), event.req)["taken"] = event.t
+            elif event.dir == "out" and event.type in ("Result", "Failure"):
+                self._marks(event.fields.get("peer_actor", ""), event.req)["finished"] = event.t
+        return self.due(now)
+
+    def due(self, now: float) -> list[str]:
+        """The lines of the answered steps whose runtime marks are all in, or that waited long enough."""
+        lines = []
+        while self.done:
+            print_by, step = self.done[0]
+            marks = self.runtime.get((step["frontend"], step.get("req")), {}) if "sent" in step else None
+            if marks is not None and now < print_by and not all(m in marks for m in self.RUNTIME_MARKS):
+                break
+            self.done.pop(0)
+            if marks:
+                step.update(marks)
+                del self.runtime[(step["frontend"], step["req"])]
+            lines.append(self.render(step))
+        return lines
+
+    def next_due(self) -> float:
+        return self.done[0][0] if self.done else float("inf")
 
     def render(self, step: dict) -> str:
         def ms(a: str, b: str) -> Optional[float]:
@@ -368,7 +398,14 @@ def run(args: argparse.Namespace) -> int:
                 printed += 1
                 if args.count is not None and printed >= args.count:
                     return 0
-            wake = min(next_scan, deadline, next_table if table is not None else deadline)
+            if timer is not None:
+                for line in timer.due(now):
+                    print(line, flush=True)
+                    printed += 1
+                    if args.count is not None and printed >= args.count:
+                        return 0
+            wake = min(next_scan, deadline, next_table if table is not None else deadline,
+                       timer.next_due() if timer is not None else deadline)
             if not sub.poll(max(1, int(1000 * wake - 1000 * now))):
                 continue
             while True:
@@ -392,13 +429,11 @@ def run(args: argparse.Namespace) -> int:
                         table.update(event)
                     continue
                 if timer is not None:
-                    line = timer.feed(event, session)
-                    if line is None:
-                        continue
-                    print(line, flush=True)
-                    printed += 1
-                    if args.count is not None and printed >= args.count:
-                        return 0
+                    for line in timer.feed(event, session, time.monotonic()):
+                        print(line, flush=True)
+                        printed += 1
+                        if args.count is not None and printed >= args.count:
+                            return 0
                     continue
                 if event.dir == "stats":
                     if not args.stats:

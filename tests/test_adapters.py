@@ -322,7 +322,7 @@ def test_one_round_of_mixed_adapters_equals_each_alone(adapters):
 
     loaded = [lora.load_adapter(name) for name in adapters]
     blocks = Blocks("micro-llama").load(loaded)
-    runtime = SimpleNamespace(blocks=blocks, plan=SimpleNamespace(max_chunk_size_bytes=1 << 30))
+    runtime = SimpleNamespace(blocks=blocks, plan=SimpleNamespace(max_chunk_size_bytes=1 << 30), group=None)
     names = [loaded[0].name, "", loaded[1].name, loaded[0].name, ""]
     torch.manual_seed(18)
     hiddens = [torch.randn(1, t, 64) for t in (3, 1, 2, 1, 4)]
