@@ -18,6 +18,8 @@ TOL = 1e-5
 TP_VARIANTS = dict(
     VARIANTS,
     llama_gqa=("llama", dict(hidden_size=64, num_attention_heads=4, num_key_value_heads=2, num_hidden_layers=2, intermediate_size=96), "causal"),
+    # test_quantize's block: wide enough for its error bounds to hold on random weights
+    llama_wide=("llama", dict(hidden_size=256, num_attention_heads=8, num_key_value_heads=4, num_hidden_layers=1, intermediate_size=688), "causal"),
 )
 
 
@@ -61,6 +63,30 @@ def compare(model: Model, rank: int, world: int) -> dict[str, float]:
     return errors
 
 
+QUANTIZED = ("llama_wide",)
+
+
+def quantized_errors(model: Model, rank: int, world: int) -> dict[str, float]:
+    """Shard first, then quantize (procs/runtime.load_blocks' order): every Linear of the shard, inside its
+    Split/Reduce wrapper, becomes a bitsandbytes layer. The errors of the block's update, relative to the
+    whole unquantized block's: the quantized shards' and the whole quantized block's."""
+    from node.quantize import quantize_block
+    from tests.test_quantize import plain_linears
+
+    whole = model.blocks
+    x = hidden_states(2, 7, model.config.hidden_size, seed=3)
+    errors = {}
+    for quant_type in ("int8", "nf4"):
+        shards = [quantize_block(copy.deepcopy(b).shard(rank, world, None), quant_type, torch.float32) for b in whole]
+        assert not any(plain_linears(s) for s in shards), "every Linear of the shard is quantized"
+        whole_quantized = [quantize_block(copy.deepcopy(b), quant_type, torch.float32) for b in whole]
+        with torch.inference_mode():
+            expected = compute.run(whole, [compute.Work(0, model.n, x)], 2**28)[0]
+            outputs = [compute.run(blocks, [compute.Work(0, model.n, x)], 2**28)[0] for blocks in (shards, whole_quantized)]
+        errors[quant_type] = [rel(out - x, expected - x) if torch.isfinite(out).all() else float("inf") for out in outputs]
+    return errors
+
+
 def worker(rank: int, world: int, store: str, paths: dict, results) -> None:
     import torch.distributed as dist
 
@@ -71,6 +97,8 @@ def worker(rank: int, world: int, store: str, paths: dict, results) -> None:
         for name, path in paths.items():
             try:
                 out[name] = compare(Model(path), rank, world)
+                if name in QUANTIZED:
+                    out[name]["quantized"] = quantized_errors(Model(path), rank, world)
             except Exception as e:  # reported, not hung: the other rank fails the same way
                 out[name] = repr(e)
         if rank == 0:
@@ -108,6 +136,19 @@ def test_two_ranks_equal_the_whole_block(sharded_errors, variant):
     print(variant, errors)
     for what in ("forward", "inference", "grad_inputs", "grad_prompts"):
         assert errors[what] <= TOL, (what, errors)
+
+
+@pytest.mark.parametrize("variant", QUANTIZED)
+def test_quantized_shards_stay_close(sharded_errors, variant):
+    errors = sharded_errors[variant]
+    assert isinstance(errors, dict), errors
+    # each shard quantizes with its own statistics (row-parallel layers over half the inputs): about as
+    # far from the unquantized block as the whole block quantized (the bound's slack is for the noise of
+    # random weights), and within twice test_quantize's bounds
+    from tests.test_quantize import BOUND
+
+    for quant_type, (sharded, whole) in errors["quantized"].items():
+        assert sharded <= 1.25 * whole + 0.02 and sharded <= 2 * BOUND[quant_type], (quant_type, errors["quantized"])
 
 
 def test_kv_heads_split_by_whole_groups():

@@ -107,3 +107,23 @@ def test_killing_one_rank_restarts_the_group(micro_node, micro_client, micro_hf,
     died = [e for e in later if e.get("event") == "tensor-parallel rank died; restarting the group"]
     assert [e["actor"] for e in died] == [rank], died
     print(f"{rank}: served again {time.monotonic() - t0:.1f} s after kill -9")
+
+
+def test_quantized_tensor_parallel_node(tmp_path, micro_hf):
+    """--quant_type int8 with two ranks: each rank quantizes its shard; the node publishes int8 and serves
+    outputs within test_quantize's bound of transformers', inference equal to its own forward."""
+    from node.client import Client
+    from tests.test_quantize import BOUND
+
+    with NodeProcess(MICRO_LLAMA, tmp_path / "q", "--tensor_parallel_devices", "cpu", "cpu", "--quant_type", "int8",
+                     dht_prefix="micro-tp-int8") as node:
+        with Client(node.maddrs, "micro-tp-int8") as client:
+            assert client.spans(4)[0].info.quant_type == "int8"
+            torch.manual_seed(3)
+            hidden = torch.randn(1, 6, 64)
+            out = client.forward(hidden, 0, 4)
+            expected = hf_blocks(micro_hf, hidden, 0, 4)
+            assert rel_err(out - hidden, expected - hidden) <= BOUND["int8"]
+            with client.session(max_length=8, start=0, end=4) as session:
+                steps = [session.step(hidden[:, :4]), session.step(hidden[:, 4:6])]
+            assert rel_err(torch.cat(steps, 1), out) <= 1e-4
