@@ -149,25 +149,83 @@ def test_node_and_petals_server_choose_blocks_by_the_same_rule(tmp_path):
             stop_petals_server(first)
 
 
-def test_petals_client_through_a_tensor_parallel_node_and_after_a_rank_kill(tmp_path):
+MID_SESSION_CLIENT = textwrap.dedent(
+    """
+    import sys, torch
+    from petals import AutoDistributedModelForCausalLM
+    from transformers import AutoModelForCausalLM
+    model_path, peers = sys.argv[1], sys.argv[2:]
+    def connect(**kwargs):
+        return AutoDistributedModelForCausalLM.from_pretrained(
+            model_path, initial_peers=peers, dht_prefix="micro-llama", torch_dtype=torch.float32, **kwargs
+        )
+    ref = AutoModelForCausalLM.from_pretrained(model_path, torch_dtype=torch.float32)
+    ids = torch.tensor([[1, 17, 42, 99, 3]])
+    theirs = ref.generate(ids, max_new_tokens=20, do_sample=False)
+    model = connect(max_retries=3)
+    with model.inference_session(max_length=32) as session:
+        first = model.generate(ids, max_new_tokens=10, do_sample=False, session=session)
+        assert first.tolist() == theirs[:, :15].tolist(), (first.tolist(), theirs.tolist())
+        print("HALF", flush=True)
+        sys.stdin.readline()  # the test kills rank 1 of the node meanwhile
+        try:
+            more = model.generate(None, max_new_tokens=10, do_sample=False, session=session)
+            assert more[:, -10:].tolist() == theirs[:, -10:].tolist(), (more.tolist(), theirs.tolist())
+            print("SESSION RESUMED", flush=True)
+        except Exception as e:
+            print("SESSION FAILED", repr(e)[:300], flush=True)
+    print("WAITING", flush=True)
+    sys.stdin.readline()  # the test waits for the group to be back
+    ours = connect().generate(ids, max_new_tokens=20, do_sample=False)  # a fresh client: the old one banned the node
+    assert ours.tolist() == theirs.tolist(), (ours.tolist(), theirs.tolist())
+    print("PETALS CLIENT OK", flush=True)
+    """
+)
+
+
+def test_petals_client_through_a_tensor_parallel_node_and_a_rank_kill_mid_session(tmp_path):
     """Two CPU ranks: a real Petals client generates what transformers does and gets the same gradients,
-    as through a single-device node; after kill -9 of rank 1 the group restarts and serves the client again.
-    (A session open across the kill is not resumed: the Petals client's own replay after a server
-    failure trips its position assertion, bigscience-workshop/petals#587, whatever the server.)"""
+    as through a single-device node. Then kill -9 of rank 1 in the middle of a generation session: the
+    session's next step fails or is replayed by the client (Petals 2.x cannot replay a session after a
+    server failure, its position assertion trips: bigscience-workshop/petals#587, whatever the server),
+    the group restarts, and the client is served again."""
     with NodeProcess(MICRO_LLAMA, tmp_path / "node", "--tensor_parallel_devices", "cpu", "cpu") as node:
         run_client(node.maddrs)
-        old = node.status["actors"]
-        os.kill(old["runtime.1"]["pid"], signal.SIGKILL)
-        deadline = time.monotonic() + 120
-        while time.monotonic() < deadline:
-            actors, state = node.status.get("actors", {}), node.status.get("state")
-            if state == "online" and all(actors.get(n, {}).get("ready") and actors[n]["pid"] != old[n]["pid"]
-                                         for n in ("runtime.0", "runtime.1")):
-                break
-            time.sleep(0.2)
-        else:
-            raise AssertionError(f"the group did not come back: {node.status}")
-        run_client(node.maddrs)
+        client = subprocess.Popen([PETALS_PYTHON, "-c", MID_SESSION_CLIENT, str(MICRO_LLAMA), *node.maddrs],
+                                  stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        try:
+            lines = []
+
+            def next_line() -> str:
+                lines.append(client.stdout.readline().strip())
+                assert lines[-1], "".join(lines) + client.stderr.read()[-3000:]
+                return lines[-1]
+
+            assert next_line() == "HALF"
+            old = node.status["actors"]
+            os.kill(old["runtime.1"]["pid"], signal.SIGKILL)
+            client.stdin.write("\n")
+            client.stdin.flush()
+            assert next_line().startswith(("SESSION RESUMED", "SESSION FAILED"))
+            assert next_line() == "WAITING"
+            deadline = time.monotonic() + 120
+            while time.monotonic() < deadline:
+                actors, state = node.status.get("actors", {}), node.status.get("state")
+                if state == "online" and all(actors.get(n, {}).get("ready") and actors[n]["pid"] != old[n]["pid"]
+                                             for n in ("runtime.0", "runtime.1")):
+                    break
+                time.sleep(0.2)
+            else:
+                raise AssertionError(f"the group did not come back: {node.status}")
+            client.stdin.write("\n")
+            client.stdin.flush()
+            out, err = client.communicate(timeout=240)
+        finally:
+            if client.poll() is None:
+                client.kill()
+                client.wait()
+        print(lines)
+        assert "PETALS CLIENT OK" in out, out[-3000:] + err[-3000:]
 
 
 if __name__ == "__main__":
