@@ -28,6 +28,9 @@ from typing import Optional
 import torch
 import zmq
 
+from node.deferred_import import defer
+
+defer("torch.distributed.tensor")  # before transformers imports it: see node/deferred_import.py
 from node import compute, inputs, logs, lora
 from node.checkpoint import Checkpoint
 from node.inputs import RequestError, Target

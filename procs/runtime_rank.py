@@ -17,6 +17,9 @@ import time
 
 import torch
 
+from node.deferred_import import defer
+
+defer("torch.distributed.tensor")  # before transformers imports it: see node/deferred_import.py
 from node import compute, logs, lora
 from node.session_caches import SessionCaches
 from node.tp_group import Group, rank_of

@@ -10,6 +10,7 @@ import shutil
 import socket
 import subprocess
 import sys
+import textwrap
 import time
 from pathlib import Path
 
@@ -277,3 +278,23 @@ def test_a_taken_metrics_port_stops_the_node_with_a_message(tmp_path):
         node.stop()
         taken.close()
     assert "cannot serve metrics" in node.log_tail()
+
+
+def test_deferred_import_loads_on_first_use_and_keeps_sympy_out_of_the_runtime():
+    script = textwrap.dedent(
+        """
+        import sys, types
+        from node.deferred_import import defer
+        defer("xml.dom.minidom")
+        import xml.dom.minidom as stub
+        assert type(stub).__name__ == "_Deferred" and "xml.dom.expatbuilder" not in sys.modules
+        assert stub.parseString("<a/>").documentElement.tagName == "a"  # the first read imports it
+        assert type(sys.modules["xml.dom.minidom"]) is types.ModuleType and sys.modules["xml.dom"].minidom is sys.modules["xml.dom.minidom"]
+        import torch, procs.runtime  # the runtime process's imports: transformers without torch.distributed.tensor
+        assert "sympy" not in sys.modules, "sympy imported"
+        from torch.distributed.tensor import DTensor  # and who needs it still gets it
+        print("OK")
+        """
+    )
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert result.stdout.strip() == "OK", result.stderr[-3000:]
