@@ -6,9 +6,13 @@ the block range, the dht prefix, the dtype and device, and the defaults that dep
 
 from __future__ import annotations
 
+import asyncio
 import importlib.util
 import os
 import sys
+from typing import Optional
+
+import msgspec
 
 from node.config import NodeConfig, default_cache_dir
 from node.tp_split import check_split
@@ -194,3 +198,72 @@ def resolve_plan(config: NodeConfig, run_dir: str, log) -> NodePlan:
 def default_run_dir() -> str:
     return os.path.join("/tmp", f"node.{os.getpid()}")
 
+
+
+# --- in a child process: the supervisor keeps transformers out of its own memory ---------------------
+# Reading a model's config takes transformers (without torch: still numpy, tokenizers, the hub client,
+# about 37 MiB) that the supervisor would hold for the node's whole life to use once. So it runs
+# `python -m node.resolve RUN_DIR` with the NodeConfig as JSON on stdin and reads back one JSON object:
+# {"plan": NodePlan} or {"error": message, "usage": bool} (usage: a PlanError, naming its flag).
+
+
+class ResolveError(Exception):
+    def __init__(self, message: str, usage: bool):
+        super().__init__(message)
+        self.usage = usage
+
+
+class _Answer(msgspec.Struct, omit_defaults=True):
+    plan: Optional[NodePlan] = None
+    error: str = ""
+    usage: bool = False
+
+
+async def resolve_in_child(config: NodeConfig, run_dir: str) -> NodePlan:
+    """resolve_plan in `python -m node.resolve`; ResolveError if it cannot be made."""
+    from node.processes import PROJECT_ROOT, stop_with_parent
+
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (PROJECT_ROOT, env.get("PYTHONPATH")) if p)
+    child = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "node.resolve", run_dir, env=env,
+        stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE, preexec_fn=stop_with_parent,
+    )
+    try:
+        out, _ = await child.communicate(msgspec.json.encode(config))
+    except asyncio.CancelledError:
+        if child.returncode is None:
+            child.kill()
+        raise
+    try:
+        answer = msgspec.json.decode(out, type=_Answer)
+    except (msgspec.DecodeError, msgspec.ValidationError):
+        answer = _Answer(error=f"the model resolver exited with code {child.returncode} and no answer")
+    if answer.plan is None:
+        raise ResolveError(answer.error or "the model resolver gave no plan", answer.usage)
+    return answer.plan
+
+
+def main() -> None:
+    import traceback
+
+    from node import logs
+
+    config = msgspec.json.decode(sys.stdin.buffer.read(), type=NodeConfig)
+    logs.setup("resolve", config.log_level, config.log_format)
+    import_transformers_without_torch()
+    try:
+        answer = _Answer(plan=resolve_plan(config, sys.argv[1], None))
+    except PlanError as e:
+        answer = _Answer(error=str(e), usage=True)
+    except (OSError, ValueError) as e:
+        answer = _Answer(error=f"argument --model: cannot load {config.model}: {e}", usage=True)
+    except Exception as e:  # a bug or a broken install: the supervisor reports it and exits 1
+        traceback.print_exc()
+        answer = _Answer(error=f"cannot resolve the model: {type(e).__name__}: {e}")
+    sys.stdout.buffer.write(msgspec.json.encode(answer))
+    sys.stdout.flush()
+
+
+if __name__ == "__main__":
+    main()

@@ -707,23 +707,22 @@ async def boot(config: NodeConfig, run_dir: str, own: bool, actors: dict[str, Ac
 
     install()  # the supervisor needs hivemind's P2P, not its torch-based parts
     from node.daemon import DaemonError, start_daemon
-    from node.resolve import PlanError, import_transformers_without_torch, resolve_plan
-
-    import_transformers_without_torch()
+    from node.resolve import ResolveError, resolve_in_child
 
     daemon = asyncio.get_running_loop().create_task(start_daemon(config, run_dir, log))
     try:
-        plan = await asyncio.get_running_loop().run_in_executor(None, resolve_plan, config, run_dir, log)
-    except (PlanError, OSError, ValueError) as e:
+        plan = await resolve_in_child(config, run_dir)
+    except ResolveError as e:
         for actor in actors.values():
             actor.kill()
         try:
             await (await daemon).stop()
         except DaemonError:
             pass
-        if isinstance(e, PlanError):
+        if e.usage:
             usage_error(str(e))
-        usage_error(f"argument --model: cannot load {config.model}: {e}")
+        log.error("cannot resolve the model", error=str(e))
+        return 1
     logs.quiet_hivemind()
     try:
         started = await daemon

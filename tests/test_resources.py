@@ -87,17 +87,41 @@ def test_next_pings_are_smoothed_and_expire():
     assert pings.current() == {}
 
 
-def test_the_supervisor_does_not_import_torch():
-    """torch costs the supervisor ~140 MiB and seconds of start-up; only the runtime needs it."""
+def test_the_supervisor_imports_neither_torch_nor_transformers():
+    """torch costs the supervisor ~140 MiB and seconds of start-up, transformers 37 MiB for one read of
+    the model's config: only the runtime needs torch, and the model is resolved in a child process
+    (`python -m node.resolve`) that imports transformers without torch."""
     import subprocess
     import sys
 
     from tests.conftest import ROOT
 
-    code = (
-        "import sys; import node.supervisor, node.placement, node.metrics, node.sd_notify, node.resolve, node.throughput; "
-        "from node.resolve import import_transformers_without_torch; import_transformers_without_torch(); "
+    supervisor = (
+        "import sys; from node.hivemind_light import install; install(); "
+        "import node.supervisor, node.placement, node.metrics, node.sd_notify, node.resolve, node.throughput, node.daemon; "
+        "print(sorted(m for m in ('torch', 'transformers', 'numpy') if m in sys.modules))"
+    )
+    out = subprocess.run([sys.executable, "-c", supervisor], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert out.stdout.strip() == "[]", out.stdout + out.stderr
+    resolver = (
+        "import sys; from node.resolve import import_transformers_without_torch; import_transformers_without_torch(); "
         "print('torch' in sys.modules)"
     )
-    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    out = subprocess.run([sys.executable, "-c", resolver], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert out.stdout.strip() == "False", out.stdout + out.stderr
+
+
+def test_resolving_in_a_child_process(tmp_path):
+    import asyncio
+
+    from node.config import parse_config
+    from node.resolve import ResolveError, resolve_in_child
+    from tests.conftest import MICRO_LLAMA
+
+    config = parse_config(["--model", str(MICRO_LLAMA), "--dht_prefix", "micro-llama", "--block_indices", "1:3"])
+    plan = asyncio.run(resolve_in_child(config, str(tmp_path)))
+    assert (plan.family, plan.start_block, plan.end_block, plan.dht_prefix, plan.run_dir) == ("llama", 1, 3, "micro-llama", str(tmp_path))
+    config = parse_config(["--model", str(MICRO_LLAMA), "--dht_prefix", "micro-llama", "--block_indices", "0:9"])
+    with pytest.raises(ResolveError, match="--block_indices: the model has 4 blocks") as caught:
+        asyncio.run(resolve_in_child(config, str(tmp_path)))
+    assert caught.value.usage
