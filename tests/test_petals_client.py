@@ -7,6 +7,7 @@ otherwise they are skipped. The client script runs under that interpreter.
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -226,6 +227,22 @@ def test_petals_client_through_a_tensor_parallel_node_and_a_rank_kill_mid_sessio
                 client.wait()
         print(lines)
         assert "PETALS CLIENT OK" in out, out[-3000:] + err[-3000:]
+
+
+
+def test_bench_against_a_petals_server(tmp_path):
+    """node.bench_petals drives the node and a Petals server with a real Petals client and prints both."""
+    out = tmp_path / "figures.json"
+    done = subprocess.run(
+        [sys.executable, "-m", "node.bench_petals", "--petals_python", PETALS_PYTHON, "--preset", "tiny",
+         "--tokens", "4", "--sessions", "2", "--json", str(out)],
+        capture_output=True, text=True, timeout=900,
+    )
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert "generation, 2 sessions at once" in done.stdout and "node/petals" in done.stdout
+    figures = json.loads(out.read_text())
+    for side in ("node", "petals"):
+        assert figures[side]["tokens_match"] and all(figures[side][k] > 0 for k in ("generation", "concurrent", "forward", "backward_ms"))
 
 
 if __name__ == "__main__":

@@ -1,0 +1,244 @@
+"""`python -m node.bench_petals`: the node against a real Petals server, both driven by a real Petals client.
+
+    python -m node.bench_petals --petals_python PATH [--preset small|tiny | --model PATH]
+                                [--tokens N] [--sessions S] [--json FILE] [--max_seconds S]
+
+Petals pins package versions that cannot share the node's environment, so the Petals side runs under
+another interpreter (--petals_python, or the PETALS_PYTHON variable): a Python with `petals` installed.
+On one model (a random Llama made here with a fixed seed, as node.bench makes it, or --model), one at
+a time on this machine, this starts
+
+1. the node (`python -m node.supervisor`, its defaults, a private swarm on loopback), then
+2. a Petals server (`python -m petals.cli.run_server --new_swarm --num_blocks ALL`, its defaults,
+   `--throughput 1` so that it does not spend a minute measuring),
+
+and runs against each the same workload in a Petals client process (the script below, run by
+--petals_python): greedy generation of N tokens after an 8-token prompt in one session; S sessions
+generating at once from S threads (aggregate tokens/s); forward of 4 x 128 hidden states through all
+blocks; forward and backward of the same (per call). The same client also computes each row locally
+with plain transformers, so each server's figures have their local baseline from the same run.
+The tokens generated through either server are checked against transformers'.
+
+The table gives node and Petals server figures and node / Petals server (higher is better for the node).
+Both servers and every process they start are stopped at the end, also on errors and Ctrl-C.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import textwrap
+import time
+from pathlib import Path
+from typing import Optional
+
+from node.launcher import NodeProcess
+
+PREFIX = "bench"
+
+CLIENT = textwrap.dedent(
+    """
+    import json, statistics, sys, threading, time
+    import torch
+    from petals import AutoDistributedModelForCausalLM
+    from transformers import AutoModelForCausalLM
+
+    model_path, tokens, sessions, with_local = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4] == "1"
+    peers = sys.argv[5:]
+    torch.manual_seed(0)
+    model = AutoDistributedModelForCausalLM.from_pretrained(
+        model_path, initial_peers=peers, dht_prefix="bench", torch_dtype=torch.float32
+    )
+    ref = AutoModelForCausalLM.from_pretrained(model_path, torch_dtype=torch.float32)
+    vocab, hidden = ref.config.vocab_size, ref.config.hidden_size
+    prompt = torch.tensor([[1, 15, 27, 99, 4, 63, 250, 7]])
+    prompts = torch.randint(3, vocab, (sessions, 8))
+    out = {}
+
+    def timed(fn, repeats, warmup=1):
+        for _ in range(warmup):
+            fn()
+        times = []
+        for _ in range(repeats):
+            t = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - t)
+        return statistics.median(times)
+
+    def generate(m, ids):
+        return m.generate(ids, max_new_tokens=tokens, do_sample=False, attention_mask=torch.ones_like(ids), pad_token_id=0)
+
+    expected = generate(ref, prompt)
+    served = generate(model, prompt)
+    out["tokens_match"] = served.tolist() == expected.tolist()
+    out["generation"] = tokens / timed(lambda: generate(model, prompt), 3)
+
+    def together():
+        results = [None] * sessions
+        def one(i):
+            results[i] = generate(model, prompts[i : i + 1])
+        threads = [threading.Thread(target=one, args=(i,)) for i in range(sessions)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        return results
+
+    out["concurrent"] = sessions * tokens / timed(together, 2)
+    layers = model.model.layers
+    x = torch.randn(4, 128, hidden)
+    with torch.no_grad():
+        out["forward"] = 4 * 128 / timed(lambda: layers(x), 5)
+
+    def backward():
+        leaf = x.clone().requires_grad_(True)
+        layers(leaf).backward(torch.ones(4, 128, hidden))
+
+    out["backward_ms"] = 1000 * timed(backward, 3)
+    if with_local:
+        out["local_generation"] = tokens / timed(lambda: generate(ref, prompt), 3)
+        out["local_concurrent"] = sessions * tokens / timed(lambda: generate(ref, prompts), 2)
+        position_ids = torch.arange(128)[None]
+
+        def local_layers(h):
+            emb = ref.model.rotary_emb(h, position_ids)
+            mask = torch.full((128, 128), float("-inf")).triu(1)[None, None]
+            for layer in ref.model.layers:
+                h = layer(h, attention_mask=mask, position_ids=position_ids, position_embeddings=emb)
+                h = h[0] if isinstance(h, tuple) else h
+            return h
+
+        with torch.no_grad():
+            out["local_forward"] = 4 * 128 / timed(lambda: local_layers(x), 5)
+
+        def local_backward():
+            leaf = x.clone().requires_grad_(True)
+            local_layers(leaf).backward(torch.ones(4, 128, hidden))
+
+        out["local_backward_ms"] = 1000 * timed(local_backward, 3)
+    print("RESULT " + json.dumps(out), flush=True)
+    """
+)
+
+ROWS = (
+    ("generation", "generation, 1 session", "tokens/s", True),
+    ("concurrent", "generation, {sessions} sessions at once", "tokens/s", True),
+    ("forward", "forward 4x128, all blocks", "tokens/s", True),
+    ("backward_ms", "forward+backward 4x128 (per call)", "ms", False),
+)
+
+
+def run_client(petals_python: str, model: Path, peers: list[str], args, with_local: bool, log: Path) -> dict:
+    cmd = [petals_python, "-c", CLIENT, str(model), str(args.tokens), str(args.sessions), "1" if with_local else "0", *peers]
+    with log.open("w") as err:
+        done = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=err, text=True, timeout=args.max_seconds)
+    for line in done.stdout.splitlines():
+        if line.startswith("RESULT "):
+            return json.loads(line[len("RESULT "):])
+    raise RuntimeError(f"the Petals client gave no result (exit {done.returncode}); see {log}:\n{log.read_text()[-3000:]}")
+
+
+def start_petals_server(petals_python: str, model: Path, num_blocks: int, log: Path) -> tuple[subprocess.Popen, list[str]]:
+    server = subprocess.Popen(
+        [petals_python, "-m", "petals.cli.run_server", str(model), "--dht_prefix", PREFIX, "--torch_dtype", "float32",
+         "--device", "cpu", "--num_blocks", str(num_blocks), "--throughput", "1", "--new_swarm",
+         "--host_maddrs", "/ip4/127.0.0.1/tcp/0"],
+        stdout=log.open("w"), stderr=subprocess.STDOUT, start_new_session=True,  # its p2pd is in its group
+    )
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline and server.poll() is None:
+        text = log.read_text(errors="replace")
+        if "Started" in text:
+            for line in text.splitlines():
+                if "Running a server on [" in line:
+                    return server, json.loads(line.split("Running a server on ", 1)[1].replace("'", '"'))
+        time.sleep(0.5)
+    stop_group(server)
+    raise RuntimeError(f"the Petals server did not start:\n{log.read_text(errors='replace')[-3000:]}")
+
+
+def stop_group(proc: subprocess.Popen) -> None:
+    """SIGTERM to the whole process group (a Petals server can leave its p2pd behind), then SIGKILL."""
+    for sig, wait in ((signal.SIGTERM, 30), (signal.SIGKILL, 10)):
+        try:
+            os.killpg(proc.pid, sig)
+        except ProcessLookupError:
+            return
+        try:
+            proc.wait(wait)
+            os.killpg(proc.pid, signal.SIGKILL)  # whatever else is left in the group
+        except (subprocess.TimeoutExpired, ProcessLookupError):
+            continue
+        return
+
+
+def num_blocks_of(model: Path) -> int:
+    return int(json.loads((model / "config.json").read_text())["num_hidden_layers"])
+
+
+def format_table(node: dict, petals: dict, sessions: int) -> str:
+    lines = [f"{'metric':38s}  {'unit':8s}  {'node':>8s}  {'local':>8s}  {'petals':>8s}  {'local':>8s}  node/petals"]
+    lines.append("-" * len(lines[0]))
+    for key, label, unit, higher in ROWS:
+        ours, theirs = node[key], petals[key]
+        ratio = ours / theirs if higher else theirs / ours
+        lines.append(f"{label.format(sessions=sessions):38s}  {unit:8s}  {ours:8.1f}  {node['local_' + key]:8.1f}  "
+                     f"{theirs:8.1f}  {petals['local_' + key]:8.1f}  {ratio:.2f}")
+    lines.append("local: plain transformers in the client process, measured in the same client run as the server "
+                 f"beside it; {sessions} sessions locally: one batch of {sessions}")
+    return "\n".join(lines)
+
+
+def parse_args(argv) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m node.bench_petals", description=__doc__.split("\n\n")[0])
+    p.add_argument("--petals_python", default=os.environ.get("PETALS_PYTHON"), help="a Python with petals installed")
+    p.add_argument("--preset", choices=["tiny", "small"], default="small")
+    p.add_argument("--model", help="a local Llama directory instead of a preset")
+    p.add_argument("--tokens", type=int, default=32)
+    p.add_argument("--sessions", type=int, default=8)
+    p.add_argument("--json", help="write the figures to this file")
+    p.add_argument("--max_seconds", type=float, default=1200.0, help="the limit for each client run")
+    args = p.parse_args(argv)
+    if not args.petals_python:
+        p.error("argument --petals_python: required (or set PETALS_PYTHON)")
+    return args
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    args = parse_args(argv)
+    work = Path(tempfile.mkdtemp(prefix="bench_petals."))
+    try:
+        if args.model:
+            model = Path(args.model)
+        else:
+            from node.tinymodel import make_preset
+
+            model = Path(make_preset(str(work / "model"), args.preset))
+        print(f"model {model}; {args.sessions} sessions, {args.tokens} tokens; logs in {work}", flush=True)
+        print("node: starting, then the Petals client ...", flush=True)
+        with NodeProcess(model, work / "node", dht_prefix=PREFIX, log_path=work / "node.log") as node:
+            ours = run_client(args.petals_python, model, node.maddrs, args, True, work / "client_node.log")
+        print("Petals server: starting, then the Petals client ...", flush=True)
+        server, maddrs = start_petals_server(args.petals_python, model, num_blocks_of(model), work / "petals_server.log")
+        try:
+            theirs = run_client(args.petals_python, model, maddrs, args, True, work / "client_petals.log")
+        finally:
+            stop_group(server)
+        print()
+        print(format_table(ours, theirs, args.sessions))
+        print(f"tokens through the node equal transformers': {ours['tokens_match']}; through the Petals server: {theirs['tokens_match']}")
+        if args.json:
+            Path(args.json).write_text(json.dumps({"node": ours, "petals": theirs, "sessions": args.sessions, "tokens": args.tokens}, indent=1))
+        return 0 if ours["tokens_match"] else 1
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
