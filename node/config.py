@@ -350,8 +350,6 @@ def parse_config(argv: Optional[Sequence[str]] = None) -> NodeConfig:
             parser.error(f"argument --tensor_parallel_devices: {device!r} is not a device (use cpu, cuda or cuda:N)")
     if args.tensor_parallel_devices and len({d.split(":")[0] for d in args.tensor_parallel_devices}) > 1:
         parser.error("argument --tensor_parallel_devices: all devices of a group must be of one kind (cpu or cuda)")
-    if args.tensor_parallel_devices and len(args.tensor_parallel_devices) > 1 and args.adapters:
-        parser.error("argument --adapters: LoRA adapters cannot be combined with --tensor_parallel_devices yet")
 
     fields = {f: getattr(args, f) for f in NodeConfig.__struct_fields__ if f != "model" and hasattr(args, f)}
     return NodeConfig(model=model, **fields)

@@ -31,6 +31,8 @@ from typing import Iterator, Optional
 import torch
 from torch import nn
 
+from node import shard
+
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
 _KEY = re.compile(r"^(?:base_model\.model\.)?(?P<name>.+)\.lora_A\.weight$")
@@ -233,13 +235,16 @@ def activate(name: str):
 def attach(block: nn.Module, index: int, block_prefix: str, adapters: list[Adapter], dtype: torch.dtype, device) -> int:
     """Wrap the targeted Linears of block `index` and load each adapter's weights for them; returns
     how many LoRA parameters were added (PROTOCOL 5.3 counts them in a block's memory)."""
-    linears = {}  # path inside the block -> (parent module, attribute)
+    linears = {}  # path inside the whole block -> (parent module, attribute)
     for parent_name, parent in block.named_modules():
         if isinstance(parent, LoraLinear):
             continue  # its base layer is reached through it
         for child_name, child in parent.named_children():
             if isinstance(child, (nn.Linear, LoraLinear)) or hasattr(child, "in_features"):  # bitsandbytes layers too
-                linears[f"{parent_name}.{child_name}" if parent_name else child_name] = (parent, child_name)
+                path = f"{parent_name}.{child_name}" if parent_name else child_name
+                # a tensor-parallel shard wraps layers (node/shard.py): name them as in the whole block
+                path = ".".join(part for part in path.split(".") if part != shard.WRAPPER_ATTRIBUTE)
+                linears[path] = (parent, child_name)
     added = 0
     for adapter in adapters:
         with adapter.weights() as weights:
@@ -259,15 +264,20 @@ def attach(block: nn.Module, index: int, block_prefix: str, adapters: list[Adapt
                     continue  # peft would not have made LoRA layers for it
                 if stem is None:
                     raise AdapterError(f"adapter {adapter.name} targets {full} but has no LoRA weights for it")
-                a = weights.get_tensor(f"{stem}.lora_A.weight").to(device=device, dtype=dtype)
+                a = weights.get_tensor(f"{stem}.lora_A.weight")
                 try:
-                    b = weights.get_tensor(f"{stem}.lora_B.weight").to(device=device, dtype=dtype)
+                    b = weights.get_tensor(f"{stem}.lora_B.weight")
                 except Exception:
                     raise AdapterError(f"adapter {adapter.name} has lora_A but no lora_B weights for {full}") from None
                 child = getattr(parent, attribute)
-                if a.shape != (rank, child.in_features) or b.shape != (child.out_features, rank):
+                # on a tensor-parallel rank the layer holds some output rows (B's rows) or input columns (A's)
+                rows, cols, (out_features, in_features) = shard.slice_of(child.base if isinstance(child, LoraLinear) else child)
+                if a.shape != (rank, in_features) or b.shape != (out_features, rank):
                     raise AdapterError(f"adapter {adapter.name}: {full} has LoRA shapes {list(a.shape)}, {list(b.shape)}; "
-                                       f"expected [{rank}, {child.in_features}], [{child.out_features}, {rank}]")
+                                       f"expected [{rank}, {in_features}], [{out_features}, {rank}]")
+                a = a if cols is None else a[:, cols].contiguous().clone()
+                b = b if rows is None else b[rows].contiguous().clone()
+                a, b = a.to(device=device, dtype=dtype), b.to(device=device, dtype=dtype)
                 if not isinstance(child, LoraLinear):
                     child = LoraLinear(child)
                     setattr(parent, attribute, child)

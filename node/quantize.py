@@ -21,6 +21,8 @@ import logging
 import torch
 from torch import nn
 
+from node.shard import carry_slice
+
 QUANT_TYPES = ("none", "int8", "nf4")
 
 
@@ -80,7 +82,7 @@ def quantize_block(block: nn.Module, quant_type: str, dtype: torch.dtype) -> nn.
     for parent in list(block.modules()):
         for name, child in list(parent.named_children()):
             if isinstance(child, nn.Linear):
-                setattr(parent, name, quantized_linear(child, quant_type, dtype))
+                setattr(parent, name, carry_slice(child, quantized_linear(child, quant_type, dtype)))
     block.compute_dtype = dtype  # the weights' dtype no longer tells the dtype the block computes in
     if getattr(block, "slow_tp", 1) != 1:
         block.slow_tp = 1  # BLOOM's sliced matmuls need the plain weights; quantized outputs differ anyway

@@ -123,7 +123,29 @@ def sliced(linear: nn.Linear, rows=None, cols=None, bias: bool = True) -> nn.Lin
     if keep_bias:
         b = linear.bias.data if rows is None else linear.bias.data[rows]
         out.bias = nn.Parameter(b.contiguous().clone(), requires_grad=False)
+    # LoRA weights loaded later are checked against the whole layer and cut the same way (node/lora.attach)
+    out.tp_slice = (rows, cols, weight_shape(linear))
     return out
+
+
+def carry_slice(old: nn.Module, new: nn.Module) -> nn.Module:
+    """Keep the record of how a layer was cut when it is replaced (by its quantized version)."""
+    if hasattr(old, "tp_slice"):
+        new.tp_slice = old.tp_slice
+    return new
+
+
+def weight_shape(layer: nn.Module) -> tuple[int, int]:
+    return (layer.out_features, layer.in_features)
+
+
+def slice_of(layer: nn.Module) -> tuple:
+    """(rows, cols, the whole layer's (out, in) features) of what this shard of a layer holds;
+    (None, None, its own features) when it was not cut."""
+    return getattr(layer, "tp_slice", (None, None, weight_shape(layer)))
+
+
+WRAPPER_ATTRIBUTE = "inner"  # Split, Reduce and Region hold the layer or branch they wrap under this name
 
 
 def column(linear: nn.Linear, rows, group) -> Split:

@@ -330,3 +330,92 @@ def test_one_round_of_mixed_adapters_equals_each_alone(adapters):
     outputs = Runtime.run(runtime, works, names)
     for name, hidden, out in zip(names, hiddens, outputs):
         assert rel_err(out, Blocks.run(blocks, hidden, name)) <= TOL
+
+
+# --- tensor parallelism: each rank holds its share of the LoRA weights -------------------------------
+
+
+def _tp_worker(rank: int, world: int, store: str, adapter_dirs: dict, results) -> None:
+    """On each of two gloo ranks: every family's blocks sharded, then its adapter attached (the runtime's
+    order), forward and input gradients with the adapter active; rank 0 reports its errors against the
+    whole blocks with the same adapter."""
+    import torch.distributed as dist
+
+    from node import compute
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
+    out = {}
+    try:
+        for model, path in adapter_dirs.items():
+            try:
+                adapter = lora.load_adapter(path)
+                ours = Blocks(model)
+                whole = ours.load([adapter])
+                shards = []
+                for i in range(ours.config.num_hidden_layers):
+                    state = ours.checkpoint.block_state(f"{ours.family.block_prefix}.{i}.", dtype=torch.float32)
+                    block = ours.family.block_class.from_state(ours.config, state, dtype=torch.float32, device="cpu")
+                    block = block.shard(rank, world, None)
+                    lora.attach(block, i, ours.family.block_prefix, [adapter], torch.float32, "cpu")
+                    shards.append(block)
+                generator = torch.Generator().manual_seed(21)
+                hidden = torch.randn(2, 5, ours.config.hidden_size, generator=generator)
+                grad_out = torch.randn(2, 5, ours.config.hidden_size, generator=generator)
+                errors = {}
+                with lora.activate(adapter.name):
+                    errors["forward"] = rel_err(Blocks.run(shards, hidden, adapter.name), Blocks.run(whole, hidden, adapter.name))
+                    errors["grad"] = rel_err(compute.backward(shards, hidden, grad_out, None)[0],
+                                             compute.backward(whole, hidden, grad_out, None)[0])
+                errors["changed"] = rel_err(Blocks.run(whole, hidden, adapter.name), Blocks.run(whole, hidden, ""))
+                out[model] = errors
+            except Exception as e:  # reported, not hung: the other rank fails the same way
+                out[model] = repr(e)
+        if rank == 0:
+            results.put(out)
+    finally:
+        dist.destroy_process_group()
+
+
+def test_tensor_parallel_shards_with_adapters_equal_the_whole_blocks(tmp_path):
+    import multiprocessing
+
+    dirs = {}
+    for model, targets in FAMILY_TARGETS.items():
+        make_adapter(hf_model(model), tmp_path / model, 31, targets)
+        dirs[model] = str(tmp_path / model)
+    ctx = multiprocessing.get_context("spawn")
+    results = ctx.Queue()
+    procs = [ctx.Process(target=_tp_worker, args=(r, 2, str(tmp_path / "store"), dirs, results)) for r in range(2)]
+    for p in procs:
+        p.start()
+    try:
+        errors = results.get(timeout=240)
+    finally:
+        for p in procs:
+            p.join(timeout=30)
+            if p.is_alive():
+                p.kill()
+    for model in FAMILY_TARGETS:
+        assert isinstance(errors[model], dict), (model, errors[model])
+        assert errors[model]["forward"] <= TOL and errors[model]["grad"] <= TOL, (model, errors[model])
+        assert errors[model]["changed"] > 1e-3, (model, errors[model])  # the adapter matters in these outputs
+
+
+def test_tensor_parallel_node_with_adapters_equals_peft(tmp_path, adapters, micro_hf):
+    with NodeProcess(MICRO_LLAMA, tmp_path / "lora-tp", "--tensor_parallel_devices", "cpu", "cpu", "--adapters", *adapters,
+                     dht_prefix="micro-lora-tp") as node:
+        with Client(node.maddrs, "micro-lora-tp") as client:
+            assert set(client.spans(4)[0].info.adapters) == set(adapters)
+            torch.manual_seed(10)
+            hidden, grad_out = torch.randn(1, 6, 64), torch.randn(1, 6, 64)
+            for name, model in adapters.items():
+                client.swarm.active_adapter = name
+                assert rel_err(client.forward(hidden, 0, 4), reference(model, hidden, 0, 4)) <= TOL
+                with client.session(max_length=6, start=0, end=4) as session:
+                    steps = [session.step(hidden[:, :4]), session.step(hidden[:, 4:])]
+                assert rel_err(torch.cat(steps, 1), reference(model, hidden, 0, 4)) <= TOL
+                grad, _ = client.backward(hidden, grad_out, 0, 4)
+                leaf = hidden.clone().requires_grad_(True)
+                hf_blocks(model.base_model.model, leaf, 0, 4).backward(grad_out)
+                assert rel_err(grad, leaf.grad) <= TOL
