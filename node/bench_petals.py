@@ -49,8 +49,7 @@ CLIENT = textwrap.dedent(
     from petals import AutoDistributedModelForCausalLM
     from transformers import AutoModelForCausalLM
 
-    model_path, tokens, sessions, with_local = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4] == "1"
-    peers = sys.argv[5:]
+    model_path, tokens, sessions, peers = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4:]
     torch.manual_seed(0)
     model = AutoDistributedModelForCausalLM.from_pretrained(
         model_path, initial_peers=peers, dht_prefix="bench", torch_dtype=torch.float32
@@ -91,37 +90,32 @@ CLIENT = textwrap.dedent(
         return results
 
     out["concurrent"] = sessions * tokens / timed(together, 2)
-    layers = model.model.layers
     x = torch.randn(4, 128, hidden)
-    with torch.no_grad():
-        out["forward"] = 4 * 128 / timed(lambda: layers(x), 5)
 
-    def backward():
-        leaf = x.clone().requires_grad_(True)
-        layers(leaf).backward(torch.ones(4, 128, hidden))
-
-    out["backward_ms"] = 1000 * timed(backward, 3)
-    if with_local:
-        out["local_generation"] = tokens / timed(lambda: generate(ref, prompt), 3)
-        out["local_concurrent"] = sessions * tokens / timed(lambda: generate(ref, prompts), 2)
-        position_ids = torch.arange(128)[None]
-
-        def local_layers(h):
-            emb = ref.model.rotary_emb(h, position_ids)
-            mask = torch.full((128, 128), float("-inf")).triu(1)[None, None]
-            for layer in ref.model.layers:
-                h = layer(h, attention_mask=mask, position_ids=position_ids, position_embeddings=emb)
-                h = h[0] if isinstance(h, tuple) else h
-            return h
-
+    def layer_figures(layers):  # forward tokens/s, and forward+backward ms per call, of x through layers
         with torch.no_grad():
-            out["local_forward"] = 4 * 128 / timed(lambda: local_layers(x), 5)
+            forward = 4 * 128 / timed(lambda: layers(x), 5)
 
-        def local_backward():
+        def backward():
             leaf = x.clone().requires_grad_(True)
-            local_layers(leaf).backward(torch.ones(4, 128, hidden))
+            layers(leaf).backward(torch.ones(4, 128, hidden))
 
-        out["local_backward_ms"] = 1000 * timed(local_backward, 3)
+        return forward, 1000 * timed(backward, 3)
+
+    out["forward"], out["backward_ms"] = layer_figures(model.model.layers)
+    out["local_generation"] = tokens / timed(lambda: generate(ref, prompt), 3)
+    out["local_concurrent"] = sessions * tokens / timed(lambda: generate(ref, prompts), 2)
+    position_ids = torch.arange(128)[None]
+
+    def local_layers(h):
+        emb = ref.model.rotary_emb(h, position_ids)
+        mask = torch.full((128, 128), float("-inf")).triu(1)[None, None]
+        for layer in ref.model.layers:
+            h = layer(h, attention_mask=mask, position_ids=position_ids, position_embeddings=emb)
+            h = h[0] if isinstance(h, tuple) else h
+        return h
+
+    out["local_forward"], out["local_backward_ms"] = layer_figures(local_layers)
     print("RESULT " + json.dumps(out), flush=True)
     """
 )
@@ -134,8 +128,8 @@ ROWS = (
 )
 
 
-def run_client(petals_python: str, model: Path, peers: list[str], args, with_local: bool, log: Path) -> dict:
-    cmd = [petals_python, "-c", CLIENT, str(model), str(args.tokens), str(args.sessions), "1" if with_local else "0", *peers]
+def run_client(petals_python: str, model: Path, peers: list[str], args, log: Path) -> dict:
+    cmd = [petals_python, "-c", CLIENT, str(model), str(args.tokens), str(args.sessions), *peers]
     with log.open("w") as err:
         done = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=err, text=True, timeout=args.max_seconds)
     for line in done.stdout.splitlines():
@@ -223,11 +217,11 @@ def main(argv: Optional[list[str]] = None) -> int:
         print(f"model {model}; {args.sessions} sessions, {args.tokens} tokens; logs in {work}", flush=True)
         print("node: starting, then the Petals client ...", flush=True)
         with NodeProcess(model, work / "node", dht_prefix=PREFIX, log_path=work / "node.log") as node:
-            ours = run_client(args.petals_python, model, node.maddrs, args, True, work / "client_node.log")
+            ours = run_client(args.petals_python, model, node.maddrs, args, work / "client_node.log")
         print("Petals server: starting, then the Petals client ...", flush=True)
         server, maddrs = start_petals_server(args.petals_python, model, num_blocks_of(model), work / "petals_server.log")
         try:
-            theirs = run_client(args.petals_python, model, maddrs, args, True, work / "client_petals.log")
+            theirs = run_client(args.petals_python, model, maddrs, args, work / "client_petals.log")
         finally:
             stop_group(server)
         print()

@@ -120,6 +120,16 @@ class NodeProcess:
         except OSError:
             return ""
 
+    def log_events(self) -> list[dict]:
+        """The node's log so far, one dict per JSON event line (other lines skipped)."""
+        events = []
+        for line in self.log_path.read_text(errors="replace").splitlines():
+            try:
+                events.append(json.loads(line))
+            except ValueError:
+                pass
+        return events
+
     def stop(self, sig: int = signal.SIGTERM, timeout: float = 30) -> int:
         if self.proc is None or self.proc.poll() is not None:
             return self.proc.returncode if self.proc else 0

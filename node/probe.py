@@ -370,6 +370,17 @@ def run(args: argparse.Namespace) -> int:
     timer = StepTimer(args.follow, as_json=args.json) if args.follow else None
     next_table = time.monotonic() + 1.0
     printed = 0
+
+    def enough(lines) -> bool:
+        """Print these lines; True once --count lines (or tables) are out."""
+        nonlocal printed
+        for line in lines:
+            print(line, flush=True)
+            printed += 1
+            if args.count is not None and printed >= args.count:
+                return True
+        return False
+
     deadline = time.monotonic() + args.duration if args.duration is not None else float("inf")
     next_scan = 0.0
     try:
@@ -393,17 +404,11 @@ def run(args: argparse.Namespace) -> int:
             if table is not None and now >= next_table and table.latest:
                 if sys.stdout.isatty():
                     sys.stdout.write("\x1b[2J\x1b[H")  # redraw in place on a terminal
-                print(table.render(status) + "\n", flush=True)
                 next_table = now + 1.0
-                printed += 1
-                if args.count is not None and printed >= args.count:
+                if enough([table.render(status) + "\n"]):
                     return 0
-            if timer is not None:
-                for line in timer.due(now):
-                    print(line, flush=True)
-                    printed += 1
-                    if args.count is not None and printed >= args.count:
-                        return 0
+            if timer is not None and enough(timer.due(now)):
+                return 0
             wake = min(next_scan, deadline, next_table if table is not None else deadline,
                        timer.next_due() if timer is not None else deadline)
             if not sub.poll(max(1, int(1000 * wake - 1000 * now))):
@@ -429,20 +434,15 @@ def run(args: argparse.Namespace) -> int:
                         table.update(event)
                     continue
                 if timer is not None:
-                    for line in timer.feed(event, session, time.monotonic()):
-                        print(line, flush=True)
-                        printed += 1
-                        if args.count is not None and printed >= args.count:
-                            return 0
+                    if enough(timer.feed(event, session, time.monotonic())):
+                        return 0
                     continue
                 if event.dir == "stats":
                     if not args.stats:
                         continue
                 elif (types and event.type not in types) or not session.startswith(args.session):
                     continue
-                print(json_line(event, session) if args.json else human_line(event, session), flush=True)
-                printed += 1
-                if args.count is not None and printed >= args.count:
+                if enough([json_line(event, session) if args.json else human_line(event, session)]):
                     return 0
     finally:
         ctx.destroy(linger=0)

@@ -36,6 +36,13 @@ def stop_with_parent() -> None:
     die_with_parent(signal.SIGTERM)
 
 
+def child_env(**extra: str) -> dict:
+    """Our environment plus `extra`, with this project importable (`python -m procs.runtime` from anywhere)."""
+    env = dict(os.environ, **extra)
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (PROJECT_ROOT, env.get("PYTHONPATH")) if p)
+    return env
+
+
 @dataclass(frozen=True)
 class ActorSpec:
     name: str  # also its control-plane identity: "runtime.0", "frontend.3", ...
@@ -67,8 +74,7 @@ class ActorProcess:
         return self.popen is not None and self.popen.poll() is None
 
     def spawn(self, run_dir: str) -> None:
-        env = dict(os.environ, NODE_SUPERVISOR_PID=str(os.getpid()), **self.env)
-        env["PYTHONPATH"] = os.pathsep.join(p for p in (PROJECT_ROOT, env.get("PYTHONPATH")) if p)
+        env = child_env(NODE_SUPERVISOR_PID=str(os.getpid()), **self.env)
         self.popen = subprocess.Popen(
             [sys.executable, "-m", self.spec.module, run_dir, self.spec.name],
             env=env,

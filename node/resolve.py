@@ -221,12 +221,10 @@ class _Answer(msgspec.Struct, omit_defaults=True):
 
 async def resolve_in_child(config: NodeConfig, run_dir: str) -> NodePlan:
     """resolve_plan in `python -m node.resolve`; ResolveError if it cannot be made."""
-    from node.processes import PROJECT_ROOT, stop_with_parent
+    from node.processes import child_env, stop_with_parent
 
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (PROJECT_ROOT, env.get("PYTHONPATH")) if p)
     child = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "node.resolve", run_dir, env=env,
+        sys.executable, "-m", "node.resolve", run_dir, env=child_env(),
         stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE, preexec_fn=stop_with_parent,
     )
     try:

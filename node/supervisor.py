@@ -264,11 +264,14 @@ class Supervisor:
             return
         dead.restarts += 1
         dead.consecutive_failures += 1
-        self.group_generation += 1
-        new_group_store({n: self.actors[n] for n in self.runtimes}, self.plan.run_dir, self.group_generation)
+        self._new_group_generation()
         respawn_at = now + backoff(dead.consecutive_failures)
         for name in self.runtimes:
             self.actors[name].respawn_at = respawn_at
+
+    def _new_group_generation(self) -> None:
+        self.group_generation += 1
+        new_group_store(self.actors, self.plan.run_dir, self.group_generation)
 
     def _update_state(self) -> None:
         announcer = self.actors["announcer"]
@@ -529,8 +532,7 @@ class Supervisor:
                         self.send(name, PeerDown(runtime.spec.name))
             self.set_blocks(start, end)
             if len(ranks) > 1:
-                self.group_generation += 1
-                new_group_store({n: self.actors[n] for n in self.runtimes}, self.plan.run_dir, self.group_generation)
+                self._new_group_generation()
             for runtime in ranks:
                 runtime.respawn_at = time.monotonic()  # _check spawns it with the new plan
             self.announced = None  # JOINING on the new blocks next

@@ -576,6 +576,21 @@ def join_group(actor: actor_lib.Actor) -> Optional[Group]:
     return group
 
 
+def load_or_fail(actor: actor_lib.Actor, group: Optional[Group], began: float) -> Optional[dict]:
+    """The plan's blocks (this rank's shards with a group), or None after telling the supervisor why not."""
+    try:
+        blocks = load_blocks(actor.plan, actor.log, group=group)
+    except Exception as e:
+        actor.log.exception("cannot load blocks")
+        actor.fatal(f"cannot load blocks {actor.plan.start_block}:{actor.plan.end_block} of {actor.plan.model}: {e}")
+        return None
+    if group is not None:
+        group.barrier()  # every shard is in memory: the node may go ONLINE
+    actor.log.info("blocks loaded", seconds=round(time.perf_counter() - began, 2), count=len(blocks),
+                   **({"rank": group.rank} if group is not None else {}))
+    return blocks
+
+
 def main(actor: actor_lib.Actor) -> None:
     torch.set_grad_enabled(False)
     logs.route_transformers_logs()
@@ -585,15 +600,9 @@ def main(actor: actor_lib.Actor) -> None:
         return
     began = time.perf_counter()
     group = join_group(actor)
-    try:
-        blocks = load_blocks(actor.plan, actor.log, group=group)
-    except Exception as e:
-        actor.log.exception("cannot load blocks")
-        actor.fatal(f"cannot load blocks {actor.plan.start_block}:{actor.plan.end_block} of {actor.plan.model}: {e}")
+    blocks = load_or_fail(actor, group, began)
+    if blocks is None:
         return
-    if group is not None:
-        group.barrier()  # every shard is in memory: the node may go ONLINE
-    actor.log.info("blocks loaded", seconds=round(time.perf_counter() - began, 2), count=len(blocks))
     try:
         Runtime(actor, blocks, group).serve()
     except GroupBroken as e:

@@ -24,7 +24,7 @@ from node import compute, logs, lora
 from node.session_caches import SessionCaches
 from node.tp_group import Group, rank_of
 from procs import actor as actor_lib
-from procs.runtime import load_blocks, wait_for_load_order
+from procs.runtime import load_or_fail, wait_for_load_order
 from protocol.frames import DTYPES, from_frames
 from protocol.messages import GroupBackward, GroupDrop, GroupRun, GroupStop
 from protocol.transport import BadMessage
@@ -103,14 +103,9 @@ def main(actor: actor_lib.Actor) -> None:
         return
     began = time.perf_counter()
     group = Group(actor.plan, rank, actor.ctx, timeout=max(60.0, actor.plan.request_timeout))
-    try:
-        blocks = load_blocks(actor.plan, actor.log, group=group)
-    except Exception as e:
-        actor.log.exception("cannot load blocks")
-        actor.fatal(f"cannot load blocks {actor.plan.start_block}:{actor.plan.end_block} of {actor.plan.model}: {e}")
+    blocks = load_or_fail(actor, group, began)
+    if blocks is None:
         return
-    group.barrier()
-    actor.log.info("blocks loaded", seconds=round(time.perf_counter() - began, 2), count=len(blocks), rank=rank)
     RankRuntime(actor, blocks, group).serve()
     group.close()
 

@@ -18,7 +18,7 @@ from node.checkpoint import Checkpoint
 from node.client import Client
 from node.launcher import NodeProcess
 from node.models import get_family
-from tests.conftest import MICRO_LLAMA, SHARED, hf_blocks, rel_err
+from tests.conftest import MICRO_LLAMA, SHARED, hf_blocks, on_two_gloo_ranks, rel_err
 
 peft = pytest.importorskip("peft")
 TOL = 1e-5
@@ -335,67 +335,46 @@ def test_one_round_of_mixed_adapters_equals_each_alone(adapters):
 # --- tensor parallelism: each rank holds its share of the LoRA weights -------------------------------
 
 
-def _tp_worker(rank: int, world: int, store: str, adapter_dirs: dict, results) -> None:
+def _tp_errors(rank: int, world: int, adapter_dirs: dict) -> dict:
     """On each of two gloo ranks: every family's blocks sharded, then its adapter attached (the runtime's
-    order), forward and input gradients with the adapter active; rank 0 reports its errors against the
-    whole blocks with the same adapter."""
-    import torch.distributed as dist
-
+    order), forward and input gradients with the adapter active; rank 0's errors against the whole
+    blocks with the same adapter."""
     from node import compute
 
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
     out = {}
-    try:
-        for model, path in adapter_dirs.items():
-            try:
-                adapter = lora.load_adapter(path)
-                ours = Blocks(model)
-                whole = ours.load([adapter])
-                shards = []
-                for i in range(ours.config.num_hidden_layers):
-                    state = ours.checkpoint.block_state(f"{ours.family.block_prefix}.{i}.", dtype=torch.float32)
-                    block = ours.family.block_class.from_state(ours.config, state, dtype=torch.float32, device="cpu")
-                    block = block.shard(rank, world, None)
-                    lora.attach(block, i, ours.family.block_prefix, [adapter], torch.float32, "cpu")
-                    shards.append(block)
-                generator = torch.Generator().manual_seed(21)
-                hidden = torch.randn(2, 5, ours.config.hidden_size, generator=generator)
-                grad_out = torch.randn(2, 5, ours.config.hidden_size, generator=generator)
-                errors = {}
-                with lora.activate(adapter.name):
-                    errors["forward"] = rel_err(Blocks.run(shards, hidden, adapter.name), Blocks.run(whole, hidden, adapter.name))
-                    errors["grad"] = rel_err(compute.backward(shards, hidden, grad_out, None)[0],
-                                             compute.backward(whole, hidden, grad_out, None)[0])
-                errors["changed"] = rel_err(Blocks.run(whole, hidden, adapter.name), Blocks.run(whole, hidden, ""))
-                out[model] = errors
-            except Exception as e:  # reported, not hung: the other rank fails the same way
-                out[model] = repr(e)
-        if rank == 0:
-            results.put(out)
-    finally:
-        dist.destroy_process_group()
+    for model, path in adapter_dirs.items():
+        try:
+            adapter = lora.load_adapter(path)
+            ours = Blocks(model)
+            whole = ours.load([adapter])
+            shards = []
+            for i in range(ours.config.num_hidden_layers):
+                state = ours.checkpoint.block_state(f"{ours.family.block_prefix}.{i}.", dtype=torch.float32)
+                block = ours.family.block_class.from_state(ours.config, state, dtype=torch.float32, device="cpu")
+                block = block.shard(rank, world, None)
+                lora.attach(block, i, ours.family.block_prefix, [adapter], torch.float32, "cpu")
+                shards.append(block)
+            generator = torch.Generator().manual_seed(21)
+            hidden = torch.randn(2, 5, ours.config.hidden_size, generator=generator)
+            grad_out = torch.randn(2, 5, ours.config.hidden_size, generator=generator)
+            errors = {}
+            with lora.activate(adapter.name):
+                errors["forward"] = rel_err(Blocks.run(shards, hidden, adapter.name), Blocks.run(whole, hidden, adapter.name))
+                errors["grad"] = rel_err(compute.backward(shards, hidden, grad_out, None)[0],
+                                         compute.backward(whole, hidden, grad_out, None)[0])
+            errors["changed"] = rel_err(Blocks.run(whole, hidden, adapter.name), Blocks.run(whole, hidden, ""))
+            out[model] = errors
+        except Exception as e:  # reported per family, not hung: the other rank fails the same way
+            out[model] = repr(e)
+    return out
 
 
 def test_tensor_parallel_shards_with_adapters_equal_the_whole_blocks(tmp_path):
-    import multiprocessing
-
     dirs = {}
     for model, targets in FAMILY_TARGETS.items():
         make_adapter(hf_model(model), tmp_path / model, 31, targets)
         dirs[model] = str(tmp_path / model)
-    ctx = multiprocessing.get_context("spawn")
-    results = ctx.Queue()
-    procs = [ctx.Process(target=_tp_worker, args=(r, 2, str(tmp_path / "store"), dirs, results)) for r in range(2)]
-    for p in procs:
-        p.start()
-    try:
-        errors = results.get(timeout=240)
-    finally:
-        for p in procs:
-            p.join(timeout=30)
-            if p.is_alive():
-                p.kill()
+    errors = on_two_gloo_ranks(_tp_errors, str(tmp_path / "store"), dirs)
     for model in FAMILY_TARGETS:
         assert isinstance(errors[model], dict), (model, errors[model])
         assert errors[model]["forward"] <= TOL and errors[model]["grad"] <= TOL, (model, errors[model])

@@ -238,20 +238,10 @@ def p2pd_of(run_dir: Path) -> list[int]:
     return found
 
 
-def log_events(node: NodeProcess) -> list[dict]:
-    events = []
-    for line in node.log_path.read_text(errors="replace").splitlines():
-        try:
-            events.append(json.loads(line))
-        except ValueError:
-            pass
-    return events
-
-
 def offline_announced(node: NodeProcess) -> bool:
     return any(
         e.get("event") == "announced" and e.get("actor") == "announcer" and e.get("state") == "OFFLINE"
-        for e in log_events(node)
+        for e in node.log_events()
     )
 
 
@@ -483,7 +473,7 @@ class TestOneNode:
                 pass
         served = wait_serving(client, node, sample, t0 + 40) - t0
         RECOVERY_TIMES[f"{name} (hung)"] = served
-        silent = [e for e in log_events(node) if e.get("event") == "actor silent; killing it" and e.get("pid") == pid]
+        silent = [e for e in node.log_events() if e.get("event") == "actor silent; killing it" and e.get("pid") == pid]
         assert silent and silent[0]["actor"] == name
         assert node.status["actors"][name]["restarts"] == restarts + 1
         assert failed_after < HEARTBEAT_TIMEOUT + ERROR_LIMIT
@@ -563,14 +553,14 @@ class TestTwoFrontends:
             assert rel_err(session.step(hidden[:, :4]), ref[:, :4]) <= TOL
             assert client.rpc_info(peer, uid)["cache_tokens_available"] < full
             session_id = session.session.sessions[0].session_id
-            opened = [e for e in log_events(node) if e.get("event") == "session opened" and e.get("session") == session_id]
+            opened = [e for e in node.log_events() if e.get("event") == "session opened" and e.get("session") == session_id]
             owner = opened[0]["actor"]
             restarts = node.status["actors"][owner]["restarts"]
             pid = node.actor_pid(owner)
             t0 = time.monotonic()
             os.kill(pid, signal.SIGKILL)
             # the allocator drops the dead owner's grant; the survivor answers while the owner restarts
-            wait_until(lambda: [e for e in log_events(node) if e.get("event") == "dropped sessions of a replaced frontend"
+            wait_until(lambda: [e for e in node.log_events() if e.get("event") == "dropped sessions of a replaced frontend"
                                 and e.get("frontend") == owner], ERROR_LIMIT, "the dead frontend's sessions stay", node)
             wait_until(lambda: cache_available(client, peer, uid) == full, ERROR_LIMIT,
                        "the dead frontend's cache was not freed", node)
@@ -620,7 +610,7 @@ def test_too_many_restarts_offline_and_exit_nonzero(tmp_path_factory, swarm, cli
         os.kill(node.actor_pid("allocator"), signal.SIGKILL)  # the third restart in 60 s is one too many
         code = node.proc.wait(30)
         assert code != 0
-        events = log_events(node)
+        events = node.log_events()
         assert any(e.get("event") == "too many restarts; giving up" for e in events)
         assert offline_announced(node), node.log_tail(30)
         info, _ = record(client, peer)

@@ -17,6 +17,7 @@ import time
 
 import pytest
 
+from node.bench_petals import stop_group
 from node.launcher import NodeProcess
 from tests.conftest import MICRO_LLAMA
 
@@ -84,24 +85,7 @@ def test_node_and_petals_server_share_a_swarm(tmp_path):
                 time.sleep(0.5)
             run_client(node.maddrs)
         finally:
-            stop_petals_server(server)
-
-
-def stop_petals_server(server: subprocess.Popen) -> None:
-    """SIGTERM to the server's whole group (a Petals server can leave its p2pd behind), then SIGKILL."""
-    import signal
-
-    for sig, wait in ((signal.SIGTERM, 30), (signal.SIGKILL, 10)):
-        try:
-            os.killpg(server.pid, sig)
-        except ProcessLookupError:
-            return
-        try:
-            server.wait(wait)
-            os.killpg(server.pid, signal.SIGKILL)  # whatever else is left in the group
-        except (subprocess.TimeoutExpired, ProcessLookupError):
-            continue
-        return
+            stop_group(server)
 
 
 def start_petals_server(log, peers, *flags):
@@ -145,9 +129,9 @@ def test_node_and_petals_server_choose_blocks_by_the_same_rule(tmp_path):
                     assert spans == {(0, 2)}, spans  # both Petals servers on 0:2
                     run_client(node.maddrs)
                 finally:
-                    stop_petals_server(second)
+                    stop_group(second)
         finally:
-            stop_petals_server(first)
+            stop_group(first)
 
 
 MID_SESSION_CLIENT = textwrap.dedent(
@@ -190,6 +174,8 @@ def test_petals_client_through_a_tensor_parallel_node_and_a_rank_kill_mid_sessio
     session's next step fails or is replayed by the client (Petals 2.x cannot replay a session after a
     server failure, its position assertion trips: bigscience-workshop/petals#587, whatever the server),
     the group restarts, and the client is served again."""
+    from tests.test_tensor_parallel_node import wait_online_with_new_group
+
     with NodeProcess(MICRO_LLAMA, tmp_path / "node", "--tensor_parallel_devices", "cpu", "cpu") as node:
         run_client(node.maddrs)
         client = subprocess.Popen([PETALS_PYTHON, "-c", MID_SESSION_CLIENT, str(MICRO_LLAMA), *node.maddrs],
@@ -209,15 +195,7 @@ def test_petals_client_through_a_tensor_parallel_node_and_a_rank_kill_mid_sessio
             client.stdin.flush()
             assert next_line().startswith(("SESSION RESUMED", "SESSION FAILED"))
             assert next_line() == "WAITING"
-            deadline = time.monotonic() + 120
-            while time.monotonic() < deadline:
-                actors, state = node.status.get("actors", {}), node.status.get("state")
-                if state == "online" and all(actors.get(n, {}).get("ready") and actors[n]["pid"] != old[n]["pid"]
-                                             for n in ("runtime.0", "runtime.1")):
-                    break
-                time.sleep(0.2)
-            else:
-                raise AssertionError(f"the group did not come back: {node.status}")
+            wait_online_with_new_group(node, old, time.monotonic() + 120)
             client.stdin.write("\n")
             client.stdin.flush()
             out, err = client.communicate(timeout=240)

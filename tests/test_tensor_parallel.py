@@ -5,13 +5,13 @@ forward, batched inference with caches (rollback and hypo_ids included) and back
 from __future__ import annotations
 
 import copy
-import multiprocessing
 
 import pytest
 import torch
 
 from node import compute
 from node.tp_split import check_split, head_split, kv_heads_per_rank
+from tests.conftest import on_two_gloo_ranks
 from tests.test_families import VARIANTS, Model, hidden_states, make_model
 
 TOL = 1e-5
@@ -87,24 +87,16 @@ def quantized_errors(model: Model, rank: int, world: int) -> dict[str, float]:
     return errors
 
 
-def worker(rank: int, world: int, store: str, paths: dict, results) -> None:
-    import torch.distributed as dist
-
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
-    try:
-        out = {}
-        for name, path in paths.items():
-            try:
-                out[name] = compare(Model(path), rank, world)
-                if name in QUANTIZED:
-                    out[name]["quantized"] = quantized_errors(Model(path), rank, world)
-            except Exception as e:  # reported, not hung: the other rank fails the same way
-                out[name] = repr(e)
-        if rank == 0:
-            results.put(out)
-    finally:
-        dist.destroy_process_group()
+def sharded(rank: int, world: int, paths: dict) -> dict:
+    out = {}
+    for name, path in paths.items():
+        try:
+            out[name] = compare(Model(path), rank, world)
+            if name in QUANTIZED:
+                out[name]["quantized"] = quantized_errors(Model(path), rank, world)
+        except Exception as e:  # reported per variant, not hung: the other rank fails the same way
+            out[name] = repr(e)
+    return out
 
 
 @pytest.fixture(scope="module")
@@ -113,20 +105,7 @@ def sharded_errors(tmp_path_factory):
         name: make_model(tmp_path_factory.mktemp(name), model_type, kwargs, layout)
         for name, (model_type, kwargs, layout) in TP_VARIANTS.items()
     }
-    ctx = multiprocessing.get_context("spawn")
-    results = ctx.Queue()
-    store = str(tmp_path_factory.mktemp("tp") / "store")
-    procs = [ctx.Process(target=worker, args=(r, 2, store, paths, results)) for r in range(2)]
-    for p in procs:
-        p.start()
-    try:
-        out = results.get(timeout=240)
-    finally:
-        for p in procs:
-            p.join(timeout=30)
-            if p.is_alive():
-                p.kill()
-    return out
+    return on_two_gloo_ranks(sharded, str(tmp_path_factory.mktemp("tp") / "store"), paths)
 
 
 @pytest.mark.parametrize("variant", sorted(TP_VARIANTS))

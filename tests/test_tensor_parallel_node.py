@@ -4,7 +4,6 @@ run again here against the group), and the group survives the loss of either ran
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import time
@@ -48,21 +47,11 @@ def micro_client(micro_node):
     client.close()
 
 
-def events(node: NodeProcess) -> list[dict]:
-    out = []
-    for line in node.log_path.read_text(errors="replace").splitlines():
-        try:
-            out.append(json.loads(line))
-        except ValueError:
-            pass
-    return out
-
-
 def test_two_runtime_processes_each_with_its_shard(micro_node):
     actors = micro_node.status["actors"]
     assert {"runtime.0", "runtime.1"} <= set(actors) and all(actors[n]["ready"] for n in ("runtime.0", "runtime.1"))
     assert actors["runtime.0"]["pid"] != actors["runtime.1"]["pid"]
-    ready = [e for e in events(micro_node) if e.get("event") == "actor ready" and e.get("actor") == "runtime.1"]
+    ready = [e for e in micro_node.log_events() if e.get("event") == "actor ready" and e.get("actor") == "runtime.1"]
     assert ready and (ready[-1]["rank"], ready[-1]["device"]) == (1, "cpu")
 
 
@@ -90,7 +79,7 @@ def test_killing_one_rank_restarts_the_group(micro_node, micro_client, micro_hf,
     hidden = torch.randn(1, 8, 64)
     ref = hf_blocks(micro_hf, hidden, 0, 4)
     old = micro_node.status["actors"]
-    seen = len(events(micro_node))
+    seen = len(micro_node.log_events())
     with micro_client.session(max_length=8, start=0, end=4) as session:
         assert rel_err(session.step(hidden[:, :4]), ref[:, :4]) <= TOL
         t0 = time.monotonic()
@@ -101,7 +90,7 @@ def test_killing_one_rank_restarts_the_group(micro_node, micro_client, micro_hf,
     with micro_client.session(max_length=8, start=0, end=4) as session:
         out = torch.cat([session.step(hidden[:, :4]), session.step(hidden[:, 4:])], dim=1)
     assert rel_err(out, ref) <= TOL
-    later = events(micro_node)[seen:]
+    later = micro_node.log_events()[seen:]
     states = [e["state"] for e in later if e.get("event") == "state" and e.get("actor") == "supervisor"]
     assert states[:2] == ["JOINING", "ONLINE"], states
     died = [e for e in later if e.get("event") == "tensor-parallel rank died; restarting the group"]
