@@ -52,9 +52,9 @@ from typing import Callable, Optional
 import psutil
 import torch
 
-from node.generate import BatchedHead
-from node.launcher import ROOT, NodeProcess
-from node.processes import die_with_parent
+from node.client.generate import BatchedHead
+from node.tools.launcher import ROOT, NodeProcess
+from node.startup import die_with_parent
 
 PROMPT = [1, 15, 27, 99, 4, 63, 250, 7]
 BATCH, LENGTH = 4, 128  # the forward/backward shape: 4 sequences of 128 tokens
@@ -155,7 +155,7 @@ def local_generate(model, prompt: torch.Tensor, new_tokens: int) -> torch.Tensor
 
 
 def node_generate(client, head, route, prompt: torch.Tensor, new_tokens: int, device: torch.device, timing: dict) -> torch.Tensor:
-    """greedy_generate (node/generate.py) with the route found once, as a Petals client caches it, and timestamps."""
+    """greedy_generate (node/client/generate.py) with the route found once, as a Petals client caches it, and timestamps."""
     total = prompt.shape[1] + new_tokens
     tokens = prompt
     head_s, step_s = [], []
@@ -374,9 +374,9 @@ def main(argv=None) -> int:
 def run(args, work: Path, dtype: torch.dtype, device: torch.device, bench_began: float) -> bool:
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from node.client import Client
-    from node.generate import LocalHead
-    from node.tinymodel import make_preset
+    from node.client.swarm import Client
+    from node.client.generate import LocalHead
+    from node.tools.tinymodel import make_preset
 
     model_path = args.model
     if model_path is None:

@@ -38,7 +38,7 @@ import time
 from pathlib import Path
 from typing import Optional
 
-from node.launcher import NodeProcess
+from node.tools.launcher import NodeProcess
 
 PREFIX = "bench"
 
@@ -211,7 +211,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         if args.model:
             model = Path(args.model)
         else:
-            from node.tinymodel import make_preset
+            from node.tools.tinymodel import make_preset
 
             model = Path(make_preset(str(work / "model"), args.preset))
         print(f"model {model}; {args.sessions} sessions, {args.tokens} tokens; logs in {work}", flush=True)

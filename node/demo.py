@@ -26,10 +26,10 @@ def main(argv=None) -> int:
     parser.add_argument("--keep", action="store_true", help="keep the work directory (model, run dir, node log)")
     args = parser.parse_args(argv)
 
-    from node.client import Client
-    from node.generate import LocalHead, greedy_generate
-    from node.launcher import NodeProcess
-    from node.tinymodel import make_preset
+    from node.client.swarm import Client
+    from node.client.generate import LocalHead, greedy_generate
+    from node.tools.launcher import NodeProcess
+    from node.tools.tinymodel import make_preset
 
     work = Path(tempfile.mkdtemp(prefix="node-demo-"))
     model = args.model

@@ -1,9 +1,11 @@
-"""The actor processes of the node, one module per role, and the loop they share (actor.py).
+"""The node's actor processes: one module per role, each run as `python -m procs.<role> RUN_DIR NAME`.
 
-Frontends and the announcer need hivemind's P2P and DHT, not the torch that a plain `import hivemind`
-brings along: the light import is set up before any role module runs.
+- supervisor-spawned roles: announcer.py (the swarm), allocator.py (attention-cache admission),
+  runtime.py (the blocks; rank 0 of a tensor-parallel group), runtime_rank.py (ranks 1..N-1),
+  frontend.py (the Petals RPCs);
+- what they share: actor.py (control plane, heartbeats, probe socket, graceful stop) and
+  requester.py (request/reply over a DEALER).
+
+Each role module reads top to bottom as what it owns, what it receives, what it sends; the logic it
+runs lives in node/<role>/ (node/runtime/, node/frontend/, ...), free of sockets.
 """
-
-from node.hivemind_light import install as _install_light_hivemind
-
-_install_light_hivemind()

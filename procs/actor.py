@@ -1,4 +1,4 @@
-"""What every actor process shares: the control plane, the probe socket and dying with the supervisor.
+"""What every actor process shares: the control plane, the probe socket and a graceful stop.
 
 An actor is started as `python -m procs.<role> RUN_DIR NAME`. It owns:
 - a control thread with a DEALER (identity NAME) to the supervisor's ROUTER: it sends Ready, Fatal and
@@ -17,25 +17,15 @@ import signal
 import sys
 import threading
 import time
-from typing import Any, Callable, Optional
+from typing import Callable, Optional
 
-def _die_with_supervisor() -> None:
-    # The actor must not outlive a supervisor killed with -9: ask the kernel to kill us with it.
-    from node.processes import die_with_parent
+import msgspec
+import zmq
 
-    die_with_parent()
-    expected = os.environ.get("NODE_SUPERVISOR_PID")
-    if expected and os.getppid() != int(expected):
-        os._exit(1)  # the supervisor died before the line above ran
-
-
-_die_with_supervisor()
-
-import msgspec  # noqa: E402
-import zmq  # noqa: E402
-
-from node import logs  # noqa: E402
-from protocol.messages import (  # noqa: E402
+from node import logs
+from protocol.messages import (
+    ActorStats,
+    ReadyDetail,
     ControlToActor,
     Fatal,
     Heartbeat,
@@ -44,8 +34,8 @@ from protocol.messages import (  # noqa: E402
     Ready,
     Stop,
 )
-from protocol.plan import PLAN_FILE, NodePlan, read_plan  # noqa: E402
-from protocol.transport import BadMessage, Channel  # noqa: E402
+from protocol.plan import PLAN_FILE, NodePlan, read_plan
+from protocol.transport import BadMessage, Channel
 
 
 def wait_for_plan(run_dir: str) -> NodePlan:
@@ -117,7 +107,8 @@ class Actor:
         self.plan: NodePlan = wait_for_plan(run_dir)
         self.log = logs.setup(name, self.plan.log_level, self.plan.log_format)
         self.ctx = zmq.Context()
-        self.stats: dict[str, Any] = {}  # written by the main thread, read by the control thread
+        # replaced whole by the main thread (never mutated), read by the control thread for heartbeats
+        self.stats: Optional[ActorStats] = None
         self.stopping = threading.Event()
         self.grace = self.plan.shutdown_grace
         # control messages other than Stop go to this callback (from the control thread)
@@ -135,9 +126,9 @@ class Actor:
     def start_control(self) -> None:
         self._control_thread.start()
 
-    def ready(self, **detail: Any) -> None:
+    def ready(self, detail: ReadyDetail) -> None:
         self._outbox.put(Ready(self.name, os.getpid(), detail))
-        self.log.info("ready", **detail)
+        self.log.info("ready", **msgspec.structs.asdict(detail))
 
     def fatal(self, reason: str) -> None:
         self.log.error("fatal", reason=reason)
@@ -156,7 +147,9 @@ class Actor:
         now = time.monotonic()
         if now - self._last_stats >= every:
             self._last_stats = now
-            self.probe.publish("stats", "Stats", fields=dict(self.stats))
+            stats = self.stats
+            if stats is not None:
+                self.probe.publish("stats", "Stats", fields=msgspec.structs.asdict(stats))
 
     def _queue_control(self, msg: Message) -> None:
         self.control_inbox.put(msg)
@@ -185,7 +178,7 @@ class Actor:
                         break
                 now = time.monotonic()
                 if now >= next_beat:
-                    channel.send(Heartbeat(self.name, dict(self.stats), os.getpid()))
+                    channel.send(Heartbeat(self.name, self.stats, os.getpid()))
                     next_beat = now + self.plan.heartbeat_interval
                 if not sock.poll(100):
                     continue

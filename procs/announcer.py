@@ -12,6 +12,11 @@ Sends: the per-block records and the `_petals.models` record, refreshed every `u
 
 from __future__ import annotations
 
+from node import startup
+
+startup.die_with_supervisor()
+startup.light_hivemind()  # before the imports below: see node/startup.py
+
 import asyncio
 import time
 from typing import Optional
@@ -24,13 +29,23 @@ from hivemind.proto import dht_pb2
 from hivemind.utils.multiaddr import Multiaddr
 
 from node.logs import quiet_hivemind
-from node.next_pings import NextPings, peers_to_ping
-from node.reachability import Reachability
+from node.announcer.next_pings import NextPings, peers_to_ping
+from node.announcer.reachability import Reachability
 from procs import actor as actor_lib
 from procs.requester import Requester
 from protocol import SERVER_VERSION
 from protocol.dht_records import MODELS_KEY, ServerInfo, ServerState, block_uids, model_record, read_servers, to_tuple
-from protocol.messages import Announce, Announced, AllocatorReply, CapacityQuery, Stop, SwarmQuery, SwarmView
+from protocol.messages import (
+    AllocatorReply,
+    Announce,
+    Announced,
+    AnnouncerReady,
+    AnnouncerStats,
+    CapacityQuery,
+    Stop,
+    SwarmQuery,
+    SwarmView,
+)
 
 
 SWARM_READ_TIMEOUT = 10.0  # seconds
@@ -67,7 +82,7 @@ class Announcer:
             num_workers=max(1, self.plan.total_blocks),
             reuse_get_requests=False,  # a search stuck on a dead peer must not capture later reads
         )
-        self.actor.ready(peer_id=self.peer_id, using_relay=self.using_relay)
+        self.actor.ready(AnnouncerReady(peer_id=self.peer_id, using_relay=self.using_relay))
 
     async def check_reachability(self, p2p: P2P) -> bool:
         """Whether only relays reach us (PROTOCOL 5.10): asked of the swarm's peers at startup."""
@@ -109,7 +124,7 @@ class Announcer:
             elif self.state is not None and self.state.state != ServerState.OFFLINE and time.monotonic() >= next_refresh:
                 await self.announce()
                 next_refresh = time.monotonic() + self.plan.update_period
-            self.actor.stats.update(state=self.state.state if self.state else -1, stored=self.stored)
+            self.actor.stats = AnnouncerStats(state=self.state.state if self.state else -1, stored=self.stored)
             self.actor.publish_stats()
 
     async def cache_tokens_left(self) -> Optional[int]:
@@ -129,7 +144,7 @@ class Announcer:
         except (Exception, asyncio.TimeoutError) as e:
             self.log.warning("cannot read the swarm", error=repr(e))
             return SwarmView(req, error=repr(e))
-        blocks = {index: {peer: to_tuple(info) for peer, info in infos.items()} for index, infos in servers.items()}
+        blocks = {index: dict(infos) for index, infos in servers.items()}
         self.log.info("swarm read", servers=len({p for infos in servers.values() for p in infos}), peers=len(self.dht.protocol.routing_table.uid_to_peer_id),
                       seconds=round(time.perf_counter() - began, 3))
         return SwarmView(req, blocks)

@@ -10,6 +10,11 @@ Sends: Forward/Backward/InferStep/Cancel to the runtime; Allocate/Release/Adopt/
 
 from __future__ import annotations
 
+from node import startup
+
+startup.die_with_supervisor()
+startup.light_hivemind()  # before the imports below: see node/startup.py
+
 import asyncio
 import time
 from typing import Optional
@@ -23,9 +28,9 @@ from hivemind.utils.multiaddr import Multiaddr
 from node.logs import quiet_hivemind
 from procs import actor as actor_lib
 from procs.requester import Requester
-from procs.rpc_handlers import NAME_PREFIX, STREAMS, UNARY, Handlers, ShuttingDown
+from node.frontend.handlers import NAME_PREFIX, STREAMS, UNARY, Handlers, ShuttingDown
 from protocol import streams
-from protocol.messages import AllocatorReply, PeerDown, PeerUp, PushDelivery, RuntimeReply, Serve, Stop
+from protocol.messages import AllocatorReply, FrontendReady, PeerDown, PeerUp, PushDelivery, RuntimeReply, Serve, Stop
 
 PREFETCH = 5  # like hivemind: at most this many unread requests buffered per stream
 INPUT_DRAIN_SECONDS = 1.0  # after our last frame, how long to wait for the rest of the client's input
@@ -161,11 +166,11 @@ class Frontend:
             handler = stream_handler(self.p2p, NAME_PREFIX + name, getattr(self.handlers, name), self.log)
             await self.p2p.add_binary_stream_handler(NAME_PREFIX + name, handler, balanced=True)
         # if we die, the supervisor unregisters our stream handlers (p2pd would go on dialing us)
-        self.actor.ready(
+        self.actor.ready(FrontendReady(
             peer_id=self.p2p.peer_id.to_base58(),
             stream_maddr=str(self.p2p._client_listen_maddr),
             stream_handlers=[NAME_PREFIX + name for name in STREAMS],
-        )
+        ))
 
     # --- receiving ---------------------------------------------------------------------------
 
@@ -188,7 +193,7 @@ class Frontend:
                 self.readopt()
             elif isinstance(msg, Serve):  # the blocks were chosen, or the node moved
                 self.plan.start_block, self.plan.end_block = msg.start_block, msg.end_block
-            self.actor.stats.update(self.handlers.stats())
+            self.actor.stats = self.handlers.stats()
             self.actor.publish_stats()
 
     def peer_down(self, name: str) -> None:

@@ -8,7 +8,7 @@ Receives (ROUTER `runtime.sock`): Forward, Backward, InferStep and Cancel from f
 Sends: a Result (output tensors as raw frames) or a Failure naming what was wrong, to the sender;
   Measured before loading and BlocksLoaded after a load while serving, to the supervisor. With
   tensor parallelism this is rank 0: before each computation it pushes it to the other ranks
-  (procs/runtime_rank.py, node/tp_group.py), which compute their shards of it in step.
+  (procs/runtime_rank.py, node/runtime/tensor_parallel/group.py), which compute their shards of it in step.
 
 Work runs in rounds. An inference round takes every session's ready step and runs them through the
 blocks together (one matrix multiplication per weight for all their tokens); a long prefill goes in
@@ -19,26 +19,29 @@ long. Forward and backward requests run when no inference step is ready: forward
 
 from __future__ import annotations
 
-import queue
-import threading
+from node import startup
+
+startup.die_with_supervisor()
+startup.runtime_imports()  # before the imports below: see node/startup.py
+
 import time
 from dataclasses import dataclass, field
 from typing import Optional
 
+import msgspec
 import torch
 import zmq
 
-from node.deferred_import import defer
-
-defer("torch.distributed.tensor")  # before transformers imports it: see node/deferred_import.py
-from node import compute, inputs, logs, lora
-from node.checkpoint import Checkpoint
-from node.inputs import RequestError, Target
-from node.models import get_family
-from node.quantize import QuantizationUnavailable, check_quantization, quantize_block
-from node.scheduler import Scheduler, Task
-from node.session_caches import SessionCache, SessionCaches
-from node.tp_group import Group
+from node import logs
+from node.runtime import checks, compute, lora
+from node.weights.checkpoint import Checkpoint
+from node.runtime.checks import RequestError, Target
+from node.runtime.models import get_family
+from node.runtime.quantize import QuantizationUnavailable, check_quantization, quantize_block
+from node.runtime.scheduler import Scheduler, Task
+from node.runtime.kv_cache import SessionCache, SessionCaches
+from node.runtime.loading import BlockLoader, load_adapters, load_or_fail, wait_for_load_order
+from node.runtime.tensor_parallel.group import Group
 from procs import actor as actor_lib
 from protocol.frames import DTYPES, FrameError, from_frames, to_frames
 from protocol.messages import (
@@ -57,10 +60,11 @@ from protocol.messages import (
     LoadBlocks,
     Result,
     RuntimeInbox,
+    RuntimeReady,
+    RuntimeStats,
     Serve,
     ShardWork,
 )
-from protocol.plan import NodePlan
 from protocol.transport import BadMessage, Channel
 
 PREFILL_CHUNK = 256  # tokens of one session's step per round
@@ -88,44 +92,6 @@ class GroupBroken(Exception):
     up with ours, so the group must restart (the supervisor does it when this process exits)."""
 
 
-def load_blocks(plan: NodePlan, log, indices=None, group: Optional[Group] = None) -> dict:
-    """{global index: block} for `indices` (default: the plan's range), each read on its own; with a
-    group, this rank's shard of each."""
-    checkpoint = Checkpoint.open(
-        plan.model,
-        revision=plan.revision,
-        token=plan.token,
-        cache_dir=plan.cache_dir,
-        max_disk_space=plan.max_disk_space,
-        download_attempts=plan.download_attempts,
-    )
-    config = checkpoint.config()
-    family = get_family(config)
-    dtype = DTYPES[plan.torch_dtype]
-    adapters = load_adapters(plan)
-    blocks = {}
-    for index in (range(plan.start_block, plan.end_block) if indices is None else indices):
-        began = time.perf_counter()
-        state = checkpoint.block_state(f"{family.block_prefix}.{index}.", dtype=dtype, device=plan.device)
-        block = family.block_class.from_state(config, state, dtype=dtype, device=plan.device)
-        if group is not None:
-            block = block.shard(group.rank, group.world, None)
-        block = quantize_block(block, plan.quant_type, dtype)
-        lora.attach(block, index, family.block_prefix, adapters, dtype, plan.device)
-        blocks[index] = block
-        log.info("block loaded", block=index, seconds=round(time.perf_counter() - began, 3))
-    return blocks
-
-
-def load_adapters(plan: NodePlan) -> list:
-    """The plan's LoRA adapters, their files fetched into the model's cache (lora.AdapterError if not)."""
-    return [
-        lora.load_adapter(name, cache_dir=plan.cache_dir, token=plan.token, max_disk_space=plan.max_disk_space,
-                          download_attempts=plan.download_attempts)
-        for name in plan.adapters
-    ]
-
-
 class Runtime:
     def __init__(self, actor: actor_lib.Actor, blocks: dict, group: Optional[Group] = None):
         self.actor = actor
@@ -139,14 +105,14 @@ class Runtime:
             self.blocks[index] = block
         self.loading: Optional[BlockLoader] = None
         self.memory_checked = 0.0
-        self.target = Target(self.plan.hidden_size, self.plan.max_batch_size, DTYPES[self.plan.torch_dtype], torch.device(self.plan.device))
+        self.target = Target(DTYPES[self.plan.torch_dtype], torch.device(self.plan.device))
         self.caches = SessionCaches(self.target.dtype, self.target.device)
         self.queue = Scheduler(is_inference=lambda m: isinstance(m, InferStep), is_forward=lambda m: isinstance(m, Forward))
         self.steps: list[Step] = []  # inference steps in progress (chunked prefills span rounds)
         self.last_handles: set[int] = set()  # the sessions of the last inference round
         self.last_round_seconds = 0.0
-        self.stats = dict(done=0, failed=0, rounds=0, round_sessions=0, round_tokens=0, busy_seconds=0.0)
-        self.round_sizes: dict[str, int] = {}  # how many requests went through together, and how often
+        self.counts = RuntimeStats()  # the counters; update_stats adds the gauges and sends a copy
+        self.free_memory: Optional[int] = None
         sock = actor.ctx.socket(zmq.ROUTER)
         sock.setsockopt(zmq.LINGER, 0)
         sock.setsockopt(zmq.ROUTER_HANDOVER, 1)  # a restarted frontend reuses its identity
@@ -156,7 +122,7 @@ class Runtime:
     # --- receiving ---------------------------------------------------------------------------
 
     def serve(self) -> None:
-        self.actor.ready(blocks=[self.plan.start_block, self.plan.end_block], dtype=self.plan.torch_dtype)
+        self.actor.ready(RuntimeReady(blocks=(self.plan.start_block, self.plan.end_block), dtype=self.plan.torch_dtype))
         last_gc = time.monotonic()
         while not self.actor.stopping.is_set():
             self.receive(timeout_ms=0 if (self.queue or self.steps) else 100)
@@ -175,7 +141,7 @@ class Runtime:
 
     def handle_control(self) -> None:
         """A move without downtime: load the new blocks beside the old ones, serve both while the
-        old sessions finish, then drop what is no longer served (PROTOCOL 5.1, node/placement.py)."""
+        old sessions finish, then drop what is no longer served (PROTOCOL 5.1, node/supervisor/placement.py)."""
         if self.loading is not None and self.loading.done.is_set():
             loader, self.loading = self.loading, None
             if loader.error is not None:
@@ -277,7 +243,7 @@ class Runtime:
             prompts = None
             if step.prompts is not None and step.done < step.prompts.shape[2]:
                 prompts = step.prompts[:, :, step.done : step.done + take]
-            works.append(compute.Work(step.first, len(step.cache.kv), chunk, step.cache.kv, step.position + step.done, prompts, step))
+            works.append(compute.Work(step.first, len(step.cache.kv), chunk, step.cache.kv, step.position + step.done, prompts, step=step))
         if self.actor.probe.active:  # for `node.probe --follow`: when each step's compute began
             self.actor.probe.publish("run", "Round", fields={"steps": [[s.task.sender.decode(errors="replace"), s.task.msg.req] for s in self.steps]})
         try:
@@ -314,19 +280,15 @@ class Runtime:
 
     def admit(self, task: Task) -> Step:
         msg: InferStep = task.msg
-        first, n_blocks = self.chain(msg.start, msg.end)
+        first, n_blocks = self.block_range(msg.start, msg.end)
         hidden, prompts, hypo_ids = from_frames(msg.tensors, task.frames, ("hidden_states", "prompts", "hypo_ids"))
         cache = self.caches.get(
             msg.handle, msg.batch, msg.max_length, msg.start, msg.end, msg.position, self.blocks[first : first + n_blocks]
         )
-        hidden = inputs.hidden_states(hidden, "hidden_states", self.target, cache.batch)
-        length = hidden.shape[1]
-        if msg.position > cache.length:
-            raise RequestError(f"start_from_position {msg.position} is past the {cache.length} tokens this session holds")
-        if msg.position + length > cache.max_length:
-            raise RequestError(f"Maximum length exceeded: prefix {msg.position} + current {length} > max_length {cache.max_length}")
-        prompts = inputs.prompts(prompts, n_blocks, cache.batch, length, self.target)
-        hypo_ids = inputs.hypo_ids(hypo_ids, cache.batch, self.target)
+        checks.position(msg.position, cache.length)
+        hidden = checks.finite(hidden, "hidden_states", self.target)
+        prompts = checks.prompts(prompts, self.target)
+        hypo_ids = checks.hypo_ids(hypo_ids, cache.batch, self.target)
         if hypo_ids is not None and self.group is None:
             compute.reorder_cache(cache.kv, hypo_ids)
             hypo_ids = None
@@ -351,7 +313,7 @@ class Runtime:
             outputs = self.guard(tasks[0], self.backward)
             if outputs is not None:
                 self.succeed(tasks[0], outputs)
-            self.stats["busy_seconds"] += time.perf_counter() - began
+            self.counts.busy_seconds += time.perf_counter() - began
             return
         prepared = [(task, self.guard(task, self.prepare_forward)) for task in tasks]
         prepared = [(task, work) for task, work in prepared if work is not None]
@@ -371,21 +333,18 @@ class Runtime:
 
     def prepare_forward(self, task: Task) -> compute.Work:
         msg: Forward = task.msg
-        first, n_blocks = self.chain(msg.start, msg.end)
+        first, n_blocks = self.block_range(msg.start, msg.end)
         hidden, prompts = from_frames(msg.tensors, task.frames, ("hidden_states", "prompts"))
-        hidden = inputs.hidden_states(hidden, "hidden_states", self.target)
-        prompts = inputs.prompts(prompts, n_blocks, hidden.shape[0], hidden.shape[1], self.target)
-        return compute.Work(first, n_blocks, hidden, prompts=prompts)
+        hidden = checks.finite(hidden, "hidden_states", self.target)
+        return compute.Work(first, n_blocks, hidden, prompts=checks.prompts(prompts, self.target))
 
     def backward(self, task: Task) -> list[torch.Tensor]:
         msg: Backward = task.msg
-        first, n_blocks = self.chain(msg.start, msg.end)
+        first, n_blocks = self.block_range(msg.start, msg.end)
         tensors = from_frames(msg.tensors, task.frames, ("inputs", "grad_outputs", "prompts"))
-        x = inputs.hidden_states(tensors[0], "inputs", self.target)
-        grad_outputs = inputs.hidden_states(tensors[1], "grad_outputs", self.target)
-        if grad_outputs.shape != x.shape:
-            raise RequestError(f"grad_outputs has shape {list(grad_outputs.shape)}, expected {list(x.shape)} like inputs")
-        prompts = inputs.prompts(tensors[2], n_blocks, x.shape[0], x.shape[1], self.target)
+        x = checks.finite(tensors[0], "inputs", self.target)
+        grad_outputs = checks.finite(tensors[1], "grad_outputs", self.target)
+        prompts = checks.prompts(tensors[2], self.target)
         if self.group is not None:
             shared = [x, grad_outputs, prompts if prompts is not None else torch.empty(0)]
             metas, frames = to_frames(shared)
@@ -400,7 +359,7 @@ class Runtime:
             return None
         return [grad_inputs] if grad_prompts is None else [grad_inputs, grad_prompts]
 
-    def chain(self, start: int, end: int) -> tuple[int, int]:
+    def block_range(self, start: int, end: int) -> tuple[int, int]:
         """The request's blocks as (index of the first in self.blocks, count)."""
         if not (0 <= start < end <= len(self.blocks)) or any(b is None for b in self.blocks[start:end]):
             raise RequestError(f"blocks {start}:{end} are not served here (this node serves {self.plan.start_block}:{self.plan.end_block})")
@@ -412,7 +371,7 @@ class Runtime:
         """Tell the other ranks to run these works (caches by handle, made on first sight)."""
         shard_works, tensors = [], []
         for work in works:
-            step: Optional[Step] = work.tag
+            step: Optional[Step] = work.step
             tensors.append(work.hidden)
             if work.prompts is not None:
                 tensors.append(work.prompts)
@@ -456,12 +415,12 @@ class Runtime:
         return None
 
     def succeed(self, task: Task, outputs: list[torch.Tensor]) -> None:
-        self.stats["done"] += 1
+        self.counts.done += 1
         metas, frames = to_frames(outputs)
         self.reply(task.sender, Result(task.msg.req, metas), frames)
 
     def fail(self, task: Task, error: str) -> None:
-        self.stats["failed"] += 1
+        self.counts.failed += 1
         self.reply(task.sender, Failure(task.msg.req, error))
 
     def reply(self, to: bytes, msg, frames=()) -> None:
@@ -471,54 +430,39 @@ class Runtime:
             self.log.info("reply undeliverable", error=str(e))
 
     def count_round(self, works: list, began: float) -> None:
-        self.stats["rounds"] += 1
-        self.stats["round_sessions"] = len(works)
-        self.round_sizes[str(len(works))] = self.round_sizes.get(str(len(works)), 0) + 1
-        self.stats["round_tokens"] = sum(w.hidden.shape[0] * w.hidden.shape[1] for w in works)
-        self.stats["busy_seconds"] += time.perf_counter() - began
+        counts = self.counts
+        counts.rounds += 1
+        counts.round_sessions = len(works)
+        counts.round_sizes[str(len(works))] = counts.round_sizes.get(str(len(works)), 0) + 1
+        counts.round_tokens = sum(w.hidden.shape[0] * w.hidden.shape[1] for w in works)
+        counts.busy_seconds += time.perf_counter() - began
 
     def update_stats(self) -> None:
-        outside = sum(1 for _, c in self.caches.items() if c.start < self.plan.start_block or c.end > self.plan.end_block)
-        self.actor.stats.update(
-            self.stats, queue=len(self.queue), in_progress=len(self.steps), sessions=len(self.caches), round_sizes=dict(self.round_sizes),
-            blocks_held=sum(b is not None for b in self.blocks), sessions_outside=outside,
-        )
         now = time.monotonic()
         if now - self.memory_checked > 1.0:  # the supervisor decides from it whether a move can load first
-            from node.capacity import device_memory
+            from node.runtime.capacity import device_memory
 
-            self.actor.stats["free_memory"] = device_memory(self.target.device)[1]
+            self.free_memory = device_memory(self.target.device)[1]
             self.memory_checked = now
-        self.actor.stats["busy_seconds"] = round(self.stats["busy_seconds"], 3)
+        outside = sum(1 for _, c in self.caches.items() if c.start < self.plan.start_block or c.end > self.plan.end_block)
+        self.actor.stats = msgspec.structs.replace(
+            self.counts,
+            busy_seconds=round(self.counts.busy_seconds, 3),
+            round_sizes=dict(self.counts.round_sizes),
+            queue=len(self.queue),
+            in_progress=len(self.steps),
+            sessions=len(self.caches),
+            blocks_held=sum(b is not None for b in self.blocks),
+            sessions_outside=outside,
+            free_memory=self.free_memory,
+        )
         self.actor.publish_stats()
-
-
-class BlockLoader:
-    """Loads blocks on a thread while the runtime serves (reading and converting weights mostly runs
-    outside the GIL); the runtime installs them between rounds."""
-
-    def __init__(self, plan: NodePlan, log, span: tuple[int, int], indices: list[int]):
-        self.span = span
-        self.blocks: dict = {}
-        self.error: Optional[str] = None
-        self.done = threading.Event()
-        threading.Thread(target=self._run, args=(plan, log, indices), name="loader", daemon=True).start()
-
-    def _run(self, plan, log, indices) -> None:
-        try:
-            began = time.perf_counter()
-            self.blocks = load_blocks(plan, log, indices)
-            log.info("new blocks loaded", blocks=list(self.span), loaded=indices, seconds=round(time.perf_counter() - began, 2))
-        except Exception as e:
-            self.error = f"{type(e).__name__}: {e}"
-        finally:
-            self.done.set()
 
 
 def report_capacity(actor: actor_lib.Actor) -> bool:
     """Tell the supervisor what the device holds and how fast a block runs on it (it chooses the
     number of blocks and the announced throughput from this) while the announcer joins the swarm."""
-    from node import capacity
+    from node.runtime import capacity
 
     plan = actor.plan
     try:
@@ -552,21 +496,6 @@ def report_capacity(actor: actor_lib.Actor) -> bool:
     return True
 
 
-def wait_for_load_order(actor: actor_lib.Actor) -> bool:
-    """Blocks load only once the swarm sees us JOINING (PROTOCOL 2.4); imports are done meanwhile.
-    The order names the blocks: the supervisor may have chosen them after this process started."""
-    while not actor.stopping.is_set():
-        try:
-            msg = actor.control_inbox.get(timeout=0.1)
-        except queue.Empty:
-            continue
-        if isinstance(msg, LoadBlocks):
-            if msg.start_block >= 0:
-                actor.plan.start_block, actor.plan.end_block = msg.start_block, msg.end_block
-            return True
-    return False
-
-
 def join_group(actor: actor_lib.Actor) -> Optional[Group]:
     """With --tensor_parallel_devices: meet the other ranks (they start loading as we do)."""
     if actor.plan.tp_world == 1:
@@ -574,21 +503,6 @@ def join_group(actor: actor_lib.Actor) -> Optional[Group]:
     group = Group(actor.plan, 0, actor.ctx, timeout=max(60.0, actor.plan.request_timeout))
     actor.log.info("tensor-parallel group formed", world=group.world, devices=actor.plan.tensor_parallel_devices)
     return group
-
-
-def load_or_fail(actor: actor_lib.Actor, group: Optional[Group], began: float) -> Optional[dict]:
-    """The plan's blocks (this rank's shards with a group), or None after telling the supervisor why not."""
-    try:
-        blocks = load_blocks(actor.plan, actor.log, group=group)
-    except Exception as e:
-        actor.log.exception("cannot load blocks")
-        actor.fatal(f"cannot load blocks {actor.plan.start_block}:{actor.plan.end_block} of {actor.plan.model}: {e}")
-        return None
-    if group is not None:
-        group.barrier()  # every shard is in memory: the node may go ONLINE
-    actor.log.info("blocks loaded", seconds=round(time.perf_counter() - began, 2), count=len(blocks),
-                   **({"rank": group.rank} if group is not None else {}))
-    return blocks
 
 
 def main(actor: actor_lib.Actor) -> None:

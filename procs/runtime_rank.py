@@ -13,20 +13,24 @@ Sends: nothing but the reductions inside its blocks (torch.distributed) and, lik
 
 from __future__ import annotations
 
+from node import startup
+
+startup.die_with_supervisor()
+startup.runtime_imports()  # before the imports below: see node/startup.py
+
 import time
 
+import msgspec
 import torch
 
-from node.deferred_import import defer
-
-defer("torch.distributed.tensor")  # before transformers imports it: see node/deferred_import.py
-from node import compute, logs, lora
-from node.session_caches import SessionCaches
-from node.tp_group import Group, rank_of
+from node import logs
+from node.runtime import compute, lora
+from node.runtime.kv_cache import SessionCaches
+from node.runtime.loading import load_or_fail, wait_for_load_order
+from node.runtime.tensor_parallel.group import Group, rank_of
 from procs import actor as actor_lib
-from procs.runtime import load_or_fail, wait_for_load_order
 from protocol.frames import DTYPES, from_frames
-from protocol.messages import GroupBackward, GroupDrop, GroupRun, GroupStop
+from protocol.messages import GroupBackward, GroupDrop, GroupRun, GroupStop, RankStats, RuntimeReady
 from protocol.transport import BadMessage
 
 
@@ -40,10 +44,11 @@ class RankRuntime:
             self.blocks[index] = block
         self.device = group.device
         self.caches = SessionCaches(DTYPES[self.plan.torch_dtype], self.device)
-        self.stats = dict(rounds=0, backwards=0, busy_seconds=0.0)
+        self.counts = RankStats()
 
     def serve(self) -> None:
-        self.actor.ready(blocks=[self.plan.start_block, self.plan.end_block], rank=self.group.rank, device=str(self.device))
+        self.actor.ready(RuntimeReady(blocks=(self.plan.start_block, self.plan.end_block), dtype=self.plan.torch_dtype,
+                                      rank=self.group.rank, device=str(self.device)))
         while not self.actor.stopping.is_set():
             if self.group.inbox.sock.poll(100):
                 try:
@@ -60,8 +65,8 @@ class RankRuntime:
                     self.backward(msg, envelope.frames)
                 elif isinstance(msg, GroupDrop):
                     self.caches.drop(msg.handles)
-                self.stats["busy_seconds"] += time.perf_counter() - began
-            self.actor.stats.update(self.stats, sessions=len(self.caches), busy_seconds=round(self.stats["busy_seconds"], 3))
+                self.counts.busy_seconds += time.perf_counter() - began
+            self.actor.stats = msgspec.structs.replace(self.counts, sessions=len(self.caches), busy_seconds=round(self.counts.busy_seconds, 3))
             self.actor.publish_stats()
 
     def run(self, msg: GroupRun, frames) -> None:
@@ -81,13 +86,13 @@ class RankRuntime:
             works.append(compute.Work(w.first, w.n_blocks, hidden, cache, w.past, prompts))
         with lora.activate(msg.adapter):
             compute.run(self.blocks, works, self.plan.max_chunk_size_bytes)
-        self.stats["rounds"] += 1
+        self.counts.rounds += 1
 
     def backward(self, msg: GroupBackward, frames) -> None:
         x, grad_outputs, prompts = self.to_device(from_frames(msg.tensors, frames))
         with lora.activate(msg.adapter):
             compute.backward(self.blocks[msg.first : msg.first + msg.n_blocks], x, grad_outputs, prompts if prompts.numel() else None)
-        self.stats["backwards"] += 1
+        self.counts.backwards += 1
 
     def to_device(self, tensors: list) -> list:
         # frames are read-only views; the blocks and cache writes need tensors of their own

@@ -13,9 +13,11 @@ Sockets and who may send what on them:
 
 from __future__ import annotations
 
-from typing import Any, Union
+from typing import Any, Optional, Union
 
 import msgspec
+
+from protocol.dht_records import ServerInfo
 
 
 class TensorMeta(msgspec.Struct, array_like=True, frozen=True):
@@ -29,6 +31,104 @@ class Message(msgspec.Struct, tag_field="type", tag=True, omit_defaults=True):
     pass
 
 
+# --- what each actor tells the supervisor when it is ready ----------------------------------------
+
+
+class ReadyDetail(msgspec.Struct, tag_field="role", tag=True, kw_only=True):
+    pass
+
+
+class FrontendReady(ReadyDetail):
+    peer_id: str
+    stream_maddr: str  # where p2pd dials this frontend's stream handlers (removed if it dies)
+    stream_handlers: list[str]
+
+
+class AnnouncerReady(ReadyDetail):
+    peer_id: str
+    using_relay: bool  # only relays reach the node (PROTOCOL 5.10)
+
+
+class AllocatorReady(ReadyDetail):
+    capacity_bytes: int
+    tokens: int
+
+
+class RuntimeReady(ReadyDetail):
+    blocks: tuple[int, int]
+    dtype: str
+    rank: int = 0
+    device: str = ""
+
+
+# --- what each actor counts, sent in every heartbeat (node/supervisor/metrics.py, node.probe --stats) --
+# Counters only grow within one process; the supervisor keeps what a replaced process had counted.
+
+
+class ActorStats(msgspec.Struct, tag_field="role", tag=True, kw_only=True):
+    pass
+
+
+class LatencyHistogram(msgspec.Struct):
+    """Counts per bucket of LATENCY_BUCKETS (the last one: above them all), their sum and count."""
+
+    buckets: list[int]
+    sum: float = 0.0
+    count: int = 0
+
+
+LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)  # seconds
+
+
+class FrontendStats(ActorStats):
+    in_flight: int = 0  # requests being handled
+    sessions: int = 0  # inference sessions open
+    calls: dict[str, int] = {}  # per RPC
+    errors: dict[str, int] = {}  # per RPC
+    latency: dict[str, LatencyHistogram] = {}  # per RPC, and "inference_step"
+
+
+class RuntimeStats(ActorStats):
+    """runtime.0, which runs every round of the node."""
+
+    done: int = 0  # tasks answered with a result
+    failed: int = 0  # tasks answered with a failure
+    rounds: int = 0
+    round_sessions: int = 0  # requests in the last round
+    round_tokens: int = 0  # tokens in the last round
+    busy_seconds: float = 0.0
+    round_sizes: dict[str, int] = {}  # rounds by how many requests ran together
+    queue: int = 0  # tasks waiting
+    in_progress: int = 0  # inference steps under way (chunked prefills)
+    sessions: int = 0  # attention caches held
+    blocks_held: int = 0
+    sessions_outside: int = 0  # sessions on blocks outside the announced range (during a move)
+    free_memory: Optional[int] = None  # bytes free on the device
+
+
+class RankStats(ActorStats):
+    """runtime.K > 0 of a tensor-parallel group."""
+
+    rounds: int = 0
+    backwards: int = 0
+    busy_seconds: float = 0.0
+    sessions: int = 0
+
+
+class AllocatorStats(ActorStats):
+    used_bytes: int = 0
+    capacity_bytes: int = 0
+    tokens_used: int = 0  # in Petals' cache_tokens_left unit
+    tokens_left: int = 0
+    sessions: int = 0
+    waiting: int = 0
+
+
+class AnnouncerStats(ActorStats):
+    state: int = -1  # the ServerState announced last; -1 before the first
+    stored: int = 0  # announcements stored
+
+
 # --- control plane: actor -> supervisor -------------------------------------------------------
 
 
@@ -37,13 +137,13 @@ class Ready(Message):
 
     name: str
     pid: int
-    detail: dict[str, Any] = {}
+    detail: Union[FrontendReady, AnnouncerReady, AllocatorReady, RuntimeReady]
 
 
 class Heartbeat(Message):
     name: str
-    stats: dict[str, Any] = {}
-    pid: int = 0  # which process of the actor counted `stats` (node/metrics.py keeps counters across restarts)
+    stats: Union[FrontendStats, RuntimeStats, RankStats, AllocatorStats, AnnouncerStats, None] = None
+    pid: int = 0  # which process of the actor counted `stats` (node/supervisor/metrics.py keeps counters across restarts)
 
 
 class Fatal(Message):
@@ -69,12 +169,11 @@ class Measured(Message):
     device_memory: int  # bytes: the device's total (a CPU's: the host's RAM)
     available_memory: int  # bytes free now
     block_params: int
-    block_bytes: int
     quant_type: str = "none"  # what the runtime serves: the plan's, or none if the device cannot run it
     adapter_bytes: int = 0  # LoRA weights the adapters add to a block (PROTOCOL 5.3)
-    inference_rps: Any = None
-    forward_rps: Any = None
-    network_rps: Any = None
+    inference_rps: Optional[float] = None
+    forward_rps: Optional[float] = None
+    network_rps: Optional[float] = None
     num_devices: int = 1  # tensor parallelism: device_memory is then the smallest device's times this
 
 
@@ -89,10 +188,10 @@ class BlocksLoaded(Message):
 
 class SwarmView(Message):
     """Announcer -> supervisor: every valid server record of the model's blocks, read as clients read
-    them (latest=True). blocks[index][peer id] = the record's tuple; `error` when the DHT failed."""
+    them (latest=True). blocks[index][peer id] = its record; `error` when the DHT failed."""
 
     req: int
-    blocks: dict[int, dict[str, Any]] = {}
+    blocks: dict[int, dict[str, ServerInfo]] = {}
     error: str = ""
 
 
@@ -125,11 +224,11 @@ class Announce(Message):
     start_block: int
     end_block: int
     throughput: float = 0.0
-    inference_rps: Any = None
-    forward_rps: Any = None
-    network_rps: Any = None
+    inference_rps: Optional[float] = None
+    forward_rps: Optional[float] = None
+    network_rps: Optional[float] = None
     quant_type: str = ""  # as served (the runtime may have fallen back); empty: the plan's
-    retire: Any = None  # [start, end] or None
+    retire: Optional[tuple[int, int]] = None
 
 
 class LoadBlocks(Message):

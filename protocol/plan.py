@@ -24,7 +24,7 @@ class NodePlan(msgspec.Struct, kw_only=True):
     revision: Optional[str] = None
     token: Optional[str] = None
     cache_dir: Optional[str] = None
-    max_disk_space: Optional[int] = None  # bytes the weight cache may hold (node/weight_cache.py)
+    max_disk_space: Optional[int] = None  # bytes the weight cache may hold (node/weights/store.py)
     download_attempts: int = 5
     family: str
     dht_prefix: str
@@ -45,7 +45,7 @@ class NodePlan(msgspec.Struct, kw_only=True):
     # --tensor_parallel_devices: runtime.K serves its shard of the blocks on the K-th; [] without
     tensor_parallel_devices: list[str] = []
     quant_type: str = "none"
-    adapters: list[str] = []  # LoRA adapters, by the names given on the command line (node/lora.py)
+    adapters: list[str] = []  # LoRA adapters, by the names given on the command line (node/runtime/lora.py)
 
     # limits and timeouts (PROTOCOL 5.6-5.9)
     max_batch_size: int

@@ -1,7 +1,10 @@
 """Petals RPC requests, checked: which blocks, which tensors, which options (PROTOCOL 3.1-3.7).
 
-Pure functions from protobufs to plain values. Every problem raises ValueError (or KeyError for an
-unknown adapter, like Petals) with a message that tells the client what was wrong.
+Pure functions from protobufs to plain values, used by the frontends: every check that needs only the
+request's shapes, dtypes, lengths and numbers is made here, once, before anything reaches the runtime
+(which checks only what needs tensor values or the cache: node/runtime/checks.py). Every problem
+raises ValueError (or KeyError for an unknown adapter, like Petals) with a message that tells the
+client what was wrong.
 """
 
 from __future__ import annotations
@@ -87,16 +90,54 @@ def output_compression(metadata: dict, n_outputs: int, default: int) -> list[int
     return list(value)
 
 
+def floating(tensor: RawTensor, name: str) -> None:
+    if not tensor.dtype.startswith(("float", "bfloat")):
+        raise ValueError(f"{name} must be a floating point tensor, got {tensor.dtype}")
+
+
 def hidden_shape(tensor: RawTensor, name: str, hidden_size: int, max_tokens: int) -> tuple[int, int]:
     """Check a [batch, length, hidden] tensor; return (batch, length)."""
     if len(tensor.shape) != 3 or tensor.shape[2] != hidden_size:
         raise ValueError(f"{name} must have shape [batch, length, {hidden_size}], got {list(tensor.shape)}")
-    if not tensor.dtype.startswith(("float", "bfloat")):
-        raise ValueError(f"{name} must be a floating point tensor, got {tensor.dtype}")
+    floating(tensor, name)
     batch, length = tensor.shape[0], tensor.shape[1]
     if batch * length > max_tokens:
         raise ValueError(f"Task size greater than max_batch_size ({batch * length} > {max_tokens}): {name} is {list(tensor.shape)}")
     return batch, length
+
+
+def grad_outputs(tensor: RawTensor, inputs: RawTensor) -> None:
+    if tuple(tensor.shape) != tuple(inputs.shape):
+        raise ValueError(f"grad_outputs has shape {list(tensor.shape)}, expected {list(inputs.shape)} like inputs")
+    floating(tensor, "grad_outputs")
+
+
+def prompts(tensor: Optional[RawTensor], n_blocks: int, batch: int, length: int, hidden_size: int) -> None:
+    """Deep prompts: [n_blocks, 1 or batch, prefix, hidden] covering at most the input's positions, or
+    the empty placeholder."""
+    if optional_tensor(tensor) is None:
+        return
+    shape = tuple(tensor.shape)
+    if len(shape) != 4 or shape[0] != n_blocks or shape[1] not in (1, batch) or shape[3] != hidden_size:
+        raise ValueError(f"prompts must have shape [{n_blocks}, 1 or {batch}, prefix, {hidden_size}], got {list(shape)}")
+    if shape[2] > length:
+        raise ValueError(f"prompts cover {shape[2]} positions but the input has only {length}")
+    floating(tensor, "prompts")
+
+
+def hypo_ids(tensor: Optional[RawTensor], batch: int) -> None:
+    """Beam search's reordering: [batch] int64, or the empty placeholder (the runtime checks the range)."""
+    if optional_tensor(tensor) is None:
+        return
+    if tensor.dtype != "int64":
+        raise ValueError(f"hypo_ids must be int64, got {tensor.dtype}")
+    if tuple(tensor.shape) != (batch,):
+        raise ValueError(f"hypo_ids must have shape [{batch}], got {list(tensor.shape)}")
+
+
+def max_length(position: int, length: int, limit: int) -> None:
+    if position + length > limit:
+        raise ValueError(f"Maximum length exceeded: prefix {position} + current {length} > max_length {limit}")
 
 
 @dataclass

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from node.launcher import NodeProcess  # noqa: F401  (tests start their own nodes with it)
+from node.tools.launcher import NodeProcess  # noqa: F401  (tests start their own nodes with it)
 
 ROOT = Path(__file__).resolve().parent.parent
 # A copy of ../shared (the micro models and the recorded Petals traffic) lives in tests/data so that a
@@ -41,7 +41,7 @@ def pytest_collection_modifyitems(config, items):
 
 @pytest.fixture(scope="session")
 def tiny_llama(tmp_path_factory) -> Path:
-    from node.tinymodel import make_tiny_llama
+    from node.tools.tinymodel import make_tiny_llama
 
     path = tmp_path_factory.mktemp("models") / "tiny-llama"
     make_tiny_llama(str(path), hidden_size=64, num_layers=4, num_heads=4, num_kv_heads=2, vocab_size=128, seed=0)
@@ -59,7 +59,7 @@ def micro_node(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def micro_client(micro_node):
-    from node.client import Client
+    from node.client.swarm import Client
 
     client = Client(micro_node.maddrs, "micro-llama")
     yield client

@@ -13,11 +13,11 @@ import pytest
 import safetensors.torch
 import torch
 
-from node import lora
-from node.checkpoint import Checkpoint
-from node.client import Client
-from node.launcher import NodeProcess
-from node.models import get_family
+from node.runtime import lora
+from node.weights.checkpoint import Checkpoint
+from node.client.swarm import Client
+from node.tools.launcher import NodeProcess
+from node.runtime.models import get_family
 from tests.conftest import MICRO_LLAMA, SHARED, hf_blocks, on_two_gloo_ranks, rel_err
 
 peft = pytest.importorskip("peft")
@@ -244,11 +244,11 @@ def test_adapter_from_a_hub(tmp_path, micro_hf):
     hub = Hub()
     try:
         hub.add("org/lora", tmp_path / "adapter")
-        adapter = lora.load_adapter("org/lora", weight_cache=cache(tmp_path, hub))
+        adapter = lora.load_adapter("org/lora", weight_store=cache(tmp_path, hub))
         assert adapter.path.startswith(str(tmp_path / "cache"))
         blocks = Blocks("micro-llama").load([adapter], [0, 1])
         with pytest.raises(lora.AdapterError, match="org/nothing"):
-            lora.load_adapter("org/nothing", weight_cache=cache(tmp_path, hub))
+            lora.load_adapter("org/nothing", weight_store=cache(tmp_path, hub))
     finally:
         hub.close()
     hidden = torch.randn(1, 3, 64)
@@ -317,7 +317,7 @@ def test_one_round_of_mixed_adapters_equals_each_alone(adapters):
     of none, interleaved: each output equals that session computed alone."""
     from types import SimpleNamespace
 
-    from node import compute
+    from node.runtime import compute
     from procs.runtime import Runtime
 
     loaded = [lora.load_adapter(name) for name in adapters]
@@ -339,7 +339,7 @@ def _tp_errors(rank: int, world: int, adapter_dirs: dict) -> dict:
     """On each of two gloo ranks: every family's blocks sharded, then its adapter attached (the runtime's
     order), forward and input gradients with the adapter active; rank 0's errors against the whole
     blocks with the same adapter."""
-    from node import compute
+    from node.runtime import compute
 
     out = {}
     for model, path in adapter_dirs.items():

@@ -21,7 +21,7 @@ from hivemind.p2p import PeerID
 from hivemind.p2p.p2p_daemon_bindings.utils import P2PHandlerError
 from hivemind.proto import runtime_pb2
 
-from node.client import ARGS_2, ARGS_3, PREFIX, _aiter, _stream_parts
+from node.client.swarm import ARGS_2, ARGS_3, PREFIX, _aiter, _stream_parts
 from protocol import streams, wire
 
 pytestmark = pytest.mark.timeout(120)  # a backstop: every call below has its own timeout

@@ -9,9 +9,9 @@ import sys
 
 import torch
 
-from node import compute
-from node.checkpoint import Checkpoint
-from node.models import get_family
+from node.runtime import compute
+from node.weights.checkpoint import Checkpoint
+from node.runtime.models import get_family
 from tests.conftest import MICRO_LLAMA, ROOT, hf_blocks, rel_err
 
 TOL = 1e-5

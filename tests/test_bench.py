@@ -13,7 +13,7 @@ import signal
 import subprocess
 import sys
 
-from node.launcher import ROOT
+from node.tools.launcher import ROOT
 
 
 def test_bench_smoke(tmp_path):

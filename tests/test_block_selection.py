@@ -6,7 +6,7 @@ import random
 
 import pytest
 
-from node.block_selection import best_start, block_throughputs, choose_best_blocks, should_choose_other_blocks
+from node.supervisor.block_selection import best_start, block_throughputs, choose_best_blocks, should_choose_other_blocks
 from protocol.dht_records import ServerInfo, ServerState, compute_spans
 
 

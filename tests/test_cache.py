@@ -15,8 +15,8 @@ import pytest
 import torch
 from hivemind.p2p import P2PHandlerError
 
-from node.client import Client
-from node.launcher import NodeProcess
+from node.client.swarm import Client
+from node.tools.launcher import NodeProcess
 from tests.conftest import MICRO_LLAMA, ROOT
 
 # --attn_cache_tokens 64 on micro-llama: 65536 bytes in all; a session costs 1024 bytes per token of
@@ -117,7 +117,7 @@ def test_a_vanished_client_does_not_hold_memory(client, node):
     script = textwrap.dedent(
         f"""
         import sys, time, torch
-        from node.client import Client
+        from node.client.swarm import Client
         client = Client({node.maddrs!r}, "micro-llama")
         session = client.session(max_length=40, start=0, end=4).__enter__()
         session.step(torch.randn(1, 2, 64))

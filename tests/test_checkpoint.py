@@ -11,8 +11,8 @@ import safetensors.torch
 import torch
 from huggingface_hub.errors import EntryNotFoundError
 
-from node.checkpoint import Checkpoint
-from node.tinymodel import make_tiny_llama
+from node.weights.checkpoint import Checkpoint
+from node.tools.tinymodel import make_tiny_llama
 
 SIZE = dict(hidden_size=64, num_layers=4, num_heads=4, num_kv_heads=2, vocab_size=128, seed=7)
 

@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from node.config import PUBLIC_INITIAL_PEERS, parse_config, parse_size
+from node.supervisor.config import PUBLIC_INITIAL_PEERS, parse_config, parse_size
 from tests.conftest import MICRO_LLAMA, ROOT
 
 

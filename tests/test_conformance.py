@@ -292,8 +292,8 @@ FAMILY_SCENARIOS = ["01_rpc_info", "02_forward_full", "08_inference_greedy_3step
 @pytest.fixture(scope="module")
 def family_node(request, tmp_path_factory):
     """(family, node, client): a node serving all 4 blocks of micro-<family> under dht prefix micro-<family>."""
-    from node.client import Client
-    from node.launcher import NodeProcess
+    from node.client.swarm import Client
+    from node.tools.launcher import NodeProcess
 
     family = request.param
     node = NodeProcess(SHARED / "models" / f"micro-{family}", tmp_path_factory.mktemp("nodes") / family,
@@ -321,7 +321,7 @@ def _reference(family: str, scenario: str) -> dict:
 
 def _expected_response(*tensors) -> object:
     """The ExpertResponse Petals sends for these outputs (raw float32, no compression, no metadata)."""
-    from node.client import _encode
+    from node.client.swarm import _encode
 
     return _proto("ExpertResponse")(tensors=[_encode(t) for t in tensors])
 
@@ -338,7 +338,7 @@ async def _falcon_forward(p2p, peer, scenario: str, call: dict) -> None:
 async def _falcon_inference(p2p, peer, scenario: str, call: dict, steps: int) -> None:
     """The recorded prefill, then (never recorded: Petals failed on the prefill) the single-token steps of the
     same greedy generation, then the close message; each output against transformers'."""
-    from node.client import ARGS_3, _encode, _empty
+    from node.client.swarm import ARGS_3, _encode, _empty
     from protocol import wire
 
     folder = VECTORS / "falcon" / scenario / call["folder"]
@@ -415,7 +415,7 @@ def test_family_generation_matches_transformers(family_node):
     recorded scenario's tokens (made with transformers 4.43)."""
     from transformers import AutoModelForCausalLM
 
-    from node.generate import LocalHead, greedy_generate
+    from node.client.generate import LocalHead, greedy_generate
 
     family, node, client = family_node
     path = str(SHARED / "models" / f"micro-{family}")

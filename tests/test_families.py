@@ -14,13 +14,13 @@ import safetensors.torch
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM
 
-from node import compute
-from node.checkpoint import Checkpoint
-from node.generate import LocalHead
-from node.models import get_family
-from node.models.bloom import BloomBlock
-from node.models.falcon import FalconBlock
-from node.models.mixtral import MixtralBlock
+from node.runtime import compute
+from node.weights.checkpoint import Checkpoint
+from node.client.generate import LocalHead
+from node.runtime.models import get_family
+from node.runtime.models.bloom import BloomBlock
+from node.runtime.models.falcon import FalconBlock
+from node.runtime.models.mixtral import MixtralBlock
 from tests.conftest import SHARED, hf_blocks, hf_layers
 
 TOL = 1e-5
@@ -190,7 +190,7 @@ def test_rollback_and_hypo_ids(model):
 
 
 def test_sessions_with_deep_prompts_through_compute_run(model):
-    """As the runtime runs them (node.compute.run): two sessions stepped together in one pass, one with deep
+    """As the runtime runs them (node.runtime.compute.run): two sessions stepped together in one pass, one with deep
     prompts on its prefill (PROTOCOL 4.4), at different positions; each equals transformers on its own."""
     h, n = model.config.hidden_size, model.n
     a, b = hidden_states(2, 12, h, seed=9), hidden_states(1, 9, h, seed=10)

@@ -34,8 +34,8 @@ import psutil
 import pytest
 import torch
 
-from node.client import Client, RemoteSpan
-from node.launcher import NodeProcess
+from node.client.swarm import Client, RemoteSpan
+from node.tools.launcher import NodeProcess
 from protocol.dht_records import ServerState, from_tuple
 from tests.conftest import MICRO_LLAMA, hf_blocks, rel_err
 

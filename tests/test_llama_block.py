@@ -6,10 +6,10 @@ import pytest
 import torch
 from transformers import LlamaForCausalLM
 
-from node.checkpoint import Checkpoint
-from node.models import get_family
-from node.models.llama import LlamaBlock, Rotary
-from node.tinymodel import make_tiny_llama
+from node.weights.checkpoint import Checkpoint
+from node.runtime.models import get_family
+from node.runtime.models.llama import LlamaBlock, Rotary
+from node.tools.tinymodel import make_tiny_llama
 
 from tests.conftest import MICRO_LLAMA
 

@@ -98,7 +98,7 @@ def test_inference_hypo_ids_reorder_cache(micro_client, micro_hf):
 
 
 def test_greedy_generation_equals_transformers(micro_client, micro_hf):
-    from node.generate import LocalHead, greedy_generate
+    from node.client.generate import LocalHead, greedy_generate
 
     head = LocalHead(str(MICRO_LLAMA))
     ids = torch.tensor([[1, 17, 42, 99, 3]])

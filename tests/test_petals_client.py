@@ -18,7 +18,7 @@ import time
 import pytest
 
 from node.bench_petals import stop_group
-from node.launcher import NodeProcess
+from node.tools.launcher import NodeProcess
 from tests.conftest import MICRO_LLAMA
 
 PETALS_PYTHON = os.environ.get("PETALS_PYTHON")
@@ -110,7 +110,7 @@ def test_node_and_petals_server_choose_blocks_by_the_same_rule(tmp_path):
     """A Petals server holds 0:2; a node with --num_blocks 2 takes 2:4 (the Petals rule over the
     swarm it reads, Petals records included); a second Petals server then sees the swarm evenly
     covered and takes the first window, 0:2, as the rule says; a Petals client generates through it."""
-    from node.client import Client
+    from node.client.swarm import Client
 
     with NodeProcess(MICRO_LLAMA, tmp_path / "seed", "--block_indices", "0:4") as seed:
         first = start_petals_server(tmp_path / "petals1.log", seed.maddrs, "--block_indices", "0:2")

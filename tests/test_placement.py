@@ -13,9 +13,9 @@ import time
 import pytest
 import torch
 
-from node.client import Client
-from node.generate import LocalHead, greedy_generate
-from node.launcher import NodeProcess
+from node.client.swarm import Client
+from node.client.generate import LocalHead, greedy_generate
+from node.tools.launcher import NodeProcess
 
 PREFIX = "six"
 FAST = (
@@ -30,7 +30,7 @@ HALF = ("--num_blocks", "3", *FAST)
 
 @pytest.fixture(scope="module")
 def six_blocks(tmp_path_factory):
-    from node.tinymodel import make_tiny_llama
+    from node.tools.tinymodel import make_tiny_llama
 
     path = tmp_path_factory.mktemp("models") / "six-blocks"
     make_tiny_llama(str(path), hidden_size=64, num_layers=6, num_heads=4, num_kv_heads=2, vocab_size=128, seed=3)
@@ -194,7 +194,7 @@ def test_throughput_dry_run_measures_and_exits(tmp_path, six_blocks):
     import subprocess
     import sys
 
-    from node.launcher import ROOT
+    from node.tools.launcher import ROOT
 
     out = subprocess.run(
         [sys.executable, "-m", "node.supervisor", "--model", str(six_blocks), "--dht_prefix", PREFIX, "--new_swarm",

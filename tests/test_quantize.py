@@ -22,14 +22,14 @@ import torch
 from torch import nn
 from transformers import LlamaConfig
 
-from node.capacity import block_params, random_block
-from node.checkpoint import Checkpoint
-from node.client import Client
-from node.generate import LocalHead, greedy_generate
-from node.launcher import NodeProcess
-from node.models import get_family
-from node.quantize import QuantizationUnavailable, block_memory, check_quantization, quantize_block
-from node.resources import block_size_bytes
+from node.runtime.capacity import block_params, random_block
+from node.weights.checkpoint import Checkpoint
+from node.client.swarm import Client
+from node.client.generate import LocalHead, greedy_generate
+from node.tools.launcher import NodeProcess
+from node.runtime.models import get_family
+from node.runtime.quantize import QuantizationUnavailable, block_memory, check_quantization, quantize_block
+from node.supervisor.resources import block_size_bytes
 from tests.conftest import MICRO_LLAMA, hf_blocks, rel_err
 
 BOUND = {"int8": 0.05, "nf4": 0.25}

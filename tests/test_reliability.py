@@ -37,8 +37,8 @@ import pytest
 import torch
 from hivemind.proto import runtime_pb2
 
-from node.client import Client
-from node.launcher import NodeProcess
+from node.client.swarm import Client
+from node.tools.launcher import NodeProcess
 from protocol import wire
 from tests.conftest import MICRO_LLAMA, ROOT
 from tests.test_bad_input import STREAMS, UNARY, Caller, request

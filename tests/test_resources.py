@@ -6,8 +6,8 @@ import math
 
 import pytest
 
-from node import resources
-from node.next_pings import NextPings, peers_to_ping
+from node.supervisor import resources
+from node.announcer.next_pings import NextPings, peers_to_ping
 from protocol.dht_records import ServerInfo, ServerState
 
 GiB = 1024**3
@@ -90,21 +90,21 @@ def test_next_pings_are_smoothed_and_expire():
 def test_the_supervisor_imports_neither_torch_nor_transformers():
     """torch costs the supervisor ~140 MiB and seconds of start-up, transformers 37 MiB for one read of
     the model's config: only the runtime needs torch, and the model is resolved in a child process
-    (`python -m node.resolve`) that imports transformers without torch."""
+    (`python -m node.supervisor.resolve`) that imports transformers without torch."""
     import subprocess
     import sys
 
     from tests.conftest import ROOT
 
     supervisor = (
-        "import sys; from node.hivemind_light import install; install(); "
-        "import node.supervisor, node.placement, node.metrics, node.sd_notify, node.resolve, node.throughput, node.daemon; "
+        "import sys; from node.startup import light_hivemind; light_hivemind(); "
+        "import node.supervisor, node.supervisor.placement, node.supervisor.metrics, node.supervisor.sd_notify, node.supervisor.resolve, node.runtime.throughput, node.supervisor.daemon; "
         "print(sorted(m for m in ('torch', 'transformers', 'numpy') if m in sys.modules))"
     )
     out = subprocess.run([sys.executable, "-c", supervisor], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert out.stdout.strip() == "[]", out.stdout + out.stderr
     resolver = (
-        "import sys; from node.resolve import import_transformers_without_torch; import_transformers_without_torch(); "
+        "import sys; from node.startup import transformers_without_torch; transformers_without_torch(); "
         "print('torch' in sys.modules)"
     )
     out = subprocess.run([sys.executable, "-c", resolver], cwd=ROOT, capture_output=True, text=True, timeout=120)
@@ -114,8 +114,8 @@ def test_the_supervisor_imports_neither_torch_nor_transformers():
 def test_resolving_in_a_child_process(tmp_path):
     import asyncio
 
-    from node.config import parse_config
-    from node.resolve import ResolveError, resolve_in_child
+    from node.supervisor.config import parse_config
+    from node.supervisor.resolve import ResolveError, resolve_in_child
     from tests.conftest import MICRO_LLAMA
 
     config = parse_config(["--model", str(MICRO_LLAMA), "--dht_prefix", "micro-llama", "--block_indices", "1:3"])

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from types import SimpleNamespace
 
-from node.scheduler import Scheduler, tokens
+from node.runtime.scheduler import Scheduler, tokens
 from protocol.messages import TensorMeta
 
 

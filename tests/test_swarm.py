@@ -12,8 +12,8 @@ import torch
 from hivemind.p2p import PeerID
 from hivemind.proto import runtime_pb2
 
-from node.client import ARGS_3, Client, _decode, _request
-from node.launcher import NodeProcess
+from node.client.swarm import ARGS_3, Client, _decode, _request
+from node.tools.launcher import NodeProcess
 from tests.conftest import MICRO_LLAMA, hf_blocks, rel_err
 
 TOL = 1e-5
@@ -161,7 +161,7 @@ def test_bfloat16_node_matches_transformers_in_bfloat16(tmp_path, micro_hf):
 def test_sharded_checkpoint_is_served(tmp_path):
     from transformers import AutoModelForCausalLM
 
-    from node.tinymodel import make_tiny_llama
+    from node.tools.tinymodel import make_tiny_llama
 
     path = tmp_path / "sharded"
     make_tiny_llama(str(path), hidden_size=64, num_layers=4, num_heads=4, num_kv_heads=2, vocab_size=128, shards=3)

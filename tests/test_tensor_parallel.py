@@ -1,5 +1,5 @@
 """Tensor parallelism, block by block: two gloo ranks on the CPU, each holding its shard of every block
-(node/shard.py), compute what the whole block computes, for every family and layout the node serves:
+(node/runtime/tensor_parallel/shard.py), compute what the whole block computes, for every family and layout the node serves:
 forward, batched inference with caches (rollback and hypo_ids included) and backward with deep prompts."""
 
 from __future__ import annotations
@@ -9,8 +9,8 @@ import copy
 import pytest
 import torch
 
-from node import compute
-from node.tp_split import check_split, head_split, kv_heads_per_rank
+from node.runtime import compute
+from node.runtime.tensor_parallel.split import check_split, head_split, kv_heads_per_rank
 from tests.conftest import on_two_gloo_ranks
 from tests.test_families import VARIANTS, Model, hidden_states, make_model
 
@@ -70,7 +70,7 @@ def quantized_errors(model: Model, rank: int, world: int) -> dict[str, float]:
     """Shard first, then quantize (procs/runtime.load_blocks' order): every Linear of the shard, inside its
     Split/Reduce wrapper, becomes a bitsandbytes layer. The errors of the block's update, relative to the
     whole unquantized block's: the quantized shards' and the whole quantized block's."""
-    from node.quantize import quantize_block
+    from node.runtime.quantize import quantize_block
     from tests.test_quantize import plain_linears
 
     whole = model.blocks
@@ -143,7 +143,7 @@ def test_kv_heads_split_by_whole_groups():
 def test_check_split_names_what_does_not_divide():
     from transformers import AutoConfig
 
-    from node.models import get_family
+    from node.runtime.models import get_family
 
     config = AutoConfig.for_model("llama", hidden_size=64, num_attention_heads=8, num_key_value_heads=4, intermediate_size=90)
     geometry = get_family(config).geometry(config)

@@ -11,7 +11,7 @@ import time
 import pytest
 import torch
 
-from node.launcher import NodeProcess
+from node.tools.launcher import NodeProcess
 from tests.conftest import MICRO_LLAMA, hf_blocks, rel_err
 from tests.test_node import (  # noqa: F401  (collected again here, against the tensor-parallel node)
     test_backward_equals_transformers,
@@ -40,7 +40,7 @@ def micro_node(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def micro_client(micro_node):
-    from node.client import Client
+    from node.client.swarm import Client
 
     client = Client(micro_node.maddrs, "micro-llama")
     yield client
@@ -101,7 +101,7 @@ def test_killing_one_rank_restarts_the_group(micro_node, micro_client, micro_hf,
 def test_quantized_tensor_parallel_node(tmp_path, micro_hf):
     """--quant_type int8 with two ranks: each rank quantizes its shard; the node publishes int8 and serves
     outputs within test_quantize's bound of transformers', inference equal to its own forward."""
-    from node.client import Client
+    from node.client.swarm import Client
     from tests.test_quantize import BOUND
 
     with NodeProcess(MICRO_LLAMA, tmp_path / "q", "--tensor_parallel_devices", "cpu", "cpu", "--quant_type", "int8",

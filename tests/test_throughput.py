@@ -7,9 +7,10 @@ import multiprocessing
 
 import torch
 
-from node import throughput
-from node.checkpoint import Checkpoint
-from node.models import get_family
+from node.runtime import throughput
+from node.supervisor.placement import server_throughput
+from node.weights.checkpoint import Checkpoint
+from node.runtime.models import get_family
 from tests.conftest import MICRO_LLAMA
 
 
@@ -72,9 +73,9 @@ def test_the_cache_is_locked_while_measuring(tmp_path):
 
 def test_announced_throughput():
     info = {"forward_rps": 1000.0, "network_rps": 400.0}
-    assert throughput.server_throughput(info, num_blocks=3, using_relay=False) == 400.0  # the network caps it
-    assert throughput.server_throughput(info, num_blocks=9, using_relay=False) == 200.0  # 1000 / 5
-    assert throughput.server_throughput(info, num_blocks=1, using_relay=True) == 80.0  # relay penalty
+    assert server_throughput(info, num_blocks=3, using_relay=False) == 400.0  # the network caps it
+    assert server_throughput(info, num_blocks=9, using_relay=False) == 200.0  # 1000 / 5
+    assert server_throughput(info, num_blocks=1, using_relay=True) == 80.0  # relay penalty
 
 
 def test_compute_is_measured_on_a_real_block():

@@ -1,5 +1,5 @@
 """The node under process managers: supervisord with the repository's supervisor.conf, and systemd's
-notify protocol (node/units/petals-node.service) checked with a socket the test binds itself."""
+notify protocol (node/supervisor/units/petals-node.service) checked with a socket the test binds itself."""
 
 from __future__ import annotations
 
@@ -17,8 +17,8 @@ from pathlib import Path
 import psutil
 import pytest
 
-from node.launcher import NodeProcess
-from node.sd_notify import Notifier
+from node.tools.launcher import NodeProcess
+from node.supervisor.sd_notify import Notifier
 from tests.conftest import MICRO_LLAMA, ROOT
 
 BIN = Path(sys.executable).parent
@@ -93,7 +93,7 @@ def test_supervisord_starts_and_stops_the_node(tmp_path):
 def test_systemd_unit_is_valid(tmp_path):
     """The unit parses without a complaint from systemd-analyze (where installed) and asks for what the
     node implements."""
-    text = (ROOT / "node" / "units" / "petals-node.service").read_text()
+    text = (ROOT / "node" / "supervisor" / "units" / "petals-node.service").read_text()
     unit = configparser.RawConfigParser(strict=False)
     unit.read_string(text.replace("\\\n", " "))
     service = unit["Service"]
@@ -200,7 +200,7 @@ def scrape_until(port: int, what: str, predicate, timeout: float = 15.0) -> dict
 def test_metrics_are_scraped_in_prometheus_format(tmp_path):
     import torch
 
-    from node.client import Client
+    from node.client.swarm import Client
 
     forward = ("node_requests_total", (("rpc", "rpc_forward"),))
     with NodeProcess(MICRO_LLAMA, tmp_path / "metrics", "--metrics_port", "0", dht_prefix="micro-metrics") as node:
@@ -247,21 +247,22 @@ def test_metrics_are_scraped_in_prometheus_format(tmp_path):
 
 
 def test_metrics_totals_survive_an_actor_replacement():
-    from node.metrics import LATENCY_BUCKETS, Totals
-    from procs import rpc_handlers
+    from node.supervisor.metrics import LATENCY_BUCKETS, Totals
+    from node.frontend import handlers as rpc_handlers
+    from protocol.messages import FrontendStats, RuntimeStats
 
-    assert LATENCY_BUCKETS == rpc_handlers.LATENCY_BUCKETS
+    assert LATENCY_BUCKETS == rpc_handlers.LATENCY_BUCKETS  # one tuple, in protocol/messages.py
     totals = Totals()
-    totals.observe("frontend.0", 100, {"calls": {"rpc_forward": 5}})
-    totals.observe("frontend.0", 100, {"calls": {"rpc_forward": 7}})
-    totals.observe("frontend.1", 101, {"calls": {"rpc_forward": 1}})
+    totals.observe("frontend.0", 100, FrontendStats(calls={"rpc_forward": 5}))
+    totals.observe("frontend.0", 100, FrontendStats(calls={"rpc_forward": 7}))
+    totals.observe("frontend.1", 101, FrontendStats(calls={"rpc_forward": 1}))
     assert totals.totals()[("requests", "rpc_forward")] == 8
     # the replacement has already counted more than its predecessor when it is first heard from
-    totals.observe("frontend.0", 200, {"calls": {"rpc_forward": 9}})
+    totals.observe("frontend.0", 200, FrontendStats(calls={"rpc_forward": 9}))
     assert totals.totals()[("requests", "rpc_forward")] == 7 + 9 + 1
-    totals.observe("frontend.0", 200, {"calls": {"rpc_forward": "bad"}})  # ignored, not raised
-    totals.observe("runtime.0", 300, {"rounds": 3, "round_sizes": {"2": 3}})
-    totals.observe("runtime.0", 301, {"rounds": 1, "round_sizes": {"1": 1}})
+    totals.observe("frontend.0", 200, FrontendStats(calls={"rpc_forward": "bad"}))  # ignored, not raised
+    totals.observe("runtime.0", 300, RuntimeStats(rounds=3, round_sizes={"2": 3}))
+    totals.observe("runtime.0", 301, RuntimeStats(rounds=1, round_sizes={"1": 1}))
     t = totals.totals()
     assert t[("rounds",)] == 4 and t[("round_size", "2")] == 3 and t[("round_size", "1")] == 1
 
@@ -284,7 +285,7 @@ def test_deferred_import_loads_on_first_use_and_keeps_sympy_out_of_the_runtime()
     script = textwrap.dedent(
         """
         import sys, types
-        from node.deferred_import import defer
+        from node.startup import defer
         defer("xml.dom.minidom")
         import xml.dom.minidom as stub
         assert type(stub).__name__ == "_Deferred" and "xml.dom.expatbuilder" not in sys.modules

@@ -27,10 +27,10 @@ import pytest
 import torch
 from huggingface_hub.errors import EntryNotFoundError
 
-from node.checkpoint import Checkpoint
-from node.launcher import NodeProcess
-from node.tinymodel import make_tiny_llama
-from node.weight_cache import DownloadFailed, HubAccessError, NotEnoughDiskSpace, WeightCache
+from node.weights.checkpoint import Checkpoint
+from node.tools.launcher import NodeProcess
+from node.tools.tinymodel import make_tiny_llama
+from node.weights.store import DownloadFailed, HubAccessError, NotEnoughDiskSpace, WeightStore
 from tests.conftest import ROOT, hf_blocks, rel_err
 
 SIZE = dict(hidden_size=64, num_layers=6, num_heads=4, num_kv_heads=2, vocab_size=128)
@@ -210,8 +210,8 @@ def hub(models):
     server.close()
 
 
-def cache(tmp_path, hub, **kwargs) -> WeightCache:
-    return WeightCache(str(tmp_path / "cache"), endpoint=hub.url, backoff=0.05, progress=False, **kwargs)
+def cache(tmp_path, hub, **kwargs) -> WeightStore:
+    return WeightStore(str(tmp_path / "cache"), endpoint=hub.url, backoff=0.05, progress=False, **kwargs)
 
 
 def shards_of(model_dir: Path, blocks) -> set:
@@ -233,7 +233,7 @@ def same_block(checkpoint: Checkpoint, model_dir: Path, index: int) -> bool:
 
 
 def test_single_file_repository(hub, models, tmp_path):
-    checkpoint = Checkpoint.open("org/single", weight_cache=cache(tmp_path, hub))
+    checkpoint = Checkpoint.open("org/single", weight_store=cache(tmp_path, hub))
     assert checkpoint.config().num_hidden_layers == 6
     assert same_block(checkpoint, models["single"], 2)
     assert hub.gets() == {"config.json": 1, "model.safetensors": 1}
@@ -242,7 +242,7 @@ def test_single_file_repository(hub, models, tmp_path):
 
 
 def test_sharded_repository_downloads_only_the_needed_shards(hub, models, tmp_path):
-    checkpoint = Checkpoint.open("org/sharded", weight_cache=cache(tmp_path, hub))
+    checkpoint = Checkpoint.open("org/sharded", weight_store=cache(tmp_path, hub))
     checkpoint.config()
     for index in (1, 2):
         assert same_block(checkpoint, models["sharded"], index)
@@ -256,7 +256,7 @@ def test_revision_and_token(hub, models, tmp_path):
     hub.add("org/private", models["sharded"])
     hub.add("org/private", models["other"], revision="v2")
     hub.token = "secret"
-    checkpoint = Checkpoint.open("org/private", revision="v2", token="secret", weight_cache=cache(tmp_path, hub))
+    checkpoint = Checkpoint.open("org/private", revision="v2", token="secret", weight_store=cache(tmp_path, hub))
     assert same_block(checkpoint, models["other"], 3)
     resolves = [e for e in hub.log if e["path"].startswith("/org/private/resolve/")]
     assert resolves and all(e["revision"] == "v2" and e["auth"] == "Bearer secret" for e in resolves)
@@ -264,12 +264,12 @@ def test_revision_and_token(hub, models, tmp_path):
     for token, words in [("wrong", "--token"), (None, "--token")]:
         hub.log.clear()
         with pytest.raises(HubAccessError, match=words):
-            Checkpoint.open("org/private", token=token, weight_cache=cache(tmp_path / str(token), hub)).config()
+            Checkpoint.open("org/private", token=token, weight_store=cache(tmp_path / str(token), hub)).config()
         assert len(hub.log) == 1  # refused: not retried
     hub.token = None
     hub.log.clear()
     with pytest.raises(HubAccessError, match="--revision"):
-        Checkpoint.open("org/private", revision="v3", weight_cache=cache(tmp_path / "v3", hub)).config()
+        Checkpoint.open("org/private", revision="v3", weight_store=cache(tmp_path / "v3", hub)).config()
     assert len(hub.log) == 1
 
 
@@ -284,7 +284,7 @@ def test_missing_file_or_repository_is_a_clear_error_without_retries(hub, tmp_pa
     (tmp_path / "bin-only" / "pytorch_model.bin").write_bytes(b"0")
     hub.add("org/bin-only", tmp_path / "bin-only")
     with pytest.raises(FileNotFoundError, match="safetensors"):
-        Checkpoint.open("org/bin-only", weight_cache=weights).weight_map()
+        Checkpoint.open("org/bin-only", weight_store=weights).weight_map()
 
 
 def test_interrupted_download_resumes(hub, models, tmp_path, monkeypatch):
@@ -293,7 +293,7 @@ def test_interrupted_download_resumes(hub, models, tmp_path, monkeypatch):
     # huggingface_hub writes what it received in chunks of 10 MB; these files are smaller
     monkeypatch.setattr(constants, "DOWNLOAD_CHUNK_SIZE", 64 * 1024)
     hub.cut["model.safetensors"] = 1  # the first GET ends after half of the file
-    checkpoint = Checkpoint.open("org/single", weight_cache=cache(tmp_path, hub))
+    checkpoint = Checkpoint.open("org/single", weight_store=cache(tmp_path, hub))
     assert same_block(checkpoint, models["single"], 0)
     gets = [e for e in hub.log if e["file"] == "model.safetensors" and e["method"] == "GET" and e["body"]]
     size = (models["single"] / "model.safetensors").stat().st_size
@@ -318,7 +318,7 @@ def test_progress_bars_only_on_a_terminal(hub, tmp_path):
 
     enable_progress_bars()
     try:
-        WeightCache(str(tmp_path / "c"), endpoint=hub.url).fetch("org/single", "config.json")  # pytest: not a TTY
+        WeightStore(str(tmp_path / "c"), endpoint=hub.url).fetch("org/single", "config.json")  # pytest: not a TTY
         assert are_progress_bars_disabled("huggingface_hub.http_get")
     finally:
         enable_progress_bars()
@@ -328,11 +328,11 @@ def test_progress_bars_only_on_a_terminal(hub, tmp_path):
 
 
 def test_cached_files_need_no_network(hub, models, tmp_path):
-    first = Checkpoint.open("org/sharded", weight_cache=cache(tmp_path, hub))
+    first = Checkpoint.open("org/sharded", weight_store=cache(tmp_path, hub))
     first.config()
     assert same_block(first, models["sharded"], 4)
     hub.log.clear()
-    again = Checkpoint.open("org/sharded", weight_cache=cache(tmp_path, hub))  # as another node would
+    again = Checkpoint.open("org/sharded", weight_store=cache(tmp_path, hub))  # as another node would
     again.config()
     assert same_block(again, models["sharded"], 4)
     assert hub.log == []
@@ -371,7 +371,7 @@ def test_eviction_in_least_recently_used_order(hub, models, tmp_path):
 def test_free_disk_space_is_kept(hub, monkeypatch, tmp_path):
     import shutil
 
-    from node import weight_cache
+    from node.weights import store as weight_store
 
     weights = cache(tmp_path, hub)  # no max_disk_space: only the disk's free space counts
     config = weights.fetch("org/single", "config.json")
@@ -382,7 +382,7 @@ def test_free_disk_space_is_kept(hub, monkeypatch, tmp_path):
     def usage(path):
         return real._replace(free=weights.reserve + room + (0 if os.path.exists(config) else size))
 
-    monkeypatch.setattr(weight_cache.shutil, "disk_usage", usage)
+    monkeypatch.setattr(weight_store.shutil, "disk_usage", usage)
     with pytest.raises(NotEnoughDiskSpace, match="free disk"):  # too big even with the config gone
         weights.fetch("org/single", "model.safetensors")
     assert os.path.exists(config)
@@ -425,7 +425,7 @@ def test_download_holds_the_exclusive_lock_and_waits_for_readers(hub, tmp_path):
 LOADER = """
 import json, logging, sys, torch
 logging.basicConfig(level=logging.INFO)  # to stderr
-from node.checkpoint import Checkpoint
+from node.weights.checkpoint import Checkpoint
 repo, cache_dir, *blocks = sys.argv[1:]
 checkpoint = Checkpoint.open(repo, cache_dir=cache_dir)
 checkpoint.config()
@@ -483,7 +483,7 @@ def test_two_processes_share_the_cache(hub, models, tmp_path):
 def test_node_serves_blocks_from_the_hub(hub, models, tmp_path):
     from transformers import AutoModelForCausalLM
 
-    from node.client import Client
+    from node.client.swarm import Client
 
     node = NodeProcess("org/sharded", tmp_path / "node", "--block_indices", "1:3", "--cache_dir", str(tmp_path / "cache"),
                        dht_prefix="tiny-hub", env={"HF_ENDPOINT": hub.url})

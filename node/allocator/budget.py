@@ -1,0 +1,167 @@
+"""The attention-cache budget (PROTOCOL 5.7): who holds how many bytes, until when, and who waits.
+
+Pure bookkeeping with the clock passed in; the allocator process wraps it with sockets and timers.
+"""
+
+from __future__ import annotations
+
+import random
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Optional
+
+from node.runtime.tensor_parallel.split import kv_heads_per_rank
+
+DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2, "float64": 8}
+
+
+@dataclass(frozen=True)
+class CacheGeometry:
+    """The numbers the budget formulas need, from the node plan."""
+
+    hidden_size: int
+    num_kv_heads: int
+    head_dim: int
+    kv_groups: int  # as Petals budgets it (Mixtral: 1), see PROTOCOL 7.3 item 12
+    dtype_bytes: int
+    num_blocks: int
+    attn_cache_tokens: int
+
+    @classmethod
+    def of(cls, plan) -> "CacheGeometry":
+        return cls(
+            hidden_size=plan.hidden_size,
+            # with tensor parallelism a session's cache is split: what the busiest device holds counts
+            num_kv_heads=kv_heads_per_rank(plan.num_attention_heads, plan.num_kv_heads, plan.tp_world),
+            head_dim=plan.head_dim,
+            kv_groups=plan.kv_groups,
+            dtype_bytes=DTYPE_BYTES[plan.torch_dtype],
+            num_blocks=plan.num_blocks,
+            attn_cache_tokens=plan.attn_cache_tokens,
+        )
+
+    @property
+    def capacity(self) -> int:
+        per_block = (2 * self.hidden_size * self.attn_cache_tokens // self.kv_groups) * self.dtype_bytes
+        return per_block * self.num_blocks
+
+    def session_bytes(self, batch: int, max_length: int, blocks: int) -> int:
+        """K and V of every block of the chain, as the runtime lays them out."""
+        return 2 * batch * self.num_kv_heads * self.head_dim * max_length * self.dtype_bytes * blocks
+
+    def tokens_left(self, bytes_left: int) -> int:
+        """DHT `cache_tokens_left`: one K or V row of one block."""
+        return bytes_left // (self.hidden_size * self.dtype_bytes // self.kv_groups)
+
+    def tokens_available(self, bytes_left: int) -> int:
+        """rpc_info `cache_tokens_available`: K and V of one block at batch 1."""
+        return bytes_left // (2 * self.num_kv_heads * self.head_dim * self.dtype_bytes)
+
+
+class AllocationFailed(Exception):
+    pass
+
+
+@dataclass
+class Lease:
+    handle: int
+    session: str
+    owner: str
+    size: int
+    expires_at: float
+
+
+@dataclass
+class Waiter:
+    req: int
+    owner: str
+    session: str
+    size: int
+    deadline: float  # when to give up waiting
+    lease_seconds: float
+    what: str = ""  # for error messages: "1x2048 tokens over 4 blocks"
+
+
+@dataclass
+class CacheBudget:
+    capacity: int
+    used: int = 0
+    leases: dict[int, Lease] = field(default_factory=dict)
+    waiters: deque = field(default_factory=deque)
+
+    @property
+    def free(self) -> int:
+        return self.capacity - self.used
+
+    def _fail(self, waiter: Waiter, why: str) -> AllocationFailed:
+        return AllocationFailed(
+            f"Could not allocate {waiter.size} bytes of attention cache ({waiter.what}): {why}; "
+            f"{self.free} of {self.capacity} bytes free"
+        )
+
+    def _grant(self, waiter: Waiter, now: float) -> Lease:
+        handle = random.getrandbits(62)
+        while handle in self.leases or handle == 0:
+            handle = random.getrandbits(62)
+        lease = Lease(handle, waiter.session, waiter.owner, waiter.size, now + waiter.lease_seconds)
+        self.leases[handle] = lease
+        self.used += waiter.size
+        return lease
+
+    def request(self, waiter: Waiter, now: float) -> Optional[Lease]:
+        """Grant at once, queue (None), or raise AllocationFailed."""
+        if waiter.size > self.capacity:
+            raise self._fail(waiter, "larger than the whole cache")
+        queued = sum(w.size for w in self.waiters)
+        if not self.waiters and self.used + waiter.size <= self.capacity:
+            return self._grant(waiter, now)
+        if waiter.deadline <= now:
+            why = "the cache is full" if self.used + waiter.size > self.capacity else "others are waiting"
+            raise self._fail(waiter, f"{why} and alloc_timeout is 0 ({queued} bytes queued)")
+        self.waiters.append(waiter)
+        return None
+
+    def release(self, handle: int) -> Optional[Lease]:
+        lease = self.leases.pop(handle, None)
+        if lease is not None:
+            self.used -= lease.size
+        return lease
+
+    def grant_waiting(self, now: float) -> list[tuple[Waiter, Lease]]:
+        """First come, first served: grant from the head of the queue while it fits."""
+        granted = []
+        while self.waiters and self.used + self.waiters[0].size <= self.capacity:
+            waiter = self.waiters.popleft()
+            granted.append((waiter, self._grant(waiter, now)))
+        return granted
+
+    def expire(self, now: float) -> tuple[list[Lease], list[tuple[Waiter, AllocationFailed]]]:
+        expired = [lease for lease in self.leases.values() if lease.expires_at <= now]
+        for lease in expired:
+            self.release(lease.handle)
+        timed_out = []
+        for waiter in [w for w in self.waiters if w.deadline <= now]:
+            self.waiters.remove(waiter)
+            timed_out.append((waiter, self._fail(waiter, "timed out waiting for room")))
+        return expired, timed_out
+
+    def drop_owner(self, owner: str) -> tuple[list[Lease], list[Waiter]]:
+        leases = [lease for lease in self.leases.values() if lease.owner == owner]
+        for lease in leases:
+            self.release(lease.handle)
+        waiters = [w for w in self.waiters if w.owner == owner]
+        for waiter in waiters:
+            self.waiters.remove(waiter)
+        return leases, waiters
+
+    def adopt(self, lease: Lease) -> bool:
+        """Take over a grant made by a previous allocator (its owner still holds it)."""
+        if lease.handle in self.leases:
+            return False
+        self.leases[lease.handle] = lease
+        self.used += lease.size
+        return True
+
+    def next_deadline(self) -> Optional[float]:
+        times = [lease.expires_at for lease in self.leases.values()] + [w.deadline for w in self.waiters]
+        return min(times) if times else None

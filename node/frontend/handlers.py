@@ -1,0 +1,271 @@
+"""The Petals RPCs (PROTOCOL 3): parse and check a request, run it on the runtime, encode the reply.
+
+Registered by the frontend under `TransformerConnectionHandler.<name>`, unary or stream as Petals
+clients call them. Raised exceptions become the client's error: `repr(e)` for unary calls and
+`str(e)` in a stream's error frame.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import bisect
+import contextlib
+import time
+from typing import AsyncIterator, Sequence
+
+from hivemind.proto import runtime_pb2
+
+from protocol import requests as rq
+from protocol import SERVER_VERSION, rpc_info, wire
+from protocol.messages import (
+    LATENCY_BUCKETS,
+    Backward,
+    Cancel,
+    CapacityQuery,
+    Failure,
+    Forward,
+    FrontendStats,
+    LatencyHistogram,
+    Message,
+    PushRoute,
+    TensorMeta,
+)
+from protocol.plan import NodePlan
+from protocol.wire import RawTensor
+from procs.requester import PeerUnavailable, Requester
+
+NAME_PREFIX = "TransformerConnectionHandler."
+UNARY = ("rpc_info", "rpc_forward", "rpc_backward", "rpc_push")
+STREAMS = ("rpc_forward_stream", "rpc_backward_stream", "rpc_inference")
+STREAM_PART_BYTES = 4 * 1024 * 1024
+
+
+class ShuttingDown(RuntimeError):
+    pass
+
+
+
+
+class Handlers:
+    def __init__(self, plan: NodePlan, runtime: Requester, allocator: Requester, log):
+        self.plan = plan
+        self.runtime = runtime
+        self.allocator = allocator
+        self.log = log
+        self.adapters: tuple[str, ...] = tuple(plan.adapters)
+        self.sessions: dict[str, "object"] = {}  # session_id -> InferenceStream, for rpc_push
+        self.live: set = set()  # every open InferenceStream
+        self.probe = None  # the actor's probe socket (procs/actor.py), for the steps `node.probe --follow` times
+        self.p2p = None  # set by the frontend once attached; used to push to the next server
+        self.in_flight = 0
+        self.draining = False
+        self.calls: dict[str, int] = {}
+        self.errors: dict[str, int] = {}
+        self.latency: dict[str, LatencyHistogram] = {}  # per RPC (and per inference step), for node/supervisor/metrics.py
+
+    # --- bookkeeping shared by every RPC ------------------------------------------------------
+
+    @contextlib.contextmanager
+    def track(self, name: str):
+        if self.draining:
+            raise ShuttingDown("the server is shutting down; retry on another server")
+        self.in_flight += 1
+        self.calls[name] = self.calls.get(name, 0) + 1
+        began = time.perf_counter()
+        try:
+            yield
+        except BaseException as e:
+            if not isinstance(e, (asyncio.CancelledError, GeneratorExit)):
+                self.errors[name] = self.errors.get(name, 0) + 1
+                self.log.info("request failed", rpc=name, error=str(e))
+            raise
+        finally:
+            self.in_flight -= 1
+            self.observe(name, time.perf_counter() - began)
+
+    def observe(self, name: str, seconds: float) -> None:
+        entry = self.latency.get(name)
+        if entry is None:
+            entry = self.latency[name] = LatencyHistogram([0] * (len(LATENCY_BUCKETS) + 1))
+        entry.buckets[bisect.bisect_left(LATENCY_BUCKETS, seconds)] += 1
+        entry.sum += seconds
+        entry.count += 1
+
+    def span(self, uid: str) -> rq.Span:
+        return rq.parse_span(uid, self.plan.dht_prefix, self.plan.start_block, self.plan.end_block)
+
+    async def call_runtime(self, msg: Message, tensors: Sequence[RawTensor], timeout: float) -> list[RawTensor]:
+        """Run one task on the runtime; a vanished client or a timeout withdraws it from the queue."""
+        try:
+            envelope = await self.runtime.request(msg, [t.data for t in tensors], timeout)
+        except asyncio.TimeoutError:
+            self.runtime.send(Cancel(msg.req))
+            raise TimeoutError(f"the server did not finish the request within {timeout:.0f} s") from None
+        except asyncio.CancelledError:
+            self.runtime.send(Cancel(msg.req))
+            raise
+        except PeerUnavailable as e:
+            raise RuntimeError(f"{e}; retry the request") from None
+        reply = envelope.msg
+        if isinstance(reply, Failure):
+            raise RuntimeError(reply.error)
+        if len(envelope.frames) != len(reply.tensors):
+            raise RuntimeError("internal error: the runtime sent a malformed reply")
+        return [RawTensor(m.dtype, tuple(m.shape), f.buffer) for m, f in zip(reply.tensors, envelope.frames)]
+
+    @staticmethod
+    def metas(tensors: Sequence[RawTensor]) -> list[TensorMeta]:
+        return [TensorMeta(t.dtype, tuple(t.shape)) for t in tensors]
+
+    @staticmethod
+    def encode(outputs: Sequence[RawTensor], compressions: Sequence[int]) -> list[runtime_pb2.Tensor]:
+        return [wire.encode_tensor(t, c) for t, c in zip(outputs, compressions)]
+
+    # --- rpc_info ------------------------------------------------------------------------------
+
+    async def rpc_info(self, request: runtime_pb2.ExpertUID, context) -> runtime_pb2.ExpertInfo:
+        with self.track("rpc_info"):
+            block = None
+            if request.uid:
+                if " " in request.uid:
+                    raise KeyError(f"rpc_info takes one block uid, got the chain {request.uid!r}")
+                self.span(request.uid)
+                block = rpc_info.block_schemas(self.plan.hidden_size, self.plan.torch_dtype, self.plan.compression)
+            capacity = await self.allocator.request(CapacityQuery(self.allocator.next_id()), timeout=5)
+            payload = rpc_info.encode_rpc_info(
+                version=SERVER_VERSION,
+                dht_client_mode=False,
+                cache_tokens_available=capacity.msg.tokens_available,
+                block=block,
+            )
+            return runtime_pb2.ExpertInfo(serialized_info=payload)
+
+    # --- forward and backward ----------------------------------------------------------------
+
+    async def forward(self, uid: str, tensors: list, metadata: dict, peer: str) -> list[runtime_pb2.Tensor]:
+        span = self.span(uid)
+        rq.check_points(metadata)
+        adapter = rq.active_adapter(metadata, self.adapters)
+        hidden, prompts = rq.positional(rq.decode_tensors(tensors), metadata, names=("hidden_states", "prompts"))
+        batch, length = rq.hidden_shape(hidden, "hidden_states", self.plan.hidden_size, self.plan.max_batch_size)
+        rq.prompts(prompts, span.length, batch, length, self.plan.hidden_size)
+        compressions = rq.output_compression(metadata, 1, self.plan.compression)
+        msg = Forward(self.runtime.next_id(), span.start, span.end, self.metas([hidden, prompts]), adapter, peer)
+        outputs = await self.call_runtime(msg, [hidden, prompts], self.plan.request_timeout)
+        return self.encode(outputs, compressions)
+
+    async def backward(self, uid: str, tensors: list, metadata: dict, peer: str) -> list[runtime_pb2.Tensor]:
+        span = self.span(uid)
+        rq.check_points(metadata)
+        adapter = rq.active_adapter(metadata, self.adapters)
+        inputs, grad_outputs, prompts = rq.positional(
+            rq.decode_tensors(tensors), metadata, names=("inputs", "grad_outputs", "prompts")
+        )
+        batch, length = rq.hidden_shape(inputs, "inputs", self.plan.hidden_size, self.plan.max_batch_size)
+        rq.grad_outputs(grad_outputs, inputs)
+        rq.prompts(prompts, span.length, batch, length, self.plan.hidden_size)
+        n_outputs = 1 if rq.optional_tensor(prompts) is None else 2
+        compressions = rq.output_compression(metadata, n_outputs, self.plan.compression)
+        msg = Backward(self.runtime.next_id(), span.start, span.end, self.metas([inputs, grad_outputs, prompts]), adapter, peer)
+        outputs = await self.call_runtime(msg, [inputs, grad_outputs, prompts], self.plan.request_timeout)
+        return self.encode(outputs, compressions)
+
+    async def rpc_forward(self, request: runtime_pb2.ExpertRequest, context) -> runtime_pb2.ExpertResponse:
+        with self.track("rpc_forward"):
+            metadata = wire.unpack_metadata(request.metadata)
+            tensors = await asyncio.wait_for(
+                self.forward(request.uid, list(request.tensors), metadata, str(context.remote_id)), self.plan.request_timeout
+            )
+            return runtime_pb2.ExpertResponse(tensors=tensors)
+
+    async def rpc_backward(self, request: runtime_pb2.ExpertRequest, context) -> runtime_pb2.ExpertResponse:
+        with self.track("rpc_backward"):
+            metadata = wire.unpack_metadata(request.metadata)
+            tensors = await asyncio.wait_for(
+                self.backward(request.uid, list(request.tensors), metadata, str(context.remote_id)), self.plan.request_timeout
+            )
+            return runtime_pb2.ExpertResponse(tensors=tensors)
+
+    async def _collect(self, requests: AsyncIterator[runtime_pb2.ExpertRequest]) -> tuple[str, dict, list]:
+        """A *_stream request: uid and metadata from the first part, tensors reassembled from all parts."""
+        uid, metadata, assembler = None, None, wire.StreamAssembler()
+        tensors = []
+        async for part in requests:
+            if uid is None:
+                uid, metadata = part.uid, wire.unpack_metadata(part.metadata)
+            elif part.uid != uid:
+                raise ValueError(f"stream parts name different blocks: {uid!r} then {part.uid!r}")
+            tensors.extend(assembler.feed(part.tensors))
+        if uid is None:
+            raise ValueError("the stream ended before any request arrived")
+        assembler.finish()
+        return uid, metadata, tensors
+
+    async def _collected(self, run, requests, peer: str) -> list[runtime_pb2.Tensor]:
+        uid, metadata, tensors = await self._collect(requests)
+        return await run(uid, tensors, metadata, peer)
+
+    async def _stream_reply(self, tensors: list[runtime_pb2.Tensor]) -> AsyncIterator[runtime_pb2.ExpertResponse]:
+        for tensor in tensors:
+            for part in wire.split_for_stream(tensor, STREAM_PART_BYTES):
+                yield runtime_pb2.ExpertResponse(tensors=[part])
+
+    async def rpc_forward_stream(self, requests, context) -> AsyncIterator[runtime_pb2.ExpertResponse]:
+        with self.track("rpc_forward_stream"):
+            work = self._collected(self.forward, requests, str(context.remote_id))
+            outputs = await asyncio.wait_for(work, self.plan.request_timeout)
+            async for response in self._stream_reply(outputs):
+                yield response
+
+    async def rpc_backward_stream(self, requests, context) -> AsyncIterator[runtime_pb2.ExpertResponse]:
+        with self.track("rpc_backward_stream"):
+            work = self._collected(self.backward, requests, str(context.remote_id))
+            outputs = await asyncio.wait_for(work, self.plan.request_timeout)
+            async for response in self._stream_reply(outputs):
+                yield response
+
+    # --- inference and push ------------------------------------------------------------------
+
+    async def rpc_inference(self, requests, context) -> AsyncIterator[runtime_pb2.ExpertResponse]:
+        from node.frontend.session import InferenceStream
+
+        with self.track("rpc_inference"):
+            session = InferenceStream(self, str(context.remote_id))
+            async for response in session.run(requests):
+                yield response
+
+    async def rpc_push(self, request: runtime_pb2.ExpertRequest, context) -> runtime_pb2.ExpertResponse:
+        with self.track("rpc_push"):
+            self.span(request.uid)
+            metadata = wire.unpack_metadata(request.metadata)
+            session_id = metadata.get("session_id")
+            if not isinstance(session_id, str) or not session_id:
+                raise ValueError("rpc_push needs metadata.session_id")
+            local = self.sessions.get(session_id)
+            if local is not None:
+                local.push(request)
+            else:  # the session may live in another frontend process; the allocator knows which
+                self.allocator.send(PushRoute(session_id), [request.SerializeToString()])
+            return runtime_pb2.ExpertResponse()
+
+    def deliver_push(self, session_id: str, payload: bytes) -> None:
+        session = self.sessions.get(session_id)
+        if session is None:
+            return
+        request = runtime_pb2.ExpertRequest()
+        try:
+            request.ParseFromString(payload)
+        except Exception:
+            self.log.warning("undecodable pushed request", session=session_id)
+            return
+        session.push(request)
+
+    def stats(self) -> FrontendStats:
+        """A copy: the heartbeat is encoded on another thread while the counts go on."""
+        return FrontendStats(
+            in_flight=self.in_flight,
+            sessions=len(self.sessions),
+            calls=dict(self.calls),
+            errors=dict(self.errors),
+            latency={name: LatencyHistogram(list(h.buckets), h.sum, h.count) for name, h in self.latency.items()},
+        )

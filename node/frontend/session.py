@@ -1,0 +1,251 @@
+"""One rpc_inference stream (PROTOCOL 3.6, 3.7): open, step, close, and free the cache whatever happens.
+
+The first message fixes the blocks, batch size, max_length and args_structure and reserves the
+cache with the allocator. Every later message is one step: de-duplicated by step_id, positioned by
+start_from_position (rollback), run by the runtime against this session's cache handle. Steps come
+from the client's stream and, for v2.2.0 clients, from rpc_push; both land in one queue.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import AsyncIterator, Optional
+
+from hivemind.proto import runtime_pb2
+
+from protocol import requests as rq
+from protocol import wire
+from protocol.messages import Adopt, Allocate, Failure, InferStep, Release
+from procs.requester import PeerUnavailable
+
+_CLIENT, _PUSH, _END, _ERROR = "client", "push", "end", "error"
+_PUSH_NAME = "TransformerConnectionHandler.rpc_push"
+
+
+class InferenceStream:
+    def __init__(self, handlers, peer: str):
+        self.handlers = handlers
+        self.plan = handlers.plan
+        self.log = handlers.log
+        self.peer = peer
+        self.incoming: asyncio.Queue = asyncio.Queue()
+        self.opened: Optional[rq.SessionOpen] = None
+        self.handle: Optional[int] = None
+        self.prefix = 0
+        self.steps_done: set[str] = set()
+        self.deadline = time.monotonic() + self.plan.session_timeout
+        self.lease_deadline = 0.0
+        self.pushed = False  # whether the request being handled came from rpc_push
+
+    def push(self, request: runtime_pb2.ExpertRequest) -> None:
+        self.incoming.put_nowait((_PUSH, request))
+
+    def abort(self, error: Exception) -> None:
+        """End the session after its current step: the client gets `error`."""
+        self.incoming.put_nowait((_ERROR, error))
+
+    async def run(self, requests: AsyncIterator[runtime_pb2.ExpertRequest]) -> AsyncIterator[runtime_pb2.ExpertResponse]:
+        reader = asyncio.get_running_loop().create_task(self._read_client(requests))
+        self.handlers.live.add(self)
+        try:
+            request = await self._next()
+            if request is None:
+                return
+            await self._open(request)
+            while request.tensors or self.pushed:  # an empty request from the client is its close message
+                self._trace("in", "ClientStep", pushed=self.pushed)
+                try:
+                    response = await self._step_or_drop(request)
+                except Exception as e:
+                    self._trace("out", "ClientError", error=str(e)[:200])
+                    raise
+                self._trace("out", "ClientReply", answered=response is not None)
+                if response is not None:
+                    yield response
+                request = await self._next()
+                if request is None:
+                    return
+        finally:
+            reader.cancel()
+            self._close()
+
+    def _trace(self, direction: str, type_: str, **fields) -> None:
+        """For `node.probe --follow`: when the frontend took a step from its client and answered it
+        (these are not ZeroMQ messages, so no channel observer publishes them)."""
+        probe = self.handlers.probe
+        if probe is not None:
+            probe.publish(direction, type_, self._sid, fields=fields)
+
+    # --- receiving ---------------------------------------------------------------------------
+
+    async def _read_client(self, requests) -> None:
+        try:
+            async for request in requests:
+                await self.incoming.put((_CLIENT, request))
+            await self.incoming.put((_END, None))
+        except asyncio.CancelledError:
+            raise
+        except Exception as e:
+            await self.incoming.put((_ERROR, e))
+
+    async def _next(self) -> Optional[runtime_pb2.ExpertRequest]:
+        """The next step from the client or a push; None when the stream ended or the client went quiet."""
+        left = self.deadline - time.monotonic()
+        if left <= 0:
+            raise TimeoutError(f"the session exceeded session_timeout ({self.plan.session_timeout:.0f} s)")
+        try:
+            kind, item = await asyncio.wait_for(self.incoming.get(), min(self.plan.step_timeout, left))
+        except asyncio.TimeoutError:
+            if time.monotonic() >= self.deadline:
+                raise TimeoutError(f"the session exceeded session_timeout ({self.plan.session_timeout:.0f} s)") from None
+            self.log.info("inference step timeout", session=self._sid, peer=self.peer, timeout=self.plan.step_timeout)
+            return None
+        if kind == _ERROR:
+            raise item
+        self.pushed = kind == _PUSH
+        return item
+
+    # --- opening and closing -----------------------------------------------------------------
+
+    @property
+    def _sid(self) -> str:
+        return self.opened.session_id if self.opened else ""
+
+    async def _open(self, request: runtime_pb2.ExpertRequest) -> None:
+        metadata = wire.unpack_metadata(request.metadata)
+        opened = rq.session_open(
+            request,
+            metadata,
+            dht_prefix=self.plan.dht_prefix,
+            served=(self.plan.start_block, self.plan.end_block),
+            inference_max_length=self.plan.inference_max_length,
+            adapters=self.handlers.adapters,
+        )
+        if opened.session_id and opened.session_id in self.handlers.sessions:
+            raise ValueError(f"session_id {opened.session_id} is already open on this server")
+        allocator = self.handlers.allocator
+        timeout = min(opened.alloc_timeout, self.plan.max_alloc_timeout)
+        lease = self.deadline - time.monotonic() + 30
+        msg = Allocate(
+            allocator.next_id(), opened.session_id, opened.batch, opened.max_length, opened.span.length, timeout, lease
+        )
+        try:
+            reply = (await allocator.request(msg, timeout=timeout + 10)).msg
+        except (asyncio.TimeoutError, PeerUnavailable) as e:
+            raise RuntimeError(f"could not reach the cache allocator ({e or 'timeout'}); retry") from None
+        if isinstance(reply, Failure):
+            raise RuntimeError(reply.error)
+        self.opened, self.handle = opened, reply.handle
+        self.lease_deadline = time.monotonic() + lease
+        if opened.session_id:
+            self.handlers.sessions[opened.session_id] = self
+        self.log.info(
+            "session opened",
+            session=opened.session_id,
+            peer=self.peer,
+            blocks=[opened.span.start, opened.span.end],
+            batch=opened.batch,
+            max_length=opened.max_length,
+        )
+
+    def adopt_message(self) -> Optional[Adopt]:
+        """Our grant, told again to an allocator that restarted and lost its books."""
+        if self.handle is None:
+            return None
+        o = self.opened
+        return Adopt(self.handle, o.session_id, o.batch, o.max_length, o.span.length, self.lease_deadline - time.monotonic())
+
+    def _close(self) -> None:
+        self.handlers.live.discard(self)
+        if self.handle is not None:
+            self.handlers.allocator.send(Release(self.handle))
+            self.handle = None
+        if self.opened and self.handlers.sessions.get(self.opened.session_id) is self:
+            del self.handlers.sessions[self.opened.session_id]
+        if self.opened:
+            self.log.info("session closed", session=self.opened.session_id, peer=self.peer, tokens=self.prefix)
+
+    # --- stepping ----------------------------------------------------------------------------
+
+    async def _step_or_drop(self, request: runtime_pb2.ExpertRequest) -> Optional[runtime_pb2.ExpertResponse]:
+        """A client's step; a pushed one that is empty or fails is dropped, not the session's end.
+
+        A push only races the client's own copy of the step (PROTOCOL 3.7), and anyone who knows the
+        session_id can send one: a broken upstream server must not end the client's session.
+        """
+        if not self.pushed:
+            began = time.perf_counter()
+            response = await self._step(request)
+            self.handlers.observe("inference_step", time.perf_counter() - began)
+            return response
+        try:
+            return await self._step(request) if request.tensors else None
+        except Exception as e:
+            self.log.info("pushed step dropped", session=self._sid, error=str(e))
+            return None
+
+    async def _step(self, request: runtime_pb2.ExpertRequest) -> Optional[runtime_pb2.ExpertResponse]:
+        opened = self.opened
+        metadata = wire.unpack_metadata(request.metadata)
+        step_id = metadata.get("step_id")
+        if step_id is not None and not isinstance(step_id, str):
+            raise ValueError(f"step_id must be a string, got {step_id!r}")
+        if step_id and step_id in self.steps_done:
+            return None  # a push and the client's own copy of one step: the second is dropped
+        position = rq.start_from_position(metadata, self.prefix)
+        tensors = rq.decode_tensors(request.tensors)
+        hidden, prompts, hypo_ids = rq.positional(
+            tensors, metadata, opened.args_structure, names=("hidden_states", "prompts", "hypo_ids")
+        )
+        batch, length = rq.hidden_shape(hidden, "hidden_states", self.plan.hidden_size, self.plan.max_batch_size)
+        if batch != opened.batch:
+            raise ValueError(f"hidden_states has batch size {batch}, but the session was opened with {opened.batch}")
+        rq.prompts(prompts, opened.span.length, batch, length, self.plan.hidden_size)
+        rq.hypo_ids(hypo_ids, batch)
+        rq.max_length(position, length, opened.max_length)
+        runtime = self.handlers.runtime
+        msg = InferStep(
+            req=runtime.next_id(),
+            session=opened.session_id,
+            handle=self.handle,
+            start=opened.span.start,
+            end=opened.span.end,
+            position=position,
+            max_length=opened.max_length,
+            batch=opened.batch,
+            tensors=self.handlers.metas([hidden, prompts, hypo_ids]),
+            step=step_id or "",
+            adapter=opened.adapter,
+        )
+        timeout = max(0.001, min(self.plan.request_timeout, self.deadline - time.monotonic()))
+        (output,) = await self.handlers.call_runtime(msg, [hidden, prompts, hypo_ids], timeout)
+        self.prefix = position + length
+        if step_id:
+            self.steps_done.add(step_id)
+        encoded = wire.encode_tensor(output, self.plan.compression)
+        servers = rq.next_servers(metadata)
+        if servers and rq.optional_tensor(prompts) is None:
+            asyncio.get_running_loop().create_task(self._push_next(encoded, request, metadata, servers))
+        return runtime_pb2.ExpertResponse(tensors=[encoded])
+
+    async def _push_next(self, output, request, metadata: dict, servers: list) -> None:
+        """v2.2.0 clients: hand our output straight to the next server of the chain."""
+        from hivemind.p2p import PeerID
+
+        peer, session_id, start, end = servers[0]
+        forwarded = dict(metadata, session_id=session_id, next_servers=[tuple(s) for s in servers[1:]], pushed=True)
+        pushed = runtime_pb2.ExpertRequest(
+            uid=" ".join(f"{self.plan.dht_prefix}.{i}" for i in range(start, end)),
+            tensors=[output, *request.tensors[1:]],
+            metadata=wire.pack_metadata(forwarded),
+        )
+        try:
+            await asyncio.wait_for(
+                self.handlers.p2p.call_protobuf_handler(
+                    PeerID.from_base58(peer), _PUSH_NAME, pushed, runtime_pb2.ExpertResponse
+                ),
+                self.plan.request_timeout,
+            )
+        except Exception as e:
+            self.log.debug("push failed", peer=peer, error=repr(e))

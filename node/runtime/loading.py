@@ -1,0 +1,115 @@
+"""How the runtime processes get their blocks: read from the checkpoint, sharded for a tensor-parallel
+rank, quantized, with the LoRA adapters attached; at start (after the order to load) or on a thread
+while serving (a move that loads first).
+
+Used by both runtime processes (procs/runtime.py, procs/runtime_rank.py); `actor` is procs/actor.py's.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+import time
+from typing import TYPE_CHECKING, Optional
+
+from node.runtime import lora
+from node.runtime.models import get_family
+from node.runtime.quantize import quantize_block
+from node.weights.checkpoint import Checkpoint
+from protocol.frames import DTYPES
+from protocol.messages import LoadBlocks
+from protocol.plan import NodePlan
+
+if TYPE_CHECKING:
+    from node.runtime.tensor_parallel.group import Group
+    from procs.actor import Actor
+
+
+def load_blocks(plan: NodePlan, log, indices=None, group: "Optional[Group]" = None) -> dict:
+    """{global index: block} for `indices` (default: the plan's range), each read on its own; with a
+    group, this rank's shard of each."""
+    checkpoint = Checkpoint.open(
+        plan.model,
+        revision=plan.revision,
+        token=plan.token,
+        cache_dir=plan.cache_dir,
+        max_disk_space=plan.max_disk_space,
+        download_attempts=plan.download_attempts,
+    )
+    config = checkpoint.config()
+    family = get_family(config)
+    dtype = DTYPES[plan.torch_dtype]
+    adapters = load_adapters(plan)
+    blocks = {}
+    for index in (range(plan.start_block, plan.end_block) if indices is None else indices):
+        began = time.perf_counter()
+        state = checkpoint.block_state(f"{family.block_prefix}.{index}.", dtype=dtype, device=plan.device)
+        block = family.block_class.from_state(config, state, dtype=dtype, device=plan.device)
+        if group is not None:
+            block = block.shard(group.rank, group.world, None)
+        block = quantize_block(block, plan.quant_type, dtype)
+        lora.attach(block, index, family.block_prefix, adapters, dtype, plan.device)
+        blocks[index] = block
+        log.info("block loaded", block=index, seconds=round(time.perf_counter() - began, 3))
+    return blocks
+
+
+def load_adapters(plan: NodePlan) -> list:
+    """The plan's LoRA adapters, their files fetched into the model's cache (lora.AdapterError if not)."""
+    return [
+        lora.load_adapter(name, cache_dir=plan.cache_dir, token=plan.token, max_disk_space=plan.max_disk_space,
+                          download_attempts=plan.download_attempts)
+        for name in plan.adapters
+    ]
+
+
+class BlockLoader:
+    """Loads blocks on a thread while the runtime serves (reading and converting weights mostly runs
+    outside the GIL); the runtime installs them between rounds."""
+
+    def __init__(self, plan: NodePlan, log, span: tuple[int, int], indices: list[int]):
+        self.span = span
+        self.blocks: dict = {}
+        self.error: Optional[str] = None
+        self.done = threading.Event()
+        threading.Thread(target=self._run, args=(plan, log, indices), name="loader", daemon=True).start()
+
+    def _run(self, plan, log, indices) -> None:
+        try:
+            began = time.perf_counter()
+            self.blocks = load_blocks(plan, log, indices)
+            log.info("new blocks loaded", blocks=list(self.span), loaded=indices, seconds=round(time.perf_counter() - began, 2))
+        except Exception as e:
+            self.error = f"{type(e).__name__}: {e}"
+        finally:
+            self.done.set()
+
+
+def wait_for_load_order(actor: "Actor") -> bool:
+    """Blocks load only once the swarm sees us JOINING (PROTOCOL 2.4); imports are done meanwhile.
+    The order names the blocks: the supervisor may have chosen them after this process started."""
+    while not actor.stopping.is_set():
+        try:
+            msg = actor.control_inbox.get(timeout=0.1)
+        except queue.Empty:
+            continue
+        if isinstance(msg, LoadBlocks):
+            if msg.start_block >= 0:
+                actor.plan.start_block, actor.plan.end_block = msg.start_block, msg.end_block
+            return True
+    return False
+
+
+def load_or_fail(actor: "Actor", group: "Optional[Group]", began: float) -> Optional[dict]:
+    """The plan's blocks (this rank's shards with a group), or None after telling the supervisor why not."""
+    try:
+        blocks = load_blocks(actor.plan, actor.log, group=group)
+    except Exception as e:
+        actor.log.exception("cannot load blocks")
+        actor.fatal(f"cannot load blocks {actor.plan.start_block}:{actor.plan.end_block} of {actor.plan.model}: {e}")
+        return None
+    if group is not None:
+        group.barrier()  # every shard is in memory: the node may go ONLINE
+    actor.log.info("blocks loaded", seconds=round(time.perf_counter() - began, 2), count=len(blocks),
+                   **({"rank": group.rank} if group is not None else {}))
+    return blocks

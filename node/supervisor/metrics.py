@@ -1,0 +1,174 @@
+"""Prometheus metrics of a node: `--metrics_port PORT` serves them at http://HOST:PORT/metrics.
+
+Owned by the supervisor, which already receives every actor's stats in its heartbeats: nothing in
+the serving path is touched to scrape. Receives: every heartbeat (Totals.observe, for counters) and,
+at each scrape, a snapshot of the supervisor's table (state, blocks, restarts, latest stats, for
+gauges). Sends: the Prometheus text format over HTTP from prometheus_client's server thread.
+Counters stay monotonic when an actor is replaced (its successor counts from zero): what each
+predecessor had counted is kept.
+"""
+
+from __future__ import annotations
+
+import threading
+from typing import Callable, Iterable, Iterator, Optional
+
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
+from prometheus_client.registry import Collector, CollectorRegistry
+
+from protocol.messages import LATENCY_BUCKETS, ActorStats, AllocatorStats, FrontendStats, RuntimeStats
+
+
+
+class Totals:
+    """Counters summed over every process that has held each actor's name.
+
+    Fed by the supervisor with every heartbeat, keyed by the process that counted (Heartbeat.pid): when
+    a new process takes over an actor's name it counts from zero, and what its predecessor had counted,
+    up to its last heartbeat, is kept. Seeing every heartbeat, not only those a scrape happens to
+    read, is what keeps this exact whenever the scrapes come. Read by the collector on the HTTP thread.
+    """
+
+    def __init__(self):
+        self.lock = threading.Lock()
+        self.pids: dict[str, int] = {}
+        self.current: dict[str, dict[tuple, float]] = {}  # actor -> what its running process counted
+        self.past: dict[tuple, float] = {}  # what processes that are gone counted, summed over them
+
+    def observe(self, actor: str, pid: int, stats: Optional[ActorStats]) -> None:
+        try:
+            counts = dict(counters(stats))
+        except (TypeError, ValueError, AttributeError):
+            return  # stats of an unexpected shape must not take the supervisor's receive loop down
+        with self.lock:
+            if pid != self.pids.get(actor):
+                for key, value in self.current.pop(actor, {}).items():
+                    self.past[key] = self.past.get(key, 0.0) + value
+                self.pids[actor] = pid
+            mine = self.current.setdefault(actor, {})
+            for key, value in counts.items():
+                mine[key] = max(mine.get(key, 0.0), value)  # never backwards, even for a rounded float
+
+    def totals(self) -> dict[tuple, float]:
+        with self.lock:
+            out = dict(self.past)
+            for counts in self.current.values():
+                for key, value in counts.items():
+                    out[key] = out.get(key, 0.0) + value
+        return out
+
+
+def counters(stats: Optional[ActorStats]) -> Iterator[tuple[tuple, float]]:
+    """The monotonic counts in one actor's heartbeat stats, as ((metric, *labels), value)."""
+    if isinstance(stats, FrontendStats):
+        for rpc, n in stats.calls.items():
+            yield ("requests", rpc), float(n)
+        for rpc, n in stats.errors.items():
+            yield ("errors", rpc), float(n)
+        for rpc, histogram in stats.latency.items():
+            for i, n in enumerate(histogram.buckets):
+                yield ("latency_bucket", rpc, i), float(n)
+            yield ("latency_sum", rpc), float(histogram.sum)
+    elif isinstance(stats, RuntimeStats):  # runtime.0 runs every round (procs/runtime.py)
+        yield ("rounds",), float(stats.rounds)
+        yield ("busy_seconds",), float(stats.busy_seconds)
+        yield ("tasks", "done"), float(stats.done)
+        yield ("tasks", "failed"), float(stats.failed)
+        for size, n in stats.round_sizes.items():
+            yield ("round_size", str(size)), float(n)
+
+
+class NodeCollector(Collector):
+    def __init__(self, snapshot: Callable[[], dict], totals: Totals):
+        self.snapshot = snapshot  # () -> {"state", "blocks", "moves", "actors": {name: {"restarts", "ready", "stats"}}}
+        self.totals = totals
+
+    def collect(self) -> Iterable:
+        snap = self.snapshot()
+        actors = snap["actors"]
+        totals = self.totals.totals()
+        yield _gauge("node_state", "0 offline, 1 joining, 2 online; -1 before the first announcement", snap["state"])
+        start, end = snap["blocks"]
+        blocks = GaugeMetricFamily("node_blocks", "blocks served", labels=["start", "end"])
+        blocks.add_metric([str(start), str(end)], end - start)
+        yield blocks
+        yield _gauge("node_moves", "rebalancing moves made", snap.get("moves", 0))
+
+        up = GaugeMetricFamily("node_actor_up", "actor ready (1) or not (0)", labels=["actor"])
+        restarts = CounterMetricFamily("node_actor_restarts", "times the supervisor replaced the actor", labels=["actor"])
+        for name, actor in actors.items():
+            up.add_metric([name], 1 if actor["ready"] else 0)
+            restarts.add_metric([name], actor["restarts"])
+        yield up
+        yield restarts
+
+        requests = CounterMetricFamily("node_requests", "requests per RPC", labels=["rpc"])
+        errors = CounterMetricFamily("node_request_errors", "requests answered with an error, per RPC", labels=["rpc"])
+        latency = HistogramMetricFamily("node_request_seconds", "time to answer, per RPC, and per inference step", labels=["rpc"])
+        for rpc, n in _labelled(totals, "requests"):
+            requests.add_metric([rpc], n)
+        for rpc, n in _labelled(totals, "errors"):
+            errors.add_metric([rpc], n)
+        for rpc, total in _labelled(totals, "latency_sum"):
+            cumulative, buckets = 0.0, []
+            for i, bound in enumerate((*LATENCY_BUCKETS, float("inf"))):
+                cumulative += totals.get(("latency_bucket", rpc, i), 0.0)
+                buckets.append(("+Inf" if bound == float("inf") else str(bound), cumulative))
+            latency.add_metric([rpc], buckets, total)
+        yield requests
+        yield errors
+        yield latency
+        frontends = [a["stats"] for a in actors.values() if isinstance(a["stats"], FrontendStats)]
+        yield _gauge("node_requests_in_flight", "requests being handled by the frontends", sum(s.in_flight for s in frontends))
+        yield _gauge("node_sessions_open", "inference sessions open", sum(s.sessions for s in frontends))
+
+        runtime = _stats(actors, "runtime.0", RuntimeStats)
+        yield _gauge("node_queue_depth", "tasks waiting in the runtime", runtime.queue)
+        yield _gauge("node_steps_in_progress", "inference steps under way (chunked prefills)", runtime.in_progress)
+        yield _counter("node_runtime_rounds", "compute rounds run by the runtime", totals.get(("rounds",), 0.0))
+        yield _counter("node_runtime_busy_seconds", "time the runtime spent computing", totals.get(("busy_seconds",), 0.0))
+        tasks = CounterMetricFamily("node_runtime_tasks", "work items the runtime answered, by outcome", labels=["outcome"])
+        for outcome in ("done", "failed"):
+            tasks.add_metric([outcome], totals.get(("tasks", outcome), 0.0))
+        yield tasks
+        sizes = CounterMetricFamily("node_batch_size_rounds", "rounds by how many requests ran together", labels=["requests"])
+        for size, n in sorted(_labelled(totals, "round_size"), key=lambda kv: int(kv[0])):
+            sizes.add_metric([size], n)
+        yield sizes
+
+        allocator = _stats(actors, "allocator", AllocatorStats)
+        yield _gauge("node_cache_bytes_used", "attention cache bytes held by sessions", allocator.used_bytes)
+        yield _gauge("node_cache_bytes_left", "attention cache bytes free", max(0, allocator.capacity_bytes - allocator.used_bytes))
+        yield _gauge("node_cache_tokens_used", "attention cache held by sessions, in tokens (Petals' cache_tokens_left unit)",
+                     allocator.tokens_used)
+        yield _gauge("node_cache_tokens_left", "attention cache free, in tokens, as announced in cache_tokens_left",
+                     allocator.tokens_left)
+        yield _gauge("node_cache_waiting", "allocations queued for cache", allocator.waiting)
+
+
+def _stats(actors: dict, name: str, kind: type):
+    """An actor's latest stats, or zeros before its first heartbeat."""
+    stats = actors.get(name, {}).get("stats")
+    return stats if isinstance(stats, kind) else kind()
+
+
+def _labelled(totals: dict[tuple, float], metric: str) -> list[tuple[str, float]]:
+    """(label, value) of a one-label counter, in label order."""
+    return sorted((key[1], value) for key, value in totals.items() if key[0] == metric and len(key) == 2)
+
+
+def _gauge(name: str, doc: str, value: float) -> GaugeMetricFamily:
+    return GaugeMetricFamily(name, doc, value=value)
+
+
+def _counter(name: str, doc: str, value: float) -> CounterMetricFamily:
+    return CounterMetricFamily(name, doc, value=value)
+
+
+def serve(port: int, snapshot: Callable[[], dict], totals: Totals, addr: str = "0.0.0.0"):
+    """Start the HTTP endpoint on a thread; returns (server, thread) for shutdown."""
+    from prometheus_client import start_http_server
+
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(NodeCollector(snapshot, totals))
+    return start_http_server(port, addr=addr, registry=registry)

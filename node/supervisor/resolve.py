@@ -1,0 +1,253 @@
+"""From flags and the model's config to the node's plan (PROTOCOL 2.1, 5.5, 5.6).
+
+Everything that can be decided before any process starts is decided here, once: the model family,
+the block range, the dht prefix, the dtype and device, and the defaults that depend on attention.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import importlib.util
+import os
+import sys
+from typing import Optional
+
+import msgspec
+
+from node.supervisor.config import NodeConfig, default_cache_dir
+from node.runtime.tensor_parallel.split import check_split
+from protocol import SERVER_VERSION
+from protocol.plan import NodePlan
+
+COMPRESSION = {"NONE": 0, "MEANSTD_16BIT": 1, "FLOAT16": 2, "QUANTILE_8BIT": 3, "UNIFORM_8BIT": 4, "BLOCKWISE_8BIT": 5}
+
+
+class PlanError(ValueError):
+    """A setting that cannot work with this model or machine; the message names the flag."""
+
+
+def cuda_available() -> bool:
+    """Whether this torch build can use an NVIDIA GPU here, without importing torch (seconds and
+    hundreds of MB in the supervisor): a CUDA build of torch and a GPU device node. The runtime checks
+    again with torch itself and stops the node with a clear message if this was wrong."""
+    if "torch" in sys.modules:
+        return sys.modules["torch"].cuda.is_available()
+    spec = importlib.util.find_spec("torch")
+    if spec is None or not spec.submodule_search_locations:
+        return False
+    version = {}
+    try:
+        with open(os.path.join(spec.submodule_search_locations[0], "version.py")) as f:
+            exec(f.read(), version)
+    except OSError:
+        return False
+    return bool(version.get("cuda")) and os.path.exists("/dev/nvidia0")
+
+
+def resolve_device(requested) -> str:
+    if requested:
+        if requested.startswith("cuda") and not cuda_available():
+            raise PlanError(f"argument --device: {requested} requested but CUDA is not available")
+        if requested != "cpu" and not requested.startswith("cuda"):
+            raise PlanError(f"argument --device: {requested!r} is not supported (use cpu, cuda or cuda:N)")
+        return requested
+    return "cuda" if cuda_available() else "cpu"
+
+
+def resolve_dtype(requested: str, model_config, device: str) -> str:
+    if requested == "auto":
+        # transformers >= 4.56 calls it `dtype` (and warns on `torch_dtype`); older versions `torch_dtype`
+        declared = getattr(model_config, "dtype", None) or getattr(model_config, "torch_dtype", None)
+        declared = str(declared).replace("torch.", "") if declared is not None else None
+        dtype = "bfloat16" if declared in (None, "auto", "float32") else declared
+    else:
+        dtype = requested
+    if dtype not in ("float32", "bfloat16", "float16"):
+        raise PlanError(f"argument --torch_dtype: the model declares {dtype}, which the node does not serve; pass --torch_dtype")
+    if dtype == "float16" and device == "cpu":
+        raise PlanError("argument --torch_dtype: float16 is not supported on the CPU; use bfloat16 or float32")
+    return dtype
+
+
+def resolve_plan(config: NodeConfig, run_dir: str, log) -> NodePlan:
+    from node.weights.checkpoint import Checkpoint
+    from node.runtime.models import get_family
+
+    cache_dir = config.cache_dir or default_cache_dir()
+    checkpoint = Checkpoint.open(
+        config.model, revision=config.revision, token=config.token, cache_dir=cache_dir,
+        max_disk_space=config.max_disk_space, download_attempts=config.download_attempts,
+    )
+    model_config = checkpoint.config()
+    try:
+        family = get_family(model_config)
+    except ValueError as e:
+        raise PlanError(f"argument --model: {e}") from None
+
+    total = model_config.num_hidden_layers
+    if config.block_indices:
+        start, end = config.block_indices
+        if end > total:
+            raise PlanError(f"argument --block_indices: the model has {total} blocks, cannot serve {start}:{end}")
+    else:
+        start = end = 0  # chosen by the supervisor once the runtime has measured the device
+        if config.num_blocks is not None and config.num_blocks > total:
+            raise PlanError(f"argument --num_blocks: the model has only {total} blocks")
+
+    if config.dht_prefix:
+        prefix = config.dht_prefix
+    elif checkpoint.is_local:
+        raise PlanError("argument --dht_prefix: required when the model is a local directory")
+    else:
+        prefix = family.default_dht_prefix(checkpoint.name)
+
+    device = resolve_device(config.device)
+    geometry = family.geometry(model_config)
+    tp_devices = list(config.tensor_parallel_devices or ())
+    if len(tp_devices) > 1:
+        for requested in tp_devices:
+            resolve_device(requested)
+        try:
+            check_split(model_config, geometry, len(tp_devices))
+        except ValueError as e:
+            raise PlanError(f"argument --tensor_parallel_devices: {e}") from None
+        device = tp_devices[0]  # rank 0 receives the work and returns the outputs (Petals: outputs on --device)
+    elif tp_devices:
+        device, tp_devices = resolve_device(tp_devices[0]), []  # a group of one is a plain node
+    dtype = resolve_dtype(config.torch_dtype, model_config, device)
+    kv_groups = family.kv_groups_for_budget(model_config)
+    is_gqa = kv_groups > 1
+
+    # nf4 by default on CUDA, as Petals does; the runtime falls back to none if the device cannot run it
+    quant_type = config.quant_type or ("nf4" if device.startswith("cuda") else "none")
+
+    if isinstance(config.throughput, float):
+        throughput, mode = config.throughput, "fixed"
+    else:
+        throughput, mode = 0.0, config.throughput or "auto"
+
+    update_period = config.update_period
+    return NodePlan(
+        run_dir=run_dir,
+        version=SERVER_VERSION,
+        model=config.model,
+        revision=config.revision,
+        token=config.token,
+        cache_dir=cache_dir,
+        max_disk_space=config.max_disk_space,
+        download_attempts=config.download_attempts,
+        family=family.name,
+        dht_prefix=prefix,
+        repository=checkpoint.repository,
+        total_blocks=total,
+        start_block=start,
+        end_block=end,
+        choose_blocks=config.block_indices is None,
+        wanted_blocks=config.num_blocks,
+        hidden_size=model_config.hidden_size,
+        num_attention_heads=geometry.num_heads,
+        num_kv_heads=geometry.num_kv_heads,
+        head_dim=geometry.head_dim,
+        kv_groups=kv_groups,
+        torch_dtype=dtype,
+        device=device,
+        tensor_parallel_devices=tp_devices,
+        quant_type=quant_type,
+        adapters=list(config.adapters),
+        max_batch_size=config.max_batch_size or (8192 if is_gqa else 2048),
+        inference_max_length=config.inference_max_length or (8192 if is_gqa else 2048),
+        attn_cache_tokens=config.attn_cache_tokens or (16384 if is_gqa else 4096),
+        max_chunk_size_bytes=config.max_chunk_size_bytes,
+        max_alloc_timeout=config.max_alloc_timeout,
+        request_timeout=config.request_timeout,
+        session_timeout=config.session_timeout,
+        step_timeout=config.step_timeout,
+        compression=COMPRESSION[config.compression],
+        initial_peers=config.peers,
+        public_name=config.public_name,
+        throughput=throughput,
+        throughput_mode=mode,
+        network_bandwidth=config.network_bandwidth,
+        update_period=update_period,
+        expiration=config.expiration or max(2 * update_period, 3),
+        num_handlers=config.num_handlers,
+        heartbeat_timeout=config.heartbeat_timeout,
+        shutdown_grace=config.shutdown_grace,
+        stats_report_interval=config.stats_report_interval,
+        log_format=config.log_format,
+        log_level=config.log_level,
+    )
+
+
+def default_run_dir() -> str:
+    return os.path.join("/tmp", f"node.{os.getpid()}")
+
+
+
+# --- in a child process: the supervisor keeps transformers out of its own memory ---------------------
+# Reading a model's config takes transformers (without torch: still numpy, tokenizers, the hub client,
+# about 37 MiB) that the supervisor would hold for the node's whole life to use once. So it runs
+# `python -m node.supervisor.resolve RUN_DIR` with the NodeConfig as JSON on stdin and reads back one JSON object:
+# {"plan": NodePlan} or {"error": message, "usage": bool} (usage: a PlanError, naming its flag).
+
+
+class ResolveError(Exception):
+    def __init__(self, message: str, usage: bool):
+        super().__init__(message)
+        self.usage = usage
+
+
+class _Answer(msgspec.Struct, omit_defaults=True):
+    plan: Optional[NodePlan] = None
+    error: str = ""
+    usage: bool = False
+
+
+async def resolve_in_child(config: NodeConfig, run_dir: str) -> NodePlan:
+    """resolve_plan in `python -m node.supervisor.resolve`; ResolveError if it cannot be made."""
+    from node.startup import stop_with_parent
+    from node.supervisor.processes import child_env
+
+    child = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "node.supervisor.resolve", run_dir, env=child_env(),
+        stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE, preexec_fn=stop_with_parent,
+    )
+    try:
+        out, _ = await child.communicate(msgspec.json.encode(config))
+    except asyncio.CancelledError:
+        if child.returncode is None:
+            child.kill()
+        raise
+    try:
+        answer = msgspec.json.decode(out, type=_Answer)
+    except (msgspec.DecodeError, msgspec.ValidationError):
+        answer = _Answer(error=f"the model resolver exited with code {child.returncode} and no answer")
+    if answer.plan is None:
+        raise ResolveError(answer.error or "the model resolver gave no plan", answer.usage)
+    return answer.plan
+
+
+def main() -> None:
+    import traceback
+
+    from node import logs, startup
+
+    config = msgspec.json.decode(sys.stdin.buffer.read(), type=NodeConfig)
+    logs.setup("resolve", config.log_level, config.log_format)
+    startup.transformers_without_torch()  # the supervisor reads configs here, but runs no model
+    logs.route_transformers_logs()
+    try:
+        answer = _Answer(plan=resolve_plan(config, sys.argv[1], None))
+    except PlanError as e:
+        answer = _Answer(error=str(e), usage=True)
+    except (OSError, ValueError) as e:
+        answer = _Answer(error=f"argument --model: cannot load {config.model}: {e}", usage=True)
+    except Exception as e:  # a bug or a broken install: the supervisor reports it and exits 1
+        traceback.print_exc()
+        answer = _Answer(error=f"cannot resolve the model: {type(e).__name__}: {e}")
+    sys.stdout.buffer.write(msgspec.json.encode(answer))
+    sys.stdout.flush()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,464 @@
+"""The supervisor: `python -m node.supervisor --model X [flags]`.
+
+Owns: the configuration and the plan, the run directory, the p2pd daemon (the node's libp2p
+  identity), and the process table of actors: the DHT announcer, the KV-cache allocator, the block
+  runtime (with --tensor_parallel_devices, one per device: runtime.0 leads, runtime.K follows; they
+  live and restart as one group) and `--num_handlers` network frontends.
+Receives (ROUTER `control.sock`): Ready, Heartbeat, Fatal and Announced from actors; Measured from
+  the runtime and SwarmView from the announcer (for node/supervisor/placement.py); SIGTERM/SIGINT.
+Sends: Announce (the node's state) to the announcer; LoadBlocks to the runtime; Serve (the blocks)
+  to frontends and the allocator; SwarmQuery; PeerDown/PeerUp when an actor is replaced; Stop on
+  shutdown. Writes RUN_DIR/status.json for operators and probes.
+
+The node's state follows its actors: JOINING until the runtime, the allocator and a frontend are
+ready, then ONLINE; JOINING again while the runtime is replaced; OFFLINE on the way out. The runtime
+loads its blocks only once the announcer has stored a state (JOINING), as Petals servers do. Which
+blocks, and how many, is decided first (node/supervisor/placement.py), from the runtime's measurement of its
+device and the swarm the announcer reads; the same placement moves the node when the swarm is
+unbalanced (OFFLINE, drain, runtime restarted on the new blocks, JOINING, ONLINE).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import shutil
+import signal
+import time
+from typing import Optional
+
+import msgspec
+import zmq
+import zmq.asyncio
+
+from node.supervisor.config import NodeConfig
+from node.supervisor.moves import Moves
+from node.supervisor.placement import Placement, PlacementError
+from node.supervisor.sd_notify import Notifier
+from node.supervisor.processes import ActorProcess, RestartIntensity, backoff, new_group_store
+from protocol.dht_records import ServerState
+from protocol.messages import (
+    AnnouncerReady,
+    FrontendReady,
+    Announce,
+    Announced,
+    BlocksLoaded,
+    ControlToSupervisor,
+    Fatal,
+    Heartbeat,
+    LoadBlocks,
+    Measured,
+    PeerDown,
+    PeerUp,
+    Ready,
+    Serve,
+    Stop,
+    SwarmView,
+)
+from protocol.plan import NodePlan, write_plan
+from protocol.transport import AsyncChannel, BadMessage
+
+TICK = 0.1
+STARTUP_SILENCE = 60.0  # longest an actor may take to send its first heartbeat
+
+
+class Supervisor:
+    def __init__(self, config: NodeConfig, plan: NodePlan, log, own_run_dir: bool, actors: dict[str, ActorProcess], daemon):
+        self.config = config
+        self.plan = plan
+        self.log = log.bind(blocks=[plan.start_block, plan.end_block], dht_prefix=plan.dht_prefix)
+        self.own_run_dir = own_run_dir
+        self.actors = actors
+        self.runtimes = sorted((n for n in actors if n.startswith("runtime.")), key=lambda n: int(n.split(".")[1]))
+        self.group_generation = 0  # incarnations of the tensor-parallel group (each meets at its own store)
+        self.intensity = RestartIntensity(config.max_restarts, config.restart_window)
+        self.daemon = daemon
+        self.control: Optional[AsyncChannel] = None
+        self.stop_requested = asyncio.Event()
+        self.exit_code: Optional[int] = None
+        self.started = False  # every actor has been ready once
+        self.announced: Optional[int] = None  # last state sent to the announcer
+        self.reported: Optional[int] = None  # last state announced: status.json keeps it while the announcer restarts
+        self.confirmed: Optional[int] = None  # last state the announcer stored
+        self.state_changed = asyncio.Event()
+        self.maddrs: list[str] = []
+        self.stream_handlers: dict[str, tuple[str, list[str]]] = {}  # frontend -> (its socket, handler names)
+        self.tasks: set[asyncio.Task] = set()
+        self.placement = Placement(config, plan, self.log, lambda msg: self.send("announcer", msg))
+        self.placing: Optional[asyncio.Task] = None
+        self.moves = Moves(self)
+        self.notifier = Notifier()  # systemd (Type=notify), when started by it
+        self.metrics_server = None  # --metrics_port: node/supervisor/metrics.py
+        self.metrics_totals = None  # node/supervisor/metrics.py Totals, fed with every heartbeat
+        self.notified_ready = False
+
+    # --- lifecycle ---------------------------------------------------------------------------
+
+    async def run(self) -> int:
+        """The actors and p2pd were started before the plan existed; actors wait for plan.json."""
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, self._on_signal, sig)
+        ctx = zmq.asyncio.Context()
+        sock = ctx.socket(zmq.ROUTER)
+        sock.setsockopt(zmq.LINGER, 0)
+        sock.setsockopt(zmq.ROUTER_MANDATORY, 1)
+        sock.setsockopt(zmq.ROUTER_HANDOVER, 1)  # a replacement actor takes over its predecessor's identity
+        sock.bind(self.plan.endpoint("control.sock"))
+        self.control = AsyncChannel(sock, ControlToSupervisor, router=True)
+        receiver = loop.create_task(self._receive())
+        try:
+            self.plan.daemon_maddr = self.daemon.control_maddr
+            self.plan.peer_id = self.daemon.peer_id
+            write_plan(self.plan)
+            self.maddrs = await self.daemon.visible_maddrs()
+            if self.config.metrics_port is not None:
+                from node.supervisor import metrics
+
+                self.metrics_totals = metrics.Totals()
+                try:
+                    self.metrics_server, _ = metrics.serve(self.config.metrics_port, self.metrics_snapshot, self.metrics_totals)
+                    self.log.info("metrics served", port=self.metrics_server.server_port)
+                except OSError as e:  # the port is taken: say so and stop (_watch returns at once)
+                    self.log.error("cannot serve metrics", port=self.config.metrics_port, error=str(e))
+                    self.exit_code = 1
+            self.log.info("node starting", peer_id=self.plan.peer_id, maddrs=self.maddrs, run_dir=self.plan.run_dir)
+            self.write_status()
+            await self._watch()
+        finally:
+            await self._shutdown()
+            receiver.cancel()
+            sock.close(0)
+            ctx.term()
+        return self.exit_code or 0
+
+    def _on_signal(self, sig: int) -> None:
+        self.log.info("signal received", signal=signal.Signals(sig).name)
+        self.stop_requested.set()
+
+    async def _watch(self) -> None:
+        while self.exit_code is None and not self.stop_requested.is_set():
+            now = time.monotonic()
+            for actor in self.actors.values():
+                self._check(actor, now)
+            if not self.daemon.alive:
+                self.log.error("p2pd died; the node cannot serve without its peer identity")
+                self.exit_code = 1
+                break
+            self._update_state()
+            self.notifier.watchdog(healthy=self.exit_code is None)
+            try:
+                await asyncio.wait_for(self.stop_requested.wait(), TICK)
+            except asyncio.TimeoutError:
+                pass
+
+    def _check(self, actor: ActorProcess, now: float) -> None:
+        if actor.respawn_at is not None:
+            if now >= actor.respawn_at:
+                actor.spawn(self.plan.run_dir)
+                self.log.info("actor restarted", actor=actor.spec.name, pid=actor.pid, restarts=actor.restarts)
+                self.write_status()
+            return
+        if actor.running:
+            # Until its first heartbeat an actor is still importing torch and friends (seconds on a
+            # busy host): a short --heartbeat_timeout must not kill every actor before it can speak.
+            heard = actor.last_heartbeat > actor.started_at
+            limit = self.config.heartbeat_timeout if heard else max(self.config.heartbeat_timeout, STARTUP_SILENCE)
+            if now - actor.last_heartbeat > limit:
+                self.log.warning("actor silent; killing it", actor=actor.spec.name, pid=actor.pid,
+                                 silent_seconds=round(now - actor.last_heartbeat, 1))
+                actor.kill()
+            return
+        self._died(actor, now)
+
+    def _died(self, actor: ActorProcess, now: float) -> None:
+        name = actor.spec.name
+        if name in self.runtimes and len(self.runtimes) > 1:
+            self._restart_group(actor, now)
+            return
+        self.log.warning("actor died", actor=name, pid=actor.pid, how=actor.describe_exit(), was_ready=actor.ready)
+        actor.ready = False
+        for other in self.actors.values():
+            if other is not actor:
+                self.send(other.spec.name, PeerDown(name))
+        if name in self.stream_handlers:
+            task = asyncio.get_running_loop().create_task(self._unregister(name, *self.stream_handlers.pop(name)))
+            self.tasks.add(task)
+            task.add_done_callback(self.tasks.discard)
+        if name == "announcer":
+            self.announced = self.confirmed = None  # its successor must be told the state again
+        if not self.intensity.allow(now):
+            self.log.error(
+                "too many restarts; giving up",
+                max_restarts=self.config.max_restarts,
+                window_seconds=self.config.restart_window,
+            )
+            self.exit_code = 1
+            return
+        actor.restarts += 1
+        actor.consecutive_failures += 1
+        actor.respawn_at = now + backoff(actor.consecutive_failures)
+
+    def _restart_group(self, dead: ActorProcess, now: float) -> None:
+        """A rank is gone: the others cannot compute without it (their reductions would wait for it
+        forever), so the whole group goes and comes back together, meeting at a new store. Frontends
+        fail what they sent to runtime.0; the node is JOINING until the group has loaded again."""
+        self.log.warning("tensor-parallel rank died; restarting the group", actor=dead.spec.name, pid=dead.pid,
+                         how=dead.describe_exit(), ranks=len(self.runtimes))
+        for name in self.runtimes:
+            rank = self.actors[name]
+            if rank.running:
+                rank.kill()
+                try:
+                    rank.popen.wait(timeout=5)
+                except Exception:
+                    pass
+            rank.ready = False
+            for other in self.actors:
+                if other not in self.runtimes:
+                    self.send(other, PeerDown(name))
+        if not self.intensity.allow(now):
+            self.log.error("too many restarts; giving up", max_restarts=self.config.max_restarts,
+                           window_seconds=self.config.restart_window)
+            self.exit_code = 1
+            return
+        dead.restarts += 1
+        dead.consecutive_failures += 1
+        self.new_group_generation()
+        respawn_at = now + backoff(dead.consecutive_failures)
+        for name in self.runtimes:
+            self.actors[name].respawn_at = respawn_at
+
+    def new_group_generation(self) -> None:
+        self.group_generation += 1
+        new_group_store(self.actors, self.plan.run_dir, self.group_generation)
+
+    def _update_state(self) -> None:
+        announcer = self.actors["announcer"]
+        if not announcer.ready or self.moves.moving:
+            return
+        if not self.placement.placed:
+            if self.placing is None:
+                self.placing = self.spawn_task(self._place())
+            return
+        serving = (
+            all(self.actors[n].ready for n in self.runtimes)
+            and self.actors["allocator"].ready
+            and any(a.ready for n, a in self.actors.items() if n.startswith("frontend"))
+        )
+        if not self.started and all(a.ready for a in self.actors.values()):
+            self.started = True
+        desired = ServerState.ONLINE if (serving and self.started) else ServerState.JOINING
+        if desired != self.announced:
+            self.announce(desired)
+        for name in self.runtimes:  # each rank loads its shard
+            runtime = self.actors[name]
+            if self.confirmed == ServerState.JOINING and runtime.running and not runtime.ready and not runtime.load_ordered:
+                runtime.load_ordered = self.send(name, LoadBlocks(self.plan.start_block, self.plan.end_block))
+
+    def announce(self, state: ServerState, retire=None) -> None:
+        self.announced = self.reported = state
+        self.state_changed.clear()
+        self.send("announcer", Announce(int(state), self.plan.start_block, self.plan.end_block, retire=retire, **self.placement.numbers))
+        self.log.info("state", state=state.name)
+        self.write_status()
+        status = f"{state.name} blocks {self.plan.start_block}:{self.plan.end_block} peer {self.plan.peer_id}"
+        if state == ServerState.ONLINE and not self.notified_ready:
+            self.notified_ready = self.notifier.ready(status)
+        else:
+            self.notifier.status(status)
+
+    # --- receiving ---------------------------------------------------------------------------
+
+    async def _receive(self) -> None:
+        while True:
+            try:
+                envelope = await self.control.recv()
+            except BadMessage as e:
+                self.log.warning("bad control message", reason=e.reason)
+                continue
+            name = envelope.sender.decode(errors="replace")
+            actor = self.actors.get(name)
+            if actor is None:
+                self.log.warning("message from an unknown actor", actor=name)
+                continue
+            msg = envelope.msg
+            if isinstance(msg, Heartbeat):
+                actor.last_heartbeat = time.monotonic()
+                actor.stats = msg.stats
+                if self.metrics_totals is not None:
+                    self.metrics_totals.observe(name, msg.pid, msg.stats)
+            elif isinstance(msg, Ready):
+                if msg.pid != actor.pid:
+                    continue  # a late message from a predecessor
+                actor.last_heartbeat = time.monotonic()
+                actor.ready = True
+                actor.consecutive_failures = 0
+                self.log.info("actor ready", actor=name, pid=msg.pid, **msgspec.structs.asdict(msg.detail))
+                if actor.was_ready:
+                    for other in self.actors.values():
+                        if other is not actor:
+                            self.send(other.spec.name, PeerUp(name))
+                actor.was_ready = True
+                if isinstance(msg.detail, FrontendReady):
+                    self.stream_handlers[name] = (msg.detail.stream_maddr, list(msg.detail.stream_handlers))
+                elif isinstance(msg.detail, AnnouncerReady):
+                    self.placement.using_relay = msg.detail.using_relay
+                self.write_status()
+                if self.placement.placed and (name == "allocator" or name.startswith("frontend")):
+                    self.send(name, Serve(self.plan.start_block, self.plan.end_block))
+            elif isinstance(msg, Measured):
+                self.placement.on_measured(msg)
+            elif isinstance(msg, SwarmView):
+                self.placement.on_view(msg)
+            elif isinstance(msg, BlocksLoaded):
+                self.moves.on_loaded(msg)
+            elif isinstance(msg, Fatal):
+                self.log.error("actor cannot work; stopping the node", actor=name, reason=msg.reason)
+                self.exit_code = 1
+            elif isinstance(msg, Announced):
+                self.confirmed = msg.state
+                self.log.info("announced", state=ServerState(msg.state).name, ok=msg.ok)
+                self.state_changed.set()
+                if not msg.ok:
+                    self.log.warning("announcement incomplete", state=ServerState(msg.state).name, error=msg.error)
+
+    # --- placement ---------------------------------------------------------------------------
+
+    def spawn_task(self, coro) -> asyncio.Task:
+        task = asyncio.get_running_loop().create_task(coro)
+        self.tasks.add(task)
+        task.add_done_callback(self.tasks.discard)
+        return task
+
+    async def _place(self) -> None:
+        try:
+            start, end = await self.placement.place()
+        except (PlacementError, ValueError, asyncio.TimeoutError) as e:
+            self.log.error("cannot place the node", error=str(e) or repr(e))
+            self.exit_code = 1
+            return
+        if self.plan.throughput_mode == "dry_run":
+            numbers = {**self.placement.numbers, "num_blocks": self.placement.count}
+            print(json.dumps(numbers), flush=True)
+            self.log.info("throughput measured (dry run)", **numbers)
+            self.exit_code = 0
+            self.stop_requested.set()
+            return
+        self.plan.throughput_mode = "auto" if self.plan.throughput_mode != "fixed" else "fixed"  # a restarted runtime reads the cache
+        self.set_blocks(start, end)
+        if self.placement.can_move:
+            self.spawn_task(self.moves.balance())
+
+    def set_blocks(self, start: int, end: int) -> None:
+        """The node's blocks are now [start, end): the plan (read by restarted actors) and live actors."""
+        self.plan.start_block, self.plan.end_block = start, end
+        write_plan(self.plan)
+        self.log = self.log.bind(blocks=[start, end])
+        self.placement.log = self.log
+        for name in self.actors:
+            if name != "announcer":
+                self.send(name, Serve(start, end))
+        self.write_status()
+
+    async def _unregister(self, name: str, stream_maddr: str, handlers: list[str]) -> None:
+        try:
+            await self.daemon.remove_stream_handlers(stream_maddr, handlers)
+            self.log.info("stream handlers of a dead actor removed", actor=name, socket=stream_maddr)
+        except Exception as e:
+            self.log.warning("cannot remove the stream handlers of a dead actor", actor=name, error=repr(e))
+
+    # --- sending -----------------------------------------------------------------------------
+
+    def send(self, name: str, msg) -> bool:
+        try:
+            self.control.send(msg, to=name.encode())
+            return True
+        except zmq.ZMQError:
+            return False  # not connected (dead or still starting): it learns the state when ready
+
+    def metrics_snapshot(self) -> dict:
+        """What node/supervisor/metrics.py exposes, read from its HTTP thread (stats are replaced, not mutated)."""
+        return {
+            "state": int(self.reported) if self.reported is not None else -1,
+            "blocks": [self.plan.start_block, self.plan.end_block],
+            "moves": self.placement.moves,
+            "actors": {n: {"ready": a.ready, "restarts": a.restarts, "stats": a.stats} for n, a in list(self.actors.items())},
+        }
+
+    def write_status(self, state: Optional[str] = None) -> None:
+        if state is None:
+            state = ServerState(self.reported).name.lower() if self.reported is not None else "starting"
+        status = {
+            "state": state,
+            "peer_id": self.plan.peer_id,
+            "maddrs": self.maddrs,
+            "supervisor_pid": os.getpid(),
+            "dht_prefix": self.plan.dht_prefix,
+            "blocks": [self.plan.start_block, self.plan.end_block],
+            "moves": self.placement.moves,
+            "metrics_port": self.metrics_server.server_port if self.metrics_server is not None else None,
+            "actors": {
+                n: {"pid": a.pid, "ready": a.ready, "restarts": a.restarts} for n, a in self.actors.items()
+            },
+            "updated": time.time(),
+        }
+        path = os.path.join(self.plan.run_dir, "status.json")
+        with open(path + ".tmp", "w") as f:
+            json.dump(status, f)
+        os.replace(path + ".tmp", path)
+
+    # --- shutdown ----------------------------------------------------------------------------
+
+    async def _shutdown(self) -> None:
+        """OFFLINE first, then frontends (they finish in-flight work), then everything else, then p2pd."""
+        began = time.monotonic()
+        self.notifier.stopping()
+        if self.actors["announcer"].ready and self.announced is not None:
+            self.announce(ServerState.OFFLINE)
+            try:
+                while self.confirmed != ServerState.OFFLINE:
+                    await asyncio.wait_for(self.state_changed.wait(), 5)
+                    self.state_changed.clear()
+            except asyncio.TimeoutError:
+                self.log.warning("OFFLINE not confirmed by the announcer")
+        frontends = [a for n, a in self.actors.items() if n.startswith("frontend")]
+        await self._stop(frontends, self.config.shutdown_grace)
+        await self._stop([self.actors["runtime.0"]], 2.0)  # the leader first: the other ranks serve its drain
+        await self._stop([self.actors[n] for n in self.runtimes[1:]], 2.0)
+        await self._stop([self.actors["allocator"], self.actors["announcer"]], 2.0)
+        if self.daemon is not None:
+            await self.daemon.stop()
+        if self.metrics_server is not None:
+            self.metrics_server.shutdown()
+        self.write_status("stopped")
+        self.log.info("node stopped", seconds=round(time.monotonic() - began, 2), exit_code=self.exit_code or 0)
+        self._clean_run_dir()
+
+    async def _stop(self, actors: list[ActorProcess], grace: float) -> None:
+        for actor in actors:
+            actor.respawn_at = None
+            if actor.running:
+                actor.stopping = True
+                if not self.send(actor.spec.name, Stop(grace)):
+                    actor.popen.terminate()
+        deadline = time.monotonic() + grace + 3.0
+        while any(a.running for a in actors) and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        for actor in actors:
+            if actor.running:
+                self.log.warning("actor did not stop in time; killing it", actor=actor.spec.name)
+                actor.kill()
+                actor.popen.wait()
+
+    def _clean_run_dir(self) -> None:
+        if self.own_run_dir:
+            shutil.rmtree(self.plan.run_dir, ignore_errors=True)
+            return
+        for entry in os.listdir(self.plan.run_dir):
+            if entry.endswith(".sock"):
+                try:
+                    os.remove(os.path.join(self.plan.run_dir, entry))
+                except OSError:
+                    pass

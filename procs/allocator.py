@@ -1,0 +1,209 @@
+"""The KV-cache allocator: admission to the attention cache, and the directory of live sessions.
+
+Owns: the cache budget (bytes per session, leases that lapse, the queue of waiting sessions) and
+  the map session id -> owning frontend (for rpc_push).
+Receives (ROUTER `allocator.sock`): Allocate, Release, Adopt from frontends; CapacityQuery from
+  frontends and the announcer; PushRoute from a frontend that got rpc_push.
+  Control: PeerDown(frontend.N) drops that frontend's sessions.
+Sends: Granted / Failure / Capacity replies; PushDelivery to the frontend owning a session;
+  DropCache to the runtime (DEALER to `runtime.sock`) whenever a grant ends.
+"""
+
+from __future__ import annotations
+
+from node import startup
+
+startup.die_with_supervisor()  # before the imports below: see node/startup.py
+
+import dataclasses
+import time
+
+import zmq
+
+from node.allocator.budget import AllocationFailed, CacheBudget, CacheGeometry, Lease, Waiter
+from procs import actor as actor_lib
+from protocol.messages import (
+    AllocatorReady,
+    AllocatorStats,
+    Adopt,
+    Allocate,
+    AllocatorInbox,
+    Capacity,
+    CapacityQuery,
+    DropCache,
+    Failure,
+    Granted,
+    PeerDown,
+    Serve,
+    PushDelivery,
+    PushRoute,
+    Release,
+    RuntimeReply,
+)
+from protocol.transport import BadMessage, Channel
+
+
+class Allocator:
+    def __init__(self, actor: actor_lib.Actor):
+        self.actor = actor
+        self.log = actor.log
+        self.geometry = CacheGeometry.of(actor.plan)
+        self.budget = CacheBudget(self.geometry.capacity)
+        inbox = actor.ctx.socket(zmq.ROUTER)
+        inbox.setsockopt(zmq.LINGER, 0)
+        inbox.setsockopt(zmq.ROUTER_MANDATORY, 1)  # a reply to a vanished frontend raises instead of vanishing
+        inbox.setsockopt(zmq.ROUTER_HANDOVER, 1)  # a restarted frontend reuses its identity
+        inbox.bind(actor.plan.endpoint("allocator.sock"))
+        self.inbox = Channel(inbox, AllocatorInbox, router=True, observer=actor.probe.observe)
+        runtime = actor.ctx.socket(zmq.DEALER)
+        runtime.setsockopt(zmq.LINGER, 0)
+        runtime.setsockopt(zmq.ROUTING_ID, actor.name.encode())
+        runtime.connect(actor.plan.endpoint("runtime.sock"))
+        self.runtime = Channel(runtime, RuntimeReply, observer=actor.probe.observe)
+        self.sessions: dict[str, Lease] = {}
+
+    # --- receiving ---------------------------------------------------------------------------
+
+    def serve(self) -> None:
+        self.actor.ready(AllocatorReady(capacity_bytes=self.budget.capacity, tokens=self.geometry.tokens_left(self.budget.capacity)))
+        while not self.actor.stopping.is_set():
+            if self.inbox.sock.poll(self._poll_ms()):
+                try:
+                    envelope = self.inbox.recv()
+                except BadMessage as e:
+                    self.log.warning("bad message", reason=e.reason)
+                    continue
+                self.handle(envelope.sender, envelope.msg, envelope.frames)
+            self.handle_control()
+            self.expire()
+            self.actor.stats = AllocatorStats(
+                used_bytes=self.budget.used,
+                capacity_bytes=self.budget.capacity,
+                # in Petals' cache_tokens_left unit, for node/supervisor/metrics.py
+                tokens_used=self.geometry.tokens_left(self.budget.used),
+                tokens_left=self.geometry.tokens_left(max(0, self.budget.capacity - self.budget.used)),
+                sessions=len(self.budget.leases),
+                waiting=len(self.budget.waiters),
+            )
+            self.actor.publish_stats()
+
+    def _poll_ms(self) -> int:
+        deadline = self.budget.next_deadline()
+        if deadline is None:
+            return 100
+        return int(max(0, min(0.1, deadline - time.time())) * 1000)
+
+    def handle(self, sender: bytes, msg, frames) -> None:
+        owner = sender.decode(errors="replace")
+        now = time.time()
+        if isinstance(msg, Allocate):
+            self.allocate(sender, owner, msg, now)
+        elif isinstance(msg, Release):
+            lease = self.budget.release(msg.handle)
+            if lease is not None:
+                self.ended([lease], "released")
+                self.grant_waiting(now)
+        elif isinstance(msg, Adopt):
+            lease = Lease(msg.handle, msg.session, owner, self.geometry.session_bytes(msg.batch, msg.max_length, msg.blocks), now + msg.expires_in)
+            if self.budget.adopt(lease):
+                self.sessions[lease.session] = lease
+                self.log.info("adopted session", session=msg.session, owner=owner, bytes=lease.size)
+        elif isinstance(msg, CapacityQuery):
+            left = max(0, self.budget.free)
+            self.reply(sender, Capacity(msg.req, left, self.geometry.tokens_left(left), self.geometry.tokens_available(left), len(self.budget.leases)))
+        elif isinstance(msg, PushRoute):
+            lease = self.sessions.get(msg.session)
+            if lease is not None and len(frames) == 1:
+                self.reply(lease.owner.encode(), PushDelivery(msg.session), frames)
+
+    def handle_control(self) -> None:
+        while not self.actor.control_inbox.empty():
+            msg = self.actor.control_inbox.get_nowait()
+            if isinstance(msg, Serve):
+                self.resize(msg.end_block - msg.start_block)
+            elif isinstance(msg, PeerDown) and msg.name.startswith("frontend"):
+                leases, waiters = self.budget.drop_owner(msg.name)
+                if leases or waiters:
+                    self.log.info("dropped sessions of a replaced frontend", frontend=msg.name, sessions=len(leases))
+                self.ended(leases, "owner replaced")
+                self.grant_waiting(time.time())
+
+    def resize(self, num_blocks: int) -> None:
+        """The budget follows the number of blocks served (chosen after this process started)."""
+        if num_blocks == self.geometry.num_blocks:
+            return
+        self.geometry = dataclasses.replace(self.geometry, num_blocks=num_blocks)
+        self.budget.capacity = self.geometry.capacity
+        self.log.info("cache budget set", blocks=num_blocks, capacity_bytes=self.budget.capacity)
+        self.grant_waiting(time.time())
+
+    # --- deciding ----------------------------------------------------------------------------
+
+    def allocate(self, sender: bytes, owner: str, msg: Allocate, now: float) -> None:
+        if msg.session and msg.session in self.sessions:
+            self.reply(sender, Failure(msg.req, f"session_id {msg.session} is already open on this server"))
+            return
+        timeout = max(0.0, min(msg.timeout, self.actor.plan.max_alloc_timeout))
+        waiter = Waiter(
+            req=msg.req,
+            owner=owner,
+            session=msg.session,
+            size=self.geometry.session_bytes(msg.batch, msg.max_length, msg.blocks),
+            deadline=now + timeout,
+            lease_seconds=msg.lease,
+            what=f"batch {msg.batch} x {msg.max_length} tokens over {msg.blocks} blocks",
+        )
+        try:
+            lease = self.budget.request(waiter, now)
+        except AllocationFailed as e:
+            self.log.info("allocation refused", session=msg.session, reason=str(e))
+            self.reply(sender, Failure(msg.req, str(e)))
+            return
+        if lease is not None:
+            self.granted(waiter, lease)
+
+    def granted(self, waiter: Waiter, lease: Lease) -> None:
+        if lease.session:
+            self.sessions[lease.session] = lease
+        self.log.debug("granted", session=lease.session, bytes=lease.size, free=self.budget.free)
+        self.reply(waiter.owner.encode(), Granted(waiter.req, lease.handle))
+
+    def grant_waiting(self, now: float) -> None:
+        for waiter, lease in self.budget.grant_waiting(now):
+            self.granted(waiter, lease)
+
+    def expire(self) -> None:
+        now = time.time()
+        expired, timed_out = self.budget.expire(now)
+        if expired:
+            self.log.info("leases lapsed", sessions=[lease.session for lease in expired])
+            self.ended(expired, "lease lapsed")
+        for waiter, error in timed_out:
+            self.reply(waiter.owner.encode(), Failure(waiter.req, str(error)))
+        if expired or timed_out:
+            self.grant_waiting(now)
+
+    # --- sending -----------------------------------------------------------------------------
+
+    def ended(self, leases: list[Lease], why: str) -> None:
+        if not leases:
+            return
+        for lease in leases:
+            if self.sessions.get(lease.session) is lease:
+                del self.sessions[lease.session]
+        self.runtime.send(DropCache([lease.handle for lease in leases]))
+
+    def reply(self, to: bytes, msg, frames=()) -> None:
+        try:
+            self.inbox.send(msg, frames, to=to)
+        except zmq.ZMQError as e:  # the frontend is gone; PeerDown will clean up after it
+            self.log.info("reply undeliverable", to=to.decode(errors="replace"), error=str(e))
+
+
+def main(actor: actor_lib.Actor) -> None:
+    allocator = Allocator(actor)
+    allocator.serve()
+
+
+if __name__ == "__main__":
+    actor_lib.run(main)
