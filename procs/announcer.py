@@ -30,7 +30,7 @@ from hivemind.utils.multiaddr import Multiaddr
 
 from node.logs import quiet_hivemind
 from node.announcer.next_pings import NextPings, peers_to_ping
-from node.announcer.reachability import Reachability
+from node.announcer.reachability import Reachability, Unreachable, confirm_public_reachability
 from procs import actor as actor_lib
 from procs.requester import Requester
 from protocol import SERVER_VERSION
@@ -82,6 +82,8 @@ class Announcer:
             num_workers=max(1, self.plan.total_blocks),
             reuse_get_requests=False,  # a search stuck on a dead peer must not capture later reads
         )
+        if self.plan.check_public_reachability:
+            await confirm_public_reachability(self.peer_id, self.log)  # Unreachable stops the node
         self.actor.ready(AnnouncerReady(peer_id=self.peer_id, using_relay=self.using_relay))
 
     async def check_reachability(self, p2p: P2P) -> bool:
@@ -243,6 +245,8 @@ async def amain(actor: actor_lib.Actor) -> None:
     try:
         await announcer.start()
         await announcer.serve()
+    except Unreachable as e:
+        actor.fatal(str(e))  # a restart would not change what the swarm can reach
     finally:
         await announcer.close()
 

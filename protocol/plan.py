@@ -25,7 +25,7 @@ class NodePlan(msgspec.Struct, kw_only=True):
     token: Optional[str] = None
     cache_dir: Optional[str] = None
     max_disk_space: Optional[int] = None  # bytes the weight cache may hold (node/weights/store.py)
-    download_attempts: int = 5
+    download_attempts: int
     family: str
     dht_prefix: str
     repository: Optional[str] = None
@@ -56,7 +56,7 @@ class NodePlan(msgspec.Struct, kw_only=True):
     request_timeout: float
     session_timeout: float
     step_timeout: float
-    compression: int = 0
+    compression: int  # CompressionType of outputs
 
     # swarm
     initial_peers: list[str] = []
@@ -67,14 +67,16 @@ class NodePlan(msgspec.Struct, kw_only=True):
     update_period: float
     expiration: float
     num_handlers: int
+    # in the public swarm, ask health.petals.dev whether the node is reachable (PROTOCOL 5.10), unless
+    # --skip_reachability_check
+    check_public_reachability: bool
 
     # supervision
     heartbeat_interval: float = 1.0
-    heartbeat_timeout: float = 15.0
-    shutdown_grace: float = 10.0
-    stats_report_interval: Optional[float] = None
-    log_format: str = "auto"
-    log_level: str = "info"
+    heartbeat_timeout: float
+    shutdown_grace: float
+    log_format: str
+    log_level: str
 
     @property
     def num_blocks(self) -> int:

@@ -140,3 +140,46 @@ def test_supervisor_exits_2_for_a_local_model_without_prefix(tmp_path):
 def test_supervisor_exits_2_for_a_missing_model(tmp_path):
     result = run_supervisor("--model", str(tmp_path / "nothing-here"), "--new_swarm", "--run_dir", str(tmp_path / "r"))
     assert result.returncode == 2 and "--model" in result.stderr
+
+
+def test_each_default_is_written_once():
+    """The parser's defaults are NodeConfig's, so the command line, a config file and --help agree."""
+    import msgspec
+
+    from node.supervisor.config import COMPATIBILITY_ONLY, NodeConfig, build_parser
+
+    given = parse_config(["m"])
+    assert given == NodeConfig(model="m")
+    text = build_parser().format_help().split("options:", 1)[1]
+
+    def help_of(flag: str) -> str:
+        return " ".join(text.split(f"  {flag} ", 1)[1].split("\n  -", 1)[0].split())
+
+    assert "(default: 8)" in help_of("--num_handlers")
+    for flag in ("--prefetch_batches", "--sender_threads", "--min_batch_size", "--custom_module_path"):
+        assert COMPATIBILITY_ONLY in help_of(flag)
+    assert "grouped-query attention" in help_of("--max_batch_size")
+    assert msgspec.structs.fields(NodeConfig)  # the one source
+
+
+def test_public_reachability_is_checked_in_the_public_swarm_unless_skipped():
+    from node.startup import transformers_without_torch
+    from node.supervisor.resolve import resolve_plan
+
+    transformers_without_torch()
+    base = ["--model", str(MICRO_LLAMA), "--dht_prefix", "micro", "--block_indices", "0:2"]
+    assert resolve_plan(parse_config(base), "/tmp/x", None).check_public_reachability
+    assert not resolve_plan(parse_config(base + ["--skip_reachability_check"]), "/tmp/x", None).check_public_reachability
+    assert not resolve_plan(parse_config(base + ["--new_swarm"]), "/tmp/x", None).check_public_reachability
+
+
+def test_num_blocks_larger_than_the_model_is_capped_with_a_warning(tmp_path):
+    """As Petals does (its CI starts a server with --num_blocks 14 on an 8-block model)."""
+    import msgspec
+
+    config = parse_config(["--model", str(MICRO_LLAMA), "--dht_prefix", "micro", "--num_blocks", "14", "--new_swarm"])
+    result = subprocess.run([sys.executable, "-m", "node.supervisor.resolve", str(tmp_path)], input=msgspec.json.encode(config),
+                            cwd=ROOT, capture_output=True, timeout=120)
+    answer = msgspec.json.decode(result.stdout)
+    assert answer["plan"]["wanted_blocks"] == 4, result.stderr.decode()[-2000:]
+    assert b"--num_blocks is larger than the model" in result.stderr

@@ -299,3 +299,23 @@ def test_deferred_import_loads_on_first_use_and_keeps_sympy_out_of_the_runtime()
     )
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120, cwd=ROOT)
     assert result.stdout.strip() == "OK", result.stderr[-3000:]
+
+
+def test_stats_report_interval_logs_what_the_node_did_and_num_blocks_is_capped(tmp_path):
+    """--stats_report_interval logs one 'stats' event each interval; --num_blocks over the model's 4
+    blocks serves all 4 (Petals caps it too) instead of refusing to start."""
+    import torch
+
+    from node.client.swarm import Client
+
+    node = NodeProcess(MICRO_LLAMA, tmp_path / "stats", "--num_blocks", "14", "--stats_report_interval", "0.5",
+                       "--mean_block_selection_delay", "0", dht_prefix="micro-stats")
+    with node:
+        assert node.status["blocks"] == [0, 4]
+        with Client(node.maddrs, "micro-stats") as client:
+            client.forward(torch.randn(1, 4, 64), 0, 4)
+        wait_for("a stats event that counts the forward",
+                 lambda: any(e.get("event") == "stats" and e.get("requests", 0) >= 1 for e in node.log_events()), timeout=20)
+    reports = [e for e in node.log_events() if e.get("event") == "stats"]
+    assert {"rounds", "busy_share", "queue", "sessions", "cache_used_bytes", "requests_in_flight", "errors"} <= set(reports[-1])
+    assert any("--num_blocks is larger than the model" in e.get("event", "") for e in node.log_events())

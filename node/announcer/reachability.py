@@ -8,11 +8,17 @@ Owned by the announcer, on the node's p2pd:
 - at startup it asks up to five peers to check it. A majority of "no" means the node is reachable
   only through relays: it announces `using_relay`, takes the relay penalty in its throughput and runs
   its DHT in client mode. Nobody answering means unknown, and the node assumes it is reachable.
+In the public swarm it also asks Petals' health monitor whether the node can be reached before the
+node joins (`confirm_public_reachability`), as Petals servers do unless --skip_reachability_check.
 """
 
 from __future__ import annotations
 
 import asyncio
+import json
+import time
+import urllib.error
+import urllib.request
 from typing import Optional, Sequence
 
 from hivemind.p2p import P2P, P2PContext, PeerID
@@ -89,3 +95,45 @@ class Reachability:
         if self.probe is not None:
             await self.probe.shutdown()
             self.probe = None
+
+
+# --- the public swarm's health monitor ---------------------------------------------------------------
+
+HEALTH_URL = "https://health.petals.dev/api/v1/is_reachable/{peer_id}"
+
+
+class Unreachable(Exception):
+    """The health monitor kept failing to reach the node: clients will not reach it either."""
+
+
+def _ask(url: str, timeout: float) -> dict:
+    with urllib.request.urlopen(url, timeout=timeout) as response:  # noqa: S310 (a fixed https URL, or a test's)
+        answer = json.loads(response.read())
+    if not isinstance(answer, dict):
+        raise ValueError(f"unexpected answer {answer!r}")
+    return answer
+
+
+async def confirm_public_reachability(peer_id: str, log, *, url: str = HEALTH_URL, retry_every: float = 15.0,
+                                      give_up_after: float = 420.0, timeout: float = 10.0) -> None:
+    """Ask health.petals.dev whether it can reach `peer_id`, every `retry_every` seconds for up to
+    `give_up_after`; raise Unreachable if it never could. A monitor that cannot be asked (down, or no
+    internet) skips the check."""
+    deadline = time.monotonic() + give_up_after
+    while True:
+        try:
+            answer = await asyncio.to_thread(_ask, url.format(peer_id=peer_id), timeout)
+        except (OSError, ValueError, urllib.error.URLError) as e:
+            log.warning("the health monitor cannot be asked; public reachability not checked", error=str(e))
+            return
+        if answer.get("success"):
+            log.info("the health monitor reaches the node", your_ip=answer.get("your_ip"))
+            return
+        message = str(answer.get("message", ""))
+        if time.monotonic() + retry_every > deadline:
+            raise Unreachable(
+                f"the swarm cannot reach this node: {message or 'no details'} (your IP: {answer.get('your_ip')}); "
+                "make it reachable, e.g. with --public_ip and --port, or pass --skip_reachability_check"
+            )
+        log.warning("the health monitor cannot reach the node yet; asking again", message=message, retry_in=retry_every)
+        await asyncio.sleep(retry_every)

@@ -14,7 +14,7 @@ from typing import Optional
 
 import msgspec
 
-from node.supervisor.config import NodeConfig, default_cache_dir
+from node.supervisor.config import MODEL_DEFAULTS, PUBLIC_INITIAL_PEERS, NodeConfig, default_cache_dir
 from node.runtime.tensor_parallel.split import check_split
 from protocol import SERVER_VERSION
 from protocol.plan import NodePlan
@@ -91,8 +91,10 @@ def resolve_plan(config: NodeConfig, run_dir: str, log) -> NodePlan:
             raise PlanError(f"argument --block_indices: the model has {total} blocks, cannot serve {start}:{end}")
     else:
         start = end = 0  # chosen by the supervisor once the runtime has measured the device
-        if config.num_blocks is not None and config.num_blocks > total:
-            raise PlanError(f"argument --num_blocks: the model has only {total} blocks")
+        if config.num_blocks is not None and config.num_blocks > total:  # as Petals does
+            if log is not None:
+                log.warning("--num_blocks is larger than the model; serving all of its blocks", num_blocks=config.num_blocks, total_blocks=total)
+            config = msgspec.structs.replace(config, num_blocks=total)
 
     if config.dht_prefix:
         prefix = config.dht_prefix
@@ -116,7 +118,10 @@ def resolve_plan(config: NodeConfig, run_dir: str, log) -> NodePlan:
         device, tp_devices = resolve_device(tp_devices[0]), []  # a group of one is a plain node
     dtype = resolve_dtype(config.torch_dtype, model_config, device)
     kv_groups = family.kv_groups_for_budget(model_config)
-    is_gqa = kv_groups > 1
+
+    def by_model(flag: str) -> int:
+        with_gqa, without = MODEL_DEFAULTS[flag]
+        return with_gqa if kv_groups > 1 else without
 
     # nf4 by default on CUDA, as Petals does; the runtime falls back to none if the device cannot run it
     quant_type = config.quant_type or ("nf4" if device.startswith("cuda") else "none")
@@ -154,9 +159,9 @@ def resolve_plan(config: NodeConfig, run_dir: str, log) -> NodePlan:
         tensor_parallel_devices=tp_devices,
         quant_type=quant_type,
         adapters=list(config.adapters),
-        max_batch_size=config.max_batch_size or (8192 if is_gqa else 2048),
-        inference_max_length=config.inference_max_length or (8192 if is_gqa else 2048),
-        attn_cache_tokens=config.attn_cache_tokens or (16384 if is_gqa else 4096),
+        max_batch_size=config.max_batch_size or by_model("max_batch_size"),
+        inference_max_length=config.inference_max_length or by_model("inference_max_length"),
+        attn_cache_tokens=config.attn_cache_tokens or by_model("attn_cache_tokens"),
         max_chunk_size_bytes=config.max_chunk_size_bytes,
         max_alloc_timeout=config.max_alloc_timeout,
         request_timeout=config.request_timeout,
@@ -173,7 +178,7 @@ def resolve_plan(config: NodeConfig, run_dir: str, log) -> NodePlan:
         num_handlers=config.num_handlers,
         heartbeat_timeout=config.heartbeat_timeout,
         shutdown_grace=config.shutdown_grace,
-        stats_report_interval=config.stats_report_interval,
+        check_public_reachability=config.peers == PUBLIC_INITIAL_PEERS and not config.skip_reachability_check,
         log_format=config.log_format,
         log_level=config.log_level,
     )
@@ -233,11 +238,11 @@ def main() -> None:
     from node import logs, startup
 
     config = msgspec.json.decode(sys.stdin.buffer.read(), type=NodeConfig)
-    logs.setup("resolve", config.log_level, config.log_format)
+    log = logs.setup("resolve", config.log_level, config.log_format)
     startup.transformers_without_torch()  # the supervisor reads configs here, but runs no model
     logs.route_transformers_logs()
     try:
-        answer = _Answer(plan=resolve_plan(config, sys.argv[1], None))
+        answer = _Answer(plan=resolve_plan(config, sys.argv[1], log))
     except PlanError as e:
         answer = _Answer(error=str(e), usage=True)
     except (OSError, ValueError) as e:

@@ -39,6 +39,9 @@ from node.supervisor.sd_notify import Notifier
 from node.supervisor.processes import ActorProcess, RestartIntensity, backoff, new_group_store
 from protocol.dht_records import ServerState
 from protocol.messages import (
+    AllocatorStats,
+    FrontendStats,
+    RuntimeStats,
     AnnouncerReady,
     FrontendReady,
     Announce,
@@ -92,6 +95,9 @@ class Supervisor:
         self.metrics_server = None  # --metrics_port: node/supervisor/metrics.py
         self.metrics_totals = None  # node/supervisor/metrics.py Totals, fed with every heartbeat
         self.notified_ready = False
+        self.next_stats_report = time.monotonic() + (config.stats_report_interval or 0.0)
+        self.last_report: Optional[tuple[float, dict]] = None  # --stats_report_interval: when, and the counts then
+        self.started_at = time.monotonic()
 
     # --- lifecycle ---------------------------------------------------------------------------
 
@@ -148,6 +154,9 @@ class Supervisor:
                 break
             self._update_state()
             self.notifier.watchdog(healthy=self.exit_code is None)
+            if self.config.stats_report_interval and now >= self.next_stats_report:
+                self.next_stats_report = now + self.config.stats_report_interval
+                self.report_stats()
             try:
                 await asyncio.wait_for(self.stop_requested.wait(), TICK)
             except asyncio.TimeoutError:
@@ -386,6 +395,37 @@ class Supervisor:
             "moves": self.placement.moves,
             "actors": {n: {"ready": a.ready, "restarts": a.restarts, "stats": a.stats} for n, a in list(self.actors.items())},
         }
+
+    def report_stats(self) -> None:
+        """--stats_report_interval: one event with what the node did since the last one."""
+        runtime = self.actors["runtime.0"].stats_as(RuntimeStats)
+        allocator = self.actors["allocator"].stats_as(AllocatorStats)
+        frontends = [a.stats for a in self.actors.values() if isinstance(a.stats, FrontendStats)]
+        counts = {
+            "rounds": runtime.rounds,
+            "busy_seconds": runtime.busy_seconds,
+            "requests": sum(sum(s.calls.values()) for s in frontends),
+            "errors": sum(sum(s.errors.values()) for s in frontends),
+        }
+        now = time.monotonic()
+        since, before = self.last_report or (self.started_at, {})
+        self.last_report = (now, counts)
+        # since the last report; a counter that went back belongs to a replaced process, counting anew
+        delta = {k: v - before.get(k, 0) if v >= before.get(k, 0) else v for k, v in counts.items()}
+        self.log.info(
+            "stats",
+            seconds=round(now - since, 1),
+            rounds=delta["rounds"],
+            busy_share=round(delta["busy_seconds"] / max(now - since, 1e-9), 3),
+            requests=delta["requests"],
+            errors=delta["errors"],
+            queue=runtime.queue,
+            steps_in_progress=runtime.in_progress,
+            requests_in_flight=sum(s.in_flight for s in frontends),
+            sessions=allocator.sessions,
+            cache_used_bytes=allocator.used_bytes,
+            cache_capacity_bytes=allocator.capacity_bytes,
+        )
 
     def write_status(self, state: Optional[str] = None) -> None:
         if state is None:
