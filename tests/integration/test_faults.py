@@ -1,0 +1,682 @@
+"""Fault injection on whole nodes (DESIGN 4, Health and Shutdown), with real processes and signals.
+
+- kill -9 of any actor: a replacement gets ready, the node serves again within 10 s, the peer id and
+  the DHT announcement stay, and no other actor is restarted;
+- requests waiting on a runtime or an allocator that dies (killed, or hung and then killed by the
+  supervisor) get an error at once, not a hang; the node serves new requests and sessions after;
+  an idle session whose runtime died says its cache is gone; sessions survive an allocator restart;
+- a frontend that dies: its session's next step errors, the allocator frees its cache, the other
+  frontend serves meanwhile, and p2pd no longer routes stream calls to it (work the frontend held
+  itself when it died is an xfail: p2pd and hivemind's client leave those callers waiting);
+- a hung actor (SIGSTOP) is detected by its missing heartbeats and replaced;
+- too many restarts in the window: OFFLINE, exit non-zero, nothing left behind;
+- SIGTERM / SIGINT: OFFLINE, in-flight work finishes or fails within the grace period, exit 0,
+  nothing left behind (p2pd included); kill -9 of the supervisor leaves nothing behind either.
+
+The nodes join a private swarm through a bootstrap DHT peer that lives in this test process, as a
+Petals swarm would: their records stay visible while an announcer restarts and after a node exits
+(so the OFFLINE record can be read back). Requests go straight to the node's peer id (not routed
+through the DHT) so that a node announced JOINING during a restart is still asked.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import threading
+import time
+from pathlib import Path
+from typing import Optional
+
+import psutil
+import pytest
+import torch
+
+from node.client.swarm import Client, RemoteSpan
+from node.tools.launcher import NodeProcess
+from protocol.dht_records import ServerState, from_tuple
+from tests.helpers.waiting import wait_until
+from tests.helpers.paths import MICRO_LLAMA
+from tests.helpers.reference import hf_blocks, rel_err
+
+PREFIX = "micro-llama"
+NUM_BLOCKS = 4
+TOL = 1e-5
+RECOVERY_LIMIT = 10.0  # the issue: the node serves again within 10 s of a kill -9 on a tiny model
+ERROR_LIMIT = 5.0  # an in-flight request must fail this soon (the node's --request_timeout is 60 s)
+HEARTBEAT_TIMEOUT = 3.0
+ACTORS = ("announcer", "allocator", "runtime.0", "frontend.0")
+
+RECOVERY_TIMES: dict[str, float] = {}  # printed at the end of the module (run with -s to see them)
+
+
+def recovery_limit() -> float:
+    """RECOVERY_LIMIT on a host with a free core per runnable process. A replacement spends most of its
+    restart importing torch (CPU bound), so on a host shared with other work (load average above the
+    core count) the limit stretches by load / cores; the measured times are printed either way."""
+    return RECOVERY_LIMIT * max(1.0, os.getloadavg()[0] / (os.cpu_count() or 1))
+
+
+# --- a private swarm: one bootstrap DHT peer in this process ----------------------------------
+
+
+class Bootstrap:
+    """A plain hivemind DHT server on its own event loop thread: the swarm the nodes join."""
+
+    def __init__(self):
+        from hivemind.dht.node import DHTNode
+
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_forever, name="bootstrap-dht", daemon=True)
+        self.thread.start()
+        self.dht = self.run(DHTNode.create(host_maddrs=["/ip4/127.0.0.1/tcp/0"]))
+        self.maddrs = [str(m) for m in self.run(self.dht.p2p.get_visible_maddrs())]
+
+    def run(self, coroutine, timeout: float = 60):
+        return asyncio.run_coroutine_threadsafe(coroutine, self.loop).result(timeout)
+
+    def close(self) -> None:
+        try:
+            self.run(self.dht.shutdown(), timeout=10)
+        finally:
+            self.loop.call_soon_threadsafe(self.loop.stop)
+            self.thread.join(timeout=5)
+
+
+@pytest.fixture(scope="module")
+def swarm():
+    bootstrap = Bootstrap()
+    yield bootstrap.maddrs
+    bootstrap.close()
+    if RECOVERY_TIMES:
+        print("\nrecovery after kill -9 / hang (s):", json.dumps({k: round(v, 2) for k, v in RECOVERY_TIMES.items()}),
+              f"(load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores)")
+
+
+@pytest.fixture(scope="module")
+def client(swarm):
+    c = Client(swarm, PREFIX)
+    yield c
+    c.close()
+
+
+@pytest.fixture(scope="module")
+def sample(micro_hf):
+    """An input and what transformers makes of it through all 4 blocks."""
+    torch.manual_seed(11)
+    hidden = torch.randn(1, 6, 64)
+    with torch.no_grad():
+        return hidden, hf_blocks(micro_hf, hidden, 0, NUM_BLOCKS)
+
+
+def start_node(tmp_path_factory, swarm, *flags: str) -> NodeProcess:
+    run_dir = tmp_path_factory.mktemp("fault") / "node"  # short: unix socket paths are limited
+    node = NodeProcess(
+        MICRO_LLAMA, run_dir, "--initial_peers", *swarm, "--request_timeout", "60", *flags, dht_prefix=PREFIX
+    )
+    try:
+        node.start(timeout=120)
+    except BaseException:
+        node.stop(signal.SIGKILL)
+        raise
+    return node
+
+
+@pytest.fixture(scope="class")
+def shared(tmp_path_factory, swarm):
+    """One node for the kill -9 / hang cases, which run one after the other: one frontend (so that
+    killing it really interrupts service), a short heartbeat timeout, and room for many restarts."""
+    node = start_node(
+        tmp_path_factory, swarm, "--heartbeat_timeout", str(HEARTBEAT_TIMEOUT), "--max_restarts", "100"
+    )
+    yield node
+    node.stop()
+
+
+# --- helpers ---------------------------------------------------------------------------------
+
+
+def span_of(node: NodeProcess) -> RemoteSpan:
+    return RemoteSpan(node.peer_id, 0, NUM_BLOCKS, None)
+
+
+async def _bounded(coroutine, timeout: float):
+    return await asyncio.wait_for(coroutine, timeout)
+
+
+def call(client: Client, coroutine, timeout: float):
+    """Run a client coroutine; a hang becomes asyncio.TimeoutError after `timeout` seconds."""
+    return client.run(_bounded(coroutine, timeout), timeout=timeout + 5)
+
+
+def background(client: Client, coroutine, timeout: float):
+    """Start a client coroutine without waiting: a concurrent.futures.Future."""
+    return asyncio.run_coroutine_threadsafe(_bounded(coroutine, timeout), client._loop)
+
+
+async def _session_output(swarm_client, span: RemoteSpan, hidden: torch.Tensor) -> torch.Tensor:
+    async with swarm_client.inference_session(hidden.shape[1], 0, NUM_BLOCKS, route=[span]) as session:
+        first = await session.step(hidden[:, :4])
+        rest = await session.step(hidden[:, 4:])
+    return torch.cat([first, rest], dim=1)
+
+
+def check_serves(client: Client, node: NodeProcess, sample) -> None:
+    """A forward and a whole inference session through the node, both equal to transformers."""
+    hidden, ref = sample
+    span = span_of(node)
+    out = call(client, client.swarm.forward_span(span, hidden), 5)
+    assert rel_err(out, ref) <= TOL
+    out = call(client, _session_output(client.swarm, span, hidden), 10)
+    assert rel_err(out, ref) <= TOL
+
+
+def wait_serving(client: Client, node: NodeProcess, sample, deadline: float) -> float:
+    """Poll until the node serves again; the time it first did."""
+    last: Optional[BaseException] = None
+    while time.monotonic() < deadline:
+        try:
+            check_serves(client, node, sample)
+            return time.monotonic()
+        except AssertionError:
+            raise
+        except Exception as e:  # not yet: the replacement is still starting
+            last = e
+            time.sleep(0.1)
+    raise AssertionError(f"the node does not serve again: {last!r}\n{node.log_tail(30)}")
+
+
+def record(client: Client, peer: str):
+    """The node's ServerInfo for block 0 and its expiration, as the swarm holds them (or None)."""
+    uid = f"{PREFIX}.0"
+    found = call(client, client.swarm.dht.get(uid, latest=True), 10)
+    if found is None or not isinstance(found.value, dict) or peer not in found.value:
+        return None, None
+    item = found.value[peer]
+    return from_tuple(item.value), item.expiration_time
+
+
+def cache_available(client: Client, peer: str, uid: str) -> Optional[int]:
+    try:
+        return call(client, client.swarm.rpc_info(peer, uid), 2)["cache_tokens_available"]
+    except Exception:
+        return None  # e.g. p2pd handed the call to the frontend that just died
+
+
+def alive(pids) -> list[int]:
+    """The pids among `pids` that still run (a zombie is dead: it only waits to be reaped)."""
+    left = []
+    for pid in pids:
+        try:
+            if psutil.Process(pid).status() != psutil.STATUS_ZOMBIE:
+                left.append(pid)
+        except psutil.NoSuchProcess:
+            pass
+    return left
+
+
+def p2pd_of(run_dir: Path) -> list[int]:
+    """Any p2pd still listening on this node's control socket."""
+    needle = str(run_dir / "p2pd.sock")
+    found = []
+    for proc in psutil.process_iter(["pid", "cmdline", "status"]):
+        try:
+            if proc.info["status"] != psutil.STATUS_ZOMBIE and any(needle in arg for arg in proc.info["cmdline"] or ()):
+                found.append(proc.info["pid"])
+        except (psutil.NoSuchProcess, psutil.AccessDenied):
+            pass
+    return found
+
+
+def offline_announced(node: NodeProcess) -> bool:
+    return any(
+        e.get("event") == "announced" and e.get("actor") == "announcer" and e.get("state") == "OFFLINE"
+        for e in node.log_events()
+    )
+
+
+def assert_nothing_left(node: NodeProcess, pids: list[int], timeout: float = 10) -> None:
+    wait_until(lambda: not alive(pids) and not p2pd_of(node.run_dir), timeout,
+               f"processes left behind: {alive(pids)}, p2pd {p2pd_of(node.run_dir)}")
+
+
+def sigkill(pid: int) -> None:
+    try:
+        os.kill(pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+
+
+def signal_if_stopped(pid: int, sig: int) -> None:
+    """Kill or resume a process this test stopped, if it is still there and stopped (not a reused pid)."""
+    try:
+        if psutil.Process(pid).status() == psutil.STATUS_STOPPED:
+            os.kill(pid, sig)
+    except (psutil.NoSuchProcess, ProcessLookupError):
+        pass
+
+
+# --- kill -9 of each actor ----------------------------------------------------------------------
+
+
+class TestOneNode:
+    """kill -9 and SIGSTOP of each actor of one node, one after the other."""
+
+    @pytest.mark.parametrize("name", ACTORS)
+    def test_kill9_actor_is_replaced_and_node_serves_again(self, name, shared, client, sample):
+        node = shared
+        check_serves(client, node, sample)
+        peer = node.peer_id
+        before = node.status["actors"]
+        old_pid = before[name]["pid"]
+        _, expiration_before = record(client, peer)
+
+        t0 = time.monotonic()
+        os.kill(old_pid, signal.SIGKILL)
+        if name == "announcer":
+            # the node keeps serving and keeps its state while its announcer restarts
+            check_serves(client, node, sample)
+            assert node.status["state"] == "online"
+            info, _ = record(client, peer)
+            assert info is not None and info.state == ServerState.ONLINE
+        new_pid = node.wait_ready(name, old_pid, timeout=30)
+        wait_until(lambda: node.status.get("state") == "online", 30, "node not ONLINE again", node)
+        wait_serving(client, node, sample, t0 + 30)
+        if name == "announcer":  # its successor stored the record again (a later expiration)
+            def reannounced():
+                info, expiration = record(client, peer)
+                return info is not None and info.state == ServerState.ONLINE and expiration > expiration_before
+
+            wait_until(reannounced, 30, "the new announcer did not announce ONLINE", node)
+        recovery = time.monotonic() - t0  # every condition above holds from here on
+        RECOVERY_TIMES[name] = recovery
+
+        after = node.status
+        assert after["peer_id"] == peer
+        assert new_pid != old_pid and not alive([old_pid])
+        assert after["actors"][name]["restarts"] == before[name]["restarts"] + 1
+        for other, entry in before.items():  # nobody else was restarted
+            if other != name:
+                assert after["actors"][other]["pid"] == entry["pid"], other
+                assert after["actors"][other]["restarts"] == entry["restarts"], other
+        spans = wait_until(lambda: client.spans(NUM_BLOCKS), 10, "no ONLINE record in the DHT", node)
+        assert [(s.peer_id, s.start, s.end, s.info.state) for s in spans] == [(peer, 0, NUM_BLOCKS, ServerState.ONLINE)]
+        assert recovery < recovery_limit(), f"{name}: served again only {recovery:.1f} s after kill -9"
+
+    # --- requests in flight when the runtime or the allocator dies --------------------------------
+
+    def test_runtime_kill9_fails_requests_in_flight(self, shared, client, sample):
+        """A forward, a large forward (rpc_forward_stream) and an inference step wait in the queue of a
+        runtime that is stopped, then killed: each gets a clear error at once, and the node serves."""
+        node = shared
+        hidden, ref = sample
+        span = span_of(node)
+        torch.manual_seed(12)
+        big = torch.randn(1, 4200, 64)  # over 1 MB: the client uses rpc_forward_stream
+        session = client.session(64, 0, NUM_BLOCKS, route=[span])
+        session.__enter__()
+        try:
+            assert rel_err(session.step(hidden[:, :4]), ref[:, :4]) <= TOL
+            runtime = node.actor_pid("runtime.0")
+            os.kill(runtime, signal.SIGSTOP)
+            try:
+                pending = {
+                    "rpc_forward": background(client, client.swarm.forward_span(span, hidden), 30),
+                    "rpc_forward_stream": background(client, client.swarm.forward_span(span, big), 30),
+                    "rpc_inference": background(client, session.session.step(hidden[:, 4:]), 30),
+                }
+                time.sleep(1.5)  # the requests reach the frontend and wait on the stopped runtime
+                assert not [rpc for rpc, f in pending.items() if f.done()]
+                t0 = time.monotonic()
+            finally:
+                sigkill(runtime)
+            for rpc, future in pending.items():
+                with pytest.raises(Exception) as failure:
+                    future.result(timeout=max(0.1, t0 + ERROR_LIMIT - time.monotonic()))
+                assert not isinstance(failure.value, (asyncio.TimeoutError, TimeoutError)), f"{rpc} hung"
+                assert "restarted" in str(failure.value), f"{rpc}: {failure.value!r}"
+            errors_after = time.monotonic() - t0
+            with pytest.raises(Exception):  # the session's stream has ended with that error
+                call(client, session.session.step(hidden[:, 4:]), 5)
+        finally:
+            try:
+                session.__exit__(None, None, None)
+            except Exception:
+                pass
+        node.wait_ready("runtime.0", runtime, timeout=30)
+        served = wait_serving(client, node, sample, t0 + 30) - t0
+        out = call(client, client.swarm.forward_span(span, big), 30)
+        assert out.shape == big.shape
+        RECOVERY_TIMES["runtime.0 (requests in flight)"] = served
+        assert errors_after < ERROR_LIMIT
+        assert served < recovery_limit()
+
+    def test_runtime_kill9_voids_open_session(self, shared, client, sample):
+        """An idle session whose runtime died: its next step says the cache is gone; a new one works."""
+        node = shared
+        hidden, ref = sample
+        span = span_of(node)
+        session = client.session(64, 0, NUM_BLOCKS, route=[span])
+        session.__enter__()
+        try:
+            assert rel_err(session.step(hidden[:, :4]), ref[:, :4]) <= TOL
+            runtime = node.actor_pid("runtime.0")
+            t0 = time.monotonic()
+            os.kill(runtime, signal.SIGKILL)
+            node.wait_ready("runtime.0", runtime, timeout=30)
+            began = time.monotonic()
+            with pytest.raises(Exception) as failure:
+                call(client, session.session.step(hidden[:, 4:]), ERROR_LIMIT)
+            assert time.monotonic() - began < ERROR_LIMIT
+            assert "cache of this session is gone" in str(failure.value), repr(failure.value)
+        finally:
+            try:
+                session.__exit__(None, None, None)
+            except Exception:
+                pass
+        served = wait_serving(client, node, sample, t0 + 30) - t0
+        assert served < recovery_limit()
+
+    def test_allocator_kill9_fails_waiting_requests_and_keeps_sessions(self, shared, client, sample):
+        """A session open opening and an rpc_info wait on a stopped allocator, which is then killed: both
+        get an error at once. A session opened before lives on: the new allocator adopts its grant."""
+        node = shared
+        hidden, ref = sample
+        peer, span, uid = node.peer_id, span_of(node), f"{PREFIX}.0"
+        full = client.rpc_info(peer, uid)["cache_tokens_available"]
+        kept = client.session(64, 0, NUM_BLOCKS, route=[span])
+        kept.__enter__()
+        try:
+            assert rel_err(kept.step(hidden[:, :3]), ref[:, :3]) <= TOL
+            holding = client.rpc_info(peer, uid)["cache_tokens_available"]
+            assert holding < full
+            allocator = node.actor_pid("allocator")
+            os.kill(allocator, signal.SIGSTOP)
+            try:
+                pending = {
+                    "rpc_inference": background(client, _session_output(client.swarm, span, hidden), 30),
+                    "rpc_info": background(client, client.swarm.rpc_info(peer, uid), 30),
+                }
+                time.sleep(1.0)
+                assert not [rpc for rpc, f in pending.items() if f.done()]
+                t0 = time.monotonic()
+            finally:
+                sigkill(allocator)
+            for rpc, future in pending.items():
+                with pytest.raises(Exception) as failure:
+                    future.result(timeout=max(0.1, t0 + ERROR_LIMIT - time.monotonic()))
+                assert not isinstance(failure.value, (asyncio.TimeoutError, TimeoutError)), f"{rpc} hung"
+                assert "allocator" in str(failure.value), f"{rpc}: {failure.value!r}"
+            node.wait_ready("allocator", allocator, timeout=30)
+            wait_serving(client, node, sample, t0 + recovery_limit())
+            # the old session goes on, and the new allocator counts its cache
+            assert rel_err(kept.step(hidden[:, 3:]), ref[:, 3:]) <= TOL
+            wait_until(lambda: cache_available(client, peer, uid) == holding, ERROR_LIMIT,
+                       "the new allocator does not count the open session", node)
+        finally:
+            kept.__exit__(None, None, None)
+        wait_until(lambda: cache_available(client, peer, uid) == full, ERROR_LIMIT, "the session's cache stays taken", node)
+
+    # --- a hung actor --------------------------------------------------------------------------
+
+    @pytest.mark.parametrize("name", ["runtime.0", "frontend.0"])
+    def test_hung_actor_is_replaced(self, name, shared, client, sample):
+        """SIGSTOP (not killed): the supervisor misses its heartbeats, kills it and starts a new one.
+        A hung runtime: the step and the forward waiting on it fail instead of waiting for
+        --request_timeout. A hung frontend: the session's next step fails at once (for work held by
+        the frontend itself, see the xfail below)."""
+        node = shared
+        hidden, ref = sample
+        check_serves(client, node, sample)
+        span = span_of(node)
+        restarts = node.status["actors"][name]["restarts"]
+        session = client.session(64, 0, NUM_BLOCKS, route=[span])
+        session.__enter__()
+        pid = node.actor_pid(name)
+        try:
+            assert rel_err(session.step(hidden[:, :3]), ref[:, :3]) <= TOL
+            t0 = time.monotonic()
+            os.kill(pid, signal.SIGSTOP)
+            if name == "runtime.0":
+                waiting = {
+                    "rpc_inference": background(client, session.session.step(hidden[:, 3:5]), 30),
+                    "rpc_forward": background(client, client.swarm.forward_span(span, hidden), 30),
+                }
+                for rpc, future in waiting.items():
+                    with pytest.raises(Exception) as failure:
+                        future.result(timeout=max(0.1, t0 + HEARTBEAT_TIMEOUT + 10 - time.monotonic()))
+                    assert not isinstance(failure.value, (asyncio.TimeoutError, TimeoutError)), f"{rpc} hung"
+                    assert "restarted" in str(failure.value), f"{rpc}: {failure.value!r}"
+                failed_after = time.monotonic() - t0
+            node.wait_ready(name, pid, timeout=30)
+            if name == "frontend.0":
+                began = time.monotonic()
+                with pytest.raises(Exception) as failure:
+                    call(client, session.session.step(hidden[:, 3:5]), ERROR_LIMIT)
+                assert not isinstance(failure.value, (asyncio.TimeoutError, TimeoutError)), "the next step hung"
+                failed_after = time.monotonic() - began
+        finally:
+            signal_if_stopped(pid, signal.SIGKILL)  # whatever happened, never leave it stopped
+            try:
+                session.__exit__(None, None, None)
+            except Exception:
+                pass
+        served = wait_serving(client, node, sample, t0 + 40) - t0
+        RECOVERY_TIMES[f"{name} (hung)"] = served
+        silent = [e for e in node.log_events() if e.get("event") == "actor silent; killing it" and e.get("pid") == pid]
+        assert silent and silent[0]["actor"] == name
+        assert node.status["actors"][name]["restarts"] == restarts + 1
+        assert failed_after < HEARTBEAT_TIMEOUT + ERROR_LIMIT
+        assert served < HEARTBEAT_TIMEOUT + recovery_limit()
+
+    @pytest.mark.xfail(
+        strict=True,
+        reason="work held by the frontend process itself when it dies: p2pd keeps a unary call's stream "
+        "open, and hivemind's client does not end an rpc_inference stream that the server closed without "
+        "an error frame; both callers wait for their own timeout (Petals clients then retry elsewhere)",
+    )
+    def test_work_held_by_a_killed_frontend_fails(self, shared, client, sample):
+        node = shared
+        hidden, ref = sample
+        span = span_of(node)
+        session = client.session(64, 0, NUM_BLOCKS, route=[span])
+        session.__enter__()
+        pid = node.actor_pid("frontend.0")
+        try:
+            assert rel_err(session.step(hidden[:, :3]), ref[:, :3]) <= TOL
+            os.kill(pid, signal.SIGSTOP)
+            try:
+                waiting = {
+                    "rpc_forward": background(client, client.swarm.forward_span(span, hidden), 30),
+                    "rpc_inference": background(client, session.session.step(hidden[:, 3:5]), 30),
+                }
+                time.sleep(1.0)  # p2pd has handed both to the stopped frontend
+            finally:
+                sigkill(pid)
+            t0 = time.monotonic()
+            node.wait_ready("frontend.0", pid, timeout=30)
+            wait_serving(client, node, sample, t0 + 30)
+            late = []
+            for rpc, future in waiting.items():
+                try:
+                    future.result(timeout=max(0.1, t0 + ERROR_LIMIT - time.monotonic()))
+                except (asyncio.TimeoutError, TimeoutError):
+                    late.append(rpc)
+                except Exception:
+                    pass  # an error, as it should be
+            for future in waiting.values():
+                future.cancel()
+            assert not late, f"still waiting {ERROR_LIMIT} s after the frontend died: {late}"
+        finally:
+            try:
+                session.__exit__(None, None, None)
+            except Exception:
+                pass
+
+
+# --- a frontend dies during an inference session ---------------------------------------------
+
+
+@pytest.fixture(scope="class")
+def two_frontends(tmp_path_factory, swarm):
+    """A node with two frontends; the supervisor kill -9 test ends it."""
+    node = start_node(tmp_path_factory, swarm, "--num_handlers", "2")
+    yield node
+    node.stop(signal.SIGKILL)
+
+
+class TestTwoFrontends:
+    """A frontend dies, the other serves; then the supervisor is killed with -9."""
+
+    def test_frontend_kill9_during_session(self, two_frontends, client, sample):
+        """Two frontends: the session's owner dies; the client's stream errors, the allocator frees the
+        dead frontend's cache, and the surviving frontend serves meanwhile."""
+        node = two_frontends
+        hidden, ref = sample
+        peer = node.peer_id
+        span = span_of(node)
+        uid = f"{PREFIX}.0"
+        full = client.rpc_info(peer, uid)["cache_tokens_available"]
+        session = client.session(64, 0, NUM_BLOCKS, route=[span])
+        session.__enter__()
+        try:
+            assert rel_err(session.step(hidden[:, :4]), ref[:, :4]) <= TOL
+            assert client.rpc_info(peer, uid)["cache_tokens_available"] < full
+            session_id = session.session.sessions[0].session_id
+            opened = [e for e in node.log_events() if e.get("event") == "session opened" and e.get("session") == session_id]
+            owner = opened[0]["actor"]
+            restarts = node.status["actors"][owner]["restarts"]
+            pid = node.actor_pid(owner)
+            t0 = time.monotonic()
+            os.kill(pid, signal.SIGKILL)
+            # the allocator drops the dead owner's grant; the survivor answers while the owner restarts
+            wait_until(lambda: [e for e in node.log_events() if e.get("event") == "dropped sessions of a replaced frontend"
+                                and e.get("frontend") == owner], ERROR_LIMIT, "the dead frontend's sessions stay", node)
+            wait_until(lambda: cache_available(client, peer, uid) == full, ERROR_LIMIT,
+                       "the dead frontend's cache was not freed", node)
+            freed = time.monotonic() - t0
+            began = time.monotonic()
+            with pytest.raises(Exception) as failure:  # the client's next step on the dead stream
+                call(client, session.session.step(hidden[:, 4:]), ERROR_LIMIT)
+            assert not isinstance(failure.value, (asyncio.TimeoutError, TimeoutError)), "the step hung"
+            assert time.monotonic() - began < ERROR_LIMIT
+        finally:
+            try:
+                session.__exit__(None, None, None)
+            except Exception:
+                pass
+        wait_serving(client, node, sample, t0 + recovery_limit())
+        node.wait_ready(owner, pid, timeout=30)
+        assert node.status["actors"][owner]["restarts"] == restarts + 1
+        assert freed < ERROR_LIMIT
+        for _ in range(6):  # p2pd balances over both frontends again; none of it goes to the dead one
+            check_serves(client, node, sample)
+
+    def test_supervisor_kill9_leaves_nothing(self, two_frontends):
+        node = two_frontends
+        pids = node.all_pids()
+        assert len(pids) >= 7  # supervisor, p2pd and 5 actors
+        assert p2pd_of(node.run_dir)
+        node.proc.send_signal(signal.SIGKILL)
+        node.proc.wait(10)
+        t0 = time.monotonic()
+        assert_nothing_left(node, pids, timeout=5)
+        print(f"\nsupervisor kill -9: everything gone after {time.monotonic() - t0:.2f} s")
+
+
+# --- restart intensity -------------------------------------------------------------------------
+
+
+def test_too_many_restarts_offline_and_exit_nonzero(tmp_path_factory, swarm, client):
+    node = start_node(tmp_path_factory, swarm, "--max_restarts", "2", "--restart_window", "60")
+    try:
+        peer = node.peer_id
+        pids = node.all_pids()
+        for _ in range(2):
+            pid = node.actor_pid("allocator")
+            os.kill(pid, signal.SIGKILL)
+            node.wait_ready("allocator", pid, timeout=30)
+        assert node.status["actors"]["allocator"]["restarts"] == 2
+        os.kill(node.actor_pid("allocator"), signal.SIGKILL)  # the third restart in 60 s is one too many
+        code = node.proc.wait(30)
+        assert code != 0
+        events = node.log_events()
+        assert any(e.get("event") == "too many restarts; giving up" for e in events)
+        assert offline_announced(node), node.log_tail(30)
+        info, _ = record(client, peer)
+        assert info is not None and info.state == ServerState.OFFLINE
+        assert node.status["state"] == "stopped"
+        assert_nothing_left(node, pids)
+    finally:
+        node.stop(signal.SIGKILL)
+
+
+# --- graceful shutdown ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "sig, runtime_hangs",
+    [(signal.SIGTERM, False), (signal.SIGINT, True)],
+    ids=["SIGTERM-work-finishes", "SIGINT-work-fails"],
+)
+def test_shutdown_signal(sig, runtime_hangs, tmp_path_factory, swarm, client, sample):
+    """A forward and an inference step are in flight (waiting on a stopped runtime) when the signal
+    comes. SIGTERM case: the runtime resumes and both finish. SIGINT case: the runtime stays stopped,
+    both fail once the grace period is over. Either way: OFFLINE, exit 0, nothing left."""
+    grace = 3.0
+    hidden, ref = sample
+    node = start_node(tmp_path_factory, swarm, "--shutdown_grace", str(grace))
+    session = None
+    try:
+        peer = node.peer_id
+        span = span_of(node)
+        session = client.session(64, 0, NUM_BLOCKS, route=[span])
+        session.__enter__()
+        assert rel_err(session.step(hidden[:, :4]), ref[:, :4]) <= TOL
+        pids = node.all_pids()
+        runtime = node.actor_pid("runtime.0")
+        os.kill(runtime, signal.SIGSTOP)
+        try:
+            forward = background(client, client.swarm.forward_span(span, hidden), 60)
+            step = background(client, session.session.step(hidden[:, 4:]), 60)
+            time.sleep(1.0)
+            assert not forward.done() and not step.done()
+            t0 = time.monotonic()
+            node.proc.send_signal(sig)
+            if not runtime_hangs:
+                time.sleep(0.5)
+                os.kill(runtime, signal.SIGCONT)  # the runtime resumes during the frontends' grace period
+            bound = grace + ERROR_LIMIT
+            if runtime_hangs:  # failed by the frontends once their grace period is over
+                for future in (forward, step):
+                    with pytest.raises(Exception) as failure:
+                        future.result(timeout=max(0.1, t0 + bound - time.monotonic()))
+                    assert not isinstance(failure.value, (asyncio.TimeoutError, TimeoutError)), "in-flight work hung"
+                    assert "shutting down" in str(failure.value), repr(failure.value)
+            else:
+                assert rel_err(forward.result(timeout=bound), ref) <= TOL
+                assert rel_err(step.result(timeout=bound), ref[:, 4:]) <= TOL
+            settled = time.monotonic() - t0
+            code = node.proc.wait(30)
+        finally:
+            signal_if_stopped(runtime, signal.SIGCONT)
+        stopped = time.monotonic() - t0
+        assert code == 0, node.log_tail(40)
+        assert offline_announced(node), node.log_tail(40)
+        info, _ = record(client, peer)
+        assert info is not None and info.state == ServerState.OFFLINE
+        assert node.status["state"] == "stopped"
+        assert_nothing_left(node, pids)
+        with pytest.raises(Exception):  # the session ended with the node
+            call(client, session.session.step(hidden[:, 5:]), ERROR_LIMIT)
+        print(f"\n{signal.Signals(sig).name}: in-flight work settled after {settled:.1f} s, node exited after {stopped:.1f} s")
+        assert settled < bound
+    finally:
+        try:
+            if session is not None:
+                session.__exit__(None, None, None)
+        except Exception:
+            pass
+        node.stop(signal.SIGKILL)

@@ -1,0 +1,76 @@
+"""What operators run the node with, checked without a node: the systemd unit file, the notify protocol
+spoken to a socket the test binds itself, and the metrics' counters across actor replacements."""
+
+from __future__ import annotations
+
+import configparser
+import os
+import shutil
+import socket
+import subprocess
+import sys
+
+import pytest
+
+from node.supervisor.sd_notify import Notifier
+from tests.helpers.paths import ROOT
+
+
+def test_systemd_unit_is_valid(tmp_path):
+    """The unit parses without a complaint from systemd-analyze (where installed) and asks for what the
+    node implements."""
+    text = (ROOT / "node" / "supervisor" / "units" / "petals-node.service").read_text()
+    unit = configparser.RawConfigParser(strict=False)
+    unit.read_string(text.replace("\\\n", " "))
+    service = unit["Service"]
+    assert service["Type"] == "notify" and service["NotifyAccess"] == "main" and service["KillMode"] in ("mixed", "control-group")
+    assert int(service["WatchdogSec"]) > 0 and int(service["TimeoutStopSec"]) > 10 + 5  # --shutdown_grace, then stopping
+    analyze = shutil.which("systemd-analyze")
+    if analyze is None:
+        pytest.skip("systemd-analyze is not installed")
+    path = tmp_path / "petals-node.service"
+    path.write_text(text.replace("/opt/petals-node/.venv/bin/python", sys.executable))
+    done = subprocess.run([analyze, "verify", str(path)], capture_output=True, text=True, timeout=60)
+    complaints = [line for line in (done.stdout + done.stderr).splitlines() if str(path) in line]
+    assert done.returncode == 0 and not complaints, done.stdout + done.stderr
+
+
+def test_notifier_speaks_the_systemd_protocol(tmp_path):
+    server = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    server.bind(str(tmp_path / "notify"))
+    server.settimeout(2)
+    notifier = Notifier({"NOTIFY_SOCKET": str(tmp_path / "notify"), "WATCHDOG_USEC": "2000000"})
+    assert notifier.watchdog_interval == 1.0
+    assert notifier.ready("ONLINE")
+    assert server.recv(4096).decode().split("\n")[:2] == ["READY=1", "STATUS=ONLINE"]
+    assert notifier.watchdog(True, now=10.0) and server.recv(4096) == b"WATCHDOG=1"
+    assert not notifier.watchdog(True, now=10.5)  # not due yet
+    assert not notifier.watchdog(False, now=20.0)  # unhealthy: no ping, systemd's watchdog fires
+    assert notifier.stopping() and server.recv(4096).startswith(b"STOPPING=1")
+    assert not Notifier({}).ready("ONLINE")  # outside systemd: nothing, no error
+    abstract = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    name = f"node-test-{os.getpid()}"
+    abstract.bind("\0" + name)
+    abstract.settimeout(2)
+    assert Notifier({"NOTIFY_SOCKET": "@" + name}).status("x") and abstract.recv(100) == b"STATUS=x"
+
+
+def test_metrics_totals_survive_an_actor_replacement():
+    from node.supervisor.metrics import LATENCY_BUCKETS, Totals
+    from node.frontend import handlers as rpc_handlers
+    from protocol.messages import FrontendStats, RuntimeStats
+
+    assert LATENCY_BUCKETS == rpc_handlers.LATENCY_BUCKETS  # one tuple, in protocol/messages.py
+    totals = Totals()
+    totals.observe("frontend.0", 100, FrontendStats(calls={"rpc_forward": 5}))
+    totals.observe("frontend.0", 100, FrontendStats(calls={"rpc_forward": 7}))
+    totals.observe("frontend.1", 101, FrontendStats(calls={"rpc_forward": 1}))
+    assert totals.totals()[("requests", "rpc_forward")] == 8
+    # the replacement has already counted more than its predecessor when it is first heard from
+    totals.observe("frontend.0", 200, FrontendStats(calls={"rpc_forward": 9}))
+    assert totals.totals()[("requests", "rpc_forward")] == 7 + 9 + 1
+    totals.observe("frontend.0", 200, FrontendStats(calls={"rpc_forward": "bad"}))  # ignored, not raised
+    totals.observe("runtime.0", 300, RuntimeStats(rounds=3, round_sizes={"2": 3}))
+    totals.observe("runtime.0", 301, RuntimeStats(rounds=1, round_sizes={"1": 1}))
+    t = totals.totals()
+    assert t[("rounds",)] == 4 and t[("round_size", "2")] == 3 and t[("round_size", "1")] == 1
