@@ -53,8 +53,8 @@ import psutil
 import torch
 
 from node.client.generate import BatchedHead
-from node.tools.launcher import ROOT, NodeProcess
 from node.startup import die_with_parent
+from node.tools.launcher import ROOT, NodeProcess
 
 PROMPT = [1, 15, 27, 99, 4, 63, 250, 7]
 BATCH, LENGTH = 4, 128  # the forward/backward shape: 4 sequences of 128 tokens
@@ -154,8 +154,11 @@ def local_generate(model, prompt: torch.Tensor, new_tokens: int) -> torch.Tensor
 # --- the node side: the project's client ------------------------------------------------------------
 
 
-def node_generate(client, head, route, prompt: torch.Tensor, new_tokens: int, device: torch.device, timing: dict) -> torch.Tensor:
-    """greedy_generate (node/client/generate.py) with the route found once, as a Petals client caches it, and timestamps."""
+def node_generate(
+    client, head, route, prompt: torch.Tensor, new_tokens: int, device: torch.device, timing: dict
+) -> torch.Tensor:
+    """greedy_generate (node/client/generate.py) with the route found once, as a Petals client caches it,
+    and timestamps."""
     total = prompt.shape[1] + new_tokens
     tokens = prompt
     head_s, step_s = [], []
@@ -185,7 +188,9 @@ def node_generate(client, head, route, prompt: torch.Tensor, new_tokens: int, de
     return tokens
 
 
-def node_generate_concurrently(client, head, route, prompts: torch.Tensor, new_tokens: int, device: torch.device) -> torch.Tensor:
+def node_generate_concurrently(
+    client, head, route, prompts: torch.Tensor, new_tokens: int, device: torch.device
+) -> torch.Tensor:
     """One inference session per row of `prompts`, all at once (asyncio): independent sessions through
     the node, with the client's LM head batched over the sessions ready together (BatchedHead)."""
     swarm = client.swarm
@@ -230,25 +235,6 @@ def alternate(node_fn, local_fn, repeats: int, warmup: int) -> tuple[list[float]
     return node_s, local_s
 
 
-LOCAL_MEMORY_SCRIPT = r"""
-import json, sys, psutil, torch
-from node.bench import local_forward, local_backward, local_generate, sync
-from transformers import AutoModelForCausalLM
-sys.stdin.readline()  # imports are done while the node stops; the work waits until it is gone
-model_path, dtype, device, batch, length = sys.argv[1], getattr(torch, sys.argv[2]), torch.device(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5])
-model = AutoModelForCausalLM.from_pretrained(model_path, dtype=dtype).to(device).eval()
-model.requires_grad_(False)
-me = psutil.Process()
-peak = me.memory_full_info().pss
-g = torch.Generator().manual_seed(1)
-hidden = torch.randn(batch, length, model.config.hidden_size, generator=g).to(device, dtype)
-local_forward(model, hidden); peak = max(peak, me.memory_full_info().pss)
-local_backward(model, hidden, hidden); peak = max(peak, me.memory_full_info().pss)
-local_generate(model, torch.tensor([[1, 15, 27, 99]], device=device), 4); peak = max(peak, me.memory_full_info().pss)
-print(json.dumps({"pss": peak}))
-"""
-
-
 class LocalMemoryProbe:
     """Peak PSS of a fresh process that holds the model in plain transformers and runs the same work once.
 
@@ -258,8 +244,13 @@ class LocalMemoryProbe:
     def __init__(self, model_path: str, dtype: str, device: str):
         env = dict(os.environ, PYTHONPATH=str(ROOT))
         self.proc = subprocess.Popen(
-            [sys.executable, "-c", LOCAL_MEMORY_SCRIPT, model_path, dtype, device, str(BATCH), str(LENGTH)],
-            cwd=ROOT, env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+            [sys.executable, "-m", "node.tools.local_memory", model_path, dtype, device, str(BATCH), str(LENGTH)],
+            cwd=ROOT,
+            env=env,
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
             preexec_fn=die_with_parent,
         )
 
@@ -284,8 +275,14 @@ def median(xs: list[float]) -> float:
 
 def metric(unit: str, node: float, local: float, higher_is_better: bool, label: str) -> dict:
     ratio = node / local if higher_is_better else local / node
-    return {"label": label, "unit": unit, "node": node, "local": local, "ratio": ratio,
-            "ratio_is": "node/local" if higher_is_better else "local/node"}
+    return {
+        "label": label,
+        "unit": unit,
+        "node": node,
+        "local": local,
+        "ratio": ratio,
+        "ratio_is": "node/local" if higher_is_better else "local/node",
+    }
 
 
 def format_table(metrics: dict) -> str:
@@ -311,11 +308,16 @@ def _num(x: float) -> str:
 
 
 def parse_args(argv) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m node.bench", description=__doc__.splitlines()[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="python -m node.bench",
+        description=__doc__.splitlines()[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     src = p.add_mutually_exclusive_group()
     src.add_argument("--model", help="a local model directory (a Llama-family checkpoint) instead of a preset")
-    src.add_argument("--preset", choices=["tiny", "small"], default="tiny", help="random Llama made here with seed 0 (default tiny)")
+    src.add_argument(
+        "--preset", choices=["tiny", "small"], default="tiny", help="random Llama made here with seed 0 (default tiny)"
+    )
     p.add_argument("--tokens", type=int, default=32, help="new tokens per generation (default 32)")
     p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
     p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
@@ -374,8 +376,8 @@ def main(argv=None) -> int:
 def run(args, work: Path, dtype: torch.dtype, device: torch.device, bench_began: float) -> bool:
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from node.client.swarm import Client
     from node.client.generate import LocalHead
+    from node.client.swarm import Client
     from node.tools.tinymodel import make_preset
 
     model_path = args.model
@@ -384,23 +386,36 @@ def run(args, work: Path, dtype: torch.dtype, device: torch.device, bench_began:
         make_preset(model_path, args.preset, seed=0)
     config = AutoConfig.from_pretrained(model_path)
     num_blocks = config.num_hidden_layers
-    shape = (f"hidden {config.hidden_size}, {num_blocks} blocks, {config.num_attention_heads} heads, "
-             f"{getattr(config, 'num_key_value_heads', config.num_attention_heads)} KV heads, "
-             f"intermediate {config.intermediate_size}, vocab {config.vocab_size}")
+    shape = (
+        f"hidden {config.hidden_size}, {num_blocks} blocks, {config.num_attention_heads} heads, "
+        f"{getattr(config, 'num_key_value_heads', config.num_attention_heads)} KV heads, "
+        f"intermediate {config.intermediate_size}, vocab {config.vocab_size}"
+    )
     source = args.model or f"preset {args.preset} (random, seed 0)"
     print(f"model: {source}: {config.model_type}, {shape}")
-    print(f"machine: {os.cpu_count()} CPUs ({len(os.sched_getaffinity(0))} usable), {platform.machine()}, "
-          f"python {platform.python_version()}, torch {torch.__version__}, threads {torch.get_num_threads()} "
-          f"(interop {torch.get_num_interop_threads()}), dtype {args.dtype}, device {args.device}"
-          + (f" ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else ""))
+    print(
+        f"machine: {os.cpu_count()} CPUs ({len(os.sched_getaffinity(0))} usable), {platform.machine()}, "
+        f"python {platform.python_version()}, torch {torch.__version__}, threads {torch.get_num_threads()} "
+        f"(interop {torch.get_num_interop_threads()}), dtype {args.dtype}, device {args.device}"
+        + (f" ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else "")
+    )
     load_before = os.getloadavg()
-    print(f"load average before: {load_before[0]:.2f} {load_before[1]:.2f} {load_before[2]:.2f} "
-          "(the client, the node and the local baseline share these cores; other load makes the figures noisy)")
+    print(
+        f"load average before: {load_before[0]:.2f} {load_before[1]:.2f} {load_before[2]:.2f} "
+        "(the client, the node and the local baseline share these cores; other load makes the figures noisy)"
+    )
 
     node = NodeProcess(
-        model_path, work / "run",
-        "--torch_dtype", args.dtype, "--device", args.device, "--num_handlers", "1",
-        dht_prefix=args.dht_prefix, log_path=work / "node.log",
+        model_path,
+        work / "run",
+        "--torch_dtype",
+        args.dtype,
+        "--device",
+        args.device,
+        "--num_handlers",
+        "1",
+        dht_prefix=args.dht_prefix,
+        log_path=work / "node.log",
     )
     sampler: Optional[PssSampler] = None
     client = None
@@ -415,7 +430,11 @@ def run(args, work: Path, dtype: torch.dtype, device: torch.device, bench_began:
         node.start(timeout=min(180.0, args.max_seconds))
         cold_start = time.monotonic() - began
         sampler = PssSampler(node.all_pids).start()
-        print(f"node ONLINE after {cold_start:.2f} s: blocks {node.status.get('blocks')}, {len(node.all_pids())} processes", flush=True)
+        print(
+            f"node ONLINE after {cold_start:.2f} s: blocks {node.status.get('blocks')}, "
+            f"{len(node.all_pids())} processes",
+            flush=True,
+        )
 
         began = time.monotonic()
         model = AutoModelForCausalLM.from_pretrained(model_path, dtype=dtype).to(device).eval()
@@ -433,11 +452,16 @@ def run(args, work: Path, dtype: torch.dtype, device: torch.device, bench_began:
         # 1. generation, one session, batch 1
         prompt = torch.tensor([[t % config.vocab_size for t in PROMPT]])
         n = args.tokens
-        print(f"generation: {n} new tokens after a {prompt.shape[1]}-token prompt, {args.gen_repeats} runs per side ...", flush=True)
+        print(
+            f"generation: {n} new tokens after a {prompt.shape[1]}-token prompt, {args.gen_repeats} runs per side ...",
+            flush=True,
+        )
         outputs = {}
 
         def node_gen(k=n, record=None):
-            outputs["node"] = node_generate(client, head, route, prompt, k, device, record if record is not None else {})
+            outputs["node"] = node_generate(
+                client, head, route, prompt, k, device, record if record is not None else {}
+            )
 
         def local_gen(k=n):
             outputs["local"] = local_generate(model, prompt.to(device), k).cpu()
@@ -457,7 +481,8 @@ def run(args, work: Path, dtype: torch.dtype, device: torch.device, bench_began:
         node_s, local_s = alternate(
             lambda: many.__setitem__("node", node_generate_concurrently(client, head, route, prompts, n, device)),
             lambda: many.__setitem__("local", local_generate(model, prompts.to(device), n).cpu()),
-            args.gen_repeats, args.warmup,
+            args.gen_repeats,
+            args.warmup,
         )
         samples["generate_many_s"] = {"node": node_s, "local": local_s}
         checks["concurrent_tokens_match"] = many["node"].tolist() == many["local"].tolist()
@@ -472,7 +497,8 @@ def run(args, work: Path, dtype: torch.dtype, device: torch.device, bench_began:
         node_s, local_s = alternate(
             lambda: fwd.__setitem__("node", client.forward_span(span, hidden)),
             lambda: fwd.__setitem__("local", local_forward(model, hidden_dev)),
-            args.repeats, args.warmup,
+            args.repeats,
+            args.warmup,
         )
         samples["forward_s"] = {"node": node_s, "local": local_s}
         checks["forward_max_rel_err"] = _rel_err(fwd["node"], fwd["local"].cpu())
@@ -483,7 +509,8 @@ def run(args, work: Path, dtype: torch.dtype, device: torch.device, bench_began:
         node_s, local_s = alternate(
             lambda: bwd.__setitem__("node", client.backward_span(span, hidden, grad_outputs)[0]),
             lambda: bwd.__setitem__("local", local_backward(model, hidden_dev, grad_dev)),
-            args.repeats, args.warmup,
+            args.repeats,
+            args.warmup,
         )
         samples["backward_s"] = {"node": node_s, "local": local_s}
         checks["backward_max_rel_err"] = _rel_err(bwd["node"], bwd["local"].cpu())
@@ -517,15 +544,34 @@ def run(args, work: Path, dtype: torch.dtype, device: torch.device, bench_began:
     tokens_fb = BATCH * LENGTH
     metrics = {
         "cold_start": metric("s", cold_start, local_load, False, "cold start: node to ONLINE / local from_pretrained"),
-        "generation": metric("tokens/s", n / median(gen["node"]), n / median(gen["local"]), True,
-                             f"generation, 1 session, batch 1, {n} tokens"),
-        "concurrent": metric("tokens/s", k * n / median(samples["generate_many_s"]["node"]),
-                             k * n / median(samples["generate_many_s"]["local"]), True,
-                             f"generation, {k} sessions (local: batch {k}), {n} tokens each"),
-        "forward": metric("tokens/s", tokens_fb / median(fwd_s["node"]), tokens_fb / median(fwd_s["local"]), True,
-                          f"forward {BATCH}x{LENGTH}, all blocks"),
-        "backward": metric("ms", 1000 * median(bwd_s["node"]), 1000 * median(bwd_s["local"]), False,
-                           f"backward {BATCH}x{LENGTH}, all blocks (per call)"),
+        "generation": metric(
+            "tokens/s",
+            n / median(gen["node"]),
+            n / median(gen["local"]),
+            True,
+            f"generation, 1 session, batch 1, {n} tokens",
+        ),
+        "concurrent": metric(
+            "tokens/s",
+            k * n / median(samples["generate_many_s"]["node"]),
+            k * n / median(samples["generate_many_s"]["local"]),
+            True,
+            f"generation, {k} sessions (local: batch {k}), {n} tokens each",
+        ),
+        "forward": metric(
+            "tokens/s",
+            tokens_fb / median(fwd_s["node"]),
+            tokens_fb / median(fwd_s["local"]),
+            True,
+            f"forward {BATCH}x{LENGTH}, all blocks",
+        ),
+        "backward": metric(
+            "ms",
+            1000 * median(bwd_s["node"]),
+            1000 * median(bwd_s["local"]),
+            False,
+            f"backward {BATCH}x{LENGTH}, all blocks (per call)",
+        ),
         "peak_pss": metric("MiB", sampler.peak / MIB, local_pss / MIB, False, "peak memory, PSS (node: all processes)"),
     }
     per_token = {
@@ -536,28 +582,61 @@ def run(args, work: Path, dtype: torch.dtype, device: torch.device, bench_began:
 
     print()
     print(format_table(metrics))
-    print("ratio: node/local for tokens/s, local/node for seconds, ms and MiB; higher is better for the node, 1.0 = parity")
-    print(f"per generated token through the node (medians): client embed+norm+head {per_token['client_head_ms']:.2f} ms, "
-          f"session.step round trip {per_token['node_step_round_trip_ms']:.2f} ms (prefill step {per_token['prefill_round_trip_ms']:.2f} ms)")
-    print(f"checks: generated tokens match transformers: {checks['generated_tokens_match']} "
-          f"(concurrent sessions: {checks['concurrent_tokens_match']}); "
-          f"max rel err forward {checks['forward_max_rel_err']:.2e}, backward {checks['backward_max_rel_err']:.2e}")
+    print(
+        "ratio: node/local for tokens/s, local/node for seconds, ms and MiB; "
+        "higher is better for the node, 1.0 = parity"
+    )
+    print(
+        f"per generated token through the node (medians): client embed+norm+head {per_token['client_head_ms']:.2f} ms, "
+        f"session.step round trip {per_token['node_step_round_trip_ms']:.2f} ms "
+        f"(prefill step {per_token['prefill_round_trip_ms']:.2f} ms)"
+    )
+    print(
+        f"checks: generated tokens match transformers: {checks['generated_tokens_match']} "
+        f"(concurrent sessions: {checks['concurrent_tokens_match']}); "
+        f"max rel err forward {checks['forward_max_rel_err']:.2e}, backward {checks['backward_max_rel_err']:.2e}"
+    )
     load_after = os.getloadavg()
-    print(f"load average after: {load_after[0]:.2f} {load_after[1]:.2f} {load_after[2]:.2f}; total {time.monotonic() - bench_began:.1f} s")
+    print(
+        f"load average after: {load_after[0]:.2f} {load_after[1]:.2f} {load_after[2]:.2f}; "
+        f"total {time.monotonic() - bench_began:.1f} s"
+    )
 
     if args.json:
         report = {
-            "model": {"source": source, "model_type": config.model_type, "hidden_size": config.hidden_size,
-                      "num_blocks": num_blocks, "num_heads": config.num_attention_heads,
-                      "num_kv_heads": getattr(config, "num_key_value_heads", config.num_attention_heads),
-                      "intermediate_size": config.intermediate_size, "vocab_size": config.vocab_size},
-            "machine": {"cpu_count": os.cpu_count(), "usable_cpus": len(os.sched_getaffinity(0)),
-                        "torch_threads": torch.get_num_threads(), "torch_interop_threads": torch.get_num_interop_threads(),
-                        "torch": torch.__version__, "python": platform.python_version(), "platform": platform.platform(),
-                        "loadavg_before": list(load_before), "loadavg_after": list(load_after)},
-            "settings": {"dtype": args.dtype, "device": args.device, "tokens": n, "prompt_tokens": len(PROMPT),
-                         "forward_shape": [BATCH, LENGTH], "repeats": args.repeats, "gen_repeats": args.gen_repeats, "sessions": args.sessions,
-                         "warmup": args.warmup, "num_handlers": 1},
+            "model": {
+                "source": source,
+                "model_type": config.model_type,
+                "hidden_size": config.hidden_size,
+                "num_blocks": num_blocks,
+                "num_heads": config.num_attention_heads,
+                "num_kv_heads": getattr(config, "num_key_value_heads", config.num_attention_heads),
+                "intermediate_size": config.intermediate_size,
+                "vocab_size": config.vocab_size,
+            },
+            "machine": {
+                "cpu_count": os.cpu_count(),
+                "usable_cpus": len(os.sched_getaffinity(0)),
+                "torch_threads": torch.get_num_threads(),
+                "torch_interop_threads": torch.get_num_interop_threads(),
+                "torch": torch.__version__,
+                "python": platform.python_version(),
+                "platform": platform.platform(),
+                "loadavg_before": list(load_before),
+                "loadavg_after": list(load_after),
+            },
+            "settings": {
+                "dtype": args.dtype,
+                "device": args.device,
+                "tokens": n,
+                "prompt_tokens": len(PROMPT),
+                "forward_shape": [BATCH, LENGTH],
+                "repeats": args.repeats,
+                "gen_repeats": args.gen_repeats,
+                "sessions": args.sessions,
+                "warmup": args.warmup,
+                "num_handlers": 1,
+            },
             "metrics": metrics,
             "per_token": per_token,
             "checks": checks,

@@ -33,7 +33,6 @@ import signal
 import subprocess
 import sys
 import tempfile
-import textwrap
 import time
 from pathlib import Path
 from typing import Optional
@@ -42,83 +41,7 @@ from node.tools.launcher import NodeProcess
 
 PREFIX = "bench"
 
-CLIENT = textwrap.dedent(
-    """
-    import json, statistics, sys, threading, time
-    import torch
-    from petals import AutoDistributedModelForCausalLM
-    from transformers import AutoModelForCausalLM
-
-    model_path, tokens, sessions, peers = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4:]
-    torch.manual_seed(0)
-    model = AutoDistributedModelForCausalLM.from_pretrained(
-        model_path, initial_peers=peers, dht_prefix="bench", torch_dtype=torch.float32
-    )
-    ref = AutoModelForCausalLM.from_pretrained(model_path, torch_dtype=torch.float32)
-    vocab, hidden = ref.config.vocab_size, ref.config.hidden_size
-    prompt = torch.tensor([[1, 15, 27, 99, 4, 63, 250, 7]])
-    prompts = torch.randint(3, vocab, (sessions, 8))
-    out = {}
-
-    def timed(fn, repeats, warmup=1):
-        for _ in range(warmup):
-            fn()
-        times = []
-        for _ in range(repeats):
-            t = time.perf_counter()
-            fn()
-            times.append(time.perf_counter() - t)
-        return statistics.median(times)
-
-    def generate(m, ids):
-        return m.generate(ids, max_new_tokens=tokens, do_sample=False, attention_mask=torch.ones_like(ids), pad_token_id=0)
-
-    expected = generate(ref, prompt)
-    served = generate(model, prompt)
-    out["tokens_match"] = served.tolist() == expected.tolist()
-    out["generation"] = tokens / timed(lambda: generate(model, prompt), 3)
-
-    def together():
-        results = [None] * sessions
-        def one(i):
-            results[i] = generate(model, prompts[i : i + 1])
-        threads = [threading.Thread(target=one, args=(i,)) for i in range(sessions)]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join()
-        return results
-
-    out["concurrent"] = sessions * tokens / timed(together, 2)
-    x = torch.randn(4, 128, hidden)
-
-    def layer_figures(layers):  # forward tokens/s, and forward+backward ms per call, of x through layers
-        with torch.no_grad():
-            forward = 4 * 128 / timed(lambda: layers(x), 5)
-
-        def backward():
-            leaf = x.clone().requires_grad_(True)
-            layers(leaf).backward(torch.ones(4, 128, hidden))
-
-        return forward, 1000 * timed(backward, 3)
-
-    out["forward"], out["backward_ms"] = layer_figures(model.model.layers)
-    out["local_generation"] = tokens / timed(lambda: generate(ref, prompt), 3)
-    out["local_concurrent"] = sessions * tokens / timed(lambda: generate(ref, prompts), 2)
-    position_ids = torch.arange(128)[None]
-
-    def local_layers(h):
-        emb = ref.model.rotary_emb(h, position_ids)
-        mask = torch.full((128, 128), float("-inf")).triu(1)[None, None]
-        for layer in ref.model.layers:
-            h = layer(h, attention_mask=mask, position_ids=position_ids, position_embeddings=emb)
-            h = h[0] if isinstance(h, tuple) else h
-        return h
-
-    out["local_forward"], out["local_backward_ms"] = layer_figures(local_layers)
-    print("RESULT " + json.dumps(out), flush=True)
-    """
-)
+CLIENT = Path(__file__).resolve().parent / "tools" / "petals_client.py"  # run by the Petals interpreter
 
 ROWS = (
     ("generation", "generation, 1 session", "tokens/s", True),
@@ -129,21 +52,43 @@ ROWS = (
 
 
 def run_client(petals_python: str, model: Path, peers: list[str], args, log: Path) -> dict:
-    cmd = [petals_python, "-c", CLIENT, str(model), str(args.tokens), str(args.sessions), *peers]
+    cmd = [petals_python, str(CLIENT), str(model), str(args.tokens), str(args.sessions), *peers]
     with log.open("w") as err:
         done = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=err, text=True, timeout=args.max_seconds)
     for line in done.stdout.splitlines():
         if line.startswith("RESULT "):
-            return json.loads(line[len("RESULT "):])
-    raise RuntimeError(f"the Petals client gave no result (exit {done.returncode}); see {log}:\n{log.read_text()[-3000:]}")
+            return json.loads(line[len("RESULT ") :])
+    raise RuntimeError(
+        f"the Petals client gave no result (exit {done.returncode}); see {log}:\n{log.read_text()[-3000:]}"
+    )
 
 
-def start_petals_server(petals_python: str, model: Path, num_blocks: int, log: Path) -> tuple[subprocess.Popen, list[str]]:
+def start_petals_server(
+    petals_python: str, model: Path, num_blocks: int, log: Path
+) -> tuple[subprocess.Popen, list[str]]:
     server = subprocess.Popen(
-        [petals_python, "-m", "petals.cli.run_server", str(model), "--dht_prefix", PREFIX, "--torch_dtype", "float32",
-         "--device", "cpu", "--num_blocks", str(num_blocks), "--throughput", "1", "--new_swarm",
-         "--host_maddrs", "/ip4/127.0.0.1/tcp/0"],
-        stdout=log.open("w"), stderr=subprocess.STDOUT, start_new_session=True,  # its p2pd is in its group
+        [
+            petals_python,
+            "-m",
+            "petals.cli.run_server",
+            str(model),
+            "--dht_prefix",
+            PREFIX,
+            "--torch_dtype",
+            "float32",
+            "--device",
+            "cpu",
+            "--num_blocks",
+            str(num_blocks),
+            "--throughput",
+            "1",
+            "--new_swarm",
+            "--host_maddrs",
+            "/ip4/127.0.0.1/tcp/0",
+        ],
+        stdout=log.open("w"),
+        stderr=subprocess.STDOUT,
+        start_new_session=True,  # its p2pd is in its group
     )
     deadline = time.monotonic() + 300
     while time.monotonic() < deadline and server.poll() is None:
@@ -182,10 +127,14 @@ def format_table(node: dict, petals: dict, sessions: int) -> str:
     for key, label, unit, higher in ROWS:
         ours, theirs = node[key], petals[key]
         ratio = ours / theirs if higher else theirs / ours
-        lines.append(f"{label.format(sessions=sessions):38s}  {unit:8s}  {ours:8.1f}  {node['local_' + key]:8.1f}  "
-                     f"{theirs:8.1f}  {petals['local_' + key]:8.1f}  {ratio:.2f}")
-    lines.append("local: plain transformers in the client process, measured in the same client run as the server "
-                 f"beside it; {sessions} sessions locally: one batch of {sessions}")
+        lines.append(
+            f"{label.format(sessions=sessions):38s}  {unit:8s}  {ours:8.1f}  {node['local_' + key]:8.1f}  "
+            f"{theirs:8.1f}  {petals['local_' + key]:8.1f}  {ratio:.2f}"
+        )
+    lines.append(
+        "local: plain transformers in the client process, measured in the same client run as the server "
+        f"beside it; {sessions} sessions locally: one batch of {sessions}"
+    )
     return "\n".join(lines)
 
 
@@ -219,16 +168,23 @@ def main(argv: Optional[list[str]] = None) -> int:
         with NodeProcess(model, work / "node", dht_prefix=PREFIX, log_path=work / "node.log") as node:
             ours = run_client(args.petals_python, model, node.maddrs, args, work / "client_node.log")
         print("Petals server: starting, then the Petals client ...", flush=True)
-        server, maddrs = start_petals_server(args.petals_python, model, num_blocks_of(model), work / "petals_server.log")
+        server, maddrs = start_petals_server(
+            args.petals_python, model, num_blocks_of(model), work / "petals_server.log"
+        )
         try:
             theirs = run_client(args.petals_python, model, maddrs, args, work / "client_petals.log")
         finally:
             stop_group(server)
         print()
         print(format_table(ours, theirs, args.sessions))
-        print(f"tokens through the node equal transformers': {ours['tokens_match']}; through the Petals server: {theirs['tokens_match']}")
+        print(
+            f"tokens through the node equal transformers': {ours['tokens_match']}; "
+            f"through the Petals server: {theirs['tokens_match']}"
+        )
         if args.json:
-            Path(args.json).write_text(json.dumps({"node": ours, "petals": theirs, "sessions": args.sessions, "tokens": args.tokens}, indent=1))
+            Path(args.json).write_text(
+                json.dumps({"node": ours, "petals": theirs, "sessions": args.sessions, "tokens": args.tokens}, indent=1)
+            )
         return 0 if ours["tokens_match"] else 1
     finally:
         shutil.rmtree(work, ignore_errors=True)

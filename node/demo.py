@@ -26,8 +26,8 @@ def main(argv=None) -> int:
     parser.add_argument("--keep", action="store_true", help="keep the work directory (model, run dir, node log)")
     args = parser.parse_args(argv)
 
-    from node.client.swarm import Client
     from node.client.generate import LocalHead, greedy_generate
+    from node.client.swarm import Client
     from node.tools.launcher import NodeProcess
     from node.tools.tinymodel import make_preset
 
@@ -39,21 +39,31 @@ def main(argv=None) -> int:
         print(f"made a tiny random Llama (hidden 256, 8 blocks, seed 0) in {model}")
 
     node = NodeProcess(
-        model, work / "run", "--num_handlers", str(args.num_handlers), dht_prefix=args.dht_prefix, log_path=work / "node.log"
+        model,
+        work / "run",
+        "--num_handlers",
+        str(args.num_handlers),
+        dht_prefix=args.dht_prefix,
+        log_path=work / "node.log",
     )
     began = time.monotonic()
     print("starting the node (python -m node.supervisor ...) in a private swarm on loopback ...")
     ok = False
     try:
         node.start()
-        print(f"node ONLINE after {time.monotonic() - began:.1f} s: peer {node.peer_id}, blocks {node.status['blocks']}")
+        print(
+            f"node ONLINE after {time.monotonic() - began:.1f} s: peer {node.peer_id}, blocks {node.status['blocks']}"
+        )
         head = LocalHead(model)
         prompt = torch.tensor([[1, 15, 27, 99, 4, 63]])
         with Client(node.maddrs, args.dht_prefix) as client:
             began = time.monotonic()
             tokens = greedy_generate(client, head, prompt, args.tokens)
             seconds = time.monotonic() - began
-        print(f"generated through the node: {tokens[0, prompt.shape[1]:].tolist()} ({args.tokens / seconds:.1f} tokens/s)")
+        print(
+            f"generated through the node: {tokens[0, prompt.shape[1] :].tolist()} "
+            f"({args.tokens / seconds:.1f} tokens/s)"
+        )
 
         from transformers import AutoModelForCausalLM
 
@@ -62,7 +72,7 @@ def main(argv=None) -> int:
             prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=args.tokens, do_sample=False, pad_token_id=0
         )
         ok = tokens.tolist() == reference.tolist()
-        print(f"plain transformers locally:  {reference[0, prompt.shape[1]:].tolist()}")
+        print(f"plain transformers locally:  {reference[0, prompt.shape[1] :].tolist()}")
         print("MATCH: the node generated exactly what transformers generates" if ok else "MISMATCH")
     finally:
         code = node.stop()

@@ -67,19 +67,34 @@ def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog=PROG, description="Print a running node's internal messages and stats live.")
     p.add_argument("run_dir", metavar="RUN_DIR", help="the node's run directory (--run_dir of the supervisor)")
     p.add_argument("--actor", action="append", default=[], metavar="NAME", help="actor name or prefix (repeatable)")
-    p.add_argument("--type", action="append", default=[], metavar="TYPE", dest="types", help="message type, e.g. InferStep (repeatable)")
+    p.add_argument(
+        "--type",
+        action="append",
+        default=[],
+        metavar="TYPE",
+        dest="types",
+        help="message type, e.g. InferStep (repeatable)",
+    )
     p.add_argument("--session", metavar="ID", default="", help="session id (or a prefix of one)")
     p.add_argument("--json", action="store_true", help="one JSON object per line")
-    p.add_argument("--no-stats", dest="no_stats", action="store_true", help="leave out the actors' periodic stats events")
-    p.add_argument("--stats", dest="table", action="store_true", help="a live table of every actor's stats instead of events")
+    p.add_argument(
+        "--no-stats", dest="no_stats", action="store_true", help="leave out the actors' periodic stats events"
+    )
+    p.add_argument(
+        "--stats", dest="table", action="store_true", help="a live table of every actor's stats instead of events"
+    )
     p.add_argument("--follow", metavar="SESSION", default="", help="time each step of one session across actors")
     p.add_argument("--duration", type=float, default=None, metavar="SECONDS", help="exit after this many seconds")
-    p.add_argument("--count", type=int, default=None, metavar="N", help="exit after printing N events (--stats: N tables)")
+    p.add_argument(
+        "--count", type=int, default=None, metavar="N", help="exit after printing N events (--stats: N tables)"
+    )
     p.add_argument("--once", action="store_true", help="print one table (--stats) or one event, then exit (--count 1)")
     args = p.parse_args(argv)
     if args.once:
         args.count = 1
-    args.stats = not args.no_stats and not args.session and not args.follow and (not args.types or "Stats" in args.types)
+    args.stats = (
+        not args.no_stats and not args.session and not args.follow and (not args.types or "Stats" in args.types)
+    )
     return args
 
 
@@ -198,12 +213,17 @@ class StatsTable:
         table), then the actor's own scalar stats."""
         status = status or {}
         blocks = status.get("blocks") or ["?", "?"]
-        lines = [time.strftime("%H:%M:%S") + f"  node {status.get('state', '?')}  blocks {blocks[0]}:{blocks[1]}  {len(self.latest)} actors"]
+        lines = [
+            time.strftime("%H:%M:%S")
+            + f"  node {status.get('state', '?')}  blocks {blocks[0]}:{blocks[1]}  {len(self.latest)} actors"
+        ]
         table = status.get("actors", {})
         for actor in sorted(self.latest):
             info = table.get(actor, {})
             cells = [f"pid={info.get('pid', '?')}", f"restarts={info.get('restarts', '?')}"]
-            cells += [f"{k}={_value(k, v)}" for k, v in sorted(self.latest[actor].items()) if not isinstance(v, (dict, list))]
+            cells += [
+                f"{k}={_value(k, v)}" for k, v in sorted(self.latest[actor].items()) if not isinstance(v, (dict, list))
+            ]
             lines.append(f"{actor:<12} " + " ".join(cells))
         return "\n".join(lines)
 
@@ -229,8 +249,14 @@ class StepTimer:
     MARKS = ("received", "sent", "taken", "started", "finished", "back", "replied")
     RUNTIME_MARKS = ("taken", "started", "finished")
     # (label, from, to): the intervals of one printed line
-    PARTS = (("frontend", "received", "sent"), ("to runtime", "sent", "taken"), ("queued", "taken", "started"),
-             ("compute", "started", "finished"), ("back", "finished", "back"), ("reply", "back", "replied"))
+    PARTS = (
+        ("frontend", "received", "sent"),
+        ("to runtime", "sent", "taken"),
+        ("queued", "taken", "started"),
+        ("compute", "started", "finished"),
+        ("back", "finished", "back"),
+        ("reply", "back", "replied"),
+    )
     GRACE = 1.0
     KEEP = 4096  # runtime marks of requests not (or no longer) ours, kept for a late frontend event
 
@@ -247,7 +273,11 @@ class StepTimer:
         step = self.pending.get((frontend, session))
         if step is None:
             self.count[session] = self.count.get(session, 0) + 1
-            step = self.pending[(frontend, session)] = {"n": self.count[session], "session": session, "frontend": frontend}
+            step = self.pending[(frontend, session)] = {
+                "n": self.count[session],
+                "session": session,
+                "frontend": frontend,
+            }
         return step
 
     def _marks(self, frontend: str, req: int) -> dict:
@@ -267,7 +297,12 @@ class StepTimer:
                 self._step(event.actor, session)["received"] = event.t
             elif event.type == "InferStep" and event.dir == "out" and ours:
                 step = self._step(event.actor, session)
-                step.update(sent=event.t, req=event.req, handle=event.fields.get("handle"), tokens=_tokens(event.fields.get("tensors")))
+                step.update(
+                    sent=event.t,
+                    req=event.req,
+                    handle=event.fields.get("handle"),
+                    tokens=_tokens(event.fields.get("tensors")),
+                )
                 self.by_req[(event.actor, event.req)] = step
             elif event.type in ("Result", "Failure") and event.dir == "in":
                 step = self.by_req.pop((event.actor, event.req), None)
@@ -322,12 +357,16 @@ class StepTimer:
             record.update({k: step[k] for k in self.MARKS if k in step}, ms={**parts, "total": total})
             return json.dumps(record)
         if "sent" not in step:
-            why = f"FAILED: {step['error']}" if step.get("failed") else "answered without the runtime (a step sent twice)"
+            why = (
+                f"FAILED: {step['error']}" if step.get("failed") else "answered without the runtime (a step sent twice)"
+            )
             return f"step {step['n']} session={step['session'][:8]}: {why}, total {_ms(total)}"
         outcome = " FAILED" if step.get("failed") else ""
         timings = ", ".join(f"{label} {_ms(v)}" for label, v in parts.items())
-        return (f"step {step['n']} req={step['req']} handle={step['handle']} tokens={step['tokens']}{outcome}: "
-                f"{timings}, total {_ms(total)}")
+        return (
+            f"step {step['n']} req={step['req']} handle={step['handle']} tokens={step['tokens']}{outcome}: "
+            f"{timings}, total {_ms(total)}"
+        )
 
 
 def _ms(value: Optional[float]) -> str:
@@ -409,8 +448,12 @@ def run(args: argparse.Namespace) -> int:
                     return 0
             if timer is not None and enough(timer.due(now)):
                 return 0
-            wake = min(next_scan, deadline, next_table if table is not None else deadline,
-                       timer.next_due() if timer is not None else deadline)
+            wake = min(
+                next_scan,
+                deadline,
+                next_table if table is not None else deadline,
+                timer.next_due() if timer is not None else deadline,
+            )
             if not sub.poll(max(1, int(1000 * wake - 1000 * now))):
                 continue
             while True:

@@ -92,11 +92,15 @@ class _LightPackage(types.ModuleType):
         full = f"{self.__name__}.{attr}"
         if full in sys.modules:  # a submodule still being imported (`import a.b.c as x` looks it up here)
             return sys.modules[full]
-        if os.path.isdir(os.path.join(self.__path__[0], attr)) or os.path.isfile(os.path.join(self.__path__[0], attr + ".py")):
+        if os.path.isdir(os.path.join(self.__path__[0], attr)) or os.path.isfile(
+            os.path.join(self.__path__[0], attr + ".py")
+        ):
             return importlib.import_module(full)
         if not self._complete:  # something needs the whole package: run its real __init__ now
             self._complete = True
-            spec = importlib.util.spec_from_file_location(self.__name__, self.__file__, submodule_search_locations=self.__path__)
+            spec = importlib.util.spec_from_file_location(
+                self.__name__, self.__file__, submodule_search_locations=self.__path__
+            )
             spec.loader.exec_module(self)
             return getattr(self, attr)
         raise AttributeError(f"module {self.__name__!r} has no attribute {attr!r}")

@@ -25,13 +25,13 @@ import zmq
 from node import logs
 from protocol.messages import (
     ActorStats,
-    ReadyDetail,
     ControlToActor,
     Fatal,
     Heartbeat,
     Message,
     ProbeEvent,
     Ready,
+    ReadyDetail,
     Stop,
 )
 from protocol.plan import PLAN_FILE, NodePlan, read_plan

@@ -23,22 +23,22 @@ import zmq
 from node.allocator.budget import AllocationFailed, CacheBudget, CacheGeometry, Lease, Waiter
 from procs import actor as actor_lib
 from protocol.messages import (
-    AllocatorReady,
-    AllocatorStats,
     Adopt,
     Allocate,
     AllocatorInbox,
+    AllocatorReady,
+    AllocatorStats,
     Capacity,
     CapacityQuery,
     DropCache,
     Failure,
     Granted,
     PeerDown,
-    Serve,
     PushDelivery,
     PushRoute,
     Release,
     RuntimeReply,
+    Serve,
 )
 from protocol.transport import BadMessage, Channel
 
@@ -65,7 +65,9 @@ class Allocator:
     # --- receiving ---------------------------------------------------------------------------
 
     def serve(self) -> None:
-        self.actor.ready(AllocatorReady(capacity_bytes=self.budget.capacity, tokens=self.geometry.tokens_left(self.budget.capacity)))
+        self.actor.ready(
+            AllocatorReady(capacity_bytes=self.budget.capacity, tokens=self.geometry.tokens_left(self.budget.capacity))
+        )
         while not self.actor.stopping.is_set():
             if self.inbox.sock.poll(self._poll_ms()):
                 try:
@@ -104,13 +106,28 @@ class Allocator:
                 self.ended([lease], "released")
                 self.grant_waiting(now)
         elif isinstance(msg, Adopt):
-            lease = Lease(msg.handle, msg.session, owner, self.geometry.session_bytes(msg.batch, msg.max_length, msg.blocks), now + msg.expires_in)
+            lease = Lease(
+                msg.handle,
+                msg.session,
+                owner,
+                self.geometry.session_bytes(msg.batch, msg.max_length, msg.blocks),
+                now + msg.expires_in,
+            )
             if self.budget.adopt(lease):
                 self.sessions[lease.session] = lease
                 self.log.info("adopted session", session=msg.session, owner=owner, bytes=lease.size)
         elif isinstance(msg, CapacityQuery):
             left = max(0, self.budget.free)
-            self.reply(sender, Capacity(msg.req, left, self.geometry.tokens_left(left), self.geometry.tokens_available(left), len(self.budget.leases)))
+            self.reply(
+                sender,
+                Capacity(
+                    msg.req,
+                    left,
+                    self.geometry.tokens_left(left),
+                    self.geometry.tokens_available(left),
+                    len(self.budget.leases),
+                ),
+            )
         elif isinstance(msg, PushRoute):
             lease = self.sessions.get(msg.session)
             if lease is not None and len(frames) == 1:

@@ -28,9 +28,9 @@ from hivemind.p2p import P2P, PeerID
 from hivemind.proto import dht_pb2
 from hivemind.utils.multiaddr import Multiaddr
 
-from node.logs import quiet_hivemind
 from node.announcer.next_pings import NextPings, peers_to_ping
 from node.announcer.reachability import Reachability, Unreachable, confirm_public_reachability
+from node.logs import quiet_hivemind
 from procs import actor as actor_lib
 from procs.requester import Requester
 from protocol import SERVER_VERSION
@@ -46,7 +46,6 @@ from protocol.messages import (
     SwarmQuery,
     SwarmView,
 )
-
 
 SWARM_READ_TIMEOUT = 10.0  # seconds
 PING_TIMEOUT = 5.0
@@ -88,15 +87,21 @@ class Announcer:
 
     async def check_reachability(self, p2p: P2P) -> bool:
         """Whether only relays reach us (PROTOCOL 5.10): asked of the swarm's peers at startup."""
-        peers = {PeerID.from_base58(m.split("/p2p/")[-1].split("/")[0]) for m in self.plan.initial_peers if "/p2p/" in m}
+        peers = {
+            PeerID.from_base58(m.split("/p2p/")[-1].split("/")[0]) for m in self.plan.initial_peers if "/p2p/" in m
+        }
         peers |= {info.peer_id for info in await p2p.list_peers()}
         peers.discard(p2p.peer_id)
         if not peers:
             return False  # a new swarm: nobody to ask
         began = time.perf_counter()
         reachable = await self.reachability.check_self(sorted(peers, key=str))
-        self.log.info("reachability checked", directly_reachable=reachable, asked=min(len(peers), 5),
-                      seconds=round(time.perf_counter() - began, 2))
+        self.log.info(
+            "reachability checked",
+            directly_reachable=reachable,
+            asked=min(len(peers), 5),
+            seconds=round(time.perf_counter() - began, 2),
+        )
         return reachable is False
 
     # --- receiving ---------------------------------------------------------------------------
@@ -122,8 +127,12 @@ class Announcer:
                 ok, error = await self.announce()
                 msg.retire = None  # retired blocks are announced OFFLINE once, not refreshed
                 self.actor.send_control(Announced(msg.state, ok, error))
-                next_refresh = time.monotonic() + self.plan.update_period if msg.state != ServerState.OFFLINE else float("inf")
-            elif self.state is not None and self.state.state != ServerState.OFFLINE and time.monotonic() >= next_refresh:
+                next_refresh = (
+                    time.monotonic() + self.plan.update_period if msg.state != ServerState.OFFLINE else float("inf")
+                )
+            elif (
+                self.state is not None and self.state.state != ServerState.OFFLINE and time.monotonic() >= next_refresh
+            ):
                 await self.announce()
                 next_refresh = time.monotonic() + self.plan.update_period
             self.actor.stats = AnnouncerStats(state=self.state.state if self.state else -1, stored=self.stored)
@@ -142,19 +151,27 @@ class Announcer:
         began = time.perf_counter()
         try:
             # hivemind's search can wait forever on a peer that died mid-traversal: bound it
-            servers = await asyncio.wait_for(read_servers(self.dht, self.plan.dht_prefix, self.plan.total_blocks), SWARM_READ_TIMEOUT)
+            servers = await asyncio.wait_for(
+                read_servers(self.dht, self.plan.dht_prefix, self.plan.total_blocks), SWARM_READ_TIMEOUT
+            )
         except (Exception, asyncio.TimeoutError) as e:
             self.log.warning("cannot read the swarm", error=repr(e))
             return SwarmView(req, error=repr(e))
         blocks = {index: dict(infos) for index, infos in servers.items()}
-        self.log.info("swarm read", servers=len({p for infos in servers.values() for p in infos}), peers=len(self.dht.protocol.routing_table.uid_to_peer_id),
-                      seconds=round(time.perf_counter() - began, 3))
+        self.log.info(
+            "swarm read",
+            servers=len({p for infos in servers.values() for p in infos}),
+            peers=len(self.dht.protocol.routing_table.uid_to_peer_id),
+            seconds=round(time.perf_counter() - began, 3),
+        )
         return SwarmView(req, blocks)
 
     async def ping_next(self, state: Announce) -> dict[str, float]:
         """Ping the servers that follow our span (PROTOCOL 2.4) and return the smoothed round trips."""
         try:
-            infos = await asyncio.wait_for(read_servers(self.dht, self.plan.dht_prefix, self.plan.total_blocks), SWARM_READ_TIMEOUT)
+            infos = await asyncio.wait_for(
+                read_servers(self.dht, self.plan.dht_prefix, self.plan.total_blocks), SWARM_READ_TIMEOUT
+            )
         except Exception as e:
             self.log.info("cannot read the next servers", error=repr(e))
             return self.pings.current()
@@ -216,7 +233,9 @@ class Announcer:
             ok = all(results.values())
             if state.state != ServerState.OFFLINE and not self.plan.dht_prefix.startswith("_"):
                 record = model_record(self.plan.total_blocks, self.plan.repository)
-                await asyncio.wait_for(self.dht.store(MODELS_KEY, record, expiration, subkey=self.plan.dht_prefix), SWARM_READ_TIMEOUT)
+                await asyncio.wait_for(
+                    self.dht.store(MODELS_KEY, record, expiration, subkey=self.plan.dht_prefix), SWARM_READ_TIMEOUT
+                )
         except Exception as e:
             self.log.warning("announce failed", state=ServerState(state.state).name, error=repr(e))
             return False, repr(e)

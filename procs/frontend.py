@@ -25,10 +25,10 @@ from hivemind.p2p import P2P, P2PContext
 from hivemind.proto import runtime_pb2
 from hivemind.utils.multiaddr import Multiaddr
 
+from node.frontend.handlers import NAME_PREFIX, STREAMS, UNARY, Handlers, ShuttingDown
 from node.logs import quiet_hivemind
 from procs import actor as actor_lib
 from procs.requester import Requester
-from node.frontend.handlers import NAME_PREFIX, STREAMS, UNARY, Handlers, ShuttingDown
 from protocol import streams
 from protocol.messages import AllocatorReply, FrontendReady, PeerDown, PeerUp, PushDelivery, RuntimeReply, Serve, Stop
 
@@ -92,7 +92,9 @@ def stream_handler(p2p: P2P, name: str, handler, log):
                     try:
                         request.ParseFromString(payload)
                     except Exception:
-                        await inbox.put(ValueError(f"malformed ExpertRequest ({len(payload)} bytes could not be parsed)"))
+                        await inbox.put(
+                            ValueError(f"malformed ExpertRequest ({len(payload)} bytes could not be parsed)")
+                        )
                         receiving = False
                         continue
                     await inbox.put(request)
@@ -145,10 +147,17 @@ class Frontend:
         self.control = actor.async_control()
         self.ctx = zmq.asyncio.Context.shadow(actor.ctx)
         observe = actor.probe.observe
-        self.runtime = Requester(self.ctx, self.plan.endpoint("runtime.sock"), actor.name, RuntimeReply, observer=observe, log=self.log)
+        self.runtime = Requester(
+            self.ctx, self.plan.endpoint("runtime.sock"), actor.name, RuntimeReply, observer=observe, log=self.log
+        )
         self.allocator = Requester(
-            self.ctx, self.plan.endpoint("allocator.sock"), actor.name, AllocatorReply,
-            observer=observe, on_unsolicited=self.unsolicited, log=self.log,
+            self.ctx,
+            self.plan.endpoint("allocator.sock"),
+            actor.name,
+            AllocatorReply,
+            observer=observe,
+            on_unsolicited=self.unsolicited,
+            log=self.log,
         )
         self.handlers = Handlers(self.plan, self.runtime, self.allocator, self.log)
         self.handlers.probe = actor.probe
@@ -161,16 +170,20 @@ class Frontend:
         self.handlers.p2p = self.p2p
         for name in UNARY:
             request_type = runtime_pb2.ExpertUID if name == "rpc_info" else runtime_pb2.ExpertRequest
-            await self.p2p.add_protobuf_handler(NAME_PREFIX + name, getattr(self.handlers, name), request_type, balanced=True)
+            await self.p2p.add_protobuf_handler(
+                NAME_PREFIX + name, getattr(self.handlers, name), request_type, balanced=True
+            )
         for name in STREAMS:
             handler = stream_handler(self.p2p, NAME_PREFIX + name, getattr(self.handlers, name), self.log)
             await self.p2p.add_binary_stream_handler(NAME_PREFIX + name, handler, balanced=True)
         # if we die, the supervisor unregisters our stream handlers (p2pd would go on dialing us)
-        self.actor.ready(FrontendReady(
-            peer_id=self.p2p.peer_id.to_base58(),
-            stream_maddr=str(self.p2p._client_listen_maddr),
-            stream_handlers=[NAME_PREFIX + name for name in STREAMS],
-        ))
+        self.actor.ready(
+            FrontendReady(
+                peer_id=self.p2p.peer_id.to_base58(),
+                stream_maddr=str(self.p2p._client_listen_maddr),
+                stream_handlers=[NAME_PREFIX + name for name in STREAMS],
+            )
+        )
 
     # --- receiving ---------------------------------------------------------------------------
 

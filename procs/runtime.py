@@ -34,14 +34,14 @@ import zmq
 
 from node import logs
 from node.runtime import checks, compute, lora
-from node.weights.checkpoint import Checkpoint
 from node.runtime.checks import RequestError, Target
+from node.runtime.kv_cache import SessionCache, SessionCaches
+from node.runtime.loading import BlockLoader, load_adapters, load_or_fail, wait_for_load_order
 from node.runtime.models import get_family
 from node.runtime.quantize import QuantizationUnavailable, check_quantization, quantize_block
 from node.runtime.scheduler import Scheduler, Task
-from node.runtime.kv_cache import SessionCache, SessionCaches
-from node.runtime.loading import BlockLoader, load_adapters, load_or_fail, wait_for_load_order
 from node.runtime.tensor_parallel.group import Group
+from node.weights.checkpoint import Checkpoint
 from procs import actor as actor_lib
 from protocol.frames import DTYPES, FrameError, from_frames, to_frames
 from protocol.messages import (
@@ -107,7 +107,9 @@ class Runtime:
         self.memory_checked = 0.0
         self.target = Target(DTYPES[self.plan.torch_dtype], torch.device(self.plan.device))
         self.caches = SessionCaches(self.target.dtype, self.target.device)
-        self.queue = Scheduler(is_inference=lambda m: isinstance(m, InferStep), is_forward=lambda m: isinstance(m, Forward))
+        self.queue = Scheduler(
+            is_inference=lambda m: isinstance(m, InferStep), is_forward=lambda m: isinstance(m, Forward)
+        )
         self.steps: list[Step] = []  # inference steps in progress (chunked prefills span rounds)
         self.last_handles: set[int] = set()  # the sessions of the last inference round
         self.last_round_seconds = 0.0
@@ -155,7 +157,9 @@ class Runtime:
             msg = self.actor.control_inbox.get_nowait()
             if isinstance(msg, LoadBlocks) and self.group is not None:
                 self.log.warning("a group cannot load blocks while serving; the supervisor restarts it instead")
-                self.actor.send_control(BlocksLoaded(msg.start_block, msg.end_block, ok=False, error="tensor-parallel group"))
+                self.actor.send_control(
+                    BlocksLoaded(msg.start_block, msg.end_block, ok=False, error="tensor-parallel group")
+                )
             elif isinstance(msg, LoadBlocks) and self.loading is None:
                 missing = [i for i in range(msg.start_block, msg.end_block) if self.blocks[i] is None]
                 self.loading = BlockLoader(self.plan, self.log, (msg.start_block, msg.end_block), missing)
@@ -166,7 +170,9 @@ class Runtime:
                 dropped = [i for i, b in enumerate(self.blocks) if b is not None and i not in kept]
                 for i in dropped:
                     self.blocks[i] = None
-                self.drop_caches([h for h, c in self.caches.items() if c.start < msg.start_block or c.end > msg.end_block])
+                self.drop_caches(
+                    [h for h, c in self.caches.items() if c.start < msg.start_block or c.end > msg.end_block]
+                )
                 self.log.info("blocks dropped", dropped=dropped, kept=[msg.start_block, msg.end_block])
 
     def receive(self, timeout_ms: int) -> None:
@@ -243,9 +249,17 @@ class Runtime:
             prompts = None
             if step.prompts is not None and step.done < step.prompts.shape[2]:
                 prompts = step.prompts[:, :, step.done : step.done + take]
-            works.append(compute.Work(step.first, len(step.cache.kv), chunk, step.cache.kv, step.position + step.done, prompts, step=step))
+            works.append(
+                compute.Work(
+                    step.first, len(step.cache.kv), chunk, step.cache.kv, step.position + step.done, prompts, step=step
+                )
+            )
         if self.actor.probe.active:  # for `node.probe --follow`: when each step's compute began
-            self.actor.probe.publish("run", "Round", fields={"steps": [[s.task.sender.decode(errors="replace"), s.task.msg.req] for s in self.steps]})
+            self.actor.probe.publish(
+                "run",
+                "Round",
+                fields={"steps": [[s.task.sender.decode(errors="replace"), s.task.msg.req] for s in self.steps]},
+            )
         try:
             outputs = self.run(works, [step.task.msg.adapter for step in self.steps])
         except Exception as e:  # out of memory or a bug: fail this round's steps, keep serving
@@ -274,7 +288,9 @@ class Runtime:
             if self.group is not None:
                 self.share_run([works[i] for i in chosen], adapter)
             with lora.activate(adapter):
-                for i, out in zip(chosen, compute.run(self.blocks, [works[i] for i in chosen], self.plan.max_chunk_size_bytes)):
+                for i, out in zip(
+                    chosen, compute.run(self.blocks, [works[i] for i in chosen], self.plan.max_chunk_size_bytes)
+                ):
                     outputs[i] = out
         return outputs
 
@@ -283,7 +299,13 @@ class Runtime:
         first, n_blocks = self.block_range(msg.start, msg.end)
         hidden, prompts, hypo_ids = from_frames(msg.tensors, task.frames, ("hidden_states", "prompts", "hypo_ids"))
         cache = self.caches.get(
-            msg.handle, msg.batch, msg.max_length, msg.start, msg.end, msg.position, self.blocks[first : first + n_blocks]
+            msg.handle,
+            msg.batch,
+            msg.max_length,
+            msg.start,
+            msg.end,
+            msg.position,
+            self.blocks[first : first + n_blocks],
         )
         checks.position(msg.position, cache.length)
         hidden = checks.finite(hidden, "hidden_states", self.target)
@@ -351,7 +373,9 @@ class Runtime:
             self.group.share(GroupBackward(first, n_blocks, metas, msg.adapter), frames)
         try:
             with lora.activate(msg.adapter):
-                grad_inputs, grad_prompts = compute.backward(self.blocks[first : first + n_blocks], x, grad_outputs, prompts)
+                grad_inputs, grad_prompts = compute.backward(
+                    self.blocks[first : first + n_blocks], x, grad_outputs, prompts
+                )
         except Exception as e:
             self.log.exception("backward failed", req=msg.req)
             self.fail(task, self.retryable(e))
@@ -362,7 +386,10 @@ class Runtime:
     def block_range(self, start: int, end: int) -> tuple[int, int]:
         """The request's blocks as (index of the first in self.blocks, count)."""
         if not (0 <= start < end <= len(self.blocks)) or any(b is None for b in self.blocks[start:end]):
-            raise RequestError(f"blocks {start}:{end} are not served here (this node serves {self.plan.start_block}:{self.plan.end_block})")
+            raise RequestError(
+                f"blocks {start}:{end} are not served here "
+                f"(this node serves {self.plan.start_block}:{self.plan.end_block})"
+            )
         return start, end - start
 
     # --- the tensor-parallel group ------------------------------------------------------------
@@ -376,17 +403,29 @@ class Runtime:
             if work.prompts is not None:
                 tensors.append(work.prompts)
             if step is None:
-                shard_works.append(ShardWork(work.first, work.n_blocks, work.past, -1, prompts=work.prompts is not None))
+                shard_works.append(
+                    ShardWork(work.first, work.n_blocks, work.past, -1, prompts=work.prompts is not None)
+                )
                 continue
             cache, reorder = step.cache, step.hypo_ids
             if reorder is not None:
                 compute.reorder_cache(cache.kv, reorder)
                 tensors.append(reorder)
                 step.hypo_ids = None
-            shard_works.append(ShardWork(
-                work.first, work.n_blocks, work.past, step.task.msg.handle, cache.batch, cache.max_length,
-                cache.start, cache.end, prompts=work.prompts is not None, hypo_ids=reorder is not None,
-            ))
+            shard_works.append(
+                ShardWork(
+                    work.first,
+                    work.n_blocks,
+                    work.past,
+                    step.task.msg.handle,
+                    cache.batch,
+                    cache.max_length,
+                    cache.start,
+                    cache.end,
+                    prompts=work.prompts is not None,
+                    hypo_ids=reorder is not None,
+                )
+            )
         metas, frames = to_frames(tensors)
         self.group.share(GroupRun(shard_works, metas, adapter), frames)
 
@@ -444,7 +483,9 @@ class Runtime:
 
             self.free_memory = device_memory(self.target.device)[1]
             self.memory_checked = now
-        outside = sum(1 for _, c in self.caches.items() if c.start < self.plan.start_block or c.end > self.plan.end_block)
+        outside = sum(
+            1 for _, c in self.caches.items() if c.start < self.plan.start_block or c.end > self.plan.end_block
+        )
         self.actor.stats = msgspec.structs.replace(
             self.counts,
             busy_seconds=round(self.counts.busy_seconds, 3),
@@ -472,8 +513,12 @@ def report_capacity(actor: actor_lib.Actor) -> bool:
         plan.quant_type = "none"
     try:
         config = Checkpoint.open(
-            plan.model, revision=plan.revision, token=plan.token, cache_dir=plan.cache_dir,
-            max_disk_space=plan.max_disk_space, download_attempts=plan.download_attempts,
+            plan.model,
+            revision=plan.revision,
+            token=plan.token,
+            cache_dir=plan.cache_dir,
+            max_disk_space=plan.max_disk_space,
+            download_attempts=plan.download_attempts,
         ).config()
         dtype = DTYPES[plan.torch_dtype]
         family = get_family(config)
@@ -482,8 +527,13 @@ def report_capacity(actor: actor_lib.Actor) -> bool:
         with torch.device("meta"):
             empty = family.block_class(config)
         adapter_params = lora.attach(empty, 0, family.block_prefix, load_adapters(plan), dtype, "meta")
-        report = capacity.measure(plan, family.block_class, config, log=actor.log,
-                                  prepare=lambda block: quantize_block(block, plan.quant_type, dtype))
+        report = capacity.measure(
+            plan,
+            family.block_class,
+            config,
+            log=actor.log,
+            prepare=lambda block: quantize_block(block, plan.quant_type, dtype),
+        )
         report.adapter_bytes = adapter_params * dtype.itemsize
     except lora.AdapterError as e:
         actor.fatal(str(e))

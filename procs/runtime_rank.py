@@ -47,8 +47,14 @@ class RankRuntime:
         self.counts = RankStats()
 
     def serve(self) -> None:
-        self.actor.ready(RuntimeReady(blocks=(self.plan.start_block, self.plan.end_block), dtype=self.plan.torch_dtype,
-                                      rank=self.group.rank, device=str(self.device)))
+        self.actor.ready(
+            RuntimeReady(
+                blocks=(self.plan.start_block, self.plan.end_block),
+                dtype=self.plan.torch_dtype,
+                rank=self.group.rank,
+                device=str(self.device),
+            )
+        )
         while not self.actor.stopping.is_set():
             if self.group.inbox.sock.poll(100):
                 try:
@@ -66,7 +72,9 @@ class RankRuntime:
                 elif isinstance(msg, GroupDrop):
                     self.caches.drop(msg.handles)
                 self.counts.busy_seconds += time.perf_counter() - began
-            self.actor.stats = msgspec.structs.replace(self.counts, sessions=len(self.caches), busy_seconds=round(self.counts.busy_seconds, 3))
+            self.actor.stats = msgspec.structs.replace(
+                self.counts, sessions=len(self.caches), busy_seconds=round(self.counts.busy_seconds, 3)
+            )
             self.actor.publish_stats()
 
     def run(self, msg: GroupRun, frames) -> None:
@@ -91,7 +99,9 @@ class RankRuntime:
     def backward(self, msg: GroupBackward, frames) -> None:
         x, grad_outputs, prompts = self.to_device(from_frames(msg.tensors, frames))
         with lora.activate(msg.adapter):
-            compute.backward(self.blocks[msg.first : msg.first + msg.n_blocks], x, grad_outputs, prompts if prompts.numel() else None)
+            compute.backward(
+                self.blocks[msg.first : msg.first + msg.n_blocks], x, grad_outputs, prompts if prompts.numel() else None
+            )
         self.counts.backwards += 1
 
     def to_device(self, tensors: list) -> list:

@@ -342,4 +342,3 @@ def compute_spans(infos: Mapping[int, Mapping[str, ServerInfo]], min_state: Serv
             elif span.state == info.state:
                 span.end = max(span.end, block + 1)
     return spans
-

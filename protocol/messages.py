@@ -143,7 +143,9 @@ class Ready(Message):
 class Heartbeat(Message):
     name: str
     stats: Union[FrontendStats, RuntimeStats, RankStats, AllocatorStats, AnnouncerStats, None] = None
-    pid: int = 0  # which process of the actor counted `stats` (node/supervisor/metrics.py keeps counters across restarts)
+    pid: int = (
+        0  # which process of the actor counted `stats` (node/supervisor/metrics.py keeps counters across restarts)
+    )
 
 
 class Fatal(Message):

@@ -47,7 +47,9 @@ def decode_tensors(protos: Sequence) -> list[RawTensor]:
     return out
 
 
-def positional(tensors: list[RawTensor], metadata: dict, structure: Any = None, *, names: Sequence[str]) -> list[RawTensor]:
+def positional(
+    tensors: list[RawTensor], metadata: dict, structure: Any = None, *, names: Sequence[str]
+) -> list[RawTensor]:
     """The first len(names) positional arguments, via `args_structure` when the client sent one."""
     if structure is None:
         structure = metadata.get("args_structure")
@@ -102,7 +104,9 @@ def hidden_shape(tensor: RawTensor, name: str, hidden_size: int, max_tokens: int
     floating(tensor, name)
     batch, length = tensor.shape[0], tensor.shape[1]
     if batch * length > max_tokens:
-        raise ValueError(f"Task size greater than max_batch_size ({batch * length} > {max_tokens}): {name} is {list(tensor.shape)}")
+        raise ValueError(
+            f"Task size greater than max_batch_size ({batch * length} > {max_tokens}): {name} is {list(tensor.shape)}"
+        )
     return batch, length
 
 
@@ -119,7 +123,9 @@ def prompts(tensor: Optional[RawTensor], n_blocks: int, batch: int, length: int,
         return
     shape = tuple(tensor.shape)
     if len(shape) != 4 or shape[0] != n_blocks or shape[1] not in (1, batch) or shape[3] != hidden_size:
-        raise ValueError(f"prompts must have shape [{n_blocks}, 1 or {batch}, prefix, {hidden_size}], got {list(shape)}")
+        raise ValueError(
+            f"prompts must have shape [{n_blocks}, 1 or {batch}, prefix, {hidden_size}], got {list(shape)}"
+        )
     if shape[2] > length:
         raise ValueError(f"prompts cover {shape[2]} positions but the input has only {length}")
     floating(tensor, "prompts")
@@ -154,7 +160,13 @@ class SessionOpen:
 
 
 def session_open(
-    request, metadata: dict, *, dht_prefix: str, served: tuple[int, int], inference_max_length: int, adapters: Sequence[str]
+    request,
+    metadata: dict,
+    *,
+    dht_prefix: str,
+    served: tuple[int, int],
+    inference_max_length: int,
+    adapters: Sequence[str],
 ) -> SessionOpen:
     span = parse_span(request.uid, dht_prefix, *served)
     max_length = metadata.get("max_length")
@@ -173,7 +185,9 @@ def session_open(
     check_points(metadata)
     adapter = active_adapter(metadata, adapters)
     batch = request.tensors[0].size[0] if request.tensors and len(request.tensors[0].size) > 0 else 1
-    return SessionOpen(span, session_id, max_length, batch, float(alloc_timeout), metadata.get("args_structure"), adapter)
+    return SessionOpen(
+        span, session_id, max_length, batch, float(alloc_timeout), metadata.get("args_structure"), adapter
+    )
 
 
 def start_from_position(metadata: dict, prefix_length: int) -> int:

@@ -45,7 +45,9 @@ def block_schemas(hidden_size: int, dtype: str, compression: int = 0) -> dict:
     }
 
 
-def encode_rpc_info(*, version: str, dht_client_mode: bool, cache_tokens_available: int, block: Optional[dict]) -> bytes:
+def encode_rpc_info(
+    *, version: str, dht_client_mode: bool, cache_tokens_available: int, block: Optional[dict]
+) -> bytes:
     """ExpertInfo.serialized_info; `block` is block_schemas(...) when the request named a block, else None."""
     from hivemind.utils.serializer import MSGPackSerializer
 

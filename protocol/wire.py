@@ -279,7 +279,9 @@ def encode_tensor(raw: RawTensor, compression: int = NONE):
 
         return serialize_torch_tensor(to_torch(raw), compression)
     except Exception as e:
-        raise ValueError(f"cannot encode {_describe(raw.dtype, raw.shape)} with {name}: {type(e).__name__}: {e}") from None
+        raise ValueError(
+            f"cannot encode {_describe(raw.dtype, raw.shape)} with {name}: {type(e).__name__}: {e}"
+        ) from None
 
 
 def to_torch(raw: RawTensor):

@@ -20,8 +20,9 @@ ALPHA = 0.2  # weight of the newest round trip
 MAX_AGE = 300.0  # seconds
 
 
-def peers_to_ping(infos: Mapping[int, Mapping[str, ServerInfo]], start: int, end: int, me: str,
-                  rng: Optional[random.Random] = None) -> list[str]:
+def peers_to_ping(
+    infos: Mapping[int, Mapping[str, ServerInfo]], start: int, end: int, me: str, rng: Optional[random.Random] = None
+) -> list[str]:
     """Up to 5 random servers of blocks start+1 .. end-1 and up to 5 of block `end`, not us."""
     rng = rng or random.Random()
 

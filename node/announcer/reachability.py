@@ -51,8 +51,12 @@ class Reachability:
         try:
             probe = await self.get_probe()
             await asyncio.wait_for(
-                probe.call_protobuf_handler(target, HANDLER, dht_pb2.PingRequest(peer=dht_pb2.NodeInfo(node_id=target.to_bytes())),
-                                            dht_pb2.PingResponse),
+                probe.call_protobuf_handler(
+                    target,
+                    HANDLER,
+                    dht_pb2.PingRequest(peer=dht_pb2.NodeInfo(node_id=target.to_bytes())),
+                    dht_pb2.PingResponse,
+                ),
                 PROBE_TIMEOUT,
             )
             available = True
@@ -68,8 +72,13 @@ class Reachability:
                 maddrs = [str(m) for m in await self.p2p.get_visible_maddrs()]
                 self.probe = await P2P.create(
                     initial_peers=[f"{m}/p2p/{self.p2p.peer_id}" if "/p2p/" not in m else m for m in maddrs],
-                    dht_mode="client", use_relay=False, use_auto_relay=False, auto_nat=False, nat_port_map=False,
-                    host_maddrs=[], startup_timeout=60,
+                    dht_mode="client",
+                    use_relay=False,
+                    use_auto_relay=False,
+                    auto_nat=False,
+                    nat_port_map=False,
+                    host_maddrs=[],
+                    startup_timeout=60,
                 )
         return self.probe
 
@@ -81,7 +90,9 @@ class Reachability:
 
         async def ask(peer: PeerID) -> Optional[bool]:
             try:
-                response = await asyncio.wait_for(self.p2p.call_protobuf_handler(peer, HANDLER, request, dht_pb2.PingResponse), CHECK_TIMEOUT)
+                response = await asyncio.wait_for(
+                    self.p2p.call_protobuf_handler(peer, HANDLER, request, dht_pb2.PingResponse), CHECK_TIMEOUT
+                )
                 return bool(response.available)
             except Exception:
                 return None  # no answer (an old server, a client): not a vote
@@ -114,8 +125,15 @@ def _ask(url: str, timeout: float) -> dict:
     return answer
 
 
-async def confirm_public_reachability(peer_id: str, log, *, url: str = HEALTH_URL, retry_every: float = 15.0,
-                                      give_up_after: float = 420.0, timeout: float = 10.0) -> None:
+async def confirm_public_reachability(
+    peer_id: str,
+    log,
+    *,
+    url: str = HEALTH_URL,
+    retry_every: float = 15.0,
+    give_up_after: float = 420.0,
+    timeout: float = 10.0,
+) -> None:
     """Ask health.petals.dev whether it can reach `peer_id`, every `retry_every` seconds for up to
     `give_up_after`; raise Unreachable if it never could. A monitor that cannot be asked (down, or no
     internet) skips the check."""

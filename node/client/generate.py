@@ -12,8 +12,8 @@ from typing import Optional
 
 import torch
 
-from node.weights.checkpoint import Checkpoint
 from node.runtime.models import get_family
+from node.weights.checkpoint import Checkpoint
 
 
 class LocalHead:
@@ -30,7 +30,9 @@ class LocalHead:
         names = [name for name, _ in self.model.named_parameters()]
         state = checkpoint.tensors(names, dtype=dtype)
         if "lm_head.weight" not in state and getattr(self.config, "tie_word_embeddings", False):
-            embed_name = next(n for n in names if n.endswith("embed_tokens.weight") or n.endswith("word_embeddings.weight"))
+            embed_name = next(
+                n for n in names if n.endswith("embed_tokens.weight") or n.endswith("word_embeddings.weight")
+            )
             state["lm_head.weight"] = state[embed_name]
         missing = [n for n in names if n not in state]
         if missing:

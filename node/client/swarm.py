@@ -51,7 +51,9 @@ def _empty(dtype=torch.float32) -> torch.Tensor:
 
 
 def _request(uid: str, tensors: Sequence[torch.Tensor], metadata: dict) -> runtime_pb2.ExpertRequest:
-    return runtime_pb2.ExpertRequest(uid=uid, tensors=[_encode(t) for t in tensors], metadata=wire.pack_metadata(metadata))
+    return runtime_pb2.ExpertRequest(
+        uid=uid, tensors=[_encode(t) for t in tensors], metadata=wire.pack_metadata(metadata)
+    )
 
 
 def _stream_parts(request: runtime_pb2.ExpertRequest) -> list[runtime_pb2.ExpertRequest]:
@@ -143,7 +145,9 @@ class SwarmClient:
         response = await self.call_unary(peer, "rpc_info", runtime_pb2.ExpertUID(uid=uid), runtime_pb2.ExpertInfo)
         return wire.unpack_metadata(response.serialized_info)
 
-    async def _call_tensors(self, peer: str, rpc: str, request: runtime_pb2.ExpertRequest, raw_bytes: int) -> list[torch.Tensor]:
+    async def _call_tensors(
+        self, peer: str, rpc: str, request: runtime_pb2.ExpertRequest, raw_bytes: int
+    ) -> list[torch.Tensor]:
         if raw_bytes > MAX_UNARY_BYTES:
             responses = await self.call_stream(peer, rpc + "_stream", _stream_parts(request))
             assembler = wire.StreamAssembler()
@@ -155,11 +159,15 @@ class SwarmClient:
         response = await self.call_unary(peer, rpc, request)
         return [_decode(t) for t in response.tensors]
 
-    async def forward_span(self, span: RemoteSpan, hidden: torch.Tensor, prompts: Optional[torch.Tensor] = None) -> torch.Tensor:
+    async def forward_span(
+        self, span: RemoteSpan, hidden: torch.Tensor, prompts: Optional[torch.Tensor] = None
+    ) -> torch.Tensor:
         metadata = {"points": 0.0, "active_adapter": self.active_adapter, "args_structure": ARGS_2}
         tensors = [hidden, prompts if prompts is not None else _empty()]
         request = _request(self.uid(span.start, span.end), tensors, metadata)
-        (output,) = await self._call_tensors(span.peer_id, "rpc_forward", request, sum(t.numel() * t.element_size() for t in tensors))
+        (output,) = await self._call_tensors(
+            span.peer_id, "rpc_forward", request, sum(t.numel() * t.element_size() for t in tensors)
+        )
         return output
 
     async def backward_span(
@@ -168,16 +176,25 @@ class SwarmClient:
         metadata = {"points": 0.0, "active_adapter": self.active_adapter, "args_structure": ARGS_3}
         tensors = [inputs, grad_outputs, prompts if prompts is not None else _empty()]
         request = _request(self.uid(span.start, span.end), tensors, metadata)
-        return await self._call_tensors(span.peer_id, "rpc_backward", request, sum(t.numel() * t.element_size() for t in tensors))
+        return await self._call_tensors(
+            span.peer_id, "rpc_backward", request, sum(t.numel() * t.element_size() for t in tensors)
+        )
 
-    async def forward(self, hidden: torch.Tensor, start: int, end: int, prompts: Optional[torch.Tensor] = None) -> torch.Tensor:
+    async def forward(
+        self, hidden: torch.Tensor, start: int, end: int, prompts: Optional[torch.Tensor] = None
+    ) -> torch.Tensor:
         for span in await self.route(start, end):
             span_prompts = prompts[span.start - start : span.end - start] if prompts is not None else None
             hidden = (await self.forward_span(span, hidden, span_prompts)).to(hidden.dtype)
         return hidden
 
     async def backward(
-        self, inputs: torch.Tensor, grad_outputs: torch.Tensor, start: int, end: int, prompts: Optional[torch.Tensor] = None
+        self,
+        inputs: torch.Tensor,
+        grad_outputs: torch.Tensor,
+        start: int,
+        end: int,
+        prompts: Optional[torch.Tensor] = None,
     ) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
         """Re-runs the forward span by span to get each span's input, then backprops in reverse."""
         route = await self.route(start, end)
@@ -220,10 +237,14 @@ class _ServerSession:
                 return
             yield item
 
-    async def step(self, hidden: torch.Tensor, prompts=None, hypo_ids=None, start_from_position=None, step_id=None, timeout=60.0):
+    async def step(
+        self, hidden: torch.Tensor, prompts=None, hypo_ids=None, start_from_position=None, step_id=None, timeout=60.0
+    ):
         metadata: dict[str, Any] = {"session_id": self.session_id, "step_id": step_id or str(uuid.uuid4())}
         if not self.stepped:
-            metadata.update(max_length=self.max_length, points=0.0, active_adapter=self.client.active_adapter, **self.extra_metadata)
+            metadata.update(
+                max_length=self.max_length, points=0.0, active_adapter=self.client.active_adapter, **self.extra_metadata
+            )
         metadata["args_structure"] = ARGS_3
         metadata["start_from_position"] = self.position if start_from_position is None else start_from_position
         tensors = [
@@ -234,7 +255,10 @@ class _ServerSession:
         request = _request(self.client.uid(self.span.start, self.span.end), tensors, metadata)
         if self.responses is None:
             self.responses = await self.client.p2p.iterate_protobuf_handler(
-                PeerID.from_base58(self.span.peer_id), PREFIX + "rpc_inference", self._requests(), runtime_pb2.ExpertResponse
+                PeerID.from_base58(self.span.peer_id),
+                PREFIX + "rpc_inference",
+                self._requests(),
+                runtime_pb2.ExpertResponse,
             )
         self.queue.put_nowait(request)
         self.stepped = True
@@ -258,7 +282,13 @@ class InferenceSession:
     """Incremental inference through a chain of servers (one stream per span), like a Petals client."""
 
     def __init__(
-        self, client: SwarmClient, max_length: int, start: int, end: int, route: Optional[list] = None, metadata: Optional[dict] = None
+        self,
+        client: SwarmClient,
+        max_length: int,
+        start: int,
+        end: int,
+        route: Optional[list] = None,
+        metadata: Optional[dict] = None,
     ):
         self.client = client
         self.metadata = metadata  # extra keys of the first step, e.g. {"alloc_timeout": 10}
@@ -287,7 +317,11 @@ class InferenceSession:
         step_id = str(uuid.uuid4())
         position = self.position if start_from_position is None else start_from_position
         for session in self.sessions:
-            span_prompts = prompts[session.span.start - self.start : session.span.end - self.start] if prompts is not None else None
+            span_prompts = (
+                prompts[session.span.start - self.start : session.span.end - self.start]
+                if prompts is not None
+                else None
+            )
             hidden = (await session.step(hidden, span_prompts, hypo_ids, position, step_id)).to(hidden.dtype)
         self.position = position + hidden.shape[1]
         return hidden

@@ -15,8 +15,9 @@ from typing import AsyncIterator, Sequence
 
 from hivemind.proto import runtime_pb2
 
-from protocol import requests as rq
+from procs.requester import PeerUnavailable, Requester
 from protocol import SERVER_VERSION, rpc_info, wire
+from protocol import requests as rq
 from protocol.messages import (
     LATENCY_BUCKETS,
     Backward,
@@ -32,7 +33,6 @@ from protocol.messages import (
 )
 from protocol.plan import NodePlan
 from protocol.wire import RawTensor
-from procs.requester import PeerUnavailable, Requester
 
 NAME_PREFIX = "TransformerConnectionHandler."
 UNARY = ("rpc_info", "rpc_forward", "rpc_backward", "rpc_push")
@@ -42,8 +42,6 @@ STREAM_PART_BYTES = 4 * 1024 * 1024
 
 class ShuttingDown(RuntimeError):
     pass
-
-
 
 
 class Handlers:
@@ -61,7 +59,9 @@ class Handlers:
         self.draining = False
         self.calls: dict[str, int] = {}
         self.errors: dict[str, int] = {}
-        self.latency: dict[str, LatencyHistogram] = {}  # per RPC (and per inference step), for node/supervisor/metrics.py
+        self.latency: dict[
+            str, LatencyHistogram
+        ] = {}  # per RPC (and per inference step), for node/supervisor/metrics.py
 
     # --- bookkeeping shared by every RPC ------------------------------------------------------
 
@@ -166,7 +166,9 @@ class Handlers:
         rq.prompts(prompts, span.length, batch, length, self.plan.hidden_size)
         n_outputs = 1 if rq.optional_tensor(prompts) is None else 2
         compressions = rq.output_compression(metadata, n_outputs, self.plan.compression)
-        msg = Backward(self.runtime.next_id(), span.start, span.end, self.metas([inputs, grad_outputs, prompts]), adapter, peer)
+        msg = Backward(
+            self.runtime.next_id(), span.start, span.end, self.metas([inputs, grad_outputs, prompts]), adapter, peer
+        )
         outputs = await self.call_runtime(msg, [inputs, grad_outputs, prompts], self.plan.request_timeout)
         return self.encode(outputs, compressions)
 
@@ -174,7 +176,8 @@ class Handlers:
         with self.track("rpc_forward"):
             metadata = wire.unpack_metadata(request.metadata)
             tensors = await asyncio.wait_for(
-                self.forward(request.uid, list(request.tensors), metadata, str(context.remote_id)), self.plan.request_timeout
+                self.forward(request.uid, list(request.tensors), metadata, str(context.remote_id)),
+                self.plan.request_timeout,
             )
             return runtime_pb2.ExpertResponse(tensors=tensors)
 
@@ -182,7 +185,8 @@ class Handlers:
         with self.track("rpc_backward"):
             metadata = wire.unpack_metadata(request.metadata)
             tensors = await asyncio.wait_for(
-                self.backward(request.uid, list(request.tensors), metadata, str(context.remote_id)), self.plan.request_timeout
+                self.backward(request.uid, list(request.tensors), metadata, str(context.remote_id)),
+                self.plan.request_timeout,
             )
             return runtime_pb2.ExpertResponse(tensors=tensors)
 

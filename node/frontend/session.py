@@ -14,10 +14,10 @@ from typing import AsyncIterator, Optional
 
 from hivemind.proto import runtime_pb2
 
+from procs.requester import PeerUnavailable
 from protocol import requests as rq
 from protocol import wire
 from protocol.messages import Adopt, Allocate, Failure, InferStep, Release
-from procs.requester import PeerUnavailable
 
 _CLIENT, _PUSH, _END, _ERROR = "client", "push", "end", "error"
 _PUSH_NAME = "TransformerConnectionHandler.rpc_push"
@@ -45,7 +45,9 @@ class InferenceStream:
         """End the session after its current step: the client gets `error`."""
         self.incoming.put_nowait((_ERROR, error))
 
-    async def run(self, requests: AsyncIterator[runtime_pb2.ExpertRequest]) -> AsyncIterator[runtime_pb2.ExpertResponse]:
+    async def run(
+        self, requests: AsyncIterator[runtime_pb2.ExpertRequest]
+    ) -> AsyncIterator[runtime_pb2.ExpertResponse]:
         reader = asyncio.get_running_loop().create_task(self._read_client(requests))
         self.handlers.live.add(self)
         try:
@@ -98,7 +100,9 @@ class InferenceStream:
             kind, item = await asyncio.wait_for(self.incoming.get(), min(self.plan.step_timeout, left))
         except asyncio.TimeoutError:
             if time.monotonic() >= self.deadline:
-                raise TimeoutError(f"the session exceeded session_timeout ({self.plan.session_timeout:.0f} s)") from None
+                raise TimeoutError(
+                    f"the session exceeded session_timeout ({self.plan.session_timeout:.0f} s)"
+                ) from None
             self.log.info("inference step timeout", session=self._sid, peer=self.peer, timeout=self.plan.step_timeout)
             return None
         if kind == _ERROR:
@@ -154,7 +158,9 @@ class InferenceStream:
         if self.handle is None:
             return None
         o = self.opened
-        return Adopt(self.handle, o.session_id, o.batch, o.max_length, o.span.length, self.lease_deadline - time.monotonic())
+        return Adopt(
+            self.handle, o.session_id, o.batch, o.max_length, o.span.length, self.lease_deadline - time.monotonic()
+        )
 
     def _close(self) -> None:
         self.handlers.live.discard(self)

@@ -50,8 +50,11 @@ def group_memory(plan: NodePlan, log=None) -> tuple[int, int]:
     memories = [device_memory(d) for d in dict.fromkeys(devices)]
     totals = [m[0] for m in memories]
     if max(totals) > 1.5 * min(totals):
-        message = (f"the devices of --tensor_parallel_devices differ in memory ({', '.join(f'{t / 2**30:.1f}' for t in totals)} GiB); "
-                   "the smallest limits every shard")
+        message = (
+            "the devices of --tensor_parallel_devices differ in memory "
+            f"({', '.join(f'{t / 2**30:.1f}' for t in totals)} GiB); "
+            "the smallest limits every shard"
+        )
         if log is not None:
             log.warning(message)
         if plan.wanted_blocks is None and plan.choose_blocks:

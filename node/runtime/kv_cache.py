@@ -32,7 +32,9 @@ class SessionCaches:
         self.device = device
         self.caches: dict[int, SessionCache] = {}
 
-    def get(self, handle: int, batch: int, max_length: int, start: int, end: int, position: int, blocks) -> SessionCache:
+    def get(
+        self, handle: int, batch: int, max_length: int, start: int, end: int, position: int, blocks
+    ) -> SessionCache:
         """The session's cache; made (uninitialized) on its first step at position 0."""
         cache = self.caches.get(handle)
         if cache is not None:
@@ -44,7 +46,12 @@ class SessionCaches:
         kv = []
         for block in blocks:
             shape = block.kv_cache_shape(batch, max_length)
-            kv.append((torch.empty(shape, dtype=self.dtype, device=self.device), torch.empty(shape, dtype=self.dtype, device=self.device)))
+            kv.append(
+                (
+                    torch.empty(shape, dtype=self.dtype, device=self.device),
+                    torch.empty(shape, dtype=self.dtype, device=self.device),
+                )
+            )
         cache = SessionCache(batch, max_length, start, end, kv)
         self.caches[handle] = cache
         return cache

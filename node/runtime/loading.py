@@ -41,7 +41,7 @@ def load_blocks(plan: NodePlan, log, indices=None, group: "Optional[Group]" = No
     dtype = DTYPES[plan.torch_dtype]
     adapters = load_adapters(plan)
     blocks = {}
-    for index in (range(plan.start_block, plan.end_block) if indices is None else indices):
+    for index in range(plan.start_block, plan.end_block) if indices is None else indices:
         began = time.perf_counter()
         state = checkpoint.block_state(f"{family.block_prefix}.{index}.", dtype=dtype, device=plan.device)
         block = family.block_class.from_state(config, state, dtype=dtype, device=plan.device)
@@ -57,8 +57,13 @@ def load_blocks(plan: NodePlan, log, indices=None, group: "Optional[Group]" = No
 def load_adapters(plan: NodePlan) -> list:
     """The plan's LoRA adapters, their files fetched into the model's cache (lora.AdapterError if not)."""
     return [
-        lora.load_adapter(name, cache_dir=plan.cache_dir, token=plan.token, max_disk_space=plan.max_disk_space,
-                          download_attempts=plan.download_attempts)
+        lora.load_adapter(
+            name,
+            cache_dir=plan.cache_dir,
+            token=plan.token,
+            max_disk_space=plan.max_disk_space,
+            download_attempts=plan.download_attempts,
+        )
         for name in plan.adapters
     ]
 
@@ -78,7 +83,12 @@ class BlockLoader:
         try:
             began = time.perf_counter()
             self.blocks = load_blocks(plan, log, indices)
-            log.info("new blocks loaded", blocks=list(self.span), loaded=indices, seconds=round(time.perf_counter() - began, 2))
+            log.info(
+                "new blocks loaded",
+                blocks=list(self.span),
+                loaded=indices,
+                seconds=round(time.perf_counter() - began, 2),
+            )
         except Exception as e:
             self.error = f"{type(e).__name__}: {e}"
         finally:
@@ -110,6 +120,10 @@ def load_or_fail(actor: "Actor", group: "Optional[Group]", began: float) -> Opti
         return None
     if group is not None:
         group.barrier()  # every shard is in memory: the node may go ONLINE
-    actor.log.info("blocks loaded", seconds=round(time.perf_counter() - began, 2), count=len(blocks),
-                   **({"rank": group.rank} if group is not None else {}))
+    actor.log.info(
+        "blocks loaded",
+        seconds=round(time.perf_counter() - began, 2),
+        count=len(blocks),
+        **({"rank": group.rank} if group is not None else {}),
+    )
     return blocks

@@ -128,7 +128,9 @@ def _file(name: str, filename: str, cache) -> str:
         raise AdapterError(f"argument --adapters: cannot get {filename} of {name}: {e}") from None
 
 
-def load_adapter(name: str, *, cache_dir=None, token=None, max_disk_space=None, download_attempts=None, weight_store=None) -> Adapter:
+def load_adapter(
+    name: str, *, cache_dir=None, token=None, max_disk_space=None, download_attempts=None, weight_store=None
+) -> Adapter:
     """Read an adapter's config (fetching its files if it is on the hub); AdapterError says what is wrong."""
     cache = None
     if not os.path.isdir(name):
@@ -136,8 +138,11 @@ def load_adapter(name: str, *, cache_dir=None, token=None, max_disk_space=None, 
             from node.supervisor.config import default_cache_dir
             from node.weights.store import DEFAULT_ATTEMPTS, WeightStore
 
-            weight_store = WeightStore(cache_dir or default_cache_dir(), max_disk_space=max_disk_space,
-                                       attempts=download_attempts or DEFAULT_ATTEMPTS)
+            weight_store = WeightStore(
+                cache_dir or default_cache_dir(),
+                max_disk_space=max_disk_space,
+                attempts=download_attempts or DEFAULT_ATTEMPTS,
+            )
         cache = _TokenCache(weight_store, token)
     try:
         with open(_file(name, CONFIG_FILE, cache)) as f:
@@ -166,9 +171,17 @@ def load_adapter(name: str, *, cache_dir=None, token=None, max_disk_space=None, 
     targets = config.get("target_modules") or []
     path = _file(name, WEIGHTS_FILE, cache)
     return Adapter(
-        name, rank, alpha, targets, path, use_rslora=bool(config.get("use_rslora")),
-        rank_pattern=dict(config.get("rank_pattern") or {}), alpha_pattern=dict(config.get("alpha_pattern") or {}),
-        layers=layers, cache=cache, source=(name, WEIGHTS_FILE),
+        name,
+        rank,
+        alpha,
+        targets,
+        path,
+        use_rslora=bool(config.get("use_rslora")),
+        rank_pattern=dict(config.get("rank_pattern") or {}),
+        alpha_pattern=dict(config.get("alpha_pattern") or {}),
+        layers=layers,
+        cache=cache,
+        source=(name, WEIGHTS_FILE),
     )
 
 
@@ -242,17 +255,22 @@ def attach(block: nn.Module, index: int, block_prefix: str, adapters: list[Adapt
         for child_name, child in parent.named_children():
             if isinstance(child, (nn.Linear, LoraLinear)) or hasattr(child, "in_features"):  # bitsandbytes layers too
                 path = f"{parent_name}.{child_name}" if parent_name else child_name
-                # a tensor-parallel shard wraps layers (node/runtime/tensor_parallel/shard.py): name them as in the whole block
+                # a tensor-parallel shard wraps layers (node/runtime/tensor_parallel/shard.py): name them as in the
+                # whole block
                 path = ".".join(part for part in path.split(".") if part != shard.WRAPPER_ATTRIBUTE)
                 linears[path] = (parent, child_name)
     added = 0
     for adapter in adapters:
         with adapter.weights() as weights:
-            mine = {path: found for (i, path), found in adapter.modules(weights.keys(), block_prefix).items() if i == index}
+            mine = {
+                path: found for (i, path), found in adapter.modules(weights.keys(), block_prefix).items() if i == index
+            }
             unknown = sorted(set(mine) - set(linears))
             if unknown:
-                raise AdapterError(f"adapter {adapter.name} has LoRA weights for {mine[unknown[0]][0]}, "
-                                   f"which is not a Linear of this node's block {index}")
+                raise AdapterError(
+                    f"adapter {adapter.name} has LoRA weights for {mine[unknown[0]][0]}, "
+                    f"which is not a Linear of this node's block {index}"
+                )
             for path, (parent, attribute) in linears.items():
                 full, stem = mine.get(path, (f"{block_prefix}.{index}.{path}", None))
                 try:
@@ -271,10 +289,14 @@ def attach(block: nn.Module, index: int, block_prefix: str, adapters: list[Adapt
                     raise AdapterError(f"adapter {adapter.name} has lora_A but no lora_B weights for {full}") from None
                 child = getattr(parent, attribute)
                 # on a tensor-parallel rank the layer holds some output rows (B's rows) or input columns (A's)
-                rows, cols, (out_features, in_features) = shard.slice_of(child.base if isinstance(child, LoraLinear) else child)
+                rows, cols, (out_features, in_features) = shard.slice_of(
+                    child.base if isinstance(child, LoraLinear) else child
+                )
                 if a.shape != (rank, in_features) or b.shape != (out_features, rank):
-                    raise AdapterError(f"adapter {adapter.name}: {full} has LoRA shapes {list(a.shape)}, {list(b.shape)}; "
-                                       f"expected [{rank}, {in_features}], [{out_features}, {rank}]")
+                    raise AdapterError(
+                        f"adapter {adapter.name}: {full} has LoRA shapes {list(a.shape)}, {list(b.shape)}; "
+                        f"expected [{rank}, {in_features}], [{out_features}, {rank}]"
+                    )
                 a = a if cols is None else a[:, cols].contiguous().clone()
                 b = b if rows is None else b[rows].contiguous().clone()
                 a, b = a.to(device=device, dtype=dtype), b.to(device=device, dtype=dtype)
@@ -288,4 +310,3 @@ def attach(block: nn.Module, index: int, block_prefix: str, adapters: list[Adapt
         if getattr(block, "slow_tp", 1) != 1:
             block.slow_tp = 1  # the sliced matmuls bypass the wrapped layers
     return added
-

@@ -59,13 +59,28 @@ def quantized_linear(linear: nn.Linear, quant_type: str, dtype: torch.dtype) -> 
     device = linear.weight.device
     weight = linear.weight.data.to(dtype)
     if quant_type == "int8":
-        layer = bnb.nn.Linear8bitLt(linear.in_features, linear.out_features, bias=linear.bias is not None,
-                                    has_fp16_weights=False, threshold=6.0, device="meta")
+        layer = bnb.nn.Linear8bitLt(
+            linear.in_features,
+            linear.out_features,
+            bias=linear.bias is not None,
+            has_fp16_weights=False,
+            threshold=6.0,
+            device="meta",
+        )
         layer.weight = bnb.nn.Int8Params(weight.cpu(), requires_grad=False, has_fp16_weights=False)
     elif quant_type == "nf4":
-        layer = bnb.nn.Linear4bit(linear.in_features, linear.out_features, bias=linear.bias is not None,
-                                  compute_dtype=dtype, compress_statistics=True, quant_type="nf4", device="meta")
-        layer.weight = bnb.nn.Params4bit(weight.cpu(), requires_grad=False, compress_statistics=True, quant_type="nf4", blocksize=64)
+        layer = bnb.nn.Linear4bit(
+            linear.in_features,
+            linear.out_features,
+            bias=linear.bias is not None,
+            compute_dtype=dtype,
+            compress_statistics=True,
+            quant_type="nf4",
+            device="meta",
+        )
+        layer.weight = bnb.nn.Params4bit(
+            weight.cpu(), requires_grad=False, compress_statistics=True, quant_type="nf4", blocksize=64
+        )
     else:
         raise ValueError(f"unknown quant_type {quant_type!r}")
     if linear.bias is not None:
@@ -102,7 +117,9 @@ def check_quantization(quant_type: str, dtype: torch.dtype, device) -> None:
         if out.shape != (2, 128) or not torch.isfinite(out).all():
             raise RuntimeError("the trial layer gave no finite output")
     except Exception as e:
-        raise QuantizationUnavailable(f"{quant_type} quantization cannot run on {device} in {dtype}: {type(e).__name__}: {e}") from e
+        raise QuantizationUnavailable(
+            f"{quant_type} quantization cannot run on {device} in {dtype}: {type(e).__name__}: {e}"
+        ) from e
 
 
 def block_memory(block: nn.Module) -> int:

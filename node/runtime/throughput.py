@@ -15,9 +15,7 @@ import json
 import os
 import time
 from contextlib import contextmanager
-from typing import Callable, Optional, Sequence
-
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Callable, Optional, Sequence
 
 if TYPE_CHECKING:  # torch is imported where it is needed: the supervisor uses the pure parts only
     import torch
@@ -71,15 +69,24 @@ def locked_cache(cache_dir: str):
             os.replace(tmp, path)
 
 
-def measure_compute(block: torch.nn.Module, hidden_size: int, dtype: torch.dtype, device: torch.device,
-                    inference_steps: int = 100, forward_steps: int = 10, forward_tokens: int = 1024) -> dict:
+def measure_compute(
+    block: torch.nn.Module,
+    hidden_size: int,
+    dtype: torch.dtype,
+    device: torch.device,
+    inference_steps: int = 100,
+    forward_steps: int = 10,
+    forward_tokens: int = 1024,
+) -> dict:
     """Steps per second of one block: single-token inference (the cache growing from empty) and
     forward passes of `forward_tokens` tokens, each after one warm-up."""
     import torch
 
     sync = torch.cuda.synchronize if torch.device(device).type == "cuda" else (lambda *_: None)
     with torch.inference_mode():
-        cache = tuple(torch.zeros(block.kv_cache_shape(1, inference_steps + 1), dtype=dtype, device=device) for _ in range(2))
+        cache = tuple(
+            torch.zeros(block.kv_cache_shape(1, inference_steps + 1), dtype=dtype, device=device) for _ in range(2)
+        )
         token = torch.randn(1, 1, hidden_size, dtype=dtype, device=device)
         block(token, cache=cache, past=0)  # warm-up
         sync()

@@ -35,7 +35,9 @@ def best_start(throughputs: Sequence[float], length: int) -> int:
     return min(options)[1]
 
 
-def choose_best_blocks(num_blocks: int, infos: Mapping[int, Mapping[str, ServerInfo]], total_blocks: int) -> tuple[int, int]:
+def choose_best_blocks(
+    num_blocks: int, infos: Mapping[int, Mapping[str, ServerInfo]], total_blocks: int
+) -> tuple[int, int]:
     """Where a joining server with room for `num_blocks` helps most (servers JOINING count too)."""
     spans = compute_spans(_complete(infos, total_blocks), min_state=ServerState.JOINING)
     start = best_start(block_throughputs(spans, total_blocks), num_blocks)

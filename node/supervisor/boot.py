@@ -102,4 +102,3 @@ async def boot(config: NodeConfig, run_dir: str, own: bool, actors: dict[str, Ac
             actor.kill()
         return 1
     return await Supervisor(config, plan, log, own, actors, started).run()
-

@@ -30,7 +30,11 @@ COMPRESSION_TYPES = ("NONE", "MEANSTD_16BIT", "FLOAT16", "QUANTILE_8BIT", "UNIFO
 
 # Defaults that depend on the model (PROTOCOL 5.6), applied when the model is resolved: (with
 # grouped-query attention, without).
-MODEL_DEFAULTS = {"max_batch_size": (8192, 2048), "inference_max_length": (8192, 2048), "attn_cache_tokens": (16384, 4096)}
+MODEL_DEFAULTS = {
+    "max_batch_size": (8192, 2048),
+    "inference_max_length": (8192, 2048),
+    "attn_cache_tokens": (16384, 4096),
+}
 COMPATIBILITY_ONLY = "accepted for compatibility with Petals' run_server; has no effect here"
 
 DEVICE = re.compile(r"^(cpu|cuda(:\d+)?)$")
@@ -235,14 +239,26 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--num_handlers", type=_positive_int, help="network frontend processes")
     p.add_argument("--prefetch_batches", type=_positive_int, help=COMPATIBILITY_ONLY)
     p.add_argument("--sender_threads", type=_positive_int, help=COMPATIBILITY_ONLY)
-    p.add_argument("--inference_max_length", type=_positive_int, help="longest inference session" + _by_model("inference_max_length"))
+    p.add_argument(
+        "--inference_max_length",
+        type=_positive_int,
+        help="longest inference session" + _by_model("inference_max_length"),
+    )
     p.add_argument("--min_batch_size", type=_positive_int, help=COMPATIBILITY_ONLY)
     p.add_argument("--max_batch_size", type=_positive_int, help="most tokens in one task" + _by_model("max_batch_size"))
     p.add_argument("--max_chunk_size_bytes", type=_positive_int)
-    p.add_argument("--attn_cache_tokens", type=_positive_int, help="attention cache budget per block" + _by_model("attn_cache_tokens"))
+    p.add_argument(
+        "--attn_cache_tokens",
+        type=_positive_int,
+        help="attention cache budget per block" + _by_model("attn_cache_tokens"),
+    )
     p.add_argument("--cache_dir", help="where hub downloads go ($PETALS_CACHE or ~/.cache/petals)")
-    p.add_argument("--max_disk_space", type=_size, help="cap on the weight cache in --cache_dir, e.g. 50GB or 100GiB; "
-                   "least recently used files are deleted to stay under it (default: only keep 1 GiB of the disk free)")
+    p.add_argument(
+        "--max_disk_space",
+        type=_size,
+        help="cap on the weight cache in --cache_dir, e.g. 50GB or 100GiB; "
+        "least recently used files are deleted to stay under it (default: only keep 1 GiB of the disk free)",
+    )
     p.add_argument("--device", help="cpu, cuda or cuda:N (default: cuda if available)")
     p.add_argument("--torch_dtype", choices=("auto", "bfloat16", "float16", "float32"))
     p.add_argument("--max_alloc_timeout", type=_non_negative_float)
@@ -256,16 +272,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--initial_peers", nargs="*", help="multiaddrs of swarm peers (default: the public swarm)")
     p.add_argument("--new_swarm", action="store_true", help="start a new private swarm (no initial peers)")
     p.add_argument("--increase_file_limit", type=_non_negative_int)
-    p.add_argument("--stats_report_interval", type=_positive_float,
-                   help="log one 'stats' event with the runtime's, the cache's and the frontends' figures this often (s)")
+    p.add_argument(
+        "--stats_report_interval",
+        type=_positive_float,
+        help="log one 'stats' event with the runtime's, the cache's and the frontends' figures this often (s)",
+    )
     p.add_argument("--custom_module_path", help=COMPATIBILITY_ONLY)
     p.add_argument("--identity_path", help="libp2p private key file (created if missing)")
     p.add_argument("--balance_quality", type=_non_negative_float)
     p.add_argument("--mean_balance_check_period", type=_positive_float)
     p.add_argument("--quant_type", choices=("none", "int8", "nf4"), help="weight quantization")
     p.add_argument("--tensor_parallel_devices", nargs="+", help="split blocks over these devices")
-    p.add_argument("--skip_reachability_check", action="store_true",
-                   help="in the public swarm, do not ask health.petals.dev whether the swarm can reach the node before going ONLINE")
+    p.add_argument(
+        "--skip_reachability_check",
+        action="store_true",
+        help="in the public swarm, do not ask health.petals.dev whether the swarm can reach the node "
+        "before going ONLINE",
+    )
     p.add_argument("--adapters", nargs="*", help="LoRA adapter repositories")
     node = p.add_argument_group("node")
     node.add_argument("--run_dir", help="directory for the node's sockets and state (default /tmp/node.PID)")
@@ -273,27 +296,51 @@ def build_parser() -> argparse.ArgumentParser:
     node.add_argument("--restart_window", type=_positive_float, help="seconds")
     node.add_argument("--heartbeat_timeout", type=_positive_float, help="an actor silent this long is replaced")
     node.add_argument("--shutdown_grace", type=_non_negative_float, help="seconds to finish work on SIGTERM")
-    node.add_argument("--download_attempts", type=_positive_int,
-                      help="tries per weight file on network errors, with exponential backoff (2 s, 4 s, ...)")
-    node.add_argument("--network_bandwidth", type=_positive_float,
-                      help="the link's bandwidth in Mbit/s for the published network_rps (no speed test offline; default 100)")
-    node.add_argument("--mean_block_selection_delay", type=_non_negative_float,
-                      help="mean random wait (s) before choosing blocks, so that nodes starting together do not pick the same ones")
-    node.add_argument("--balance_checks", type=_positive_int,
-                      help="consecutive balance checks that must find the swarm unbalanced before the node moves")
-    node.add_argument("--drain_timeout", type=_non_negative_float,
-                      help="seconds open sessions may finish on the old blocks when the node moves")
-    node.add_argument("--memory_margin", type=_fraction,
-                      help="share of RAM (on a CPU) kept free when choosing --num_blocks automatically")
-    node.add_argument("--metrics_port", type=_non_negative_int,
-                      help="serve Prometheus metrics on this port (0: any free port; default: off)")
+    node.add_argument(
+        "--download_attempts",
+        type=_positive_int,
+        help="tries per weight file on network errors, with exponential backoff (2 s, 4 s, ...)",
+    )
+    node.add_argument(
+        "--network_bandwidth",
+        type=_positive_float,
+        help="the link's bandwidth in Mbit/s for the published network_rps (no speed test offline; default 100)",
+    )
+    node.add_argument(
+        "--mean_block_selection_delay",
+        type=_non_negative_float,
+        help="mean random wait (s) before choosing blocks, so that nodes starting together do not pick the same ones",
+    )
+    node.add_argument(
+        "--balance_checks",
+        type=_positive_int,
+        help="consecutive balance checks that must find the swarm unbalanced before the node moves",
+    )
+    node.add_argument(
+        "--drain_timeout",
+        type=_non_negative_float,
+        help="seconds open sessions may finish on the old blocks when the node moves",
+    )
+    node.add_argument(
+        "--memory_margin",
+        type=_fraction,
+        help="share of RAM (on a CPU) kept free when choosing --num_blocks automatically",
+    )
+    node.add_argument(
+        "--metrics_port",
+        type=_non_negative_int,
+        help="serve Prometheus metrics on this port (0: any free port; default: off)",
+    )
     node.add_argument("--log_format", choices=("auto", "json", "console"))
     node.add_argument("--log_level", choices=("debug", "info", "warning", "error"))
     # every default is NodeConfig's: --help shows them, and parse_config gets them from the parser
-    p.set_defaults(**{
-        f.name: f.default_factory() if f.default is msgspec.NODEFAULT else f.default
-        for f in msgspec.structs.fields(NodeConfig) if f.default is not msgspec.NODEFAULT or f.default_factory is not msgspec.NODEFAULT
-    })
+    p.set_defaults(
+        **{
+            f.name: f.default_factory() if f.default is msgspec.NODEFAULT else f.default
+            for f in msgspec.structs.fields(NodeConfig)
+            if f.default is not msgspec.NODEFAULT or f.default_factory is not msgspec.NODEFAULT
+        }
+    )
     return p
 
 

@@ -21,8 +21,8 @@ from hivemind.p2p.p2p_daemon_bindings.utils import raise_if_failed, read_pbmsg_s
 from hivemind.proto import p2pd_pb2
 from hivemind.utils.multiaddr import Multiaddr
 
-from node.supervisor.config import NodeConfig
 from node.startup import die_with_parent
+from node.supervisor.config import NodeConfig
 
 
 class DaemonError(RuntimeError):
@@ -115,7 +115,12 @@ async def start_daemon(config: NodeConfig, run_dir: str, log) -> Daemon:
     if config.identity_path:
         if os.path.isfile(config.identity_path):
             if peers and await P2P.is_identity_taken(
-                config.identity_path, initial_peers=peers, tls=True, use_auto_relay=False, use_ipfs=False, use_relay=True
+                config.identity_path,
+                initial_peers=peers,
+                tls=True,
+                use_auto_relay=False,
+                use_ipfs=False,
+                use_relay=True,
             ):
                 raise DaemonError(f"identity {config.identity_path} is already used by another peer in the swarm")
         else:

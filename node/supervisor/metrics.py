@@ -19,7 +19,6 @@ from prometheus_client.registry import Collector, CollectorRegistry
 from protocol.messages import LATENCY_BUCKETS, ActorStats, AllocatorStats, FrontendStats, RuntimeStats
 
 
-
 class Totals:
     """Counters summed over every process that has held each actor's name.
 
@@ -95,7 +94,9 @@ class NodeCollector(Collector):
         yield _gauge("node_moves", "rebalancing moves made", snap.get("moves", 0))
 
         up = GaugeMetricFamily("node_actor_up", "actor ready (1) or not (0)", labels=["actor"])
-        restarts = CounterMetricFamily("node_actor_restarts", "times the supervisor replaced the actor", labels=["actor"])
+        restarts = CounterMetricFamily(
+            "node_actor_restarts", "times the supervisor replaced the actor", labels=["actor"]
+        )
         for name, actor in actors.items():
             up.add_metric([name], 1 if actor["ready"] else 0)
             restarts.add_metric([name], actor["restarts"])
@@ -104,7 +105,9 @@ class NodeCollector(Collector):
 
         requests = CounterMetricFamily("node_requests", "requests per RPC", labels=["rpc"])
         errors = CounterMetricFamily("node_request_errors", "requests answered with an error, per RPC", labels=["rpc"])
-        latency = HistogramMetricFamily("node_request_seconds", "time to answer, per RPC, and per inference step", labels=["rpc"])
+        latency = HistogramMetricFamily(
+            "node_request_seconds", "time to answer, per RPC, and per inference step", labels=["rpc"]
+        )
         for rpc, n in _labelled(totals, "requests"):
             requests.add_metric([rpc], n)
         for rpc, n in _labelled(totals, "errors"):
@@ -119,30 +122,48 @@ class NodeCollector(Collector):
         yield errors
         yield latency
         frontends = [a["stats"] for a in actors.values() if isinstance(a["stats"], FrontendStats)]
-        yield _gauge("node_requests_in_flight", "requests being handled by the frontends", sum(s.in_flight for s in frontends))
+        yield _gauge(
+            "node_requests_in_flight", "requests being handled by the frontends", sum(s.in_flight for s in frontends)
+        )
         yield _gauge("node_sessions_open", "inference sessions open", sum(s.sessions for s in frontends))
 
         runtime = _stats(actors, "runtime.0", RuntimeStats)
         yield _gauge("node_queue_depth", "tasks waiting in the runtime", runtime.queue)
         yield _gauge("node_steps_in_progress", "inference steps under way (chunked prefills)", runtime.in_progress)
         yield _counter("node_runtime_rounds", "compute rounds run by the runtime", totals.get(("rounds",), 0.0))
-        yield _counter("node_runtime_busy_seconds", "time the runtime spent computing", totals.get(("busy_seconds",), 0.0))
-        tasks = CounterMetricFamily("node_runtime_tasks", "work items the runtime answered, by outcome", labels=["outcome"])
+        yield _counter(
+            "node_runtime_busy_seconds", "time the runtime spent computing", totals.get(("busy_seconds",), 0.0)
+        )
+        tasks = CounterMetricFamily(
+            "node_runtime_tasks", "work items the runtime answered, by outcome", labels=["outcome"]
+        )
         for outcome in ("done", "failed"):
             tasks.add_metric([outcome], totals.get(("tasks", outcome), 0.0))
         yield tasks
-        sizes = CounterMetricFamily("node_batch_size_rounds", "rounds by how many requests ran together", labels=["requests"])
+        sizes = CounterMetricFamily(
+            "node_batch_size_rounds", "rounds by how many requests ran together", labels=["requests"]
+        )
         for size, n in sorted(_labelled(totals, "round_size"), key=lambda kv: int(kv[0])):
             sizes.add_metric([size], n)
         yield sizes
 
         allocator = _stats(actors, "allocator", AllocatorStats)
         yield _gauge("node_cache_bytes_used", "attention cache bytes held by sessions", allocator.used_bytes)
-        yield _gauge("node_cache_bytes_left", "attention cache bytes free", max(0, allocator.capacity_bytes - allocator.used_bytes))
-        yield _gauge("node_cache_tokens_used", "attention cache held by sessions, in tokens (Petals' cache_tokens_left unit)",
-                     allocator.tokens_used)
-        yield _gauge("node_cache_tokens_left", "attention cache free, in tokens, as announced in cache_tokens_left",
-                     allocator.tokens_left)
+        yield _gauge(
+            "node_cache_bytes_left",
+            "attention cache bytes free",
+            max(0, allocator.capacity_bytes - allocator.used_bytes),
+        )
+        yield _gauge(
+            "node_cache_tokens_used",
+            "attention cache held by sessions, in tokens (Petals' cache_tokens_left unit)",
+            allocator.tokens_used,
+        )
+        yield _gauge(
+            "node_cache_tokens_left",
+            "attention cache free, in tokens, as announced in cache_tokens_left",
+            allocator.tokens_left,
+        )
         yield _gauge("node_cache_waiting", "allocations queued for cache", allocator.waiting)
 
 

@@ -58,7 +58,9 @@ class Moves:
             if self.moving or self.sup.confirmed != ServerState.ONLINE:
                 continue
             try:
-                target = await self.placement.check_balance(self.plan.peer_id, (self.plan.start_block, self.plan.end_block))
+                target = await self.placement.check_balance(
+                    self.plan.peer_id, (self.plan.start_block, self.plan.end_block)
+                )
             except (PlacementError, asyncio.TimeoutError) as e:
                 self.log.warning("balance check failed", error=str(e) or repr(e))
                 continue
@@ -99,7 +101,9 @@ class Moves:
             except asyncio.TimeoutError:
                 loaded = None
             if loaded is None or not loaded.ok:
-                self.log.warning("move abandoned: the new blocks did not load", error=getattr(loaded, "error", "timeout"))
+                self.log.warning(
+                    "move abandoned: the new blocks did not load", error=getattr(loaded, "error", "timeout")
+                )
                 self.sup.send("runtime.0", DropBlocks(*old))
                 return
             target = await self.still_wanted(old, (start, end))

@@ -54,7 +54,11 @@ class Placement:
         if self.measured is None:
             self.log.info("device measured", **{f: getattr(msg, f) for f in msg.__struct_fields__})
         if msg.quant_type != self.plan.quant_type:
-            self.log.warning("the runtime serves another quantization than planned", planned=self.plan.quant_type, served=msg.quant_type)
+            self.log.warning(
+                "the runtime serves another quantization than planned",
+                planned=self.plan.quant_type,
+                served=msg.quant_type,
+            )
             self.plan.quant_type = msg.quant_type
         self.measured = msg
         self.block_bytes = resources.block_size_bytes(msg.block_params, self.plan.torch_dtype, msg.quant_type)
@@ -112,7 +116,9 @@ class Placement:
             device_memory=report.device_memory,
             available_memory=report.available_memory,
             block_bytes=self.block_bytes,
-            cache_bytes=resources.cache_bytes_per_block(plan.hidden_size, plan.attn_cache_tokens, plan.kv_groups, plan.torch_dtype),
+            cache_bytes=resources.cache_bytes_per_block(
+                plan.hidden_size, plan.attn_cache_tokens, plan.kv_groups, plan.torch_dtype
+            ),
             adapter_bytes=report.adapter_bytes,
             hidden_size=plan.hidden_size,
             total_blocks=plan.total_blocks,
@@ -128,7 +134,9 @@ class Placement:
             return dict(throughput=float(self.plan.throughput), quant_type=self.plan.quant_type)
         info = dict(inference_rps=report.inference_rps, forward_rps=report.forward_rps, network_rps=report.network_rps)
         announced = server_throughput(info, self.count, using_relay=self.using_relay)
-        return dict(throughput=float(announced), quant_type=self.plan.quant_type, **{k: float(v) for k, v in info.items()})
+        return dict(
+            throughput=float(announced), quant_type=self.plan.quant_type, **{k: float(v) for k, v in info.items()}
+        )
 
     async def choose(self) -> tuple[int, int]:
         total = self.plan.total_blocks
@@ -151,7 +159,9 @@ class Placement:
             self.log.info("balance check skipped: our records are not visible yet")
             self.streak = 0
             return None
-        should = block_selection.should_choose_other_blocks(peer_id, infos, total, self.config.balance_quality, self.rng)
+        should = block_selection.should_choose_other_blocks(
+            peer_id, infos, total, self.config.balance_quality, self.rng
+        )
         others = {b: {p: i for p, i in peers.items() if p != peer_id} for b, peers in infos.items()}
         target = block_selection.choose_best_blocks(self.count, others, total)
         if not should or target == tuple(current):
@@ -160,14 +170,22 @@ class Placement:
             self.streak = 0
             return None
         self.streak += 1
-        self.log.info("swarm unbalanced", checks=self.streak, needed=self.config.balance_checks, blocks=list(current),
-                      target=list(target), swarm=_summary(infos, total))
+        self.log.info(
+            "swarm unbalanced",
+            checks=self.streak,
+            needed=self.config.balance_checks,
+            blocks=list(current),
+            target=list(target),
+            swarm=_summary(infos, total),
+        )
         if self.streak < self.config.balance_checks:
             return None
         self.streak = 0
         return target
 
-    async def confirm_move(self, peer_id: str, old: tuple[int, int], target: tuple[int, int]) -> Optional[tuple[int, int]]:
+    async def confirm_move(
+        self, peer_id: str, old: tuple[int, int], target: tuple[int, int]
+    ) -> Optional[tuple[int, int]]:
         """Once our old blocks are OFFLINE and drained: is the move still right? Two nodes on one span
         may decide together; each then sees the other gone from the span, and the best place for
         either is the old span. The one with the lower peer id stays there, the other moves."""
@@ -178,7 +196,9 @@ class Placement:
         if now != tuple(old):
             return now
         leaving = sorted(
-            p for peers in infos.values() for p, i in peers.items()
+            p
+            for peers in infos.values()
+            for p, i in peers.items()
             if p != peer_id and i.state == ServerState.OFFLINE and (i.start_block, i.end_block) == tuple(old)
         )
         if leaving and leaving[0] < peer_id:
@@ -186,7 +206,9 @@ class Placement:
             return target
         return None
 
-    async def confirm_switch(self, peer_id: str, old: tuple[int, int], target: tuple[int, int]) -> Optional[tuple[int, int]]:
+    async def confirm_switch(
+        self, peer_id: str, old: tuple[int, int], target: tuple[int, int]
+    ) -> Optional[tuple[int, int]]:
         """The new blocks are loaded: is the target still the best place (another node may have
         moved there meanwhile)? With our old range still announced, as in check_balance."""
         total = self.plan.total_blocks
@@ -206,8 +228,12 @@ class Placement:
         others = {b: {p: i for p, i in peers.items() if p != peer_id} for b, peers in infos.items()}
         if block_selection.choose_best_blocks(self.count, others, total) != tuple(old):
             return False
-        twins = {p for peers in infos.values() for p, i in peers.items()
-                 if p != peer_id and i.state != ServerState.OFFLINE and (i.start_block, i.end_block) == tuple(new)}
+        twins = {
+            p
+            for peers in infos.values()
+            for p, i in peers.items()
+            if p != peer_id and i.state != ServerState.OFFLINE and (i.start_block, i.end_block) == tuple(new)
+        }
         return any(p < peer_id for p in twins)
 
     def next_check_in(self) -> float:

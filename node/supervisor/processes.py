@@ -19,7 +19,8 @@ from typing import Optional
 from node.startup import SUPERVISOR_PID_ENV
 from protocol.messages import ActorStats
 
-# the rendezvous file of the runtimes' tensor-parallel group, new for each incarnation (node/runtime/tensor_parallel/group.py)
+# the rendezvous file of the runtimes' tensor-parallel group, new for each incarnation
+# (node/runtime/tensor_parallel/group.py)
 TP_STORE_ENV = "NODE_TP_STORE"
 PROJECT_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -123,7 +124,8 @@ def start_actors(num_handlers: int, tp_world: int, run_dir: str) -> dict[str, Ac
 
 
 def new_group_store(actors: dict[str, ActorProcess], run_dir: str, generation: int) -> None:
-    """Each incarnation of a tensor-parallel group meets at a store of its own (node/runtime/tensor_parallel/group.py)."""
+    """Each incarnation of a tensor-parallel group meets at a store of its own
+    (node/runtime/tensor_parallel/group.py)."""
     for name in os.listdir(run_dir):
         if name.startswith("tp-store."):
             try:
@@ -133,7 +135,6 @@ def new_group_store(actors: dict[str, ActorProcess], run_dir: str, generation: i
     for name, actor in actors.items():
         if name.startswith("runtime."):
             actor.env[TP_STORE_ENV] = os.path.join(run_dir, f"tp-store.{generation}")
-
 
 
 class RestartIntensity:

@@ -14,8 +14,8 @@ from typing import Optional
 
 import msgspec
 
-from node.supervisor.config import MODEL_DEFAULTS, PUBLIC_INITIAL_PEERS, NodeConfig, default_cache_dir
 from node.runtime.tensor_parallel.split import check_split
+from node.supervisor.config import MODEL_DEFAULTS, PUBLIC_INITIAL_PEERS, NodeConfig, default_cache_dir
 from protocol import SERVER_VERSION
 from protocol.plan import NodePlan
 
@@ -63,20 +63,26 @@ def resolve_dtype(requested: str, model_config, device: str) -> str:
     else:
         dtype = requested
     if dtype not in ("float32", "bfloat16", "float16"):
-        raise PlanError(f"argument --torch_dtype: the model declares {dtype}, which the node does not serve; pass --torch_dtype")
+        raise PlanError(
+            f"argument --torch_dtype: the model declares {dtype}, which the node does not serve; pass --torch_dtype"
+        )
     if dtype == "float16" and device == "cpu":
         raise PlanError("argument --torch_dtype: float16 is not supported on the CPU; use bfloat16 or float32")
     return dtype
 
 
 def resolve_plan(config: NodeConfig, run_dir: str, log) -> NodePlan:
-    from node.weights.checkpoint import Checkpoint
     from node.runtime.models import get_family
+    from node.weights.checkpoint import Checkpoint
 
     cache_dir = config.cache_dir or default_cache_dir()
     checkpoint = Checkpoint.open(
-        config.model, revision=config.revision, token=config.token, cache_dir=cache_dir,
-        max_disk_space=config.max_disk_space, download_attempts=config.download_attempts,
+        config.model,
+        revision=config.revision,
+        token=config.token,
+        cache_dir=cache_dir,
+        max_disk_space=config.max_disk_space,
+        download_attempts=config.download_attempts,
     )
     model_config = checkpoint.config()
     try:
@@ -93,7 +99,11 @@ def resolve_plan(config: NodeConfig, run_dir: str, log) -> NodePlan:
         start = end = 0  # chosen by the supervisor once the runtime has measured the device
         if config.num_blocks is not None and config.num_blocks > total:  # as Petals does
             if log is not None:
-                log.warning("--num_blocks is larger than the model; serving all of its blocks", num_blocks=config.num_blocks, total_blocks=total)
+                log.warning(
+                    "--num_blocks is larger than the model; serving all of its blocks",
+                    num_blocks=config.num_blocks,
+                    total_blocks=total,
+                )
             config = msgspec.structs.replace(config, num_blocks=total)
 
     if config.dht_prefix:
@@ -188,7 +198,6 @@ def default_run_dir() -> str:
     return os.path.join("/tmp", f"node.{os.getpid()}")
 
 
-
 # --- in a child process: the supervisor keeps transformers out of its own memory ---------------------
 # Reading a model's config takes transformers (without torch: still numpy, tokenizers, the hub client,
 # about 37 MiB) that the supervisor would hold for the node's whole life to use once. So it runs
@@ -214,8 +223,14 @@ async def resolve_in_child(config: NodeConfig, run_dir: str) -> NodePlan:
     from node.supervisor.processes import child_env
 
     child = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "node.supervisor.resolve", run_dir, env=child_env(),
-        stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE, preexec_fn=stop_with_parent,
+        sys.executable,
+        "-m",
+        "node.supervisor.resolve",
+        run_dir,
+        env=child_env(),
+        stdin=asyncio.subprocess.PIPE,
+        stdout=asyncio.subprocess.PIPE,
+        preexec_fn=stop_with_parent,
     )
     try:
         out, _ = await child.communicate(msgspec.json.encode(config))

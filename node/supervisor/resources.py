@@ -79,7 +79,8 @@ def estimate_num_blocks(
     if count < 1:
         raise NotEnoughMemory(
             f"not enough memory for one block: {memory / GiB:.2f} GiB of {source}, {autograd / GiB:.2f} GiB kept for "
-            f"autograd, {per_block / GiB:.2f} GiB per block (weights {block_bytes / GiB:.2f}, cache {cache_bytes / GiB:.2f}); "
+            f"autograd, {per_block / GiB:.2f} GiB per block "
+            f"(weights {block_bytes / GiB:.2f}, cache {cache_bytes / GiB:.2f}); "
             "pass --num_blocks or --block_indices, or lower --attn_cache_tokens"
         )
     return estimate

@@ -35,26 +35,26 @@ import zmq.asyncio
 from node.supervisor.config import NodeConfig
 from node.supervisor.moves import Moves
 from node.supervisor.placement import Placement, PlacementError
-from node.supervisor.sd_notify import Notifier
 from node.supervisor.processes import ActorProcess, RestartIntensity, backoff, new_group_store
+from node.supervisor.sd_notify import Notifier
 from protocol.dht_records import ServerState
 from protocol.messages import (
     AllocatorStats,
-    FrontendStats,
-    RuntimeStats,
-    AnnouncerReady,
-    FrontendReady,
     Announce,
     Announced,
+    AnnouncerReady,
     BlocksLoaded,
     ControlToSupervisor,
     Fatal,
+    FrontendReady,
+    FrontendStats,
     Heartbeat,
     LoadBlocks,
     Measured,
     PeerDown,
     PeerUp,
     Ready,
+    RuntimeStats,
     Serve,
     Stop,
     SwarmView,
@@ -67,7 +67,9 @@ STARTUP_SILENCE = 60.0  # longest an actor may take to send its first heartbeat
 
 
 class Supervisor:
-    def __init__(self, config: NodeConfig, plan: NodePlan, log, own_run_dir: bool, actors: dict[str, ActorProcess], daemon):
+    def __init__(
+        self, config: NodeConfig, plan: NodePlan, log, own_run_dir: bool, actors: dict[str, ActorProcess], daemon
+    ):
         self.config = config
         self.plan = plan
         self.log = log.bind(blocks=[plan.start_block, plan.end_block], dht_prefix=plan.dht_prefix)
@@ -124,7 +126,9 @@ class Supervisor:
 
                 self.metrics_totals = metrics.Totals()
                 try:
-                    self.metrics_server, _ = metrics.serve(self.config.metrics_port, self.metrics_snapshot, self.metrics_totals)
+                    self.metrics_server, _ = metrics.serve(
+                        self.config.metrics_port, self.metrics_snapshot, self.metrics_totals
+                    )
                     self.log.info("metrics served", port=self.metrics_server.server_port)
                 except OSError as e:  # the port is taken: say so and stop (_watch returns at once)
                     self.log.error("cannot serve metrics", port=self.config.metrics_port, error=str(e))
@@ -175,8 +179,12 @@ class Supervisor:
             heard = actor.last_heartbeat > actor.started_at
             limit = self.config.heartbeat_timeout if heard else max(self.config.heartbeat_timeout, STARTUP_SILENCE)
             if now - actor.last_heartbeat > limit:
-                self.log.warning("actor silent; killing it", actor=actor.spec.name, pid=actor.pid,
-                                 silent_seconds=round(now - actor.last_heartbeat, 1))
+                self.log.warning(
+                    "actor silent; killing it",
+                    actor=actor.spec.name,
+                    pid=actor.pid,
+                    silent_seconds=round(now - actor.last_heartbeat, 1),
+                )
                 actor.kill()
             return
         self._died(actor, now)
@@ -213,8 +221,13 @@ class Supervisor:
         """A rank is gone: the others cannot compute without it (their reductions would wait for it
         forever), so the whole group goes and comes back together, meeting at a new store. Frontends
         fail what they sent to runtime.0; the node is JOINING until the group has loaded again."""
-        self.log.warning("tensor-parallel rank died; restarting the group", actor=dead.spec.name, pid=dead.pid,
-                         how=dead.describe_exit(), ranks=len(self.runtimes))
+        self.log.warning(
+            "tensor-parallel rank died; restarting the group",
+            actor=dead.spec.name,
+            pid=dead.pid,
+            how=dead.describe_exit(),
+            ranks=len(self.runtimes),
+        )
         for name in self.runtimes:
             rank = self.actors[name]
             if rank.running:
@@ -228,8 +241,11 @@ class Supervisor:
                 if other not in self.runtimes:
                     self.send(other, PeerDown(name))
         if not self.intensity.allow(now):
-            self.log.error("too many restarts; giving up", max_restarts=self.config.max_restarts,
-                           window_seconds=self.config.restart_window)
+            self.log.error(
+                "too many restarts; giving up",
+                max_restarts=self.config.max_restarts,
+                window_seconds=self.config.restart_window,
+            )
             self.exit_code = 1
             return
         dead.restarts += 1
@@ -263,13 +279,21 @@ class Supervisor:
             self.announce(desired)
         for name in self.runtimes:  # each rank loads its shard
             runtime = self.actors[name]
-            if self.confirmed == ServerState.JOINING and runtime.running and not runtime.ready and not runtime.load_ordered:
+            if (
+                self.confirmed == ServerState.JOINING
+                and runtime.running
+                and not runtime.ready
+                and not runtime.load_ordered
+            ):
                 runtime.load_ordered = self.send(name, LoadBlocks(self.plan.start_block, self.plan.end_block))
 
     def announce(self, state: ServerState, retire=None) -> None:
         self.announced = self.reported = state
         self.state_changed.clear()
-        self.send("announcer", Announce(int(state), self.plan.start_block, self.plan.end_block, retire=retire, **self.placement.numbers))
+        self.send(
+            "announcer",
+            Announce(int(state), self.plan.start_block, self.plan.end_block, retire=retire, **self.placement.numbers),
+        )
         self.log.info("state", state=state.name)
         self.write_status()
         status = f"{state.name} blocks {self.plan.start_block}:{self.plan.end_block} peer {self.plan.peer_id}"
@@ -355,7 +379,9 @@ class Supervisor:
             self.exit_code = 0
             self.stop_requested.set()
             return
-        self.plan.throughput_mode = "auto" if self.plan.throughput_mode != "fixed" else "fixed"  # a restarted runtime reads the cache
+        self.plan.throughput_mode = (
+            "auto" if self.plan.throughput_mode != "fixed" else "fixed"
+        )  # a restarted runtime reads the cache
         self.set_blocks(start, end)
         if self.placement.can_move:
             self.spawn_task(self.moves.balance())
@@ -393,7 +419,9 @@ class Supervisor:
             "state": int(self.reported) if self.reported is not None else -1,
             "blocks": [self.plan.start_block, self.plan.end_block],
             "moves": self.placement.moves,
-            "actors": {n: {"ready": a.ready, "restarts": a.restarts, "stats": a.stats} for n, a in list(self.actors.items())},
+            "actors": {
+                n: {"ready": a.ready, "restarts": a.restarts, "stats": a.stats} for n, a in list(self.actors.items())
+            },
         }
 
     def report_stats(self) -> None:
@@ -439,9 +467,7 @@ class Supervisor:
             "blocks": [self.plan.start_block, self.plan.end_block],
             "moves": self.placement.moves,
             "metrics_port": self.metrics_server.server_port if self.metrics_server is not None else None,
-            "actors": {
-                n: {"pid": a.pid, "ready": a.ready, "restarts": a.restarts} for n, a in self.actors.items()
-            },
+            "actors": {n: {"pid": a.pid, "ready": a.ready, "restarts": a.restarts} for n, a in self.actors.items()},
             "updated": time.time(),
         }
         path = os.path.join(self.plan.run_dir, "status.json")

@@ -25,20 +25,37 @@ ROOT = Path(__file__).resolve().parents[2]  # the checkout: node/tools/launcher.
 class NodeProcess:
     """One node: a supervisor process and everything it spawns."""
 
-    def __init__(self, model: str, run_dir: Path, *args: str, dht_prefix: str = "micro-llama", log_path: Optional[Path] = None,
-                 env: Optional[dict] = None):
+    def __init__(
+        self,
+        model: str,
+        run_dir: Path,
+        *args: str,
+        dht_prefix: str = "micro-llama",
+        log_path: Optional[Path] = None,
+        env: Optional[dict] = None,
+    ):
         self.run_dir = Path(run_dir)
         self.env = dict(env or {})  # added to the environment of the node (e.g. HF_ENDPOINT)
         self.argv = [
-            sys.executable, "-m", "node.supervisor",
-            "--model", str(model),
-            "--dht_prefix", dht_prefix,
-            "--torch_dtype", "float32",
-            "--host_maddrs", "/ip4/127.0.0.1/tcp/0",
-            "--run_dir", str(self.run_dir),
-            "--throughput", "1.0",
-            "--num_handlers", "1",
-            "--log_format", "json",
+            sys.executable,
+            "-m",
+            "node.supervisor",
+            "--model",
+            str(model),
+            "--dht_prefix",
+            dht_prefix,
+            "--torch_dtype",
+            "float32",
+            "--host_maddrs",
+            "/ip4/127.0.0.1/tcp/0",
+            "--run_dir",
+            str(self.run_dir),
+            "--throughput",
+            "1.0",
+            "--num_handlers",
+            "1",
+            "--log_format",
+            "json",
         ]
         self.argv += list(args)
         if not any(a in ("--initial_peers", "--new_swarm") for a in args):
@@ -54,7 +71,12 @@ class NodeProcess:
         env = {**os.environ, **self.env}
         env["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT), self.env.get("PYTHONPATH")) if p)
         self.proc = subprocess.Popen(
-            self.argv, cwd=ROOT, env=env, stdout=self._log, stderr=subprocess.STDOUT, preexec_fn=stop_with_parent  # a node started for a test, demo or benchmark ends with its owner
+            self.argv,
+            cwd=ROOT,
+            env=env,
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+            preexec_fn=stop_with_parent,  # a node started for a test, demo or benchmark ends with its owner
         )
         return self
 

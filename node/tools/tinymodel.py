@@ -1,6 +1,6 @@
 """Small random Llama checkpoints for tests and local swarms (no Hub access needed).
 
-    python -m node.tools.tinymodel PATH [--preset tiny|small] [--hidden_size 256 --num_layers 8 ...]
+python -m node.tools.tinymodel PATH [--preset tiny|small] [--hidden_size 256 --num_layers 8 ...]
 """
 
 from __future__ import annotations

@@ -27,9 +27,17 @@ SINGLE_FILE = "model.safetensors"
 
 
 class Checkpoint:
-    def __init__(self, name: str, *, path: Optional[str] = None, repo_id: Optional[str] = None,
-                 revision: Optional[str] = None, token: Optional[str] = None, cache_dir: Optional[str] = None,
-                 weight_store: Optional[WeightStore] = None):
+    def __init__(
+        self,
+        name: str,
+        *,
+        path: Optional[str] = None,
+        repo_id: Optional[str] = None,
+        revision: Optional[str] = None,
+        token: Optional[str] = None,
+        cache_dir: Optional[str] = None,
+        weight_store: Optional[WeightStore] = None,
+    ):
         self.name = name
         self.is_local = path is not None
         self.repository = None if self.is_local else f"https://huggingface.co/{repo_id}"
@@ -47,9 +55,17 @@ class Checkpoint:
         self._weight_map: Optional[dict[str, str]] = None  # tensor name -> file name inside the checkpoint
 
     @classmethod
-    def open(cls, name_or_path: str, *, revision: Optional[str] = None, token: Optional[str] = None,
-             cache_dir: Optional[str] = None, max_disk_space: Optional[int] = None,
-             download_attempts: int = DEFAULT_ATTEMPTS, weight_store: Optional[WeightStore] = None) -> "Checkpoint":
+    def open(
+        cls,
+        name_or_path: str,
+        *,
+        revision: Optional[str] = None,
+        token: Optional[str] = None,
+        cache_dir: Optional[str] = None,
+        max_disk_space: Optional[int] = None,
+        download_attempts: int = DEFAULT_ATTEMPTS,
+        weight_store: Optional[WeightStore] = None,
+    ) -> "Checkpoint":
         """A local directory, or a hub repository cached in `cache_dir` (default $PETALS_CACHE or
         ~/.cache/petals) under the policy of node.weights.store; `weight_store` replaces that policy's
         settings (cache_dir, max_disk_space, download_attempts) with a ready one."""
@@ -65,8 +81,14 @@ class Checkpoint:
             weight_store = WeightStore(
                 cache_dir or default_cache_dir(), max_disk_space=max_disk_space, attempts=download_attempts
             )
-        return cls(name_or_path, repo_id=repo_id, revision=revision, token=token, cache_dir=weight_store.cache_dir,
-                   weight_store=weight_store)
+        return cls(
+            name_or_path,
+            repo_id=repo_id,
+            revision=revision,
+            token=token,
+            cache_dir=weight_store.cache_dir,
+            weight_store=weight_store,
+        )
 
     def __repr__(self) -> str:
         return f"Checkpoint({self.name!r}, local={self.is_local})"
@@ -184,7 +206,11 @@ class Checkpoint:
         # A family that names its layers as in the bare model (BLOOM: "h.3.") reads a causal-LM checkpoint
         # too, where they sit under one more component ("transformer.h.3.").
         candidates += sorted(
-            {n.split(".", 1)[0] + "." + index_prefix for n in weight_map if n.partition(".")[2].startswith(index_prefix)}
+            {
+                n.split(".", 1)[0] + "." + index_prefix
+                for n in weight_map
+                if n.partition(".")[2].startswith(index_prefix)
+            }
         )
         for prefix in candidates:
             names = [n for n in weight_map if n.startswith(prefix)]
@@ -196,7 +222,7 @@ class Checkpoint:
                 "; is the block index within num_hidden_layers and the model family right?"
             )
         tensors = self._read(names, dtype, device)
-        return {name[len(prefix):]: tensor for name, tensor in tensors.items()}
+        return {name[len(prefix) :]: tensor for name, tensor in tensors.items()}
 
     def tensors(self, names: list[str], *, dtype: torch.dtype, device="cpu") -> dict[str, torch.Tensor]:
         """Named non-block tensors (embeddings, final norm, lm_head). Names not in the checkpoint are left out."""

@@ -148,7 +148,9 @@ class WeightStore:
 
     # --- files -------------------------------------------------------------------------------
 
-    def cached(self, repo_id: str, filename: str, *, revision: Optional[str] = None, token: Optional[str] = None) -> Optional[str]:
+    def cached(
+        self, repo_id: str, filename: str, *, revision: Optional[str] = None, token: Optional[str] = None
+    ) -> Optional[str]:
         """The cached file's path, or None; never touches the network."""
         with self.reading():
             return self._cached(repo_id, filename, revision, token)
@@ -185,8 +187,13 @@ class WeightStore:
                     ) from e
                 delay = min(self.max_backoff, self.backoff * 2 ** (attempt - 1))
                 self.log.warning(
-                    "download failed, retrying", repo=repo_id, file=filename, attempt=attempt,
-                    attempts=self.attempts, retry_in=delay, error=_describe(e),
+                    "download failed, retrying",
+                    repo=repo_id,
+                    file=filename,
+                    attempt=attempt,
+                    attempts=self.attempts,
+                    retry_in=delay,
+                    error=_describe(e),
                 )
                 time.sleep(delay)
         raise AssertionError("unreachable")
@@ -206,7 +213,9 @@ class WeightStore:
             path = huggingface_hub.hf_hub_download(
                 repo_id, filename, revision=revision, token=token, cache_dir=self.cache_dir, endpoint=self.endpoint
             )
-            self.log.info("downloaded", repo=repo_id, file=filename, bytes=size, seconds=round(time.perf_counter() - began, 2))
+            self.log.info(
+                "downloaded", repo=repo_id, file=filename, bytes=size, seconds=round(time.perf_counter() - began, 2)
+            )
             self.touch(path)
             return path
 
@@ -279,7 +288,9 @@ class WeightStore:
                     _remove(link)
                 _remove(blob.path)
                 freed += blob.size
-                self.log.info("evicted from the weight cache", file=blob.links[0] if blob.links else blob.path, bytes=blob.size)
+                self.log.info(
+                    "evicted from the weight cache", file=blob.links[0] if blob.links else blob.path, bytes=blob.size
+                )
 
 
 def _remove(path: str) -> None:
@@ -318,7 +329,9 @@ def _explain(e: BaseException, repo_id: str, filename: str, revision: Optional[s
     if isinstance(e, DisabledRepoError):
         return HubAccessError(f"{repo_id}: access to this repository is disabled")
     if isinstance(e, LocalEntryNotFoundError):  # offline and not cached
-        return HubAccessError(f"{filename} of {repo_id} is not in the cache and huggingface_hub is offline (HF_HUB_OFFLINE)")
+        return HubAccessError(
+            f"{filename} of {repo_id} is not in the cache and huggingface_hub is offline (HF_HUB_OFFLINE)"
+        )
     if isinstance(e, EntryNotFoundError):
         return e  # the caller decides what a missing file means
     if status in (401, 403):
@@ -343,4 +356,3 @@ def _human(size: int) -> str:
             return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
         size /= 1024
     return str(size)
-

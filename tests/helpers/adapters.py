@@ -10,8 +10,8 @@ import safetensors.torch
 import torch
 
 from node.runtime import lora
-from node.weights.checkpoint import Checkpoint
 from node.runtime.models import get_family
+from node.weights.checkpoint import Checkpoint
 from tests.helpers.paths import SHARED
 from tests.helpers.reference import hf_blocks
 
@@ -86,7 +86,10 @@ def write_adapter(path, config: dict, tensors: dict) -> str:
 # targets of each family's modules, attention and MLP (Mixtral: the experts)
 FAMILY_TARGETS = {
     "micro-llama": ["k_proj", "o_proj", "up_proj"],
-    "micro-bloom": ["query_key_value", "dense_4h_to_h"],  # BLOOM's checkpoint is bare (h.N.), peft's keys transformer.h.N.
+    "micro-bloom": [
+        "query_key_value",
+        "dense_4h_to_h",
+    ],  # BLOOM's checkpoint is bare (h.N.), peft's keys transformer.h.N.
     "micro-falcon": ["query_key_value", "dense", "dense_h_to_4h"],
     "micro-mixtral": ["v_proj", "w1", "w2"],
 }

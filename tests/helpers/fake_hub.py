@@ -22,10 +22,9 @@ from urllib.parse import unquote
 import pytest
 import torch
 
-from node.weights.checkpoint import Checkpoint
 from node.tools.tinymodel import make_tiny_llama
+from node.weights.checkpoint import Checkpoint
 from node.weights.store import WeightStore
-
 
 SIZE = dict(hidden_size=64, num_layers=6, num_heads=4, num_kv_heads=2, vocab_size=128)
 
@@ -119,7 +118,7 @@ class _Handler(BaseHTTPRequestHandler):
         hub = self.server
         path = unquote(self.path.split("?", 1)[0])
         if path.startswith("/cdn/"):  # where LFS files are redirected, as to a CDN (no token needed)
-            name, content = hub.blobs[path[len("/cdn/"):]]
+            name, content = hub.blobs[path[len("/cdn/") :]]
             hub.record(method=self.command, file=name, path=path, range=self.headers.get("Range"), body=body)
             return self.send_file(name, content, body)
         parts = path.strip("/").split("/")
@@ -127,8 +126,15 @@ class _Handler(BaseHTTPRequestHandler):
             hub.record(method=self.command, file=None, path=path)
             return self.error(404, message="not a resolve url")
         repo_id, revision, name = "/".join(parts[:2]), parts[3], "/".join(parts[4:])
-        hub.record(method=self.command, file=name, path=path, revision=revision,
-                   auth=self.headers.get("Authorization"), range=self.headers.get("Range"), body=body and not is_lfs(name))
+        hub.record(
+            method=self.command,
+            file=name,
+            path=path,
+            revision=revision,
+            auth=self.headers.get("Authorization"),
+            range=self.headers.get("Range"),
+            body=body and not is_lfs(name),
+        )
         if hub.token is not None and self.headers.get("Authorization") != f"Bearer {hub.token}":
             if self.headers.get("Authorization"):
                 return self.error(401, message="Invalid credentials in Authorization header")
@@ -143,10 +149,16 @@ class _Handler(BaseHTTPRequestHandler):
         content = files[name]
         if is_lfs(name):
             sha = hashlib.sha256(content).hexdigest()
-            return self.reply(302, {
-                "Location": f"{hub.url}/cdn/{sha}", "X-Repo-Commit": commit, "X-Linked-Etag": f'"{sha}"',
-                "X-Linked-Size": len(content), "ETag": f'"{git_sha1(content)}"',
-            })
+            return self.reply(
+                302,
+                {
+                    "Location": f"{hub.url}/cdn/{sha}",
+                    "X-Repo-Commit": commit,
+                    "X-Linked-Etag": f'"{sha}"',
+                    "X-Linked-Size": len(content),
+                    "ETag": f'"{git_sha1(content)}"',
+                },
+            )
         self.send_file(name, content, body, {"X-Repo-Commit": commit, "ETag": f'"{git_sha1(content)}"'})
 
     def send_file(self, name: str, content: bytes, body: bool, headers: Optional[dict] = None) -> None:
@@ -154,7 +166,7 @@ class _Handler(BaseHTTPRequestHandler):
         start, status, headers = 0, 200, dict(headers or {}, **{"Accept-Ranges": "bytes"})
         requested = self.headers.get("Range")
         if requested and requested.startswith("bytes=") and requested.endswith("-"):
-            start, status = int(requested[len("bytes="):-1]), 206
+            start, status = int(requested[len("bytes=") : -1]), 206
             headers["Content-Range"] = f"bytes {start}-{len(content) - 1}/{len(content)}"
         part = content[start:]
         if not body:

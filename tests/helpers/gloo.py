@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 
-
 def _gloo_rank(rank: int, world: int, store: str, fn, args: tuple, results) -> None:
     import torch
     import torch.distributed as dist

@@ -90,7 +90,9 @@ def check_greedy_generation_equals_transformers(micro_client, micro_hf):
     head = LocalHead(str(MICRO_LLAMA))
     ids = torch.tensor([[1, 17, 42, 99, 3]])
     ours = greedy_generate(micro_client, head, ids, max_new_tokens=12)
-    ref = micro_hf.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=12, do_sample=False, pad_token_id=0)
+    ref = micro_hf.generate(
+        ids, attention_mask=torch.ones_like(ids), max_new_tokens=12, do_sample=False, pad_token_id=0
+    )
     assert ours.tolist() == ref.tolist()
 
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 
-
 def hf_layers(model):
     """The decoder layers of a transformers causal LM, whatever the family calls them."""
     base = model.base_model
@@ -37,7 +36,11 @@ def hf_blocks(model, hidden, start: int, end: int, prompts=None):
     if prompts is not None:
         for i in range(start, end):
             hooks.append(layers[i].register_forward_pre_hook(add_prompt(i), with_kwargs=True))
-    hooks.append(layers[end - 1].register_forward_hook(lambda m, a, out: captured.__setitem__("out", out[0] if isinstance(out, tuple) else out)))
+    hooks.append(
+        layers[end - 1].register_forward_hook(
+            lambda m, a, out: captured.__setitem__("out", out[0] if isinstance(out, tuple) else out)
+        )
+    )
     try:
         model(inputs_embeds=torch.zeros_like(hidden), use_cache=False)
     finally:

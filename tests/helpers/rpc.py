@@ -15,7 +15,6 @@ from hivemind.proto import runtime_pb2
 from node.client.swarm import ARGS_2, ARGS_3, PREFIX, _aiter, _stream_parts
 from protocol import streams, wire
 
-
 H = 64  # micro-llama's hidden size
 
 
@@ -96,7 +95,9 @@ def default_metadata(rpc: str) -> dict:
 _DEFAULT = object()
 
 
-def request(rpc: str, tensors: Any = _DEFAULT, uid: str = UID, drop: Sequence[str] = (), **metadata) -> runtime_pb2.ExpertRequest:
+def request(
+    rpc: str, tensors: Any = _DEFAULT, uid: str = UID, drop: Sequence[str] = (), **metadata
+) -> runtime_pb2.ExpertRequest:
     """A valid request for `rpc` with `tensors`/`metadata` overridden (`drop` removes metadata keys)."""
     tensors = default_tensors(rpc) if tensors is _DEFAULT else tensors
     meta = dict(default_metadata(rpc), **metadata)
@@ -109,7 +110,9 @@ def next_step(first: runtime_pb2.ExpertRequest, tensors: Sequence, **metadata) -
     """A later step of the session that `first` opened (session_id and args_structure kept, no max_length)."""
     meta = wire.unpack_metadata(first.metadata)
     meta = {"session_id": meta["session_id"], "step_id": str(uuid.uuid4()), "args_structure": ARGS_3, **metadata}
-    return runtime_pb2.ExpertRequest(uid=first.uid, tensors=[enc(t) for t in tensors], metadata=wire.pack_metadata(meta))
+    return runtime_pb2.ExpertRequest(
+        uid=first.uid, tensors=[enc(t) for t in tensors], metadata=wire.pack_metadata(meta)
+    )
 
 
 class Caller:
@@ -130,7 +133,9 @@ class Caller:
             parts = messages if isinstance(messages, list) else [messages]
         else:
             # a hand-made tensor without a dtype cannot be split like a client splits; it goes as one part
-            parts = _stream_parts(messages) if messages.tensors and all(t.dtype for t in messages.tensors) else [messages]
+            parts = (
+                _stream_parts(messages) if messages.tensors and all(t.dtype for t in messages.tensors) else [messages]
+            )
         return await self.swarm.call_stream(self.peer, rpc, parts, timeout=TIMEOUT)
 
     async def acall_collect(self, rpc: str, messages) -> tuple[list, Optional[Exception]]:
@@ -173,7 +178,9 @@ class Caller:
     async def araw_unary(self, rpc: str, data: bytes) -> bytes:
         """Bytes that need not be a protobuf, straight through the daemon (hivemind's P2P sends protobufs only)."""
         p2p = self.swarm.p2p
-        return await asyncio.wait_for(p2p._client.call_unary_handler(PeerID.from_base58(self.peer), PREFIX + rpc, data), TIMEOUT)
+        return await asyncio.wait_for(
+            p2p._client.call_unary_handler(PeerID.from_base58(self.peer), PREFIX + rpc, data), TIMEOUT
+        )
 
     async def araw_stream(self, rpc: str, data: bytes) -> list[tuple[bytes, bytes]]:
         """Write raw bytes into a stream RPC; returns every frame the server sends until it closes."""

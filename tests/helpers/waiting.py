@@ -23,7 +23,9 @@ def wait_online_with_new_group(node, old: dict, deadline: float) -> None:
     is ONLINE again, before `deadline` (time.monotonic)."""
     while time.monotonic() < deadline:
         actors = node.status.get("actors", {})
-        fresh = all(actors.get(n, {}).get("ready") and actors[n]["pid"] != old[n]["pid"] for n in ("runtime.0", "runtime.1"))
+        fresh = all(
+            actors.get(n, {}).get("ready") and actors[n]["pid"] != old[n]["pid"] for n in ("runtime.0", "runtime.1")
+        )
         if fresh and node.status.get("state") == "online":
             return
         time.sleep(0.1)

@@ -23,7 +23,9 @@ TOL = 1e-5
 
 @pytest.fixture(scope="module")
 def node(tmp_path_factory, adapters):
-    with NodeProcess(MICRO_LLAMA, tmp_path_factory.mktemp("nodes") / "lora", "--adapters", *adapters, dht_prefix="micro-lora") as node:
+    with NodeProcess(
+        MICRO_LLAMA, tmp_path_factory.mktemp("nodes") / "lora", "--adapters", *adapters, dht_prefix="micro-lora"
+    ) as node:
         yield node
 
 
@@ -117,7 +119,9 @@ def test_unknown_adapter_is_a_clear_error(client):
 
 def test_adapter_on_quantized_blocks(tmp_path, adapters):
     name, model = next(iter(adapters.items()))
-    with NodeProcess(MICRO_LLAMA, tmp_path / "lora-int8", "--quant_type", "int8", "--adapters", name, dht_prefix="micro-lora8") as node:
+    with NodeProcess(
+        MICRO_LLAMA, tmp_path / "lora-int8", "--quant_type", "int8", "--adapters", name, dht_prefix="micro-lora8"
+    ) as node:
         with Client(node.maddrs, "micro-lora8") as client:
             client.swarm.active_adapter = name
             torch.manual_seed(9)
@@ -132,7 +136,12 @@ def test_node_measures_adapter_memory(node, adapters):
     the memory of each block (PROTOCOL 5.3)."""
     events = [json.loads(line) for line in node.log_path.read_text().splitlines() if line.startswith("{")]
     (measured,) = [e for e in events if e.get("event") == "device measured"]
-    expected = sum(p.numel() for model in adapters.values() for n, p in model.named_parameters() if "lora_" in n and ".layers.0." in n)
+    expected = sum(
+        p.numel()
+        for model in adapters.values()
+        for n, p in model.named_parameters()
+        if "lora_" in n and ".layers.0." in n
+    )
     assert measured["adapter_bytes"] == expected * 4 > 0
 
 
@@ -141,7 +150,9 @@ def test_node_measures_adapter_memory(node, adapters):
 
 def test_a_node_with_a_wrong_adapter_stops_before_joining(tmp_path):
     (tmp_path / "not-an-adapter").mkdir()
-    node = NodeProcess(MICRO_LLAMA, tmp_path / "bad", "--adapters", str(tmp_path / "not-an-adapter"), dht_prefix="micro-badlora")
+    node = NodeProcess(
+        MICRO_LLAMA, tmp_path / "bad", "--adapters", str(tmp_path / "not-an-adapter"), dht_prefix="micro-badlora"
+    )
     node.launch()
     try:
         assert node.proc.wait(60) != 0
@@ -155,8 +166,16 @@ def test_a_node_with_a_wrong_adapter_stops_before_joining(tmp_path):
 
 
 def test_tensor_parallel_node_with_adapters_equals_peft(tmp_path, adapters, micro_hf):
-    with NodeProcess(MICRO_LLAMA, tmp_path / "lora-tp", "--tensor_parallel_devices", "cpu", "cpu", "--adapters", *adapters,
-                     dht_prefix="micro-lora-tp") as node:
+    with NodeProcess(
+        MICRO_LLAMA,
+        tmp_path / "lora-tp",
+        "--tensor_parallel_devices",
+        "cpu",
+        "cpu",
+        "--adapters",
+        *adapters,
+        dht_prefix="micro-lora-tp",
+    ) as node:
         with Client(node.maddrs, "micro-lora-tp") as client:
             assert set(client.spans(4)[0].info.adapters) == set(adapters)
             torch.manual_seed(10)

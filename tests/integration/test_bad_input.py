@@ -22,25 +22,25 @@ from hivemind.proto import runtime_pb2
 
 from protocol import streams, wire
 from tests.helpers.rpc import (
-    H,
-    UID,
+    BACKWARD,
+    CHAIN_RPCS,
+    EMPTY,
+    INFERENCE,
     MAX_TOKENS,
-    TIMEOUT,
-    UNARY,
+    NO_HYPO,
     STREAMS,
     TENSOR_RPCS,
-    CHAIN_RPCS,
-    BACKWARD,
-    INFERENCE,
+    TIMEOUT,
+    UID,
+    UNARY,
+    Caller,
+    H,
+    default_tensors,
     enc,
     hidden,
-    EMPTY,
-    NO_HYPO,
     kind,
-    default_tensors,
-    request,
     next_step,
-    Caller,
+    request,
 )
 
 pytestmark = pytest.mark.timeout(120)  # a backstop: every call below has its own timeout
@@ -142,13 +142,19 @@ def _with_uid(rpc: str, uid: str):
     return request(rpc, uid=uid)
 
 
-@pytest.mark.parametrize("uid", ["", "micro-llama.x", "other-model.0", "micro-llama.01", "micro-llama", "micro-llama.0  micro-llama.1"])
+@pytest.mark.parametrize(
+    "uid", ["", "micro-llama.x", "other-model.0", "micro-llama.01", "micro-llama", "micro-llama.0  micro-llama.1"]
+)
 @pytest.mark.parametrize("rpc", CHAIN_RPCS)
 def test_unknown_or_empty_uid(caller, rpc, uid):
     if rpc == "rpc_info" and uid == "":
         # PROTOCOL 3.3: an empty uid asks for the server keys only; that is not an error.
         (info,) = caller.call(rpc, runtime_pb2.ExpertUID(uid=""))
-        assert set(wire.unpack_metadata(info.serialized_info)) == {"version", "dht_client_mode", "cache_tokens_available"}
+        assert set(wire.unpack_metadata(info.serialized_info)) == {
+            "version",
+            "dht_client_mode",
+            "cache_tokens_available",
+        }
         return
     if rpc == "rpc_info" and " " in uid:
         caller.expect_error(rpc, _with_uid(rpc, uid), "one block uid")
@@ -193,7 +199,9 @@ def test_wrong_tensor_count(caller, rpc, variant):
     if variant == "with-args-structure":
         caller.expect_error(rpc, request(rpc, tensors=tensors), "args_structure refers to tensor")
     else:
-        caller.expect_error(rpc, request(rpc, tensors=tensors, drop=["args_structure"]), f"expected {n_expected} tensors")
+        caller.expect_error(
+            rpc, request(rpc, tensors=tensors, drop=["args_structure"]), f"expected {n_expected} tensors"
+        )
 
 
 def _first_name(rpc: str) -> str:
@@ -280,7 +288,9 @@ def test_wrong_dtype(caller, rpc, case):
     elif case == "no-dtype":
         tensors[0] = _raw("", (1, 3, H), bytes(4 * 3 * H))
         # in a *_stream request a part without a dtype continues the previous tensor (PROTOCOL 3.2)
-        needle = "stream part without a dtype before any tensor header" if rpc.endswith("_stream") else "tensor has no dtype"
+        needle = (
+            "stream part without a dtype before any tensor header" if rpc.endswith("_stream") else "tensor has no dtype"
+        )
     elif case == "short-buffer":
         tensors[0] = _raw("float32", (1, 3, H), bytes(3))
         needle = "buffer has 3 bytes, expected 768 for float32[1, 3, 64]"
@@ -353,38 +363,60 @@ def test_batch_over_max_batch_size(caller, rpc, shape):
 # --- 4. inference: max_length and steps ---------------------------------------------------------------
 
 
-@pytest.mark.parametrize("value", [5.0, "5", b"5", [5], True, None, "missing"], ids=["float", "str", "bytes", "list", "bool", "nil", "missing"])
+@pytest.mark.parametrize(
+    "value",
+    [5.0, "5", b"5", [5], True, None, "missing"],
+    ids=["float", "str", "bytes", "list", "bool", "nil", "missing"],
+)
 def test_max_length_not_int(caller, value):
     """A float is refused like Petals does; unlike Petals (PROTOCOL 7.3.9) so is a bool. nil = missing."""
     if value is None or value == "missing":
-        first = request("rpc_inference", max_length=None) if value is None else request("rpc_inference", drop=["max_length"])
+        first = (
+            request("rpc_inference", max_length=None)
+            if value is None
+            else request("rpc_inference", drop=["max_length"])
+        )
         caller.expect_error("rpc_inference", first, "the first inference message must set max_length")
         return
-    caller.expect_error("rpc_inference", request("rpc_inference", max_length=value), f"max_length must be an int, got {type(value).__name__}")
+    caller.expect_error(
+        "rpc_inference",
+        request("rpc_inference", max_length=value),
+        f"max_length must be an int, got {type(value).__name__}",
+    )
 
 
 @pytest.mark.parametrize("value", [-1, -(2**63)])
 def test_max_length_negative(caller, value):
-    caller.expect_error("rpc_inference", request("rpc_inference", max_length=value), f"Cannot allocate KV cache for {value} tokens")
+    caller.expect_error(
+        "rpc_inference", request("rpc_inference", max_length=value), f"Cannot allocate KV cache for {value} tokens"
+    )
 
 
 @pytest.mark.parametrize("value", [MAX_TOKENS + 1, 2**64 - 1])
 def test_max_length_over_inference_max_length(caller, value):
     caller.expect_error(
-        "rpc_inference", request("rpc_inference", max_length=value), f"Cannot allocate KV cache for {value} tokens, max = {MAX_TOKENS}"
+        "rpc_inference",
+        request("rpc_inference", max_length=value),
+        f"Cannot allocate KV cache for {value} tokens, max = {MAX_TOKENS}",
     )
 
 
-@pytest.mark.parametrize("case", ["first-step", "later-step", "start-from-position-past-prefix", "negative-start-from-position"])
+@pytest.mark.parametrize(
+    "case", ["first-step", "later-step", "start-from-position-past-prefix", "negative-start-from-position"]
+)
 def test_step_past_max_length(caller, case):
     rpc = "rpc_inference"
     if case == "first-step":
-        caller.expect_error(rpc, request(rpc, max_length=2), "Maximum length exceeded: prefix 0 + current 3 > max_length 2")
+        caller.expect_error(
+            rpc, request(rpc, max_length=2), "Maximum length exceeded: prefix 0 + current 3 > max_length 2"
+        )
         return
     first = request(rpc, max_length=4)
     if case == "later-step":
         second = next_step(first, [hidden(1, 2), EMPTY, NO_HYPO], start_from_position=3)
-        caller.expect_error(rpc, [first, second], "Maximum length exceeded: prefix 3 + current 2 > max_length 4", responses_before=1)
+        caller.expect_error(
+            rpc, [first, second], "Maximum length exceeded: prefix 3 + current 2 > max_length 4", responses_before=1
+        )
     elif case == "start-from-position-past-prefix":
         second = next_step(first, [hidden(1, 1), EMPTY, NO_HYPO], start_from_position=4)
         caller.expect_error(rpc, [first, second], "start_from_position 4 is outside the 3 tokens", responses_before=1)
@@ -459,7 +491,9 @@ SESSION_TOKENS = 12
 SESSION_INPUT = hidden(1, SESSION_TOKENS, seed=77)
 
 
-async def _healthy_session(swarm, started: Optional[asyncio.Event] = None, sessions: Optional[list] = None) -> torch.Tensor:
+async def _healthy_session(
+    swarm, started: Optional[asyncio.Event] = None, sessions: Optional[list] = None
+) -> torch.Tensor:
     """Prefill 4 tokens, then one token per step; returns every output, concatenated."""
     outputs = []
     async with swarm.inference_session(max_length=SESSION_TOKENS, start=0, end=4) as session:
@@ -498,9 +532,20 @@ def _barrage_requests(session_id: str) -> list[tuple[str, Any]]:
         # pushes into the healthy session (as if from a broken upstream server): they must be dropped,
         # not end the session; the client's own copy of each step is what counts
         ("rpc_push", request("rpc_push", tensors=[nan, EMPTY, NO_HYPO], session_id=session_id, drop=["max_length"])),
-        ("rpc_push", request("rpc_push", tensors=[torch.randn(3, 3, H), EMPTY, NO_HYPO], session_id=session_id, drop=["max_length"])),
-        ("rpc_push", request("rpc_push", tensors=[hidden()], session_id=session_id, drop=["max_length"], args_structure=(1, 2))),
-        ("rpc_push", request("rpc_push", tensors=[hidden(1, 100), EMPTY, NO_HYPO], session_id=session_id, drop=["max_length"])),
+        (
+            "rpc_push",
+            request(
+                "rpc_push", tensors=[torch.randn(3, 3, H), EMPTY, NO_HYPO], session_id=session_id, drop=["max_length"]
+            ),
+        ),
+        (
+            "rpc_push",
+            request("rpc_push", tensors=[hidden()], session_id=session_id, drop=["max_length"], args_structure=(1, 2)),
+        ),
+        (
+            "rpc_push",
+            request("rpc_push", tensors=[hidden(1, 100), EMPTY, NO_HYPO], session_id=session_id, drop=["max_length"]),
+        ),
         ("rpc_push", request("rpc_push", tensors=[], session_id=session_id, drop=["max_length"])),  # not a close
     ]
     return bad

@@ -18,8 +18,25 @@ TOL = 1e-5
 
 def runtime_rounds(run_dir) -> int:
     out = subprocess.run(
-        [sys.executable, "-m", "node.probe", str(run_dir), "--actor", "runtime", "--type", "Stats", "--json", "--count", "1", "--duration", "20"],
-        cwd=ROOT, capture_output=True, text=True, timeout=60,
+        [
+            sys.executable,
+            "-m",
+            "node.probe",
+            str(run_dir),
+            "--actor",
+            "runtime",
+            "--type",
+            "Stats",
+            "--json",
+            "--count",
+            "1",
+            "--duration",
+            "20",
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
     ).stdout
     return json.loads(out.splitlines()[-1])["fields"]["rounds"]
 

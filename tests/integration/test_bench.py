@@ -19,11 +19,23 @@ from node.tools.launcher import ROOT
 def test_bench_smoke(tmp_path):
     report = tmp_path / "bench.json"
     argv = [
-        sys.executable, "-m", "node.bench",
-        "--preset", "tiny", "--tokens", "8",
-        "--repeats", "1", "--gen_repeats", "1", "--warmup", "1",
-        "--max_seconds", "150",
-        "--json", str(report),
+        sys.executable,
+        "-m",
+        "node.bench",
+        "--preset",
+        "tiny",
+        "--tokens",
+        "8",
+        "--repeats",
+        "1",
+        "--gen_repeats",
+        "1",
+        "--warmup",
+        "1",
+        "--max_seconds",
+        "150",
+        "--json",
+        str(report),
     ]
     env = dict(os.environ, PYTHONPATH=str(ROOT))
     proc = subprocess.Popen(argv, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)

@@ -45,7 +45,9 @@ def available(client, node) -> int:
 def wait_available(client, node, value: int, timeout: float = 15) -> None:
     deadline = time.monotonic() + timeout
     while available(client, node) != value:
-        assert time.monotonic() < deadline, f"cache_tokens_available stuck at {available(client, node)}, expected {value}"
+        assert time.monotonic() < deadline, (
+            f"cache_tokens_available stuck at {available(client, node)}, expected {value}"
+        )
         time.sleep(0.2)
 
 

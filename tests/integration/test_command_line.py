@@ -5,7 +5,6 @@ from __future__ import annotations
 import subprocess
 import sys
 
-
 from tests.helpers.paths import MICRO_LLAMA, ROOT
 
 
@@ -22,7 +21,15 @@ def test_supervisor_exits_2_on_a_bad_flag():
 
 def test_supervisor_exits_2_when_the_model_cannot_serve_the_blocks(tmp_path):
     result = run_supervisor(
-        "--model", str(MICRO_LLAMA), "--dht_prefix", "x", "--block_indices", "2:9", "--new_swarm", "--run_dir", str(tmp_path / "r")
+        "--model",
+        str(MICRO_LLAMA),
+        "--dht_prefix",
+        "x",
+        "--block_indices",
+        "2:9",
+        "--new_swarm",
+        "--run_dir",
+        str(tmp_path / "r"),
     )
     assert result.returncode == 2 and "--block_indices" in result.stderr
 

@@ -117,7 +117,9 @@ def _compare_response(scenario: str, where: str, got, want) -> None:
         assert g.dtype == w.dtype, f"{at}: dtype {g.dtype} != recorded {w.dtype}"
         assert g.compression == w.compression, f"{at}: compression {g.compression} != recorded {w.compression}"
         assert g.chunks == w.chunks, f"{at}: chunks {g.chunks} != recorded {w.chunks}"
-        assert g.requires_grad == w.requires_grad, f"{at}: requires_grad {g.requires_grad} != recorded {w.requires_grad}"
+        assert g.requires_grad == w.requires_grad, (
+            f"{at}: requires_grad {g.requires_grad} != recorded {w.requires_grad}"
+        )
         a, b = _array(g).astype(np.float64), _array(w).astype(np.float64)
         assert a.shape == b.shape
         if b.size == 0:
@@ -126,7 +128,9 @@ def _compare_response(scenario: str, where: str, got, want) -> None:
         diff = float(np.abs(a - b).max())
         scale = max(float(np.abs(b).max()), 1e-12)
         ERRORS.setdefault(scenario, []).append((at, diff, diff / scale))
-        assert diff <= TOL * scale, f"{at}: max|diff| {diff:.3g} > {TOL} * max|recorded| {scale:.3g} (rel {diff / scale:.3g})"
+        assert diff <= TOL * scale, (
+            f"{at}: max|diff| {diff:.3g} > {TOL} * max|recorded| {scale:.3g} (rel {diff / scale:.3g})"
+        )
 
 
 def _compare_rpc_info(got_bytes: bytes, want_bytes: bytes) -> None:
@@ -145,8 +149,17 @@ def _plain(value):
     from hivemind.utils.tensor_descr import TensorDescriptor
 
     if isinstance(value, TensorDescriptor):
-        return ("descriptor", type(value).__name__, tuple(value.size), str(value.dtype), str(value.layout),
-                value.requires_grad, value.pin_memory, value.compression, str(value.device))
+        return (
+            "descriptor",
+            type(value).__name__,
+            tuple(value.size),
+            str(value.dtype),
+            str(value.layout),
+            value.requires_grad,
+            value.pin_memory,
+            value.compression,
+            str(value.device),
+        )
     if isinstance(value, tuple):
         return ("tuple", tuple(_plain(v) for v in value))
     if isinstance(value, list):
@@ -216,9 +229,11 @@ async def _replay_stream(p2p, peer, scenario: str, call: dict, folder: Path, sta
         if not ended:  # after the close message, the client ends its side of the stream
             queue.put_nowait(None)
         extra = []
+
         async def drain():
             async for response in responses:
                 extra.append(response)
+
         await asyncio.wait_for(drain(), TIMEOUT)
         assert not extra, f"{folder.name}: {len(extra)} unexpected extra response(s) after the recorded ones"
     finally:
@@ -296,8 +311,13 @@ def family_node(request, tmp_path_factory):
     from node.tools.launcher import NodeProcess
 
     family = request.param
-    node = NodeProcess(SHARED / "models" / f"micro-{family}", tmp_path_factory.mktemp("nodes") / family,
-                       "--num_handlers", "2", dht_prefix=f"micro-{family}")
+    node = NodeProcess(
+        SHARED / "models" / f"micro-{family}",
+        tmp_path_factory.mktemp("nodes") / family,
+        "--num_handlers",
+        "2",
+        dht_prefix=f"micro-{family}",
+    )
     node.start()
     client = Client(node.maddrs, f"micro-{family}")
     try:
@@ -330,7 +350,9 @@ async def _falcon_forward(p2p, peer, scenario: str, call: dict) -> None:
     """Petals answered with an AttributeError; the node answers with transformers' outputs."""
     folder = VECTORS / "falcon" / scenario / call["folder"]
     request = _read(folder / "000_request.pb", "ExpertRequest")
-    response = await asyncio.wait_for(p2p.call_protobuf_handler(peer, PREFIX + call["handler"], request, _proto("ExpertResponse")), TIMEOUT)
+    response = await asyncio.wait_for(
+        p2p.call_protobuf_handler(peer, PREFIX + call["handler"], request, _proto("ExpertResponse")), TIMEOUT
+    )
     want = _expected_response(_reference("falcon", scenario)["ref_outputs"])
     _compare_response(scenario, f"{folder.name}/response", response, want)
 
@@ -338,7 +360,7 @@ async def _falcon_forward(p2p, peer, scenario: str, call: dict) -> None:
 async def _falcon_inference(p2p, peer, scenario: str, call: dict, steps: int) -> None:
     """The recorded prefill, then (never recorded: Petals failed on the prefill) the single-token steps of the
     same greedy generation, then the close message; each output against transformers'."""
-    from node.client.swarm import ARGS_3, _encode, _empty
+    from node.client.swarm import ARGS_3, _empty, _encode
     from protocol import wire
 
     folder = VECTORS / "falcon" / scenario / call["folder"]
@@ -358,14 +380,22 @@ async def _falcon_inference(p2p, peer, scenario: str, call: dict, steps: int) ->
             if step == 0:
                 request = first
             else:
-                metadata = {"session_id": session_id, "step_id": f"replay-step-{step}", "start_from_position": position, "args_structure": ARGS_3}
+                metadata = {
+                    "session_id": session_id,
+                    "step_id": f"replay-step-{step}",
+                    "start_from_position": position,
+                    "args_structure": ARGS_3,
+                }
                 request = _proto("ExpertRequest")(
-                    uid=first.uid, tensors=[_encode(ref[f"step{step}_ref_inputs"]), _encode(_empty()), _encode(_empty(torch.int64))],
+                    uid=first.uid,
+                    tensors=[_encode(ref[f"step{step}_ref_inputs"]), _encode(_empty()), _encode(_empty(torch.int64))],
                     metadata=wire.pack_metadata(metadata),
                 )
             queue.put_nowait(request)
             got = await asyncio.wait_for(responses.__anext__(), TIMEOUT)
-            _compare_response(scenario, f"{folder.name} step {step}", got, _expected_response(ref[f"step{step}_ref_outputs"]))
+            _compare_response(
+                scenario, f"{folder.name} step {step}", got, _expected_response(ref[f"step{step}_ref_outputs"])
+            )
             position += ref[f"step{step}_ref_inputs"].shape[1]
         queue.put_nowait(_proto("ExpertRequest")())  # the close message, then the end of the stream
         queue.put_nowait(None)
@@ -399,7 +429,9 @@ def test_replay_family_vectors(family_node, scenario):
                 if call["handler"] == "rpc_forward":
                     await _falcon_forward(p2p, peer, scenario, call)
                 else:  # c0 as the whole generation; c1, Petals' client retrying, as just its prefill
-                    await _falcon_inference(p2p, peer, scenario, call, steps=3 if call["folder"].startswith("c0") else 1)
+                    await _falcon_inference(
+                        p2p, peer, scenario, call, steps=3 if call["folder"].startswith("c0") else 1
+                    )
             else:
                 assert status == "ok"
                 await _replay_call(p2p, peer, scenario, call, status, family)

@@ -37,9 +37,9 @@ import torch
 from node.client.swarm import Client, RemoteSpan
 from node.tools.launcher import NodeProcess
 from protocol.dht_records import ServerState, from_tuple
-from tests.helpers.waiting import wait_until
 from tests.helpers.paths import MICRO_LLAMA
 from tests.helpers.reference import hf_blocks, rel_err
+from tests.helpers.waiting import wait_until
 
 PREFIX = "micro-llama"
 NUM_BLOCKS = 4
@@ -91,8 +91,11 @@ def swarm():
     yield bootstrap.maddrs
     bootstrap.close()
     if RECOVERY_TIMES:
-        print("\nrecovery after kill -9 / hang (s):", json.dumps({k: round(v, 2) for k, v in RECOVERY_TIMES.items()}),
-              f"(load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores)")
+        print(
+            "\nrecovery after kill -9 / hang (s):",
+            json.dumps({k: round(v, 2) for k, v in RECOVERY_TIMES.items()}),
+            f"(load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores)",
+        )
 
 
 @pytest.fixture(scope="module")
@@ -128,9 +131,7 @@ def start_node(tmp_path_factory, swarm, *flags: str) -> NodeProcess:
 def shared(tmp_path_factory, swarm):
     """One node for the kill -9 / hang cases, which run one after the other: one frontend (so that
     killing it really interrupts service), a short heartbeat timeout, and room for many restarts."""
-    node = start_node(
-        tmp_path_factory, swarm, "--heartbeat_timeout", str(HEARTBEAT_TIMEOUT), "--max_restarts", "100"
-    )
+    node = start_node(tmp_path_factory, swarm, "--heartbeat_timeout", str(HEARTBEAT_TIMEOUT), "--max_restarts", "100")
     yield node
     node.stop()
 
@@ -238,8 +239,11 @@ def offline_announced(node: NodeProcess) -> bool:
 
 
 def assert_nothing_left(node: NodeProcess, pids: list[int], timeout: float = 10) -> None:
-    wait_until(lambda: not alive(pids) and not p2pd_of(node.run_dir), timeout,
-               f"processes left behind: {alive(pids)}, p2pd {p2pd_of(node.run_dir)}")
+    wait_until(
+        lambda: not alive(pids) and not p2pd_of(node.run_dir),
+        timeout,
+        f"processes left behind: {alive(pids)}, p2pd {p2pd_of(node.run_dir)}",
+    )
 
 
 def sigkill(pid: int) -> None:
@@ -285,6 +289,7 @@ class TestOneNode:
         wait_until(lambda: node.status.get("state") == "online", 30, "node not ONLINE again", node)
         wait_serving(client, node, sample, t0 + 30)
         if name == "announcer":  # its successor stored the record again (a later expiration)
+
             def reannounced():
                 info, expiration = record(client, peer)
                 return info is not None and info.state == ServerState.ONLINE and expiration > expiration_before
@@ -413,11 +418,17 @@ class TestOneNode:
             wait_serving(client, node, sample, t0 + recovery_limit())
             # the old session goes on, and the new allocator counts its cache
             assert rel_err(kept.step(hidden[:, 3:]), ref[:, 3:]) <= TOL
-            wait_until(lambda: cache_available(client, peer, uid) == holding, ERROR_LIMIT,
-                       "the new allocator does not count the open session", node)
+            wait_until(
+                lambda: cache_available(client, peer, uid) == holding,
+                ERROR_LIMIT,
+                "the new allocator does not count the open session",
+                node,
+            )
         finally:
             kept.__exit__(None, None, None)
-        wait_until(lambda: cache_available(client, peer, uid) == full, ERROR_LIMIT, "the session's cache stays taken", node)
+        wait_until(
+            lambda: cache_available(client, peer, uid) == full, ERROR_LIMIT, "the session's cache stays taken", node
+        )
 
     # --- a hung actor --------------------------------------------------------------------------
 
@@ -545,17 +556,31 @@ class TestTwoFrontends:
             assert rel_err(session.step(hidden[:, :4]), ref[:, :4]) <= TOL
             assert client.rpc_info(peer, uid)["cache_tokens_available"] < full
             session_id = session.session.sessions[0].session_id
-            opened = [e for e in node.log_events() if e.get("event") == "session opened" and e.get("session") == session_id]
+            opened = [
+                e for e in node.log_events() if e.get("event") == "session opened" and e.get("session") == session_id
+            ]
             owner = opened[0]["actor"]
             restarts = node.status["actors"][owner]["restarts"]
             pid = node.actor_pid(owner)
             t0 = time.monotonic()
             os.kill(pid, signal.SIGKILL)
             # the allocator drops the dead owner's grant; the survivor answers while the owner restarts
-            wait_until(lambda: [e for e in node.log_events() if e.get("event") == "dropped sessions of a replaced frontend"
-                                and e.get("frontend") == owner], ERROR_LIMIT, "the dead frontend's sessions stay", node)
-            wait_until(lambda: cache_available(client, peer, uid) == full, ERROR_LIMIT,
-                       "the dead frontend's cache was not freed", node)
+            wait_until(
+                lambda: [
+                    e
+                    for e in node.log_events()
+                    if e.get("event") == "dropped sessions of a replaced frontend" and e.get("frontend") == owner
+                ],
+                ERROR_LIMIT,
+                "the dead frontend's sessions stay",
+                node,
+            )
+            wait_until(
+                lambda: cache_available(client, peer, uid) == full,
+                ERROR_LIMIT,
+                "the dead frontend's cache was not freed",
+                node,
+            )
             freed = time.monotonic() - t0
             began = time.monotonic()
             with pytest.raises(Exception) as failure:  # the client's next step on the dead stream
@@ -671,7 +696,10 @@ def test_shutdown_signal(sig, runtime_hangs, tmp_path_factory, swarm, client, sa
         assert_nothing_left(node, pids)
         with pytest.raises(Exception):  # the session ended with the node
             call(client, session.session.step(hidden[:, 5:]), ERROR_LIMIT)
-        print(f"\n{signal.Signals(sig).name}: in-flight work settled after {settled:.1f} s, node exited after {stopped:.1f} s")
+        print(
+            f"\n{signal.Signals(sig).name}: in-flight work settled after {settled:.1f} s, "
+            f"node exited after {stopped:.1f} s"
+        )
         assert settled < bound
     finally:
         try:

@@ -2,10 +2,7 @@
 
 from __future__ import annotations
 
-
 from tests.helpers import node_checks
-
-
 
 # what a client gets equals transformers (the same checks run against a tensor-parallel node)
 test_forward_equals_transformers = node_checks.check_forward_equals_transformers

@@ -17,8 +17,8 @@ import psutil
 import pytest
 
 from node.tools.launcher import NodeProcess
-from tests.helpers.waiting import wait_until
 from tests.helpers.paths import MICRO_LLAMA, ROOT
+from tests.helpers.waiting import wait_until
 
 BIN = Path(sys.executable).parent
 
@@ -43,7 +43,8 @@ def test_supervisord_starts_and_stops_the_node(tmp_path):
     program.pop("user", None)  # the tests run as whoever runs them
     program.update(
         command=f"{sys.executable} -m node.supervisor --model {MICRO_LLAMA} --dht_prefix micro-sd --new_swarm "
-        f"--host_maddrs /ip4/127.0.0.1/tcp/0 --torch_dtype float32 --num_handlers 1 --throughput 1.0 --run_dir {run_dir}",
+        "--host_maddrs /ip4/127.0.0.1/tcp/0 --torch_dtype float32 --num_handlers 1 --throughput 1.0 "
+        f"--run_dir {run_dir}",
         directory=str(ROOT),
         stdout_logfile=str(tmp_path / "node.log"),
         environment=f'PYTHONUNBUFFERED="1",PYTHONPATH="{ROOT}"',
@@ -51,9 +52,15 @@ def test_supervisord_starts_and_stops_the_node(tmp_path):
     conf = configparser.RawConfigParser()
     sock = tmp_path / "supervisor.sock"
     conf["unix_http_server"] = {"file": str(sock)}
-    conf["supervisord"] = {"logfile": str(tmp_path / "supervisord.log"), "pidfile": str(tmp_path / "supervisord.pid"),
-                           "nodaemon": "false", "childlogdir": str(tmp_path)}
-    conf["rpcinterface:supervisor"] = {"supervisor.rpcinterface_factory": "supervisor.rpcinterface:make_main_rpcinterface"}
+    conf["supervisord"] = {
+        "logfile": str(tmp_path / "supervisord.log"),
+        "pidfile": str(tmp_path / "supervisord.pid"),
+        "nodaemon": "false",
+        "childlogdir": str(tmp_path),
+    }
+    conf["rpcinterface:supervisor"] = {
+        "supervisor.rpcinterface_factory": "supervisor.rpcinterface:make_main_rpcinterface"
+    }
     conf["supervisorctl"] = {"serverurl": f"unix://{sock}"}
     conf["program:petals-node"] = program
     path = tmp_path / "supervisord.conf"
@@ -63,7 +70,11 @@ def test_supervisord_starts_and_stops_the_node(tmp_path):
     subprocess.run([str(BIN / "supervisord"), "-c", str(path)], check=True, timeout=30)
     try:
         status = run_dir / "status.json"
-        wait_until(lambda: status.exists() and json.loads(status.read_text() or "{}").get("state") == "online", 90, what="the node ONLINE under supervisord")
+        wait_until(
+            lambda: status.exists() and json.loads(status.read_text() or "{}").get("state") == "online",
+            90,
+            what="the node ONLINE under supervisord",
+        )
         running = node_processes(str(run_dir))
         assert any("p2pd" in " ".join(p.cmdline()) for p in running), "p2pd is among the node's processes"
         assert len(running) >= 5, "supervisor, p2pd, announcer, allocator, runtime, frontend"
@@ -132,7 +143,11 @@ def scrape(port: int) -> dict:
     from prometheus_client.parser import text_string_to_metric_families
 
     text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
-    return {(s.name, tuple(sorted(s.labels.items()))): s.value for f in text_string_to_metric_families(text) for s in f.samples}
+    return {
+        (s.name, tuple(sorted(s.labels.items()))): s.value
+        for f in text_string_to_metric_families(text)
+        for s in f.samples
+    }
 
 
 def scrape_until(port: int, what: str, predicate, timeout: float = 15.0) -> dict:
@@ -200,7 +215,9 @@ def test_a_taken_metrics_port_stops_the_node_with_a_message(tmp_path):
     taken = socket.socket()
     taken.bind(("0.0.0.0", 0))
     taken.listen()
-    node = NodeProcess(MICRO_LLAMA, tmp_path / "taken", "--metrics_port", str(taken.getsockname()[1]), dht_prefix="micro-taken")
+    node = NodeProcess(
+        MICRO_LLAMA, tmp_path / "taken", "--metrics_port", str(taken.getsockname()[1]), dht_prefix="micro-taken"
+    )
     try:
         node.launch()
         assert node.proc.wait(60) == 1
@@ -217,13 +234,28 @@ def test_stats_report_interval_logs_what_the_node_did_and_num_blocks_is_capped(t
 
     from node.client.swarm import Client
 
-    node = NodeProcess(MICRO_LLAMA, tmp_path / "stats", "--num_blocks", "14", "--stats_report_interval", "0.5",
-                       "--mean_block_selection_delay", "0", dht_prefix="micro-stats")
+    node = NodeProcess(
+        MICRO_LLAMA,
+        tmp_path / "stats",
+        "--num_blocks",
+        "14",
+        "--stats_report_interval",
+        "0.5",
+        "--mean_block_selection_delay",
+        "0",
+        dht_prefix="micro-stats",
+    )
     with node:
         assert node.status["blocks"] == [0, 4]
         with Client(node.maddrs, "micro-stats") as client:
             client.forward(torch.randn(1, 4, 64), 0, 4)
-        wait_until(lambda: any(e.get("event") == "stats" and e.get("requests", 0) >= 1 for e in node.log_events()), timeout=20, what="a stats event that counts the forward")
+        wait_until(
+            lambda: any(e.get("event") == "stats" and e.get("requests", 0) >= 1 for e in node.log_events()),
+            timeout=20,
+            what="a stats event that counts the forward",
+        )
     reports = [e for e in node.log_events() if e.get("event") == "stats"]
-    assert {"rounds", "busy_share", "queue", "sessions", "cache_used_bytes", "requests_in_flight", "errors"} <= set(reports[-1])
+    assert {"rounds", "busy_share", "queue", "sessions", "cache_used_bytes", "requests_in_flight", "errors"} <= set(
+        reports[-1]
+    )
     assert any("--num_blocks is larger than the model" in e.get("event", "") for e in node.log_events())

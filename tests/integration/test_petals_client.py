@@ -70,9 +70,26 @@ def test_node_and_petals_server_share_a_swarm(tmp_path):
         log = tmp_path / "petals_server.log"
         server = subprocess.Popen(
             [
-                PETALS_PYTHON, "-m", "petals.cli.run_server", str(MICRO_LLAMA), "--dht_prefix", "micro-llama",
-                "--torch_dtype", "float32", "--device", "cpu", "--block_indices", "2:4", "--throughput", "1",
-                "--host_maddrs", "/ip4/127.0.0.1/tcp/0", "--num_handlers", "2", "--initial_peers", *node.maddrs,
+                PETALS_PYTHON,
+                "-m",
+                "petals.cli.run_server",
+                str(MICRO_LLAMA),
+                "--dht_prefix",
+                "micro-llama",
+                "--torch_dtype",
+                "float32",
+                "--device",
+                "cpu",
+                "--block_indices",
+                "2:4",
+                "--throughput",
+                "1",
+                "--host_maddrs",
+                "/ip4/127.0.0.1/tcp/0",
+                "--num_handlers",
+                "2",
+                "--initial_peers",
+                *node.maddrs,
             ],
             stdout=log.open("w"),
             stderr=subprocess.STDOUT,
@@ -91,9 +108,25 @@ def test_node_and_petals_server_share_a_swarm(tmp_path):
 def start_petals_server(log, peers, *flags):
     server = subprocess.Popen(
         [
-            PETALS_PYTHON, "-m", "petals.cli.run_server", str(MICRO_LLAMA), "--dht_prefix", "micro-llama",
-            "--torch_dtype", "float32", "--device", "cpu", "--throughput", "1", "--host_maddrs", "/ip4/127.0.0.1/tcp/0",
-            "--num_handlers", "2", "--initial_peers", *peers, *flags,
+            PETALS_PYTHON,
+            "-m",
+            "petals.cli.run_server",
+            str(MICRO_LLAMA),
+            "--dht_prefix",
+            "micro-llama",
+            "--torch_dtype",
+            "float32",
+            "--device",
+            "cpu",
+            "--throughput",
+            "1",
+            "--host_maddrs",
+            "/ip4/127.0.0.1/tcp/0",
+            "--num_handlers",
+            "2",
+            "--initial_peers",
+            *peers,
+            *flags,
         ],
         stdout=log.open("w"),
         stderr=subprocess.STDOUT,
@@ -115,8 +148,16 @@ def test_node_and_petals_server_choose_blocks_by_the_same_rule(tmp_path):
     with NodeProcess(MICRO_LLAMA, tmp_path / "seed", "--block_indices", "0:4") as seed:
         first = start_petals_server(tmp_path / "petals1.log", seed.maddrs, "--block_indices", "0:2")
         try:
-            with NodeProcess(MICRO_LLAMA, tmp_path / "node", "--num_blocks", "2", "--mean_block_selection_delay", "0.2",
-                             "--initial_peers", *seed.maddrs) as node:
+            with NodeProcess(
+                MICRO_LLAMA,
+                tmp_path / "node",
+                "--num_blocks",
+                "2",
+                "--mean_block_selection_delay",
+                "0.2",
+                "--initial_peers",
+                *seed.maddrs,
+            ) as node:
                 assert node.status["blocks"] == [2, 4]
                 second = start_petals_server(tmp_path / "petals2.log", seed.maddrs, "--num_blocks", "2")
                 try:
@@ -125,7 +166,9 @@ def test_node_and_petals_server_choose_blocks_by_the_same_rule(tmp_path):
                         while len(client.spans(4)) < 4:
                             assert time.monotonic() < deadline, client.spans(4)
                             time.sleep(0.5)
-                        spans = {(s.start, s.end) for s in client.spans(4) if s.peer_id not in (seed.peer_id, node.peer_id)}
+                        spans = {
+                            (s.start, s.end) for s in client.spans(4) if s.peer_id not in (seed.peer_id, node.peer_id)
+                        }
                     assert spans == {(0, 2)}, spans  # both Petals servers on 0:2
                     run_client(node.maddrs)
                 finally:
@@ -178,8 +221,13 @@ def test_petals_client_through_a_tensor_parallel_node_and_a_rank_kill_mid_sessio
 
     with NodeProcess(MICRO_LLAMA, tmp_path / "node", "--tensor_parallel_devices", "cpu", "cpu") as node:
         run_client(node.maddrs)
-        client = subprocess.Popen([PETALS_PYTHON, "-c", MID_SESSION_CLIENT, str(MICRO_LLAMA), *node.maddrs],
-                                  stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        client = subprocess.Popen(
+            [PETALS_PYTHON, "-c", MID_SESSION_CLIENT, str(MICRO_LLAMA), *node.maddrs],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
         try:
             lines = []
 
@@ -207,22 +255,37 @@ def test_petals_client_through_a_tensor_parallel_node_and_a_rank_kill_mid_sessio
         assert "PETALS CLIENT OK" in out, out[-3000:] + err[-3000:]
 
 
-
 def test_bench_against_a_petals_server(tmp_path):
     """node.bench_petals drives the node and a Petals server with a real Petals client and prints both."""
     out = tmp_path / "figures.json"
     done = subprocess.run(
-        [sys.executable, "-m", "node.bench_petals", "--petals_python", PETALS_PYTHON, "--preset", "tiny",
-         "--tokens", "4", "--sessions", "2", "--json", str(out)],
-        capture_output=True, text=True, timeout=900,
+        [
+            sys.executable,
+            "-m",
+            "node.bench_petals",
+            "--petals_python",
+            PETALS_PYTHON,
+            "--preset",
+            "tiny",
+            "--tokens",
+            "4",
+            "--sessions",
+            "2",
+            "--json",
+            str(out),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=900,
     )
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     assert "generation, 2 sessions at once" in done.stdout and "node/petals" in done.stdout
     figures = json.loads(out.read_text())
     for side in ("node", "petals"):
-        assert figures[side]["tokens_match"] and all(figures[side][k] > 0 for k in ("generation", "concurrent", "forward", "backward_ms"))
+        assert figures[side]["tokens_match"] and all(
+            figures[side][k] > 0 for k in ("generation", "concurrent", "forward", "backward_ms")
+        )
 
 
 if __name__ == "__main__":
     sys.exit(pytest.main([__file__, "-v"]))
-

@@ -13,18 +13,23 @@ import time
 import pytest
 import torch
 
-from node.client.swarm import Client
 from node.client.generate import LocalHead, greedy_generate
+from node.client.swarm import Client
 from node.tools.launcher import NodeProcess
 from tests.helpers.waiting import wait_until
 
 PREFIX = "six"
 FAST = (
-    "--mean_block_selection_delay", "0.3",
-    "--update_period", "1",
-    "--mean_balance_check_period", "1",
-    "--balance_checks", "2",
-    "--drain_timeout", "5",
+    "--mean_block_selection_delay",
+    "0.3",
+    "--update_period",
+    "1",
+    "--mean_balance_check_period",
+    "1",
+    "--balance_checks",
+    "2",
+    "--drain_timeout",
+    "5",
 )
 HALF = ("--num_blocks", "3", *FAST)
 
@@ -45,7 +50,9 @@ def reference(six_blocks):
     hf = AutoModelForCausalLM.from_pretrained(str(six_blocks), dtype=torch.float32).eval()
     ids = torch.tensor([[5, 17, 42, 99, 3]])
     with torch.no_grad():
-        expected = hf.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=6, do_sample=False, pad_token_id=0)
+        expected = hf.generate(
+            ids, attention_mask=torch.ones_like(ids), max_new_tokens=6, do_sample=False, pad_token_id=0
+        )
     return ids, expected.tolist(), LocalHead(str(six_blocks))
 
 
@@ -86,7 +93,9 @@ def moves(node: NodeProcess) -> int:
     return node.status.get("moves", 0)
 
 
-def test_half_nodes_cover_the_model_a_late_node_fills_the_gap_and_a_leaving_one_is_replaced(tmp_path, six_blocks, reference):
+def test_half_nodes_cover_the_model_a_late_node_fills_the_gap_and_a_leaving_one_is_replaced(
+    tmp_path, six_blocks, reference
+):
     started = []
     try:
         a = node(six_blocks, tmp_path, "a", *HALF).start()
@@ -155,13 +164,20 @@ def test_an_imbalance_moves_exactly_one_node_once_while_a_client_generates(tmp_p
             worker.start()
             pinned.stop()
             wait_until(lambda: moves(x) + moves(y) >= 1, timeout=90, every=0.3, what="one move")
-            wait_until(lambda: all(n.status.get("state") == "online" for n in (x, y)), timeout=60, every=0.3, what="the move done")
+            wait_until(
+                lambda: all(n.status.get("state") == "online" for n in (x, y)),
+                timeout=60,
+                every=0.3,
+                what="the move done",
+            )
             time.sleep(8)  # several more balance checks: nobody moves again
             stop.set()
             worker.join(60)
             assert moves(x) + moves(y) == 1
             mover = x if moves(x) else y
-            events = [json.loads(line)["event"] for line in mover.log_path.read_text().splitlines() if line.startswith("{")]
+            events = [
+                json.loads(line)["event"] for line in mover.log_path.read_text().splitlines() if line.startswith("{")
+            ]
             assert ("loading blocks before switching" in events) == (how == "load_then_switch")
             assert sorted(n.status["blocks"] for n in (x, y)) == [[0, 3], [3, 6]]
             assert results["ok"] > 0 and results["wrong"] == 0, results
@@ -188,11 +204,34 @@ def test_throughput_dry_run_measures_and_exits(tmp_path, six_blocks):
     from node.tools.launcher import ROOT
 
     out = subprocess.run(
-        [sys.executable, "-m", "node.supervisor", "--model", str(six_blocks), "--dht_prefix", PREFIX, "--new_swarm",
-         "--host_maddrs", "/ip4/127.0.0.1/tcp/0", "--torch_dtype", "float32", "--num_handlers", "1",
-         "--throughput", "dry_run", "--cache_dir", str(tmp_path / "cache"), "--network_bandwidth", "1000",
-         "--log_format", "json"],
-        cwd=ROOT, capture_output=True, text=True, timeout=120,
+        [
+            sys.executable,
+            "-m",
+            "node.supervisor",
+            "--model",
+            str(six_blocks),
+            "--dht_prefix",
+            PREFIX,
+            "--new_swarm",
+            "--host_maddrs",
+            "/ip4/127.0.0.1/tcp/0",
+            "--torch_dtype",
+            "float32",
+            "--num_handlers",
+            "1",
+            "--throughput",
+            "dry_run",
+            "--cache_dir",
+            str(tmp_path / "cache"),
+            "--network_bandwidth",
+            "1000",
+            "--log_format",
+            "json",
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
     assert out.returncode == 0, out.stderr[-3000:]
     figures = json.loads([line for line in out.stdout.splitlines() if line.startswith('{"throughput"')][-1])

@@ -96,7 +96,9 @@ def test_probe_follows_one_session(micro_node, micro_client):
     assert not any(e["dir"] == "stats" for e in events)  # --session implies --no-stats
 
     def seen(actor_prefix, direction, type_):
-        return [e for e in events if e["actor"].startswith(actor_prefix) and e["dir"] == direction and e["type"] == type_]
+        return [
+            e for e in events if e["actor"].startswith(actor_prefix) and e["dir"] == direction and e["type"] == type_
+        ]
 
     for actor, direction in [("runtime", "in"), ("frontend", "out")]:
         steps = seen(actor, direction, "InferStep")
@@ -107,7 +109,9 @@ def test_probe_follows_one_session(micro_node, micro_client):
     for actor, direction in [("runtime", "out"), ("frontend", "in")]:
         results = seen(actor, direction, "Result")
         assert len(results) == 3 and all(r["session"] == sid for r in results), results
-    assert sorted(r["req"] for r in seen("runtime", "out", "Result")) == sorted(s["req"] for s in seen("runtime", "in", "InferStep"))
+    assert sorted(r["req"] for r in seen("runtime", "out", "Result")) == sorted(
+        s["req"] for s in seen("runtime", "in", "InferStep")
+    )
     assert seen("frontend", "out", "Allocate") and seen("allocator", "out", "Granted")
     # and the cache release at the end, matched by the cache handle the session held
     assert seen("frontend", "out", "Release") and seen("runtime", "in", "DropCache")
@@ -141,14 +145,21 @@ def test_probe_prints_stats_of_actors_by_prefix(micro_node):
     for line in probe.out:
         _, actor, direction, type_, *fields = line.split()
         assert actor.startswith("frontend.") and (direction, type_) == ("stats", "Stats")
-    assert {line for line in probe.err if "connecting to" in line} == {"probe: connecting to frontend.0", "probe: connecting to frontend.1"}
+    assert {line for line in probe.err if "connecting to" in line} == {
+        "probe: connecting to frontend.0",
+        "probe: connecting to frontend.1",
+    }
 
 
 def test_probe_refuses_a_directory_without_a_node(tmp_path, micro_node):
     def probe(run_dir, *args):
         return subprocess.run(
             [sys.executable, "-m", "node.probe", str(run_dir), *args, "--duration", "5"],
-            cwd=ROOT, env=dict(os.environ, PYTHONPATH=str(ROOT)), capture_output=True, text=True, timeout=30,
+            cwd=ROOT,
+            env=dict(os.environ, PYTHONPATH=str(ROOT)),
+            capture_output=True,
+            text=True,
+            timeout=30,
         )
 
     done = probe(tmp_path)
@@ -219,5 +230,3 @@ def test_probe_follow_json_timestamps_are_in_order(micro_node, micro_client):
         assert marks == sorted(marks), s
         parts = sum(v for k, v in s["ms"].items() if k != "total")
         assert abs(parts - s["ms"]["total"]) < 0.01 and not s["failed"], s
-
-

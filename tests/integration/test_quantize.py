@@ -10,20 +10,18 @@ logits as little as 0.02 apart, so only int8 is held to transformers' own greedy
 
 from __future__ import annotations
 
-
 import pytest
 import torch
 
-from node.weights.checkpoint import Checkpoint
-from node.client.swarm import Client
 from node.client.generate import LocalHead, greedy_generate
-from node.tools.launcher import NodeProcess
+from node.client.swarm import Client
 from node.runtime.models import get_family
 from node.runtime.quantize import quantize_block
+from node.tools.launcher import NodeProcess
+from node.weights.checkpoint import Checkpoint
 from tests.helpers.paths import MICRO_LLAMA
 from tests.helpers.quantization import BOUND
 from tests.helpers.reference import hf_blocks, rel_err
-
 
 LOGIT_BOUND = {"int8": 0.05, "nf4": 0.4}
 
@@ -59,7 +57,9 @@ def test_quantized_node_serves_close_outputs_and_publishes_its_quant_type(tmp_pa
     assert (chosen >= logits.max(-1).values - 1e-3).all(), "each served token is the quantized model's greedy choice"
     assert rel_err(logits, expected) <= LOGIT_BOUND[quant_type]
     if quant_type == "int8":
-        reference = micro_hf.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=6, do_sample=False, pad_token_id=0)
+        reference = micro_hf.generate(
+            prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=6, do_sample=False, pad_token_id=0
+        )
         assert served.tolist() == reference.tolist()
 
 

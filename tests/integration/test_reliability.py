@@ -146,8 +146,15 @@ class Load:
 @pytest.fixture(scope="module")
 def node(tmp_path_factory):
     # served as micro-llama: the recorded vectors and tests/helpers/rpc.py's requests name its blocks so
-    with NodeProcess(MICRO_LLAMA, tmp_path_factory.mktemp("reliability") / "node", "--num_handlers", "2",
-                     "--max_restarts", "1000", dht_prefix="micro-llama") as node:
+    with NodeProcess(
+        MICRO_LLAMA,
+        tmp_path_factory.mktemp("reliability") / "node",
+        "--num_handlers",
+        "2",
+        "--max_restarts",
+        "1000",
+        dht_prefix="micro-llama",
+    ) as node:
         yield node
 
 
@@ -169,9 +176,18 @@ def test_soak_memory_stays_bounded(node):
         samples.append(node_memory(node))
     uss = [u for _, u in samples]
     growth = (uss[-1] - uss[0]) / 2**20
-    report("soak", seconds=SECONDS, requests=sum(load.counts.values()), **load.counts, crashes=restarts(node),
-           pss_mib=round(samples[-1][0] / 2**20), uss_mib=round(uss[-1] / 2**20), uss_peak_mib=round(max(uss) / 2**20),
-           growth_mib=round(growth, 1), second_half_growth_mib=round((uss[-1] - uss[len(uss) // 2]) / 2**20, 1))
+    report(
+        "soak",
+        seconds=SECONDS,
+        requests=sum(load.counts.values()),
+        **load.counts,
+        crashes=restarts(node),
+        pss_mib=round(samples[-1][0] / 2**20),
+        uss_mib=round(uss[-1] / 2**20),
+        uss_peak_mib=round(max(uss) / 2**20),
+        growth_mib=round(growth, 1),
+        second_half_growth_mib=round((uss[-1] - uss[len(uss) // 2]) / 2**20, 1),
+    )
     assert load.counts["errors"] == load.counts["timeouts"] == load.counts["stuck"] == 0, load.errors
     assert restarts(node) == 0
     # what the first rounds of new shapes, threads and connections allocate keeps coming for a while
@@ -208,7 +224,9 @@ def fuzz_case(caller: Caller, rng: random.Random, calls: list):
     for _ in range(rng.randint(1, 2)):
         i = rng.randrange(len(messages))
         if isinstance(messages[i], runtime_pb2.ExpertUID):
-            messages[i] = runtime_pb2.ExpertUID(uid=rng.choice(["", "micro-llama.9", "micro-llama.0 micro-llama.0", "x" * 5000, "\x00"]))
+            messages[i] = runtime_pb2.ExpertUID(
+                uid=rng.choice(["", "micro-llama.9", "micro-llama.0 micro-llama.0", "x" * 5000, "\x00"])
+            )
         else:
             messages[i] = mutate_request(messages[i], rng)
     what = f"{rpc} " + " | ".join(describe(m) for m in messages)
@@ -232,7 +250,12 @@ def describe(message) -> str:
 def test_fuzzed_requests_crash_nothing(node):
     rng = random.Random(1234)
     calls = recorded_calls()
-    assert len(calls) >= 20 and {rpc for rpc, _ in calls} >= {"rpc_info", "rpc_forward", "rpc_backward", "rpc_inference"}
+    assert len(calls) >= 20 and {rpc for rpc, _ in calls} >= {
+        "rpc_info",
+        "rpc_forward",
+        "rpc_backward",
+        "rpc_inference",
+    }
     with Client(node.maddrs, node.dht_prefix) as client:
         caller = Caller(client, node)
         before = {name: (a["pid"], a["restarts"]) for name, a in node.status["actors"].items()}
@@ -270,7 +293,21 @@ def mutate_bytes(data: bytes, rng: random.Random) -> bytes:
 
 
 NONFINITE = [struct.pack("<f", v) for v in (float("nan"), float("inf"), float("-inf"), 3.4e38, 1e-45, -0.0)]
-HOSTILE = [None, -1, 2**63, 1e308, float("nan"), "", "x" * 1000, [], {}, [1, "a", None], {"a": {"b": [1]}}, b"\x00\xff", True]
+HOSTILE = [
+    None,
+    -1,
+    2**63,
+    1e308,
+    float("nan"),
+    "",
+    "x" * 1000,
+    [],
+    {},
+    [1, "a", None],
+    {"a": {"b": [1]}},
+    b"\x00\xff",
+    True,
+]
 
 
 def mutate_request(req: runtime_pb2.ExpertRequest, rng: random.Random) -> runtime_pb2.ExpertRequest:
@@ -280,11 +317,35 @@ def mutate_request(req: runtime_pb2.ExpertRequest, rng: random.Random) -> runtim
     for _ in range(rng.randint(1, 3)):
         what = rng.choice(["uid", "metadata", "values", "dtype", "size", "buffer", "drop", "extra"])
         if what == "uid":
-            out.uid = rng.choice(["", " ", "micro-llama.3 micro-llama.2", "micro-llama.1 micro-llama.2", "micro-llama.9", "micro-llama.-1", "micro-llama.0 micro-llama.0", "\x00" * 5, "a" * 5000])
+            out.uid = rng.choice(
+                [
+                    "",
+                    " ",
+                    "micro-llama.3 micro-llama.2",
+                    "micro-llama.1 micro-llama.2",
+                    "micro-llama.9",
+                    "micro-llama.-1",
+                    "micro-llama.0 micro-llama.0",
+                    "\x00" * 5,
+                    "a" * 5000,
+                ]
+            )
         elif what == "metadata":
             meta = wire.unpack_metadata(out.metadata) if out.metadata else {}
             meta = meta if isinstance(meta, dict) else {}
-            key = rng.choice(list(meta) + ["session_id", "max_length", "step_id", "start_from_position", "args_structure", "points", "alloc_timeout", "active_adapter"])
+            key = rng.choice(
+                list(meta)
+                + [
+                    "session_id",
+                    "max_length",
+                    "step_id",
+                    "start_from_position",
+                    "args_structure",
+                    "points",
+                    "alloc_timeout",
+                    "active_adapter",
+                ]
+            )
             meta[key] = rng.choice(HOSTILE)
             try:
                 out.metadata = wire.pack_metadata(meta)
@@ -309,8 +370,9 @@ def mutate_request(req: runtime_pb2.ExpertRequest, rng: random.Random) -> runtim
 
 
 def test_actors_killed_under_load_every_request_ends(tmp_path):
-    with NodeProcess(MICRO_LLAMA, tmp_path / "kill", "--num_handlers", "2", "--max_restarts", "1000",
-                     dht_prefix="micro-kill") as node:
+    with NodeProcess(
+        MICRO_LLAMA, tmp_path / "kill", "--num_handlers", "2", "--max_restarts", "1000", dht_prefix="micro-kill"
+    ) as node:
         rng = random.Random(99)
         # every actor in a random order, then again: a short run still kills several kinds of actor
         order = ["runtime.0", "allocator", "frontend.0", "frontend.1", "announcer"]
@@ -332,8 +394,16 @@ def test_actors_killed_under_load_every_request_ends(tmp_path):
         node.wait_state("online", 30)
         with Client(node.maddrs, node.dht_prefix) as client:
             client.run(one_session(client.swarm), timeout=60)  # served again
-        report("kill", seconds=max(SECONDS, 6), requests=sum(load.counts.values()), faults=faults, **load.counts,
-               restarts=restarts(node), longest_call_s=round(load.longest, 1), killed=",".join(killed))
+        report(
+            "kill",
+            seconds=max(SECONDS, 6),
+            requests=sum(load.counts.values()),
+            faults=faults,
+            **load.counts,
+            restarts=restarts(node),
+            longest_call_s=round(load.longest, 1),
+            killed=",".join(killed),
+        )
         for text, n in load.kinds.most_common(6):
             print(f"reliability: kill error x{n}: {text}", flush=True)
         assert load.counts["results"] > 0
@@ -361,7 +431,9 @@ def test_cache_exhaustion_queues_then_times_out_cleanly(tmp_path):
                             outcomes["other"].append(repr(e)[:200])
 
         async def hold_session(swarm):
-            async with swarm.inference_session(max_length=8, start=0, end=4, metadata={"alloc_timeout": 1.0}) as session:
+            async with swarm.inference_session(
+                max_length=8, start=0, end=4, metadata={"alloc_timeout": 1.0}
+            ) as session:
                 for _ in range(4):
                     await asyncio.wait_for(session.step(torch.randn(1, 1, 64)), STEP_TIMEOUT)
                     await asyncio.sleep(0.5)  # hold the cache while others queue
@@ -372,8 +444,14 @@ def test_cache_exhaustion_queues_then_times_out_cleanly(tmp_path):
         for t in threads:
             t.join(90)
         assert not any(t.is_alive() for t in threads), "a client queued for cache forever"
-        report("cache", clients=6, served=outcomes["served"], refused=outcomes["refused"], other=len(outcomes["other"]),
-               crashes=restarts(node))
+        report(
+            "cache",
+            clients=6,
+            served=outcomes["served"],
+            refused=outcomes["refused"],
+            other=len(outcomes["other"]),
+            crashes=restarts(node),
+        )
         assert not outcomes["other"], outcomes["other"]
         assert outcomes["served"] >= 2 and outcomes["refused"] >= 1
         assert restarts(node) == 0

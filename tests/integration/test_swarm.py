@@ -26,7 +26,9 @@ def swarm(tmp_path_factory):
     first = NodeProcess(MICRO_LLAMA, base / "a", "--block_indices", "0:2", "--update_period", "2").start()
     second = None
     try:
-        second = NodeProcess(MICRO_LLAMA, base / "b", "--block_indices", "2:4", "--initial_peers", *first.maddrs).start()
+        second = NodeProcess(
+            MICRO_LLAMA, base / "b", "--block_indices", "2:4", "--initial_peers", *first.maddrs
+        ).start()
         yield first, second
     finally:
         if second is not None:
@@ -106,8 +108,12 @@ def test_push_chain_of_v220_clients(client, swarm, micro_hf):
                 yield item
 
         name = "TransformerConnectionHandler.rpc_inference"
-        a = await p2p.iterate_protobuf_handler(PeerID.from_base58(first.peer_id), name, feed(queues["a"]), runtime_pb2.ExpertResponse)
-        b = await p2p.iterate_protobuf_handler(PeerID.from_base58(second.peer_id), name, feed(queues["b"]), runtime_pb2.ExpertResponse)
+        a = await p2p.iterate_protobuf_handler(
+            PeerID.from_base58(first.peer_id), name, feed(queues["a"]), runtime_pb2.ExpertResponse
+        )
+        b = await p2p.iterate_protobuf_handler(
+            PeerID.from_base58(second.peer_id), name, feed(queues["b"]), runtime_pb2.ExpertResponse
+        )
 
         def request(uid_range, session_id, step_id, x, first_step, next_servers=None):
             metadata = {"session_id": session_id, "step_id": step_id, "args_structure": ARGS_3}
@@ -196,8 +202,17 @@ def test_a_node_nobody_can_dial_announces_using_relay(tmp_path, client, swarm):
     """A node that announces an address nobody listens on fails the rpc_check of its peers: it
     publishes using_relay (and runs its DHT in client mode); the nodes that can be dialed do not."""
     first, second = swarm
-    hidden = NodeProcess(MICRO_LLAMA, tmp_path / "hidden", "--block_indices", "0:1", "--initial_peers", *first.maddrs,
-                         "--announce_maddrs", "/ip4/127.0.0.1/tcp/9", dht_prefix="micro-llama")
+    hidden = NodeProcess(
+        MICRO_LLAMA,
+        tmp_path / "hidden",
+        "--block_indices",
+        "0:1",
+        "--initial_peers",
+        *first.maddrs,
+        "--announce_maddrs",
+        "/ip4/127.0.0.1/tcp/9",
+        dht_prefix="micro-llama",
+    )
     with hidden:
         deadline = time.monotonic() + 30
         while (info := client.servers(4)[0].get(hidden.peer_id)) is None:

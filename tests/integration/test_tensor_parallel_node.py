@@ -12,9 +12,9 @@ import pytest
 import torch
 
 from node.tools.launcher import NodeProcess
+from tests.helpers import node_checks
 from tests.helpers.paths import MICRO_LLAMA
 from tests.helpers.reference import hf_blocks, rel_err
-from tests.helpers import node_checks
 from tests.helpers.waiting import wait_online_with_new_group
 
 TOL = 1e-5
@@ -35,8 +35,15 @@ test_inference_with_deep_prompts = node_checks.check_inference_with_deep_prompts
 
 @pytest.fixture(scope="module")
 def micro_node(tmp_path_factory):
-    node = NodeProcess(MICRO_LLAMA, tmp_path_factory.mktemp("nodes") / "tp", "--tensor_parallel_devices", "cpu", "cpu",
-                       "--heartbeat_timeout", "5")
+    node = NodeProcess(
+        MICRO_LLAMA,
+        tmp_path_factory.mktemp("nodes") / "tp",
+        "--tensor_parallel_devices",
+        "cpu",
+        "cpu",
+        "--heartbeat_timeout",
+        "5",
+    )
     node.start()
     yield node
     node.stop()
@@ -98,8 +105,16 @@ def test_quantized_tensor_parallel_node(tmp_path, micro_hf):
     from node.client.swarm import Client
     from tests.helpers.quantization import BOUND
 
-    with NodeProcess(MICRO_LLAMA, tmp_path / "q", "--tensor_parallel_devices", "cpu", "cpu", "--quant_type", "int8",
-                     dht_prefix="micro-tp-int8") as node:
+    with NodeProcess(
+        MICRO_LLAMA,
+        tmp_path / "q",
+        "--tensor_parallel_devices",
+        "cpu",
+        "cpu",
+        "--quant_type",
+        "int8",
+        dht_prefix="micro-tp-int8",
+    ) as node:
         with Client(node.maddrs, "micro-tp-int8") as client:
             assert client.spans(4)[0].info.quant_type == "int8"
             torch.manual_seed(3)

@@ -27,8 +27,16 @@ def test_node_serves_blocks_from_the_hub(hub, models, tmp_path):
 
     from node.client.swarm import Client
 
-    node = NodeProcess("org/sharded", tmp_path / "node", "--block_indices", "1:3", "--cache_dir", str(tmp_path / "cache"),
-                       dht_prefix="tiny-hub", env={"HF_ENDPOINT": hub.url})
+    node = NodeProcess(
+        "org/sharded",
+        tmp_path / "node",
+        "--block_indices",
+        "1:3",
+        "--cache_dir",
+        str(tmp_path / "cache"),
+        dht_prefix="tiny-hub",
+        env={"HF_ENDPOINT": hub.url},
+    )
     with node:
         needed = shards_of(models["sharded"], [1, 2])
         assert hub.gets() == Counter({"config.json": 1, INDEX: 1, **{f: 1 for f in needed}})
@@ -47,9 +55,25 @@ def test_node_serves_blocks_from_the_hub(hub, models, tmp_path):
 def test_node_exits_2_naming_the_flag_when_the_hub_refuses(hub, tmp_path):
     hub.token = "secret"
     result = subprocess.run(
-        [sys.executable, "-m", "node.supervisor", "--model", "org/sharded", "--token", "wrong", "--new_swarm",
-         "--cache_dir", str(tmp_path / "cache"), "--run_dir", str(tmp_path / "run")],
-        cwd=ROOT, env={**os.environ, "HF_ENDPOINT": hub.url, "PYTHONPATH": str(ROOT)}, capture_output=True, text=True, timeout=60,
+        [
+            sys.executable,
+            "-m",
+            "node.supervisor",
+            "--model",
+            "org/sharded",
+            "--token",
+            "wrong",
+            "--new_swarm",
+            "--cache_dir",
+            str(tmp_path / "cache"),
+            "--run_dir",
+            str(tmp_path / "run"),
+        ],
+        cwd=ROOT,
+        env={**os.environ, "HF_ENDPOINT": hub.url, "PYTHONPATH": str(ROOT)},
+        capture_output=True,
+        text=True,
+        timeout=60,
     )
     assert result.returncode == 2 and "--token" in result.stderr and "HTTP 401" in result.stderr
     assert len(hub.log) == 1

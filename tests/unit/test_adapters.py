@@ -4,7 +4,6 @@ too; one batched round with several adapters equals each alone; wrong adapters a
 
 from __future__ import annotations
 
-
 import pytest
 import torch
 
@@ -12,7 +11,6 @@ from node.runtime import lora
 from tests.helpers.adapters import FAMILY_TARGETS, Blocks, hf_model, make_adapter, reference, write_adapter
 from tests.helpers.gloo import on_two_gloo_ranks
 from tests.helpers.reference import hf_blocks, rel_err
-
 
 TOL = 1e-5
 
@@ -30,12 +28,18 @@ def test_blocks_of_every_family_equal_peft(tmp_path, model):
     expected = reference(reference_model, hidden, 0, n)
     assert rel_err(Blocks.run(blocks, hidden, adapter.name), expected) <= TOL
     assert rel_err(expected, hf_blocks(hf_model(model), hidden, 0, n)) > 1e-3  # the adapter really changes the outputs
-    assert rel_err(Blocks.run(blocks, hidden, ""), hf_blocks(hf_model(model), hidden, 0, n)) <= TOL  # none: the base model
+    assert (
+        rel_err(Blocks.run(blocks, hidden, ""), hf_blocks(hf_model(model), hidden, 0, n)) <= TOL
+    )  # none: the base model
 
 
 def test_per_module_rank_alpha_rslora_and_layers_equal_peft(tmp_path, micro_hf):
-    options = dict(rank_pattern={"q_proj": 2}, alpha_pattern={"down_proj": 16.0}, use_rslora=True, layers_to_transform=[1, 2])
-    reference_model = make_adapter(micro_hf, tmp_path / "adapter", 13, ["q_proj", "v_proj", "down_proj"], rank=4, alpha=6.0, **options)
+    options = dict(
+        rank_pattern={"q_proj": 2}, alpha_pattern={"down_proj": 16.0}, use_rslora=True, layers_to_transform=[1, 2]
+    )
+    reference_model = make_adapter(
+        micro_hf, tmp_path / "adapter", 13, ["q_proj", "v_proj", "down_proj"], rank=4, alpha=6.0, **options
+    )
     adapter = lora.load_adapter(str(tmp_path / "adapter"))
     ours = Blocks("micro-llama")
     blocks = ours.load([adapter])
@@ -65,20 +69,31 @@ def test_adapter_from_a_hub(tmp_path, micro_hf):
 
 
 def test_wrong_adapters_are_clear_errors(tmp_path):
-    ab = {"base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight": torch.ones(2, 64),
-          "base_model.model.model.layers.0.self_attn.q_proj.lora_B.weight": torch.ones(64, 2)}
+    ab = {
+        "base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight": torch.ones(2, 64),
+        "base_model.model.model.layers.0.self_attn.q_proj.lora_B.weight": torch.ones(64, 2),
+    }
     (tmp_path / "empty").mkdir()
     with pytest.raises(lora.AdapterError, match="has no adapter_config.json"):
         lora.load_adapter(str(tmp_path / "empty"))
-    for config, words in [({"use_dora": True}, "use_dora"), ({"peft_type": "IA3"}, "only LORA"),
-                          ({"bias": "all"}, "biases"), ({"r": "x"}, "bad adapter_config.json")]:
+    for config, words in [
+        ({"use_dora": True}, "use_dora"),
+        ({"peft_type": "IA3"}, "only LORA"),
+        ({"bias": "all"}, "biases"),
+        ({"r": "x"}, "bad adapter_config.json"),
+    ]:
         with pytest.raises(lora.AdapterError, match=words):
             lora.load_adapter(write_adapter(tmp_path / words.replace(" ", "_"), config, ab))
     blocks = Blocks("micro-llama")
     # weights for a module the block does not have: a model of another family, never silently dropped
-    odd = write_adapter(tmp_path / "odd", {"target_modules": ["query_key_value"]},
-                        {"base_model.model.model.layers.0.self_attn.query_key_value.lora_A.weight": torch.ones(2, 64),
-                         "base_model.model.model.layers.0.self_attn.query_key_value.lora_B.weight": torch.ones(192, 2)})
+    odd = write_adapter(
+        tmp_path / "odd",
+        {"target_modules": ["query_key_value"]},
+        {
+            "base_model.model.model.layers.0.self_attn.query_key_value.lora_A.weight": torch.ones(2, 64),
+            "base_model.model.model.layers.0.self_attn.query_key_value.lora_B.weight": torch.ones(192, 2),
+        },
+    )
     with pytest.raises(lora.AdapterError, match="not a Linear of this node's block 0"):
         blocks.load([lora.load_adapter(odd)], [0])
     missing = write_adapter(tmp_path / "missing", {"target_modules": ["q_proj", "k_proj"]}, ab)
@@ -146,9 +161,13 @@ def _tp_errors(rank: int, world: int, adapter_dirs: dict) -> dict:
             grad_out = torch.randn(2, 5, ours.config.hidden_size, generator=generator)
             errors = {}
             with lora.activate(adapter.name):
-                errors["forward"] = rel_err(Blocks.run(shards, hidden, adapter.name), Blocks.run(whole, hidden, adapter.name))
-                errors["grad"] = rel_err(compute.backward(shards, hidden, grad_out, None)[0],
-                                         compute.backward(whole, hidden, grad_out, None)[0])
+                errors["forward"] = rel_err(
+                    Blocks.run(shards, hidden, adapter.name), Blocks.run(whole, hidden, adapter.name)
+                )
+                errors["grad"] = rel_err(
+                    compute.backward(shards, hidden, grad_out, None)[0],
+                    compute.backward(whole, hidden, grad_out, None)[0],
+                )
             errors["changed"] = rel_err(Blocks.run(whole, hidden, adapter.name), Blocks.run(whole, hidden, ""))
             out[model] = errors
         except Exception as e:  # reported per family, not hung: the other rank fails the same way

@@ -8,7 +8,9 @@ from node.allocator.budget import AllocationFailed, CacheBudget, CacheGeometry, 
 from node.supervisor.processes import RestartIntensity, backoff
 
 # micro-llama: hidden 64, 4 heads, 2 KV heads (groups 2), float32, 4 blocks, GQA default 16384 tokens
-MICRO = CacheGeometry(hidden_size=64, num_kv_heads=2, head_dim=16, kv_groups=2, dtype_bytes=4, num_blocks=4, attn_cache_tokens=16384)
+MICRO = CacheGeometry(
+    hidden_size=64, num_kv_heads=2, head_dim=16, kv_groups=2, dtype_bytes=4, num_blocks=4, attn_cache_tokens=16384
+)
 
 
 def waiter(size, deadline=0.0, req=1, owner="frontend.0", session="s"):

@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-
 import torch
 
 from node.runtime import compute
-from node.weights.checkpoint import Checkpoint
 from node.runtime.models import get_family
+from node.weights.checkpoint import Checkpoint
 from tests.helpers.paths import MICRO_LLAMA
 from tests.helpers.reference import rel_err
 
@@ -19,7 +18,9 @@ def micro_blocks():
     config = checkpoint.config()
     family = get_family(config)
     return [
-        family.block_class.from_state(config, checkpoint.block_state(f"model.layers.{i}.", dtype=torch.float32), dtype=torch.float32)
+        family.block_class.from_state(
+            config, checkpoint.block_state(f"model.layers.{i}.", dtype=torch.float32), dtype=torch.float32
+        )
         for i in range(4)
     ]
 
@@ -34,8 +35,14 @@ def test_batched_pass_equals_one_work_at_a_time():
     def works(caches):
         return [
             compute.Work(0, 4, torch.randn(1, 1, 64, generator=torch.Generator().manual_seed(1)), caches[0], past=7),
-            compute.Work(1, 2, torch.randn(2, 5, 64, generator=torch.Generator().manual_seed(2)), caches[1], past=3,
-                         prompts=torch.randn(2, 1, 2, 64, generator=torch.Generator().manual_seed(3))),
+            compute.Work(
+                1,
+                2,
+                torch.randn(2, 5, 64, generator=torch.Generator().manual_seed(2)),
+                caches[1],
+                past=3,
+                prompts=torch.randn(2, 1, 2, 64, generator=torch.Generator().manual_seed(3)),
+            ),
             compute.Work(2, 2, torch.randn(3, 9, 64, generator=torch.Generator().manual_seed(4))),  # a forward
             compute.Work(0, 3, torch.randn(1, 4, 64, generator=torch.Generator().manual_seed(5)), caches[2], past=0),
         ]

@@ -6,7 +6,12 @@ import random
 
 import pytest
 
-from node.supervisor.block_selection import best_start, block_throughputs, choose_best_blocks, should_choose_other_blocks
+from node.supervisor.block_selection import (
+    best_start,
+    block_throughputs,
+    choose_best_blocks,
+    should_choose_other_blocks,
+)
 from protocol.dht_records import ServerInfo, ServerState, compute_spans
 
 
@@ -14,7 +19,12 @@ def swarm(*servers, total=8):
     """servers: (peer, start, end, throughput[, state]) -> the per-block records a DHT lookup gives."""
     infos = {b: {} for b in range(total)}
     for peer, start, end, throughput, *state in servers:
-        info = ServerInfo(state=state[0] if state else ServerState.ONLINE, throughput=float(throughput), start_block=start, end_block=end)
+        info = ServerInfo(
+            state=state[0] if state else ServerState.ONLINE,
+            throughput=float(throughput),
+            start_block=start,
+            end_block=end,
+        )
         for block in range(start, end):
             infos[block][peer] = info
     return infos

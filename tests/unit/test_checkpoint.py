@@ -11,8 +11,8 @@ import safetensors.torch
 import torch
 from huggingface_hub.errors import EntryNotFoundError
 
-from node.weights.checkpoint import Checkpoint
 from node.tools.tinymodel import make_tiny_llama
+from node.weights.checkpoint import Checkpoint
 
 SIZE = dict(hidden_size=64, num_layers=4, num_heads=4, num_kv_heads=2, vocab_size=128, seed=7)
 
@@ -172,4 +172,6 @@ def test_hub_single_file_and_legacy_alias(single, monkeypatch, tmp_path):
 def test_hub_without_safetensors_is_rejected(tmp_path, monkeypatch):
     fake_hub(monkeypatch, str(tmp_path), [])
     with pytest.raises(FileNotFoundError, match="safetensors"):
-        Checkpoint.open("someone/old-model", cache_dir=str(tmp_path)).block_state("model.layers.0.", dtype=torch.float32)
+        Checkpoint.open("someone/old-model", cache_dir=str(tmp_path)).block_state(
+            "model.layers.0.", dtype=torch.float32
+        )

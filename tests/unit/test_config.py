@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-
 import pytest
 
 from node.supervisor.config import PUBLIC_INITIAL_PEERS, parse_config, parse_size
@@ -18,8 +17,19 @@ def parse_error(capsys, argv) -> str:
 def test_petals_defaults():
     c = parse_config(["some/model"])
     assert c.model == "some/model"
-    assert (c.num_handlers, c.update_period, c.request_timeout, c.session_timeout, c.step_timeout) == (8, 120, 180, 1800, 300)
-    assert (c.max_alloc_timeout, c.balance_quality, c.mean_balance_check_period, c.compression) == (600, 0.75, 60, "NONE")
+    assert (c.num_handlers, c.update_period, c.request_timeout, c.session_timeout, c.step_timeout) == (
+        8,
+        120,
+        180,
+        1800,
+        300,
+    )
+    assert (c.max_alloc_timeout, c.balance_quality, c.mean_balance_check_period, c.compression) == (
+        600,
+        0.75,
+        60,
+        "NONE",
+    )
     assert c.torch_dtype == "auto" and c.max_chunk_size_bytes == 256 * 1024 * 1024
     assert c.peers == PUBLIC_INITIAL_PEERS
     assert parse_config(["m", "--new_swarm"]).peers == []
@@ -57,8 +67,17 @@ def test_invalid_values_name_the_flag(capsys, argv, flag):
 @pytest.mark.parametrize(
     "text, size",
     [
-        ("50GB", 50 * 10**9), ("100GiB", 100 * 2**30), ("1.5 TB", 1.5e12), ("512M", 512 * 10**6), ("512 MiB", 512 * 2**20),
-        ("4096", 4096), ("10 bytes", 10), ("2k", 2000), ("3 gigabytes", 3 * 10**9), ("1 tebibyte", 2**40), ("7KiB", 7168),
+        ("50GB", 50 * 10**9),
+        ("100GiB", 100 * 2**30),
+        ("1.5 TB", 1.5e12),
+        ("512M", 512 * 10**6),
+        ("512 MiB", 512 * 2**20),
+        ("4096", 4096),
+        ("10 bytes", 10),
+        ("2k", 2000),
+        ("3 gigabytes", 3 * 10**9),
+        ("1 tebibyte", 2**40),
+        ("7KiB", 7168),
     ],
 )
 def test_disk_sizes_as_humanfriendly_reads_them(text, size):
@@ -78,7 +97,10 @@ def test_missing_model(capsys):
 
 def test_tensor_parallel_devices(capsys):
     assert parse_config(["m", "--tensor_parallel_devices", "cpu", "cpu"]).tensor_parallel_devices == ["cpu", "cpu"]
-    assert parse_config(["m", "--tensor_parallel_devices", "cuda:0", "cuda:1"]).tensor_parallel_devices == ["cuda:0", "cuda:1"]
+    assert parse_config(["m", "--tensor_parallel_devices", "cuda:0", "cuda:1"]).tensor_parallel_devices == [
+        "cuda:0",
+        "cuda:1",
+    ]
     assert "'gpu0' is not a device" in parse_error(capsys, ["m", "--tensor_parallel_devices", "gpu0", "cpu"])
     assert "one kind" in parse_error(capsys, ["m", "--tensor_parallel_devices", "cuda:0", "cpu"])
     assert parse_config(["m", "--tensor_parallel_devices", "cpu", "cpu", "--adapters", "a/b"]).adapters == ["a/b"]
@@ -94,9 +116,18 @@ def test_swarm_settings(capsys):
 
 def test_config_file_and_override(tmp_path):
     path = tmp_path / "node.yml"
-    path.write_text("model: some/model\nnum_handlers: 3\nnew_swarm: true\nblock_indices: '1:3'\nhost_maddrs: [/ip4/127.0.0.1/tcp/0]\n")
+    path.write_text(
+        "model: some/model\nnum_handlers: 3\nnew_swarm: true\nblock_indices: '1:3'\n"
+        "host_maddrs: [/ip4/127.0.0.1/tcp/0]\n"
+    )
     c = parse_config(["--config", str(path)])
-    assert (c.model, c.num_handlers, c.new_swarm, c.block_indices, c.host_maddrs) == ("some/model", 3, True, (1, 3), ["/ip4/127.0.0.1/tcp/0"])
+    assert (c.model, c.num_handlers, c.new_swarm, c.block_indices, c.host_maddrs) == (
+        "some/model",
+        3,
+        True,
+        (1, 3),
+        ["/ip4/127.0.0.1/tcp/0"],
+    )
     c = parse_config(["--config", str(path), "--num_handlers", "5"])
     assert c.num_handlers == 5
 
@@ -129,5 +160,3 @@ def test_each_default_is_written_once():
         assert COMPATIBILITY_ONLY in help_of(flag)
     assert "grouped-query attention" in help_of("--max_batch_size")
     assert msgspec.structs.fields(NodeConfig)  # the one source
-
-

@@ -1,4 +1,5 @@
-"""protocol.dht_records against the values a Petals server stored (shared/vectors/dht), plus the client's strict checks."""
+"""protocol.dht_records against the values a Petals server stored (shared/vectors/dht), plus the client's
+strict checks."""
 
 from __future__ import annotations
 
@@ -12,7 +13,6 @@ from hivemind.utils.serializer import MSGPackSerializer
 
 from protocol import dht_records as d
 from protocol.dht_records import ServerInfo, ServerState
-
 from tests.helpers.paths import VECTORS
 
 DHT = VECTORS / "dht"
@@ -153,9 +153,17 @@ def test_from_tuple_accepts():
         ((2, 1.0, good_extra(inference_rps=math.inf)), ValueError, r"^inference_rps must be finite, got inf$"),
         ((2, 1.0, good_extra(network_rps=-0.5)), ValueError, r"^network_rps must be >= 0, got -0.5$"),
         ((2, 1.0, good_extra(next_pings={"QmX": 1})), TypeError, r"^next_pings\[QmX\] must be a float, got int 1$"),
-        ((2, 1.0, good_extra(next_pings={"QmX": math.nan})), ValueError, r"^next_pings\[QmX\] must be finite, got nan$"),
+        (
+            (2, 1.0, good_extra(next_pings={"QmX": math.nan})),
+            ValueError,
+            r"^next_pings\[QmX\] must be finite, got nan$",
+        ),
         ((2, 1.0, good_extra(next_pings={"QmX": -1.0})), ValueError, r"^next_pings\[QmX\] must be >= 0, got -1.0$"),
-        ((2, 1.0, good_extra(next_pings=[1.0])), TypeError, r"^next_pings must be a map of peer id -> float, got list$"),
+        (
+            (2, 1.0, good_extra(next_pings=[1.0])),
+            TypeError,
+            r"^next_pings must be a map of peer id -> float, got list$",
+        ),
         ((2, 1.0, good_extra(adapters="lora")), TypeError, r"^adapters must be a sequence of str, got str$"),
         ((2, 1.0, good_extra(adapters=None)), TypeError, r"^adapters must be a sequence of str, got None$"),
         ((2, 1.0, good_extra(adapters=(None,))), TypeError, r"^adapters\[0\] must be a str, got NoneType$"),

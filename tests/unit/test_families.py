@@ -2,7 +2,8 @@
 
 Each variant is a tiny random model made here with a fixed seed and saved as a checkpoint; our blocks load
 it through Checkpoint like the runtime does, and transformers loads it with its default attention
-(BLOOM: eager; Falcon, Mixtral: sdpa). The node-level tests (replays, generation) are in tests/integration/test_conformance.py.
+(BLOOM: eager; Falcon, Mixtral: sdpa). The node-level tests (replays, generation) are in
+tests/integration/test_conformance.py.
 """
 
 from __future__ import annotations
@@ -14,15 +15,15 @@ import safetensors.torch
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM
 
-from node.runtime import compute
-from node.weights.checkpoint import Checkpoint
 from node.client.generate import LocalHead
+from node.runtime import compute
 from node.runtime.models import get_family
 from node.runtime.models.bloom import BloomBlock
 from node.runtime.models.falcon import FalconBlock
 from node.runtime.models.mixtral import MixtralBlock
-from tests.helpers.paths import SHARED
+from node.weights.checkpoint import Checkpoint
 from tests.helpers.families import VARIANTS, Model, hidden_states, make_model
+from tests.helpers.paths import SHARED
 from tests.helpers.reference import hf_layers
 
 TOL = 1e-5
@@ -157,7 +158,9 @@ def test_from_state_is_strict_and_frozen(model):
     block = model.blocks[0]
     assert not block.training and all(not p.requires_grad for p in block.parameters())
     prefix = f"{model.family.block_prefix}.0."
-    state = {k: v for k, v in model.hf.state_dict().items() if k.startswith(prefix) or k.startswith("transformer." + prefix)}
+    state = {
+        k: v for k, v in model.hf.state_dict().items() if k.startswith(prefix) or k.startswith("transformer." + prefix)
+    }
     state = {k.split(prefix, 1)[1]: v for k, v in state.items()}
     assert state.keys() == block.state_dict().keys()
     victim = sorted(state)[0]
@@ -181,7 +184,12 @@ def test_registry_geometry_and_budget(model):
         "falcon_alibi": (FalconBlock, "transformer.h", 4, 1),
         "mixtral_window": (MixtralBlock, "model.layers", 2, 1),  # GQA in the cache, not in Petals' budget
     }[model.name]
-    assert (family.block_class, family.block_prefix, geometry.num_kv_heads, family.kv_groups_for_budget(config)) == expected
+    assert (
+        family.block_class,
+        family.block_prefix,
+        geometry.num_kv_heads,
+        family.kv_groups_for_budget(config),
+    ) == expected
     assert len(hf_layers(model.hf)) == model.n
 
 
@@ -190,7 +198,9 @@ def test_default_dht_prefixes():
     config = {t: AutoConfig.for_model(t) for t in ("bloom", "falcon", "mixtral")}
     prefix = {t: get_family(c).default_dht_prefix for t, c in config.items()}
     assert prefix["bloom"]("bigscience/bloom-560m") == "bigscience/bloom-560m-petals"
-    assert prefix["bloom"]("bigscience/bloom-7b1-petals") == "bigscience/bloom-7b1-petals"  # legacy alias, loaded as bloom-7b1
+    assert (
+        prefix["bloom"]("bigscience/bloom-7b1-petals") == "bigscience/bloom-7b1-petals"
+    )  # legacy alias, loaded as bloom-7b1
     assert prefix["bloom"]("bigscience/bloomz-1.1b") == "bigscience/bloomz-1-1b-petals"
     assert prefix["falcon"]("tiiuae/falcon-180B-chat") == "falcon-180B-chat"
     assert prefix["falcon"]("tiiuae/falcon-7.5b") == "falcon-7-5b"
@@ -204,7 +214,9 @@ def test_bloom_checkpoint_layouts(tmp_path):
     causal.mkdir()
     state = safetensors.torch.load_file(str(bare / "model.safetensors"))
     assert any(k.startswith("h.0.") for k in state) and not any(k.startswith("transformer.") for k in state)
-    safetensors.torch.save_file({"transformer." + k: v for k, v in state.items()}, str(causal / "model.safetensors"), metadata={"format": "pt"})
+    safetensors.torch.save_file(
+        {"transformer." + k: v for k, v in state.items()}, str(causal / "model.safetensors"), metadata={"format": "pt"}
+    )
     config = json.loads((bare / "config.json").read_text())
     (causal / "config.json").write_text(json.dumps({**config, "architectures": ["BloomForCausalLM"]}))
 

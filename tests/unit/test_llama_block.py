@@ -6,33 +6,37 @@ import pytest
 import torch
 from transformers import LlamaForCausalLM
 
-from node.weights.checkpoint import Checkpoint
 from node.runtime.models import get_family
 from node.runtime.models.llama import LlamaBlock, Rotary
 from node.tools.tinymodel import make_tiny_llama
-
-from tests.helpers.reference import rel_err
+from node.weights.checkpoint import Checkpoint
 from tests.helpers.paths import MICRO_LLAMA
+from tests.helpers.reference import rel_err
 
 MICRO = str(MICRO_LLAMA)
 TOL = 1e-5
-LLAMA3 = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
-          "original_max_position_embeddings": 32}
+LLAMA3 = {
+    "rope_type": "llama3",
+    "factor": 8.0,
+    "low_freq_factor": 1.0,
+    "high_freq_factor": 4.0,
+    "original_max_position_embeddings": 32,
+}
 
 # Small enough to be fast, sharp enough (init std 0.1) that attention is far from uniform.
 VARIANTS = {
     "llama3": dict(hidden_size=128, num_layers=4, num_heads=4, num_kv_heads=4, rope_scaling=LLAMA3),
-    "gqa_bias_headdim": dict(hidden_size=128, num_layers=3, num_heads=8, num_kv_heads=2, head_dim=24,
-                             attention_bias=True, mlp_bias=True),
-    "linear": dict(hidden_size=64, num_layers=2, num_heads=4, num_kv_heads=2,
-                   rope_scaling={"rope_type": "linear", "factor": 2.0}),
+    "gqa_bias_headdim": dict(
+        hidden_size=128, num_layers=3, num_heads=8, num_kv_heads=2, head_dim=24, attention_bias=True, mlp_bias=True
+    ),
+    "linear": dict(
+        hidden_size=64, num_layers=2, num_heads=4, num_kv_heads=2, rope_scaling={"rope_type": "linear", "factor": 2.0}
+    ),
 }
 
 
 class _Stop(Exception):
     pass
-
-
 
 
 class Model:
@@ -184,18 +188,35 @@ def test_chunked_attention_equals_unchunked(model):
 
 LONG_ROPES = {
     "dynamic": dict(rope_scaling={"rope_type": "dynamic", "factor": 2.0}, max_position_embeddings=16),
-    "yarn": dict(rope_scaling={"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 16},
-                 max_position_embeddings=64),
-    "longrope": dict(rope_scaling={"rope_type": "longrope", "factor": 4.0, "short_factor": [1 + 0.1 * i for i in range(8)],
-                                   "long_factor": [2 + 0.3 * i for i in range(8)]},
-                     max_position_embeddings=64, original_max_position_embeddings=16),
+    "yarn": dict(
+        rope_scaling={"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 16},
+        max_position_embeddings=64,
+    ),
+    "longrope": dict(
+        rope_scaling={
+            "rope_type": "longrope",
+            "factor": 4.0,
+            "short_factor": [1 + 0.1 * i for i in range(8)],
+            "long_factor": [2 + 0.3 * i for i in range(8)],
+        },
+        max_position_embeddings=64,
+        original_max_position_embeddings=16,
+    ),
 }
 
 
 @pytest.mark.parametrize("rope", sorted(LONG_ROPES))
 def test_length_dependent_rope_types(tmp_path, rope):
-    path = make_tiny_llama(str(tmp_path), hidden_size=64, num_layers=2, num_heads=4, num_kv_heads=2, vocab_size=64,
-                           initializer_range=0.1, **LONG_ROPES[rope])
+    path = make_tiny_llama(
+        str(tmp_path),
+        hidden_size=64,
+        num_layers=2,
+        num_heads=4,
+        num_kv_heads=2,
+        vocab_size=64,
+        initializer_range=0.1,
+        **LONG_ROPES[rope],
+    )
     m = Model(path)
     with torch.no_grad():
         for length in [10, 40]:  # within, then beyond the original context: dynamic/longrope switch frequencies
@@ -268,8 +289,10 @@ def test_tiny_model_is_deterministic(tmp_path):
 def test_backward_after_inference_mode_step(micro):
     """The runtime serves inference steps (inference mode) and backward passes with the same blocks."""
     block = LlamaBlock.from_state(
-        micro.config, Checkpoint.open(MICRO).block_state("model.layers.0.", dtype=torch.float32),
-        dtype=torch.float32, device="cpu",
+        micro.config,
+        Checkpoint.open(MICRO).block_state("model.layers.0.", dtype=torch.float32),
+        dtype=torch.float32,
+        device="cpu",
     )
     block.rotary = Rotary(micro.config)  # fresh: its table is first built inside inference mode
     x = hidden_states(1, 6, 64, seed=9)

@@ -23,8 +23,14 @@ def test_systemd_unit_is_valid(tmp_path):
     unit = configparser.RawConfigParser(strict=False)
     unit.read_string(text.replace("\\\n", " "))
     service = unit["Service"]
-    assert service["Type"] == "notify" and service["NotifyAccess"] == "main" and service["KillMode"] in ("mixed", "control-group")
-    assert int(service["WatchdogSec"]) > 0 and int(service["TimeoutStopSec"]) > 10 + 5  # --shutdown_grace, then stopping
+    assert (
+        service["Type"] == "notify"
+        and service["NotifyAccess"] == "main"
+        and service["KillMode"] in ("mixed", "control-group")
+    )
+    assert (
+        int(service["WatchdogSec"]) > 0 and int(service["TimeoutStopSec"]) > 10 + 5
+    )  # --shutdown_grace, then stopping
     analyze = shutil.which("systemd-analyze")
     if analyze is None:
         pytest.skip("systemd-analyze is not installed")
@@ -56,8 +62,8 @@ def test_notifier_speaks_the_systemd_protocol(tmp_path):
 
 
 def test_metrics_totals_survive_an_actor_replacement():
-    from node.supervisor.metrics import LATENCY_BUCKETS, Totals
     from node.frontend import handlers as rpc_handlers
+    from node.supervisor.metrics import LATENCY_BUCKETS, Totals
     from protocol.messages import FrontendStats, RuntimeStats
 
     assert LATENCY_BUCKETS == rpc_handlers.LATENCY_BUCKETS  # one tuple, in protocol/messages.py

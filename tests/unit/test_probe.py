@@ -3,9 +3,6 @@
 from __future__ import annotations
 
 
-
-
-
 def test_step_timer_waits_for_runtime_events_that_arrive_after_the_reply():
     """Each actor publishes on its own socket: the runtime's events of a step can reach the probe after
     the frontend's reply (or before the frontend's InferStep). The step is still timed in full, and
@@ -20,10 +17,17 @@ def test_step_timer_waits_for_runtime_events_that_arrive_after_the_reply():
         return ProbeEvent(actor, t, direction, type_, req=req, fields=fields)
 
     def step(t, req, runtime_first):
-        frontend = [ev(fe, t, "in", "ClientStep"), ev(fe, t + 1, "out", "InferStep", req, handle=1, tensors=[["float32", [1, 3, 8]]]),
-                    ev(fe, t + 5, "in", "Result", req), ev(fe, t + 6, "out", "ClientReply")]
-        runtime = [ev(rt, t + 2, "in", "InferStep", req, peer_actor=fe), ev(rt, t + 3, "run", "Round", steps=[[fe, req]]),
-                   ev(rt, t + 4, "out", "Result", req, peer_actor=fe)]
+        frontend = [
+            ev(fe, t, "in", "ClientStep"),
+            ev(fe, t + 1, "out", "InferStep", req, handle=1, tensors=[["float32", [1, 3, 8]]]),
+            ev(fe, t + 5, "in", "Result", req),
+            ev(fe, t + 6, "out", "ClientReply"),
+        ]
+        runtime = [
+            ev(rt, t + 2, "in", "InferStep", req, peer_actor=fe),
+            ev(rt, t + 3, "run", "Round", steps=[[fe, req]]),
+            ev(rt, t + 4, "out", "Result", req, peer_actor=fe),
+        ]
         return runtime + frontend if runtime_first else frontend + runtime
 
     lines = []

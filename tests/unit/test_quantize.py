@@ -24,7 +24,9 @@ from tests.helpers.reference import rel_err
 
 @pytest.fixture(scope="module")
 def config():
-    return LlamaConfig(hidden_size=256, intermediate_size=688, num_attention_heads=8, num_key_value_heads=4, num_hidden_layers=1)
+    return LlamaConfig(
+        hidden_size=256, intermediate_size=688, num_attention_heads=8, num_key_value_heads=4, num_hidden_layers=1
+    )
 
 
 @pytest.mark.parametrize("quant_type", ["int8", "nf4"])

@@ -6,12 +6,10 @@ from __future__ import annotations
 import subprocess
 import sys
 
-from node.supervisor.config import parse_config
-from tests.helpers.paths import MICRO_LLAMA, ROOT
-
-
 import pytest
 
+from node.supervisor.config import parse_config
+from tests.helpers.paths import MICRO_LLAMA, ROOT
 
 
 def test_resolving_in_a_child_process(tmp_path):
@@ -23,7 +21,13 @@ def test_resolving_in_a_child_process(tmp_path):
 
     config = parse_config(["--model", str(MICRO_LLAMA), "--dht_prefix", "micro-llama", "--block_indices", "1:3"])
     plan = asyncio.run(resolve_in_child(config, str(tmp_path)))
-    assert (plan.family, plan.start_block, plan.end_block, plan.dht_prefix, plan.run_dir) == ("llama", 1, 3, "micro-llama", str(tmp_path))
+    assert (plan.family, plan.start_block, plan.end_block, plan.dht_prefix, plan.run_dir) == (
+        "llama",
+        1,
+        3,
+        "micro-llama",
+        str(tmp_path),
+    )
     config = parse_config(["--model", str(MICRO_LLAMA), "--dht_prefix", "micro-llama", "--block_indices", "0:9"])
     with pytest.raises(ResolveError, match="--block_indices: the model has 4 blocks") as caught:
         asyncio.run(resolve_in_child(config, str(tmp_path)))
@@ -37,7 +41,9 @@ def test_public_reachability_is_checked_in_the_public_swarm_unless_skipped():
     transformers_without_torch()
     base = ["--model", str(MICRO_LLAMA), "--dht_prefix", "micro", "--block_indices", "0:2"]
     assert resolve_plan(parse_config(base), "/tmp/x", None).check_public_reachability
-    assert not resolve_plan(parse_config(base + ["--skip_reachability_check"]), "/tmp/x", None).check_public_reachability
+    assert not resolve_plan(
+        parse_config(base + ["--skip_reachability_check"]), "/tmp/x", None
+    ).check_public_reachability
     assert not resolve_plan(parse_config(base + ["--new_swarm"]), "/tmp/x", None).check_public_reachability
 
 
@@ -46,8 +52,13 @@ def test_num_blocks_larger_than_the_model_is_capped_with_a_warning(tmp_path):
     import msgspec
 
     config = parse_config(["--model", str(MICRO_LLAMA), "--dht_prefix", "micro", "--num_blocks", "14", "--new_swarm"])
-    result = subprocess.run([sys.executable, "-m", "node.supervisor.resolve", str(tmp_path)], input=msgspec.json.encode(config),
-                            cwd=ROOT, capture_output=True, timeout=120)
+    result = subprocess.run(
+        [sys.executable, "-m", "node.supervisor.resolve", str(tmp_path)],
+        input=msgspec.json.encode(config),
+        cwd=ROOT,
+        capture_output=True,
+        timeout=120,
+    )
     answer = msgspec.json.decode(result.stdout)
     assert answer["plan"]["wanted_blocks"] == 4, result.stderr.decode()[-2000:]
     assert b"--num_blocks is larger than the model" in result.stderr

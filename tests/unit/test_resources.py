@@ -6,8 +6,8 @@ import math
 
 import pytest
 
-from node.supervisor import resources
 from node.announcer.next_pings import NextPings, peers_to_ping
+from node.supervisor import resources
 from protocol.dht_records import ServerInfo, ServerState
 
 GiB = 1024**3
@@ -29,22 +29,38 @@ def test_cache_and_autograd_reserve():
 
 def test_gpu_counts_its_total_memory_and_caps_at_the_model():
     estimate = resources.estimate_num_blocks(
-        device_type="cuda", device_memory=80 * GiB, available_memory=1 * GiB, block_bytes=GiB, cache_bytes=GiB // 2,
-        hidden_size=14336, total_blocks=80,
+        device_type="cuda",
+        device_memory=80 * GiB,
+        available_memory=1 * GiB,
+        block_bytes=GiB,
+        cache_bytes=GiB // 2,
+        hidden_size=14336,
+        total_blocks=80,
     )
     assert estimate.num_blocks == (80 * GiB - 2 * GiB) // (GiB + GiB // 2) == 52
     assert estimate.source == "gpu"
     small = resources.estimate_num_blocks(
-        device_type="cuda", device_memory=80 * GiB, available_memory=0, block_bytes=GiB // 100, cache_bytes=0,
-        hidden_size=1024, total_blocks=12,
+        device_type="cuda",
+        device_memory=80 * GiB,
+        available_memory=0,
+        block_bytes=GiB // 100,
+        cache_bytes=0,
+        hidden_size=1024,
+        total_blocks=12,
     )
     assert small.num_blocks == 12
 
 
 def test_cpu_keeps_a_margin_of_available_ram():
     estimate = resources.estimate_num_blocks(
-        device_type="cpu", device_memory=64 * GiB, available_memory=10 * GiB, block_bytes=GiB, cache_bytes=0,
-        hidden_size=0, total_blocks=80, margin=0.2,
+        device_type="cpu",
+        device_memory=64 * GiB,
+        available_memory=10 * GiB,
+        block_bytes=GiB,
+        cache_bytes=0,
+        hidden_size=0,
+        total_blocks=80,
+        margin=0.2,
     )
     assert estimate.num_blocks == 8 and estimate.source == "ram"
 
@@ -52,8 +68,13 @@ def test_cpu_keeps_a_margin_of_available_ram():
 def test_no_room_for_one_block_is_a_clear_error():
     with pytest.raises(resources.NotEnoughMemory, match="--num_blocks"):
         resources.estimate_num_blocks(
-            device_type="cpu", device_memory=GiB, available_memory=GiB, block_bytes=2 * GiB, cache_bytes=0,
-            hidden_size=1024, total_blocks=4,
+            device_type="cpu",
+            device_memory=GiB,
+            available_memory=GiB,
+            block_bytes=2 * GiB,
+            cache_bytes=0,
+            hidden_size=1024,
+            total_blocks=4,
         )
 
 
@@ -85,5 +106,3 @@ def test_next_pings_are_smoothed_and_expire():
     assert pings.current()["a"] == pytest.approx(0.3)
     now[0] = 301.0
     assert pings.current() == {}
-
-

@@ -10,9 +10,6 @@ import textwrap
 from tests.helpers.paths import ROOT
 
 
-
-
-
 def test_the_supervisor_imports_neither_torch_nor_transformers():
     """torch costs the supervisor ~140 MiB and seconds of start-up, transformers 37 MiB for one read of
     the model's config: only the runtime needs torch, and the model is resolved in a child process
@@ -24,7 +21,8 @@ def test_the_supervisor_imports_neither_torch_nor_transformers():
 
     supervisor = (
         "import sys; from node.startup import light_hivemind; light_hivemind(); "
-        "import node.supervisor, node.supervisor.placement, node.supervisor.metrics, node.supervisor.sd_notify, node.supervisor.resolve, node.runtime.throughput, node.supervisor.daemon; "
+        "import node.supervisor.boot, node.supervisor.placement, node.supervisor.metrics, node.supervisor.sd_notify, "
+        "node.supervisor.resolve, node.supervisor.daemon; "
         "print(sorted(m for m in ('torch', 'transformers', 'numpy') if m in sys.modules))"
     )
     out = subprocess.run([sys.executable, "-c", supervisor], cwd=ROOT, capture_output=True, text=True, timeout=120)
@@ -46,7 +44,8 @@ def test_deferred_import_loads_on_first_use_and_keeps_sympy_out_of_the_runtime()
         import xml.dom.minidom as stub
         assert type(stub).__name__ == "_Deferred" and "xml.dom.expatbuilder" not in sys.modules
         assert stub.parseString("<a/>").documentElement.tagName == "a"  # the first read imports it
-        assert type(sys.modules["xml.dom.minidom"]) is types.ModuleType and sys.modules["xml.dom"].minidom is sys.modules["xml.dom.minidom"]
+        assert type(sys.modules["xml.dom.minidom"]) is types.ModuleType
+        assert sys.modules["xml.dom"].minidom is sys.modules["xml.dom.minidom"]
         import torch, procs.runtime  # the runtime process's imports: transformers without torch.distributed.tensor
         assert "sympy" not in sys.modules, "sympy imported"
         from torch.distributed.tensor import DTensor  # and who needs it still gets it

@@ -1,5 +1,6 @@
 """Tensor parallelism, block by block: two gloo ranks on the CPU, each holding its shard of every block
-(node/runtime/tensor_parallel/shard.py), compute what the whole block computes, for every family and layout the node serves:
+(node/runtime/tensor_parallel/shard.py), compute what the whole block computes, for every family and layout
+the node serves:
 forward, batched inference with caches (rollback and hypo_ids included) and backward with deep prompts."""
 
 from __future__ import annotations
@@ -11,19 +12,25 @@ import torch
 
 from node.runtime import compute
 from node.runtime.tensor_parallel.split import check_split, head_split, kv_heads_per_rank
-from tests.helpers.reference import rel_err
-from tests.helpers.gloo import on_two_gloo_ranks
 from tests.helpers.families import VARIANTS, Model, hidden_states, make_model
+from tests.helpers.gloo import on_two_gloo_ranks
+from tests.helpers.reference import rel_err
 
 TOL = 1e-5
 TP_VARIANTS = dict(
     VARIANTS,
-    llama_gqa=("llama", dict(hidden_size=64, num_attention_heads=4, num_key_value_heads=2, num_hidden_layers=2, intermediate_size=96), "causal"),
+    llama_gqa=(
+        "llama",
+        dict(hidden_size=64, num_attention_heads=4, num_key_value_heads=2, num_hidden_layers=2, intermediate_size=96),
+        "causal",
+    ),
     # test_quantize's block: wide enough for its error bounds to hold on random weights
-    llama_wide=("llama", dict(hidden_size=256, num_attention_heads=8, num_key_value_heads=4, num_hidden_layers=1, intermediate_size=688), "causal"),
+    llama_wide=(
+        "llama",
+        dict(hidden_size=256, num_attention_heads=8, num_key_value_heads=4, num_hidden_layers=1, intermediate_size=688),
+        "causal",
+    ),
 )
-
-
 
 
 def nan_cache(blocks, batch, max_length):
@@ -38,15 +45,22 @@ def compare(model: Model, rank: int, world: int) -> dict[str, float]:
     errors = {}
     x = hidden_states(2, 13, h, seed=1)
     with torch.inference_mode():
-        errors["forward"] = rel_err(compute.run(shards, [compute.Work(0, n, x)], 2**28)[0], compute.run(whole, [compute.Work(0, n, x)], 2**28)[0])
+        errors["forward"] = rel_err(
+            compute.run(shards, [compute.Work(0, n, x)], 2**28)[0],
+            compute.run(whole, [compute.Work(0, n, x)], 2**28)[0],
+        )
         # two sessions in one pass, one with deep prompts, then a rollback with the rows swapped
         prompts = hidden_states(n * 2, 3, h, seed=11).view(n, 2, 3, h) * 0.5
         b = hidden_states(1, 9, h, seed=10)
         outputs = {}
         for name, blocks in (("shard", shards), ("whole", whole)):
             ca, cb = nan_cache(blocks, 2, 24), nan_cache(blocks, 1, 12)
-            first = compute.run(blocks, [compute.Work(0, n, x[:, :10], ca, 0, prompts), compute.Work(0, n, b[:, :4], cb, 0)], 2**28)
-            second = compute.run(blocks, [compute.Work(0, n, x[:, 10:], ca, 10), compute.Work(0, n, b[:, 4:], cb, 4)], 2**28)
+            first = compute.run(
+                blocks, [compute.Work(0, n, x[:, :10], ca, 0, prompts), compute.Work(0, n, b[:, :4], cb, 0)], 2**28
+            )
+            second = compute.run(
+                blocks, [compute.Work(0, n, x[:, 10:], ca, 10), compute.Work(0, n, b[:, 4:], cb, 4)], 2**28
+            )
             compute.reorder_cache(ca, torch.tensor([1, 0]))
             third = compute.run(blocks, [compute.Work(0, n, x[:, 3:6], ca, 8)], 2**28)
             outputs[name] = [first[0], second[0], third[0], first[1], second[1]]
@@ -80,8 +94,12 @@ def quantized_errors(model: Model, rank: int, world: int) -> dict[str, float]:
         whole_quantized = [quantize_block(copy.deepcopy(b), quant_type, torch.float32) for b in whole]
         with torch.inference_mode():
             expected = compute.run(whole, [compute.Work(0, model.n, x)], 2**28)[0]
-            outputs = [compute.run(blocks, [compute.Work(0, model.n, x)], 2**28)[0] for blocks in (shards, whole_quantized)]
-        errors[quant_type] = [rel_err(out - x, expected - x) if torch.isfinite(out).all() else float("inf") for out in outputs]
+            outputs = [
+                compute.run(blocks, [compute.Work(0, model.n, x)], 2**28)[0] for blocks in (shards, whole_quantized)
+            ]
+        errors[quant_type] = [
+            rel_err(out - x, expected - x) if torch.isfinite(out).all() else float("inf") for out in outputs
+        ]
     return errors
 
 
@@ -143,7 +161,9 @@ def test_check_split_names_what_does_not_divide():
 
     from node.runtime.models import get_family
 
-    config = AutoConfig.for_model("llama", hidden_size=64, num_attention_heads=8, num_key_value_heads=4, intermediate_size=90)
+    config = AutoConfig.for_model(
+        "llama", hidden_size=64, num_attention_heads=8, num_key_value_heads=4, intermediate_size=90
+    )
     geometry = get_family(config).geometry(config)
     check_split(config, geometry, 1)
     with pytest.raises(ValueError, match="MLP width of 90"):

@@ -8,15 +8,18 @@ import multiprocessing
 import torch
 
 from node.runtime import throughput
+from node.runtime.models import get_family
 from node.supervisor.placement import server_throughput
 from node.weights.checkpoint import Checkpoint
-from node.runtime.models import get_family
 from tests.helpers.paths import MICRO_LLAMA
 
 
 def test_cache_key_follows_the_petals_scheme():
     cpu = torch.device("cpu")
-    assert throughput.cache_key("bigscience/bloom", cpu, "bfloat16", "none") == "model_bigscience/bloom_device_CPU_dtype_bfloat16"
+    assert (
+        throughput.cache_key("bigscience/bloom", cpu, "bfloat16", "none")
+        == "model_bigscience/bloom_device_CPU_dtype_bfloat16"
+    )
     assert throughput.cache_key("m", cpu, "float32", "nf4") == "model_m_device_CPU_dtype_float32, quantized to nf4"
     assert throughput.cache_key("m", cpu, "float32", "none", [cpu, cpu]).endswith("_tp0_CPU_tp1_CPU")
 
@@ -34,13 +37,17 @@ def test_measured_once_then_read_from_the_cache(tmp_path):
     assert first["network_rps"] == 100e6 / (1024 * 16)  # 100 Mbit/s when the network is not stated
     cached = json.loads((tmp_path / "throughput_v5.json").read_text())
     assert cached["k"]["forward_rps"] == 5000.0
-    forced = throughput.get_throughput_info(str(tmp_path), "k", measure, hidden_size=1024, bandwidth_bits=1e9, force=True)
+    forced = throughput.get_throughput_info(
+        str(tmp_path), "k", measure, hidden_size=1024, bandwidth_bits=1e9, force=True
+    )
     assert len(calls) == 2 and forced["network_rps"] == 1e9 / (1024 * 16)
 
 
 def test_a_corrupt_cache_is_measured_again(tmp_path):
     (tmp_path / "throughput_v5.json").write_text("{not json")
-    info = throughput.get_throughput_info(str(tmp_path), "k", lambda: {"inference_rps": 1.0, "forward_rps": 2.0}, 64, None)
+    info = throughput.get_throughput_info(
+        str(tmp_path), "k", lambda: {"inference_rps": 1.0, "forward_rps": 2.0}, 64, None
+    )
     assert info["forward_rps"] == 2.0
 
 
@@ -84,5 +91,7 @@ def test_compute_is_measured_on_a_real_block():
     block = get_family(config).block_class.from_state(
         config, checkpoint.block_state("model.layers.0.", dtype=torch.float32), dtype=torch.float32
     )
-    info = throughput.measure_compute(block, 64, torch.float32, torch.device("cpu"), inference_steps=5, forward_steps=2, forward_tokens=64)
+    info = throughput.measure_compute(
+        block, 64, torch.float32, torch.device("cpu"), inference_steps=5, forward_steps=2, forward_tokens=64
+    )
     assert info["inference_rps"] > 0 and info["forward_rps"] > 0

@@ -27,7 +27,6 @@ from node.weights.store import DownloadFailed, HubAccessError, NotEnoughDiskSpac
 from tests.helpers.fake_hub import INDEX, all_shards, cache, same_block, shards_of
 from tests.helpers.paths import ROOT
 
-
 # --- a local hub ------------------------------------------------------------------------------
 
 
@@ -103,7 +102,7 @@ def test_interrupted_download_resumes(hub, models, tmp_path, monkeypatch):
     gets = [e for e in hub.log if e["file"] == "model.safetensors" and e["method"] == "GET" and e["body"]]
     size = (models["single"] / "model.safetensors").stat().st_size
     assert len(gets) == 2 and gets[0]["range"] is None
-    resumed_at = int(gets[1]["range"][len("bytes="):-1])
+    resumed_at = int(gets[1]["range"][len("bytes=") : -1])
     assert 0 < resumed_at <= size // 2  # resumed from what was received, not started over
 
 
@@ -206,7 +205,9 @@ def test_download_holds_the_exclusive_lock_and_waits_for_readers(hub, tmp_path):
         # 1. while a file downloads, nobody may read the cache
         hub.hold["model-00002-of-00004.safetensors"] = threading.Event()
         done = []
-        worker = threading.Thread(target=lambda: done.append(weights.fetch("org/sharded", "model-00002-of-00004.safetensors")))
+        worker = threading.Thread(
+            target=lambda: done.append(weights.fetch("org/sharded", "model-00002-of-00004.safetensors"))
+        )
         worker.start()
         assert hub.holding.wait(10)
         with pytest.raises(BlockingIOError):
@@ -216,7 +217,9 @@ def test_download_holds_the_exclusive_lock_and_waits_for_readers(hub, tmp_path):
         assert done
         # 2. while another process reads, a download waits
         fcntl.flock(lock, fcntl.LOCK_SH | fcntl.LOCK_NB)
-        worker = threading.Thread(target=lambda: done.append(weights.fetch("org/sharded", "model-00003-of-00004.safetensors")))
+        worker = threading.Thread(
+            target=lambda: done.append(weights.fetch("org/sharded", "model-00003-of-00004.safetensors"))
+        )
         worker.start()
         time.sleep(0.5)
         assert len(done) == 1 and not hub.gets()["model-00003-of-00004.safetensors"]
@@ -254,8 +257,14 @@ def test_two_processes_share_the_cache(hub, models, tmp_path):
     env = {**os.environ, "HF_ENDPOINT": hub.url, "PYTHONPATH": str(ROOT), "HF_HUB_DISABLE_PROGRESS_BARS": "1"}
     cache_dir = str(tmp_path / "shared-cache")
     procs = [
-        subprocess.Popen([sys.executable, "-c", LOADER, "org/sharded", cache_dir, *blocks], env=env, cwd=ROOT,
-                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        subprocess.Popen(
+            [sys.executable, "-c", LOADER, "org/sharded", cache_dir, *blocks],
+            env=env,
+            cwd=ROOT,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
         for blocks in (["1", "2"], ["2", "3"])
     ]
     try:
@@ -283,5 +292,3 @@ def test_two_processes_share_the_cache(hub, models, tmp_path):
 
 
 # --- a whole node -----------------------------------------------------------------------------
-
-

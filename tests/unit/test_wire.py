@@ -20,13 +20,11 @@ from hivemind.utils.tensor_descr import BatchTensorDescriptor
 
 from protocol import rpc_info, wire
 from protocol.wire import RawTensor
-
 from tests.helpers.paths import VECTORS
 
 MODELS = VECTORS.parent / "models"
 FAMILIES = ("llama", "bloom", "mixtral", "falcon")
 MiB = 1024 * 1024
-
 
 
 # --- helpers to walk the vectors ------------------------------------------------------------------
@@ -209,7 +207,9 @@ def test_recorded_responses_reencode_identically(item):
         ours = [runtime_pb2.ExpertResponse(tensors=[p]).SerializeToString() for p in parts]
     else:
         ours = [
-            runtime_pb2.ExpertResponse(tensors=[wire.encode_tensor(wire.decode_tensor(t)) for t in msg.tensors]).SerializeToString()
+            runtime_pb2.ExpertResponse(
+                tensors=[wire.encode_tensor(wire.decode_tensor(t)) for t in msg.tensors]
+            ).SerializeToString()
             for msg in messages
         ]
     assert ours == recorded
@@ -361,7 +361,9 @@ def test_compressed_tensors(compression):
     assert (back - tensor).abs().mean() < tolerance
     assert ours.SerializeToString() == theirs.SerializeToString()  # all five are deterministic
     # the declared dtype is the output dtype, as in hivemind
-    half = wire.decode_tensor(runtime_pb2.Tensor(buffer=theirs.buffer, size=theirs.size, dtype="float16", compression=code))
+    half = wire.decode_tensor(
+        runtime_pb2.Tensor(buffer=theirs.buffer, size=theirs.size, dtype="float16", compression=code)
+    )
     assert half.dtype == "float16" and half.shape == raw.shape
 
 
@@ -372,7 +374,10 @@ def test_quantized_decode_errors():
     header = np.int64(2).tobytes() + np.float32([0.5, -1.0]).tobytes()
     decoded = wire.to_torch(wire.decode_tensor(q(header + bytes([0, 1, 1, 0]))))
     assert decoded.tolist() == [[0.5, -1.0], [-1.0, 0.5]]
-    with pytest.raises(ValueError, match=r"^cannot decode UNIFORM_8BIT tensor float32\[2, 2\]: code 2 is outside the codebook of 2 values$"):
+    with pytest.raises(
+        ValueError,
+        match=r"^cannot decode UNIFORM_8BIT tensor float32\[2, 2\]: code 2 is outside the codebook of 2 values$",
+    ):
         wire.decode_tensor(q(header + bytes([0, 1, 2, 0])))
     with pytest.raises(ValueError, match=r"buffer has 19 bytes, its header \[2\] implies 20"):
         wire.decode_tensor(q(header + bytes([0, 1, 1])))
@@ -381,7 +386,9 @@ def test_quantized_decode_errors():
     with pytest.raises(ValueError, match=r"buffer of 3 bytes is too short for its header"):
         wire.decode_tensor(q(b"abc", compression=runtime_pb2.QUANTILE_8BIT))
     blockwise = np.int64(2).tobytes() + np.int64(1).tobytes() + np.float32([1, 2, 3]).tobytes() + bytes(4)
-    with pytest.raises(ValueError, match=r"BLOCKWISE_8BIT tensor float32\[2, 2\]: 2 absmax values for 1 blocks of 4096"):
+    with pytest.raises(
+        ValueError, match=r"BLOCKWISE_8BIT tensor float32\[2, 2\]: 2 absmax values for 1 blocks of 4096"
+    ):
         wire.decode_tensor(q(blockwise, compression=runtime_pb2.BLOCKWISE_8BIT))
 
 
@@ -411,7 +418,9 @@ def test_decode_tensor_errors():
 
     with pytest.raises(ValueError, match=r"^tensor 1: buffer has 12 bytes, expected 16 for float32\[2, 2\]$"):
         wire.decode_tensor(t(buffer=b"\0" * 12), "tensor 1")
-    with pytest.raises(ValueError, match=r"^buffer has 6 bytes, expected 8 \(or 16 in the legacy float32 form\) for bfloat16\[2, 2\]$"):
+    with pytest.raises(
+        ValueError, match=r"^buffer has 6 bytes, expected 8 \(or 16 in the legacy float32 form\) for bfloat16\[2, 2\]$"
+    ):
         wire.decode_tensor(t(buffer=b"\0" * 6, dtype="bfloat16"))
     with pytest.raises(ValueError, match=r"unsupported dtype 'complex64' \(expected one of float32, "):
         wire.decode_tensor(t(dtype="complex64"))
@@ -425,11 +434,18 @@ def test_decode_tensor_errors():
         wire.decode_tensor(t(size=[1] * 40, buffer=b"\0" * 4))
     with pytest.raises(ValueError, match="FLOAT16 compression applies to floating point tensors, not int64"):
         wire.decode_tensor(t(dtype="int64", compression=runtime_pb2.FLOAT16))
-    with pytest.raises(ValueError, match=r"cannot decode QUANTILE_8BIT tensor float32\[2, 2\]: header has negative table lengths \[-1\]"):
+    with pytest.raises(
+        ValueError,
+        match=r"cannot decode QUANTILE_8BIT tensor float32\[2, 2\]: header has negative table lengths \[-1\]",
+    ):
         wire.decode_tensor(t(buffer=b"\xff" * 8 + b"\0" * 4, compression=runtime_pb2.QUANTILE_8BIT))
     with pytest.raises(ValueError, match=r"cannot decode MEANSTD_16BIT tensor float32\[\]: "):
         wire.decode_tensor(t(size=[], buffer=b"\0" * 2, compression=runtime_pb2.MEANSTD_16BIT))
-    with pytest.raises(ValueError, match=r"cannot decode FLOAT16 tensor float32\[2, 2\]: RuntimeError: shape '\[2, 2\]' is invalid for input of size 3"):
+    with pytest.raises(
+        ValueError,
+        match=r"cannot decode FLOAT16 tensor float32\[2, 2\]: "
+        r"RuntimeError: shape '\[2, 2\]' is invalid for input of size 3",
+    ):
         wire.decode_tensor(t(buffer=b"\0" * 6, compression=runtime_pb2.FLOAT16))
     # a zero-sized tensor with a huge other dimension is fine: no bytes
     assert wire.decode_tensor(t(size=[0, 2**31 - 1], buffer=b"")).numel == 0
@@ -499,7 +515,9 @@ def test_stream_empty_and_unsplit_tensors():
     empty = wire.encode_tensor(RawTensor("float32", (0,), b""))
     split = wire.split_for_stream(empty)
     assert len(split) == 1 and split[0].chunks == 0 and split[0].dtype == "float32" and split[0].buffer == b""
-    assert [p.SerializeToString() for p in split] == [p.SerializeToString() for p in split_for_streaming(empty, 4 * MiB)]
+    assert [p.SerializeToString() for p in split] == [
+        p.SerializeToString() for p in split_for_streaming(empty, 4 * MiB)
+    ]
     hidden = _big(64 * 4)
     parts = wire.split_for_stream(_big(9 * MiB), 4 * MiB)
     assembler = wire.StreamAssembler()
@@ -574,12 +592,16 @@ def test_metadata_nesting_limits():
     # after ~200 levels; safe_loads stops at MAX_MSGPACK_DEPTH
     ok = wire.unpack_metadata(_nested_tuples(wire.MAX_MSGPACK_DEPTH))
     assert ok == MSGPackSerializer.loads(_nested_tuples(wire.MAX_MSGPACK_DEPTH))
-    with pytest.raises(ValueError, match=r"^metadata is not valid msgpack: ValueError: msgpack value nests more than 16 tuples deep$"):
+    with pytest.raises(
+        ValueError, match=r"^metadata is not valid msgpack: ValueError: msgpack value nests more than 16 tuples deep$"
+    ):
         wire.unpack_metadata(_nested_tuples(5000))
     with pytest.raises(ValueError, match=r"^metadata is not valid msgpack: StackError"):
         wire.unpack_metadata(b"\x81\xa1a" + b"\x91" * 100_000)  # plain arrays: msgpack's own limit
     # ext types other than tuples are not decoded in metadata
-    assert wire.unpack_metadata(msgpack.packb({"x": msgpack.ExtType(0x51, b"\x80")})) == {"x": msgpack.ExtType(0x51, b"\x80")}
+    assert wire.unpack_metadata(msgpack.packb({"x": msgpack.ExtType(0x51, b"\x80")})) == {
+        "x": msgpack.ExtType(0x51, b"\x80")
+    }
     with pytest.raises(ValueError, match=r"^metadata is not valid msgpack: TypeError"):
         wire.unpack_metadata(msgpack.packb({"x": msgpack.ExtType(0x40, msgpack.packb(5))}))  # a "tuple" of an int
 

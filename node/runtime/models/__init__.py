@@ -77,7 +77,9 @@ def falcon_kv_heads(config: Config) -> int:
 
 
 def _falcon_geometry(config: Config) -> Geometry:
-    return Geometry(config.num_attention_heads, falcon_kv_heads(config), config.hidden_size // config.num_attention_heads)
+    return Geometry(
+        config.num_attention_heads, falcon_kv_heads(config), config.hidden_size // config.num_attention_heads
+    )
 
 
 _FAMILIES = {

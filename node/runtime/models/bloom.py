@@ -15,7 +15,14 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import PretrainedConfig
 
-from node.runtime.models.common import DEFAULT_MAX_CHUNK_BYTES, KV, attend_in_chunks, check_cache, load_block, store_and_read
+from node.runtime.models.common import (
+    DEFAULT_MAX_CHUNK_BYTES,
+    KV,
+    attend_in_chunks,
+    check_cache,
+    load_block,
+    store_and_read,
+)
 
 
 def alibi_slopes(num_heads: int, device=None) -> torch.Tensor:
@@ -75,12 +82,16 @@ class BloomBlock(nn.Module):
         self.mlp = _MLP(self.hidden_size)
 
     @classmethod
-    def from_state(cls, config: PretrainedConfig, state: dict[str, torch.Tensor], *, dtype: torch.dtype, device="cpu") -> "BloomBlock":
+    def from_state(
+        cls, config: PretrainedConfig, state: dict[str, torch.Tensor], *, dtype: torch.dtype, device="cpu"
+    ) -> "BloomBlock":
         return load_block(cls, config, state, dtype=dtype, device=device)
 
     @property
     def dtype(self) -> torch.dtype:
-        return self.__dict__.get("compute_dtype") or self.self_attention.query_key_value.weight.dtype  # set when quantized
+        return (
+            self.__dict__.get("compute_dtype") or self.self_attention.query_key_value.weight.dtype
+        )  # set when quantized
 
     def kv_cache_shape(self, batch: int, max_length: int) -> tuple[int, int, int, int]:
         return (batch, self.num_heads, max_length, self.head_dim)
@@ -119,7 +130,11 @@ class BloomBlock(nn.Module):
         return out
 
     def forward(
-        self, hidden: torch.Tensor, cache: Optional[KV] = None, past: int = 0, max_chunk_bytes: int = DEFAULT_MAX_CHUNK_BYTES
+        self,
+        hidden: torch.Tensor,
+        cache: Optional[KV] = None,
+        past: int = 0,
+        max_chunk_bytes: int = DEFAULT_MAX_CHUNK_BYTES,
     ) -> torch.Tensor:
         """hidden [B, T, H] at positions past..past+T-1; with a cache, K/V go to slots [past, past+T) and
         attention covers slots [0, past+T)."""

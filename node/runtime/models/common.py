@@ -32,7 +32,9 @@ def check_cache(length: int, cache: Optional[KV], past: int) -> None:
         raise ValueError(f"past {past} + {length} new tokens exceed the cache length {cache[0].shape[2]}")
 
 
-def store_and_read(cache: Optional[KV], k: torch.Tensor, v: torch.Tensor, past: int) -> tuple[torch.Tensor, torch.Tensor]:
+def store_and_read(
+    cache: Optional[KV], k: torch.Tensor, v: torch.Tensor, past: int
+) -> tuple[torch.Tensor, torch.Tensor]:
     """k, v [B, n_kv, T, d] of the new tokens -> keys and values of positions [0, past+T): the new ones
     are written to the cache slots [past, past+T) first. Slots beyond past+T may hold garbage (even NaN)
     from other steps or a rollback and are never read."""
@@ -45,7 +47,9 @@ def store_and_read(cache: Optional[KV], k: torch.Tensor, v: torch.Tensor, past: 
     return k_cache[:, :, : past + length], v_cache[:, :, : past + length]
 
 
-def attend_in_chunks(attend: Callable[[int, int], torch.Tensor], length: int, bytes_per_score_row: int, max_chunk_bytes: int) -> torch.Tensor:
+def attend_in_chunks(
+    attend: Callable[[int, int], torch.Tensor], length: int, bytes_per_score_row: int, max_chunk_bytes: int
+) -> torch.Tensor:
     """Bounded score memory (PROTOCOL 4.2): `attend(start, end)` computes the queries [start, end) of a step
     against keys [0, past+end); chunks are cut so that one chunk's scores stay within max_chunk_bytes,
     where one query row over all keys costs `bytes_per_score_row`. Outputs are concatenated on dim -2."""
@@ -55,7 +59,9 @@ def attend_in_chunks(attend: Callable[[int, int], torch.Tensor], length: int, by
     return torch.cat([attend(s, min(s + chunk, length)) for s in range(0, length, chunk)], dim=-2)
 
 
-def load_block(cls, config: PretrainedConfig, state: dict[str, torch.Tensor], *, dtype: torch.dtype, device, ignore=()) -> nn.Module:
+def load_block(
+    cls, config: PretrainedConfig, state: dict[str, torch.Tensor], *, dtype: torch.dtype, device, ignore=()
+) -> nn.Module:
     """Builds `cls(config)` without initializing weights, loads `state` strictly (names and shapes), and
     returns it frozen in eval mode. Keys ending with one of `ignore` are dropped first."""
     state = {k: v for k, v in state.items() if not k.endswith(tuple(ignore))} if ignore else dict(state)
@@ -68,7 +74,9 @@ def load_block(cls, config: PretrainedConfig, state: dict[str, torch.Tensor], *,
         raise ValueError(f"{cls.__name__} state mismatch: missing {missing}, unexpected {unexpected}")
     for name, tensor in state.items():
         if tuple(tensor.shape) != tuple(expected[name].shape):
-            raise ValueError(f"{cls.__name__} tensor {name} has shape {list(tensor.shape)}, expected {list(expected[name].shape)}")
+            raise ValueError(
+                f"{cls.__name__} tensor {name} has shape {list(tensor.shape)}, expected {list(expected[name].shape)}"
+            )
     state = {k: v.to(device=device, dtype=dtype if v.is_floating_point() else v.dtype) for k, v in state.items()}
     block.load_state_dict(state, strict=True, assign=True)
     block.requires_grad_(False)

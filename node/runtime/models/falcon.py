@@ -24,7 +24,14 @@ from transformers.activations import get_activation
 
 from node.runtime.models import falcon_kv_heads
 from node.runtime.models.bloom import alibi_slopes
-from node.runtime.models.common import DEFAULT_MAX_CHUNK_BYTES, KV, attend_in_chunks, check_cache, load_block, store_and_read
+from node.runtime.models.common import (
+    DEFAULT_MAX_CHUNK_BYTES,
+    KV,
+    attend_in_chunks,
+    check_cache,
+    load_block,
+    store_and_read,
+)
 from node.runtime.models.llama import Rotary, rotate_half
 
 
@@ -71,7 +78,8 @@ class FalconBlock(nn.Module):
         self.num_kv_heads = falcon_kv_heads(config)
         if not self.new_arch and not self.multi_query and config.num_kv_heads != self.num_heads:
             raise ValueError(
-                f"Falcon without multi_query or the new architecture needs num_kv_heads == num_attention_heads, got {config.num_kv_heads}"
+                "Falcon without multi_query or the new architecture needs num_kv_heads == num_attention_heads, "
+                f"got {config.num_kv_heads}"
             )
         self.groups = self.num_heads // self.num_kv_heads
         # the model's heads and this rank's first one (when sharded): ALiBi slopes depend on both
@@ -98,12 +106,16 @@ class FalconBlock(nn.Module):
         self.rotary = None if self.alibi else Rotary.for_config(config)
 
     @classmethod
-    def from_state(cls, config: PretrainedConfig, state: dict[str, torch.Tensor], *, dtype: torch.dtype, device="cpu") -> "FalconBlock":
+    def from_state(
+        cls, config: PretrainedConfig, state: dict[str, torch.Tensor], *, dtype: torch.dtype, device="cpu"
+    ) -> "FalconBlock":
         return load_block(cls, config, state, dtype=dtype, device=device, ignore=("rotary_emb.inv_freq",))
 
     @property
     def dtype(self) -> torch.dtype:
-        return self.__dict__.get("compute_dtype") or self.self_attention.query_key_value.weight.dtype  # set when quantized
+        return (
+            self.__dict__.get("compute_dtype") or self.self_attention.query_key_value.weight.dtype
+        )  # set when quantized
 
     def kv_cache_shape(self, batch: int, max_length: int) -> tuple[int, int, int, int]:
         return (batch, self.num_kv_heads, max_length, self.head_dim)
@@ -119,7 +131,9 @@ class FalconBlock(nn.Module):
         if self.new_arch:  # [kv groups, groups + 2, d]
             rows = shard.head_rows(heads.kv0, heads.kv1, (self.groups + 2) * d)
         elif self.multi_query:  # [heads + 2, d]: this rank's queries, then the shared key and value
-            rows = torch.cat([torch.arange(heads.q0 * d, heads.q1 * d), torch.arange(self.num_heads * d, (self.num_heads + 2) * d)])
+            rows = torch.cat(
+                [torch.arange(heads.q0 * d, heads.q1 * d), torch.arange(self.num_heads * d, (self.num_heads + 2) * d)]
+            )
         else:  # [heads, 3, d]
             rows = shard.head_rows(heads.q0, heads.q1, 3 * d)
         attn.query_key_value = shard.column(attn.query_key_value, rows, group)
@@ -133,7 +147,11 @@ class FalconBlock(nn.Module):
         return self
 
     def forward(
-        self, hidden: torch.Tensor, cache: Optional[KV] = None, past: int = 0, max_chunk_bytes: int = DEFAULT_MAX_CHUNK_BYTES
+        self,
+        hidden: torch.Tensor,
+        cache: Optional[KV] = None,
+        past: int = 0,
+        max_chunk_bytes: int = DEFAULT_MAX_CHUNK_BYTES,
     ) -> torch.Tensor:
         """hidden [B, T, H] at positions past..past+T-1; with a cache, K/V go to slots [past, past+T) and
         attention covers slots [0, past+T)."""
@@ -187,7 +205,9 @@ class FalconBlock(nn.Module):
         if self.alibi:
             # As transformers: bfloat16 slopes times integer positions, in the model dtype, over sqrt(head_dim).
             positions = torch.arange(keys, device=x.device)
-            slopes = alibi_slopes(self.all_heads, x.device)[self.head_offset : self.head_offset + self.num_heads].bfloat16()
+            slopes = alibi_slopes(self.all_heads, x.device)[
+                self.head_offset : self.head_offset + self.num_heads
+            ].bfloat16()
             bias = (slopes[:, None] * positions).to(x.dtype) / math.sqrt(self.head_dim)
             bias = bias[None, :, None, :]  # [1, heads, 1, keys]
 
@@ -196,7 +216,9 @@ class FalconBlock(nn.Module):
             qq, kk, vv = q[:, :, start:end], k[:, :, :seen], v[:, :, :seen]
             if bias is None and (rows == 1 or past + start == 0):
                 return F.scaled_dot_product_attention(qq, kk, vv, is_causal=rows > 1, enable_gqa=gqa)
-            allowed = torch.arange(seen, device=x.device) <= torch.arange(past + start, past + end, device=x.device)[:, None]
+            allowed = (
+                torch.arange(seen, device=x.device) <= torch.arange(past + start, past + end, device=x.device)[:, None]
+            )
             if bias is not None:
                 allowed = bias[..., :seen].masked_fill(~allowed, torch.finfo(x.dtype).min)
             return F.scaled_dot_product_attention(qq, kk, vv, attn_mask=allowed, enable_gqa=gqa)

@@ -56,13 +56,17 @@ class Rotary:
     def __init__(self, config: PretrainedConfig):
         self.config = config
         scaling = getattr(config, "rope_scaling", None)
-        self.rope_type = scaling.get("rope_type", scaling.get("type", "default")) if isinstance(scaling, dict) else "default"
+        self.rope_type = (
+            scaling.get("rope_type", scaling.get("type", "default")) if isinstance(scaling, dict) else "default"
+        )
         if self.rope_type not in ROPE_INIT_FUNCTIONS:
             raise ValueError(f"unsupported rope type {self.rope_type!r}")
         self.init_fn = ROPE_INIT_FUNCTIONS[self.rope_type]
         # The length beyond which "dynamic" and "longrope" switch frequencies, as HF's dynamic_rope_update does.
         if self.rope_type == "longrope":
-            self.switch_len = getattr(config, "original_max_position_embeddings", None) or config.max_position_embeddings
+            self.switch_len = (
+                getattr(config, "original_max_position_embeddings", None) or config.max_position_embeddings
+            )
         else:
             self.switch_len = config.max_position_embeddings
         self.tables: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}  # (variant, device, dtype) -> cos, sin
@@ -181,7 +185,9 @@ class LlamaBlock(nn.Module):
         self.rotary = Rotary.for_config(config)
 
     @classmethod
-    def from_state(cls, config: PretrainedConfig, state: dict[str, torch.Tensor], *, dtype: torch.dtype, device="cpu") -> "LlamaBlock":
+    def from_state(
+        cls, config: PretrainedConfig, state: dict[str, torch.Tensor], *, dtype: torch.dtype, device="cpu"
+    ) -> "LlamaBlock":
         # Old checkpoints store the rotary frequencies; they are derived from the config instead.
         state = {k: v for k, v in state.items() if not k.endswith("rotary_emb.inv_freq")}
         with torch.device("meta"):  # no random init of weights that are about to be replaced
@@ -193,7 +199,9 @@ class LlamaBlock(nn.Module):
             raise ValueError(f"Llama block state mismatch: missing {missing}, unexpected {unexpected}")
         for name, tensor in state.items():
             if tuple(tensor.shape) != tuple(expected[name].shape):
-                raise ValueError(f"Llama block tensor {name} has shape {list(tensor.shape)}, expected {list(expected[name].shape)}")
+                raise ValueError(
+                    f"Llama block tensor {name} has shape {list(tensor.shape)}, expected {list(expected[name].shape)}"
+                )
         state = {k: v.to(device=device, dtype=dtype if v.is_floating_point() else v.dtype) for k, v in state.items()}
         block.load_state_dict(state, strict=True, assign=True)
         block.requires_grad_(False)
@@ -204,7 +212,8 @@ class LlamaBlock(nn.Module):
         return self.__dict__.get("compute_dtype") or self.self_attn.q_proj.weight.dtype  # set when quantized
 
     def shard(self, rank: int, world: int, group) -> "LlamaBlock":
-        """Keep this rank's query heads with their KV heads, and its MLP columns (node/runtime/tensor_parallel/shard.py)."""
+        """Keep this rank's query heads with their KV heads, and its MLP columns
+        (node/runtime/tensor_parallel/shard.py)."""
         from node.runtime.tensor_parallel import shard
         from node.runtime.tensor_parallel.split import head_split
 
@@ -235,7 +244,9 @@ class LlamaBlock(nn.Module):
 
     # --- token-wise steps: any leading shape, e.g. a flat [N, H] batch of several sessions ------
 
-    def project_qkv(self, hidden: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def project_qkv(
+        self, hidden: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """hidden [..., H] and cos/sin [..., head_dim] of each token's position ->
         rotated q [..., heads, d], rotated k [..., kv_heads, d], v [..., kv_heads, d]."""
         x = self.input_layernorm(hidden)
@@ -269,7 +280,14 @@ class LlamaBlock(nn.Module):
             q, repeat_kv(k, self.groups), repeat_kv(v, self.groups), attn_mask=mask, scale=self.scaling
         )
 
-    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, past: int, max_chunk_bytes: int = DEFAULT_MAX_CHUNK_BYTES) -> torch.Tensor:
+    def attend(
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        past: int,
+        max_chunk_bytes: int = DEFAULT_MAX_CHUNK_BYTES,
+    ) -> torch.Tensor:
         """One sequence (batch of B rows sharing `past`): q [B, heads, T, d] at positions past..past+T-1,
         k, v [B, kv, past+T, d] (cache plus the new tokens) -> [B, heads, T, d]."""
         batch, _, length, _ = q.shape
@@ -287,7 +305,13 @@ class LlamaBlock(nn.Module):
 
     # --- the whole block ---------------------------------------------------------------------------
 
-    def forward(self, hidden: torch.Tensor, cache: Optional[KV] = None, past: int = 0, max_chunk_bytes: int = DEFAULT_MAX_CHUNK_BYTES) -> torch.Tensor:
+    def forward(
+        self,
+        hidden: torch.Tensor,
+        cache: Optional[KV] = None,
+        past: int = 0,
+        max_chunk_bytes: int = DEFAULT_MAX_CHUNK_BYTES,
+    ) -> torch.Tensor:
         """hidden [B, T, H] at positions past..past+T-1. With cache = (k, v) of kv_cache_shape(B, max_length),
         the new keys/values go to slots [past, past+T) and attention covers slots [0, past+T)."""
         batch, length, _ = hidden.shape
@@ -298,7 +322,9 @@ class LlamaBlock(nn.Module):
         attn = self._attend_cached(q, k, v, cache, past, max_chunk_bytes)
         return self.finish(attn, hidden)
 
-    def forward_segments(self, segments: Sequence[Segment], max_chunk_bytes: int = DEFAULT_MAX_CHUNK_BYTES) -> list[torch.Tensor]:
+    def forward_segments(
+        self, segments: Sequence[Segment], max_chunk_bytes: int = DEFAULT_MAX_CHUNK_BYTES
+    ) -> list[torch.Tensor]:
         """Several sequences (sessions) at once: their tokens go through the projections and the MLP as
         one [N, H] batch, while each attends to its own cache at its own positions."""
         if len(segments) == 1:
@@ -321,7 +347,9 @@ class LlamaBlock(nn.Module):
             rows = slice(offset, offset + batch * length)
             offset += batch * length
             shape = (batch, length, -1, self.head_dim)
-            out = self._attend_cached(q[rows].view(shape), k[rows].view(shape), v[rows].view(shape), s.cache, s.past, max_chunk_bytes)
+            out = self._attend_cached(
+                q[rows].view(shape), k[rows].view(shape), v[rows].view(shape), s.cache, s.past, max_chunk_bytes
+            )
             attn.append(out.reshape(batch * length, -1))
         out = self.finish(torch.cat(attn), flat)
         sizes = [s.hidden.shape[0] * s.hidden.shape[1] for s in segments]

@@ -1,7 +1,8 @@
 """One runtime's membership in the node's tensor-parallel group (PROTOCOL 5.13, DESIGN section 2).
 
 The ranks form a torch.distributed group (gloo on CPUs, NCCL on GPUs) for the reductions inside the
-sharded blocks (node/runtime/tensor_parallel/shard.py). Rank 0 leads: it alone receives work, validates and schedules it,
+sharded blocks (node/runtime/tensor_parallel/shard.py). Rank 0 leads: it alone receives work, validates and
+schedules it,
 and before each computation pushes the same message to every other rank over ZeroMQ (a PUSH socket
 per rank, so each rank sees rank 0's computations in rank 0's order); the other ranks repeat it on
 their shards. A step costs that one message and the reductions.
@@ -23,7 +24,6 @@ import zmq
 from node.supervisor.processes import TP_STORE_ENV
 from protocol.messages import GroupInbox, Message
 from protocol.transport import Channel
-
 
 
 def rank_of(name: str) -> int:
