@@ -1,1 +1,3 @@
-"""TODO"""
+"""What the commands and the tests use: launcher.py starts a whole node as a user would, tinymodel.py
+makes tiny random checkpoints, local_memory.py and petals_client.py are scripts node.bench and
+node.bench_petals run in other processes."""
