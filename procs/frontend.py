@@ -29,7 +29,17 @@ from node.frontend.streams import stream_handler
 from node.logs import quiet_hivemind
 from procs import actor as actor_lib
 from procs.requester import Requester
-from protocol.messages import AllocatorReply, FrontendReady, PeerDown, PeerUp, PushDelivery, RuntimeReply, Serve, Stop
+from protocol.messages import (
+    SHUTTING_DOWN,
+    AllocatorReply,
+    FrontendReady,
+    PeerDown,
+    PeerUp,
+    PushDelivery,
+    RuntimeReply,
+    Serve,
+    Stop,
+)
 
 
 class Frontend:
@@ -120,7 +130,7 @@ class Frontend:
         """Refuse new work, let running steps finish, end open sessions with a clear error."""
         self.handlers.draining = True
         for session in list(self.handlers.live):
-            session.abort(ShuttingDown("the server is shutting down; retry on another server"))
+            session.abort(ShuttingDown(SHUTTING_DOWN))
         deadline = time.monotonic() + grace
         while self.handlers.in_flight and time.monotonic() < deadline:
             await asyncio.sleep(0.05)
@@ -128,8 +138,8 @@ class Frontend:
         if unfinished:
             # The grace period is over: fail what still waits so that its callers get an error reply
             # now. Work cut off by our exit gets no reply at all, and p2pd keeps its callers waiting.
-            self.runtime.fail_all("the server is shutting down")
-            self.allocator.fail_all("the server is shutting down")
+            self.runtime.fail_all(SHUTTING_DOWN)
+            self.allocator.fail_all(SHUTTING_DOWN)
             deadline = time.monotonic() + 1.0
             while self.handlers.in_flight and time.monotonic() < deadline:
                 await asyncio.sleep(0.05)

@@ -45,6 +45,7 @@ from node.weights.checkpoint import Checkpoint
 from procs import actor as actor_lib
 from protocol.frames import DTYPES, FrameError, from_frames, to_frames
 from protocol.messages import (
+    SHUTTING_DOWN,
     Backward,
     BlocksLoaded,
     Cancel,
@@ -203,7 +204,7 @@ class Runtime:
             if not self.inference_round():
                 self.training_round()
         for task in [s.task for s in self.steps] + list(self.queue.inference) + list(self.queue.training):
-            self.reply(task.sender, Failure(task.msg.req, "the server is shutting down; retry elsewhere"))
+            self.reply(task.sender, Failure(task.msg.req, SHUTTING_DOWN))
         if self.group is not None:
             self.group.share(GroupStop())
 

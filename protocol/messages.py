@@ -322,6 +322,9 @@ class Result(Message):
     tensors: list[TensorMeta]
 
 
+SHUTTING_DOWN = "the server is shutting down; retry on another server"  # what clients are told on a graceful stop
+
+
 class Failure(Message):
     """The request failed; `error` is meant for the Petals client and names what was wrong."""
 
@@ -447,7 +450,7 @@ class ProbeEvent(msgspec.Struct, omit_defaults=True):
     type: str
     session: str = ""
     req: int = -1
-    fields: dict[str, Any] = {}
+    fields: dict[str, Any] = {}  # any message's header fields, or any actor's stats: the probe shows what crossed
 
 
 ControlToSupervisor = Union[Ready, Heartbeat, Fatal, Announced, Measured, SwarmView, BlocksLoaded]

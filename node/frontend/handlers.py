@@ -20,6 +20,7 @@ from protocol import SERVER_VERSION, rpc_info, wire
 from protocol import requests as rq
 from protocol.messages import (
     LATENCY_BUCKETS,
+    SHUTTING_DOWN,
     Backward,
     Cancel,
     CapacityQuery,
@@ -68,7 +69,7 @@ class Handlers:
     @contextlib.contextmanager
     def track(self, name: str):
         if self.draining:
-            raise ShuttingDown("the server is shutting down; retry on another server")
+            raise ShuttingDown(SHUTTING_DOWN)
         self.in_flight += 1
         self.calls[name] = self.calls.get(name, 0) + 1
         began = time.perf_counter()

@@ -93,16 +93,15 @@ class InferenceStream:
 
     async def _next(self) -> Optional[runtime_pb2.ExpertRequest]:
         """The next step from the client or a push; None when the stream ended or the client went quiet."""
+        expired = TimeoutError(f"the session exceeded session_timeout ({self.plan.session_timeout:.0f} s)")
         left = self.deadline - time.monotonic()
         if left <= 0:
-            raise TimeoutError(f"the session exceeded session_timeout ({self.plan.session_timeout:.0f} s)")
+            raise expired
         try:
             kind, item = await asyncio.wait_for(self.incoming.get(), min(self.plan.step_timeout, left))
         except asyncio.TimeoutError:
             if time.monotonic() >= self.deadline:
-                raise TimeoutError(
-                    f"the session exceeded session_timeout ({self.plan.session_timeout:.0f} s)"
-                ) from None
+                raise expired from None
             self.log.info("inference step timeout", session=self._sid, peer=self.peer, timeout=self.plan.step_timeout)
             return None
         if kind == _ERROR:

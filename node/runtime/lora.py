@@ -113,17 +113,18 @@ def _pattern(patterns: dict, full_name: str, default):
 
 
 def _file(name: str, filename: str, cache) -> str:
+    missing = AdapterError(f"argument --adapters: {name} has no {filename}")
     if os.path.isdir(name):
         path = os.path.join(name, filename)
         if not os.path.exists(path):
-            raise AdapterError(f"argument --adapters: {name} has no {filename}")
+            raise missing
         return path
     from huggingface_hub.errors import EntryNotFoundError
 
     try:
         return cache.fetch(name, filename)
     except EntryNotFoundError:
-        raise AdapterError(f"argument --adapters: {name} has no {filename}") from None
+        raise missing from None
     except OSError as e:  # node.weights.store explains: no such repository, a refused token, no network, no disk
         raise AdapterError(f"argument --adapters: cannot get {filename} of {name}: {e}") from None
 

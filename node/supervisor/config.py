@@ -13,7 +13,7 @@ import math
 import os
 import re
 import sys
-from typing import Any, Optional, Sequence
+from typing import Optional, Sequence, Union
 
 import msgspec
 
@@ -70,7 +70,7 @@ class NodeConfig(msgspec.Struct, kw_only=True):
     torch_dtype: str = "auto"
     max_alloc_timeout: float = 600
     revision: Optional[str] = None
-    throughput: Any = None  # None (not given), a float, or "auto" / "eval" / "dry_run"
+    throughput: Union[float, str, None] = None  # a float, "auto" / "eval" / "dry_run", or None (not given)
     update_period: float = 120
     expiration: Optional[float] = None
     request_timeout: float = 180

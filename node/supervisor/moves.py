@@ -106,7 +106,7 @@ class Moves:
                 )
                 self.sup.send("runtime.0", DropBlocks(*old))
                 return
-            target = await self.still_wanted(old, (start, end))
+            target = await self.confirmed(self.placement.confirm_switch, old, (start, end))
             if target is None:
                 self.sup.send("runtime.0", DropBlocks(*old))
                 return
@@ -127,9 +127,11 @@ class Moves:
         finally:
             self.moving = False
 
-    async def still_wanted(self, old: tuple[int, int], target: tuple[int, int]):
+    async def confirmed(self, check, old: tuple[int, int], target: tuple[int, int]) -> Optional[tuple[int, int]]:
+        """The placement's `check` (confirm_switch or confirm_move): where to go now, or None to stay
+        (also when the swarm cannot be read)."""
         try:
-            return await self.placement.confirm_switch(self.plan.peer_id, old, target)
+            return await check(self.plan.peer_id, old, target)
         except (PlacementError, asyncio.TimeoutError) as e:
             self.log.warning("cannot confirm the move; staying", error=str(e) or repr(e))
             return None
@@ -156,11 +158,7 @@ class Moves:
         try:
             self.sup.announce(ServerState.OFFLINE)
             drained = await self.drain(self.config.drain_timeout)
-            try:
-                confirmed = await self.placement.confirm_move(self.plan.peer_id, old, (start, end))
-            except (PlacementError, asyncio.TimeoutError) as e:
-                self.log.warning("cannot confirm the move; staying", error=str(e) or repr(e))
-                confirmed = None
+            confirmed = await self.confirmed(self.placement.confirm_move, old, (start, end))
             if confirmed is None:
                 self.log.info("move cancelled: the old blocks are the best place now", blocks=list(old))
                 self.sup.announced = None  # ONLINE again on the old blocks, sessions never lost

@@ -21,7 +21,7 @@ import random
 from typing import Optional
 
 from node.supervisor import block_selection, resources
-from protocol.dht_records import ServerState, compute_spans, from_tuple
+from protocol.dht_records import ServerState, compute_spans
 from protocol.messages import Measured, SwarmQuery, SwarmView
 
 
@@ -83,15 +83,7 @@ class Placement:
             self.views.pop(req, None)
         if view.error:
             raise PlacementError(f"cannot read the swarm: {view.error}")
-        out: dict = {}
-        for block, peers in view.blocks.items():
-            out[int(block)] = {}
-            for peer, value in peers.items():
-                try:
-                    out[int(block)][peer] = from_tuple(value)
-                except (TypeError, ValueError):
-                    continue
-        return out
+        return {int(block): dict(peers) for block, peers in view.blocks.items()}
 
     # --- deciding ----------------------------------------------------------------------------
 

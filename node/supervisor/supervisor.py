@@ -205,17 +205,23 @@ class Supervisor:
             task.add_done_callback(self.tasks.discard)
         if name == "announcer":
             self.announced = self.confirmed = None  # its successor must be told the state again
-        if not self.intensity.allow(now):
-            self.log.error(
-                "too many restarts; giving up",
-                max_restarts=self.config.max_restarts,
-                window_seconds=self.config.restart_window,
-            )
-            self.exit_code = 1
+        if not self.restart_allowed(now):
             return
         actor.restarts += 1
         actor.consecutive_failures += 1
         actor.respawn_at = now + backoff(actor.consecutive_failures)
+
+    def restart_allowed(self, now: float) -> bool:
+        """Counts one restart; past --max_restarts within --restart_window the node gives up (OTP intensity)."""
+        if self.intensity.allow(now):
+            return True
+        self.log.error(
+            "too many restarts; giving up",
+            max_restarts=self.config.max_restarts,
+            window_seconds=self.config.restart_window,
+        )
+        self.exit_code = 1
+        return False
 
     def _restart_group(self, dead: ActorProcess, now: float) -> None:
         """A rank is gone: the others cannot compute without it (their reductions would wait for it
@@ -240,13 +246,7 @@ class Supervisor:
             for other in self.actors:
                 if other not in self.runtimes:
                     self.send(other, PeerDown(name))
-        if not self.intensity.allow(now):
-            self.log.error(
-                "too many restarts; giving up",
-                max_restarts=self.config.max_restarts,
-                window_seconds=self.config.restart_window,
-            )
-            self.exit_code = 1
+        if not self.restart_allowed(now):
             return
         dead.restarts += 1
         dead.consecutive_failures += 1

@@ -18,7 +18,7 @@ from transformers import PretrainedConfig
 from transformers.activations import ACT2FN
 from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
-from node.runtime.models.common import Segment
+from node.runtime.models.common import Segment, check_cache
 
 DEFAULT_MAX_CHUNK_BYTES = 256 * 1024 * 1024
 KV = tuple[torch.Tensor, torch.Tensor]
@@ -315,7 +315,7 @@ class LlamaBlock(nn.Module):
         """hidden [B, T, H] at positions past..past+T-1. With cache = (k, v) of kv_cache_shape(B, max_length),
         the new keys/values go to slots [past, past+T) and attention covers slots [0, past+T)."""
         batch, length, _ = hidden.shape
-        self._check(length, cache, past)
+        check_cache(length, cache, past)
         hidden = hidden.to(self.dtype)
         cos, sin = self.rotary.get(past, length, hidden.device, hidden.dtype)
         q, k, v = self.project_qkv(hidden, cos, sin)  # [B, T, n, d]
@@ -334,7 +334,7 @@ class LlamaBlock(nn.Module):
         flat, cos, sin = [], [], []
         for s in segments:
             batch, length, _ = s.hidden.shape
-            self._check(length, s.cache, s.past)
+            check_cache(length, s.cache, s.past)
             flat.append(s.hidden.to(self.dtype).reshape(batch * length, self.hidden_size))
             c, si = self.rotary.get(s.past, length, device, self.dtype)
             cos.append(c.expand(batch, length, self.head_dim).reshape(batch * length, self.head_dim))
@@ -354,12 +354,6 @@ class LlamaBlock(nn.Module):
         out = self.finish(torch.cat(attn), flat)
         sizes = [s.hidden.shape[0] * s.hidden.shape[1] for s in segments]
         return [part.view(*s.hidden.shape[:2], self.hidden_size) for part, s in zip(torch.split(out, sizes), segments)]
-
-    def _check(self, length: int, cache: Optional[KV], past: int) -> None:
-        if cache is None and past != 0:
-            raise ValueError("past > 0 needs a cache")
-        if cache is not None and past + length > cache[0].shape[2]:
-            raise ValueError(f"past {past} + {length} new tokens exceed the cache length {cache[0].shape[2]}")
 
     def _attend_cached(self, q, k, v, cache: Optional[KV], past: int, max_chunk_bytes: int) -> torch.Tensor:
         """q [B, T, heads, d], k and v [B, T, kv, d] of one sequence -> attention output [B, T, heads*d],
