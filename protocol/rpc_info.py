@@ -6,37 +6,61 @@ BatchTensorDescriptors (msgpack ext 0x51). The client reads only the compression
 forward_schema[0][0] and inference_schema[0][0], the structure of outputs_schema (a 1-tuple) and
 keyword_names (must be empty); the sizes are Petals' nominal placeholders.
 
-hivemind (and with it torch) is imported lazily, on first use: importing any hivemind module runs
-`hivemind/__init__`, which takes about 2 s, and the protocol package must stay cheap to import.
+Encoded here byte for byte as hivemind encodes it, without torch or hivemind: a frontend answers
+rpc_info on its event loop, and importing torch there took a second per frontend on the first call.
+Decoding (for our client and tests) does use hivemind's BatchTensorDescriptor.
 """
 
 from __future__ import annotations
 
-from typing import Optional
+from dataclasses import dataclass
+from typing import Any, Optional
+
+import msgpack
+
+from protocol.wire import DESCRIPTOR_EXT, TUPLE_EXT
 
 SERVER_KEYS = ("version", "dht_client_mode", "cache_tokens_available")
 BLOCK_KEYS = ("forward_schema", "outputs_schema", "keyword_names", "inference_schema")
 NOMINAL_BATCH_SHAPE = (1, 2048)  # Petals' placeholder (batch-less) shape before hidden_size; unused by clients
+DTYPES = ("float32", "float16", "bfloat16", "float64", "int64", "int32", "int16", "int8", "uint8", "bool")
+
+
+@dataclass(frozen=True)
+class Descriptor:
+    """A hivemind BatchTensorDescriptor as a server sends it: strided, on no device, no gradient."""
+
+    size: tuple  # (None, *dims): the batch dimension is left open
+    dtype: str  # "torch.float32"
+    compression: int = 0  # runtime.proto CompressionType
+
+    def fields(self) -> dict:
+        """What BatchTensorDescriptor.packb writes, in its order."""
+        return {
+            "size": self.size,
+            "dtype": self.dtype,
+            "layout": "torch.strided",
+            "requires_grad": False,
+            "pin_memory": False,
+            "compression": self.compression,
+            "device_type": None,
+            "device_index": None,
+        }
 
 
 def block_schemas(hidden_size: int, dtype: str, compression: int = 0) -> dict:
     """The block keys of rpc_info for a block of width hidden_size computing in `dtype` ("bfloat16" or
     "torch.bfloat16"); `compression` (a CompressionType value) is what clients will use for inputs."""
-    import torch
-    from hivemind.utils.tensor_descr import BatchTensorDescriptor
-
     if isinstance(hidden_size, bool) or not isinstance(hidden_size, int) or hidden_size <= 0:
         raise ValueError(f"hidden_size must be a positive int, got {hidden_size!r}")
     if isinstance(compression, bool) or compression not in range(6):
         raise ValueError(f"unknown compression type {compression!r}")
     name = dtype.removeprefix("torch.")
-    torch_dtype = getattr(torch, name, None)
-    if not isinstance(torch_dtype, torch.dtype):
+    if name not in DTYPES:
         raise ValueError(f"unknown dtype {dtype!r}")
-
-    hidden = BatchTensorDescriptor(*NOMINAL_BATCH_SHAPE, hidden_size, dtype=torch_dtype, compression=compression)
-    prompts = BatchTensorDescriptor(dtype=torch_dtype, compression=0)  # size (None,)
-    hypo_ids = BatchTensorDescriptor(dtype=torch.int64, compression=0)
+    hidden = Descriptor((None, *NOMINAL_BATCH_SHAPE, hidden_size), f"torch.{name}", compression)
+    prompts = Descriptor((None,), f"torch.{name}")
+    hypo_ids = Descriptor((None,), "torch.int64")
     return {
         "forward_schema": ((hidden,), {}),
         "outputs_schema": (hidden,),
@@ -45,12 +69,23 @@ def block_schemas(hidden_size: int, dtype: str, compression: int = 0) -> dict:
     }
 
 
+def _dumps(value: Any) -> bytes:
+    """hivemind's MSGPackSerializer.dumps for what rpc_info holds: tuples as ext 0x40, descriptors as 0x51."""
+    return msgpack.packb(value, use_bin_type=True, strict_types=True, default=_ext)
+
+
+def _ext(value: Any) -> msgpack.ExtType:
+    if isinstance(value, tuple):
+        return msgpack.ExtType(TUPLE_EXT, _dumps(list(value)))
+    if isinstance(value, Descriptor):
+        return msgpack.ExtType(DESCRIPTOR_EXT, _dumps(value.fields()))
+    raise TypeError(f"cannot encode {type(value).__name__} in rpc_info")
+
+
 def encode_rpc_info(
     *, version: str, dht_client_mode: bool, cache_tokens_available: int, block: Optional[dict]
 ) -> bytes:
     """ExpertInfo.serialized_info; `block` is block_schemas(...) when the request named a block, else None."""
-    from hivemind.utils.serializer import MSGPackSerializer
-
     if not isinstance(version, str):
         raise TypeError(f"version must be a str, got {type(version).__name__}")
     if not isinstance(dht_client_mode, bool):
@@ -65,7 +100,7 @@ def encode_rpc_info(
         if clash:
             raise ValueError(f"block info may not override the server keys {sorted(clash)}")
         info.update(block)
-    return MSGPackSerializer.dumps(info)
+    return _dumps(info)
 
 
 def decode_rpc_info(serialized_info: bytes) -> dict:

@@ -52,6 +52,7 @@ class Handlers:
         self.allocator = allocator
         self.log = log
         self.adapters: tuple[str, ...] = tuple(plan.adapters)
+        self.block_schemas = rpc_info.block_schemas(plan.hidden_size, plan.torch_dtype, plan.compression)
         self.sessions: dict[str, "object"] = {}  # session_id -> InferenceStream, for rpc_push
         self.live: set = set()  # every open InferenceStream
         self.probe = None  # the actor's probe socket (procs/actor.py), for the steps `node.probe --follow` times
@@ -131,7 +132,7 @@ class Handlers:
                 if " " in request.uid:
                     raise KeyError(f"rpc_info takes one block uid, got the chain {request.uid!r}")
                 self.span(request.uid)
-                block = rpc_info.block_schemas(self.plan.hidden_size, self.plan.torch_dtype, self.plan.compression)
+                block = self.block_schemas
             capacity = await self.allocator.request(CapacityQuery(self.allocator.next_id()), timeout=5)
             payload = rpc_info.encode_rpc_info(
                 version=SERVER_VERSION,

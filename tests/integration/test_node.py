@@ -39,6 +39,16 @@ def test_rpc_info(micro_client, micro_node):
     assert len(info["outputs_schema"]) == 1
 
 
+def test_frontends_answer_rpc_info_without_torch(micro_client, micro_node):
+    """Nothing on a request path imports: a frontend answers rpc_info naming a block (the schemas included)
+    without loading torch, which took a second on each frontend's first call."""
+    for _ in range(4):  # p2pd spreads the calls over both frontends
+        micro_client.rpc_info(micro_node.peer_id, "micro-llama.0")
+    for name in ("frontend.0", "frontend.1"):
+        maps = open(f"/proc/{micro_node.actor_pid(name)}/maps").read()
+        assert "libtorch" not in maps, f"{name} loaded torch"
+
+
 def test_logs_are_json_lines_with_the_actor(micro_node):
     import json
 

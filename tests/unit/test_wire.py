@@ -252,11 +252,14 @@ def test_rpc_info_variants_and_errors():
     assert server_only == {"version": "x", "dht_client_mode": True, "cache_tokens_available": 7}
 
     block = rpc_info.block_schemas(4096, "torch.bfloat16", runtime_pb2.CompressionType.FLOAT16)
-    hidden, prompts, hypo = block["inference_schema"][0]
+    decoded = rpc_info.decode_rpc_info(
+        rpc_info.encode_rpc_info(version="x", dht_client_mode=False, cache_tokens_available=1, block=block)
+    )
+    hidden, prompts, hypo = decoded["inference_schema"][0]
     assert hidden == BatchTensorDescriptor(1, 2048, 4096, dtype=torch.bfloat16, compression=2)
     assert prompts.dtype == torch.bfloat16 and prompts.compression == 0 and prompts.size == (None,)
     assert hypo.dtype == torch.int64 and hypo.compression == 0
-    assert block["outputs_schema"] == (hidden,)
+    assert decoded["outputs_schema"] == (hidden,)
 
     with pytest.raises(ValueError, match="unknown dtype 'float8'"):
         rpc_info.block_schemas(64, "float8", 0)
