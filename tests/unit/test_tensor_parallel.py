@@ -79,7 +79,7 @@ QUANTIZED = ("llama_wide",)
 
 
 def quantized_errors(model: Model, rank: int, world: int) -> dict[str, float]:
-    """Shard first, then quantize (procs/runtime.load_blocks' order): every Linear of the shard, inside its
+    """Shard first, then quantize (node/runtime/loading.py load_blocks' order): every Linear of the shard, inside its
     Split/Reduce wrapper, becomes a bitsandbytes layer. The errors of the block's update, relative to the
     whole unquantized block's: the quantized shards' and the whole quantized block's."""
     from node.runtime.quantize import quantize_block
