@@ -37,19 +37,48 @@ def parse_span(uid: str, dht_prefix: str, served_start: int, served_end: int) ->
     return Span(indices[0], indices[-1] + 1)
 
 
-def decode_tensors(protos: Sequence) -> list[RawTensor]:
+MAX_TENSORS = 8  # a request needs at most 3 (hidden states or inputs, gradients, prompts, hypo_ids)
+
+
+@dataclass(frozen=True)
+class Declared:
+    """A request's tensor as its header declares it, before its buffer is read: the checks of this module
+    need only dtype and shape, and `decode` reads the buffers of the arguments that passed them."""
+
+    dtype: str
+    shape: tuple[int, ...]
+    proto: Any  # the runtime_pb2.Tensor
+    index: int  # its position in the request, for error messages
+
+
+def declared_tensors(protos: Sequence) -> list[Declared]:
+    """The request's tensors, their headers checked (known dtype and compression, sane shape)."""
+    if len(protos) > MAX_TENSORS:
+        raise ValueError(f"a request carries at most {MAX_TENSORS} tensors, got {len(protos)}")
     out = []
     for i, proto in enumerate(protos):
         try:
-            out.append(wire.decode_tensor(proto))
+            dtype, shape = wire.check_header(proto)
         except ValueError as e:
             raise ValueError(f"tensor {i}: {e}") from None
+        out.append(Declared(dtype, shape, proto, i))
+    return out
+
+
+def decode(*args: Declared) -> list[RawTensor]:
+    """The arguments' tensors, read and decompressed once their declared shapes passed the checks."""
+    out = []
+    for arg in args:
+        try:
+            out.append(wire.decode_tensor(arg.proto))
+        except ValueError as e:
+            raise ValueError(f"tensor {arg.index}: {e}") from None
     return out
 
 
 def positional(
-    tensors: list[RawTensor], metadata: dict, structure: Any = None, *, names: Sequence[str]
-) -> list[RawTensor]:
+    tensors: list[Declared], metadata: dict, structure: Any = None, *, names: Sequence[str]
+) -> list[Declared]:
     """The first len(names) positional arguments, via `args_structure` when the client sent one."""
     if structure is None:
         structure = metadata.get("args_structure")
@@ -57,7 +86,7 @@ def positional(
     if len(args) < len(names):
         raise ValueError(f"expected {len(names)} tensors ({', '.join(names)}), got {len(args)}")
     for name, arg in zip(names, args):
-        if not isinstance(arg, RawTensor):
+        if not isinstance(arg, Declared):
             raise ValueError(f"argument {name} must be a tensor, but args_structure puts a {type(arg).__name__} there")
     return list(args[: len(names)])
 
@@ -92,12 +121,17 @@ def output_compression(metadata: dict, n_outputs: int, default: int) -> list[int
     return list(value)
 
 
-def floating(tensor: RawTensor, name: str) -> None:
+ACTIVATION_DTYPES = ("float32", "float16", "bfloat16")  # what clients send; float64 would only cost memory
+
+
+def floating(tensor: Declared, name: str) -> None:
     if not tensor.dtype.startswith(("float", "bfloat")):
         raise ValueError(f"{name} must be a floating point tensor, got {tensor.dtype}")
+    if tensor.dtype not in ACTIVATION_DTYPES:
+        raise ValueError(f"{name} must be {', '.join(ACTIVATION_DTYPES)}, got {tensor.dtype}")
 
 
-def hidden_shape(tensor: RawTensor, name: str, hidden_size: int, max_tokens: int) -> tuple[int, int]:
+def hidden_shape(tensor: Declared, name: str, hidden_size: int, max_tokens: int) -> tuple[int, int]:
     """Check a [batch, length, hidden] tensor; return (batch, length)."""
     if len(tensor.shape) != 3 or tensor.shape[2] != hidden_size:
         raise ValueError(f"{name} must have shape [batch, length, {hidden_size}], got {list(tensor.shape)}")
@@ -110,13 +144,13 @@ def hidden_shape(tensor: RawTensor, name: str, hidden_size: int, max_tokens: int
     return batch, length
 
 
-def grad_outputs(tensor: RawTensor, inputs: RawTensor) -> None:
+def grad_outputs(tensor: Declared, inputs: Declared) -> None:
     if tuple(tensor.shape) != tuple(inputs.shape):
         raise ValueError(f"grad_outputs has shape {list(tensor.shape)}, expected {list(inputs.shape)} like inputs")
     floating(tensor, "grad_outputs")
 
 
-def prompts(tensor: Optional[RawTensor], n_blocks: int, batch: int, length: int, hidden_size: int) -> None:
+def prompts(tensor: Optional[Declared], n_blocks: int, batch: int, length: int, hidden_size: int) -> None:
     """Deep prompts: [n_blocks, 1 or batch, prefix, hidden] covering at most the input's positions, or
     the empty placeholder."""
     if optional_tensor(tensor) is None:
@@ -131,7 +165,7 @@ def prompts(tensor: Optional[RawTensor], n_blocks: int, batch: int, length: int,
     floating(tensor, "prompts")
 
 
-def hypo_ids(tensor: Optional[RawTensor], batch: int) -> None:
+def hypo_ids(tensor: Optional[Declared], batch: int) -> None:
     """Beam search's reordering: [batch] int64, or the empty placeholder (the runtime checks the range)."""
     if optional_tensor(tensor) is None:
         return
@@ -166,6 +200,7 @@ def session_open(
     dht_prefix: str,
     served: tuple[int, int],
     inference_max_length: int,
+    max_batch_size: int,
     adapters: Sequence[str],
 ) -> SessionOpen:
     span = parse_span(request.uid, dht_prefix, *served)
@@ -174,7 +209,9 @@ def session_open(
         raise ValueError("the first inference message must set max_length")
     if isinstance(max_length, bool) or not isinstance(max_length, int):
         raise TypeError(f"max_length must be an int, got {type(max_length).__name__} {max_length!r}")
-    if not 0 <= max_length <= inference_max_length:
+    if max_length < 1:  # a session of no tokens would hold a slot and no cache: nothing to admit it by
+        raise ValueError(f"Cannot allocate KV cache for {max_length} tokens: max_length must be at least 1")
+    if max_length > inference_max_length:
         raise ValueError(f"Cannot allocate KV cache for {max_length} tokens, max = {inference_max_length}")
     session_id = metadata.get("session_id") or ""
     if not isinstance(session_id, str):
@@ -185,6 +222,8 @@ def session_open(
     check_points(metadata)
     adapter = active_adapter(metadata, adapters)
     batch = request.tensors[0].size[0] if request.tensors and len(request.tensors[0].size) > 0 else 1
+    if not 1 <= batch <= max_batch_size:
+        raise ValueError(f"a session's batch size must be from 1 to {max_batch_size}, got {batch}")
     return SessionOpen(
         span, session_id, max_length, batch, float(alloc_timeout), metadata.get("args_structure"), adapter
     )
@@ -223,7 +262,7 @@ def next_servers(metadata: dict) -> list[tuple[str, str, int, int]]:
     return out
 
 
-def optional_tensor(tensor: Optional[RawTensor]) -> Optional[RawTensor]:
+def optional_tensor(tensor):
     """Petals sends an empty tensor for an absent argument."""
     if tensor is None:
         return None

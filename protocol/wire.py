@@ -163,16 +163,23 @@ def decode_tensor(t, label: Optional[str] = None) -> RawTensor:
         raise
 
 
-def _decode_tensor(t) -> RawTensor:
-    compression = t.compression
-    if compression not in range(len(COMPRESSION_NAMES)):
-        raise ValueError(f"unknown compression type {compression}")
+def check_header(t) -> tuple[str, tuple[int, ...]]:
+    """A runtime_pb2.Tensor's declared dtype and shape, checked without reading its buffer."""
+    if t.compression not in range(len(COMPRESSION_NAMES)):
+        raise ValueError(f"unknown compression type {t.compression}")
     dtype = t.dtype
     if not dtype:
         raise ValueError("tensor has no dtype (a stream continuation part cannot be decoded on its own)")
     _check_dtype(dtype)
     shape = tuple(t.size)
-    numel = _check_shape(shape, dtype)
+    _check_shape(shape, dtype)
+    return dtype, shape
+
+
+def _decode_tensor(t) -> RawTensor:
+    compression = t.compression
+    dtype, shape = check_header(t)
+    numel = math.prod(shape)
     if compression != NONE:
         return _decode_compressed(t, dtype, shape)
 

@@ -148,9 +148,10 @@ class Handlers:
         span = self.span(uid)
         rq.check_points(metadata)
         adapter = rq.active_adapter(metadata, self.adapters)
-        hidden, prompts = rq.positional(rq.decode_tensors(tensors), metadata, names=("hidden_states", "prompts"))
+        hidden, prompts = rq.positional(rq.declared_tensors(tensors), metadata, names=("hidden_states", "prompts"))
         batch, length = rq.hidden_shape(hidden, "hidden_states", self.plan.hidden_size, self.plan.max_batch_size)
         rq.prompts(prompts, span.length, batch, length, self.plan.hidden_size)
+        hidden, prompts = rq.decode(hidden, prompts)
         compressions = rq.output_compression(metadata, 1, self.plan.compression)
         msg = Forward(self.runtime.next_id(), span.start, span.end, self.metas([hidden, prompts]), adapter, peer)
         outputs = await self.call_runtime(msg, [hidden, prompts], self.plan.request_timeout)
@@ -161,11 +162,12 @@ class Handlers:
         rq.check_points(metadata)
         adapter = rq.active_adapter(metadata, self.adapters)
         inputs, grad_outputs, prompts = rq.positional(
-            rq.decode_tensors(tensors), metadata, names=("inputs", "grad_outputs", "prompts")
+            rq.declared_tensors(tensors), metadata, names=("inputs", "grad_outputs", "prompts")
         )
         batch, length = rq.hidden_shape(inputs, "inputs", self.plan.hidden_size, self.plan.max_batch_size)
         rq.grad_outputs(grad_outputs, inputs)
         rq.prompts(prompts, span.length, batch, length, self.plan.hidden_size)
+        inputs, grad_outputs, prompts = rq.decode(inputs, grad_outputs, prompts)
         n_outputs = 1 if rq.optional_tensor(prompts) is None else 2
         compressions = rq.output_compression(metadata, n_outputs, self.plan.compression)
         msg = Backward(

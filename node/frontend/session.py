@@ -123,6 +123,7 @@ class InferenceStream:
             dht_prefix=self.plan.dht_prefix,
             served=(self.plan.start_block, self.plan.end_block),
             inference_max_length=self.plan.inference_max_length,
+            max_batch_size=self.plan.max_batch_size,
             adapters=self.handlers.adapters,
         )
         if opened.session_id and opened.session_id in self.handlers.sessions:
@@ -199,9 +200,11 @@ class InferenceStream:
         if step_id and step_id in self.steps_done:
             return None  # a push and the client's own copy of one step: the second is dropped
         position = rq.start_from_position(metadata, self.prefix)
-        tensors = rq.decode_tensors(request.tensors)
         hidden, prompts, hypo_ids = rq.positional(
-            tensors, metadata, opened.args_structure, names=("hidden_states", "prompts", "hypo_ids")
+            rq.declared_tensors(request.tensors),
+            metadata,
+            opened.args_structure,
+            names=("hidden_states", "prompts", "hypo_ids"),
         )
         batch, length = rq.hidden_shape(hidden, "hidden_states", self.plan.hidden_size, self.plan.max_batch_size)
         if batch != opened.batch:
@@ -209,6 +212,7 @@ class InferenceStream:
         rq.prompts(prompts, opened.span.length, batch, length, self.plan.hidden_size)
         rq.hypo_ids(hypo_ids, batch)
         rq.max_length(position, length, opened.max_length)
+        hidden, prompts, hypo_ids = rq.decode(hidden, prompts, hypo_ids)
         runtime = self.handlers.runtime
         msg = InferStep(
             req=runtime.next_id(),
