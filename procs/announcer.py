@@ -3,11 +3,11 @@
 Owns: a hivemind DHTNode attached to the supervisor's p2pd (so it answers DHT RPCs under the node's
   peer id, with a DHT id derived from it that survives restarts), and the node's ServerInfo.
 Receives: Announce(state, blocks, throughput) and SwarmQuery from the supervisor; Capacity from the
-  allocator; Stop.
+  allocator; ServingQuery from frontends (ROUTER `announcer.sock`: may we push to this peer?); Stop.
 Sends: the per-block records and the `_petals.models` record, refreshed every `update_period` with
   a later expiration each time (with next_pings: round trips to the servers after ours, pinged
   just before); Announced to the supervisor after each state change; SwarmView (the
-  swarm's records, for block selection and rebalancing); CapacityQuery.
+  swarm's records, for block selection and rebalancing); Serving to frontends; CapacityQuery.
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ import asyncio
 import time
 from typing import Optional
 
+import zmq
 import zmq.asyncio
 from hivemind.dht.node import DHTNode
 from hivemind.dht.routing import DHTID
@@ -39,15 +40,21 @@ from protocol.messages import (
     AllocatorReply,
     Announce,
     Announced,
+    AnnouncerInbox,
     AnnouncerReady,
     AnnouncerStats,
     CapacityQuery,
+    Serving,
+    ServingQuery,
     Stop,
     SwarmQuery,
     SwarmView,
 )
+from protocol.transport import AsyncChannel, BadMessage
 
 SWARM_READ_TIMEOUT = 10.0  # seconds
+SERVING_MAX_AGE = 30.0  # a swarm read this recent answers a frontend's ServingQuery
+RECHECK_AFTER = 5.0  # ... unless it says no and is older than this: then it is read again
 PING_TIMEOUT = 5.0
 
 
@@ -65,6 +72,14 @@ class Announcer:
         self.stored = 0
         self.pings = NextPings()
         self.using_relay = False
+        self.swarm: Optional[tuple[float, dict]] = None  # (when, {block: {peer: ServerInfo}}) of the last read
+        self.reading: Optional[asyncio.Future] = None  # the read under way, shared by whoever needs it
+        inbox = ctx.socket(zmq.ROUTER)
+        inbox.setsockopt(zmq.LINGER, 0)
+        inbox.setsockopt(zmq.ROUTER_HANDOVER, 1)  # a restarted frontend reuses its identity
+        inbox.bind(self.plan.endpoint("announcer.sock"))
+        self.inbox = AsyncChannel(inbox, AnnouncerInbox, router=True, observer=actor.probe.observe)
+        self.answering: Optional[asyncio.Task] = None
 
     async def start(self) -> None:
         self.allocator.start()
@@ -83,6 +98,7 @@ class Announcer:
         )
         if self.plan.check_public_reachability:
             await confirm_public_reachability(self.peer_id, self.log)  # Unreachable stops the node
+        self.answering = asyncio.get_running_loop().create_task(self.answer_queries())
         self.actor.ready(AnnouncerReady(peer_id=self.peer_id, using_relay=self.using_relay))
 
     async def check_reachability(self, p2p: P2P) -> bool:
@@ -138,6 +154,54 @@ class Announcer:
             self.actor.stats = AnnouncerStats(state=self.state.state if self.state else -1, stored=self.stored)
             self.actor.publish_stats()
 
+    async def answer_queries(self) -> None:
+        while True:
+            try:
+                envelope = await self.inbox.recv()
+            except BadMessage as e:
+                self.log.warning("bad message", reason=e.reason)
+                continue
+            if isinstance(envelope.msg, ServingQuery):
+                asyncio.get_running_loop().create_task(self.answer_serving(envelope.sender, envelope.msg))
+
+    async def answer_serving(self, frontend: bytes, query: ServingQuery) -> None:
+        """Whether our view of the swarm shows the peer ONLINE on every block of the span; a view older
+        than RECHECK_AFTER that says no is read again once (the peer may have joined since)."""
+        serving = False
+        for max_age in (SERVING_MAX_AGE, RECHECK_AFTER):
+            try:
+                servers = await self.read_swarm(max_age)
+            except Exception as e:
+                self.log.info("cannot read the swarm", error=repr(e))
+                break
+            serving = all(
+                query.peer in servers.get(b, {}) and servers[b][query.peer].state == ServerState.ONLINE
+                for b in range(query.start, query.end)
+            )
+            if serving or time.monotonic() - self.swarm[0] <= RECHECK_AFTER:
+                break
+        try:
+            self.inbox.send(Serving(query.req, serving), to=frontend)
+        except zmq.ZMQError:
+            pass  # the frontend is gone
+
+    async def read_swarm(self, max_age: float) -> dict:
+        """{block: {peer: ServerInfo}} of every block, read as clients read it; a read at most `max_age`
+        seconds old is reused, and callers at the same time share one read."""
+        if self.swarm is not None and time.monotonic() - self.swarm[0] <= max_age:
+            return self.swarm[1]
+        if self.reading is None or self.reading.done():
+            self.reading = asyncio.ensure_future(self._read_swarm())
+        return await asyncio.shield(self.reading)
+
+    async def _read_swarm(self) -> dict:
+        # hivemind's search can wait forever on a peer that died mid-traversal: bound it
+        servers = await asyncio.wait_for(
+            read_servers(self.dht, self.plan.dht_prefix, self.plan.total_blocks), SWARM_READ_TIMEOUT
+        )
+        self.swarm = (time.monotonic(), servers)
+        return servers
+
     async def cache_tokens_left(self) -> Optional[int]:
         try:
             reply = await self.allocator.request(CapacityQuery(self.allocator.next_id()), timeout=2)
@@ -150,10 +214,7 @@ class Announcer:
     async def swarm_view(self, req: int) -> SwarmView:
         began = time.perf_counter()
         try:
-            # hivemind's search can wait forever on a peer that died mid-traversal: bound it
-            servers = await asyncio.wait_for(
-                read_servers(self.dht, self.plan.dht_prefix, self.plan.total_blocks), SWARM_READ_TIMEOUT
-            )
+            servers = await self.read_swarm(max_age=0.0)
         except (Exception, asyncio.TimeoutError) as e:
             self.log.warning("cannot read the swarm", error=repr(e))
             return SwarmView(req, error=repr(e))
@@ -169,9 +230,7 @@ class Announcer:
     async def ping_next(self, state: Announce) -> dict[str, float]:
         """Ping the servers that follow our span (PROTOCOL 2.4) and return the smoothed round trips."""
         try:
-            infos = await asyncio.wait_for(
-                read_servers(self.dht, self.plan.dht_prefix, self.plan.total_blocks), SWARM_READ_TIMEOUT
-            )
+            infos = await self.read_swarm(max_age=0.0)
         except Exception as e:
             self.log.info("cannot read the next servers", error=repr(e))
             return self.pings.current()
@@ -251,6 +310,9 @@ class Announcer:
         return ok, "" if ok else "some DHT stores were refused"
 
     async def close(self) -> None:
+        if self.answering is not None:
+            self.answering.cancel()
+        self.inbox.sock.close(0)
         self.allocator.close()
         if getattr(self, "reachability", None) is not None:
             await self.reachability.close()

@@ -2,10 +2,11 @@
 
 Owns: an attachment to the node's p2pd (P2P.replicate, so the peer id is the node's), the handler
   registrations (balanced: p2pd spreads calls over all frontends), and the open inference sessions.
-Receives: Petals RPCs from the swarm; replies from the runtime and the allocator; PushDelivery for
-  sessions it owns; control: Stop, PeerDown, PeerUp, Serve (the blocks served now).
+Receives: Petals RPCs from the swarm; replies from the runtime, the allocator and the announcer;
+  PushDelivery for sessions it owns; control: Stop, PeerDown, PeerUp, Serve (the blocks served now).
 Sends: Forward/Backward/InferStep/Cancel to the runtime; Allocate/Release/Adopt/CapacityQuery/
-  PushRoute to the allocator; replies and error frames to clients.
+  PushRoute to the allocator; ServingQuery to the announcer (before a push); replies and error frames
+  to clients, pushes to the next servers of v2.2.0 clients' chains.
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ from procs.requester import Requester
 from protocol.messages import (
     SHUTTING_DOWN,
     AllocatorReply,
+    AnnouncerReply,
     FrontendReady,
     PeerDown,
     PeerUp,
@@ -62,13 +64,17 @@ class Frontend:
             on_unsolicited=self.unsolicited,
             log=self.log,
         )
-        self.handlers = Handlers(self.plan, self.runtime, self.allocator, self.log)
+        self.announcer = Requester(
+            self.ctx, self.plan.endpoint("announcer.sock"), actor.name, AnnouncerReply, observer=observe, log=self.log
+        )
+        self.handlers = Handlers(self.plan, self.runtime, self.allocator, self.announcer, self.log)
         self.handlers.probe = actor.probe
         self.p2p = None
 
     async def start(self) -> None:
         self.runtime.start()
         self.allocator.start()
+        self.announcer.start()
         self.p2p = await P2P.replicate(Multiaddr(self.plan.daemon_maddr))
         self.handlers.p2p = self.p2p
         for name in UNARY:
@@ -118,6 +124,8 @@ class Frontend:
             self.runtime.fail_all("the block runtime restarted")
         elif name == "allocator":
             self.allocator.fail_all("the cache allocator restarted")
+        elif name == "announcer":
+            self.announcer.fail_all("the announcer restarted")
 
     def readopt(self) -> None:
         """A new allocator knows nothing: tell it the grants our open sessions still hold."""
@@ -149,6 +157,7 @@ class Frontend:
     def close(self) -> None:
         self.runtime.close()
         self.allocator.close()
+        self.announcer.close()
 
 
 async def amain(actor: actor_lib.Actor) -> None:

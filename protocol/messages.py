@@ -7,6 +7,7 @@ Sockets and who may send what on them:
 - control plane: supervisor ROUTER <-> one DEALER per actor (identity = actor name)
 - runtime inbox: runtime ROUTER <- frontends' and the allocator's DEALERs
 - allocator inbox: allocator ROUTER <- frontends' and the announcer's DEALERs
+- announcer inbox: announcer ROUTER <- frontends' DEALERs
 - tensor-parallel group: runtime.0's PUSH -> each other rank's PULL (its work, in order)
 - probe plane: every actor's XPUB -> `python -m node.probe`
 """
@@ -85,6 +86,8 @@ class FrontendStats(ActorStats):
     sessions: int = 0  # inference sessions open
     calls: dict[str, int] = {}  # per RPC
     errors: dict[str, int] = {}  # per RPC
+    refused: dict[str, int] = {}  # requests refused by a limit, per reason (node_refused_total)
+    bytes_in_flight: int = 0  # request bytes reserved by this frontend
     latency: dict[str, LatencyHistogram] = {}  # per RPC, and "inference_step"
 
 
@@ -116,6 +119,7 @@ class RankStats(ActorStats):
 
 
 class AllocatorStats(ActorStats):
+    refused: dict[str, int] = {}  # sessions refused by a limit, per reason
     used_bytes: int = 0
     capacity_bytes: int = 0
     tokens_used: int = 0  # in Petals' cache_tokens_left unit
@@ -394,7 +398,21 @@ class PushDelivery(Message):
     session: str
 
 
-# --- probe plane ------------------------------------------------------------------------------
+# --- announcer inbox: announcer ROUTER <- frontends' DEALERs ---------------------------------------
+
+
+class ServingQuery(Message):
+    """Does the swarm show `peer` serving blocks [start, end)? (before a push to it, PROTOCOL 3.7)"""
+
+    req: int
+    peer: str
+    start: int
+    end: int
+
+
+class Serving(Message):
+    req: int
+    serving: bool
 
 
 # --- tensor-parallel group: runtime.0's PUSH -> the PULL of each other rank -------------------
@@ -441,6 +459,9 @@ class GroupStop(Message):
     """Rank 0 has drained: nothing more will come."""
 
 
+# --- probe plane: every actor's XPUB -> python -m node.probe -------------------------------------
+
+
 class ProbeEvent(msgspec.Struct, omit_defaults=True):
     """What an actor publishes for probes: a message header it sent or received, or its stats."""
 
@@ -459,4 +480,6 @@ RuntimeInbox = Union[Forward, Backward, InferStep, Cancel, DropCache]
 RuntimeReply = Union[Result, Failure]
 AllocatorInbox = Union[Allocate, Release, Adopt, CapacityQuery, PushRoute]
 AllocatorReply = Union[Granted, Failure, Capacity, PushDelivery]
+AnnouncerInbox = Union[ServingQuery]
+AnnouncerReply = Union[Serving]
 GroupInbox = Union[GroupRun, GroupBackward, GroupDrop, GroupStop]

@@ -213,9 +213,7 @@ def session_open(
         raise ValueError(f"Cannot allocate KV cache for {max_length} tokens: max_length must be at least 1")
     if max_length > inference_max_length:
         raise ValueError(f"Cannot allocate KV cache for {max_length} tokens, max = {inference_max_length}")
-    session_id = metadata.get("session_id") or ""
-    if not isinstance(session_id, str):
-        raise ValueError(f"session_id must be a string, got {type(session_id).__name__}")
+    session_id = identifier(metadata, "session_id") or ""
     alloc_timeout = metadata.get("alloc_timeout", 0.0)
     if isinstance(alloc_timeout, bool) or not isinstance(alloc_timeout, (int, float)) or not alloc_timeout >= 0:
         raise ValueError(f"alloc_timeout must be a non-negative number, got {alloc_timeout!r}")
@@ -241,13 +239,31 @@ def start_from_position(metadata: dict, prefix_length: int) -> int:
     return value
 
 
-def next_servers(metadata: dict) -> list[tuple[str, str, int, int]]:
-    """v2.2.0 clients' push chain: [(peer_b58, session_id, start, end), ...]; malformed entries are errors."""
+MAX_ID_LENGTH = 128  # session and step ids are UUIDs (36 characters), peer ids base58 (about 52)
+
+
+def identifier(metadata: dict, key: str) -> Optional[str]:
+    """A session_id or step_id: a string of at most MAX_ID_LENGTH characters, or None when absent."""
+    value = metadata.get(key)
+    if value is None:
+        return None
+    if not isinstance(value, str):
+        raise ValueError(f"{key} must be a string, got {type(value).__name__}")
+    if len(value) > MAX_ID_LENGTH:
+        raise ValueError(f"{key} is {len(value)} characters long, at most {MAX_ID_LENGTH} are allowed")
+    return value
+
+
+def next_servers(metadata: dict, total_blocks: int) -> list[tuple[str, str, int, int]]:
+    """v2.2.0 clients' push chain: [(peer_b58, session_id, start, end), ...], each a span of the model's
+    blocks, at most one entry per block; malformed entries are errors."""
     value = metadata.get("next_servers")
     if not value:
         return []
     if not isinstance(value, (list, tuple)):
         raise ValueError(f"next_servers must be a list, got {type(value).__name__}")
+    if len(value) > total_blocks:
+        raise ValueError(f"next_servers has {len(value)} entries for a model of {total_blocks} blocks")
     out = []
     for entry in value:
         if (
@@ -257,9 +273,19 @@ def next_servers(metadata: dict) -> list[tuple[str, str, int, int]]:
             or not isinstance(entry[1], str)
             or not all(isinstance(x, int) and not isinstance(x, bool) for x in entry[2:])
         ):
-            raise ValueError(f"next_servers entries must be (peer_id, session_id, start, end), got {entry!r}")
-        out.append((entry[0], entry[1], entry[2], entry[3]))
+            raise ValueError(f"next_servers entries must be (peer_id, session_id, start, end), got {_short(entry)}")
+        peer, session_id, start, end = entry
+        if len(peer) > MAX_ID_LENGTH or len(session_id) > MAX_ID_LENGTH:
+            raise ValueError(f"next_servers entry has an id longer than {MAX_ID_LENGTH} characters")
+        if not 0 <= start < end <= total_blocks:
+            raise ValueError(f"next_servers entry spans blocks {start}:{end}, outside the model's 0:{total_blocks}")
+        out.append((peer, session_id, start, end))
     return out
+
+
+def _short(value: Any, limit: int = 80) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else text[:limit] + "..."
 
 
 def optional_tensor(tensor):

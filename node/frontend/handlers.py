@@ -15,6 +15,7 @@ from typing import AsyncIterator, Sequence
 
 from hivemind.proto import runtime_pb2
 
+from node.frontend.session import InferenceStream, SessionBusy
 from procs.requester import PeerUnavailable, Requester
 from protocol import SERVER_VERSION, rpc_info, wire
 from protocol import requests as rq
@@ -30,6 +31,7 @@ from protocol.messages import (
     LatencyHistogram,
     Message,
     PushRoute,
+    ServingQuery,
     TensorMeta,
 )
 from protocol.plan import NodePlan
@@ -45,11 +47,17 @@ class ShuttingDown(RuntimeError):
     pass
 
 
+MAX_PUSHES = 64  # pushes to next servers under way at once; more are skipped (the client sends its own copy)
+SERVING_TTL = 60.0  # seconds an answer of the announcer about a push target is trusted
+NOT_SERVING_TTL = 5.0
+
+
 class Handlers:
-    def __init__(self, plan: NodePlan, runtime: Requester, allocator: Requester, log):
+    def __init__(self, plan: NodePlan, runtime: Requester, allocator: Requester, announcer: Requester, log):
         self.plan = plan
         self.runtime = runtime
         self.allocator = allocator
+        self.announcer = announcer
         self.log = log
         self.adapters: tuple[str, ...] = tuple(plan.adapters)
         self.block_schemas = rpc_info.block_schemas(plan.hidden_size, plan.torch_dtype, plan.compression)
@@ -61,6 +69,9 @@ class Handlers:
         self.draining = False
         self.calls: dict[str, int] = {}
         self.errors: dict[str, int] = {}
+        self.refused: dict[str, int] = {}
+        self.pushes: set[asyncio.Task] = set()
+        self.serving: dict[tuple[str, int, int], tuple[bool, float]] = {}  # push targets: (serving, until)
         self.latency: dict[
             str, LatencyHistogram
         ] = {}  # per RPC (and per inference step), for node/supervisor/metrics.py
@@ -92,6 +103,38 @@ class Handlers:
         entry.buckets[bisect.bisect_left(LATENCY_BUCKETS, seconds)] += 1
         entry.sum += seconds
         entry.count += 1
+
+    def refuse(self, reason: str, peer: str, detail: str) -> None:
+        """Count a refusal by a limit (node_refused_total{reason}) and log it with the peer."""
+        self.refused[reason] = self.refused.get(reason, 0) + 1
+        self.log.info("refused", reason=reason, peer=peer, detail=detail)
+
+    def push(self, work) -> None:
+        """Run a push to the next server in the background, at most MAX_PUSHES at once."""
+        if len(self.pushes) >= MAX_PUSHES:
+            work.close()
+            self.refuse("pushes", "", f"{len(self.pushes)} pushes under way; this one is skipped")
+            return
+        task = asyncio.get_running_loop().create_task(work)
+        self.pushes.add(task)
+        task.add_done_callback(self.pushes.discard)
+
+    async def serves(self, peer: str, start: int, end: int) -> bool:
+        """Whether the announcer's view of the swarm shows `peer` serving blocks [start, end)."""
+        key = (peer, start, end)
+        known = self.serving.get(key)
+        now = time.monotonic()
+        if known is not None and now < known[1]:
+            return known[0]
+        try:
+            reply = await self.announcer.request(ServingQuery(self.announcer.next_id(), peer, start, end), timeout=10)
+            serving = reply.msg.serving
+        except (asyncio.TimeoutError, PeerUnavailable):
+            return False  # the announcer is restarting: no push now, the client sends its own copy
+        if len(self.serving) > 4096:  # peers come and go: forget them all rather than grow
+            self.serving.clear()
+        self.serving[key] = (serving, now + (SERVING_TTL if serving else NOT_SERVING_TTL))
+        return serving
 
     def span(self, uid: str) -> rq.Span:
         return rq.parse_span(uid, self.plan.dht_prefix, self.plan.start_block, self.plan.end_block)
@@ -235,8 +278,6 @@ class Handlers:
     # --- inference and push ------------------------------------------------------------------
 
     async def rpc_inference(self, requests, context) -> AsyncIterator[runtime_pb2.ExpertResponse]:
-        from node.frontend.session import InferenceStream
-
         with self.track("rpc_inference"):
             session = InferenceStream(self, str(context.remote_id))
             async for response in session.run(requests):
@@ -249,9 +290,14 @@ class Handlers:
             session_id = metadata.get("session_id")
             if not isinstance(session_id, str) or not session_id:
                 raise ValueError("rpc_push needs metadata.session_id")
+            session_id = rq.identifier(metadata, "session_id")
             local = self.sessions.get(session_id)
             if local is not None:
-                local.push(request)
+                try:
+                    local.push(request)
+                except SessionBusy as e:
+                    self.refuse("session_queue", str(context.remote_id), str(e))
+                    raise
             else:  # the session may live in another frontend process; the allocator knows which
                 self.allocator.send(PushRoute(session_id), [request.SerializeToString()])
             return runtime_pb2.ExpertResponse()
@@ -266,7 +312,10 @@ class Handlers:
         except Exception:
             self.log.warning("undecodable pushed request", session=session_id)
             return
-        session.push(request)
+        try:
+            session.push(request)
+        except SessionBusy as e:  # routed from another frontend: its pusher was already answered
+            self.refuse("session_queue", "", str(e))
 
     def stats(self) -> FrontendStats:
         """A copy: the heartbeat is encoded on another thread while the counts go on."""
@@ -275,5 +324,6 @@ class Handlers:
             sessions=len(self.sessions),
             calls=dict(self.calls),
             errors=dict(self.errors),
+            refused=dict(self.refused),
             latency={name: LatencyHistogram(list(h.buckets), h.sum, h.count) for name, h in self.latency.items()},
         )

@@ -3,12 +3,15 @@
 The first message fixes the blocks, batch size, max_length and args_structure and reserves the
 cache with the allocator. Every later message is one step: de-duplicated by step_id, positioned by
 start_from_position (rollback), run by the runtime against this session's cache handle. Steps come
-from the client's stream and, for v2.2.0 clients, from rpc_push; both land in one queue.
+from the client's stream and, for v2.2.0 clients, from rpc_push; both land in one queue of at most
+QUEUED_STEPS: the client's stream is read no further while it is full (backpressure, not buffering),
+and a push into a full queue is refused.
 """
 
 from __future__ import annotations
 
 import asyncio
+import collections
 import time
 from typing import AsyncIterator, Optional
 
@@ -21,6 +24,13 @@ from protocol.messages import Adopt, Allocate, Failure, InferStep, Release
 
 _CLIENT, _PUSH, _END, _ERROR = "client", "push", "end", "error"
 _PUSH_NAME = "TransformerConnectionHandler.rpc_push"
+QUEUED_STEPS = 4  # steps waiting in a session: a client sends one at a time, a push races it with a copy
+REMEMBERED_STEPS = 16  # step_ids kept to drop the second copy of a step (the push and the client's own)
+PUSH_KEYS = ("step_id", "start_from_position", "args_structure", "points")  # what a pushed step carries on
+
+
+class SessionBusy(RuntimeError):
+    """A push into a session whose queue is full: the client's own copy of the step will come."""
 
 
 class InferenceStream:
@@ -29,17 +39,28 @@ class InferenceStream:
         self.plan = handlers.plan
         self.log = handlers.log
         self.peer = peer
-        self.incoming: asyncio.Queue = asyncio.Queue()
+        self.incoming: asyncio.Queue = asyncio.Queue()  # steps (at most QUEUED_STEPS), then the end or an error
+        self.queued = 0  # steps in `incoming`
+        self.room = asyncio.Event()  # set while another step fits
+        self.room.set()
         self.opened: Optional[rq.SessionOpen] = None
         self.handle: Optional[int] = None
         self.prefix = 0
-        self.steps_done: set[str] = set()
+        self.steps_done: collections.deque[str] = collections.deque(maxlen=REMEMBERED_STEPS)
         self.deadline = time.monotonic() + self.plan.session_timeout
         self.lease_deadline = 0.0
         self.pushed = False  # whether the request being handled came from rpc_push
 
     def push(self, request: runtime_pb2.ExpertRequest) -> None:
-        self.incoming.put_nowait((_PUSH, request))
+        if self.queued >= QUEUED_STEPS:
+            raise SessionBusy(f"session {self._sid} has {self.queued} steps waiting; the pushed step is dropped")
+        self._enqueue(_PUSH, request)
+
+    def _enqueue(self, kind: str, request: runtime_pb2.ExpertRequest) -> None:
+        self.queued += 1
+        if self.queued >= QUEUED_STEPS:
+            self.room.clear()
+        self.incoming.put_nowait((kind, request))
 
     def abort(self, error: Exception) -> None:
         """End the session after its current step: the client gets `error`."""
@@ -84,7 +105,8 @@ class InferenceStream:
     async def _read_client(self, requests) -> None:
         try:
             async for request in requests:
-                await self.incoming.put((_CLIENT, request))
+                await self.room.wait()  # backpressure: the stream is read no further until a step fits
+                self._enqueue(_CLIENT, request)
             await self.incoming.put((_END, None))
         except asyncio.CancelledError:
             raise
@@ -106,6 +128,9 @@ class InferenceStream:
             return None
         if kind == _ERROR:
             raise item
+        if kind in (_CLIENT, _PUSH):
+            self.queued -= 1
+            self.room.set()
         self.pushed = kind == _PUSH
         return item
 
@@ -194,12 +219,11 @@ class InferenceStream:
     async def _step(self, request: runtime_pb2.ExpertRequest) -> Optional[runtime_pb2.ExpertResponse]:
         opened = self.opened
         metadata = wire.unpack_metadata(request.metadata)
-        step_id = metadata.get("step_id")
-        if step_id is not None and not isinstance(step_id, str):
-            raise ValueError(f"step_id must be a string, got {step_id!r}")
+        step_id = rq.identifier(metadata, "step_id")
         if step_id and step_id in self.steps_done:
             return None  # a push and the client's own copy of one step: the second is dropped
         position = rq.start_from_position(metadata, self.prefix)
+        servers = rq.next_servers(metadata, self.plan.total_blocks)
         hidden, prompts, hypo_ids = rq.positional(
             rq.declared_tensors(request.tensors),
             metadata,
@@ -231,19 +255,23 @@ class InferenceStream:
         (output,) = await self.handlers.call_runtime(msg, [hidden, prompts, hypo_ids], timeout)
         self.prefix = position + length
         if step_id:
-            self.steps_done.add(step_id)
+            self.steps_done.append(step_id)
         encoded = wire.encode_tensor(output, self.plan.compression)
-        servers = rq.next_servers(metadata)
         if servers and rq.optional_tensor(prompts) is None:
-            asyncio.get_running_loop().create_task(self._push_next(encoded, request, metadata, servers))
+            self.handlers.push(self._push_next(encoded, request, metadata, servers))
         return runtime_pb2.ExpertResponse(tensors=[encoded])
 
     async def _push_next(self, output, request, metadata: dict, servers: list) -> None:
-        """v2.2.0 clients: hand our output straight to the next server of the chain."""
+        """v2.2.0 clients: hand our output straight to the next server of the chain, if the swarm shows
+        that peer serving those blocks (anyone can name any peer in next_servers)."""
         from hivemind.p2p import PeerID
 
         peer, session_id, start, end = servers[0]
-        forwarded = dict(metadata, session_id=session_id, next_servers=[tuple(s) for s in servers[1:]], pushed=True)
+        if not await self.handlers.serves(peer, start, end):
+            self.handlers.refuse("push_target", self.peer, f"{peer} is not seen serving blocks {start}:{end}")
+            return
+        forwarded = {key: metadata[key] for key in PUSH_KEYS if key in metadata}
+        forwarded.update(session_id=session_id, next_servers=[tuple(s) for s in servers[1:]], pushed=True)
         pushed = runtime_pb2.ExpertRequest(
             uid=" ".join(f"{self.plan.dht_prefix}.{i}" for i in range(start, end)),
             tensors=[output, *request.tensors[1:]],

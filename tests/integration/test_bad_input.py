@@ -42,6 +42,7 @@ from tests.helpers.rpc import (
     next_step,
     request,
 )
+from tests.helpers.waiting import wait_until
 
 pytestmark = pytest.mark.timeout(120)  # a backstop: every call below has its own timeout
 
@@ -423,6 +424,59 @@ def test_step_past_max_length(caller, case):
     else:
         second = next_step(first, [hidden(1, 1), EMPTY, NO_HYPO], start_from_position=-1)
         caller.expect_error(rpc, [first, second], "start_from_position -1", responses_before=1)
+
+
+NEXT_SERVERS_CASES = {
+    "past-the-model": ([("QmPeer", "s", 0, 2**62)], "next_servers entry spans blocks 0:4611686018427387904, outside"),
+    "empty-span": ([("QmPeer", "s", 2, 2)], "next_servers entry spans blocks 2:2, outside"),
+    "negative": ([("QmPeer", "s", -1, 2)], "next_servers entry spans blocks -1:2, outside"),
+    "more-entries-than-blocks": ([("QmPeer", "s", 0, 1)] * 5, "next_servers has 5 entries for a model of 4 blocks"),
+    "long-peer-id": ([("Q" * 1000, "s", 0, 1)], "next_servers entry has an id longer than 128 characters"),
+    "not-a-list": ("QmPeer", "next_servers must be a list"),
+}
+
+
+@pytest.mark.parametrize("case", NEXT_SERVERS_CASES)
+def test_next_servers_out_of_range(caller, case):
+    """Checked before the step runs: a span past the model once made a frontend build a uid string over
+    2**62 blocks on its event loop (gigabytes, the frontend replaced)."""
+    value, needle = NEXT_SERVERS_CASES[case]
+    caller.expect_error("rpc_inference", request("rpc_inference", next_servers=value), needle)
+
+
+def test_push_only_to_peers_the_swarm_shows_serving(caller, micro_node):
+    """Anyone can name any peer in next_servers: the node answers the step and pushes only to a peer its
+    view of the swarm shows serving those blocks (this one serves nothing), forwarding no metadata of its
+    own making; the refusal is counted and logged with the client's peer."""
+    stranger = "QmS9KwZptnVdB9FFV7uGgaTq4sEKBwcYeKZDfSpyKDUd1g"
+    responses = caller.call("rpc_inference", request("rpc_inference", next_servers=[(stranger, "sid", 0, 4)]))
+    assert len(responses) == 1 and len(responses[0].tensors) == 1
+    wait_until(
+        lambda: any(e.get("event") == "refused" and e.get("reason") == "push_target" for e in micro_node.log_events()),
+        timeout=30,
+        what="the push to a stranger refused",
+    )
+
+
+@pytest.mark.parametrize("key", ["session_id", "step_id"])
+def test_ids_of_bounded_length(caller, key):
+    caller.expect_error(
+        "rpc_inference", request("rpc_inference", **{key: "x" * 1000}), f"{key} is 1000 characters long"
+    )
+
+
+def test_sessions_of_nothing_are_refused(caller):
+    """No session of zero tokens or zero rows: it would hold a slot while reserving no cache."""
+    caller.expect_error("rpc_inference", request("rpc_inference", max_length=0), "max_length must be at least 1")
+    empty_batch = [torch.randn(0, 3, H), EMPTY, NO_HYPO]
+    caller.expect_error("rpc_inference", request("rpc_inference", tensors=empty_batch), "batch size must be from 1")
+
+
+@pytest.mark.parametrize("rpc", TENSOR_RPCS)
+def test_float64_and_too_many_tensors_are_refused_before_decoding(caller, rpc):
+    tensors = default_tensors(rpc, hidden(dtype=torch.float64))
+    caller.expect_error(rpc, request(rpc, tensors=tensors), "must be float32, float16, bfloat16, got float64")
+    caller.expect_error(rpc, request(rpc, tensors=[hidden()] * 9, drop=["args_structure"]), "at most 8 tensors, got 9")
 
 
 # --- 5. args_structure --------------------------------------------------------------------------------
