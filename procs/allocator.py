@@ -61,6 +61,7 @@ class Allocator:
         runtime.connect(actor.plan.endpoint("runtime.sock"))
         self.runtime = Channel(runtime, RuntimeReply, observer=actor.probe.observe)
         self.sessions: dict[str, Lease] = {}
+        self.refused: dict[str, int] = {}
 
     # --- receiving ---------------------------------------------------------------------------
 
@@ -79,6 +80,7 @@ class Allocator:
             self.handle_control()
             self.expire()
             self.actor.stats = AllocatorStats(
+                refused=dict(self.refused),
                 used_bytes=self.budget.used,
                 capacity_bytes=self.budget.capacity,
                 # in Petals' cache_tokens_left unit, for node/supervisor/metrics.py
@@ -112,6 +114,7 @@ class Allocator:
                 owner,
                 self.geometry.session_bytes(msg.batch, msg.max_length, msg.blocks),
                 now + msg.expires_in,
+                msg.peer,
             )
             if self.budget.adopt(lease):
                 self.sessions[lease.session] = lease
@@ -160,6 +163,14 @@ class Allocator:
         if msg.session and msg.session in self.sessions:
             self.reply(sender, Failure(msg.req, f"session_id {msg.session} is already open on this server"))
             return
+        plan = self.actor.plan
+        if len(self.budget.leases) + len(self.budget.waiters) >= plan.max_sessions:
+            self.refuse(sender, msg, "sessions", f"the server has {plan.max_sessions} sessions open; retry later")
+            return
+        if self.budget.sessions_of(msg.peer) >= plan.max_sessions_per_peer:
+            error = f"you have {plan.max_sessions_per_peer} sessions open on this server; close one first"
+            self.refuse(sender, msg, "peer_sessions", error)
+            return
         timeout = max(0.0, min(msg.timeout, self.actor.plan.max_alloc_timeout))
         waiter = Waiter(
             req=msg.req,
@@ -169,6 +180,7 @@ class Allocator:
             deadline=now + timeout,
             lease_seconds=msg.lease,
             what=f"batch {msg.batch} x {msg.max_length} tokens over {msg.blocks} blocks",
+            peer=msg.peer,
         )
         try:
             lease = self.budget.request(waiter, now)
@@ -178,6 +190,11 @@ class Allocator:
             return
         if lease is not None:
             self.granted(waiter, lease)
+
+    def refuse(self, sender: bytes, msg: Allocate, reason: str, error: str) -> None:
+        self.refused[reason] = self.refused.get(reason, 0) + 1
+        self.log.info("refused", reason=reason, peer=msg.peer, session=msg.session, detail=error)
+        self.reply(sender, Failure(msg.req, error))
 
     def granted(self, waiter: Waiter, lease: Lease) -> None:
         if lease.session:

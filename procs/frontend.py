@@ -17,6 +17,7 @@ startup.die_with_supervisor()
 startup.light_hivemind()  # before the imports below: see node/startup.py
 
 import asyncio
+import functools
 import time
 
 import zmq
@@ -83,7 +84,15 @@ class Frontend:
                 NAME_PREFIX + name, getattr(self.handlers, name), request_type, balanced=True
             )
         for name in STREAMS:
-            handler = stream_handler(self.p2p, NAME_PREFIX + name, getattr(self.handlers, name), self.log)
+            handler = stream_handler(
+                self.p2p,
+                NAME_PREFIX + name,
+                getattr(self.handlers, name),
+                self.log,
+                sizes=functools.partial(self.handlers.stream_sizes, name),
+                scopes=self.handlers.scopes,
+                refuse=self.handlers.refuse,
+            )
             await self.p2p.add_binary_stream_handler(NAME_PREFIX + name, handler, balanced=True)
         # if we die, the supervisor unregisters our stream handlers (p2pd would go on dialing us)
         self.actor.ready(

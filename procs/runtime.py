@@ -10,11 +10,13 @@ Sends: a Result (output tensors as raw frames) or a Failure naming what was wron
   tensor parallelism this is rank 0: before each computation it pushes it to the other ranks
   (procs/runtime_rank.py, node/runtime/tensor_parallel/group.py), which compute their shards of it in step.
 
-Work runs in rounds. An inference round takes every session's ready step and runs them through the
-blocks together (one matrix multiplication per weight for all their tokens); a long prefill goes in
-chunks of PREFILL_CHUNK tokens, one per round, so that it cannot hold up everyone's next token for
-long. Forward and backward requests run when no inference step is ready: forwards merged up to
---max_batch_size tokens, backwards one at a time.
+Work runs in rounds. An inference round takes the sessions' ready steps (up to INFERENCE_ROUND_TOKENS,
+each peer in turn: node/runtime/scheduler.py) and runs them through the blocks together (one matrix
+multiplication per weight for all their tokens); a long prefill goes in chunks of PREFILL_CHUNK tokens,
+one per round, so that it cannot hold up everyone's next token for long. Forward and backward requests
+run when no inference step is ready: forwards merged up to --max_batch_size tokens and taken through
+their blocks in rounds of at most --max_batch_size tokens x blocks, backwards one at a time. The queue
+is bounded: work that does not fit is refused at once.
 """
 
 from __future__ import annotations
@@ -39,7 +41,7 @@ from node.runtime.kv_cache import SessionCache, SessionCaches
 from node.runtime.loading import BlockLoader, load_adapters, load_or_fail, wait_for_load_order
 from node.runtime.models import get_family
 from node.runtime.quantize import QuantizationUnavailable, check_quantization, quantize_block
-from node.runtime.scheduler import Scheduler, Task
+from node.runtime.scheduler import QueueFull, Scheduler, Task
 from node.runtime.tensor_parallel.group import Group
 from node.weights.checkpoint import Checkpoint
 from procs import actor as actor_lib
@@ -69,7 +71,18 @@ from protocol.messages import (
 from protocol.transport import BadMessage, Channel
 
 PREFILL_CHUNK = 256  # tokens of one session's step per round
+INFERENCE_ROUND_TOKENS = 4 * PREFILL_CHUNK  # tokens of all sessions in one round: more wait a round, peers in turn
 MAX_GATHER_WAIT = 0.1  # seconds a round may wait for the sessions of the previous round
+
+
+def step_cost(batch: int, length: int) -> int:
+    """Tokens a step puts into one round: at most PREFILL_CHUNK (a longer prefill takes more rounds)."""
+    return batch * min(length, max(1, PREFILL_CHUNK // batch))
+
+
+def task_cost(task: Task) -> int:
+    shape = task.msg.tensors[0].shape if task.msg.tensors else ()
+    return step_cost(shape[0], shape[1]) if len(shape) >= 2 else 1
 
 
 @dataclass
@@ -86,6 +99,31 @@ class Step:
     outputs: list = field(default_factory=list)
     # beam search's reordering; with a group it is applied by all ranks just before the first chunk runs
     hypo_ids: Optional[torch.Tensor] = None
+
+
+@dataclass
+class Forwarding:
+    """A forward request on its way through its blocks, some blocks per round."""
+
+    task: Task
+    work: compute.Work  # the whole request: its first block, how many, its input, its prompts
+    passed: int = 0  # blocks done
+    hidden: Optional[torch.Tensor] = None  # the output of the last block done
+
+    def next_chunk(self, blocks: int) -> compute.Work:
+        w = self.work
+        n = min(blocks, w.n_blocks - self.passed)
+        prompts = None if w.prompts is None else w.prompts[self.passed : self.passed + n]
+        hidden = w.hidden if self.hidden is None else self.hidden
+        return compute.Work(w.first + self.passed, n, hidden, prompts=prompts)
+
+    def advance(self, blocks: int, output: torch.Tensor) -> None:
+        self.passed += blocks
+        self.hidden = output
+
+    @property
+    def done(self) -> bool:
+        return self.passed >= self.work.n_blocks
 
 
 class GroupBroken(Exception):
@@ -112,6 +150,7 @@ class Runtime:
             is_inference=lambda m: isinstance(m, InferStep), is_forward=lambda m: isinstance(m, Forward)
         )
         self.steps: list[Step] = []  # inference steps in progress (chunked prefills span rounds)
+        self.forwards: list[Forwarding] = []  # a batch of forwards in progress (long ones span rounds)
         self.last_handles: set[int] = set()  # the sessions of the last inference round
         self.last_round_seconds = 0.0
         self.counts = RuntimeStats()  # the counters; update_stats adds the gauges and sends a copy
@@ -128,7 +167,7 @@ class Runtime:
         self.actor.ready(RuntimeReady(blocks=(self.plan.start_block, self.plan.end_block), dtype=self.plan.torch_dtype))
         last_gc = time.monotonic()
         while not self.actor.stopping.is_set():
-            self.receive(timeout_ms=0 if (self.queue or self.steps) else 100)
+            self.receive(timeout_ms=0 if (self.queue or self.steps or self.forwards) else 100)
             self.wait_for_stragglers()
             if not self.inference_round():
                 self.training_round()
@@ -195,15 +234,21 @@ class Runtime:
                 if not self.queue.cancel(envelope.sender, msg.req):
                     self.steps = [s for s in self.steps if s.task.key != (envelope.sender, msg.req)]
             else:
-                self.queue.push(envelope.sender, msg, envelope.frames)
+                try:
+                    self.queue.push(envelope.sender, msg, envelope.frames)
+                except QueueFull as e:
+                    self.counts.refused["queue"] = self.counts.refused.get("queue", 0) + 1
+                    self.log.info("refused", reason="queue", peer=getattr(msg, "peer", ""), detail=str(e))
+                    self.reply(envelope.sender, Failure(msg.req, str(e)))
 
     def drain(self) -> None:
         """On stop: finish what is under way within the grace period, fail the rest."""
         deadline = time.monotonic() + self.actor.grace
-        while (self.queue or self.steps) and time.monotonic() < deadline:
+        while (self.queue or self.steps or self.forwards) and time.monotonic() < deadline:
             if not self.inference_round():
                 self.training_round()
-        for task in [s.task for s in self.steps] + list(self.queue.inference) + list(self.queue.training):
+        unfinished = [s.task for s in self.steps] + [f.task for f in self.forwards]
+        for task in unfinished + self.queue.inference + self.queue.training:
             self.reply(task.sender, Failure(task.msg.req, SHUTTING_DOWN))
         if self.group is not None:
             self.group.share(GroupStop())
@@ -234,7 +279,9 @@ class Runtime:
 
     def inference_round(self) -> bool:
         busy = {s.task.msg.handle for s in self.steps}
-        for task in self.queue.take_inference(busy):
+        under_way = sum(step_cost(s.hidden.shape[0], s.hidden.shape[1] - s.done) for s in self.steps)
+        room = INFERENCE_ROUND_TOKENS - under_way
+        for task in self.queue.take_inference(busy, max_tokens=max(0, room), cost=task_cost):
             step = self.guard(task, self.admit)
             if step is not None:
                 self.steps.append(step)
@@ -328,31 +375,43 @@ class Runtime:
     # --- forward and backward ----------------------------------------------------------------
 
     def training_round(self) -> None:
-        tasks = self.queue.take_training(self.plan.max_batch_size)
-        if not tasks:
-            return
+        """A batch of forwards goes through its blocks in rounds of at most --max_batch_size tokens x blocks
+        (a small batch in one round, the largest one block per round), so that inference rounds go on in
+        between; a backward runs alone."""
+        if not self.forwards:
+            tasks = self.queue.take_training(self.plan.max_batch_size)
+            if not tasks:
+                return
+            if isinstance(tasks[0].msg, Backward):
+                began = time.perf_counter()
+                outputs = self.guard(tasks[0], self.backward)
+                if outputs is not None:
+                    self.succeed(tasks[0], outputs)
+                self.counts.busy_seconds += time.perf_counter() - began
+                return
+            prepared = [(task, self.guard(task, self.prepare_forward)) for task in tasks]
+            self.forwards = [Forwarding(task, work) for task, work in prepared if work is not None]
+            if not self.forwards:
+                return
         began = time.perf_counter()
-        if isinstance(tasks[0].msg, Backward):
-            outputs = self.guard(tasks[0], self.backward)
-            if outputs is not None:
-                self.succeed(tasks[0], outputs)
-            self.counts.busy_seconds += time.perf_counter() - began
-            return
-        prepared = [(task, self.guard(task, self.prepare_forward)) for task in tasks]
-        prepared = [(task, work) for task, work in prepared if work is not None]
-        if not prepared:
-            return
+        batch_tokens = sum(f.work.hidden.shape[0] * f.work.hidden.shape[1] for f in self.forwards)
+        per_round = max(1, self.plan.max_batch_size // batch_tokens)  # blocks each forward advances now
+        works = [f.next_chunk(per_round) for f in self.forwards]
         try:
-            outputs = self.run([work for _, work in prepared], [task.msg.adapter for task, _ in prepared])
+            outputs = self.run(works, [f.task.msg.adapter for f in self.forwards])
         except Exception as e:
-            self.log.exception("forward batch failed", requests=len(prepared))
-            for task, _ in prepared:
-                self.fail(task, self.retryable(e))
+            self.log.exception("forward batch failed", requests=len(self.forwards))
+            for f in self.forwards:
+                self.fail(f.task, self.retryable(e))
+            self.forwards = []
             self.break_group(e)
             return
-        for (task, _), output in zip(prepared, outputs):
-            self.succeed(task, [output])
-        self.count_round([work for _, work in prepared], began)
+        for f, work, output in zip(self.forwards, works, outputs):
+            f.advance(work.n_blocks, output)
+            if f.done:
+                self.succeed(f.task, [output])
+        self.forwards = [f for f in self.forwards if not f.done]
+        self.count_round(works, began)
 
     def prepare_forward(self, task: Task) -> compute.Work:
         msg: Forward = task.msg
@@ -492,7 +551,7 @@ class Runtime:
             busy_seconds=round(self.counts.busy_seconds, 3),
             round_sizes=dict(self.counts.round_sizes),
             queue=len(self.queue),
-            in_progress=len(self.steps),
+            in_progress=len(self.steps) + len(self.forwards),
             sessions=len(self.caches),
             blocks_held=sum(b is not None for b in self.blocks),
             sessions_outside=outside,

@@ -102,11 +102,12 @@ class RuntimeStats(ActorStats):
     busy_seconds: float = 0.0
     round_sizes: dict[str, int] = {}  # rounds by how many requests ran together
     queue: int = 0  # tasks waiting
-    in_progress: int = 0  # inference steps under way (chunked prefills)
+    in_progress: int = 0  # inference steps and forwards under way (chunked over rounds)
     sessions: int = 0  # attention caches held
     blocks_held: int = 0
     sessions_outside: int = 0  # sessions on blocks outside the announced range (during a move)
     free_memory: Optional[int] = None  # bytes free on the device
+    refused: dict[str, int] = {}  # work refused by a limit (a full queue), per reason
 
 
 class RankStats(ActorStats):
@@ -275,7 +276,8 @@ class Forward(Message):
     end: int
     tensors: list[TensorMeta]
     adapter: str = ""
-    peer: str = ""
+    peer: str = ""  # the client: the runtime takes work fairly across peers
+    points: float = 0.0  # Petals' priority: a peer's own requests with more points go first
 
 
 class Backward(Message):
@@ -287,6 +289,7 @@ class Backward(Message):
     tensors: list[TensorMeta]
     adapter: str = ""
     peer: str = ""
+    points: float = 0.0
 
 
 class InferStep(Message):
@@ -307,6 +310,7 @@ class InferStep(Message):
     tensors: list[TensorMeta]
     step: str = ""
     adapter: str = ""
+    peer: str = ""
 
 
 class Cancel(Message):
@@ -352,6 +356,7 @@ class Allocate(Message):
     blocks: int
     timeout: float = 0.0
     lease: float = 1800.0
+    peer: str = ""  # the client, for the limit of sessions per peer
 
 
 class Granted(Message):
@@ -372,6 +377,7 @@ class Adopt(Message):
     max_length: int
     blocks: int
     expires_in: float
+    peer: str = ""
 
 
 class CapacityQuery(Message):

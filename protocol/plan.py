@@ -57,6 +57,11 @@ class NodePlan(msgspec.Struct, kw_only=True):
     session_timeout: float
     step_timeout: float
     compression: int  # CompressionType of outputs
+    # what strangers may make the node hold (node/frontend/limits.py, the allocator)
+    max_sessions: int
+    max_sessions_per_peer: int
+    max_bytes_in_flight: Optional[int]
+    max_peer_bytes_in_flight: Optional[int]
 
     # swarm
     initial_peers: list[str] = []

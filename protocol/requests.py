@@ -91,10 +91,11 @@ def positional(
     return list(args[: len(names)])
 
 
-def check_points(metadata: dict) -> None:
+def check_points(metadata: dict) -> float:
     points = metadata.get("points", 0.0)
     if isinstance(points, bool) or not isinstance(points, (int, float)) or not math.isfinite(points):
         raise ValueError(f"points must be a number, got {points!r}")
+    return float(points)
 
 
 def active_adapter(metadata: dict, adapters: Sequence[str]) -> str:

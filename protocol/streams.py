@@ -24,12 +24,17 @@ class FrameTooLarge(ValueError):
 
 async def read_frame(reader: asyncio.StreamReader, max_bytes: int = MAX_FRAME_BYTES) -> tuple[bytes, bytes]:
     """Returns (marker, payload); raises asyncio.IncompleteReadError when the peer is gone."""
-    marker = await reader.readexactly(1)
-    length = int.from_bytes(await reader.readexactly(HEADER_LEN), "big")
+    marker, length = await read_header(reader)
     if length > max_bytes:
         raise FrameTooLarge(f"stream message of {length} bytes exceeds the limit of {max_bytes}")
     payload = await reader.readexactly(length) if length else b""
     return marker, payload
+
+
+async def read_header(reader: asyncio.StreamReader) -> tuple[bytes, int]:
+    """A frame's marker and the length of its payload, which is still to be read."""
+    marker = await reader.readexactly(1)
+    return marker, int.from_bytes(await reader.readexactly(HEADER_LEN), "big")
 
 
 def write_frame(writer: asyncio.StreamWriter, marker: bytes, payload: bytes) -> None:

@@ -69,6 +69,7 @@ class Lease:
     owner: str
     size: int
     expires_at: float
+    peer: str = ""  # the client that holds it
 
 
 @dataclass
@@ -80,6 +81,7 @@ class Waiter:
     deadline: float  # when to give up waiting
     lease_seconds: float
     what: str = ""  # for error messages: "1x2048 tokens over 4 blocks"
+    peer: str = ""
 
 
 @dataclass
@@ -103,7 +105,7 @@ class CacheBudget:
         handle = random.getrandbits(62)
         while handle in self.leases or handle == 0:
             handle = random.getrandbits(62)
-        lease = Lease(handle, waiter.session, waiter.owner, waiter.size, now + waiter.lease_seconds)
+        lease = Lease(handle, waiter.session, waiter.owner, waiter.size, now + waiter.lease_seconds, waiter.peer)
         self.leases[handle] = lease
         self.used += waiter.size
         return lease
@@ -161,6 +163,10 @@ class CacheBudget:
         self.leases[lease.handle] = lease
         self.used += lease.size
         return True
+
+    def sessions_of(self, peer: str) -> int:
+        """Grants held and waited for by one peer."""
+        return sum(lease.peer == peer for lease in self.leases.values()) + sum(w.peer == peer for w in self.waiters)
 
     def next_deadline(self) -> Optional[float]:
         times = [lease.expires_at for lease in self.leases.values()] + [w.deadline for w in self.waiters]

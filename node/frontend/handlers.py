@@ -11,11 +11,13 @@ import asyncio
 import bisect
 import contextlib
 import time
-from typing import AsyncIterator, Sequence
+from typing import AsyncIterator, Optional, Sequence
 
 from hivemind.proto import runtime_pb2
 
+from node.frontend.limits import Refused, RequestSizes, Scopes
 from node.frontend.session import InferenceStream, SessionBusy
+from node.frontend.streams import Received
 from procs.requester import PeerUnavailable, Requester
 from protocol import SERVER_VERSION, rpc_info, wire
 from protocol import requests as rq
@@ -47,6 +49,7 @@ class ShuttingDown(RuntimeError):
     pass
 
 
+MAX_REQUESTS_IN_FLIGHT = 1024  # RPCs one frontend handles at once (sessions included)
 MAX_PUSHES = 64  # pushes to next servers under way at once; more are skipped (the client sends its own copy)
 SERVING_TTL = 60.0  # seconds an answer of the announcer about a push target is trusted
 NOT_SERVING_TTL = 5.0
@@ -72,16 +75,37 @@ class Handlers:
         self.refused: dict[str, int] = {}
         self.pushes: set[asyncio.Task] = set()
         self.serving: dict[tuple[str, int, int], tuple[bool, float]] = {}  # push targets: (serving, until)
-        self.latency: dict[
-            str, LatencyHistogram
-        ] = {}  # per RPC (and per inference step), for node/supervisor/metrics.py
+        # per RPC (and per inference step), for node/supervisor/metrics.py
+        self.latency: dict[str, LatencyHistogram] = {}
+        largest = self.sizes().largest
+        self.scopes = Scopes(
+            total=plan.max_bytes_in_flight or 4 * largest, per_peer=plan.max_peer_bytes_in_flight or 2 * largest
+        )
+
+    def sizes(self) -> RequestSizes:
+        """The most each kind of request can need now (the blocks served change with moves)."""
+        plan = self.plan
+        return RequestSizes(plan.hidden_size, plan.max_batch_size, plan.end_block - plan.start_block)
+
+    def stream_sizes(self, rpc: str) -> tuple[int, Optional[int]]:
+        """(one message, the whole stream) for node/frontend/streams.py: a forward or backward stream is one
+        request in parts; an inference stream is a session of steps, each at most one step's size."""
+        sizes = self.sizes()
+        if rpc == "rpc_inference":
+            return sizes.step, None
+        total = sizes.forward if rpc == "rpc_forward_stream" else sizes.backward
+        return total, total
 
     # --- bookkeeping shared by every RPC ------------------------------------------------------
 
     @contextlib.contextmanager
-    def track(self, name: str):
+    def track(self, name: str, peer: str):
         if self.draining:
             raise ShuttingDown(SHUTTING_DOWN)
+        if self.in_flight >= MAX_REQUESTS_IN_FLIGHT:
+            message = f"the server is handling {self.in_flight} requests; retry later"
+            self.refuse("requests", peer, message)
+            raise Refused("requests", message)
         self.in_flight += 1
         self.calls[name] = self.calls.get(name, 0) + 1
         began = time.perf_counter()
@@ -169,7 +193,7 @@ class Handlers:
     # --- rpc_info ------------------------------------------------------------------------------
 
     async def rpc_info(self, request: runtime_pb2.ExpertUID, context) -> runtime_pb2.ExpertInfo:
-        with self.track("rpc_info"):
+        with self.track("rpc_info", str(context.remote_id)):
             block = None
             if request.uid:
                 if " " in request.uid:
@@ -189,20 +213,21 @@ class Handlers:
 
     async def forward(self, uid: str, tensors: list, metadata: dict, peer: str) -> list[runtime_pb2.Tensor]:
         span = self.span(uid)
-        rq.check_points(metadata)
+        points = rq.check_points(metadata)
         adapter = rq.active_adapter(metadata, self.adapters)
         hidden, prompts = rq.positional(rq.declared_tensors(tensors), metadata, names=("hidden_states", "prompts"))
         batch, length = rq.hidden_shape(hidden, "hidden_states", self.plan.hidden_size, self.plan.max_batch_size)
         rq.prompts(prompts, span.length, batch, length, self.plan.hidden_size)
         hidden, prompts = rq.decode(hidden, prompts)
         compressions = rq.output_compression(metadata, 1, self.plan.compression)
-        msg = Forward(self.runtime.next_id(), span.start, span.end, self.metas([hidden, prompts]), adapter, peer)
+        metas = self.metas([hidden, prompts])
+        msg = Forward(self.runtime.next_id(), span.start, span.end, metas, adapter, peer, points)
         outputs = await self.call_runtime(msg, [hidden, prompts], self.plan.request_timeout)
         return self.encode(outputs, compressions)
 
     async def backward(self, uid: str, tensors: list, metadata: dict, peer: str) -> list[runtime_pb2.Tensor]:
         span = self.span(uid)
-        rq.check_points(metadata)
+        points = rq.check_points(metadata)
         adapter = rq.active_adapter(metadata, self.adapters)
         inputs, grad_outputs, prompts = rq.positional(
             rq.declared_tensors(tensors), metadata, names=("inputs", "grad_outputs", "prompts")
@@ -213,35 +238,47 @@ class Handlers:
         inputs, grad_outputs, prompts = rq.decode(inputs, grad_outputs, prompts)
         n_outputs = 1 if rq.optional_tensor(prompts) is None else 2
         compressions = rq.output_compression(metadata, n_outputs, self.plan.compression)
-        msg = Backward(
-            self.runtime.next_id(), span.start, span.end, self.metas([inputs, grad_outputs, prompts]), adapter, peer
-        )
+        metas = self.metas([inputs, grad_outputs, prompts])
+        msg = Backward(self.runtime.next_id(), span.start, span.end, metas, adapter, peer, points)
         outputs = await self.call_runtime(msg, [inputs, grad_outputs, prompts], self.plan.request_timeout)
         return self.encode(outputs, compressions)
 
+    @contextlib.asynccontextmanager
+    async def reserved(self, peer: str, nbytes: int):
+        """A unary request's bytes, held in the scopes while it is handled (p2pd delivers it whole)."""
+        try:
+            await self.scopes.reserve(peer, nbytes)
+        except Refused as e:
+            self.refuse(e.reason, peer, str(e))
+            raise
+        try:
+            yield
+        finally:
+            self.scopes.release(peer, nbytes)
+
     async def rpc_forward(self, request: runtime_pb2.ExpertRequest, context) -> runtime_pb2.ExpertResponse:
-        with self.track("rpc_forward"):
-            metadata = wire.unpack_metadata(request.metadata)
-            tensors = await asyncio.wait_for(
-                self.forward(request.uid, list(request.tensors), metadata, str(context.remote_id)),
-                self.plan.request_timeout,
-            )
-            return runtime_pb2.ExpertResponse(tensors=tensors)
+        peer = str(context.remote_id)
+        with self.track("rpc_forward", peer):
+            async with self.reserved(peer, request.ByteSize()):
+                metadata = wire.unpack_metadata(request.metadata)
+                work = self.forward(request.uid, list(request.tensors), metadata, peer)
+                return runtime_pb2.ExpertResponse(tensors=await asyncio.wait_for(work, self.plan.request_timeout))
 
     async def rpc_backward(self, request: runtime_pb2.ExpertRequest, context) -> runtime_pb2.ExpertResponse:
-        with self.track("rpc_backward"):
-            metadata = wire.unpack_metadata(request.metadata)
-            tensors = await asyncio.wait_for(
-                self.backward(request.uid, list(request.tensors), metadata, str(context.remote_id)),
-                self.plan.request_timeout,
-            )
-            return runtime_pb2.ExpertResponse(tensors=tensors)
+        peer = str(context.remote_id)
+        with self.track("rpc_backward", peer):
+            async with self.reserved(peer, request.ByteSize()):
+                metadata = wire.unpack_metadata(request.metadata)
+                work = self.backward(request.uid, list(request.tensors), metadata, peer)
+                return runtime_pb2.ExpertResponse(tensors=await asyncio.wait_for(work, self.plan.request_timeout))
 
-    async def _collect(self, requests: AsyncIterator[runtime_pb2.ExpertRequest]) -> tuple[str, dict, list]:
-        """A *_stream request: uid and metadata from the first part, tensors reassembled from all parts."""
+    async def _collect(self, requests: AsyncIterator[Received]) -> tuple[str, dict, list]:
+        """A *_stream request: uid and metadata from the first part, tensors reassembled from all parts (their
+        bytes stay reserved until the stream ends)."""
         uid, metadata, assembler = None, None, wire.StreamAssembler()
         tensors = []
-        async for part in requests:
+        async for received in requests:
+            part = received.request
             if uid is None:
                 uid, metadata = part.uid, wire.unpack_metadata(part.metadata)
             elif part.uid != uid:
@@ -262,14 +299,14 @@ class Handlers:
                 yield runtime_pb2.ExpertResponse(tensors=[part])
 
     async def rpc_forward_stream(self, requests, context) -> AsyncIterator[runtime_pb2.ExpertResponse]:
-        with self.track("rpc_forward_stream"):
+        with self.track("rpc_forward_stream", str(context.remote_id)):
             work = self._collected(self.forward, requests, str(context.remote_id))
             outputs = await asyncio.wait_for(work, self.plan.request_timeout)
             async for response in self._stream_reply(outputs):
                 yield response
 
     async def rpc_backward_stream(self, requests, context) -> AsyncIterator[runtime_pb2.ExpertResponse]:
-        with self.track("rpc_backward_stream"):
+        with self.track("rpc_backward_stream", str(context.remote_id)):
             work = self._collected(self.backward, requests, str(context.remote_id))
             outputs = await asyncio.wait_for(work, self.plan.request_timeout)
             async for response in self._stream_reply(outputs):
@@ -278,13 +315,13 @@ class Handlers:
     # --- inference and push ------------------------------------------------------------------
 
     async def rpc_inference(self, requests, context) -> AsyncIterator[runtime_pb2.ExpertResponse]:
-        with self.track("rpc_inference"):
+        with self.track("rpc_inference", str(context.remote_id)):
             session = InferenceStream(self, str(context.remote_id))
             async for response in session.run(requests):
                 yield response
 
     async def rpc_push(self, request: runtime_pb2.ExpertRequest, context) -> runtime_pb2.ExpertResponse:
-        with self.track("rpc_push"):
+        with self.track("rpc_push", str(context.remote_id)):
             self.span(request.uid)
             metadata = wire.unpack_metadata(request.metadata)
             session_id = metadata.get("session_id")
@@ -325,5 +362,6 @@ class Handlers:
             calls=dict(self.calls),
             errors=dict(self.errors),
             refused=dict(self.refused),
+            bytes_in_flight=self.scopes.used,
             latency={name: LatencyHistogram(list(h.buckets), h.sum, h.count) for name, h in self.latency.items()},
         )

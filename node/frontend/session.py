@@ -17,6 +17,7 @@ from typing import AsyncIterator, Optional
 
 from hivemind.proto import runtime_pb2
 
+from node.frontend.streams import Received
 from procs.requester import PeerUnavailable
 from protocol import requests as rq
 from protocol import wire
@@ -50,13 +51,14 @@ class InferenceStream:
         self.deadline = time.monotonic() + self.plan.session_timeout
         self.lease_deadline = 0.0
         self.pushed = False  # whether the request being handled came from rpc_push
+        self.current: Optional[Received] = None  # the client's step being handled: its bytes are held until done
 
     def push(self, request: runtime_pb2.ExpertRequest) -> None:
         if self.queued >= QUEUED_STEPS:
             raise SessionBusy(f"session {self._sid} has {self.queued} steps waiting; the pushed step is dropped")
         self._enqueue(_PUSH, request)
 
-    def _enqueue(self, kind: str, request: runtime_pb2.ExpertRequest) -> None:
+    def _enqueue(self, kind: str, request) -> None:
         self.queued += 1
         if self.queued >= QUEUED_STEPS:
             self.room.clear()
@@ -104,9 +106,9 @@ class InferenceStream:
 
     async def _read_client(self, requests) -> None:
         try:
-            async for request in requests:
+            async for received in requests:
                 await self.room.wait()  # backpressure: the stream is read no further until a step fits
-                self._enqueue(_CLIENT, request)
+                self._enqueue(_CLIENT, received)
             await self.incoming.put((_END, None))
         except asyncio.CancelledError:
             raise
@@ -115,6 +117,9 @@ class InferenceStream:
 
     async def _next(self) -> Optional[runtime_pb2.ExpertRequest]:
         """The next step from the client or a push; None when the stream ended or the client went quiet."""
+        if self.current is not None:  # the step before is done: its bytes are free
+            self.current.release()
+            self.current = None
         expired = TimeoutError(f"the session exceeded session_timeout ({self.plan.session_timeout:.0f} s)")
         left = self.deadline - time.monotonic()
         if left <= 0:
@@ -132,6 +137,9 @@ class InferenceStream:
             self.queued -= 1
             self.room.set()
         self.pushed = kind == _PUSH
+        if kind == _CLIENT:
+            self.current = item
+            return item.request
         return item
 
     # --- opening and closing -----------------------------------------------------------------
@@ -157,7 +165,14 @@ class InferenceStream:
         timeout = min(opened.alloc_timeout, self.plan.max_alloc_timeout)
         lease = self.deadline - time.monotonic() + 30
         msg = Allocate(
-            allocator.next_id(), opened.session_id, opened.batch, opened.max_length, opened.span.length, timeout, lease
+            allocator.next_id(),
+            opened.session_id,
+            opened.batch,
+            opened.max_length,
+            opened.span.length,
+            timeout,
+            lease,
+            peer=self.peer,
         )
         try:
             reply = (await allocator.request(msg, timeout=timeout + 10)).msg
@@ -183,12 +198,14 @@ class InferenceStream:
         if self.handle is None:
             return None
         o = self.opened
-        return Adopt(
-            self.handle, o.session_id, o.batch, o.max_length, o.span.length, self.lease_deadline - time.monotonic()
-        )
+        expires_in = self.lease_deadline - time.monotonic()
+        return Adopt(self.handle, o.session_id, o.batch, o.max_length, o.span.length, expires_in, peer=self.peer)
 
     def _close(self) -> None:
         self.handlers.live.discard(self)
+        if self.current is not None:
+            self.current.release()
+            self.current = None
         if self.handle is not None:
             self.handlers.allocator.send(Release(self.handle))
             self.handle = None
@@ -250,6 +267,7 @@ class InferenceStream:
             tensors=self.handlers.metas([hidden, prompts, hypo_ids]),
             step=step_id or "",
             adapter=opened.adapter,
+            peer=self.peer,
         )
         timeout = max(0.001, min(self.plan.request_timeout, self.deadline - time.monotonic()))
         (output,) = await self.handlers.call_runtime(msg, [hidden, prompts, hypo_ids], timeout)

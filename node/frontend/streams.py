@@ -10,24 +10,70 @@ and dropped for a moment, so that closing the stream does not reset it before th
 from __future__ import annotations
 
 import asyncio
-from typing import Optional
+from dataclasses import dataclass
+from typing import Callable, Optional
 
 from hivemind.p2p import P2P, P2PContext
 from hivemind.proto import runtime_pb2
 
+from node.frontend.limits import Refused, Scopes
 from protocol import streams
 
 PREFETCH = 5  # like hivemind: at most this many unread requests buffered per stream
-
-
 INPUT_DRAIN_SECONDS = 1.0  # after our last frame, how long to wait for the rest of the client's input
+FRAME_SECONDS = 10.0  # a frame's payload must arrive within this, plus a second per MiB (a body read timeout)
+MIN_RATE = 1 << 20  # bytes per second
 
 
-def stream_handler(p2p: P2P, name: str, handler, log):
-    """Serve one stream RPC with hivemind's framing, but answer malformed input with an error frame."""
+class Reservation:
+    """The bytes one stream holds in the frontend's and its peer's scopes (node/frontend/limits.py).
+    Each message's bytes are reserved before it is read and released by `release` once it is handled
+    (an inference step), or when the stream ends."""
+
+    def __init__(self, scopes: Scopes, peer: str):
+        self.scopes = scopes
+        self.peer = peer
+        self.held = 0
+
+    async def reserve(self, nbytes: int) -> None:
+        await self.scopes.reserve(self.peer, nbytes)
+        self.held += nbytes
+
+    def release(self, nbytes: int) -> None:
+        nbytes = min(nbytes, self.held)
+        self.held -= nbytes
+        self.scopes.release(self.peer, nbytes)
+
+    def close(self) -> None:
+        self.release(self.held)
+
+
+@dataclass(frozen=True)
+class Received:
+    """One message of a stream, and how to give back the bytes it holds."""
+
+    request: runtime_pb2.ExpertRequest
+    nbytes: int
+    reservation: Reservation
+
+    def release(self) -> None:
+        self.reservation.release(self.nbytes)
+
+
+def stream_handler(
+    p2p: P2P, name: str, handler, log, sizes: Callable[[], tuple[int, Optional[int]]], scopes: Scopes, refuse
+):
+    """Serve one stream RPC with hivemind's framing, but answer malformed input with an error frame.
+
+    The handler gets the stream's messages as Received. `sizes()` gives the most bytes one message and
+    the whole stream (None: no total, a session) may hold; a frame over them, or one that does not fit
+    the scopes, is refused with an error and nothing more is read. `refuse(reason, peer, message)`
+    counts and logs a refusal."""
 
     async def handle(stream_info, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         context = P2PContext(handle_name=name, local_id=p2p.peer_id, remote_id=stream_info.peer_id)
+        peer = str(stream_info.peer_id)
+        reservation = Reservation(scopes, peer)
         inbox: asyncio.Queue = asyncio.Queue(PREFETCH)
 
         async def requests():
@@ -50,43 +96,67 @@ def stream_handler(p2p: P2P, name: str, handler, log):
                 streams.write_error(writer, str(e) or type(e).__name__)
                 await writer.drain()
 
+        async def read_next() -> Optional[tuple[bytes, bytes, int]]:
+            """(marker, payload, bytes reserved) of the next frame, within the limits."""
+            marker, length = await streams.read_header(reader)
+            message_limit, total_limit = sizes()
+            if length > message_limit:
+                raise Refused(
+                    "message_size", f"a stream message of {length} bytes exceeds the limit of {message_limit}"
+                )
+            if total_limit is not None and received + length > total_limit:
+                raise Refused(
+                    "request_size", f"the request exceeds {total_limit} bytes, the most a {name} request can need"
+                )
+            await reservation.reserve(length)
+            try:
+                payload = await asyncio.wait_for(reader.readexactly(length), FRAME_SECONDS + length / MIN_RATE)
+            except asyncio.TimeoutError:
+                raise Refused("slow_sender", f"a stream message of {length} bytes did not arrive in time") from None
+            return marker, payload, length
+
         task = asyncio.get_running_loop().create_task(process())
         receiving = True
         ended = False  # the client sent its end-of-input, closed, or sent what cannot be read any further
+        received = 0  # payload bytes so far
         receive = None
         try:
             while not task.done():
                 if not receiving:
                     await task
                     break
-                receive = asyncio.get_running_loop().create_task(streams.read_frame(reader))
+                receive = asyncio.get_running_loop().create_task(read_next())
                 await asyncio.wait({task, receive}, return_when=asyncio.FIRST_COMPLETED)
                 if task.done():
                     break  # `receive` stays pending for drain_input
-                received, receive = receive, None
+                done, receive = receive, None
                 try:
-                    marker, payload = received.result()
+                    marker, payload, nbytes = done.result()
                 except (asyncio.IncompleteReadError, ConnectionError):
                     ended = True
                     task.cancel()  # the client closed or died mid-call: stop its work, free its cache
                     break
-                except streams.FrameTooLarge as e:
+                except Refused as e:
+                    refuse(e.reason, peer, str(e))
                     await inbox.put(ValueError(str(e)))
-                    receiving = False
+                    receiving, ended = False, True  # nothing more is read from this stream
                     continue
+                received += nbytes
                 if marker == streams.MESSAGE:
                     request = runtime_pb2.ExpertRequest()
                     try:
                         request.ParseFromString(payload)
                     except Exception:
-                        await inbox.put(
-                            ValueError(f"malformed ExpertRequest ({len(payload)} bytes could not be parsed)")
-                        )
+                        await inbox.put(ValueError(f"malformed ExpertRequest ({nbytes} bytes could not be parsed)"))
                         receiving = False
                         continue
-                    await inbox.put(request)
+                    await inbox.put(Received(request, nbytes, reservation))
                 elif marker == streams.ERROR:
-                    text = streams.error_text(payload)
+                    reservation.release(nbytes)
+                    try:
+                        text = streams.error_text(payload)
+                    except Exception:  # an error frame whose payload is not an RPCError
+                        text = f"an undecodable error frame of {nbytes} bytes"
                     await inbox.put(None if text is None else ConnectionError(f"the client sent an error: {text}"))
                     ended = True
                 else:
@@ -102,6 +172,11 @@ def stream_handler(p2p: P2P, name: str, handler, log):
             if receive is not None:
                 receive.cancel()
             writer.close()
+            try:
+                if not task.done():
+                    await asyncio.wait({task})  # the handler releases what it holds as it ends
+            finally:
+                reservation.close()
 
     return handle
 

@@ -103,6 +103,11 @@ class NodeConfig(msgspec.Struct, kw_only=True):
     drain_timeout: float = 60
     memory_margin: float = 0.2
     metrics_port: Optional[int] = None
+    # what strangers may make the node hold (DESIGN section 5); honest clients stay far below
+    max_sessions: int = 1024
+    max_sessions_per_peer: int = 128
+    max_bytes_in_flight: Optional[int] = None  # per frontend; None: 4 of the largest request the model allows
+    max_peer_bytes_in_flight: Optional[int] = None  # per peer and frontend; None: 2 of the largest request
 
     @property
     def peers(self) -> list[str]:
@@ -213,11 +218,18 @@ for _fn, _name in [
     _fn.__name__ = _name  # argparse names the expected kind in its error from the function name
 
 
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Defaults shown in --help, except "None": the help text says what an absent value means."""
+
+    def _get_help_string(self, action):
+        return action.help if action.default is None else super()._get_help_string(action)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="python -m node.supervisor",
         description="Serve a range of transformer blocks to a Petals swarm.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=_HelpFormatter,
     )
     p.add_argument("model_pos", nargs="?", metavar="MODEL", help="hub repository or local directory of the model")
     p.add_argument("--model", "--converted_model_name_or_path", dest="model", help="same as MODEL")
@@ -330,6 +342,22 @@ def build_parser() -> argparse.ArgumentParser:
         "--metrics_port",
         type=_non_negative_int,
         help="serve Prometheus metrics on this port (0: any free port; default: off)",
+    )
+    limits = p.add_argument_group(
+        "limits", "what any peer may make the node hold; honest Petals clients stay far below"
+    )
+    limits.add_argument("--max_sessions", type=_positive_int, help="inference sessions open at once, in all")
+    limits.add_argument("--max_sessions_per_peer", type=_positive_int, help="inference sessions open at once, per peer")
+    limits.add_argument(
+        "--max_bytes_in_flight",
+        type=_size,
+        help="request bytes one frontend holds at once, e.g. 1GiB (default: 4 times the largest request the model "
+        "allows, hidden states of --max_batch_size tokens with deep prompts for every served block)",
+    )
+    limits.add_argument(
+        "--max_peer_bytes_in_flight",
+        type=_size,
+        help="request bytes one frontend holds at once for one peer (default: 2 times the largest request)",
     )
     node.add_argument("--log_format", choices=("auto", "json", "console"))
     node.add_argument("--log_level", choices=("debug", "info", "warning", "error"))

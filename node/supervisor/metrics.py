@@ -59,6 +59,9 @@ class Totals:
 
 def counters(stats: Optional[ActorStats]) -> Iterator[tuple[tuple, float]]:
     """The monotonic counts in one actor's heartbeat stats, as ((metric, *labels), value)."""
+    if isinstance(stats, (FrontendStats, AllocatorStats, RuntimeStats)):
+        for reason, n in stats.refused.items():
+            yield ("refused", reason), float(n)
     if isinstance(stats, FrontendStats):
         for rpc, n in stats.calls.items():
             yield ("requests", rpc), float(n)
@@ -118,8 +121,16 @@ class NodeCollector(Collector):
                 cumulative += totals.get(("latency_bucket", rpc, i), 0.0)
                 buckets.append(("+Inf" if bound == float("inf") else str(bound), cumulative))
             latency.add_metric([rpc], buckets, total)
+        refused = CounterMetricFamily(
+            "node_refused",
+            "requests refused by a limit on what peers may make the node hold, by reason",
+            labels=["reason"],
+        )
+        for reason, n in _labelled(totals, "refused"):
+            refused.add_metric([reason], n)
         yield requests
         yield errors
+        yield refused
         yield latency
         frontends = [a["stats"] for a in actors.values() if isinstance(a["stats"], FrontendStats)]
         yield _gauge(

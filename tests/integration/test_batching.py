@@ -100,3 +100,24 @@ def test_concurrent_forwards_are_merged_and_exact(micro_client, micro_hf):
 
     for out, x, (s, e) in zip(micro_client.run(all_forwards()), inputs, spans):
         assert rel_err(out, hf_blocks(micro_hf, x, s, e)) <= TOL
+
+
+def test_a_largest_forward_goes_block_by_block_beside_inference(micro_node, micro_client, micro_hf):
+    """A forward of --max_batch_size tokens goes through its blocks one per round (a round is at most
+    max_batch_size tokens x blocks), so a session's steps are answered in between; both stay exact."""
+    torch.manual_seed(24)
+    big, small = torch.randn(1, 8192, 64), torch.randn(1, 4, 64)
+    swarm = micro_client.swarm
+    before = runtime_rounds(micro_node.run_dir)
+
+    async def session():
+        async with swarm.inference_session(max_length=4, start=0, end=4) as s:
+            return torch.cat([await s.step(small[:, t : t + 1]) for t in range(4)], 1)
+
+    async def both():
+        return await asyncio.gather(swarm.forward(big, 0, 4), session())
+
+    big_out, small_out = micro_client.run(both(), timeout=120)
+    assert rel_err(big_out, hf_blocks(micro_hf, big, 0, 4)) <= TOL
+    assert rel_err(small_out, hf_blocks(micro_hf, small, 0, 4)) <= TOL
+    assert runtime_rounds(micro_node.run_dir) - before >= 4 + 4  # 4 one-block rounds of the forward, 4 steps
