@@ -64,7 +64,7 @@ def run_client(petals_python: str, model: Path, peers: list[str], args, log: Pat
 
 
 def start_petals_server(
-    petals_python: str, model: Path, num_blocks: int, log: Path
+    petals_python: str, model: Path, num_blocks: int, log: Path, prefix: str = PREFIX
 ) -> tuple[subprocess.Popen, list[str]]:
     server = subprocess.Popen(
         [
@@ -73,7 +73,7 @@ def start_petals_server(
             "petals.cli.run_server",
             str(model),
             "--dht_prefix",
-            PREFIX,
+            prefix,
             "--torch_dtype",
             "float32",
             "--device",

@@ -109,6 +109,11 @@ class Forwarding:
     work: compute.Work  # the whole request: its first block, how many, its input, its prompts
     passed: int = 0  # blocks done
     hidden: Optional[torch.Tensor] = None  # the output of the last block done
+    rounds: int = 0  # rounds it took part in
+
+    @property
+    def tokens(self) -> int:
+        return self.work.hidden.shape[0] * self.work.hidden.shape[1]
 
     def next_chunk(self, blocks: int) -> compute.Work:
         w = self.work
@@ -120,6 +125,7 @@ class Forwarding:
     def advance(self, blocks: int, output: torch.Tensor) -> None:
         self.passed += blocks
         self.hidden = output
+        self.rounds += 1
 
     @property
     def done(self) -> bool:
@@ -150,7 +156,8 @@ class Runtime:
             is_inference=lambda m: isinstance(m, InferStep), is_forward=lambda m: isinstance(m, Forward)
         )
         self.steps: list[Step] = []  # inference steps in progress (chunked prefills span rounds)
-        self.forwards: list[Forwarding] = []  # a batch of forwards in progress (long ones span rounds)
+        self.forwards: list[Forwarding] = []  # forwards in progress (long ones span rounds)
+        self.forward_turn: dict[str, None] = {}  # peers in the order their forwards advance next
         self.last_handles: set[int] = set()  # the sessions of the last inference round
         self.last_round_seconds = 0.0
         self.counts = RuntimeStats()  # the counters; update_stats adds the gauges and sends a copy
@@ -375,30 +382,39 @@ class Runtime:
     # --- forward and backward ----------------------------------------------------------------
 
     def training_round(self) -> None:
-        """A batch of forwards goes through its blocks in rounds of at most --max_batch_size tokens x blocks
-        (a small batch in one round, the largest one block per round), so that inference rounds go on in
-        between; a backward runs alone."""
+        """Forwards go through their blocks in rounds of about --max_batch_size tokens x blocks (small ones
+        in one round, the largest one block per round, the least advanced first), new ones join at every
+        round, so that neither inference rounds nor another peer's forwards wait for a long one; a backward
+        runs alone."""
+        limit = self.plan.max_batch_size
+        room = 2 * limit - sum(f.tokens for f in self.forwards)
+        if room > 0 or not self.forwards:
+            tasks = self.queue.take_training(room)
+        else:  # full, but a peer with nothing under way gets in: another's long forwards do not block it
+            tasks = self.queue.take_training_for_newcomers({f.task.peer for f in self.forwards})
+        if tasks and isinstance(tasks[0].msg, Backward):
+            began = time.perf_counter()
+            outputs = self.guard(tasks[0], self.backward)
+            if outputs is not None:
+                self.succeed(tasks[0], outputs)
+            self.counts.busy_seconds += time.perf_counter() - began
+            return
+        prepared = [(task, self.guard(task, self.prepare_forward)) for task in tasks]
+        self.forwards += [Forwarding(task, work) for task, work in prepared if work is not None]
         if not self.forwards:
-            tasks = self.queue.take_training(self.plan.max_batch_size)
-            if not tasks:
-                return
-            if isinstance(tasks[0].msg, Backward):
-                began = time.perf_counter()
-                outputs = self.guard(tasks[0], self.backward)
-                if outputs is not None:
-                    self.succeed(tasks[0], outputs)
-                self.counts.busy_seconds += time.perf_counter() - began
-                return
-            prepared = [(task, self.guard(task, self.prepare_forward)) for task in tasks]
-            self.forwards = [Forwarding(task, work) for task, work in prepared if work is not None]
-            if not self.forwards:
-                return
+            return
         began = time.perf_counter()
-        batch_tokens = sum(f.work.hidden.shape[0] * f.work.hidden.shape[1] for f in self.forwards)
-        per_round = max(1, self.plan.max_batch_size // batch_tokens)  # blocks each forward advances now
-        works = [f.next_chunk(per_round) for f in self.forwards]
+        chosen, works, budget = [], [], limit
+        turn = {peer: i for i, peer in enumerate(self.forward_turn)}
+        for f in sorted(self.forwards, key=lambda f: (turn.get(f.task.peer, -1), f.rounds)):
+            if budget <= 0:  # peers in turn, each one's least advanced first; the rest waits a round
+                break
+            blocks = max(1, budget // f.tokens)  # at least one block each: a round is at most twice the budget
+            works.append(f.next_chunk(blocks))
+            chosen.append(f)
+            budget -= works[-1].n_blocks * f.tokens
         try:
-            outputs = self.run(works, [f.task.msg.adapter for f in self.forwards])
+            outputs = self.run(works, [f.task.msg.adapter for f in chosen])
         except Exception as e:
             self.log.exception("forward batch failed", requests=len(self.forwards))
             for f in self.forwards:
@@ -406,11 +422,16 @@ class Runtime:
             self.forwards = []
             self.break_group(e)
             return
-        for f, work, output in zip(self.forwards, works, outputs):
+        for f in chosen:  # served peers go to the end of the turn
+            self.forward_turn.pop(f.task.peer, None)
+            self.forward_turn[f.task.peer] = None
+        for f, work, output in zip(chosen, works, outputs):
             f.advance(work.n_blocks, output)
             if f.done:
                 self.succeed(f.task, [output])
         self.forwards = [f for f in self.forwards if not f.done]
+        active = {f.task.peer for f in self.forwards}
+        self.forward_turn = {peer: None for peer in self.forward_turn if peer in active}
         self.count_round(works, began)
 
     def prepare_forward(self, task: Task) -> compute.Work:

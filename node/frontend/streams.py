@@ -20,7 +20,9 @@ from node.frontend.limits import Refused, Scopes
 from protocol import streams
 
 PREFETCH = 5  # like hivemind: at most this many unread requests buffered per stream
-INPUT_DRAIN_SECONDS = 1.0  # after our last frame, how long to wait for the rest of the client's input
+INPUT_DRAIN_SECONDS = 1.0  # after our last frame, how long to read (and drop) the rest of the client's input
+DRAIN_BYTES = 64 << 20  # ... and how much of it at most
+DRAIN_CHUNK = 64 << 10
 FRAME_SECONDS = 10.0  # a frame's payload must arrive within this, plus a second per MiB (a body read timeout)
 MIN_RATE = 1 << 20  # bytes per second
 
@@ -139,7 +141,7 @@ def stream_handler(
                 except Refused as e:
                     refuse(e.reason, peer, str(e))
                     await inbox.put(ValueError(str(e)))
-                    receiving, ended = False, True  # nothing more is read from this stream
+                    receiving = False  # nothing more is kept: the rest is only dropped (drain_input)
                     continue
                 received += nbytes
                 if marker == streams.MESSAGE:
@@ -162,7 +164,7 @@ def stream_handler(
                 else:
                     await inbox.put(ValueError(f"malformed stream frame (marker {marker!r})"))
                     receiving = False
-            if receiving and not ended and task.done() and not task.cancelled():
+            if not ended and task.done() and not task.cancelled():
                 await drain_input(reader, receive)
                 receive = None
         except Exception:
@@ -183,17 +185,32 @@ def stream_handler(
 
 async def drain_input(reader: asyncio.StreamReader, receive: Optional[asyncio.Task]) -> None:
     """Our reply is complete (often an early error) but the client may still be sending: read and drop its
-    frames up to its end-of-input, for at most INPUT_DRAIN_SECONDS. Closing the stream with input still
-    unread makes it a reset, and the client may then lose our last frames (the error message)."""
+    input up to its end-of-input, for at most INPUT_DRAIN_SECONDS and DRAIN_BYTES, holding no more than
+    one chunk of it at a time. Closing the stream with input still unread makes it a reset, and the
+    client would then lose our last frames (the error message)."""
     loop = asyncio.get_running_loop()
     deadline = loop.time() + INPUT_DRAIN_SECONDS
+    dropped = 0
+
+    async def within(awaitable):
+        return await asyncio.wait_for(awaitable, max(0.0, deadline - loop.time()))
+
     try:
-        while True:
-            receive = receive or loop.create_task(streams.read_frame(reader))
-            marker, _ = await asyncio.wait_for(receive, max(0.0, deadline - loop.time()))
+        if receive is not None:  # a frame being read when the reply ended: let it finish
+            marker = (await within(receive))[0]
             receive = None
             if marker != streams.MESSAGE:
+                return
+        while dropped < DRAIN_BYTES:
+            marker, length = await within(streams.read_header(reader))
+            if marker != streams.MESSAGE:
                 return  # end-of-input (or an error or a bad frame: nothing more to read)
+            while length > 0 and dropped < DRAIN_BYTES:
+                chunk = await within(reader.read(min(length, DRAIN_CHUNK)))
+                if not chunk:
+                    return
+                length -= len(chunk)
+                dropped += len(chunk)
     except (asyncio.TimeoutError, asyncio.IncompleteReadError, ConnectionError, ValueError):
         return
     finally:

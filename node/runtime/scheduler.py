@@ -143,6 +143,17 @@ class Scheduler:
             if not progressed:
                 return taken
 
+    def take_training_for_newcomers(self, busy_peers: set) -> list[Task]:
+        """The next task, in turn, of a peer that has no work under way: taken whatever the budget, so that
+        another peer's long forwards never keep a peer waiting for more than a round."""
+        for peer, queue in list(self._training.by_peer.items()):
+            if peer not in busy_peers:
+                task = max(queue, key=lambda t: (t.points, -t.arrival))
+                self._taken(self._training, task)
+                self._training.rotate(peer)
+                return [task]
+        return []
+
     def take_training(self, max_tokens: int) -> list[Task]:
         """Forwards of each peer in turn (a peer's own by points, then arrival) while they fit in `max_tokens`
         (at least one), or one backward if the next in turn is a backward."""

@@ -32,7 +32,6 @@ import struct
 import threading
 import time
 
-import psutil
 import pytest
 import torch
 from hivemind.proto import runtime_pb2
@@ -40,6 +39,7 @@ from hivemind.proto import runtime_pb2
 from node.client.swarm import Client
 from node.tools.launcher import NodeProcess
 from protocol import wire
+from tests.helpers.memory import node_memory
 from tests.helpers.paths import MICRO_LLAMA, ROOT
 from tests.helpers.rpc import STREAMS, UNARY, Caller, request
 
@@ -56,20 +56,6 @@ pytestmark = [pytest.mark.reliability, pytest.mark.timeout(int(300 + 4 * SECONDS
 
 def report(name: str, **figures) -> None:
     print(f"reliability: {name} " + " ".join(f"{k}={v}" for k, v in figures.items()), flush=True)
-
-
-def node_memory(node: NodeProcess) -> tuple[int, int]:
-    """(PSS, USS) of all the node's processes, p2pd included. Growth is judged on USS, the pages only
-    the node's processes hold: their PSS also moves when other processes on the host that map the
-    same libraries (torch's, in every test process) start or exit."""
-    pss = uss = 0
-    for pid in node.all_pids():
-        try:
-            info = psutil.Process(pid).memory_full_info()
-        except (psutil.NoSuchProcess, psutil.AccessDenied):
-            continue
-        pss, uss = pss + info.pss, uss + info.uss
-    return pss, uss
 
 
 async def one_session(swarm, steps: int = 8, hidden: int = 64, metadata=None) -> None:

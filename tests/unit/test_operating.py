@@ -80,3 +80,20 @@ def test_metrics_totals_survive_an_actor_replacement():
     totals.observe("runtime.0", 301, RuntimeStats(rounds=1, round_sizes={"1": 1}))
     t = totals.totals()
     assert t[("rounds",)] == 4 and t[("round_size", "2")] == 3 and t[("round_size", "1")] == 1
+
+
+def test_refusals_are_exported_by_reason_across_actors():
+    """node_refused_total{reason} sums what every frontend, the allocator and the runtime refused, and
+    keeps counting across a replaced frontend."""
+    from node.supervisor.metrics import NodeCollector, Totals
+    from protocol.messages import AllocatorStats, FrontendStats, RuntimeStats
+
+    totals = Totals()
+    totals.observe("frontend.0", 1, FrontendStats(refused={"peer_bytes": 2}))
+    totals.observe("frontend.0", 2, FrontendStats(refused={"peer_bytes": 1}))  # its replacement
+    totals.observe("allocator", 3, AllocatorStats(refused={"peer_sessions": 4}))
+    totals.observe("runtime.0", 4, RuntimeStats(refused={"queue": 5}))
+    snapshot = {"state": 2, "blocks": [0, 4], "moves": 0, "actors": {}}
+    families = {f.name: f for f in NodeCollector(lambda: snapshot, totals).collect()}
+    samples = {s.labels["reason"]: s.value for s in families["node_refused"].samples if s.name == "node_refused_total"}
+    assert samples == {"peer_bytes": 3.0, "peer_sessions": 4.0, "queue": 5.0}
