@@ -22,12 +22,14 @@ from tests.helpers.paths import MICRO_LLAMA, ROOT
 # --attn_cache_tokens 64 on micro-llama: 65536 bytes in all; a session costs 1024 bytes per token of
 # max_length over 4 blocks, so max_length 40 takes 40960 bytes and two such sessions do not fit.
 FULL = 256  # rpc_info cache_tokens_available of the empty cache
+MAX_SESSIONS = 6
 
 
 @pytest.fixture(scope="module")
 def node(tmp_path_factory):
     run = tmp_path_factory.mktemp("cache") / "node"
     flags = ["--attn_cache_tokens", "64", "--max_alloc_timeout", "2", "--step_timeout", "4", "--session_timeout", "7"]
+    flags += ["--max_sessions", str(MAX_SESSIONS)]
     with NodeProcess(MICRO_LLAMA, run, "--num_handlers", "2", *flags) as node:
         yield node
 
@@ -139,3 +141,19 @@ def test_a_vanished_client_does_not_hold_memory(client, node):
         proc.kill()
         proc.wait()
     wait_available(client, node, FULL, timeout=10)
+
+
+def test_sessions_beyond_max_sessions_are_refused_whoever_opens_them(client, node):
+    """--max_sessions bounds the sessions open at once in all (here from one client; the per-peer limit is
+    in tests/integration/test_hostile_peers.py), while the cache still has room."""
+    import contextlib
+
+    with contextlib.ExitStack() as stack:
+        for _ in range(MAX_SESSIONS):
+            session = stack.enter_context(client.session(max_length=1, start=0, end=4))
+            step(session, length=1)
+        with pytest.raises(P2PHandlerError, match=f"the server has {MAX_SESSIONS} sessions open"):
+            with client.session(max_length=1, start=0, end=4) as extra:
+                step(extra, length=1)
+    with client.session(max_length=1, start=0, end=4) as session:  # room again once they closed
+        step(session, length=1)
