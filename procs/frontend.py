@@ -120,21 +120,31 @@ class Frontend:
                 return
             if isinstance(msg, PeerDown):
                 self.peer_down(msg.name)
-            elif isinstance(msg, PeerUp) and msg.name == "allocator":
-                self.readopt()
+            elif isinstance(msg, PeerUp):
+                self.peer_up(msg.name)
             elif isinstance(msg, Serve):  # the blocks were chosen, or the node moved
                 self.plan.start_block, self.plan.end_block = msg.start_block, msg.end_block
             self.actor.stats = self.handlers.stats()
             self.actor.publish_stats()
 
     def peer_down(self, name: str) -> None:
+        """An actor died: what waits on it fails over to its replacement (node/frontend/handlers.py)."""
         if name.startswith("runtime"):
-            self.log.info("runtime died: failing requests waiting on it", waiting=self.runtime.in_flight)
-            self.runtime.fail_all("the block runtime restarted")
+            self.log.info("runtime died: its work is sent again to its replacement", waiting=self.runtime.in_flight)
+            self.handlers.runtime_down()
         elif name == "allocator":
-            self.allocator.fail_all("the cache allocator restarted")
+            self.allocator.down("the cache allocator restarted")
         elif name == "announcer":
-            self.announcer.fail_all("the announcer restarted")
+            self.announcer.down("the announcer restarted")
+
+    def peer_up(self, name: str) -> None:
+        if name == "runtime.0":  # the leader is ready only once its whole group is
+            self.runtime.up()
+        elif name == "allocator":
+            self.readopt()
+            self.allocator.up()
+        elif name == "announcer":
+            self.announcer.up()
 
     def readopt(self) -> None:
         """A new allocator knows nothing: tell it the grants our open sessions still hold."""

@@ -1,7 +1,9 @@
 """Request/reply over one asyncio DEALER: each request carries an id, each reply resolves its future.
 
-A peer that dies takes its pending requests with it: `fail_all` turns them into errors at once
-(the supervisor says when a peer was replaced) and a timeout bounds every wait.
+A peer that dies takes its pending requests with it: `down` turns them into errors at once (the
+supervisor says when a peer was replaced) and a timeout bounds every wait. `request_surviving` sends a
+request again to the replacement once it is `up`, so that the peer's replacement costs the caller only
+time; a caller that must do more first (rebuild state the peer lost) uses `wait_up` itself.
 """
 
 from __future__ import annotations
@@ -43,6 +45,8 @@ class Requester:
         self._on_unsolicited = on_unsolicited
         self._log = log
         self._reader: Optional[asyncio.Task] = None
+        self._up = asyncio.Event()  # cleared while the peer is being replaced
+        self._up.set()
 
     def start(self) -> None:
         self._reader = asyncio.get_running_loop().create_task(self._read())
@@ -63,6 +67,40 @@ class Requester:
             return await asyncio.wait_for(future, timeout)
         finally:
             self._pending.pop(msg.req, None)
+
+    def down(self, reason: str) -> None:
+        """The peer died: what waits on it fails now, and callers that survive it wait for `up`."""
+        self._up.clear()
+        self.fail_all(reason)
+
+    def up(self) -> None:
+        self._up.set()
+
+    @property
+    def is_up(self) -> bool:
+        return self._up.is_set()
+
+    async def wait_up(self, timeout: float) -> bool:
+        """Whether the peer is up, waiting for its replacement up to `timeout` seconds."""
+        try:
+            await asyncio.wait_for(self._up.wait(), max(0.0, timeout))
+            return True
+        except asyncio.TimeoutError:
+            return False
+
+    async def request_surviving(self, make: Callable[[], Message], frames: Sequence = (), timeout: float = 60.0):
+        """Like request, but a peer that dies meanwhile is waited for and the request (made anew by `make`)
+        sent to its replacement, until `timeout` seconds have passed; PeerUnavailable after that."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        while True:
+            if not await self.wait_up(deadline - loop.time()):
+                raise PeerUnavailable("it was not back in time")
+            try:
+                return await self.request(make(), frames, max(0.001, deadline - loop.time()))
+            except PeerUnavailable:
+                if loop.time() >= deadline:
+                    raise
 
     def fail_all(self, reason: str) -> None:
         for future in self._pending.values():

@@ -37,7 +37,7 @@ import zmq
 from node import logs
 from node.runtime import checks, compute, lora
 from node.runtime.checks import RequestError, Target
-from node.runtime.kv_cache import SessionCache, SessionCaches
+from node.runtime.kv_cache import CacheMissing, SessionCache, SessionCaches
 from node.runtime.loading import BlockLoader, load_adapters, load_or_fail, wait_for_load_order
 from node.runtime.models import get_family
 from node.runtime.quantize import QuantizationUnavailable, check_quantization, quantize_block
@@ -256,7 +256,7 @@ class Runtime:
                 self.training_round()
         unfinished = [s.task for s in self.steps] + [f.task for f in self.forwards]
         for task in unfinished + self.queue.inference + self.queue.training:
-            self.reply(task.sender, Failure(task.msg.req, SHUTTING_DOWN))
+            self.reply(task.sender, Failure(task.msg.req, SHUTTING_DOWN, restarting=True))
         if self.group is not None:
             self.group.share(GroupStop())
 
@@ -320,7 +320,7 @@ class Runtime:
         except Exception as e:  # out of memory or a bug: fail this round's steps, keep serving
             self.log.exception("inference round failed", sessions=len(self.steps))
             for step in self.steps:
-                self.fail(step.task, self.retryable(e))
+                self.fail(step.task, self.retryable(e), restarting=self.group is not None)
             self.steps = []
             self.break_group(e)
             return True
@@ -418,7 +418,7 @@ class Runtime:
         except Exception as e:
             self.log.exception("forward batch failed", requests=len(self.forwards))
             for f in self.forwards:
-                self.fail(f.task, self.retryable(e))
+                self.fail(f.task, self.retryable(e), restarting=self.group is not None)
             self.forwards = []
             self.break_group(e)
             return
@@ -459,7 +459,7 @@ class Runtime:
                 )
         except Exception as e:
             self.log.exception("backward failed", req=msg.req)
-            self.fail(task, self.retryable(e))
+            self.fail(task, self.retryable(e), restarting=self.group is not None)
             self.break_group(e)
             return None
         return [grad_inputs] if grad_prompts is None else [grad_inputs, grad_prompts]
@@ -527,6 +527,9 @@ class Runtime:
             return prepare(task)
         except GroupBroken:
             raise
+        except CacheMissing as e:
+            self.counts.failed += 1
+            self.reply(task.sender, Failure(task.msg.req, str(e), cache_missing=True))
         except (RequestError, FrameError) as e:
             self.fail(task, str(e))
         except Exception as e:  # a bug or out of memory must fail this request, not the runtime
@@ -539,9 +542,9 @@ class Runtime:
         metas, frames = to_frames(outputs)
         self.reply(task.sender, Result(task.msg.req, metas), frames)
 
-    def fail(self, task: Task, error: str) -> None:
+    def fail(self, task: Task, error: str, restarting: bool = False) -> None:
         self.counts.failed += 1
-        self.reply(task.sender, Failure(task.msg.req, error))
+        self.reply(task.sender, Failure(task.msg.req, error, restarting))
 
     def reply(self, to: bytes, msg, frames=()) -> None:
         try:

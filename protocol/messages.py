@@ -88,6 +88,7 @@ class FrontendStats(ActorStats):
     errors: dict[str, int] = {}  # per RPC
     refused: dict[str, int] = {}  # requests refused by a limit, per reason (node_refused_total)
     bytes_in_flight: int = 0  # request bytes reserved by this frontend
+    recovered: int = 0  # sessions rebuilt on a replaced runtime (their times: latency["session_recovery"])
     latency: dict[str, LatencyHistogram] = {}  # per RPC, and "inference_step"
 
 
@@ -334,10 +335,14 @@ SHUTTING_DOWN = "the server is shutting down; retry on another server"  # what c
 
 
 class Failure(Message):
-    """The request failed; `error` is meant for the Petals client and names what was wrong."""
+    """The request failed; `error` is meant for the Petals client and names what was wrong. `restarting`:
+    it failed because the runtime is being replaced, and its replacement will take it (frontends send it
+    again, after rebuilding the sessions' caches)."""
 
     req: int
     error: str
+    restarting: bool = False
+    cache_missing: bool = False  # an inference step whose session's cache this runtime does not hold
 
 
 # --- allocator inbox --------------------------------------------------------------------------

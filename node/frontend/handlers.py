@@ -11,12 +11,12 @@ import asyncio
 import bisect
 import contextlib
 import time
-from typing import AsyncIterator, Optional, Sequence
+from typing import AsyncIterator, Callable, Optional, Sequence
 
 from hivemind.proto import runtime_pb2
 
 from node.frontend.limits import Refused, RequestSizes, Scopes
-from node.frontend.session import InferenceStream, SessionBusy
+from node.frontend.session import CacheMissing, InferenceStream, RuntimeReplaced, SessionBusy
 from node.frontend.streams import Received
 from procs.requester import PeerUnavailable, Requester
 from protocol import SERVER_VERSION, rpc_info, wire
@@ -73,6 +73,8 @@ class Handlers:
         self.calls: dict[str, int] = {}
         self.errors: dict[str, int] = {}
         self.refused: dict[str, int] = {}
+        self.recovered = 0  # sessions whose cache was rebuilt on a replaced runtime
+        self.runtime_generation = 0  # runtimes replaced so far: a session's cache lives in one generation
         self.pushes: set[asyncio.Task] = set()
         self.serving: dict[tuple[str, int, int], tuple[bool, float]] = {}  # push targets: (serving, until)
         # per RPC (and per inference step), for node/supervisor/metrics.py
@@ -164,7 +166,8 @@ class Handlers:
         return rq.parse_span(uid, self.plan.dht_prefix, self.plan.start_block, self.plan.end_block)
 
     async def call_runtime(self, msg: Message, tensors: Sequence[RawTensor], timeout: float) -> list[RawTensor]:
-        """Run one task on the runtime; a vanished client or a timeout withdraws it from the queue."""
+        """Run one task on the runtime; a vanished client or a timeout withdraws it from the queue.
+        RuntimeReplaced if the runtime went away meanwhile (the caller decides how to go on)."""
         try:
             envelope = await self.runtime.request(msg, [t.data for t in tensors], timeout)
         except asyncio.TimeoutError:
@@ -174,13 +177,50 @@ class Handlers:
             self.runtime.send(Cancel(msg.req))
             raise
         except PeerUnavailable as e:
-            raise RuntimeError(f"{e}; retry the request") from None
+            raise RuntimeReplaced(str(e)) from None
         reply = envelope.msg
         if isinstance(reply, Failure):
+            if reply.restarting:
+                raise RuntimeReplaced(reply.error)
+            if reply.cache_missing:
+                raise CacheMissing(reply.error)
             raise RuntimeError(reply.error)
         if len(envelope.frames) != len(reply.tensors):
             raise RuntimeError("internal error: the runtime sent a malformed reply")
         return [RawTensor(m.dtype, tuple(m.shape), f.buffer) for m, f in zip(reply.tensors, envelope.frames)]
+
+    def runtime_down(self) -> None:
+        """The runtime (or a rank of its group) died: its replacement holds no session's cache."""
+        self.runtime_generation += 1
+        self.runtime.down("the block runtime restarted")
+
+    async def runtime_back(self, generation: int, deadline: float) -> None:
+        """After a RuntimeReplaced seen while `generation` was current: wait until that runtime is gone and
+        its replacement ready, up to `deadline` (loop time); RuntimeError naming why if it does not come.
+        A frontend that is stopping does not wait: its work fails with SHUTTING_DOWN."""
+        if self.draining:
+            raise ShuttingDown(SHUTTING_DOWN)
+        loop = asyncio.get_running_loop()
+        while self.runtime_generation == generation and loop.time() < deadline:
+            await asyncio.sleep(0.05)  # the supervisor's PeerDown is on its way
+        if not await self.runtime.wait_up(deadline - loop.time()):
+            raise RuntimeError("the server's block runtime restarted and was not back in time; retry")
+
+    async def call_surviving(self, make: Callable[[], Message], tensors: Sequence[RawTensor], timeout: float):
+        """call_runtime, sent again to the runtime's replacement if the runtime is replaced meanwhile (a
+        forward or backward holds no state in the runtime): the client sees only the delay."""
+        deadline = asyncio.get_running_loop().time() + timeout
+        while True:
+            generation = self.runtime_generation
+            left = deadline - asyncio.get_running_loop().time()
+            try:
+                return await self.call_runtime(make(), tensors, max(0.001, left))
+            except RuntimeReplaced:
+                await self.runtime_back(generation, deadline)
+
+    def observe_recovery(self, seconds: float) -> None:
+        self.recovered += 1
+        self.observe("session_recovery", seconds)
 
     @staticmethod
     def metas(tensors: Sequence[RawTensor]) -> list[TensorMeta]:
@@ -200,7 +240,9 @@ class Handlers:
                     raise KeyError(f"rpc_info takes one block uid, got the chain {request.uid!r}")
                 self.span(request.uid)
                 block = self.block_schemas
-            capacity = await self.allocator.request(CapacityQuery(self.allocator.next_id()), timeout=5)
+            capacity = await self.allocator.request_surviving(
+                lambda: CapacityQuery(self.allocator.next_id()), timeout=30
+            )
             payload = rpc_info.encode_rpc_info(
                 version=SERVER_VERSION,
                 dht_client_mode=False,
@@ -221,8 +263,11 @@ class Handlers:
         hidden, prompts = rq.decode(hidden, prompts)
         compressions = rq.output_compression(metadata, 1, self.plan.compression)
         metas = self.metas([hidden, prompts])
-        msg = Forward(self.runtime.next_id(), span.start, span.end, metas, adapter, peer, points)
-        outputs = await self.call_runtime(msg, [hidden, prompts], self.plan.request_timeout)
+
+        def make() -> Forward:
+            return Forward(self.runtime.next_id(), span.start, span.end, metas, adapter, peer, points)
+
+        outputs = await self.call_surviving(make, [hidden, prompts], self.plan.request_timeout)
         return self.encode(outputs, compressions)
 
     async def backward(self, uid: str, tensors: list, metadata: dict, peer: str) -> list[runtime_pb2.Tensor]:
@@ -239,8 +284,11 @@ class Handlers:
         n_outputs = 1 if rq.optional_tensor(prompts) is None else 2
         compressions = rq.output_compression(metadata, n_outputs, self.plan.compression)
         metas = self.metas([inputs, grad_outputs, prompts])
-        msg = Backward(self.runtime.next_id(), span.start, span.end, metas, adapter, peer, points)
-        outputs = await self.call_runtime(msg, [inputs, grad_outputs, prompts], self.plan.request_timeout)
+
+        def make() -> Backward:
+            return Backward(self.runtime.next_id(), span.start, span.end, metas, adapter, peer, points)
+
+        outputs = await self.call_surviving(make, [inputs, grad_outputs, prompts], self.plan.request_timeout)
         return self.encode(outputs, compressions)
 
     @contextlib.asynccontextmanager
@@ -362,6 +410,7 @@ class Handlers:
             calls=dict(self.calls),
             errors=dict(self.errors),
             refused=dict(self.refused),
+            recovered=self.recovered,
             bytes_in_flight=self.scopes.used,
             latency={name: LatencyHistogram(list(h.buckets), h.sum, h.count) for name, h in self.latency.items()},
         )

@@ -17,17 +17,27 @@ from typing import AsyncIterator, Optional
 
 from hivemind.proto import runtime_pb2
 
+from node.frontend.history import History, HistoryLost
 from node.frontend.streams import Received
 from procs.requester import PeerUnavailable
 from protocol import requests as rq
 from protocol import wire
 from protocol.messages import Adopt, Allocate, Failure, InferStep, Release
+from protocol.wire import RawTensor
 
 _CLIENT, _PUSH, _END, _ERROR = "client", "push", "end", "error"
 _PUSH_NAME = "TransformerConnectionHandler.rpc_push"
 QUEUED_STEPS = 4  # steps waiting in a session: a client sends one at a time, a push races it with a copy
 REMEMBERED_STEPS = 16  # step_ids kept to drop the second copy of a step (the push and the client's own)
 PUSH_KEYS = ("step_id", "start_from_position", "args_structure", "points")  # what a pushed step carries on
+
+
+class RuntimeReplaced(Exception):
+    """The runtime went away while it held a request: its replacement can take it again."""
+
+
+class CacheMissing(RuntimeError):
+    """The runtime does not hold this session's cache (it was replaced, or the grant ended): rebuild it."""
 
 
 class SessionBusy(RuntimeError):
@@ -52,6 +62,8 @@ class InferenceStream:
         self.lease_deadline = 0.0
         self.pushed = False  # whether the request being handled came from rpc_push
         self.current: Optional[Received] = None  # the client's step being handled: its bytes are held until done
+        self.history: Optional[History] = None  # what a new runtime needs to rebuild the cache
+        self.cache_generation = 0  # the runtime generation (handlers.runtime_generation) that holds the cache
 
     def push(self, request: runtime_pb2.ExpertRequest) -> None:
         if self.queued >= QUEUED_STEPS:
@@ -164,23 +176,22 @@ class InferenceStream:
         allocator = self.handlers.allocator
         timeout = min(opened.alloc_timeout, self.plan.max_alloc_timeout)
         lease = self.deadline - time.monotonic() + 30
-        msg = Allocate(
-            allocator.next_id(),
-            opened.session_id,
-            opened.batch,
-            opened.max_length,
-            opened.span.length,
-            timeout,
-            lease,
-            peer=self.peer,
-        )
-        try:
-            reply = (await allocator.request(msg, timeout=timeout + 10)).msg
+
+        def allocate() -> Allocate:
+            o = opened
+            return Allocate(
+                allocator.next_id(), o.session_id, o.batch, o.max_length, o.span.length, timeout, lease, peer=self.peer
+            )
+
+        try:  # an allocator replaced meanwhile is asked again: the client sees only the delay
+            reply = (await allocator.request_surviving(allocate, timeout=timeout + 30)).msg
         except (asyncio.TimeoutError, PeerUnavailable) as e:
             raise RuntimeError(f"could not reach the cache allocator ({e or 'timeout'}); retry") from None
         if isinstance(reply, Failure):
             raise RuntimeError(reply.error)
         self.opened, self.handle = opened, reply.handle
+        self.history = History(opened.batch, opened.max_length, self.plan.hidden_size)
+        self.cache_generation = self.handlers.runtime_generation  # the cache is made by the first step
         self.lease_deadline = time.monotonic() + lease
         if opened.session_id:
             self.handlers.sessions[opened.session_id] = self
@@ -254,23 +265,10 @@ class InferenceStream:
         rq.hypo_ids(hypo_ids, batch)
         rq.max_length(position, length, opened.max_length)
         hidden, prompts, hypo_ids = rq.decode(hidden, prompts, hypo_ids)
-        runtime = self.handlers.runtime
-        msg = InferStep(
-            req=runtime.next_id(),
-            session=opened.session_id,
-            handle=self.handle,
-            start=opened.span.start,
-            end=opened.span.end,
-            position=position,
-            max_length=opened.max_length,
-            batch=opened.batch,
-            tensors=self.handlers.metas([hidden, prompts, hypo_ids]),
-            step=step_id or "",
-            adapter=opened.adapter,
-            peer=self.peer,
-        )
+        tensors = [hidden, prompts, hypo_ids]
         timeout = max(0.001, min(self.plan.request_timeout, self.deadline - time.monotonic()))
-        (output,) = await self.handlers.call_runtime(msg, [hidden, prompts, hypo_ids], timeout)
+        output = await self._run(position, tensors, step_id or "", timeout)
+        self.history.record(position, hidden, rq.optional_tensor(prompts), rq.optional_tensor(hypo_ids))
         self.prefix = position + length
         if step_id:
             self.steps_done.append(step_id)
@@ -278,6 +276,79 @@ class InferenceStream:
         if servers and rq.optional_tensor(prompts) is None:
             self.handlers.push(self._push_next(encoded, request, metadata, servers))
         return runtime_pb2.ExpertResponse(tensors=[encoded])
+
+    def _infer_step(self, position: int, tensors: list, step_id: str) -> InferStep:
+        o = self.opened
+        return InferStep(
+            req=self.handlers.runtime.next_id(),
+            session=o.session_id,
+            handle=self.handle,
+            start=o.span.start,
+            end=o.span.end,
+            position=position,
+            max_length=o.max_length,
+            batch=o.batch,
+            tensors=self.handlers.metas(tensors),
+            step=step_id,
+            adapter=o.adapter,
+            peer=self.peer,
+        )
+
+    async def _run(self, position: int, tensors: list, step_id: str, timeout: float) -> RawTensor:
+        """The step on the runtime. If the runtime was replaced since this session's cache was made, or is
+        replaced while it holds the step, the cache is rebuilt on its replacement first (DESIGN section 4):
+        the client sees one slower step, then the same outputs it would have got."""
+        handlers, loop = self.handlers, asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        recovering: Optional[float] = None
+        rebuilt_for_missing = False
+        while True:
+            generation = handlers.runtime_generation
+            try:
+                if self.cache_generation != generation:
+                    recovering = recovering or time.perf_counter()
+                    await self._rebuild(max(0.001, deadline - loop.time()))
+                    self.cache_generation = generation
+                msg = self._infer_step(position, tensors, step_id)
+                (output,) = await handlers.call_runtime(msg, tensors, max(0.001, deadline - loop.time()))
+            except RuntimeReplaced:
+                recovering = recovering or time.perf_counter()
+                await handlers.runtime_back(generation, deadline)
+                continue
+            except CacheMissing:  # the step reached a new runtime before the news of its start did
+                if rebuilt_for_missing:
+                    raise
+                rebuilt_for_missing, recovering = True, recovering or time.perf_counter()
+                self.cache_generation = -1  # rebuild now, whatever the generation says
+                continue
+            if recovering is not None:
+                seconds = time.perf_counter() - recovering
+                handlers.observe_recovery(seconds)
+                self.log.info(
+                    "session recovered",
+                    session=self._sid,
+                    peer=self.peer,
+                    tokens=self.history.length,
+                    seconds=round(seconds, 3),
+                )
+            return output
+
+    async def _rebuild(self, timeout: float) -> None:
+        """A prefill of the session's history gives the new runtime's cache what the old one held."""
+        if self.history.length == 0:
+            return
+        try:
+            hidden, prompts = self.history.replay()
+        except HistoryLost as e:
+            raise RuntimeError(f"this session cannot be rebuilt after the server's runtime restarted: {e}") from None
+        empty_prompts = RawTensor(hidden.dtype, (0,), b"")
+        tensors = [hidden, prompts if prompts is not None else empty_prompts, RawTensor("int64", (0,), b"")]
+        try:
+            await self.handlers.call_runtime(self._infer_step(0, tensors, ""), tensors, timeout)
+        except RuntimeReplaced:
+            raise
+        except Exception as e:
+            raise RuntimeError(f"this session cannot be rebuilt after the server's runtime restarted: {e}") from None
 
     async def _push_next(self, output, request, metadata: dict, servers: list) -> None:
         """v2.2.0 clients: hand our output straight to the next server of the chain, if the swarm shows

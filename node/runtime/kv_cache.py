@@ -15,6 +15,11 @@ import torch
 from node.runtime.checks import RequestError
 
 
+class CacheMissing(RequestError):
+    """A step of a session whose cache this runtime does not hold (it was replaced since, or the grant
+    ended): the frontend rebuilds the cache from the session's history and sends the step again."""
+
+
 @dataclass
 class SessionCache:
     batch: int
@@ -42,7 +47,7 @@ class SessionCaches:
                 raise RequestError(f"this session serves blocks {cache.start}:{cache.end}, not {start}:{end}")
             return cache
         if position != 0:
-            raise RequestError("the attention cache of this session is gone (the server restarted); open a new session")
+            raise CacheMissing("the attention cache of this session is gone (the server restarted); open a new session")
         kv = []
         for block in blocks:
             shape = block.kv_cache_shape(batch, max_length)

@@ -312,9 +312,10 @@ class TestOneNode:
 
     # --- requests in flight when the runtime or the allocator dies --------------------------------
 
-    def test_runtime_kill9_fails_requests_in_flight(self, shared, client, sample):
+    def test_runtime_kill9_requests_in_flight_are_served_by_its_replacement(self, shared, client, sample):
         """A forward, a large forward (rpc_forward_stream) and an inference step wait in the queue of a
-        runtime that is stopped, then killed: each gets a clear error at once, and the node serves."""
+        runtime that is stopped, then killed: the frontend sends each again to the replacement (the
+        session's cache rebuilt first), and each gets its right answer: the client sees only the delay."""
         node = shared
         hidden, ref = sample
         span = span_of(node)
@@ -337,29 +338,23 @@ class TestOneNode:
                 t0 = time.monotonic()
             finally:
                 sigkill(runtime)
-            for rpc, future in pending.items():
-                with pytest.raises(Exception) as failure:
-                    future.result(timeout=max(0.1, t0 + ERROR_LIMIT - time.monotonic()))
-                assert not isinstance(failure.value, (asyncio.TimeoutError, TimeoutError)), f"{rpc} hung"
-                assert "restarted" in str(failure.value), f"{rpc}: {failure.value!r}"
-            errors_after = time.monotonic() - t0
-            with pytest.raises(Exception):  # the session's stream has ended with that error
-                call(client, session.session.step(hidden[:, 4:]), 5)
+            limit = recovery_limit()
+            assert rel_err(pending["rpc_forward"].result(timeout=limit + 30), ref) <= TOL
+            assert pending["rpc_forward_stream"].result(timeout=limit + 30).shape == big.shape
+            assert rel_err(pending["rpc_inference"].result(timeout=limit + 30), ref[:, 4:]) <= TOL
+            answered = time.monotonic() - t0
+            assert call(client, session.session.step(hidden[:, :1], start_from_position=0), 30).shape == (1, 1, 64)
         finally:
             try:
                 session.__exit__(None, None, None)
             except Exception:
                 pass
-        node.wait_ready("runtime.0", runtime, timeout=30)
-        served = wait_serving(client, node, sample, t0 + 30) - t0
-        out = call(client, client.swarm.forward_span(span, big), 30)
-        assert out.shape == big.shape
-        RECOVERY_TIMES["runtime.0 (requests in flight)"] = served
-        assert errors_after < ERROR_LIMIT
-        assert served < recovery_limit()
+        RECOVERY_TIMES["runtime.0 (requests in flight answered)"] = answered
+        assert answered < limit
 
-    def test_runtime_kill9_voids_open_session(self, shared, client, sample):
-        """An idle session whose runtime died: its next step says the cache is gone; a new one works."""
+    def test_runtime_kill9_an_idle_session_is_rebuilt(self, shared, client, sample):
+        """An idle session whose runtime died: its next step rebuilds the cache on the replacement from the
+        session's history and gives what it would have given."""
         node = shared
         hidden, ref = sample
         span = span_of(node)
@@ -371,11 +366,7 @@ class TestOneNode:
             t0 = time.monotonic()
             os.kill(runtime, signal.SIGKILL)
             node.wait_ready("runtime.0", runtime, timeout=30)
-            began = time.monotonic()
-            with pytest.raises(Exception) as failure:
-                call(client, session.session.step(hidden[:, 4:]), ERROR_LIMIT)
-            assert time.monotonic() - began < ERROR_LIMIT
-            assert "cache of this session is gone" in str(failure.value), repr(failure.value)
+            assert rel_err(call(client, session.session.step(hidden[:, 4:]), 30), ref[:, 4:]) <= TOL
         finally:
             try:
                 session.__exit__(None, None, None)
@@ -384,9 +375,10 @@ class TestOneNode:
         served = wait_serving(client, node, sample, t0 + 30) - t0
         assert served < recovery_limit()
 
-    def test_allocator_kill9_fails_waiting_requests_and_keeps_sessions(self, shared, client, sample):
-        """A session open opening and an rpc_info wait on a stopped allocator, which is then killed: both
-        get an error at once. A session opened before lives on: the new allocator adopts its grant."""
+    def test_allocator_kill9_requests_waiting_are_served_and_sessions_kept(self, shared, client, sample):
+        """A session opening and an rpc_info wait on a stopped allocator, which is then killed: both are
+        asked again of the replacement and served. A session opened before lives on: the new allocator
+        adopts its grant."""
         node = shared
         hidden, ref = sample
         peer, span, uid = node.peer_id, span_of(node), f"{PREFIX}.0"
@@ -409,11 +401,10 @@ class TestOneNode:
                 t0 = time.monotonic()
             finally:
                 sigkill(allocator)
-            for rpc, future in pending.items():
-                with pytest.raises(Exception) as failure:
-                    future.result(timeout=max(0.1, t0 + ERROR_LIMIT - time.monotonic()))
-                assert not isinstance(failure.value, (asyncio.TimeoutError, TimeoutError)), f"{rpc} hung"
-                assert "allocator" in str(failure.value), f"{rpc}: {failure.value!r}"
+            limit = recovery_limit()
+            assert rel_err(pending["rpc_inference"].result(timeout=limit + 30), ref) <= TOL
+            assert pending["rpc_info"].result(timeout=limit + 30)["cache_tokens_available"] > 0
+            RECOVERY_TIMES["allocator (requests waiting answered)"] = time.monotonic() - t0
             node.wait_ready("allocator", allocator, timeout=30)
             wait_serving(client, node, sample, t0 + recovery_limit())
             # the old session goes on, and the new allocator counts its cache
@@ -435,9 +426,9 @@ class TestOneNode:
     @pytest.mark.parametrize("name", ["runtime.0", "frontend.0"])
     def test_hung_actor_is_replaced(self, name, shared, client, sample):
         """SIGSTOP (not killed): the supervisor misses its heartbeats, kills it and starts a new one.
-        A hung runtime: the step and the forward waiting on it fail instead of waiting for
-        --request_timeout. A hung frontend: the session's next step fails at once (for work held by
-        the frontend itself, see the xfail below)."""
+        A hung runtime: the step and the forward waiting on it are answered by its replacement (the
+        session's cache rebuilt), not left waiting for --request_timeout. A hung frontend: the session's
+        next step fails at once (for work held by the frontend itself, see the xfail below)."""
         node = shared
         hidden, ref = sample
         check_serves(client, node, sample)
@@ -455,11 +446,9 @@ class TestOneNode:
                     "rpc_inference": background(client, session.session.step(hidden[:, 3:5]), 30),
                     "rpc_forward": background(client, client.swarm.forward_span(span, hidden), 30),
                 }
-                for rpc, future in waiting.items():
-                    with pytest.raises(Exception) as failure:
-                        future.result(timeout=max(0.1, t0 + HEARTBEAT_TIMEOUT + 10 - time.monotonic()))
-                    assert not isinstance(failure.value, (asyncio.TimeoutError, TimeoutError)), f"{rpc} hung"
-                    assert "restarted" in str(failure.value), f"{rpc}: {failure.value!r}"
+                bound = HEARTBEAT_TIMEOUT + recovery_limit()
+                assert rel_err(waiting["rpc_inference"].result(timeout=bound + 10), ref[:, 3:5]) <= TOL
+                assert rel_err(waiting["rpc_forward"].result(timeout=bound + 10), ref) <= TOL
                 failed_after = time.monotonic() - t0
             node.wait_ready(name, pid, timeout=30)
             if name == "frontend.0":
@@ -479,7 +468,10 @@ class TestOneNode:
         silent = [e for e in node.log_events() if e.get("event") == "actor silent; killing it" and e.get("pid") == pid]
         assert silent and silent[0]["actor"] == name
         assert node.status["actors"][name]["restarts"] == restarts + 1
-        assert failed_after < HEARTBEAT_TIMEOUT + ERROR_LIMIT
+        if name == "runtime.0":  # answered by the replacement: the hang's detection plus a restart
+            assert failed_after < HEARTBEAT_TIMEOUT + recovery_limit()
+        else:
+            assert failed_after < HEARTBEAT_TIMEOUT + ERROR_LIMIT
         assert served < HEARTBEAT_TIMEOUT + recovery_limit()
 
     @pytest.mark.xfail(
