@@ -1,7 +1,8 @@
 """The KV-cache allocator: admission to the attention cache, and the directory of live sessions.
 
-Owns: the cache budget (bytes per session, leases that lapse, the queue of waiting sessions) and
-  the map session id -> owning frontend (for rpc_push).
+Owns: the cache budget (bytes per session, leases that lapse, the queue of waiting sessions), the
+  history budget (host memory in which frontends keep what sessions sent, to rebuild their caches on a
+  replaced runtime) and the map session id -> owning frontend (for rpc_push).
 Receives (ROUTER `allocator.sock`): Allocate, Release, Adopt from frontends; CapacityQuery from
   frontends and the announcer; PushRoute from a frontend that got rpc_push.
   Control: PeerDown(frontend.N) drops that frontend's sessions.
@@ -48,7 +49,7 @@ class Allocator:
         self.actor = actor
         self.log = actor.log
         self.geometry = CacheGeometry.of(actor.plan)
-        self.budget = CacheBudget(self.geometry.capacity)
+        self.budget = CacheBudget(self.geometry.capacity, history_capacity=self.geometry.history_capacity)
         inbox = actor.ctx.socket(zmq.ROUTER)
         inbox.setsockopt(zmq.LINGER, 0)
         inbox.setsockopt(zmq.ROUTER_MANDATORY, 1)  # a reply to a vanished frontend raises instead of vanishing
@@ -62,6 +63,7 @@ class Allocator:
         self.runtime = Channel(runtime, RuntimeReply, observer=actor.probe.observe)
         self.sessions: dict[str, Lease] = {}
         self.refused: dict[str, int] = {}
+        self.without_history = 0  # grants made without history room
 
     # --- receiving ---------------------------------------------------------------------------
 
@@ -88,6 +90,9 @@ class Allocator:
                 tokens_left=self.geometry.tokens_left(max(0, self.budget.capacity - self.budget.used)),
                 sessions=len(self.budget.leases),
                 waiting=len(self.budget.waiters),
+                history_bytes=self.budget.history_used,
+                history_capacity=self.budget.history_capacity,
+                sessions_without_history=self.without_history,
             )
             self.actor.publish_stats()
 
@@ -115,6 +120,7 @@ class Allocator:
                 self.geometry.session_bytes(msg.batch, msg.max_length, msg.blocks),
                 now + msg.expires_in,
                 msg.peer,
+                msg.history,
             )
             if self.budget.adopt(lease):
                 self.sessions[lease.session] = lease
@@ -154,7 +160,13 @@ class Allocator:
             return
         self.geometry = dataclasses.replace(self.geometry, num_blocks=num_blocks)
         self.budget.capacity = self.geometry.capacity
-        self.log.info("cache budget set", blocks=num_blocks, capacity_bytes=self.budget.capacity)
+        self.budget.history_capacity = self.geometry.history_capacity
+        self.log.info(
+            "cache budget set",
+            blocks=num_blocks,
+            capacity_bytes=self.budget.capacity,
+            history_bytes=self.budget.history_capacity,
+        )
         self.grant_waiting(time.time())
 
     # --- deciding ----------------------------------------------------------------------------
@@ -181,6 +193,7 @@ class Allocator:
             lease_seconds=msg.lease,
             what=f"batch {msg.batch} x {msg.max_length} tokens over {msg.blocks} blocks",
             peer=msg.peer,
+            history=self.geometry.session_history_bytes(msg.batch, msg.max_length),
         )
         try:
             lease = self.budget.request(waiter, now)
@@ -200,7 +213,16 @@ class Allocator:
         if lease.session:
             self.sessions[lease.session] = lease
         self.log.debug("granted", session=lease.session, bytes=lease.size, free=self.budget.free)
-        self.reply(waiter.owner.encode(), Granted(waiter.req, lease.handle))
+        if lease.history < waiter.history:
+            self.without_history += 1
+            self.log.warning(
+                "session granted without history room: it cannot survive a runtime restart",
+                session=lease.session,
+                peer=lease.peer,
+                history_bytes=waiter.history,
+                history_free=self.budget.history_capacity - self.budget.history_used,
+            )
+        self.reply(waiter.owner.encode(), Granted(waiter.req, lease.handle, lease.history))
 
     def grant_waiting(self, now: float) -> None:
         for waiter, lease in self.budget.grant_waiting(now):

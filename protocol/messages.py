@@ -89,6 +89,7 @@ class FrontendStats(ActorStats):
     refused: dict[str, int] = {}  # requests refused by a limit, per reason (node_refused_total)
     bytes_in_flight: int = 0  # request bytes reserved by this frontend
     recovered: int = 0  # sessions rebuilt on a replaced runtime (their times: latency["session_recovery"])
+    history_bytes: int = 0  # what open sessions sent, held to rebuild their caches (node/frontend/history.py)
     latency: dict[str, LatencyHistogram] = {}  # per RPC, and "inference_step"
 
 
@@ -128,6 +129,9 @@ class AllocatorStats(ActorStats):
     tokens_left: int = 0
     sessions: int = 0
     waiting: int = 0
+    history_bytes: int = 0  # history memory reserved (node/allocator/budget.py)
+    history_capacity: int = 0
+    sessions_without_history: int = 0  # granted without history room: they cannot survive a runtime restart
 
 
 class AnnouncerStats(ActorStats):
@@ -367,6 +371,7 @@ class Allocate(Message):
 class Granted(Message):
     req: int
     handle: int
+    history: int = 0  # bytes of history memory reserved beside the cache; 0: the session cannot be rebuilt
 
 
 class Release(Message):
@@ -383,6 +388,7 @@ class Adopt(Message):
     blocks: int
     expires_in: float
     peer: str = ""
+    history: int = 0  # bytes of history memory it holds
 
 
 class CapacityQuery(Message):

@@ -62,6 +62,9 @@ class NodePlan(msgspec.Struct, kw_only=True):
     max_sessions_per_peer: int
     max_bytes_in_flight: Optional[int]
     max_peer_bytes_in_flight: Optional[int]
+    # host memory for what sessions sent, to rebuild their caches on a replaced runtime; None: enough for
+    # every session the cache can hold (node/allocator/budget.py)
+    history_bytes: Optional[int] = None
 
     # swarm
     initial_peers: list[str] = []

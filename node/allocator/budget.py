@@ -1,5 +1,9 @@
 """The attention-cache budget (PROTOCOL 5.7): who holds how many bytes, until when, and who waits.
 
+Beside it, the history budget: host memory in which frontends keep what each session sent, to rebuild
+its cache on a replaced runtime (node/frontend/history.py). A grant takes its history bytes when they
+fit; a session granted without them is served all the same, but cannot survive a runtime restart.
+
 Pure bookkeeping with the clock passed in; the allocator process wraps it with sockets and timers.
 """
 
@@ -26,6 +30,7 @@ class CacheGeometry:
     dtype_bytes: int
     num_blocks: int
     attn_cache_tokens: int
+    history_bytes: Optional[int] = None  # --history_bytes; None: what every session the cache holds needs
 
     @classmethod
     def of(cls, plan) -> "CacheGeometry":
@@ -38,12 +43,25 @@ class CacheGeometry:
             dtype_bytes=DTYPE_BYTES[plan.torch_dtype],
             num_blocks=plan.num_blocks,
             attn_cache_tokens=plan.attn_cache_tokens,
+            history_bytes=plan.history_bytes,
         )
 
     @property
     def capacity(self) -> int:
         per_block = (2 * self.hidden_size * self.attn_cache_tokens // self.kv_groups) * self.dtype_bytes
         return per_block * self.num_blocks
+
+    @property
+    def history_capacity(self) -> int:
+        """Enough for every session the cache can hold at once, however short their spans: a block's
+        cache holds attn_cache_tokens tokens, each kept in the history as one hidden state."""
+        if self.history_bytes is not None:
+            return self.history_bytes
+        return history_bytes_per_block(self.hidden_size, self.attn_cache_tokens, self.dtype_bytes) * self.num_blocks
+
+    def session_history_bytes(self, batch: int, max_length: int) -> int:
+        """One hidden state per row and position, in the node's dtype."""
+        return batch * max_length * self.hidden_size * self.dtype_bytes
 
     def session_bytes(self, batch: int, max_length: int, blocks: int) -> int:
         """K and V of every block of the chain, as the runtime lays them out."""
@@ -58,6 +76,11 @@ class CacheGeometry:
         return bytes_left // (2 * self.num_kv_heads * self.head_dim * self.dtype_bytes)
 
 
+def history_bytes_per_block(hidden_size: int, attn_cache_tokens: int, dtype_bytes: int) -> int:
+    """The history the sessions filling one block's cache can need (also counted by the memory estimate)."""
+    return attn_cache_tokens * hidden_size * dtype_bytes
+
+
 class AllocationFailed(Exception):
     pass
 
@@ -70,6 +93,7 @@ class Lease:
     size: int
     expires_at: float
     peer: str = ""  # the client that holds it
+    history: int = 0  # bytes of history memory held for it (0: none; it cannot be rebuilt)
 
 
 @dataclass
@@ -82,6 +106,7 @@ class Waiter:
     lease_seconds: float
     what: str = ""  # for error messages: "1x2048 tokens over 4 blocks"
     peer: str = ""
+    history: int = 0  # bytes of history it asks for beside the cache
 
 
 @dataclass
@@ -90,6 +115,8 @@ class CacheBudget:
     used: int = 0
     leases: dict[int, Lease] = field(default_factory=dict)
     waiters: deque = field(default_factory=deque)
+    history_capacity: int = 0
+    history_used: int = 0
 
     @property
     def free(self) -> int:
@@ -105,9 +132,13 @@ class CacheBudget:
         handle = random.getrandbits(62)
         while handle in self.leases or handle == 0:
             handle = random.getrandbits(62)
-        lease = Lease(handle, waiter.session, waiter.owner, waiter.size, now + waiter.lease_seconds, waiter.peer)
+        history = waiter.history if self.history_used + waiter.history <= self.history_capacity else 0
+        lease = Lease(
+            handle, waiter.session, waiter.owner, waiter.size, now + waiter.lease_seconds, waiter.peer, history
+        )
         self.leases[handle] = lease
         self.used += waiter.size
+        self.history_used += history
         return lease
 
     def request(self, waiter: Waiter, now: float) -> Optional[Lease]:
@@ -127,6 +158,7 @@ class CacheBudget:
         lease = self.leases.pop(handle, None)
         if lease is not None:
             self.used -= lease.size
+            self.history_used -= lease.history
         return lease
 
     def grant_waiting(self, now: float) -> list[tuple[Waiter, Lease]]:
@@ -162,6 +194,7 @@ class CacheBudget:
             return False
         self.leases[lease.handle] = lease
         self.used += lease.size
+        self.history_used += lease.history
         return True
 
     def sessions_of(self, peer: str) -> int:

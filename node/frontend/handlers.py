@@ -411,6 +411,7 @@ class Handlers:
             errors=dict(self.errors),
             refused=dict(self.refused),
             recovered=self.recovered,
+            history_bytes=sum(s.history.nbytes for s in self.live if s.history is not None),
             bytes_in_flight=self.scopes.used,
             latency={name: LatencyHistogram(list(h.buckets), h.sum, h.count) for name, h in self.latency.items()},
         )

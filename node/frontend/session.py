@@ -190,7 +190,9 @@ class InferenceStream:
         if isinstance(reply, Failure):
             raise RuntimeError(reply.error)
         self.opened, self.handle = opened, reply.handle
-        self.history = History(opened.batch, opened.max_length, self.plan.hidden_size)
+        self.history = History(
+            opened.batch, opened.max_length, self.plan.hidden_size, self.plan.torch_dtype, reply.history
+        )
         self.cache_generation = self.handlers.runtime_generation  # the cache is made by the first step
         self.lease_deadline = time.monotonic() + lease
         if opened.session_id:
@@ -210,7 +212,10 @@ class InferenceStream:
             return None
         o = self.opened
         expires_in = self.lease_deadline - time.monotonic()
-        return Adopt(self.handle, o.session_id, o.batch, o.max_length, o.span.length, expires_in, peer=self.peer)
+        held = self.history.batch * self.history.max_length * self.history.width if self.history.lost is None else 0
+        return Adopt(
+            self.handle, o.session_id, o.batch, o.max_length, o.span.length, expires_in, peer=self.peer, history=held
+        )
 
     def _close(self) -> None:
         self.handlers.live.discard(self)

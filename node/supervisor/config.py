@@ -108,6 +108,7 @@ class NodeConfig(msgspec.Struct, kw_only=True):
     max_sessions_per_peer: int = 128
     max_bytes_in_flight: Optional[int] = None  # per frontend; None: 4 of the largest request the model allows
     max_peer_bytes_in_flight: Optional[int] = None  # per peer and frontend; None: 2 of the largest request
+    history_bytes: Optional[int] = None  # None: enough for every session the cache can hold
 
     @property
     def peers(self) -> list[str]:
@@ -170,6 +171,13 @@ def _throughput(text: str):
 def _size(text: str) -> int:
     value = parse_size(text)
     if value <= 0:
+        raise ValueError(text)
+    return value
+
+
+def _size_or_zero(text: str) -> int:
+    value = parse_size(text)
+    if value < 0:
         raise ValueError(text)
     return value
 
@@ -342,6 +350,13 @@ def build_parser() -> argparse.ArgumentParser:
         "--metrics_port",
         type=_non_negative_int,
         help="serve Prometheus metrics on this port (0: any free port; default: off)",
+    )
+    node.add_argument(
+        "--history_bytes",
+        type=_size_or_zero,
+        help="host memory for the inputs of open sessions, from which their attention caches are rebuilt when "
+        "the runtime is replaced, e.g. 2GiB (default: enough for every session the cache can hold, "
+        "--attn_cache_tokens x hidden size x dtype bytes per block; 0: sessions do not survive a runtime restart)",
     )
     limits = p.add_argument_group(
         "limits", "what any peer may make the node hold; honest Petals clients stay far below"

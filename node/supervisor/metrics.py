@@ -18,6 +18,8 @@ from prometheus_client.registry import Collector, CollectorRegistry
 
 from protocol.messages import LATENCY_BUCKETS, ActorStats, AllocatorStats, FrontendStats, RuntimeStats
 
+RECOVERY = "session_recovery"  # the frontends' latency key for node_session_recovery_seconds
+
 
 class Totals:
     """Counters summed over every process that has held each actor's name.
@@ -63,6 +65,7 @@ def counters(stats: Optional[ActorStats]) -> Iterator[tuple[tuple, float]]:
         for reason, n in stats.refused.items():
             yield ("refused", reason), float(n)
     if isinstance(stats, FrontendStats):
+        yield ("recovered",), float(stats.recovered)
         for rpc, n in stats.calls.items():
             yield ("requests", rpc), float(n)
         for rpc, n in stats.errors.items():
@@ -115,12 +118,15 @@ class NodeCollector(Collector):
             requests.add_metric([rpc], n)
         for rpc, n in _labelled(totals, "errors"):
             errors.add_metric([rpc], n)
+        recovery = HistogramMetricFamily(
+            "node_session_recovery_seconds",
+            "time from a session's step meeting a replaced runtime to its cache rebuilt and the step answered",
+        )
         for rpc, total in _labelled(totals, "latency_sum"):
-            cumulative, buckets = 0.0, []
-            for i, bound in enumerate((*LATENCY_BUCKETS, float("inf"))):
-                cumulative += totals.get(("latency_bucket", rpc, i), 0.0)
-                buckets.append(("+Inf" if bound == float("inf") else str(bound), cumulative))
-            latency.add_metric([rpc], buckets, total)
+            if rpc == RECOVERY:
+                recovery.add_metric([], _buckets(totals, rpc), total)
+            else:
+                latency.add_metric([rpc], _buckets(totals, rpc), total)
         refused = CounterMetricFamily(
             "node_refused",
             "requests refused by a limit on what peers may make the node hold, by reason",
@@ -132,11 +138,22 @@ class NodeCollector(Collector):
         yield errors
         yield refused
         yield latency
+        yield _counter(
+            "node_sessions_recovered",
+            "inference sessions whose cache was rebuilt on a replaced runtime",
+            totals.get(("recovered",), 0.0),
+        )
+        yield recovery
         frontends = [a["stats"] for a in actors.values() if isinstance(a["stats"], FrontendStats)]
         yield _gauge(
             "node_requests_in_flight", "requests being handled by the frontends", sum(s.in_flight for s in frontends)
         )
         yield _gauge("node_sessions_open", "inference sessions open", sum(s.sessions for s in frontends))
+        yield _gauge(
+            "node_history_bytes",
+            "host memory holding what open sessions sent, to rebuild their caches on a replaced runtime",
+            sum(s.history_bytes for s in frontends),
+        )
 
         runtime = _stats(actors, "runtime.0", RuntimeStats)
         yield _gauge("node_queue_depth", "tasks waiting in the runtime", runtime.queue)
@@ -176,6 +193,24 @@ class NodeCollector(Collector):
             allocator.tokens_left,
         )
         yield _gauge("node_cache_waiting", "allocations queued for cache", allocator.waiting)
+        yield _gauge(
+            "node_history_bytes_reserved", "history memory reserved for open sessions", allocator.history_bytes
+        )
+        yield _gauge("node_history_bytes_capacity", "history memory (--history_bytes)", allocator.history_capacity)
+        yield _gauge(
+            "node_sessions_without_history",
+            "sessions granted without history room (they cannot survive a runtime restart), since the allocator "
+            "started",
+            allocator.sessions_without_history,
+        )
+
+
+def _buckets(totals: dict[tuple, float], rpc: str) -> list[tuple[str, float]]:
+    cumulative, buckets = 0.0, []
+    for i, bound in enumerate((*LATENCY_BUCKETS, float("inf"))):
+        cumulative += totals.get(("latency_bucket", rpc, i), 0.0)
+        buckets.append(("+Inf" if bound == float("inf") else str(bound), cumulative))
+    return buckets
 
 
 def _stats(actors: dict, name: str, kind: type):

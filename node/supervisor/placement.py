@@ -112,6 +112,8 @@ class Placement:
                 plan.hidden_size, plan.attn_cache_tokens, plan.kv_groups, plan.torch_dtype
             ),
             adapter_bytes=report.adapter_bytes,
+            history_bytes=self.history_bytes_per_block(),
+            history_fixed=plan.history_bytes or 0,
             hidden_size=plan.hidden_size,
             total_blocks=plan.total_blocks,
             num_devices=report.num_devices,
@@ -119,6 +121,12 @@ class Placement:
         )
         self.log.info("number of blocks chosen from memory", **estimate.fields())
         return estimate
+
+    def history_bytes_per_block(self) -> int:
+        plan = self.plan
+        if plan.history_bytes is not None:  # --history_bytes: a fixed amount, whatever the number of blocks
+            return 0
+        return resources.history_bytes_per_block(plan.hidden_size, plan.attn_cache_tokens, plan.torch_dtype)
 
     def server_numbers(self, report: Measured) -> dict:
         """The ServerInfo figures: a stated throughput alone, or the measured one and its parts."""

@@ -182,6 +182,7 @@ def resolve_plan(config: NodeConfig, run_dir: str, log) -> NodePlan:
         max_sessions_per_peer=config.max_sessions_per_peer,
         max_bytes_in_flight=config.max_bytes_in_flight,
         max_peer_bytes_in_flight=config.max_peer_bytes_in_flight,
+        history_bytes=config.history_bytes,
         initial_peers=config.peers,
         public_name=config.public_name,
         throughput=throughput,

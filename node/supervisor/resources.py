@@ -26,6 +26,12 @@ def cache_bytes_per_block(hidden_size: int, attn_cache_tokens: int, kv_groups: i
     return (2 * hidden_size * attn_cache_tokens // kv_groups) * DTYPE_BYTES[dtype]
 
 
+def history_bytes_per_block(hidden_size: int, attn_cache_tokens: int, dtype: str) -> int:
+    """Host memory for the inputs of the sessions one block's cache holds, kept to rebuild their caches
+    on a replaced runtime: one hidden state per token (node/allocator/budget.py)."""
+    return attn_cache_tokens * hidden_size * DTYPE_BYTES[dtype]
+
+
 def autograd_bytes(hidden_size: int, num_devices: int = 1) -> int:
     """What Petals keeps free for backward passes: 2 GiB per device for a 14336-wide model, in proportion."""
     return int(2 * GiB * num_devices * hidden_size / 14336)
@@ -39,6 +45,7 @@ class Estimate:
     block: int
     cache: int
     adapters: int
+    history: int  # per block; in host memory, so counted here only when the blocks are in RAM too
     source: str  # "gpu" or "ram"
 
     def fields(self) -> dict:
@@ -57,6 +64,8 @@ def estimate_num_blocks(
     block_bytes: int,
     cache_bytes: int,
     adapter_bytes: int = 0,
+    history_bytes: int = 0,
+    history_fixed: int = 0,
     hidden_size: int,
     total_blocks: int,
     num_devices: int = 1,
@@ -66,21 +75,23 @@ def estimate_num_blocks(
 
     On a GPU the node has the device to itself, as in Petals: its total memory counts (for tensor
     parallelism, the smallest device times their number). On a CPU it shares the host's RAM: only what
-    is available now counts, less `margin` of it for everyone else.
+    is available now counts, less `margin` of it for everyone else, and the sessions' history (kept in
+    host memory, `history_bytes` per block, or `history_fixed` in all) counts beside the blocks.
     """
     if device_type == "cuda":
         memory, source = device_memory, "gpu"
     else:
-        memory, source = int(available_memory * (1.0 - margin)), "ram"
+        memory, source = int(available_memory * (1.0 - margin)) - history_fixed, "ram"
     autograd = autograd_bytes(hidden_size, num_devices)
-    per_block = block_bytes + cache_bytes + adapter_bytes
+    per_block = block_bytes + cache_bytes + adapter_bytes + (history_bytes if source == "ram" else 0)
     count = min(total_blocks, (memory - autograd) // per_block) if per_block > 0 else total_blocks
-    estimate = Estimate(int(count), memory, autograd, block_bytes, cache_bytes, adapter_bytes, source)
+    estimate = Estimate(int(count), memory, autograd, block_bytes, cache_bytes, adapter_bytes, history_bytes, source)
     if count < 1:
         raise NotEnoughMemory(
             f"not enough memory for one block: {memory / GiB:.2f} GiB of {source}, {autograd / GiB:.2f} GiB kept for "
             f"autograd, {per_block / GiB:.2f} GiB per block "
-            f"(weights {block_bytes / GiB:.2f}, cache {cache_bytes / GiB:.2f}); "
+            f"(weights {block_bytes / GiB:.2f}, cache {cache_bytes / GiB:.2f}, "
+            f"session history {history_bytes / GiB if source == 'ram' else 0:.2f}); "
             "pass --num_blocks or --block_indices, or lower --attn_cache_tokens"
         )
     return estimate

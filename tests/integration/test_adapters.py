@@ -6,6 +6,8 @@ tensor-parallel node; unknown names and wrong adapters are clear errors before t
 from __future__ import annotations
 
 import json
+import os
+import signal
 import threading
 
 import pytest
@@ -16,6 +18,7 @@ from node.tools.launcher import NodeProcess
 from tests.helpers.adapters import reference
 from tests.helpers.paths import MICRO_LLAMA
 from tests.helpers.reference import hf_blocks, rel_err
+from tests.helpers.waiting import wait_until
 
 peft = pytest.importorskip("peft")
 TOL = 1e-5
@@ -61,6 +64,22 @@ def test_inference_with_an_adapter_equals_peft(client, adapters):
         steps = [session.step(hidden[:, :3])] + [session.step(hidden[:, t : t + 1]) for t in range(3, 6)]
     client.swarm.active_adapter = None
     assert rel_err(torch.cat(steps, 1), reference(model, hidden, 0, 4)) <= TOL
+
+
+def test_an_adapter_session_survives_a_runtime_kill(node, client, adapters):
+    """The cache rebuilt on a replaced runtime is computed with the session's adapter (issue 13)."""
+    name, model = list(adapters.items())[1]
+    client.swarm.active_adapter = name
+    torch.manual_seed(8)
+    hidden = torch.randn(1, 8, 64)
+    with client.session(max_length=8, start=0, end=4) as session:
+        steps = [session.step(hidden[:, :4]), session.step(hidden[:, 4:5])]
+        os.kill(node.status["actors"]["runtime.0"]["pid"], signal.SIGKILL)
+        steps += [session.step(hidden[:, t : t + 1]) for t in range(5, 8)]
+    client.swarm.active_adapter = None
+    assert rel_err(torch.cat(steps, 1), reference(model, hidden, 0, 4)) <= TOL
+    assert any(e.get("event") == "session recovered" for e in node.log_events())
+    wait_until(lambda: node.status.get("state") == "online" and client.spans(4), 60, "the node ONLINE again", node)
 
 
 def test_backward_with_an_adapter_equals_peft(client, adapters):

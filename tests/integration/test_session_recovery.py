@@ -10,6 +10,7 @@ other actors (allocator, announcer) are checked the same way.
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
 import os
 import signal
 import time
@@ -33,7 +34,8 @@ TOL = 1e-5
 
 @pytest.fixture(scope="module")
 def node(tmp_path_factory):
-    flags = ["--num_handlers", "2", "--heartbeat_timeout", "3", "--max_restarts", "100"]
+    # history room for 3 sessions of 80 tokens (80 x 64 values x 4 bytes each), not for a 4th
+    flags = ["--num_handlers", "2", "--heartbeat_timeout", "3", "--max_restarts", "100", "--history_bytes", "64KiB"]
     with NodeProcess(MICRO_LLAMA, tmp_path_factory.mktemp("recovery") / "node", *flags) as node:
         yield node
 
@@ -129,6 +131,24 @@ def test_beams_rollbacks_and_deep_prompts_survive_a_runtime_kill(node, client, m
     survived = run(fault=True)
     for got, want in zip(survived, reference):
         assert rel_err(got, want) <= TOL
+
+
+def test_several_sessions_are_each_recovered_and_one_without_history_room_gets_a_clear_error(node, client, micro_hf):
+    """Four sessions open at once; the node's history memory holds three. After the runtime is killed the
+    three go on with the outputs transformers gives, the fourth is told why it cannot."""
+    torch.manual_seed(33)
+    x = torch.randn(4, 1, 12, 64)
+    with contextlib.ExitStack() as stack:
+        sessions = [stack.enter_context(client.session(max_length=80, start=0, end=4)) for _ in range(4)]
+        for session, xs in zip(sessions, x):
+            session.step(xs[:, :10])
+        kill_runtime(node)
+        for session, xs in zip(sessions[:3], x[:3]):
+            got = torch.cat([session.step(xs[:, 10:11]), session.step(xs[:, 11:12])], dim=1)
+            assert rel_err(got, hf_blocks(micro_hf, xs, 0, 4)[:, 10:]) <= TOL
+        with pytest.raises(Exception, match=r"cannot be rebuilt.*history memory \(--history_bytes\) was full"):
+            sessions[3].step(x[3][:, 10:11])
+    assert any(e.get("event", "").startswith("session granted without history room") for e in node.log_events())
 
 
 def test_a_forward_in_flight_is_sent_again_to_the_new_runtime(node, client, micro_hf):

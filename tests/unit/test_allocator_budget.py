@@ -72,6 +72,22 @@ def test_adopting_a_grant_keeps_accounting_across_allocator_restarts():
     assert new.used == 700
 
 
+def test_history_is_granted_while_it_fits_and_the_session_is_served_either_way():
+    # micro-llama's default: 16384 tokens x 64 values x 4 bytes per block, for its 4 blocks
+    assert MICRO.history_capacity == 16384 * 64 * 4 * 4
+    assert MICRO.session_history_bytes(2, 100) == 2 * 100 * 64 * 4
+    budget = CacheBudget(1000, history_capacity=500)
+    first = budget.request(Waiter(1, "frontend.0", "a", 100, 0.0, 100, history=400), now=0)
+    second = budget.request(Waiter(2, "frontend.0", "b", 100, 0.0, 100, history=400), now=0)
+    assert first.history == 400 and second.history == 0 and budget.history_used == 400  # served, not rebuildable
+    budget.release(first.handle)
+    assert budget.history_used == 0
+    third = budget.request(Waiter(3, "frontend.0", "c", 100, 0.0, 100, history=400), now=0)
+    assert third.history == 400
+    new = CacheBudget(1000, history_capacity=500)
+    assert new.adopt(third) and new.history_used == 400
+
+
 def test_restart_intensity_and_backoff():
     intensity = RestartIntensity(max_restarts=2, window=60)
     assert intensity.allow(0) and intensity.allow(1)

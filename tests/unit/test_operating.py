@@ -97,3 +97,37 @@ def test_refusals_are_exported_by_reason_across_actors():
     families = {f.name: f for f in NodeCollector(lambda: snapshot, totals).collect()}
     samples = {s.labels["reason"]: s.value for s in families["node_refused"].samples if s.name == "node_refused_total"}
     assert samples == {"peer_bytes": 3.0, "peer_sessions": 4.0, "queue": 5.0}
+
+
+def test_session_recoveries_are_exported_as_a_counter_and_a_histogram():
+    """node_sessions_recovered_total and node_session_recovery_seconds, kept apart from the RPC latencies
+    and counted across a replaced frontend; the history memory as gauges."""
+    from node.supervisor.metrics import NodeCollector, Totals
+    from protocol.messages import LATENCY_BUCKETS, AllocatorStats, FrontendStats, LatencyHistogram
+
+    def recovery(*seconds):
+        buckets = [0] * (len(LATENCY_BUCKETS) + 1)
+        for s in seconds:
+            buckets[next((i for i, b in enumerate(LATENCY_BUCKETS) if s <= b), len(LATENCY_BUCKETS))] += 1
+        return {"session_recovery": LatencyHistogram(buckets, sum(seconds), len(seconds))}
+
+    totals = Totals()
+    totals.observe("frontend.0", 1, FrontendStats(recovered=2, latency=recovery(0.3, 1.2)))
+    totals.observe("frontend.0", 2, FrontendStats(recovered=1, latency=recovery(4.0)))  # its replacement
+    allocator = AllocatorStats(history_bytes=300, history_capacity=1000, sessions_without_history=1)
+    actors = {
+        "frontend.0": {"restarts": 1, "ready": True, "stats": FrontendStats(history_bytes=256)},
+        "allocator": {"restarts": 0, "ready": True, "stats": allocator},
+    }
+    snapshot = {"state": 2, "blocks": [0, 4], "moves": 0, "actors": actors}
+    families = {f.name: f for f in NodeCollector(lambda: snapshot, totals).collect()}
+    value = {s.name: s.value for f in families.values() for s in f.samples if not s.labels}
+    assert value["node_sessions_recovered_total"] == 3.0
+    assert value["node_session_recovery_seconds_count"] == 3.0
+    assert abs(value["node_session_recovery_seconds_sum"] - 5.5) < 1e-9
+    le = {s.labels["le"]: s.value for s in families["node_session_recovery_seconds"].samples if "le" in s.labels}
+    assert le["0.25"] == 0.0 and le["0.5"] == 1.0 and le["2.5"] == 2.0 and le["5.0"] == 3.0
+    rpcs = {s.labels.get("rpc") for s in families["node_request_seconds"].samples}
+    assert "session_recovery" not in rpcs
+    assert value["node_history_bytes"] == 256 and value["node_history_bytes_capacity"] == 1000
+    assert value["node_history_bytes_reserved"] == 300 and value["node_sessions_without_history"] == 1

@@ -65,6 +65,25 @@ def test_cpu_keeps_a_margin_of_available_ram():
     assert estimate.num_blocks == 8 and estimate.source == "ram"
 
 
+def test_session_history_counts_beside_blocks_in_ram_and_not_on_a_gpu():
+    # Llama-2-70B-like: 16384 tokens of 8192 bfloat16 values per block: 4 x that block's GQA cache
+    per_block = resources.history_bytes_per_block(8192, 16384, "bfloat16")
+    assert per_block == 16384 * 8192 * 2 == 4 * resources.cache_bytes_per_block(8192, 16384, 8, "bfloat16")
+    common = dict(block_bytes=GiB, cache_bytes=0, hidden_size=0, total_blocks=80, margin=0.0)
+    cpu = resources.estimate_num_blocks(
+        device_type="cpu", device_memory=0, available_memory=12 * GiB, history_bytes=GiB // 2, **common
+    )
+    assert cpu.num_blocks == 8 and cpu.history == GiB // 2
+    fixed = resources.estimate_num_blocks(
+        device_type="cpu", device_memory=0, available_memory=12 * GiB, history_fixed=4 * GiB, **common
+    )
+    assert fixed.num_blocks == 8
+    gpu = resources.estimate_num_blocks(
+        device_type="cuda", device_memory=12 * GiB, available_memory=0, history_bytes=GiB // 2, **common
+    )
+    assert gpu.num_blocks == 12  # the history lives in host memory, not on the device
+
+
 def test_no_room_for_one_block_is_a_clear_error():
     with pytest.raises(resources.NotEnoughMemory, match="--num_blocks"):
         resources.estimate_num_blocks(
