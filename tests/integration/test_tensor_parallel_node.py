@@ -73,20 +73,22 @@ def test_cache_tokens_count_one_device(micro_client, micro_node):
 
 
 @pytest.mark.parametrize("rank", ["runtime.1", "runtime.0"])
-def test_killing_one_rank_restarts_the_group(micro_node, micro_client, micro_hf, rank):
-    """kill -9 of one rank during a session: the session's next step fails with an error (the client
-    retries elsewhere), the whole group restarts, JOINING then ONLINE, and a new session is served."""
+def test_killing_one_rank_restarts_the_group_and_the_session_goes_on(micro_node, micro_client, micro_hf, rank):
+    """kill -9 of one rank during a session: the whole group restarts (JOINING, then ONLINE) and the
+    session's next step, held by the frontend meanwhile, is answered on the new group with its cache
+    rebuilt: the outputs are transformers' own (issue 13)."""
     torch.manual_seed(5)
     hidden = torch.randn(1, 8, 64)
     ref = hf_blocks(micro_hf, hidden, 0, 4)
     old = micro_node.status["actors"]
     seen = len(micro_node.log_events())
     with micro_client.session(max_length=8, start=0, end=4) as session:
-        assert rel_err(session.step(hidden[:, :4]), ref[:, :4]) <= TOL
+        first = session.step(hidden[:, :4])
         t0 = time.monotonic()
         os.kill(old[rank]["pid"], signal.SIGKILL)
-        with pytest.raises(Exception):
-            session.step(hidden[:, 4:])
+        rest = session.step(hidden[:, 4:])
+        answered = time.monotonic() - t0
+    assert rel_err(torch.cat([first, rest], dim=1), ref) <= TOL
     wait_online_with_new_group(micro_node, old, t0 + RECOVERY)
     with micro_client.session(max_length=8, start=0, end=4) as session:
         out = torch.cat([session.step(hidden[:, :4]), session.step(hidden[:, 4:])], dim=1)
@@ -96,7 +98,8 @@ def test_killing_one_rank_restarts_the_group(micro_node, micro_client, micro_hf,
     assert states[:2] == ["JOINING", "ONLINE"], states
     died = [e for e in later if e.get("event") == "tensor-parallel rank died; restarting the group"]
     assert [e["actor"] for e in died] == [rank], died
-    print(f"{rank}: served again {time.monotonic() - t0:.1f} s after kill -9")
+    assert any(e.get("event") == "session recovered" for e in later)
+    print(f"{rank}: the step after kill -9 answered in {answered:.1f} s")
 
 
 def test_quantized_tensor_parallel_node(tmp_path, micro_hf):
