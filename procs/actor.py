@@ -23,6 +23,7 @@ import msgspec
 import zmq
 
 from node import logs
+from node.code_version import code_version
 from protocol.messages import (
     ActorStats,
     ControlToActor,
@@ -104,6 +105,7 @@ class Actor:
 
     def __init__(self, name: str, run_dir: str):
         self.name = name
+        self.code = code_version()  # before the plan: what this process imported is on disk now
         self.plan: NodePlan = wait_for_plan(run_dir)
         self.log = logs.setup(name, self.plan.log_level, self.plan.log_format)
         self.ctx = zmq.Context()
@@ -127,8 +129,8 @@ class Actor:
         self._control_thread.start()
 
     def ready(self, detail: ReadyDetail) -> None:
-        self._outbox.put(Ready(self.name, os.getpid(), detail))
-        self.log.info("ready", **msgspec.structs.asdict(detail))
+        self._outbox.put(Ready(self.name, os.getpid(), detail, code=self.code))
+        self.log.info("ready", code=self.code, **msgspec.structs.asdict(detail))
 
     def fatal(self, reason: str) -> None:
         self.log.error("fatal", reason=reason)

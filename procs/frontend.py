@@ -3,7 +3,8 @@
 Owns: an attachment to the node's p2pd (P2P.replicate, so the peer id is the node's), the handler
   registrations (balanced: p2pd spreads calls over all frontends), and the open inference sessions.
 Receives: Petals RPCs from the swarm; replies from the runtime, the allocator and the announcer;
-  PushDelivery for sessions it owns; control: Stop, PeerDown, PeerUp, Serve (the blocks served now).
+  PushDelivery for sessions it owns; control: Stop, Retire (a reload: a new frontend serves, this one
+  takes nothing new and ends when its streams do), PeerDown, PeerUp, Serve (the blocks served now).
 Sends: Forward/Backward/InferStep/Cancel to the runtime; Allocate/Release/Adopt/CapacityQuery/
   PushRoute to the allocator; ServingQuery to the announcer (before a push); replies and error frames
   to clients, pushes to the next servers of v2.2.0 clients' chains.
@@ -19,6 +20,7 @@ startup.light_hivemind()  # before the imports below: see node/startup.py
 import asyncio
 import functools
 import time
+from typing import Optional
 
 import zmq
 import zmq.asyncio
@@ -39,6 +41,7 @@ from protocol.messages import (
     PeerDown,
     PeerUp,
     PushDelivery,
+    Retire,
     RuntimeReply,
     Serve,
     Stop,
@@ -71,6 +74,7 @@ class Frontend:
         self.handlers = Handlers(self.plan, self.runtime, self.allocator, self.announcer, self.log)
         self.handlers.probe = actor.probe
         self.p2p = None
+        self.retiring: Optional[asyncio.Task] = None
 
     async def start(self) -> None:
         self.runtime.start()
@@ -116,9 +120,15 @@ class Frontend:
             except asyncio.TimeoutError:
                 msg = None
             if isinstance(msg, Stop):
+                if self.retiring is not None:
+                    self.retiring.cancel()
                 await self.drain(msg.grace)
                 return
-            if isinstance(msg, PeerDown):
+            if self.retiring is not None and self.retiring.done():
+                return
+            if isinstance(msg, Retire) and self.retiring is None:
+                self.retiring = asyncio.get_running_loop().create_task(self.retire(msg))
+            elif isinstance(msg, PeerDown):
                 self.peer_down(msg.name)
             elif isinstance(msg, PeerUp):
                 self.peer_up(msg.name)
@@ -152,6 +162,28 @@ class Frontend:
             adopt = session.adopt_message()
             if adopt is not None:
                 self.allocator.send(adopt)
+
+    async def retire(self, msg: Retire) -> None:
+        """A reload: our replacement already serves. Calls and streams that start from now on go to it (our
+        handlers leave p2pd); ours go on until they end, or until msg.timeout (--drain_timeout), then drain."""
+        began = time.monotonic()
+        for name in UNARY:
+            await self._unregister(self.p2p.remove_protobuf_handler, NAME_PREFIX + name)
+        for name in STREAMS:
+            await self._unregister(self.p2p.remove_binary_stream_handler, NAME_PREFIX + name)
+        self.log.info("retiring", sessions=len(self.handlers.live), in_flight=self.handlers.in_flight)
+        deadline = began + msg.timeout
+        while (self.handlers.live or self.handlers.in_flight) and time.monotonic() < deadline:
+            await asyncio.sleep(0.1)
+        left = len(self.handlers.live)
+        await self.drain(msg.grace)
+        self.log.info("retired", seconds=round(time.monotonic() - began, 2), sessions_cut=left)
+
+    async def _unregister(self, remove, name: str) -> None:
+        try:
+            await remove(name)
+        except Exception as e:  # still ours to serve if it stays: the drain below ends it
+            self.log.warning("cannot remove a handler from p2pd", handler=name, error=repr(e))
 
     async def drain(self, grace: float) -> None:
         """Refuse new work, let running steps finish, end open sessions with a clear error."""

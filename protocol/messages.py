@@ -148,6 +148,7 @@ class Ready(Message):
     name: str
     pid: int
     detail: Union[FrontendReady, AnnouncerReady, AllocatorReady, RuntimeReady]
+    code: str = ""  # the version of the project's code this process runs (procs/actor.py code_version)
 
 
 class Heartbeat(Message):
@@ -213,6 +214,14 @@ class SwarmView(Message):
 class Stop(Message):
     """Finish or fail in-flight work within `grace` seconds, then exit 0."""
 
+    grace: float = 0.0
+
+
+class Retire(Message):
+    """A frontend's replacement is serving (a reload): take no new calls or streams, serve the open ones
+    until they end or `timeout` seconds pass, then stop as Stop(grace) does."""
+
+    timeout: float
     grace: float = 0.0
 
 
@@ -492,7 +501,7 @@ class ProbeEvent(msgspec.Struct, omit_defaults=True):
 
 
 ControlToSupervisor = Union[Ready, Heartbeat, Fatal, Announced, Measured, SwarmView, BlocksLoaded]
-ControlToActor = Union[Stop, PeerDown, PeerUp, Announce, LoadBlocks, Serve, SwarmQuery, DropBlocks]
+ControlToActor = Union[Stop, Retire, PeerDown, PeerUp, Announce, LoadBlocks, Serve, SwarmQuery, DropBlocks]
 RuntimeInbox = Union[Forward, Backward, InferStep, Cancel, DropCache]
 RuntimeReply = Union[Result, Failure]
 AllocatorInbox = Union[Allocate, Release, Adopt, CapacityQuery, PushRoute]

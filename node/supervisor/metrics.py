@@ -98,6 +98,7 @@ class NodeCollector(Collector):
         blocks.add_metric([str(start), str(end)], end - start)
         yield blocks
         yield _gauge("node_moves", "rebalancing moves made", snap.get("moves", 0))
+        yield _counter("node_reloads", "rolling reloads completed (SIGHUP)", snap.get("reloads", 0))
 
         up = GaugeMetricFamily("node_actor_up", "actor ready (1) or not (0)", labels=["actor"])
         restarts = CounterMetricFamily(

@@ -52,6 +52,8 @@ class ActorProcess:
     respawn_at: Optional[float] = None  # set while waiting out a backoff
     stopping: bool = False
     load_ordered: bool = False  # runtime only: LoadBlocks was sent to this process
+    reloading: bool = False  # replaced by a reload (node/supervisor/reload.py) until its successor is ready
+    code: str = ""  # the code version its process reported when ready (node/code_version.py)
     env: dict = field(default_factory=dict)  # added to its environment at each spawn
 
     def stats_as(self, kind: type):

@@ -5,7 +5,8 @@ Owns: the configuration and the plan, the run directory, the p2pd daemon (the no
   runtime (with --tensor_parallel_devices, one per device: runtime.0 leads, runtime.K follows; they
   live and restart as one group) and `--num_handlers` network frontends.
 Receives (ROUTER `control.sock`): Ready, Heartbeat, Fatal and Announced from actors; Measured from
-  the runtime and SwarmView from the announcer (for node/supervisor/placement.py); SIGTERM/SIGINT.
+  the runtime and SwarmView from the announcer (for node/supervisor/placement.py); SIGTERM/SIGINT;
+  SIGHUP (a rolling reload onto the code now on disk: node/supervisor/reload.py).
 Sends: Announce (the node's state) to the announcer; LoadBlocks to the runtime; Serve (the blocks)
   to frontends and the allocator; SwarmQuery; PeerDown/PeerUp when an actor is replaced; Stop on
   shutdown. Writes RUN_DIR/status.json for operators and probes.
@@ -32,10 +33,12 @@ import msgspec
 import zmq
 import zmq.asyncio
 
+from node.code_version import code_version
 from node.supervisor.config import NodeConfig
 from node.supervisor.moves import Moves
 from node.supervisor.placement import Placement, PlacementError
 from node.supervisor.processes import ActorProcess, RestartIntensity, backoff, new_group_store
+from node.supervisor.reload import Reload
 from node.supervisor.sd_notify import Notifier
 from protocol.dht_records import ServerState
 from protocol.messages import (
@@ -100,6 +103,8 @@ class Supervisor:
         self.next_stats_report = time.monotonic() + (config.stats_report_interval or 0.0)
         self.last_report: Optional[tuple[float, dict]] = None  # --stats_report_interval: when, and the counts then
         self.started_at = time.monotonic()
+        self.code = code_version()  # what this process runs; a reload replaces every actor but this one
+        self.reload = Reload(self)
 
     # --- lifecycle ---------------------------------------------------------------------------
 
@@ -108,6 +113,7 @@ class Supervisor:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self._on_signal, sig)
+        loop.add_signal_handler(signal.SIGHUP, self._on_reload)
         ctx = zmq.asyncio.Context()
         sock = ctx.socket(zmq.ROUTER)
         sock.setsockopt(zmq.LINGER, 0)
@@ -146,6 +152,11 @@ class Supervisor:
     def _on_signal(self, sig: int) -> None:
         self.log.info("signal received", signal=signal.Signals(sig).name)
         self.stop_requested.set()
+
+    def _on_reload(self) -> None:
+        self.log.info("signal received", signal="SIGHUP")
+        if not self.stop_requested.is_set():
+            self.reload.request()
 
     async def _watch(self) -> None:
         while self.exit_code is None and not self.stop_requested.is_set():
@@ -191,6 +202,7 @@ class Supervisor:
 
     def _died(self, actor: ActorProcess, now: float) -> None:
         name = actor.spec.name
+        actor.reloading = False  # a successor that dies on the way up is a failure like any other
         if name in self.runtimes and len(self.runtimes) > 1:
             self._restart_group(actor, now)
             return
@@ -267,9 +279,10 @@ class Supervisor:
             if self.placing is None:
                 self.placing = self.spawn_task(self._place())
             return
+        # an actor being replaced by a reload counts as serving: what waits on it is held, not failed
         serving = (
-            all(self.actors[n].ready for n in self.runtimes)
-            and self.actors["allocator"].ready
+            all(self.actors[n].ready or self.actors[n].reloading for n in self.runtimes)
+            and (self.actors["allocator"].ready or self.actors["allocator"].reloading)
             and any(a.ready for n, a in self.actors.items() if n.startswith("frontend"))
         )
         if not self.started and all(a.ready for a in self.actors.values()):
@@ -280,7 +293,7 @@ class Supervisor:
         for name in self.runtimes:  # each rank loads its shard
             runtime = self.actors[name]
             if (
-                self.confirmed == ServerState.JOINING
+                (self.confirmed == ServerState.JOINING or runtime.reloading)
                 and runtime.running
                 and not runtime.ready
                 and not runtime.load_ordered
@@ -327,8 +340,12 @@ class Supervisor:
                     continue  # a late message from a predecessor
                 actor.last_heartbeat = time.monotonic()
                 actor.ready = True
+                actor.reloading = False
+                actor.code = msg.code
                 actor.consecutive_failures = 0
-                self.log.info("actor ready", actor=name, pid=msg.pid, **msgspec.structs.asdict(msg.detail))
+                self.log.info(
+                    "actor ready", actor=name, pid=msg.pid, code=msg.code, **msgspec.structs.asdict(msg.detail)
+                )
                 if actor.was_ready:
                     for other in self.actors.values():
                         if other is not actor:
@@ -397,6 +414,15 @@ class Supervisor:
                 self.send(name, Serve(start, end))
         self.write_status()
 
+    def forget_frontend(self, name: str, clean: bool) -> None:
+        """A frontend retired by a reload is gone for good: what others held for it is freed."""
+        for other in list(self.actors):
+            self.send(other, PeerDown(name))
+        handlers = self.stream_handlers.pop(name, None)
+        if handlers is not None and not clean:  # it removed them itself, unless it was killed
+            self.spawn_task(self._unregister(name, *handlers))
+        self.write_status()
+
     async def _unregister(self, name: str, stream_maddr: str, handlers: list[str]) -> None:
         try:
             await self.daemon.remove_stream_handlers(stream_maddr, handlers)
@@ -419,6 +445,7 @@ class Supervisor:
             "state": int(self.reported) if self.reported is not None else -1,
             "blocks": [self.plan.start_block, self.plan.end_block],
             "moves": self.placement.moves,
+            "reloads": self.reload.count,
             "actors": {
                 n: {"ready": a.ready, "restarts": a.restarts, "stats": a.stats} for n, a in list(self.actors.items())
             },
@@ -467,7 +494,13 @@ class Supervisor:
             "blocks": [self.plan.start_block, self.plan.end_block],
             "moves": self.placement.moves,
             "metrics_port": self.metrics_server.server_port if self.metrics_server is not None else None,
-            "actors": {n: {"pid": a.pid, "ready": a.ready, "restarts": a.restarts} for n, a in self.actors.items()},
+            "code": self.code,
+            "reloads": self.reload.count,
+            "reloading": self.reload.running,
+            "actors": {
+                n: {"pid": a.pid, "ready": a.ready, "restarts": a.restarts, "code": a.code}
+                for n, a in self.actors.items()
+            },
             "updated": time.time(),
         }
         path = os.path.join(self.plan.run_dir, "status.json")

@@ -33,7 +33,9 @@ class NodeProcess:
         dht_prefix: str = "micro-llama",
         log_path: Optional[Path] = None,
         env: Optional[dict] = None,
+        root: Optional[Path] = None,
     ):
+        self.root = Path(root or ROOT)  # the checkout to run (a test may run a copy it then changes)
         self.run_dir = Path(run_dir)
         self.env = dict(env or {})  # added to the environment of the node (e.g. HF_ENDPOINT)
         self.argv = [
@@ -69,10 +71,10 @@ class NodeProcess:
         self.run_dir.parent.mkdir(parents=True, exist_ok=True)
         self._log = open(self.log_path, "ab")
         env = {**os.environ, **self.env}
-        env["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT), self.env.get("PYTHONPATH")) if p)
+        env["PYTHONPATH"] = os.pathsep.join(p for p in (str(self.root), self.env.get("PYTHONPATH")) if p)
         self.proc = subprocess.Popen(
             self.argv,
-            cwd=ROOT,
+            cwd=self.root,
             env=env,
             stdout=self._log,
             stderr=subprocess.STDOUT,
