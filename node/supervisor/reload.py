@@ -65,6 +65,7 @@ class Reload:
                 began = time.monotonic()
                 code = code_version()
                 self.log.info("reload started", code=code, supervisor_code=self.sup.code)
+                self.sup.notifier.reloading()
                 try:
                     await self.replace_runtime()
                     await self.replace("allocator")
@@ -77,6 +78,7 @@ class Reload:
                     self.count += 1
                     self.log.info("reload done", code=code, seconds=round(time.monotonic() - began, 1))
                 self.sup.write_status()
+                self.sup.notifier.ready(f"ONLINE, reloaded {self.count} times")
                 if not self.again or self.sup.stop_requested.is_set():
                     return
         finally:

@@ -4,7 +4,8 @@ Owned by the supervisor. With `Type=notify` (node/supervisor/units/petals-node.s
 READY=1, which the node sends once it is ONLINE; with `WatchdogSec=` it expects WATCHDOG=1 at least
 every $WATCHDOG_USEC microseconds, which the supervisor sends at half that period while its actors are
 healthy (a wedged supervisor stops pinging and systemd restarts the unit). STATUS= carries the node's
-state for `systemctl status`, and STOPPING=1 marks the start of a shutdown. Outside systemd (no
+state for `systemctl status`, STOPPING=1 marks the start of a shutdown, and RELOADING=1 ... READY=1
+bracket a rolling reload (`systemctl reload`, ExecReload sends SIGHUP). Outside systemd (no
 NOTIFY_SOCKET) every call does nothing.
 """
 
@@ -52,6 +53,12 @@ class Notifier:
 
     def stopping(self, status: str = "stopping") -> bool:
         return self.send("STOPPING=1", f"STATUS={status}")
+
+    def reloading(self) -> bool:
+        """A reload began; READY=1 (ready()) says it ended. MONOTONIC_USEC: systemd 253's notify-reload
+        wants the time the reload began, on CLOCK_MONOTONIC."""
+        usec = time.clock_gettime_ns(time.CLOCK_MONOTONIC) // 1000
+        return self.send("RELOADING=1", "STATUS=reloading", f"MONOTONIC_USEC={usec}")
 
     def watchdog(self, healthy: bool, now: Optional[float] = None) -> bool:
         """Ping when due and healthy; an unhealthy node lets the watchdog expire on purpose."""

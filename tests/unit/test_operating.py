@@ -31,6 +31,7 @@ def test_systemd_unit_is_valid(tmp_path):
     assert (
         int(service["WatchdogSec"]) > 0 and int(service["TimeoutStopSec"]) > 10 + 5
     )  # --shutdown_grace, then stopping
+    assert service["ExecReload"] == "/bin/kill -HUP $MAINPID"  # a rolling reload (node/supervisor/reload.py)
     analyze = shutil.which("systemd-analyze")
     if analyze is None:
         pytest.skip("systemd-analyze is not installed")
@@ -52,6 +53,9 @@ def test_notifier_speaks_the_systemd_protocol(tmp_path):
     assert notifier.watchdog(True, now=10.0) and server.recv(4096) == b"WATCHDOG=1"
     assert not notifier.watchdog(True, now=10.5)  # not due yet
     assert not notifier.watchdog(False, now=20.0)  # unhealthy: no ping, systemd's watchdog fires
+    assert notifier.reloading()
+    reloading = server.recv(4096).decode().split("\n")
+    assert reloading[:2] == ["RELOADING=1", "STATUS=reloading"] and reloading[2].startswith("MONOTONIC_USEC=")
     assert notifier.stopping() and server.recv(4096).startswith(b"STOPPING=1")
     assert not Notifier({}).ready("ONLINE")  # outside systemd: nothing, no error
     abstract = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
