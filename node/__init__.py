@@ -9,7 +9,7 @@ The commands an operator runs are the modules at this level:
 
 The rest is grouped by who uses it (the processes themselves are in procs/, one module per actor):
     supervisor/  the supervisor process: flags, the plan, p2pd, the process table, placement and
-                 rebalancing moves, metrics, systemd notify (torch-free)
+                 rebalancing moves, rolling reloads, metrics, systemd notify (torch-free)
     runtime/     the block runtime's torch side: compute and scheduling, the attention caches, model
                  families, quantization, LoRA adapters, tensor parallelism, block loading, measuring
     frontend/    the Petals RPCs behind procs/frontend.py: handlers, inference sessions, stream framing
@@ -19,5 +19,6 @@ The rest is grouped by who uses it (the processes themselves are in procs/, one 
     client/      a Petals-speaking client and client-side generation (tests, benchmarks, the demo)
     tools/       what the commands and tests use: starting a node, making tiny models, subprocess scripts
     startup.py   what processes do before their heavy imports (every import trick, explained)
+    code_version.py  which version of the code a process runs
     logs.py      structured logs, one JSON event per line
 """

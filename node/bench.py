@@ -18,6 +18,9 @@ Petals client does it) and in plain transformers in this process:
 - backward: input gradients for the same 4 x 128 (one rpc_backward per call, as a Petals client's
   backward pass sends it) against autograd through the decoder layers; both sides start from
   (inputs, grad_outputs), so both include the forward that autograd needs;
+- session recovery: a session of 512 tokens whose runtime is killed with -9: the time until the
+  replacement is ready, then its next step (the cache rebuilt from the session's history, then the
+  step) against the same 513 tokens through transformers' layers (node/tools/recovery_timing.py);
 - peak memory: PSS of every process of the node (supervisor and descendants, p2pd included),
   sampled during the run, against a fresh python process that loads the model in transformers once
   the node has stopped and runs the same forward, backward and a short generation once.
@@ -55,6 +58,7 @@ import torch
 from node.client.generate import BatchedHead
 from node.startup import die_with_parent
 from node.tools.launcher import ROOT, NodeProcess
+from node.tools.recovery_timing import RECOVERY_TOKENS, measure_session_recovery
 
 PROMPT = [1, 15, 27, 99, 4, 63, 250, 7]
 BATCH, LENGTH = 4, 128  # the forward/backward shape: 4 sequences of 128 tokens
@@ -515,6 +519,11 @@ def run(args, work: Path, dtype: torch.dtype, device: torch.device, bench_began:
         samples["backward_s"] = {"node": node_s, "local": local_s}
         checks["backward_max_rel_err"] = _rel_err(bwd["node"], bwd["local"].cpu())
         sampler.sample()
+
+        # 4. a session surviving its runtime (last: the node is JOINING while the runtime restarts)
+        print(f"session recovery: a {RECOVERY_TOKENS}-token session, its runtime killed with -9 ...", flush=True)
+        recovery = measure_session_recovery(node, client, span, model, local_layers_forward, dtype, device)
+        checks["recovery_rel_err"] = recovery.pop("rel_err")
         ok = True
         print("measuring the memory of plain transformers in a fresh process (while the node stops) ...", flush=True)
         memory_probe = LocalMemoryProbe(model_path, args.dtype, args.device)
@@ -572,6 +581,13 @@ def run(args, work: Path, dtype: torch.dtype, device: torch.device, bench_began:
             False,
             f"backward {BATCH}x{LENGTH}, all blocks (per call)",
         ),
+        "session_recovery": metric(
+            "s",
+            recovery["rebuild_s"],
+            recovery["local_s"],
+            False,
+            f"session of {RECOVERY_TOKENS} tokens rebuilt + 1 step (local: {RECOVERY_TOKENS + 1}-token prefill)",
+        ),
         "peak_pss": metric("MiB", sampler.peak / MIB, local_pss / MIB, False, "peak memory, PSS (node: all processes)"),
     }
     per_token = {
@@ -595,6 +611,11 @@ def run(args, work: Path, dtype: torch.dtype, device: torch.device, bench_began:
         f"checks: generated tokens match transformers: {checks['generated_tokens_match']} "
         f"(concurrent sessions: {checks['concurrent_tokens_match']}); "
         f"max rel err forward {checks['forward_max_rel_err']:.2e}, backward {checks['backward_max_rel_err']:.2e}"
+    )
+    print(
+        f"session recovery: the runtime was ready again {recovery['restart_s']:.2f} s after kill -9 "
+        f"(node cold start {cold_start:.2f} s); the session's next step, its {RECOVERY_TOKENS}-token cache rebuilt "
+        f"first, took {recovery['rebuild_s']:.2f} s (max rel err {checks['recovery_rel_err']:.2e})"
     )
     load_after = os.getloadavg()
     print(
@@ -639,6 +660,7 @@ def run(args, work: Path, dtype: torch.dtype, device: torch.device, bench_began:
             },
             "metrics": metrics,
             "per_token": per_token,
+            "recovery": recovery,
             "checks": checks,
             "samples": samples,
         }

@@ -52,7 +52,7 @@ def test_bench_smoke(tmp_path):
     assert proc.returncode == 0, out[-4000:]
 
     data = json.loads(report.read_text())
-    expected = {"cold_start", "generation", "concurrent", "forward", "backward", "peak_pss"}
+    expected = {"cold_start", "generation", "concurrent", "forward", "backward", "session_recovery", "peak_pss"}
     assert set(data["metrics"]) == expected
     for name, m in data["metrics"].items():
         for key in ("node", "local", "ratio"):
@@ -66,6 +66,9 @@ def test_bench_smoke(tmp_path):
     assert data["checks"]["generated_tokens_match"] is True
     assert data["checks"]["concurrent_tokens_match"] is True
     assert data["checks"]["forward_max_rel_err"] < 1e-4 and data["checks"]["backward_max_rel_err"] < 1e-4
+    # a session whose runtime was killed: rebuilt, and its next step what transformers computes
+    assert data["checks"]["recovery_rel_err"] < 1e-4
+    assert data["recovery"]["tokens"] == 512 and data["recovery"]["restart_s"] > 0
 
     # the table is printed, with its ratio column explained
     assert "generation, 1 session, batch 1, 8 tokens" in out
