@@ -25,6 +25,9 @@ if TYPE_CHECKING:
     from node.supervisor.supervisor import Supervisor
 
 
+FREE_MEMORY_WAIT = 5.0  # seconds a move waits for the runtime's first report of its free memory
+
+
 class Moves:
     def __init__(self, sup: "Supervisor"):
         self.sup = sup
@@ -67,20 +70,24 @@ class Moves:
             if target is not None:
                 await self.move(*target)
 
-    def room_to_load_first(self, start: int, end: int) -> bool:
+    async def room_to_load_first(self, start: int, end: int) -> bool:
         """Whether the blocks the move adds fit beside the current ones (free memory, less the margin)."""
         if len(self.sup.runtimes) > 1:
             return False  # a group restarts on its new blocks (its ranks cannot load beside serving in step)
         old = range(self.plan.start_block, self.plan.end_block)
         added = sum(1 for i in range(start, end) if i not in old)
-        free = self.sup.actors["runtime.0"].stats_as(RuntimeStats).free_memory
+        runtime = self.sup.actors["runtime.0"]
+        deadline = time.monotonic() + FREE_MEMORY_WAIT
+        while runtime.stats_as(RuntimeStats).free_memory is None and time.monotonic() < deadline:
+            await asyncio.sleep(0.1)  # a runtime that just loaded has not said yet how much memory is left
+        free = runtime.stats_as(RuntimeStats).free_memory
         report = self.placement.measured
         if free is None or report is None:
             return False
         return added * self.placement.block_bytes <= free * (1.0 - self.config.memory_margin)
 
     async def move(self, start: int, end: int) -> None:
-        if self.room_to_load_first(start, end):
+        if await self.room_to_load_first(start, end):
             await self.switch(start, end)
         else:
             await self.drain_and_restart(start, end)
