@@ -52,6 +52,7 @@ from typing import Any, Optional
 import msgspec
 import zmq
 
+from node.supervisor.status_view import figures
 from protocol.messages import ProbeEvent
 
 PROG = "python -m node.probe"
@@ -221,9 +222,8 @@ class StatsTable:
         for actor in sorted(self.latest):
             info = table.get(actor, {})
             cells = [f"pid={info.get('pid', '?')}", f"restarts={info.get('restarts', '?')}"]
-            cells += [
-                f"{k}={_value(k, v)}" for k, v in sorted(self.latest[actor].items()) if not isinstance(v, (dict, list))
-            ]
+            # the same figures as the status page's actor rows (node/supervisor/status_view.py)
+            cells += [f"{k}={_value(k, v)}" for k, v in figures(self.latest[actor]).items()]
             lines.append(f"{actor:<12} " + " ".join(cells))
         return "\n".join(lines)
 

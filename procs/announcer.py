@@ -2,12 +2,13 @@
 
 Owns: a hivemind DHTNode attached to the supervisor's p2pd (so it answers DHT RPCs under the node's
   peer id, with a DHT id derived from it that survives restarts), and the node's ServerInfo.
-Receives: Announce(state, blocks, throughput) and SwarmQuery from the supervisor; Capacity from the
+Receives: Announce(state, blocks, throughput), SwarmQuery and SwarmMapQuery (every model the swarm
+  announces, for the status page) from the supervisor; Capacity from the
   allocator; ServingQuery from frontends (ROUTER `announcer.sock`: may we push to this peer?); Stop.
 Sends: the per-block records and the `_petals.models` record, refreshed every `update_period` with
   a later expiration each time (with next_pings: round trips to the servers after ours, pinged
   just before); Announced to the supervisor after each state change; SwarmView (the
-  swarm's records, for block selection and rebalancing); Serving to frontends; CapacityQuery.
+  swarm's records, for block selection and rebalancing) and SwarmMap; Serving to frontends; CapacityQuery.
 """
 
 from __future__ import annotations
@@ -35,7 +36,16 @@ from node.logs import quiet_hivemind
 from procs import actor as actor_lib
 from procs.requester import Requester
 from protocol import SERVER_VERSION
-from protocol.dht_records import MODELS_KEY, ServerInfo, ServerState, block_uids, model_record, read_servers, to_tuple
+from protocol.dht_records import (
+    MODELS_KEY,
+    ServerInfo,
+    ServerState,
+    block_uids,
+    model_record,
+    read_model_record,
+    read_servers,
+    to_tuple,
+)
 from protocol.messages import (
     AllocatorReply,
     Announce,
@@ -44,15 +54,20 @@ from protocol.messages import (
     AnnouncerReady,
     AnnouncerStats,
     CapacityQuery,
+    ModelServers,
     Serving,
     ServingQuery,
     Stop,
+    SwarmMap,
+    SwarmMapQuery,
     SwarmQuery,
     SwarmView,
 )
 from protocol.transport import AsyncChannel, BadMessage
 
 SWARM_READ_TIMEOUT = 10.0  # seconds
+MAX_MODELS = 8  # model prefixes read for the status page
+MAX_MAP_BLOCKS = 1024  # larger models are left off the page
 SERVING_MAX_AGE = 30.0  # a swarm read this recent answers a frontend's ServingQuery
 RECHECK_AFTER = 5.0  # ... unless it says no and is older than this: then it is read again
 PING_TIMEOUT = 5.0
@@ -138,6 +153,8 @@ class Announcer:
                 return
             if isinstance(msg, SwarmQuery):
                 self.actor.send_control(await self.swarm_view(msg.req))
+            elif isinstance(msg, SwarmMapQuery):
+                self.actor.send_control(await self.swarm_map(msg.req))
             elif isinstance(msg, Announce):
                 self.state = msg
                 ok, error = await self.announce()
@@ -226,6 +243,32 @@ class Announcer:
             seconds=round(time.perf_counter() - began, 3),
         )
         return SwarmView(req, blocks)
+
+    async def swarm_map(self, req: int) -> SwarmMap:
+        """Every model the swarm announces under MODELS_KEY and its servers: ours first, then the others by
+        name, at most MAX_MODELS of at most MAX_MAP_BLOCKS blocks (the public swarm holds dozens)."""
+        try:
+            found = await asyncio.wait_for(self.dht.get(MODELS_KEY, latest=True), SWARM_READ_TIMEOUT)
+            records = found.value if found is not None and isinstance(found.value, dict) else {}
+            sizes = {self.plan.dht_prefix: (self.plan.total_blocks, None)}
+            for prefix, item in records.items():
+                try:
+                    if isinstance(prefix, str) and prefix != self.plan.dht_prefix:
+                        sizes[prefix] = read_model_record(item.value)
+                except (TypeError, ValueError):
+                    continue  # a record clients would skip
+            chosen = [self.plan.dht_prefix] + sorted(p for p in sizes if p != self.plan.dht_prefix)
+            models = {}
+            for prefix in chosen[:MAX_MODELS]:
+                num_blocks, repository = sizes[prefix]
+                if num_blocks > MAX_MAP_BLOCKS:
+                    continue
+                blocks = await asyncio.wait_for(read_servers(self.dht, prefix, num_blocks), SWARM_READ_TIMEOUT)
+                models[prefix] = ModelServers(num_blocks, repository, blocks)
+        except (Exception, asyncio.TimeoutError) as e:
+            self.log.info("cannot read the swarm's models", error=repr(e))
+            return SwarmMap(req, error=repr(e))
+        return SwarmMap(req, models)
 
     async def ping_next(self, state: Announce) -> dict[str, float]:
         """Ping the servers that follow our span (PROTOCOL 2.4) and return the smoothed round trips."""

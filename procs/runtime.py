@@ -539,6 +539,8 @@ class Runtime:
 
     def succeed(self, task: Task, outputs: list[torch.Tensor]) -> None:
         self.counts.done += 1
+        shape = task.msg.tensors[0].shape if task.msg.tensors else ()
+        self.counts.tokens += shape[0] * shape[1] if len(shape) >= 2 else 0
         metas, frames = to_frames(outputs)
         self.reply(task.sender, Result(task.msg.req, metas), frames)
 

@@ -97,6 +97,7 @@ class RuntimeStats(ActorStats):
     """runtime.0, which runs every round of the node."""
 
     done: int = 0  # tasks answered with a result
+    tokens: int = 0  # tokens of the tasks answered with a result (batch x length of their inputs)
     failed: int = 0  # tasks answered with a failure
     rounds: int = 0
     round_sessions: int = 0  # requests in the last round
@@ -208,6 +209,23 @@ class SwarmView(Message):
     error: str = ""
 
 
+class ModelServers(Message):
+    """One model of the swarm as its `_petals.models` record and its block records say."""
+
+    num_blocks: int
+    repository: Optional[str] = None
+    blocks: dict[int, dict[str, ServerInfo]] = {}
+
+
+class SwarmMap(Message):
+    """Announcer -> supervisor, for the status page: every model prefix the swarm announces (ours first,
+    at most MAX_MODELS) with its servers per block; `error` when the DHT failed."""
+
+    req: int
+    models: dict[str, ModelServers] = {}
+    error: str = ""
+
+
 # --- control plane: supervisor -> actor -------------------------------------------------------
 
 
@@ -275,6 +293,12 @@ class DropBlocks(Message):
 
 class SwarmQuery(Message):
     """Supervisor -> announcer: read the swarm's records of every block of the model (SwarmView)."""
+
+    req: int
+
+
+class SwarmMapQuery(Message):
+    """Supervisor -> announcer: read every model the swarm announces, for the status page (SwarmMap)."""
 
     req: int
 
@@ -500,8 +524,10 @@ class ProbeEvent(msgspec.Struct, omit_defaults=True):
     fields: dict[str, Any] = {}  # any message's header fields, or any actor's stats: the probe shows what crossed
 
 
-ControlToSupervisor = Union[Ready, Heartbeat, Fatal, Announced, Measured, SwarmView, BlocksLoaded]
-ControlToActor = Union[Stop, Retire, PeerDown, PeerUp, Announce, LoadBlocks, Serve, SwarmQuery, DropBlocks]
+ControlToSupervisor = Union[Ready, Heartbeat, Fatal, Announced, Measured, SwarmView, SwarmMap, BlocksLoaded]
+ControlToActor = Union[
+    Stop, Retire, PeerDown, PeerUp, Announce, LoadBlocks, Serve, SwarmQuery, SwarmMapQuery, DropBlocks
+]
 RuntimeInbox = Union[Forward, Backward, InferStep, Cancel, DropCache]
 RuntimeReply = Union[Result, Failure]
 AllocatorInbox = Union[Allocate, Release, Adopt, CapacityQuery, PushRoute]

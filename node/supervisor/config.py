@@ -103,6 +103,9 @@ class NodeConfig(msgspec.Struct, kw_only=True):
     drain_timeout: float = 60
     memory_margin: float = 0.2
     metrics_port: Optional[int] = None
+    # loopback: the page and the metrics show the node's peers, sessions and code version, which an operator
+    # may not want on the internet; --metrics_host 0.0.0.0 opens them up deliberately
+    metrics_host: str = "127.0.0.1"
     # what strangers may make the node hold (DESIGN section 5); honest clients stay far below
     max_sessions: int = 1024
     max_sessions_per_peer: int = 128
@@ -349,7 +352,13 @@ def build_parser() -> argparse.ArgumentParser:
     node.add_argument(
         "--metrics_port",
         type=_non_negative_int,
-        help="serve Prometheus metrics on this port (0: any free port; default: off)",
+        help="serve Prometheus metrics (/metrics) and the status page (/, /status.json) on this port "
+        "(0: any free port; default: off)",
+    )
+    node.add_argument(
+        "--metrics_host",
+        help="the address the metrics and the status page listen on (default 127.0.0.1, this host only; "
+        "0.0.0.0 for every interface)",
     )
     node.add_argument(
         "--history_bytes",

@@ -233,10 +233,8 @@ def _counter(name: str, doc: str, value: float) -> CounterMetricFamily:
     return CounterMetricFamily(name, doc, value=value)
 
 
-def serve(port: int, snapshot: Callable[[], dict], totals: Totals, addr: str = "0.0.0.0"):
-    """Start the HTTP endpoint on a thread; returns (server, thread) for shutdown."""
-    from prometheus_client import start_http_server
-
-    registry = CollectorRegistry(auto_describe=False)
-    registry.register(NodeCollector(snapshot, totals))
-    return start_http_server(port, addr=addr, registry=registry)
+def registry(snapshot: Callable[[], dict], totals: Totals) -> CollectorRegistry:
+    """The node's metrics, served at /metrics by node/supervisor/status_server.py."""
+    reg = CollectorRegistry(auto_describe=False)
+    reg.register(NodeCollector(snapshot, totals))
+    return reg

@@ -5,11 +5,14 @@ Owns: the configuration and the plan, the run directory, the p2pd daemon (the no
   runtime (with --tensor_parallel_devices, one per device: runtime.0 leads, runtime.K follows; they
   live and restart as one group) and `--num_handlers` network frontends.
 Receives (ROUTER `control.sock`): Ready, Heartbeat, Fatal and Announced from actors; Measured from
-  the runtime and SwarmView from the announcer (for node/supervisor/placement.py); SIGTERM/SIGINT;
+  the runtime and SwarmView from the announcer (for node/supervisor/placement.py), SwarmMap (for the
+  status page); SIGTERM/SIGINT;
   SIGHUP (a rolling reload onto the code now on disk: node/supervisor/reload.py).
 Sends: Announce (the node's state) to the announcer; LoadBlocks to the runtime; Serve (the blocks)
   to frontends and the allocator; SwarmQuery; PeerDown/PeerUp when an actor is replaced; Stop on
-  shutdown. Writes RUN_DIR/status.json for operators and probes.
+  shutdown; SwarmMapQuery every 15 s while the status page is served. Writes RUN_DIR/status.json for
+  operators and probes; with --metrics_port serves /metrics, / and /status.json
+  (node/supervisor/status_server.py) from a timeline it samples once a second.
 
 The node's state follows its actors: JOINING until the runtime, the allocator and a frontend are
 ready, then ONLINE; JOINING again while the runtime is replaced; OFFLINE on the way out. The runtime
@@ -34,12 +37,14 @@ import zmq
 import zmq.asyncio
 
 from node.code_version import code_version
+from node.supervisor import status_view
 from node.supervisor.config import NodeConfig
 from node.supervisor.moves import Moves
 from node.supervisor.placement import Placement, PlacementError
 from node.supervisor.processes import ActorProcess, RestartIntensity, backoff, new_group_store
 from node.supervisor.reload import Reload
 from node.supervisor.sd_notify import Notifier
+from node.supervisor.timeline import Timeline
 from protocol.dht_records import ServerState
 from protocol.messages import (
     AllocatorStats,
@@ -60,12 +65,15 @@ from protocol.messages import (
     RuntimeStats,
     Serve,
     Stop,
+    SwarmMap,
+    SwarmMapQuery,
     SwarmView,
 )
 from protocol.plan import NodePlan, write_plan
 from protocol.transport import AsyncChannel, BadMessage
 
 TICK = 0.1
+SWARM_MAP_PERIOD = 15.0  # seconds between reads of the swarm's models for the status page
 STARTUP_SILENCE = 60.0  # longest an actor may take to send its first heartbeat
 
 
@@ -97,8 +105,13 @@ class Supervisor:
         self.placing: Optional[asyncio.Task] = None
         self.moves = Moves(self)
         self.notifier = Notifier()  # systemd (Type=notify), when started by it
-        self.metrics_server = None  # --metrics_port: node/supervisor/metrics.py
+        self.metrics_server = None  # --metrics_port: node/supervisor/status_server.py (/metrics, /, /status.json)
         self.metrics_totals = None  # node/supervisor/metrics.py Totals, fed with every heartbeat
+        self.timeline = Timeline()  # the status page's charts, sampled once a second
+        self.next_sample = 0.0
+        self.status_view: Optional[dict] = None  # what /status.json serves, rebuilt once a second
+        self.swarm_map: Optional[tuple[float, SwarmMap]] = None  # the announcer's last map, for the page
+        self.next_swarm_map = 0.0
         self.notified_ready = False
         self.next_stats_report = time.monotonic() + (config.stats_report_interval or 0.0)
         self.last_report: Optional[tuple[float, dict]] = None  # --stats_report_interval: when, and the counts then
@@ -129,15 +142,16 @@ class Supervisor:
             self.maddrs = await self.daemon.visible_maddrs()
             if self.config.metrics_port is not None:
                 from node.supervisor import metrics
+                from node.supervisor.status_server import StatusServer
 
                 self.metrics_totals = metrics.Totals()
+                host, port = self.config.metrics_host, self.config.metrics_port
                 try:
-                    self.metrics_server, _ = metrics.serve(
-                        self.config.metrics_port, self.metrics_snapshot, self.metrics_totals
-                    )
-                    self.log.info("metrics served", port=self.metrics_server.server_port)
+                    registry = metrics.registry(self.metrics_snapshot, self.metrics_totals)
+                    self.metrics_server = StatusServer(host, port, registry, lambda: self.status_view)
+                    self.log.info("metrics served", host=host, port=self.metrics_server.server_port)
                 except OSError as e:  # the port is taken: say so and stop (_watch returns at once)
-                    self.log.error("cannot serve metrics", port=self.config.metrics_port, error=str(e))
+                    self.log.error("cannot serve metrics", host=host, port=port, error=str(e))
                     self.exit_code = 1
             self.log.info("node starting", peer_id=self.plan.peer_id, maddrs=self.maddrs, run_dir=self.plan.run_dir)
             self.write_status()
@@ -172,6 +186,9 @@ class Supervisor:
             if self.config.stats_report_interval and now >= self.next_stats_report:
                 self.next_stats_report = now + self.config.stats_report_interval
                 self.report_stats()
+            if self.metrics_server is not None and now >= self.next_sample:
+                self.next_sample = now + 1.0
+                self.update_status_page(now)
             try:
                 await asyncio.wait_for(self.stop_requested.wait(), TICK)
             except asyncio.TimeoutError:
@@ -222,6 +239,7 @@ class Supervisor:
         actor.restarts += 1
         actor.consecutive_failures += 1
         actor.respawn_at = now + backoff(actor.consecutive_failures)
+        self.timeline.mark(time.time(), name, "restarted")
 
     def restart_allowed(self, now: float) -> bool:
         """Counts one restart; past --max_restarts within --restart_window the node gives up (OTP intensity)."""
@@ -262,6 +280,7 @@ class Supervisor:
             return
         dead.restarts += 1
         dead.consecutive_failures += 1
+        self.timeline.mark(time.time(), dead.spec.name, "restarted with its group")
         self.new_group_generation()
         respawn_at = now + backoff(dead.consecutive_failures)
         for name in self.runtimes:
@@ -362,6 +381,8 @@ class Supervisor:
                 self.placement.on_measured(msg)
             elif isinstance(msg, SwarmView):
                 self.placement.on_view(msg)
+            elif isinstance(msg, SwarmMap):
+                self.swarm_map = (time.time(), msg)
             elif isinstance(msg, BlocksLoaded):
                 self.moves.on_loaded(msg)
             elif isinstance(msg, Fatal):
@@ -450,6 +471,26 @@ class Supervisor:
                 n: {"ready": a.ready, "restarts": a.restarts, "stats": a.stats} for n, a in list(self.actors.items())
             },
         }
+
+    def update_status_page(self, now: float) -> None:
+        """Once a second, for the status page: a timeline sample, the page's data, and now and then a new
+        map of the swarm from the announcer (its reply lands in _receive)."""
+        frontends = {n: a.stats for n, a in self.actors.items() if isinstance(a.stats, FrontendStats)}
+        runtime, allocator = self.actors["runtime.0"], self.actors["allocator"]
+        self.timeline.sample(
+            time.time(),
+            runtime.stats if isinstance(runtime.stats, RuntimeStats) and runtime.ready else None,
+            runtime.pid,
+            allocator.stats if isinstance(allocator.stats, AllocatorStats) and allocator.ready else None,
+            frontends,
+        )
+        if now >= self.next_swarm_map and self.actors["announcer"].ready:
+            self.next_swarm_map = now + SWARM_MAP_PERIOD
+            self.send("announcer", SwarmMapQuery(int(now * 1000)))
+        self.status_view = status_view.build(self)
+
+    def state_name(self) -> str:
+        return ServerState(self.reported).name.lower() if self.reported is not None else "starting"
 
     def report_stats(self) -> None:
         """--stats_report_interval: one event with what the node did since the last one."""
