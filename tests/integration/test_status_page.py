@@ -146,3 +146,26 @@ def test_the_page_in_a_browser_draws_the_swarm_the_actors_and_the_charts(swarm, 
         timeout=120,
     )
     assert os.path.getsize(shot) > 20_000  # a drawn page, not a blank one
+
+
+@pytest.mark.skipif(not os.environ.get("PETALS_PYTHON"), reason="set PETALS_PYTHON to a Python with Petals installed")
+def test_a_petals_server_in_the_swarm_is_on_the_page(tmp_path):
+    """A Petals server beside the node: the page draws it over its blocks with its own version."""
+    from node.bench_petals import stop_group
+    from tests.integration.test_petals_client import start_petals_server
+
+    with NodeProcess(MICRO_LLAMA, tmp_path / "node", "--block_indices", "0:2", "--metrics_port", "0") as node:
+        server = start_petals_server(tmp_path / "petals.log", node.maddrs, "--block_indices", "2:4")
+        try:
+            port = node.status["metrics_port"]
+
+            def servers() -> list:
+                models = json.loads(fetch(port, "/status.json"))["swarm"]["models"]
+                return models[0]["servers"] if models else []
+
+            wait_until(lambda: len(servers()) == 2, 90, "the Petals server on the page", node)
+            theirs = next(s for s in servers() if not s["this_node"])
+            assert (theirs["start"], theirs["end"], theirs["state"]) == (2, 4, "online")
+            assert theirs["version"] and "node" not in theirs["version"]  # Petals' own version string
+        finally:
+            stop_group(server)
