@@ -3,7 +3,7 @@
 Owns: the cache budget (bytes per session, leases that lapse, the queue of waiting sessions), the
   history budget (host memory in which frontends keep what sessions sent, to rebuild their caches on a
   replaced runtime) and the map session id -> owning frontend (for rpc_push).
-Receives (ROUTER `allocator.sock`): Allocate, Release, Adopt from frontends; CapacityQuery from
+Receives (ROUTER `allocator.sock`): Allocate, Release, GrowHistory, Adopt from frontends; CapacityQuery from
   frontends and the announcer; PushRoute from a frontend that got rpc_push.
   Control: PeerDown(frontend.N) drops that frontend's sessions.
 Sends: Granted / Failure / Capacity replies; PushDelivery to the frontend owning a session;
@@ -34,6 +34,7 @@ from protocol.messages import (
     DropCache,
     Failure,
     Granted,
+    GrowHistory,
     PeerDown,
     PushDelivery,
     PushRoute,
@@ -112,6 +113,8 @@ class Allocator:
             if lease is not None:
                 self.ended([lease], "released")
                 self.grant_waiting(now)
+        elif isinstance(msg, GrowHistory):
+            self.grow_history(sender, msg)
         elif isinstance(msg, Adopt):
             lease = Lease(
                 msg.handle,
@@ -223,6 +226,27 @@ class Allocator:
                 history_free=self.budget.history_capacity - self.budget.history_used,
             )
         self.reply(waiter.owner.encode(), Granted(waiter.req, lease.handle, lease.history))
+
+    def grow_history(self, sender: bytes, msg: GrowHistory) -> None:
+        lease = self.budget.leases.get(msg.handle)
+        had = lease.history if lease is not None else 0
+        if lease is not None and self.budget.grow_history(msg.handle, msg.bytes):
+            self.reply(sender, Granted(msg.req, msg.handle, msg.bytes))
+            return
+        if lease is None:
+            error = "its cache grant is not held by this allocator"
+        else:
+            self.without_history += had > 0
+            free = self.budget.history_capacity - self.budget.history_used
+            error = f"its history of {msg.bytes} bytes did not fit in the node's history memory ({free} bytes free)"
+            self.log.warning(
+                "session history given up: it cannot survive a runtime restart",
+                session=lease.session,
+                peer=lease.peer,
+                history_bytes=msg.bytes,
+                history_free=free,
+            )
+        self.reply(sender, Failure(msg.req, error))
 
     def grant_waiting(self, now: float) -> None:
         for waiter, lease in self.budget.grant_waiting(now):

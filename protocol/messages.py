@@ -132,7 +132,7 @@ class AllocatorStats(ActorStats):
     waiting: int = 0
     history_bytes: int = 0  # history memory reserved (node/allocator/budget.py)
     history_capacity: int = 0
-    sessions_without_history: int = 0  # granted without history room: they cannot survive a runtime restart
+    sessions_without_history: int = 0  # without history room at grant or since: they cannot survive a runtime restart
 
 
 class AnnouncerStats(ActorStats):
@@ -411,6 +411,16 @@ class Release(Message):
     handle: int
 
 
+class GrowHistory(Message):
+    """The history memory held for grant `handle` grows to `bytes` in all (a session's deep prompts came
+    beside its hidden states). Answered with Granted, or with Failure when there is no room: the grant
+    then holds no history (the session cannot be rebuilt, and its history bytes go back to the others)."""
+
+    req: int
+    handle: int
+    bytes: int
+
+
 class Adopt(Message):
     """A frontend tells a (new) allocator about the grants it still holds, so accounting survives."""
 
@@ -530,7 +540,7 @@ ControlToActor = Union[
 ]
 RuntimeInbox = Union[Forward, Backward, InferStep, Cancel, DropCache]
 RuntimeReply = Union[Result, Failure]
-AllocatorInbox = Union[Allocate, Release, Adopt, CapacityQuery, PushRoute]
+AllocatorInbox = Union[Allocate, Release, GrowHistory, Adopt, CapacityQuery, PushRoute]
 AllocatorReply = Union[Granted, Failure, Capacity, PushDelivery]
 AnnouncerInbox = Union[ServingQuery]
 AnnouncerReply = Union[Serving]

@@ -161,6 +161,17 @@ class CacheBudget:
             self.history_used -= lease.history
         return lease
 
+    def grow_history(self, handle: int, nbytes: int) -> bool:
+        """The grant's history becomes `nbytes` if that fits beside the others'; else it gives its history
+        up (0 bytes: the session cannot be rebuilt). Whether it fits; an unknown grant does not."""
+        lease = self.leases.get(handle)
+        if lease is None:
+            return False
+        fits = lease.history > 0 and self.history_used - lease.history + nbytes <= self.history_capacity
+        self.history_used += (nbytes if fits else 0) - lease.history
+        lease.history = nbytes if fits else 0
+        return fits
+
     def grant_waiting(self, now: float) -> list[tuple[Waiter, Lease]]:
         """First come, first served: grant from the head of the queue while it fits."""
         granted = []

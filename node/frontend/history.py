@@ -10,7 +10,8 @@ Kept in the node's dtype, because the runtime casts every input to it before the
 cache holds depends on the cast values only, so converting here (with the same rounding, to nearest
 even) loses nothing and makes the bytes per token fixed: hidden_size x dtype bytes, reserved with the
 allocator for batch x max_length tokens when the session opens (node/allocator/budget.py). Deep prompts
-are kept beside, only for the positions they were sent for (Petals clients send them with the first step).
+are kept beside, only for the positions they were sent for (Petals clients send them with the first step),
+and the reservation grows for them before they are kept (`bytes_with`; GrowHistory to the allocator).
 
 Raw bytes (numpy, no torch): the frontend does not compute, it only keeps and replays.
 """
@@ -62,13 +63,23 @@ class History:
         self.prompts: list[tuple[int, np.ndarray]] = []  # (first position, [n_blocks, rows, p, width] bytes)
         self.length = 0  # positions [0, length) are held
         self.lost: Optional[str] = None  # why it cannot be rebuilt, once it cannot
+        self.reserved = reserved  # bytes the allocator holds for it
         if reserved < batch * max_length * self.width:
             self.lost = "the node's history memory (--history_bytes) was full when the session opened"
+            self.reserved = 0
 
     @property
     def nbytes(self) -> int:
         held = self.hidden.nbytes if self.hidden is not None else 0
         return held + sum(values.nbytes for _, values in self.prompts)
+
+    def bytes_with(self, position: int, prompts: Optional[RawTensor]) -> int:
+        """What the history will hold once a step at `position` with these deep prompts is recorded: more
+        than `reserved` must be reserved first."""
+        kept = sum(v.shape[0] * v.shape[1] * max(0, min(v.shape[2], position - first)) for first, v in self.prompts)
+        if prompts is not None:
+            kept += prompts.shape[0] * prompts.shape[1] * prompts.shape[2]
+        return self.batch * self.max_length * self.width + kept * self.width
 
     def _bytes(self, raw: RawTensor, rows: int, positions: int) -> np.ndarray:
         """A [.., rows, positions, hidden] tensor in the node's dtype, as [.., rows, positions, width] bytes."""
@@ -97,8 +108,10 @@ class History:
         cover its first P positions (adding zero to the others changes nothing)."""
         kept = []
         for first, values in self.prompts:
-            if first < position:
-                kept.append((first, values[:, :, : position - first]))
+            if first + values.shape[2] <= position:
+                kept.append((first, values))
+            elif first < position:  # a copy, so that the rolled-back positions' bytes go
+                kept.append((first, values[:, :, : position - first].copy()))
         if prompts is not None:
             n_blocks, rows, p = prompts.shape[0], prompts.shape[1], prompts.shape[2]
             kept.append((position, self._bytes(prompts, rows, p).reshape(n_blocks, rows, p, self.width).copy()))
@@ -106,7 +119,7 @@ class History:
 
     def forget(self, why: str) -> None:
         self.lost = why
-        self.hidden, self.prompts = None, []
+        self.hidden, self.prompts, self.reserved = None, [], 0
 
     def replay(self) -> tuple[RawTensor, Optional[RawTensor]]:
         """(hidden states, deep prompts or None) of positions [0, length), in the node's dtype: one prefill

@@ -22,7 +22,7 @@ from node.frontend.streams import Received
 from procs.requester import PeerUnavailable
 from protocol import requests as rq
 from protocol import wire
-from protocol.messages import Adopt, Allocate, Failure, InferStep, Release
+from protocol.messages import Adopt, Allocate, Failure, GrowHistory, InferStep, Release
 from protocol.wire import RawTensor
 
 _CLIENT, _PUSH, _END, _ERROR = "client", "push", "end", "error"
@@ -212,9 +212,15 @@ class InferenceStream:
             return None
         o = self.opened
         expires_in = self.lease_deadline - time.monotonic()
-        held = self.history.batch * self.history.max_length * self.history.width if self.history.lost is None else 0
         return Adopt(
-            self.handle, o.session_id, o.batch, o.max_length, o.span.length, expires_in, peer=self.peer, history=held
+            self.handle,
+            o.session_id,
+            o.batch,
+            o.max_length,
+            o.span.length,
+            expires_in,
+            peer=self.peer,
+            history=self.history.reserved,
         )
 
     def _close(self) -> None:
@@ -273,6 +279,7 @@ class InferenceStream:
         tensors = [hidden, prompts, hypo_ids]
         timeout = max(0.001, min(self.plan.request_timeout, self.deadline - time.monotonic()))
         output = await self._run(position, tensors, step_id or "", timeout)
+        await self._reserve_history(position, rq.optional_tensor(prompts))
         self.history.record(position, hidden, rq.optional_tensor(prompts), rq.optional_tensor(hypo_ids))
         self.prefix = position + length
         if step_id:
@@ -281,6 +288,31 @@ class InferenceStream:
         if servers and rq.optional_tensor(prompts) is None:
             self.handlers.push(self._push_next(encoded, request, metadata, servers))
         return runtime_pb2.ExpertResponse(tensors=[encoded])
+
+    async def _reserve_history(self, position: int, prompts: Optional[RawTensor]) -> None:
+        """Deep prompts are kept beside the hidden states the session opened with room for: their bytes are
+        reserved with the allocator before they are kept, or the session's history is given up (it is
+        served on, but cannot be rebuilt)."""
+        history = self.history
+        if prompts is None or history.lost is not None:
+            return
+        need = history.bytes_with(position, prompts)
+        if need <= history.reserved:
+            return
+        allocator = self.handlers.allocator
+
+        def grow() -> GrowHistory:
+            return GrowHistory(allocator.next_id(), self.handle, need)
+
+        try:
+            reply = (await allocator.request_surviving(grow, timeout=10)).msg
+        except (asyncio.TimeoutError, PeerUnavailable) as e:
+            reply = Failure(0, f"the cache allocator did not answer ({e or 'timeout'})")
+        if isinstance(reply, Failure):
+            history.forget(f"its deep prompts were not kept: {reply.error}")
+            self.log.info("session history given up", session=self._sid, peer=self.peer, reason=reply.error)
+        else:
+            history.reserved = need
 
     def _infer_step(self, position: int, tensors: list, step_id: str) -> InferStep:
         o = self.opened

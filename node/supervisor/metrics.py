@@ -200,8 +200,8 @@ class NodeCollector(Collector):
         yield _gauge("node_history_bytes_capacity", "history memory (--history_bytes)", allocator.history_capacity)
         yield _gauge(
             "node_sessions_without_history",
-            "sessions granted without history room (they cannot survive a runtime restart), since the allocator "
-            "started",
+            "sessions granted without history room, or whose deep prompts did not fit in it (they cannot survive "
+            "a runtime restart), since the allocator started",
             allocator.sessions_without_history,
         )
 

@@ -151,6 +151,34 @@ def test_several_sessions_are_each_recovered_and_one_without_history_room_gets_a
     assert any(e.get("event", "").startswith("session granted without history room") for e in node.log_events())
 
 
+def test_deep_prompts_are_kept_only_in_room_reserved_for_them(node, client):
+    """Deep prompts are kept beside the hidden states once the allocator has reserved their bytes too. One
+    session's prompts fit in the 64 KiB of history memory and it is rebuilt like any other; the next one's
+    do not: it is served on, and after the runtime's restart told why it cannot be rebuilt."""
+    torch.manual_seed(34)
+    x = torch.randn(2, 1, 42, 64)
+    prompts = [torch.randn(4, 1, 10, 64), torch.randn(4, 1, 40, 64)]  # 10 KiB, then 40 KiB beside 20 KiB each
+
+    def steps(session, xs, ps) -> list[torch.Tensor]:
+        return [session.step(xs[:, :40], prompts=ps), session.step(xs[:, 40:41])]
+
+    with client.session(max_length=80, start=0, end=4) as session:
+        reference = steps(session, x[0], prompts[0]) + [session.step(x[0][:, 41:42])]
+    with (
+        client.session(max_length=80, start=0, end=4) as kept,
+        client.session(max_length=80, start=0, end=4) as not_kept,
+    ):
+        got = steps(kept, x[0], prompts[0])
+        steps(not_kept, x[1], prompts[1])  # served all the same
+        kill_runtime(node)
+        got.append(kept.step(x[0][:, 41:42]))
+        for a, b in zip(got, reference):
+            assert rel_err(a, b) <= TOL
+        with pytest.raises(Exception, match=r"cannot be rebuilt.*deep prompts were not kept.*did not fit"):
+            not_kept.step(x[1][:, 41:42])
+    assert any(e.get("event") == "session history given up" for e in node.log_events())
+
+
 def test_a_forward_in_flight_is_sent_again_to_the_new_runtime(node, client, micro_hf):
     """A forward that the runtime holds when it dies is not failed: the frontend sends it again."""
     torch.manual_seed(32)

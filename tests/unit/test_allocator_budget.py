@@ -88,6 +88,19 @@ def test_history_is_granted_while_it_fits_and_the_session_is_served_either_way()
     assert new.adopt(third) and new.history_used == 400
 
 
+def test_a_grant_history_grows_while_it_fits_else_it_is_given_up():
+    budget = CacheBudget(1000, history_capacity=1000)
+    first = budget.request(Waiter(1, "frontend.0", "a", 100, 0.0, 100, history=400), now=0)
+    second = budget.request(Waiter(2, "frontend.0", "b", 100, 0.0, 100, history=400), now=0)
+    assert budget.grow_history(first.handle, 600) and first.history == 600 and budget.history_used == 1000
+    assert not budget.grow_history(second.handle, 500)  # no room: the session keeps its cache, not its history
+    assert second.history == 0 and budget.history_used == 600
+    assert not budget.grow_history(second.handle, 400)  # given up for good
+    assert not budget.grow_history(12345, 10)  # not a grant of this allocator
+    budget.release(first.handle)
+    assert budget.history_used == 0
+
+
 def test_restart_intensity_and_backoff():
     intensity = RestartIntensity(max_restarts=2, window=60)
     assert intensity.allow(0) and intensity.allow(1)

@@ -91,3 +91,25 @@ def test_without_a_reservation_nothing_is_kept_and_the_reason_is_clear():
     assert h.nbytes == 0
     with pytest.raises(HistoryLost, match="history memory .*--history_bytes.* was full"):
         h.replay()
+
+
+def test_the_bytes_to_reserve_for_deep_prompts_are_what_the_history_then_holds():
+    g = torch.Generator().manual_seed(4)
+    h = history()
+    assert h.reserved == h.bytes_with(0, None) == 2 * 16 * 4 * 4  # the hidden states the session opened with
+    steps = [  # (position, length, prompt positions): prompts, a plain step, a rollback into them, prompts again
+        (0, 4, 3),
+        (4, 2, 0),
+        (2, 1, 0),
+        (3, 2, 2),
+        (0, 1, 1),
+    ]
+    for position, length, covered in steps:
+        prompts = raw(torch.randn(3, 2, covered, 4, generator=g)) if covered else None
+        need = h.bytes_with(position, prompts)
+        h.record(position, raw(torch.randn(2, length, 4, generator=g)), prompts, None)
+        assert h.nbytes == need, (position, length, covered)
+    h.forget("gone")
+    assert h.nbytes == h.reserved == 0
+    with pytest.raises(HistoryLost, match="gone"):
+        h.replay()
