@@ -325,6 +325,78 @@ def test_petals_client_generation_survives_runtime_kills_a_hang_and_a_reload(tmp
         wait_until(lambda: any(e.get("event") == "reload done" for e in node.log_events()), 120, "the reload", node)
 
 
+PTUNE_CLIENT = textwrap.dedent(
+    """
+    import sys, torch
+    from petals import AutoDistributedModelForCausalLM
+    model_path, n, peers = sys.argv[1], int(sys.argv[2]), sys.argv[3:]
+    model = AutoDistributedModelForCausalLM.from_pretrained(
+        model_path, initial_peers=peers, dht_prefix="micro-llama", torch_dtype=torch.float32,
+        tuning_mode="deep_ptune", pre_seq_len=3,
+    )
+    torch.manual_seed(5)
+    with torch.no_grad():
+        model.model.prompt_embeddings.weight.normal_(std=2.0)
+        model.model.intermediate_prompt_embeddings.weight.normal_(std=2.0)
+    ids = torch.tensor([[1, 17, 42, 99, 3]])
+
+    class Pause:  # a streamer: generate hands it each new token, and it lets the test break the node then
+        def __init__(self):
+            self.k = -1  # the first put is the prompt
+
+        def put(self, value):
+            self.k += 1
+            if 1 <= self.k < n:
+                print(f"TOKEN {self.k}", flush=True)
+                sys.stdin.readline()
+
+        def end(self):
+            pass
+
+    def generate(pause):  # one session (generate opens it), token by token
+        return model.generate(ids, max_new_tokens=n, do_sample=False, streamer=Pause() if pause else None).tolist()
+
+    reference = generate(pause=False)
+    survived = generate(pause=True)
+    assert survived == reference, (survived, reference)
+    with torch.no_grad():
+        model.model.intermediate_prompt_embeddings.weight.zero_()
+    assert generate(pause=False) != reference, "the deep prompts changed nothing: the test would prove nothing"
+    print("PETALS CLIENT OK", flush=True)
+    """
+)
+
+
+def test_petals_client_deep_ptune_generation_survives_a_runtime_kill(tmp_path):
+    """An unmodified Petals client in deep_ptune mode sends its prompts for every block with the first
+    step; the node keeps them in the session's history (room reserved for them) and rebuilds the cache with
+    them after kill -9 of the runtime: the tokens equal those of the same generation without a fault."""
+    with NodeProcess(MICRO_LLAMA, tmp_path / "node", "--num_handlers", "2") as node:
+        client = subprocess.Popen(
+            [PETALS_PYTHON, "-c", PTUNE_CLIENT, str(MICRO_LLAMA), "16", *node.maddrs],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        try:
+            for k in range(1, 16):
+                line = client.stdout.readline().strip()
+                assert line == f"TOKEN {k}", line + client.stderr.read()[-3000:]
+                if k == 5:
+                    os.kill(node.status["actors"]["runtime.0"]["pid"], signal.SIGKILL)
+                client.stdin.write("\n")
+                client.stdin.flush()
+            out, err = client.communicate(timeout=300)
+        finally:
+            if client.poll() is None:
+                client.kill()
+                client.wait()
+        assert "PETALS CLIENT OK" in out, out[-3000:] + err[-3000:]
+        events = [e.get("event") for e in node.log_events()]
+        assert "session recovered" in events and "session history given up" not in events
+
+
 def test_bench_against_a_petals_server(tmp_path):
     """node.bench_petals drives the node and a Petals server with a real Petals client and prints both."""
     out = tmp_path / "figures.json"
