@@ -7,6 +7,7 @@ otherwise they are skipped. The client script runs under that interpreter.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -52,6 +53,25 @@ CLIENT = textwrap.dedent(
     print("PETALS CLIENT OK")
     """
 )
+
+
+@contextlib.contextmanager
+def petals_process(script: str, *args: str):
+    """A client script under PETALS_PYTHON (model path, then `args`), talked to through its stdin and
+    stdout; killed if it is still running when the test leaves."""
+    client = subprocess.Popen(
+        [PETALS_PYTHON, "-c", script, str(MICRO_LLAMA), *args],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        yield client
+    finally:
+        if client.poll() is None:
+            client.kill()
+            client.wait()
 
 
 def run_client(peers: list[str]) -> None:
@@ -222,14 +242,7 @@ def test_petals_client_through_a_tensor_parallel_node_and_a_rank_kill_mid_sessio
 
     with NodeProcess(MICRO_LLAMA, tmp_path / "node", "--tensor_parallel_devices", "cpu", "cpu") as node:
         run_client(node.maddrs)
-        client = subprocess.Popen(
-            [PETALS_PYTHON, "-c", MID_SESSION_CLIENT, str(MICRO_LLAMA), *node.maddrs],
-            stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-        )
-        try:
+        with petals_process(MID_SESSION_CLIENT, *node.maddrs) as client:
             lines = []
 
             def next_line() -> str:
@@ -248,10 +261,6 @@ def test_petals_client_through_a_tensor_parallel_node_and_a_rank_kill_mid_sessio
             client.stdin.write("\n")
             client.stdin.flush()
             out, err = client.communicate(timeout=240)
-        finally:
-            if client.poll() is None:
-                client.kill()
-                client.wait()
         print(lines)
         assert "PETALS CLIENT OK" in out, out[-3000:] + err[-3000:]
 
@@ -281,6 +290,21 @@ TOKEN_BY_TOKEN_CLIENT = textwrap.dedent(
 )
 
 
+def run_with_faults(script: str, n: int, node, faults: dict) -> None:
+    """Run a client script that prints "TOKEN k" and waits for a line before its token k (1 <= k < n):
+    `faults[k]()` breaks the node there. The script must end with PETALS CLIENT OK."""
+    with petals_process(script, str(n), *node.maddrs) as client:
+        for k in range(1, n):
+            line = client.stdout.readline().strip()
+            assert line == f"TOKEN {k}", line + client.stderr.read()[-3000:]
+            if k in faults:
+                faults[k]()
+            client.stdin.write("\n")
+            client.stdin.flush()
+        out, err = client.communicate(timeout=300)
+    assert "PETALS CLIENT OK" in out, out[-3000:] + err[-3000:]
+
+
 def test_petals_client_generation_survives_runtime_kills_a_hang_and_a_reload(tmp_path):
     """An unmodified Petals client generates 64 tokens in one session while the node's runtime is killed
     with -9 before tokens 10 and 40, hangs before token 20 (the supervisor replaces it) and the node is
@@ -300,27 +324,7 @@ def test_petals_client_generation_survives_runtime_kills_a_hang_and_a_reload(tmp
             40: lambda: os.kill(runtime_pid(), signal.SIGKILL),
             50: reload,
         }
-        client = subprocess.Popen(
-            [PETALS_PYTHON, "-c", TOKEN_BY_TOKEN_CLIENT, str(MICRO_LLAMA), "64", *node.maddrs],
-            stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-        )
-        try:
-            for k in range(1, 64):
-                line = client.stdout.readline().strip()
-                assert line == f"TOKEN {k}", line + client.stderr.read()[-3000:]
-                if k in faults:
-                    faults[k]()
-                client.stdin.write("\n")
-                client.stdin.flush()
-            out, err = client.communicate(timeout=300)
-        finally:
-            if client.poll() is None:
-                client.kill()
-                client.wait()
-        assert "PETALS CLIENT OK" in out, out[-3000:] + err[-3000:]
+        run_with_faults(TOKEN_BY_TOKEN_CLIENT, 64, node, faults)
         assert sum(e.get("event") == "session recovered" for e in node.log_events()) >= 4
         wait_until(lambda: any(e.get("event") == "reload done" for e in node.log_events()), 120, "the reload", node)
 
@@ -372,27 +376,9 @@ def test_petals_client_deep_ptune_generation_survives_a_runtime_kill(tmp_path):
     step; the node keeps them in the session's history (room reserved for them) and rebuilds the cache with
     them after kill -9 of the runtime: the tokens equal those of the same generation without a fault."""
     with NodeProcess(MICRO_LLAMA, tmp_path / "node", "--num_handlers", "2") as node:
-        client = subprocess.Popen(
-            [PETALS_PYTHON, "-c", PTUNE_CLIENT, str(MICRO_LLAMA), "16", *node.maddrs],
-            stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
+        run_with_faults(
+            PTUNE_CLIENT, 16, node, {5: lambda: os.kill(node.status["actors"]["runtime.0"]["pid"], signal.SIGKILL)}
         )
-        try:
-            for k in range(1, 16):
-                line = client.stdout.readline().strip()
-                assert line == f"TOKEN {k}", line + client.stderr.read()[-3000:]
-                if k == 5:
-                    os.kill(node.status["actors"]["runtime.0"]["pid"], signal.SIGKILL)
-                client.stdin.write("\n")
-                client.stdin.flush()
-            out, err = client.communicate(timeout=300)
-        finally:
-            if client.poll() is None:
-                client.kill()
-                client.wait()
-        assert "PETALS CLIENT OK" in out, out[-3000:] + err[-3000:]
         events = [e.get("event") for e in node.log_events()]
         assert "session recovered" in events and "session history given up" not in events
 
