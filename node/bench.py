@@ -522,8 +522,10 @@ def run(args, work: Path, dtype: torch.dtype, device: torch.device, bench_began:
 
         # 4. a session surviving its runtime (last: the node is JOINING while the runtime restarts)
         print(f"session recovery: a {RECOVERY_TOKENS}-token session, its runtime killed with -9 ...", flush=True)
-        recovery = measure_session_recovery(node, client, span, model, local_layers_forward, dtype, device)
-        checks["recovery_rel_err"] = recovery.pop("rel_err")
+        recovery, rebuilt, expected = measure_session_recovery(
+            node, client, span, model, local_layers_forward, dtype, device
+        )
+        checks["recovery_rel_err"] = _rel_err(rebuilt, expected)
         ok = True
         print("measuring the memory of plain transformers in a fresh process (while the node stops) ...", flush=True)
         memory_probe = LocalMemoryProbe(model_path, args.dtype, args.device)

@@ -229,23 +229,23 @@ class Allocator:
 
     def grow_history(self, sender: bytes, msg: GrowHistory) -> None:
         lease = self.budget.leases.get(msg.handle)
-        had = lease.history if lease is not None else 0
-        if lease is not None and self.budget.grow_history(msg.handle, msg.bytes):
+        if lease is None:
+            self.reply(sender, Failure(msg.req, "its cache grant is not held by this allocator"))
+            return
+        had = lease.history
+        if self.budget.grow_history(msg.handle, msg.bytes):
             self.reply(sender, Granted(msg.req, msg.handle, msg.bytes))
             return
-        if lease is None:
-            error = "its cache grant is not held by this allocator"
-        else:
-            self.without_history += had > 0
-            free = self.budget.history_capacity - self.budget.history_used
-            error = f"its history of {msg.bytes} bytes did not fit in the node's history memory ({free} bytes free)"
-            self.log.warning(
-                "session history given up: it cannot survive a runtime restart",
-                session=lease.session,
-                peer=lease.peer,
-                history_bytes=msg.bytes,
-                history_free=free,
-            )
+        self.without_history += had > 0
+        free = self.budget.history_capacity - self.budget.history_used
+        error = f"its history of {msg.bytes} bytes did not fit in the node's history memory ({free} bytes free)"
+        self.log.warning(
+            "session history given up: it cannot survive a runtime restart",
+            session=lease.session,
+            peer=lease.peer,
+            history_bytes=msg.bytes,
+            history_free=free,
+        )
         self.reply(sender, Failure(msg.req, error))
 
     def grant_waiting(self, now: float) -> None:

@@ -5,8 +5,8 @@ Owns: an attachment to the node's p2pd (P2P.replicate, so the peer id is the nod
 Receives: Petals RPCs from the swarm; replies from the runtime, the allocator and the announcer;
   PushDelivery for sessions it owns; control: Stop, Retire (a reload: a new frontend serves, this one
   takes nothing new and ends when its streams do), PeerDown, PeerUp, Serve (the blocks served now).
-Sends: Forward/Backward/InferStep/Cancel to the runtime; Allocate/Release/Adopt/CapacityQuery/
-  PushRoute to the allocator; ServingQuery to the announcer (before a push); replies and error frames
+Sends: Forward/Backward/InferStep/Cancel to the runtime; Allocate/Release/GrowHistory/Adopt/
+  CapacityQuery/PushRoute to the allocator; ServingQuery to the announcer (before a push); replies and error frames
   to clients, pushes to the next servers of v2.2.0 clients' chains.
 """
 

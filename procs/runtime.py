@@ -41,7 +41,7 @@ from node.runtime.kv_cache import CacheMissing, SessionCache, SessionCaches
 from node.runtime.loading import BlockLoader, load_adapters, load_or_fail, wait_for_load_order
 from node.runtime.models import get_family
 from node.runtime.quantize import QuantizationUnavailable, check_quantization, quantize_block
-from node.runtime.scheduler import QueueFull, Scheduler, Task
+from node.runtime.scheduler import QueueFull, Scheduler, Task, tokens
 from node.runtime.tensor_parallel.group import Group
 from node.weights.checkpoint import Checkpoint
 from procs import actor as actor_lib
@@ -539,8 +539,7 @@ class Runtime:
 
     def succeed(self, task: Task, outputs: list[torch.Tensor]) -> None:
         self.counts.done += 1
-        shape = task.msg.tensors[0].shape if task.msg.tensors else ()
-        self.counts.tokens += shape[0] * shape[1] if len(shape) >= 2 else 0
+        self.counts.tokens += tokens(task)
         metas, frames = to_frames(outputs)
         self.reply(task.sender, Result(task.msg.req, metas), frames)
 

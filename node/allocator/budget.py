@@ -77,7 +77,9 @@ class CacheGeometry:
 
 
 def history_bytes_per_block(hidden_size: int, attn_cache_tokens: int, dtype_bytes: int) -> int:
-    """The history the sessions filling one block's cache can need (also counted by the memory estimate)."""
+    """Host memory for the inputs of the sessions filling one block's cache, kept to rebuild their caches on
+    a replaced runtime: one hidden state per token (also counted by the memory estimate,
+    node/supervisor/placement.py)."""
     return attn_cache_tokens * hidden_size * dtype_bytes
 
 

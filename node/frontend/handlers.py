@@ -304,21 +304,22 @@ class Handlers:
         finally:
             self.scopes.release(peer, nbytes)
 
-    async def rpc_forward(self, request: runtime_pb2.ExpertRequest, context) -> runtime_pb2.ExpertResponse:
+    async def _unary(
+        self, rpc: str, compute, request: runtime_pb2.ExpertRequest, context
+    ) -> runtime_pb2.ExpertResponse:
+        """rpc_forward and rpc_backward: one request, its bytes reserved while `compute` handles it."""
         peer = str(context.remote_id)
-        with self.track("rpc_forward", peer):
+        with self.track(rpc, peer):
             async with self.reserved(peer, request.ByteSize()):
                 metadata = wire.unpack_metadata(request.metadata)
-                work = self.forward(request.uid, list(request.tensors), metadata, peer)
+                work = compute(request.uid, list(request.tensors), metadata, peer)
                 return runtime_pb2.ExpertResponse(tensors=await asyncio.wait_for(work, self.plan.request_timeout))
 
+    async def rpc_forward(self, request: runtime_pb2.ExpertRequest, context) -> runtime_pb2.ExpertResponse:
+        return await self._unary("rpc_forward", self.forward, request, context)
+
     async def rpc_backward(self, request: runtime_pb2.ExpertRequest, context) -> runtime_pb2.ExpertResponse:
-        peer = str(context.remote_id)
-        with self.track("rpc_backward", peer):
-            async with self.reserved(peer, request.ByteSize()):
-                metadata = wire.unpack_metadata(request.metadata)
-                work = self.backward(request.uid, list(request.tensors), metadata, peer)
-                return runtime_pb2.ExpertResponse(tensors=await asyncio.wait_for(work, self.plan.request_timeout))
+        return await self._unary("rpc_backward", self.backward, request, context)
 
     async def _collect(self, requests: AsyncIterator[Received]) -> tuple[str, dict, list]:
         """A *_stream request: uid and metadata from the first part, tensors reassembled from all parts (their
@@ -346,19 +347,19 @@ class Handlers:
             for part in wire.split_for_stream(tensor, STREAM_PART_BYTES):
                 yield runtime_pb2.ExpertResponse(tensors=[part])
 
-    async def rpc_forward_stream(self, requests, context) -> AsyncIterator[runtime_pb2.ExpertResponse]:
-        with self.track("rpc_forward_stream", str(context.remote_id)):
-            work = self._collected(self.forward, requests, str(context.remote_id))
-            outputs = await asyncio.wait_for(work, self.plan.request_timeout)
+    async def _streamed(self, rpc: str, compute, requests, context) -> AsyncIterator[runtime_pb2.ExpertResponse]:
+        """rpc_forward_stream and rpc_backward_stream: one request in parts, its reply in parts."""
+        peer = str(context.remote_id)
+        with self.track(rpc, peer):
+            outputs = await asyncio.wait_for(self._collected(compute, requests, peer), self.plan.request_timeout)
             async for response in self._stream_reply(outputs):
                 yield response
 
-    async def rpc_backward_stream(self, requests, context) -> AsyncIterator[runtime_pb2.ExpertResponse]:
-        with self.track("rpc_backward_stream", str(context.remote_id)):
-            work = self._collected(self.backward, requests, str(context.remote_id))
-            outputs = await asyncio.wait_for(work, self.plan.request_timeout)
-            async for response in self._stream_reply(outputs):
-                yield response
+    def rpc_forward_stream(self, requests, context) -> AsyncIterator[runtime_pb2.ExpertResponse]:
+        return self._streamed("rpc_forward_stream", self.forward, requests, context)
+
+    def rpc_backward_stream(self, requests, context) -> AsyncIterator[runtime_pb2.ExpertResponse]:
+        return self._streamed("rpc_backward_stream", self.backward, requests, context)
 
     # --- inference and push ------------------------------------------------------------------
 

@@ -74,6 +74,11 @@ class _Queues:
             yield from list(queue)
 
 
+def _first_of(queue: deque) -> Task:
+    """A peer's next forward or backward: its own by points (higher first), then by arrival."""
+    return max(queue, key=lambda t: (t.points, -t.arrival))
+
+
 class QueueFull(Exception):
     pass
 
@@ -114,6 +119,11 @@ class Scheduler:
         else:
             del self.queued_by_peer[task.peer]
 
+    def _serve(self, queues: _Queues, peer: str, task: Task) -> None:
+        """`task` of `peer` is taken to run: the peer goes to the end of the turn."""
+        self._taken(queues, task)
+        queues.rotate(peer)
+
     def cancel(self, sender: bytes, req: int) -> bool:
         for queues in (self._inference, self._training):
             for task in queues:
@@ -137,8 +147,7 @@ class Scheduler:
                 seen.add(task.msg.handle)
                 total += cost(task)
                 taken.append(task)
-                self._taken(self._inference, task)
-                self._inference.rotate(peer)
+                self._serve(self._inference, peer, task)
                 progressed = True
             if not progressed:
                 return taken
@@ -148,9 +157,8 @@ class Scheduler:
         another peer's long forwards never keep a peer waiting for more than a round."""
         for peer, queue in list(self._training.by_peer.items()):
             if peer not in busy_peers:
-                task = max(queue, key=lambda t: (t.points, -t.arrival))
-                self._taken(self._training, task)
-                self._training.rotate(peer)
+                task = _first_of(queue)
+                self._serve(self._training, peer, task)
                 return [task]
         return []
 
@@ -161,20 +169,18 @@ class Scheduler:
         while self._training.count:
             progressed = False
             for peer, queue in list(self._training.by_peer.items()):
-                task = max(queue, key=lambda t: (t.points, -t.arrival))
+                task = _first_of(queue)
                 if not self._is_forward(task.msg):
                     if taken:
                         return taken
-                    self._taken(self._training, task)
-                    self._training.rotate(peer)
+                    self._serve(self._training, peer, task)
                     return [task]
                 size = tokens(task)
                 if taken and total + size > max_tokens:
                     return taken
                 total += size
                 taken.append(task)
-                self._taken(self._training, task)
-                self._training.rotate(peer)
+                self._serve(self._training, peer, task)
                 progressed = True
             if not progressed:
                 break

@@ -20,6 +20,7 @@ import itertools
 import random
 from typing import Optional
 
+from node.allocator import budget
 from node.supervisor import block_selection, resources
 from protocol.dht_records import ServerState, compute_spans
 from protocol.messages import Measured, SwarmQuery, SwarmView
@@ -126,7 +127,8 @@ class Placement:
         plan = self.plan
         if plan.history_bytes is not None:  # --history_bytes: a fixed amount, whatever the number of blocks
             return 0
-        return resources.history_bytes_per_block(plan.hidden_size, plan.attn_cache_tokens, plan.torch_dtype)
+        dtype_bytes = resources.DTYPE_BYTES[plan.torch_dtype]
+        return budget.history_bytes_per_block(plan.hidden_size, plan.attn_cache_tokens, dtype_bytes)
 
     def server_numbers(self, report: Measured) -> dict:
         """The ServerInfo figures: a stated throughput alone, or the measured one and its parts."""

@@ -26,12 +26,6 @@ def cache_bytes_per_block(hidden_size: int, attn_cache_tokens: int, kv_groups: i
     return (2 * hidden_size * attn_cache_tokens // kv_groups) * DTYPE_BYTES[dtype]
 
 
-def history_bytes_per_block(hidden_size: int, attn_cache_tokens: int, dtype: str) -> int:
-    """Host memory for the inputs of the sessions one block's cache holds, kept to rebuild their caches
-    on a replaced runtime: one hidden state per token (node/allocator/budget.py)."""
-    return attn_cache_tokens * hidden_size * DTYPE_BYTES[dtype]
-
-
 def autograd_bytes(hidden_size: int, num_devices: int = 1) -> int:
     """What Petals keeps free for backward passes: 2 GiB per device for a 14336-wide model, in proportion."""
     return int(2 * GiB * num_devices * hidden_size / 14336)

@@ -524,10 +524,8 @@ class Supervisor:
         )
 
     def write_status(self, state: Optional[str] = None) -> None:
-        if state is None:
-            state = ServerState(self.reported).name.lower() if self.reported is not None else "starting"
         status = {
-            "state": state,
+            "state": state or self.state_name(),
             "peer_id": self.plan.peer_id,
             "maddrs": self.maddrs,
             "supervisor_pid": os.getpid(),

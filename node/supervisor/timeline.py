@@ -39,7 +39,7 @@ class Sample:
 class Event:
     t: float
     actor: str
-    what: str  # "restarted", "reloaded"
+    what: str  # "restarted", "restarted with its group"
 
 
 def quantile(buckets: list[float], q: float) -> Optional[float]:
