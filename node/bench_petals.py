@@ -4,7 +4,8 @@
                                 [--tokens N] [--sessions S] [--json FILE] [--max_seconds S]
 
 Petals pins package versions that cannot share the node's environment, so the Petals side runs under
-another interpreter (--petals_python, or the PETALS_PYTHON variable): a Python with `petals` installed.
+another interpreter (--petals_python, or the PETALS_PYTHON variable, or the Petals 2.2.0 environment that
+`python3 -m node.tools.petals_env` builds): a Python with `petals` installed.
 On one model (a random Llama made here with a fixed seed, as node.bench makes it, or --model), one at
 a time on this machine, this starts
 
@@ -37,6 +38,7 @@ import time
 from pathlib import Path
 from typing import Optional
 
+from node.tools import petals_env
 from node.tools.launcher import NodeProcess
 
 PREFIX = "bench"
@@ -103,8 +105,9 @@ def start_petals_server(
 
 
 def stop_group(proc: subprocess.Popen) -> None:
-    """SIGTERM to the whole process group (a Petals server can leave its p2pd behind), then SIGKILL."""
-    for sig, wait in ((signal.SIGTERM, 30), (signal.SIGKILL, 10)):
+    """SIGINT to the whole process group (a Petals server stops cleanly on SIGINT only; on SIGTERM it leaves
+    its handlers and p2pd behind), then SIGKILL to whatever is left."""
+    for sig, wait in ((signal.SIGINT, 30), (signal.SIGKILL, 10)):
         try:
             os.killpg(proc.pid, sig)
         except ProcessLookupError:
@@ -140,7 +143,11 @@ def format_table(node: dict, petals: dict, sessions: int) -> str:
 
 def parse_args(argv) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m node.bench_petals", description=__doc__.split("\n\n")[0])
-    p.add_argument("--petals_python", default=os.environ.get("PETALS_PYTHON"), help="a Python with petals installed")
+    p.add_argument(
+        "--petals_python",
+        default=os.environ.get("PETALS_PYTHON") or (str(petals_env.built() or "") or None),
+        help="a Python with petals installed (default: $PETALS_PYTHON, else what node.tools.petals_env built)",
+    )
     p.add_argument("--preset", choices=["tiny", "small"], default="small")
     p.add_argument("--model", help="a local Llama directory instead of a preset")
     p.add_argument("--tokens", type=int, default=32)
@@ -149,7 +156,10 @@ def parse_args(argv) -> argparse.Namespace:
     p.add_argument("--max_seconds", type=float, default=1200.0, help="the limit for each client run")
     args = p.parse_args(argv)
     if not args.petals_python:
-        p.error("argument --petals_python: required (or set PETALS_PYTHON)")
+        p.error(
+            "argument --petals_python: required (or set PETALS_PYTHON, or build Petals 2.2.0 with "
+            "`python3 -m node.tools.petals_env`)"
+        )
     return args
 
 

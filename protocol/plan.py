@@ -7,7 +7,7 @@ defaults) into one NodePlan; actors read it instead of re-parsing flags, so that
 from __future__ import annotations
 
 import os
-from typing import Optional
+from typing import Optional, Union
 
 import msgspec
 
@@ -22,7 +22,7 @@ class NodePlan(msgspec.Struct, kw_only=True):
     # the model and the part of it we serve
     model: str
     revision: Optional[str] = None
-    token: Optional[str] = None
+    token: Union[str, bool, None] = None  # True: the token `huggingface-cli login` saved
     cache_dir: Optional[str] = None
     max_disk_space: Optional[int] = None  # bytes the weight cache may hold (node/weights/store.py)
     download_attempts: int

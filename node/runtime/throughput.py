@@ -82,7 +82,14 @@ def measure_compute(
     forward passes of `forward_tokens` tokens, each after one warm-up."""
     import torch
 
-    sync = torch.cuda.synchronize if torch.device(device).type == "cuda" else (lambda *_: None)
+    device = torch.device(device)
+
+    def sync() -> None:  # this device only: a bare cuda.synchronize() waits on (and wakes) GPU 0
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        elif device.type == "mps":
+            torch.mps.synchronize()
+
     with torch.inference_mode():
         cache = tuple(
             torch.zeros(block.kv_cache_shape(1, inference_steps + 1), dtype=dtype, device=device) for _ in range(2)

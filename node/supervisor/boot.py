@@ -15,7 +15,7 @@ import sys
 from typing import Optional
 
 from node import logs
-from node.supervisor.config import NodeConfig, parse_config
+from node.supervisor.config import NodeConfig, read_command_line
 from node.supervisor.processes import ActorProcess, start_actors
 from node.supervisor.supervisor import Supervisor
 
@@ -62,8 +62,10 @@ def raise_file_limit(wanted: int, log) -> None:
 
 
 def main(argv: Optional[list[str]] = None) -> None:
-    config = parse_config(argv)
+    config, notes = read_command_line(argv)
     log = logs.setup("supervisor", config.log_level, config.log_format)
+    for message, fields in notes:
+        log.warning(message, **fields) if "flag" in fields else log.info(message, **fields)
     run_dir, own = prepare_run_dir(config)
     raise_file_limit(config.increase_file_limit, log)
     actors = start_actors(config.num_handlers, max(1, len(config.tensor_parallel_devices or ())), run_dir)

@@ -1,14 +1,15 @@
-"""The command line: Petals `run_server` flags with the same names and defaults, plus the node's own.
+"""The command line: Petals `run_server` flags with the same names, defaults and meanings, plus the node's own.
 
-`--config FILE` (YAML or JSON: a map of flag names to values) is turned into flags placed before the
-real command line, so the file and the command line are checked by the same parser and the command
-line wins. Any invalid value exits with code 2 and a message naming the flag.
+As in Petals, `./config.yml` is read when it exists, then `--config FILE`, in configargparse's syntax
+(node/supervisor/config_file.py); their settings become flags placed before the real command line, so
+one parser checks them all and the command line wins. Any invalid value exits with code 2 and a message
+naming the flag. Flags that only Petals' own runtime has are accepted and named in a warning at start
+(COMPATIBILITY_ONLY); a flag whose Petals meaning the node cannot honour is refused, saying why.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import os
 import re
@@ -16,6 +17,8 @@ import sys
 from typing import Optional, Sequence, Union
 
 import msgspec
+
+from node.supervisor.config_file import ConfigFileError, read_settings, settings_to_argv
 
 PUBLIC_INITIAL_PEERS = [
     "/dns/bootstrap1.petals.dev/tcp/31337/p2p/QmedTaZXmULqwspJXz44SsPZyTNKxhnnFvYRajfH7MGhCY",
@@ -36,6 +39,20 @@ MODEL_DEFAULTS = {
     "attn_cache_tokens": (16384, 4096),
 }
 COMPATIBILITY_ONLY = "accepted for compatibility with Petals' run_server; has no effect here"
+# What each compatibility-only flag does in Petals (2.2.0 and HEAD), for --help and the warning at start.
+IN_PETALS = {
+    "prefetch_batches": "in Petals, how many batches hivemind's Runtime forms ahead of the one it computes; "
+    "the node's runtime forms each round from its queue when the round starts",
+    "sender_threads": "in Petals, the threads hivemind's Runtime hands results back to the handler processes "
+    "with; the node's runtime answers over ZeroMQ from its own loop",
+    "min_batch_size": "in Petals, stored by its task pools and never read",
+}
+DEFAULT_CONFIG_FILE = "config.yml"  # read from the working directory when it exists, as Petals does
+CUSTOM_MODULE_REFUSED = (
+    "argument --custom_module_path: the node runs no code from its flags. In Petals this file is executed to "
+    "register hivemind MoE expert classes, which Petals' transformer blocks never use, so it changes nothing a "
+    "Petals server serves; remove the flag"
+)
 
 DEVICE = re.compile(r"^(cpu|cuda(:\d+)?)$")
 
@@ -45,7 +62,7 @@ class NodeConfig(msgspec.Struct, kw_only=True):
 
     model: str
     public_name: Optional[str] = None
-    token: Optional[str] = None
+    token: Union[str, bool, None] = None  # True: the token `huggingface-cli login` saved (--use_auth_token)
     num_blocks: Optional[int] = None
     block_indices: Optional[tuple[int, int]] = None
     dht_prefix: Optional[str] = None
@@ -185,6 +202,13 @@ def _size_or_zero(text: str) -> int:
     return value
 
 
+def _compression(text: str) -> str:
+    value = text.upper()  # as Petals reads it
+    if value not in COMPRESSION_TYPES:
+        raise ValueError(text)
+    return value
+
+
 def _prefix(text: str) -> str:
     if not text or "." in text or " " in text:
         raise ValueError(text)
@@ -224,9 +248,20 @@ for _fn, _name in [
     (_throughput, "number or one of auto, eval, dry_run"),
     (_fraction, "fraction in [0, 1)"),
     (_prefix, "prefix without '.' or ' '"),
+    (_compression, "compression, one of " + ", ".join(COMPRESSION_TYPES) + " (any case)"),
     (_size, "size (e.g. 50GB = 50*10^9 bytes, 100GiB = 100*2^30 bytes)"),
 ]:
     _fn.__name__ = _name  # argparse names the expected kind in its error from the function name
+
+
+class _CompatibilityOnly(argparse.Action):
+    """Stores the value and remembers that the flag was given, so that the node can say at start that it
+    has no effect here (from the command line or a config file, abbreviated or not)."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        setattr(namespace, self.dest, values)
+        given = getattr(namespace, "compatibility_given", None) or []
+        setattr(namespace, "compatibility_given", [*given, self.dest])
 
 
 class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
@@ -244,30 +279,45 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("model_pos", nargs="?", metavar="MODEL", help="hub repository or local directory of the model")
     p.add_argument("--model", "--converted_model_name_or_path", dest="model", help="same as MODEL")
-    p.add_argument("--config", "-c", help="YAML or JSON file of flag values; the command line overrides it")
+    p.add_argument(
+        "--config",
+        "-c",
+        help=f"file of settings, as Petals reads it (`key value`, `key = value`, `key: value`; .json: a map), read "
+        f"after ./{DEFAULT_CONFIG_FILE} when that exists; the command line overrides both",
+    )
     p.add_argument("--public_name", help="published in the DHT so that others can tell who serves")
     tok = p.add_mutually_exclusive_group()
     tok.add_argument("--token", help="Hugging Face hub token")
-    tok.add_argument("--use_auth_token", dest="token", help=argparse.SUPPRESS)
+    tok.add_argument(
+        "--use_auth_token",
+        dest="token",
+        action="store_const",
+        const=True,
+        help="use the token that `huggingface-cli login` saved (as Petals; --token gives one explicitly)",
+    )
     p.add_argument("--num_blocks", type=_positive_int, help="how many blocks to serve, chosen from the swarm")
     p.add_argument("--block_indices", type=_block_range, help="serve exactly these blocks, START:END (end excluded)")
     p.add_argument("--dht_prefix", type=_prefix, help="prefix of block uids; derived from the repository by default")
-    p.add_argument("--port", type=_positive_int, help="listen on this TCP port on every interface")
+    p.add_argument(
+        "--port", type=_non_negative_int, help="listen on this TCP port on every interface (0: a random one)"
+    )
     p.add_argument("--public_ip", help="announce this IPv4 address (needs --port)")
     p.add_argument("--no_auto_relay", action="store_true", help="do not look for libp2p relays")
     p.add_argument("--host_maddrs", nargs="+", help="multiaddrs to listen on")
     p.add_argument("--announce_maddrs", nargs="+", help="multiaddrs to announce")
     p.add_argument("--daemon_startup_timeout", type=_positive_float)
-    p.add_argument("--compression", choices=COMPRESSION_TYPES, help="compression of outputs")
+    p.add_argument("--compression", type=_compression, help="compression of outputs: " + ", ".join(COMPRESSION_TYPES))
     p.add_argument("--num_handlers", type=_positive_int, help="network frontend processes")
-    p.add_argument("--prefetch_batches", type=_positive_int, help=COMPATIBILITY_ONLY)
-    p.add_argument("--sender_threads", type=_positive_int, help=COMPATIBILITY_ONLY)
+    for flag in ("prefetch_batches", "sender_threads"):
+        p.add_argument(f"--{flag}", type=_positive_int, action=_CompatibilityOnly, help=_compat_help(flag))
     p.add_argument(
         "--inference_max_length",
         type=_positive_int,
         help="longest inference session" + _by_model("inference_max_length"),
     )
-    p.add_argument("--min_batch_size", type=_positive_int, help=COMPATIBILITY_ONLY)
+    p.add_argument(
+        "--min_batch_size", type=_positive_int, action=_CompatibilityOnly, help=_compat_help("min_batch_size")
+    )
     p.add_argument("--max_batch_size", type=_positive_int, help="most tokens in one task" + _by_model("max_batch_size"))
     p.add_argument("--max_chunk_size_bytes", type=_positive_int)
     p.add_argument(
@@ -282,7 +332,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="cap on the weight cache in --cache_dir, e.g. 50GB or 100GiB; "
         "least recently used files are deleted to stay under it (default: only keep 1 GiB of the disk free)",
     )
-    p.add_argument("--device", help="cpu, cuda or cuda:N (default: cuda if available)")
+    p.add_argument("--device", help="cpu, cuda, cuda:N or mps (default: cuda if available, else mps, else cpu)")
     p.add_argument("--torch_dtype", choices=("auto", "bfloat16", "float16", "float32"))
     p.add_argument("--max_alloc_timeout", type=_non_negative_float)
     p.add_argument("--revision", help="hub revision of the model")
@@ -300,7 +350,7 @@ def build_parser() -> argparse.ArgumentParser:
         type=_positive_float,
         help="log one 'stats' event with the runtime's, the cache's and the frontends' figures this often (s)",
     )
-    p.add_argument("--custom_module_path", help=COMPATIBILITY_ONLY)
+    p.add_argument("--custom_module_path", help="refused: " + CUSTOM_MODULE_REFUSED.split(": ", 1)[1])
     p.add_argument("--identity_path", help="libp2p private key file (created if missing)")
     p.add_argument("--balance_quality", type=_non_negative_float)
     p.add_argument("--mean_balance_check_period", type=_positive_float)
@@ -396,6 +446,10 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _compat_help(flag: str) -> str:
+    return f"{COMPATIBILITY_ONLY} ({IN_PETALS[flag]})"
+
+
 def _by_model(flag: str) -> str:
     with_gqa, without = MODEL_DEFAULTS[flag]
     return f" (default: {with_gqa} for models with grouped-query attention, else {without})"
@@ -403,57 +457,42 @@ def _by_model(flag: str) -> str:
 
 def _file_to_argv(path: str, parser: argparse.ArgumentParser) -> list[str]:
     try:
-        with open(path) as f:
-            text = f.read()
+        return settings_to_argv(read_settings(path), parser, path)
     except OSError as e:
         parser.error(f"argument --config: cannot read {path}: {e.strerror}")
-    try:
-        if path.endswith(".json"):
-            values = json.loads(text)
-        else:
-            import yaml  # PyYAML comes with transformers
-
-            values = yaml.safe_load(text)
-    except Exception as e:
-        parser.error(f"argument --config: {path} is not valid YAML/JSON: {e}")
-    if values is None:
-        return []
-    if not isinstance(values, dict):
-        parser.error(f"argument --config: {path} must hold a map of flag names to values")
-    known = {a.dest for a in parser._actions} | {s.lstrip("-") for a in parser._actions for s in a.option_strings}
-    argv: list[str] = []
-    for key, value in values.items():
-        key = str(key).replace("-", "_")
-        if key not in known or key in ("config", "model_pos", "help"):
-            parser.error(f"argument --config: unknown setting {key!r} in {path}")
-        flag = f"--{key}"
-        if isinstance(value, bool):
-            if value:
-                argv.append(flag)
-        elif isinstance(value, list):
-            argv.append(flag)
-            argv.extend(str(v) for v in value)
-        elif value is not None:
-            argv.extend([flag, str(value)])
-    return argv
+    except (ConfigFileError, UnicodeDecodeError) as e:
+        parser.error(f"argument --config: {e}")
 
 
 def parse_config(argv: Optional[Sequence[str]] = None) -> NodeConfig:
+    return read_command_line(argv)[0]
+
+
+def read_command_line(argv: Optional[Sequence[str]] = None) -> tuple[NodeConfig, list[tuple[str, dict]]]:
+    """The configuration, and what the node should say about it at start: (message, fields) pairs."""
     parser = build_parser()
     argv = list(sys.argv[1:] if argv is None else argv)
     first = parser.parse_args(argv)
-    if first.config:
-        argv = _file_to_argv(first.config, parser) + argv
+    notes: list[tuple[str, dict]] = []
+    files = [first.config] if first.config else []
+    if os.path.isfile(DEFAULT_CONFIG_FILE):  # configargparse's default file, read first
+        files.insert(0, DEFAULT_CONFIG_FILE)
+        notes.append((f"read ./{DEFAULT_CONFIG_FILE} from the working directory, as Petals does", {"cwd": os.getcwd()}))
+    argv = [flag for path in files for flag in _file_to_argv(path, parser)] + argv
     args = parser.parse_args(argv)
+    for flag in dict.fromkeys(getattr(args, "compatibility_given", None) or []):
+        notes.append((f"--{flag} {COMPATIBILITY_ONLY}", {"flag": f"--{flag}", "in_petals": IN_PETALS[flag]}))
 
     model = args.model or args.model_pos
     if not model:
         parser.error("the following arguments are required: MODEL (or --model)")
     if args.model and args.model_pos and args.model != args.model_pos:
         parser.error(f"argument --model: conflicts with positional MODEL {args.model_pos!r}")
+    if args.custom_module_path is not None:
+        parser.error(CUSTOM_MODULE_REFUSED)
     if args.public_ip and not args.port:
-        parser.error("argument --public_ip: needs --port")
-    if args.port and args.host_maddrs:
+        parser.error("argument --public_ip: needs a fixed non-zero --port (e.g. --port 31337)")
+    if args.port is not None and args.host_maddrs:
         parser.error("argument --port: cannot be combined with --host_maddrs")
     if args.public_ip and args.announce_maddrs:
         parser.error("argument --public_ip: cannot be combined with --announce_maddrs")
@@ -468,7 +507,7 @@ def parse_config(argv: Optional[Sequence[str]] = None) -> NodeConfig:
         parser.error("argument --tensor_parallel_devices: all devices of a group must be of one kind (cpu or cuda)")
 
     fields = {f: getattr(args, f) for f in NodeConfig.__struct_fields__ if f != "model" and hasattr(args, f)}
-    return NodeConfig(model=model, **fields)
+    return NodeConfig(model=model, **fields), notes
 
 
 def default_cache_dir() -> str:

@@ -44,14 +44,33 @@ def cuda_available() -> bool:
     return bool(version.get("cuda")) and os.path.exists("/dev/nvidia0")
 
 
+def mps_available() -> bool:
+    """Whether torch can use an Apple GPU here (macOS only: torch is imported only there)."""
+    if sys.platform != "darwin":
+        return False
+    import torch
+
+    return bool(torch.backends.mps.is_available())
+
+
 def resolve_device(requested) -> str:
+    """The device to serve on: what --device asks for, checked, or Petals' default (cuda, else mps, else cpu)."""
     if requested:
         if requested.startswith("cuda") and not cuda_available():
             raise PlanError(f"argument --device: {requested} requested but CUDA is not available")
+        if requested in ("mps", "mps:0"):
+            if not mps_available():
+                raise PlanError(
+                    f"argument --device: {requested} requested but this torch cannot use an Apple GPU here "
+                    "(MPS needs macOS on Apple silicon and a torch built with MPS); use cpu"
+                )
+            return "mps"
         if requested != "cpu" and not requested.startswith("cuda"):
-            raise PlanError(f"argument --device: {requested!r} is not supported (use cpu, cuda or cuda:N)")
+            raise PlanError(f"argument --device: {requested!r} is not supported (use cpu, cuda, cuda:N or mps)")
         return requested
-    return "cuda" if cuda_available() else "cpu"
+    if cuda_available():
+        return "cuda"
+    return "mps" if mps_available() else "cpu"
 
 
 def resolve_dtype(requested: str, model_config, device: str) -> str:
@@ -68,6 +87,8 @@ def resolve_dtype(requested: str, model_config, device: str) -> str:
         )
     if dtype == "float16" and device == "cpu":
         raise PlanError("argument --torch_dtype: float16 is not supported on the CPU; use bfloat16 or float32")
+    if dtype == "bfloat16" and device == "mps":
+        dtype = "float16"  # as Petals: its MPS path has no bfloat16
     return dtype
 
 

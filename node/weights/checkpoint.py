@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import os
 from contextlib import contextmanager
-from typing import TYPE_CHECKING, Iterable, Iterator, Optional
+from typing import TYPE_CHECKING, Iterable, Iterator, Optional, Union
 
 import huggingface_hub
 import safetensors
@@ -34,7 +34,7 @@ class Checkpoint:
         path: Optional[str] = None,
         repo_id: Optional[str] = None,
         revision: Optional[str] = None,
-        token: Optional[str] = None,
+        token: Union[str, bool, None] = None,
         cache_dir: Optional[str] = None,
         weight_store: Optional[WeightStore] = None,
     ):
@@ -60,7 +60,7 @@ class Checkpoint:
         name_or_path: str,
         *,
         revision: Optional[str] = None,
-        token: Optional[str] = None,
+        token: Union[str, bool, None] = None,
         cache_dir: Optional[str] = None,
         max_disk_space: Optional[int] = None,
         download_attempts: int = DEFAULT_ATTEMPTS,

@@ -27,7 +27,7 @@ import threading
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Iterator, Optional
+from typing import Iterator, Optional, Union
 
 import huggingface_hub
 import requests
@@ -38,6 +38,7 @@ from huggingface_hub.errors import (
     EntryNotFoundError,
     GatedRepoError,
     LocalEntryNotFoundError,
+    LocalTokenNotFoundError,
     RepositoryNotFoundError,
     RevisionNotFoundError,
 )
@@ -149,23 +150,33 @@ class WeightStore:
     # --- files -------------------------------------------------------------------------------
 
     def cached(
-        self, repo_id: str, filename: str, *, revision: Optional[str] = None, token: Optional[str] = None
+        self, repo_id: str, filename: str, *, revision: Optional[str] = None, token: Union[str, bool, None] = None
     ) -> Optional[str]:
         """The cached file's path, or None; never touches the network."""
         with self.reading():
             return self._cached(repo_id, filename, revision, token)
 
-    def _cached(self, repo_id: str, filename: str, revision: Optional[str], token: Optional[str]) -> Optional[str]:
+    def _cached(
+        self, repo_id: str, filename: str, revision: Optional[str], token: Union[str, bool, None]
+    ) -> Optional[str]:
         try:
             path = huggingface_hub.hf_hub_download(
-                repo_id, filename, revision=revision, token=token, cache_dir=self.cache_dir, local_files_only=True
+                # no request is made, so no token is needed (token=True would fail here when none is saved)
+                repo_id,
+                filename,
+                revision=revision,
+                token=False,
+                cache_dir=self.cache_dir,
+                local_files_only=True,
             )
         except LocalEntryNotFoundError:
             return None
         self.touch(path)
         return path
 
-    def fetch(self, repo_id: str, filename: str, *, revision: Optional[str] = None, token: Optional[str] = None) -> str:
+    def fetch(
+        self, repo_id: str, filename: str, *, revision: Optional[str] = None, token: Union[str, bool, None] = None
+    ) -> str:
         """The local path of one repository file, downloaded if not cached. EntryNotFoundError if the
         file is not in the repository; WeightStoreError subclasses for everything else."""
         path = self.cached(repo_id, filename, revision=revision, token=token)
@@ -198,7 +209,7 @@ class WeightStore:
                 time.sleep(delay)
         raise AssertionError("unreachable")
 
-    def _download(self, repo_id: str, filename: str, revision: Optional[str], token: Optional[str]) -> str:
+    def _download(self, repo_id: str, filename: str, revision: Optional[str], token: Union[str, bool, None]) -> str:
         with self.writing():
             path = self._cached(repo_id, filename, revision, token)  # another node may have got it while we waited
             if path is not None:
@@ -301,7 +312,7 @@ def _remove(path: str) -> None:
 
 
 def _retryable(e: BaseException) -> bool:
-    if isinstance(e, WeightStoreError):
+    if isinstance(e, (WeightStoreError, LocalTokenNotFoundError)):
         return False
     if isinstance(e, LocalEntryNotFoundError):
         # the metadata request failed for want of a network (or the hub is down); hopeless when offline
@@ -318,6 +329,11 @@ def _retryable(e: BaseException) -> bool:
 def _explain(e: BaseException, repo_id: str, filename: str, revision: Optional[str]) -> BaseException:
     """A clear error for what will not get better by retrying; other errors pass unchanged."""
     status = getattr(getattr(e, "response", None), "status_code", None)
+    if isinstance(e, LocalTokenNotFoundError):  # --use_auth_token, and nothing saved
+        return HubAccessError(
+            "--use_auth_token: no token saved on this machine; run `huggingface-cli login` (or `hf auth login`) "
+            "first, or pass the token with --token"
+        )
     if isinstance(e, GatedRepoError):
         return HubAccessError(f"{repo_id} is a gated repository: accept its terms on the hub, then pass --token")
     if isinstance(e, RepositoryNotFoundError):

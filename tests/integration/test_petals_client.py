@@ -1,8 +1,9 @@
-"""An unmodified Petals client against the node, and the node in one swarm with a Petals server.
+"""An unmodified Petals client against the node, and the node in one swarm with Petals servers.
 
-Petals pins versions that cannot live in the node's environment (transformers 4.43.1, hivemind
-213bff9), so these tests run only when PETALS_PYTHON names an interpreter that has Petals installed;
-otherwise they are skipped. The client script runs under that interpreter.
+Petals pins versions that cannot live in the node's environment, so the client scripts and the Petals
+servers run under another interpreter: $PETALS_PYTHON, else the Petals 2.2.0.post1 environment that
+`python3 -m node.tools.petals_env` builds (tests/helpers/petals.py). Every Petals release reads the model
+these tests use (micro-llama without its llama3 rope scaling); the node and transformers load the same copy.
 """
 
 from __future__ import annotations
@@ -10,21 +11,28 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
 import textwrap
 import time
+import urllib.request
 
 import pytest
 
 from node.bench_petals import stop_group
 from node.tools.launcher import NodeProcess
-from tests.helpers.paths import MICRO_LLAMA
+from tests.helpers.petals import PETALS_PYTHON, petals_llama, petals_version, start_petals_server, why_missing
 from tests.helpers.waiting import wait_until
 
-PETALS_PYTHON = os.environ.get("PETALS_PYTHON")
-pytestmark = pytest.mark.skipif(not PETALS_PYTHON, reason="set PETALS_PYTHON to a Python with Petals installed")
+pytestmark = [pytest.mark.petals, pytest.mark.skipif(not PETALS_PYTHON, reason=why_missing())]
+
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory):
+    return petals_llama(tmp_path_factory.mktemp("petals_model"))
+
 
 CLIENT = textwrap.dedent(
     """
@@ -56,11 +64,11 @@ CLIENT = textwrap.dedent(
 
 
 @contextlib.contextmanager
-def petals_process(script: str, *args: str):
+def petals_process(script: str, model, *args: str):
     """A client script under PETALS_PYTHON (model path, then `args`), talked to through its stdin and
     stdout; killed if it is still running when the test leaves."""
     client = subprocess.Popen(
-        [PETALS_PYTHON, "-c", script, str(MICRO_LLAMA), *args],
+        [PETALS_PYTHON, "-c", script, str(model), *args],
         stdin=subprocess.PIPE,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
@@ -74,103 +82,85 @@ def petals_process(script: str, *args: str):
             client.wait()
 
 
-def run_client(peers: list[str]) -> None:
+def run_client(model, peers: list[str]) -> None:
     result = subprocess.run(
-        [PETALS_PYTHON, "-c", CLIENT, str(MICRO_LLAMA), *peers], capture_output=True, text=True, timeout=300
+        [PETALS_PYTHON, "-c", CLIENT, str(model), *peers], capture_output=True, text=True, timeout=300
     )
     assert "PETALS CLIENT OK" in result.stdout, result.stdout[-3000:] + result.stderr[-3000:]
 
 
-def test_petals_client_generates_through_the_node(tmp_path):
-    with NodeProcess(MICRO_LLAMA, tmp_path / "node", "--num_handlers", "2") as node:
-        run_client(node.maddrs)
+def pushes_received_by_node(node: NodeProcess) -> int:
+    """rpc_push calls the node's frontends took (node_requests_total{rpc="rpc_push"} on /metrics)."""
+    with urllib.request.urlopen(f"http://127.0.0.1:{node.status['metrics_port']}/metrics", timeout=10) as r:
+        text = r.read().decode()
+    found = re.search(r'^node_requests_total\{rpc="rpc_push"\} ([0-9.e+]+)$', text, re.M)
+    return int(float(found.group(1))) if found else 0
 
 
-def test_node_and_petals_server_share_a_swarm(tmp_path):
-    with NodeProcess(MICRO_LLAMA, tmp_path / "node", "--block_indices", "0:2") as node:
+def pushes_received_by_petals(log, pusher_peer_id: str) -> int:
+    """rpc_push calls a Petals server took from one peer: with HIVEMIND_LOGLEVEL=DEBUG its handler logs
+    each as `rpc_push(blocks=A:B, remote_peer=...XXXXXX)`, the last six characters of the pusher's id."""
+    return log.read_text(errors="replace").count(f"rpc_push(blocks=2:4, remote_peer=...{pusher_peer_id[-6:]})")
+
+
+def test_petals_client_generates_through_the_node(tmp_path, model):
+    with NodeProcess(model, tmp_path / "node", "--num_handlers", "2") as node:
+        run_client(model, node.maddrs)
+
+
+def test_node_then_petals_server_pushes_from_the_node_to_petals(tmp_path, model, monkeypatch):
+    """The node serves 0:2, a Petals server 2:4: the client generates, forwards and trains through both,
+    equal to transformers; the Petals server logs pushes that came from the node."""
+    monkeypatch.setenv("HIVEMIND_LOGLEVEL", "DEBUG")  # only the Petals server reads it: its rpc_push lines
+    with NodeProcess(model, tmp_path / "node", "--block_indices", "0:2") as node:
         log = tmp_path / "petals_server.log"
-        server = subprocess.Popen(
-            [
-                PETALS_PYTHON,
-                "-m",
-                "petals.cli.run_server",
-                str(MICRO_LLAMA),
-                "--dht_prefix",
-                "micro-llama",
-                "--torch_dtype",
-                "float32",
-                "--device",
-                "cpu",
-                "--block_indices",
-                "2:4",
-                "--throughput",
-                "1",
-                "--host_maddrs",
-                "/ip4/127.0.0.1/tcp/0",
-                "--num_handlers",
-                "2",
-                "--initial_peers",
-                *node.maddrs,
-            ],
-            stdout=log.open("w"),
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
+        server, _ = start_petals_server(model, log, node.maddrs, "--block_indices", "2:4")
         try:
-            deadline = time.monotonic() + 120
-            while "Started" not in log.read_text():
-                assert server.poll() is None and time.monotonic() < deadline, log.read_text()[-3000:]
-                time.sleep(0.5)
-            run_client(node.maddrs)
+            run_client(model, node.maddrs)
+            assert pushes_received_by_petals(log, node.peer_id) > 0, "no push from the node reached Petals"
         finally:
             stop_group(server)
 
 
-def start_petals_server(log, peers, *flags):
-    server = subprocess.Popen(
-        [
-            PETALS_PYTHON,
-            "-m",
-            "petals.cli.run_server",
-            str(MICRO_LLAMA),
-            "--dht_prefix",
-            "micro-llama",
-            "--torch_dtype",
-            "float32",
-            "--device",
-            "cpu",
-            "--throughput",
-            "1",
-            "--host_maddrs",
-            "/ip4/127.0.0.1/tcp/0",
-            "--num_handlers",
-            "2",
-            "--initial_peers",
-            *peers,
-            *flags,
-        ],
-        stdout=log.open("w"),
-        stderr=subprocess.STDOUT,
-        start_new_session=True,  # its own process group: its p2pd is stopped with it
-    )
-    deadline = time.monotonic() + 120
-    while "Started" not in log.read_text():
-        assert server.poll() is None and time.monotonic() < deadline, log.read_text()[-3000:]
-        time.sleep(0.5)
-    return server
+def test_petals_server_then_node_in_one_swarm(tmp_path, model):
+    """The other order: a Petals server starts the swarm with 0:2, the node joins it for 2:4; the client's
+    generation, forward and backward are transformers'. Pushes from the Petals server to the node are
+    counted by the node. Petals 2.2.0's server never pushes: it reads next_servers from the metadata of the
+    session's first message, which has none (Petals' handler.py, rpc_inference; fixed after 2.2.0, where
+    the step's own metadata is used), so there the node must see none, and with a later Petals some."""
+    server, maddrs = start_petals_server(model, tmp_path / "petals_server.log", None, "--block_indices", "0:2")
+    try:
+        flags = ["--block_indices", "2:4", "--metrics_port", "0", "--initial_peers", *maddrs]
+        with NodeProcess(model, tmp_path / "node", *flags) as node:
+            run_client(model, maddrs)
+            if petals_version() >= (2, 3):
+                assert pushes_received_by_node(node) > 0, "no push from the Petals server reached the node"
+            else:
+                assert pushes_received_by_node(node) == 0, "Petals 2.2.0 pushed: the docstring is wrong"
+    finally:
+        stop_group(server)
 
 
-def test_node_and_petals_server_choose_blocks_by_the_same_rule(tmp_path):
+def test_node_to_node_push_chain(tmp_path, model):
+    """Two nodes, 0:2 and 2:4: a Petals 2.2.0 client asks the first to push to the second, and it does."""
+    with NodeProcess(model, tmp_path / "first", "--block_indices", "0:2") as first:
+        flags = ["--block_indices", "2:4", "--metrics_port", "0", "--initial_peers", *first.maddrs]
+        with NodeProcess(model, tmp_path / "second", *flags) as second:
+            run_client(model, first.maddrs)
+            assert pushes_received_by_node(second) > 0, "no push from the first node reached the second"
+
+
+def test_node_and_petals_server_choose_blocks_by_the_same_rule(tmp_path, model):
     """A Petals server holds 0:2; a node with --num_blocks 2 takes 2:4 (the Petals rule over the
     swarm it reads, Petals records included); a second Petals server then sees the swarm evenly
     covered and takes the first window, 0:2, as the rule says; a Petals client generates through it."""
     from node.client.swarm import Client
 
-    with NodeProcess(MICRO_LLAMA, tmp_path / "seed", "--block_indices", "0:4") as seed:
-        first = start_petals_server(tmp_path / "petals1.log", seed.maddrs, "--block_indices", "0:2")
+    with NodeProcess(model, tmp_path / "seed", "--block_indices", "0:4") as seed:
+        first, _ = start_petals_server(model, tmp_path / "petals1.log", seed.maddrs, "--block_indices", "0:2")
         try:
             with NodeProcess(
-                MICRO_LLAMA,
+                model,
                 tmp_path / "node",
                 "--num_blocks",
                 "2",
@@ -180,7 +170,7 @@ def test_node_and_petals_server_choose_blocks_by_the_same_rule(tmp_path):
                 *seed.maddrs,
             ) as node:
                 assert node.status["blocks"] == [2, 4]
-                second = start_petals_server(tmp_path / "petals2.log", seed.maddrs, "--num_blocks", "2")
+                second, _ = start_petals_server(model, tmp_path / "petals2.log", seed.maddrs, "--num_blocks", "2")
                 try:
                     with Client(seed.maddrs, "micro-llama") as client:
                         deadline = time.monotonic() + 60
@@ -191,7 +181,7 @@ def test_node_and_petals_server_choose_blocks_by_the_same_rule(tmp_path):
                             (s.start, s.end) for s in client.spans(4) if s.peer_id not in (seed.peer_id, node.peer_id)
                         }
                     assert spans == {(0, 2)}, spans  # both Petals servers on 0:2
-                    run_client(node.maddrs)
+                    run_client(model, node.maddrs)
                 finally:
                     stop_group(second)
         finally:
@@ -232,7 +222,7 @@ MID_SESSION_CLIENT = textwrap.dedent(
 )
 
 
-def test_petals_client_through_a_tensor_parallel_node_and_a_rank_kill_mid_session(tmp_path):
+def test_petals_client_through_a_tensor_parallel_node_and_a_rank_kill_mid_session(tmp_path, model):
     """Two CPU ranks: a real Petals client generates what transformers does and gets the same gradients,
     as through a single-device node. Then kill -9 of rank 1 in the middle of a generation session: the
     group restarts, and the session goes on with transformers' tokens, the client unaware (its next step
@@ -240,9 +230,9 @@ def test_petals_client_through_a_tensor_parallel_node_and_a_rank_kill_mid_sessio
     bigscience-workshop/petals#587). A fresh client is served afterwards too."""
     from tests.helpers.waiting import wait_online_with_new_group
 
-    with NodeProcess(MICRO_LLAMA, tmp_path / "node", "--tensor_parallel_devices", "cpu", "cpu") as node:
-        run_client(node.maddrs)
-        with petals_process(MID_SESSION_CLIENT, *node.maddrs) as client:
+    with NodeProcess(model, tmp_path / "node", "--tensor_parallel_devices", "cpu", "cpu") as node:
+        run_client(model, node.maddrs)
+        with petals_process(MID_SESSION_CLIENT, model, *node.maddrs) as client:
             lines = []
 
             def next_line() -> str:
@@ -290,10 +280,10 @@ TOKEN_BY_TOKEN_CLIENT = textwrap.dedent(
 )
 
 
-def run_with_faults(script: str, n: int, node, faults: dict) -> None:
+def run_with_faults(script: str, model, n: int, node, faults: dict) -> None:
     """Run a client script that prints "TOKEN k" and waits for a line before its token k (1 <= k < n):
     `faults[k]()` breaks the node there. The script must end with PETALS CLIENT OK."""
-    with petals_process(script, str(n), *node.maddrs) as client:
+    with petals_process(script, model, str(n), *node.maddrs) as client:
         for k in range(1, n):
             line = client.stdout.readline().strip()
             assert line == f"TOKEN {k}", line + client.stderr.read()[-3000:]
@@ -305,12 +295,12 @@ def run_with_faults(script: str, n: int, node, faults: dict) -> None:
     assert "PETALS CLIENT OK" in out, out[-3000:] + err[-3000:]
 
 
-def test_petals_client_generation_survives_runtime_kills_a_hang_and_a_reload(tmp_path):
+def test_petals_client_generation_survives_runtime_kills_a_hang_and_a_reload(tmp_path, model):
     """An unmodified Petals client generates 64 tokens in one session while the node's runtime is killed
     with -9 before tokens 10 and 40, hangs before token 20 (the supervisor replaces it) and the node is
     reloaded (SIGHUP) before token 50: the generation completes with transformers' tokens (issue 13)."""
     flags = ["--num_handlers", "2", "--heartbeat_timeout", "3"]
-    with NodeProcess(MICRO_LLAMA, tmp_path / "node", *flags) as node:
+    with NodeProcess(model, tmp_path / "node", *flags) as node:
 
         def runtime_pid() -> int:
             return node.status["actors"]["runtime.0"]["pid"]
@@ -324,7 +314,7 @@ def test_petals_client_generation_survives_runtime_kills_a_hang_and_a_reload(tmp
             40: lambda: os.kill(runtime_pid(), signal.SIGKILL),
             50: reload,
         }
-        run_with_faults(TOKEN_BY_TOKEN_CLIENT, 64, node, faults)
+        run_with_faults(TOKEN_BY_TOKEN_CLIENT, model, 64, node, faults)
         assert sum(e.get("event") == "session recovered" for e in node.log_events()) >= 4
         wait_until(lambda: any(e.get("event") == "reload done" for e in node.log_events()), 120, "the reload", node)
 
@@ -371,13 +361,17 @@ PTUNE_CLIENT = textwrap.dedent(
 )
 
 
-def test_petals_client_deep_ptune_generation_survives_a_runtime_kill(tmp_path):
+def test_petals_client_deep_ptune_generation_survives_a_runtime_kill(tmp_path, model):
     """An unmodified Petals client in deep_ptune mode sends its prompts for every block with the first
     step; the node keeps them in the session's history (room reserved for them) and rebuilds the cache with
     them after kill -9 of the runtime: the tokens equal those of the same generation without a fault."""
-    with NodeProcess(MICRO_LLAMA, tmp_path / "node", "--num_handlers", "2") as node:
+    with NodeProcess(model, tmp_path / "node", "--num_handlers", "2") as node:
         run_with_faults(
-            PTUNE_CLIENT, 16, node, {5: lambda: os.kill(node.status["actors"]["runtime.0"]["pid"], signal.SIGKILL)}
+            PTUNE_CLIENT,
+            model,
+            16,
+            node,
+            {5: lambda: os.kill(node.status["actors"]["runtime.0"]["pid"], signal.SIGKILL)},
         )
         events = [e.get("event") for e in node.log_events()]
         assert "session recovered" in events and "session history given up" not in events

@@ -27,6 +27,7 @@ import torch
 from node.client.swarm import Client
 from node.tools.launcher import ROOT, NodeProcess
 from tests.helpers.paths import MICRO_LLAMA
+from tests.helpers.petals import PETALS_PYTHON, petals_llama, start_petals_server, why_missing
 from tests.helpers.waiting import wait_until
 
 BROWSERS = ("chromium", "chromium-browser", "google-chrome")
@@ -159,14 +160,15 @@ def test_the_page_in_a_browser_draws_the_swarm_the_actors_and_the_charts(swarm, 
     assert os.path.getsize(shot) > 20_000  # a drawn page, not a blank one
 
 
-@pytest.mark.skipif(not os.environ.get("PETALS_PYTHON"), reason="set PETALS_PYTHON to a Python with Petals installed")
+@pytest.mark.petals
+@pytest.mark.skipif(not PETALS_PYTHON, reason=why_missing())
 def test_a_petals_server_in_the_swarm_is_on_the_page(tmp_path):
     """A Petals server beside the node: the page draws it over its blocks with its own version."""
     from node.bench_petals import stop_group
-    from tests.integration.test_petals_client import start_petals_server
 
-    with NodeProcess(MICRO_LLAMA, tmp_path / "node", "--block_indices", "0:2", "--metrics_port", "0") as node:
-        server = start_petals_server(tmp_path / "petals.log", node.maddrs, "--block_indices", "2:4")
+    model = petals_llama(tmp_path)
+    with NodeProcess(model, tmp_path / "node", "--block_indices", "0:2", "--metrics_port", "0") as node:
+        server, _ = start_petals_server(model, tmp_path / "petals.log", node.maddrs, "--block_indices", "2:4")
         try:
             port = node.status["metrics_port"]
 

@@ -131,8 +131,9 @@ def test_pytorch_bin_only_is_rejected(tmp_path, single):
 def fake_hub(monkeypatch, files_dir, requests):
     """Serves a local directory as if it were a Hub repo; records (repo_id, filename) of each request."""
 
-    def download(repo_id, filename, *, revision=None, token=None, cache_dir=None, **kwargs):
-        requests.append((repo_id, filename, revision, token))
+    def download(repo_id, filename, *, revision=None, token=None, cache_dir=None, local_files_only=False, **kwargs):
+        # a look into the local cache sends nothing, so it carries no token (False): only real requests do
+        requests.append((repo_id, filename, revision, False if local_files_only else token))
         path = os.path.join(files_dir, filename)
         if not os.path.exists(path):
             raise EntryNotFoundError(f"404: {filename}")
@@ -152,7 +153,7 @@ def test_hub_sharded_downloads_only_needed_shards(sharded, monkeypatch, tmp_path
     assert len(state) == 9
     fetched = [filename for _, filename, _, _ in requests]
     assert set(fetched) == {"model.safetensors.index.json"} | block_files(sharded, 3)
-    assert all(r[0] == "someone/tiny-llama" and r[2:] == ("abc", "tok") for r in requests)
+    assert all(r[0] == "someone/tiny-llama" and r[2] == "abc" and r[3] in ("tok", False) for r in requests)
 
 
 def test_hub_single_file_and_legacy_alias(single, monkeypatch, tmp_path):

@@ -156,7 +156,7 @@ def test_each_default_is_written_once():
         return " ".join(text.split(f"  {flag} ", 1)[1].split("\n  -", 1)[0].split())
 
     assert "(default: 8)" in help_of("--num_handlers")
-    for flag in ("--prefetch_batches", "--sender_threads", "--min_batch_size", "--custom_module_path"):
+    for flag in ("--prefetch_batches", "--sender_threads", "--min_batch_size"):
         assert COMPATIBILITY_ONLY in help_of(flag)
     assert "grouped-query attention" in help_of("--max_batch_size")
     assert msgspec.structs.fields(NodeConfig)  # the one source

@@ -77,6 +77,25 @@ def test_revision_and_token(hub, models, tmp_path):
     assert len(hub.log) == 1
 
 
+def test_use_auth_token_sends_the_token_huggingface_cli_login_saved(hub, models, tmp_path, monkeypatch):
+    """token=True (--use_auth_token, as in Petals) is the token `huggingface-cli login` saved; with none saved
+    the error says how to save one, and nothing is retried."""
+    from huggingface_hub import constants
+
+    hub.add("org/private", models["sharded"])
+    hub.token = "saved-secret"
+    monkeypatch.delenv("HF_TOKEN", raising=False)
+    monkeypatch.setattr(constants, "HF_TOKEN_PATH", str(tmp_path / "token"))
+    (tmp_path / "token").write_text("saved-secret")
+    assert Checkpoint.open("org/private", token=True, weight_store=cache(tmp_path / "a", hub)).config()
+    assert all(e["auth"] == "Bearer saved-secret" for e in hub.log if e["path"].startswith("/org/private/"))
+    (tmp_path / "token").unlink()
+    hub.log.clear()
+    with pytest.raises(HubAccessError, match="huggingface-cli login"):
+        Checkpoint.open("org/private", token=True, weight_store=cache(tmp_path / "b", hub)).config()
+    assert len(hub.log) <= 1
+
+
 def test_missing_file_or_repository_is_a_clear_error_without_retries(hub, tmp_path):
     weights = cache(tmp_path, hub)
     with pytest.raises(EntryNotFoundError):
