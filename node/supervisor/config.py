@@ -273,7 +273,7 @@ class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
-        prog="python -m node.supervisor",
+        prog="petals-node" if os.path.basename(sys.argv[0]) == "petals-node" else "python -m node.supervisor",
         description="Serve a range of transformer blocks to a Petals swarm.",
         formatter_class=_HelpFormatter,
     )

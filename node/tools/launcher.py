@@ -34,8 +34,10 @@ class NodeProcess:
         log_path: Optional[Path] = None,
         env: Optional[dict] = None,
         root: Optional[Path] = None,
+        cwd: Optional[Path] = None,
     ):
         self.root = Path(root or ROOT)  # the checkout to run (a test may run a copy it then changes)
+        self.cwd = Path(cwd or self.root)  # where it runs: its ./config.yml is read, as Petals reads one
         self.run_dir = Path(run_dir)
         self.env = dict(env or {})  # added to the environment of the node (e.g. HF_ENDPOINT)
         self.argv = [
@@ -74,7 +76,7 @@ class NodeProcess:
         env["PYTHONPATH"] = os.pathsep.join(p for p in (str(self.root), self.env.get("PYTHONPATH")) if p)
         self.proc = subprocess.Popen(
             self.argv,
-            cwd=self.root,
+            cwd=self.cwd,
             env=env,
             stdout=self._log,
             stderr=subprocess.STDOUT,

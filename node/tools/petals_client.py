@@ -85,10 +85,13 @@ position_ids = torch.arange(128)[None]
 
 
 def local_layers(h):
-    emb = ref.model.rotary_emb(h, position_ids)
-    mask = torch.full((128, 128), float("-inf")).triu(1)[None, None]
+    # transformers >= 4.43 computes the rotary embeddings once per model; older ones (Petals 2.2.0's 4.34)
+    # in each layer from the positions
+    rotary = getattr(ref.model, "rotary_emb", None)
+    extra = {"position_embeddings": rotary(h, position_ids)} if rotary is not None else {}
+    mask = torch.full((128, 128), float("-inf")).triu(1)[None, None].expand(h.shape[0], 1, 128, 128)
     for layer in ref.model.layers:
-        h = layer(h, attention_mask=mask, position_ids=position_ids, position_embeddings=emb)
+        h = layer(h, attention_mask=mask, position_ids=position_ids, **extra)
         h = h[0] if isinstance(h, tuple) else h
     return h
 

@@ -93,6 +93,12 @@ def python_of(env: Path) -> Path:
     return env / "bin" / "python"
 
 
+def failure_note() -> Path:
+    """Where the last failed build left its reason (removed by a build that succeeds)."""
+    env = location()
+    return env.parent / (env.name + ".failed")
+
+
 def built() -> Path | None:
     """The built environment's python, or None."""
     env = location()
@@ -178,7 +184,10 @@ def main() -> int:
         python = build(log=lambda m: print(m, file=sys.stderr))
     except BuildFailed as e:
         print(f"petals env: cannot be built: {e}", file=sys.stderr)
+        failure_note().parent.mkdir(parents=True, exist_ok=True)
+        failure_note().write_text(str(e))
         return 1
+    failure_note().unlink(missing_ok=True)
     print(python)
     return 0
 

@@ -30,9 +30,14 @@ def petals_python() -> Optional[str]:
 
 
 def why_missing() -> str:
+    note = petals_env.failure_note()
+    if note.exists():
+        return (
+            f"no Petals to test against: the Petals 2.2.0 environment cannot be built here: {note.read_text()[-600:]}"
+        )
     return (
         "no Petals to test against: set PETALS_PYTHON to a Python with Petals installed, or build Petals 2.2.0 "
-        f"with `python3 -m node.tools.petals_env` (it goes to {petals_env.location()}; .ci/install builds it)"
+        f"with `python -m node.tools.petals_env` (it goes to {petals_env.location()}; .ci/install builds it)"
     )
 
 
