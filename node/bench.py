@@ -1,7 +1,7 @@
 """`python -m node.bench`: the node against plain transformers on the same machine, in the same run.
 
-    python -m node.bench [--model PATH | --preset tiny|small] [--tokens N] [--json FILE]
-                         [--dtype float32|bfloat16] [--device cpu|cuda]
+    python -m node.bench [--model PATH | --preset tiny|small|8b] [--tokens N] [--json FILE]
+                         [--dtype float32|bfloat16] [--device cpu|cuda] [--quant_type none|int8|nf4]
                          [--repeats R] [--gen_repeats G] [--warmup W] [--max_seconds S]
 
 Makes a random Llama with a fixed seed (unless --model is given), starts a node serving all of its
@@ -320,11 +320,20 @@ def parse_args(argv) -> argparse.Namespace:
     src = p.add_mutually_exclusive_group()
     src.add_argument("--model", help="a local model directory (a Llama-family checkpoint) instead of a preset")
     src.add_argument(
-        "--preset", choices=["tiny", "small"], default="tiny", help="random Llama made here with seed 0 (default tiny)"
+        "--preset",
+        choices=["tiny", "small", "8b"],
+        default="tiny",
+        help="random Llama made here with seed 0 (default tiny)",
     )
     p.add_argument("--tokens", type=int, default=32, help="new tokens per generation (default 32)")
     p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
     p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    p.add_argument(
+        "--quant_type",
+        choices=["none", "int8", "nf4"],
+        default="none",
+        help="the node's weight quantization (default none: the local baseline is unquantized transformers)",
+    )
     p.add_argument("--repeats", type=int, default=10, help="timed forward and backward calls per side (default 10)")
     p.add_argument("--gen_repeats", type=int, default=3, help="timed generations per side (default 3)")
     p.add_argument("--sessions", type=int, default=8, help="concurrent sessions for the aggregate row (default 8)")
@@ -400,8 +409,8 @@ def run(args, work: Path, dtype: torch.dtype, device: torch.device, bench_began:
     print(
         f"machine: {os.cpu_count()} CPUs ({len(os.sched_getaffinity(0))} usable), {platform.machine()}, "
         f"python {platform.python_version()}, torch {torch.__version__}, threads {torch.get_num_threads()} "
-        f"(interop {torch.get_num_interop_threads()}), dtype {args.dtype}, device {args.device}"
-        + (f" ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else "")
+        f"(interop {torch.get_num_interop_threads()}), dtype {args.dtype}, quant_type {args.quant_type}, "
+        f"device {args.device}" + (f" ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else "")
     )
     load_before = os.getloadavg()
     print(
@@ -416,6 +425,8 @@ def run(args, work: Path, dtype: torch.dtype, device: torch.device, bench_began:
         args.dtype,
         "--device",
         args.device,
+        "--quant_type",
+        args.quant_type,
         "--num_handlers",
         "1",
         dht_prefix=args.dht_prefix,
@@ -651,6 +662,7 @@ def run(args, work: Path, dtype: torch.dtype, device: torch.device, bench_began:
             "settings": {
                 "dtype": args.dtype,
                 "device": args.device,
+                "quant_type": args.quant_type,
                 "tokens": n,
                 "prompt_tokens": len(PROMPT),
                 "forward_shape": [BATCH, LENGTH],

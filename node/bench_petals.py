@@ -1,6 +1,6 @@
 """`python -m node.bench_petals`: the node against a real Petals server, both driven by a real Petals client.
 
-    python -m node.bench_petals --petals_python PATH [--preset small|tiny | --model PATH]
+    python -m node.bench_petals --petals_python PATH [--preset small|tiny|8b | --model PATH]
                                 [--tokens N] [--sessions S] [--json FILE] [--max_seconds S]
 
 Petals pins package versions that cannot share the node's environment, so the Petals side runs under
@@ -148,7 +148,7 @@ def parse_args(argv) -> argparse.Namespace:
         default=os.environ.get("PETALS_PYTHON") or (str(petals_env.built() or "") or None),
         help="a Python with petals installed (default: $PETALS_PYTHON, else what node.tools.petals_env built)",
     )
-    p.add_argument("--preset", choices=["tiny", "small"], default="small")
+    p.add_argument("--preset", choices=["tiny", "small", "8b"], default="small")
     p.add_argument("--model", help="a local Llama directory instead of a preset")
     p.add_argument("--tokens", type=int, default=32)
     p.add_argument("--sessions", type=int, default=8)

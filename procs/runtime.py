@@ -643,6 +643,10 @@ def join_group(actor: actor_lib.Actor) -> Optional[Group]:
 def main(actor: actor_lib.Actor) -> None:
     torch.set_grad_enabled(False)
     logs.route_transformers_logs()
+    if actor.plan.device.startswith("cuda:"):
+        # the current device is where kernels, caches and synchronizations go by default: the plan's GPU, not
+        # GPU 0 (whose context a neighbouring node would see in use)
+        torch.cuda.set_device(torch.device(actor.plan.device))
     if not report_capacity(actor):
         return
     if not wait_for_load_order(actor):

@@ -271,10 +271,12 @@ class Announce(Message):
 
 
 class LoadBlocks(Message):
-    """Supervisor -> runtime: the swarm has been told we are JOINING; load these blocks now."""
+    """Supervisor -> runtime: the swarm has been told we are JOINING; load these blocks now, quantized as
+    quant_type says (what rank 0 measured it can run: every rank of a group loads the same way)."""
 
     start_block: int = -1
     end_block: int = -1
+    quant_type: str = ""  # "": the plan's
 
 
 class Serve(Message):

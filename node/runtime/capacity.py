@@ -30,10 +30,13 @@ def random_block(block_class, config, dtype: torch.dtype, device) -> torch.nn.Mo
 
 
 def device_memory(device: torch.device) -> tuple[int, int]:
-    """(total, available now) bytes of the device; a CPU's are the host's RAM."""
+    """(total, available now) bytes of the device; a CPU's are the host's RAM. On a GPU, what PyTorch's
+    caching allocator holds without using it is available to this process too (mem_get_info counts it as
+    taken: a runtime that freed a cache would otherwise never find room to load before it switches)."""
     if device.type == "cuda":
         free, total = torch.cuda.mem_get_info(device)
-        return total, free
+        cached = torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
+        return total, free + max(0, cached)
     import psutil
 
     ram = psutil.virtual_memory()
@@ -47,7 +50,12 @@ def group_memory(plan: NodePlan, log=None) -> tuple[int, int]:
     devices = [torch.device(d) for d in plan.tensor_parallel_devices]
     if devices[0].type != "cuda":
         return device_memory(devices[0])
-    memories = [device_memory(d) for d in dict.fromkeys(devices)]
+    # Only rank 0's own device is asked what is free: mem_get_info on another GPU would create a CUDA context
+    # there (hundreds of MB that a neighbouring process would count as its own); its total needs none.
+    own = device_memory(devices[0])
+    memories = [own] + [
+        (torch.cuda.get_device_properties(d).total_memory,) * 2 for d in dict.fromkeys(devices) if d != devices[0]
+    ]
     totals = [m[0] for m in memories]
     if max(totals) > 1.5 * min(totals):
         message = (

@@ -106,6 +106,9 @@ def wait_for_load_order(actor: "Actor") -> bool:
         if isinstance(msg, LoadBlocks):
             if msg.start_block >= 0:
                 actor.plan.start_block, actor.plan.end_block = msg.start_block, msg.end_block
+            if msg.quant_type and msg.quant_type != actor.plan.quant_type:
+                actor.log.info("quantization as measured by rank 0", planned=actor.plan.quant_type, used=msg.quant_type)
+                actor.plan.quant_type = msg.quant_type
             return True
     return False
 

@@ -505,6 +505,14 @@ def read_command_line(argv: Optional[Sequence[str]] = None) -> tuple[NodeConfig,
             parser.error(f"argument --tensor_parallel_devices: {device!r} is not a device (use cpu, cuda or cuda:N)")
     if args.tensor_parallel_devices and len({d.split(":")[0] for d in args.tensor_parallel_devices}) > 1:
         parser.error("argument --tensor_parallel_devices: all devices of a group must be of one kind (cpu or cuda)")
+    if args.tensor_parallel_devices:
+        gpus = [d if ":" in d else f"{d}:0" for d in args.tensor_parallel_devices if d.startswith("cuda")]
+        twice = sorted({d for d in gpus if gpus.count(d) > 1})
+        if twice:
+            parser.error(
+                f"argument --tensor_parallel_devices: {', '.join(twice)} named more than once (cuda is cuda:0); "
+                "NCCL cannot run two ranks on one GPU: name each GPU once"
+            )
 
     fields = {f: getattr(args, f) for f in NodeConfig.__struct_fields__ if f != "model" and hasattr(args, f)}
     return NodeConfig(model=model, **fields), notes

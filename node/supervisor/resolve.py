@@ -7,6 +7,7 @@ the block range, the dht prefix, the dtype and device, and the defaults that dep
 from __future__ import annotations
 
 import asyncio
+import glob
 import importlib.util
 import os
 import sys
@@ -28,8 +29,10 @@ class PlanError(ValueError):
 
 def cuda_available() -> bool:
     """Whether this torch build can use an NVIDIA GPU here, without importing torch (seconds and
-    hundreds of MB in the supervisor): a CUDA build of torch and a GPU device node. The runtime checks
-    again with torch itself and stops the node with a clear message if this was wrong."""
+    hundreds of MB in the supervisor): a CUDA build of torch, a GPU this process may see
+    (CUDA_VISIBLE_DEVICES) and a GPU device node (/dev/nvidiaN, any N: a container given GPU 3 has only
+    /dev/nvidia3; /dev/dxg under WSL2). The runtime checks again with torch itself and stops the node
+    with a clear message if this was wrong."""
     if "torch" in sys.modules:
         return sys.modules["torch"].cuda.is_available()
     spec = importlib.util.find_spec("torch")
@@ -41,7 +44,21 @@ def cuda_available() -> bool:
             exec(f.read(), version)
     except OSError:
         return False
-    return bool(version.get("cuda")) and os.path.exists("/dev/nvidia0")
+    return bool(version.get("cuda")) and gpus_visible() and gpu_device_node()
+
+
+def gpus_visible() -> bool:
+    """False when CUDA_VISIBLE_DEVICES hides every GPU: empty, or starting with an invalid entry such as -1
+    (CUDA reads the list up to its first invalid entry)."""
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if visible is None:
+        return True
+    first = visible.split(",")[0].strip()
+    return bool(first) and not first.startswith("-")
+
+
+def gpu_device_node() -> bool:
+    return bool(glob.glob("/dev/nvidia[0-9]*")) or os.path.exists("/dev/dxg")
 
 
 def mps_available() -> bool:

@@ -26,6 +26,18 @@ def cache_bytes_per_block(hidden_size: int, attn_cache_tokens: int, kv_groups: i
     return (2 * hidden_size * attn_cache_tokens // kv_groups) * DTYPE_BYTES[dtype]
 
 
+# What a GPU holds besides blocks, caches and activations: the CUDA context and cuBLAS workspaces (and NCCL's
+# buffers in a group), about 1 GiB a device, and what the caching allocator cannot reuse between caches of
+# varying sizes and activations (fragmentation), kept as a share of the device.
+GPU_FIXED_BYTES = GiB
+GPU_FRAGMENTATION = 0.03
+
+
+def gpu_reserve_bytes(device_memory: int, num_devices: int = 1) -> int:
+    """Memory of a GPU node that no block may count on (device_memory is the group's, all devices)."""
+    return GPU_FIXED_BYTES * num_devices + int(device_memory * GPU_FRAGMENTATION)
+
+
 def autograd_bytes(hidden_size: int, num_devices: int = 1) -> int:
     """What Petals keeps free for backward passes: 2 GiB per device for a 14336-wide model, in proportion."""
     return int(2 * GiB * num_devices * hidden_size / 14336)
@@ -38,6 +50,7 @@ class Estimate:
     autograd: int
     block: int
     cache: int
+    reserve: int  # on a GPU: context, workspaces, fragmentation (gpu_reserve_bytes)
     adapters: int
     history: int  # per block; in host memory, so counted here only when the blocks are in RAM too
     source: str  # "gpu" or "ram"
@@ -68,21 +81,28 @@ def estimate_num_blocks(
     """How many blocks (with their cache and adapters) fit next to the autograd reserve.
 
     On a GPU the node has the device to itself, as in Petals: its total memory counts (for tensor
-    parallelism, the smallest device times their number). On a CPU it shares the host's RAM: only what
+    parallelism, the smallest device times their number), less what Petals forgets and then runs out of:
+    the CUDA context, workspaces and fragmentation (gpu_reserve_bytes). On a CPU it shares the host's RAM: only what
     is available now counts, less `margin` of it for everyone else, and the sessions' history (kept in
     host memory, `history_bytes` per block, or `history_fixed` in all) counts beside the blocks.
     """
     if device_type == "cuda":
-        memory, source = device_memory, "gpu"
+        reserve = gpu_reserve_bytes(device_memory, num_devices)
+        memory, source = device_memory - reserve, "gpu"
     else:
+        reserve = 0
         memory, source = int(available_memory * (1.0 - margin)) - history_fixed, "ram"
     autograd = autograd_bytes(hidden_size, num_devices)
     per_block = block_bytes + cache_bytes + adapter_bytes + (history_bytes if source == "ram" else 0)
     count = min(total_blocks, (memory - autograd) // per_block) if per_block > 0 else total_blocks
-    estimate = Estimate(int(count), memory, autograd, block_bytes, cache_bytes, adapter_bytes, history_bytes, source)
+    estimate = Estimate(
+        int(count), memory, autograd, block_bytes, cache_bytes, reserve, adapter_bytes, history_bytes, source
+    )
     if count < 1:
         raise NotEnoughMemory(
-            f"not enough memory for one block: {memory / GiB:.2f} GiB of {source}, {autograd / GiB:.2f} GiB kept for "
+            f"not enough memory for one block: {memory / GiB:.2f} GiB of {source}"
+            + (f" (after {reserve / GiB:.2f} GiB for the CUDA context and fragmentation)" if reserve else "")
+            + f", {autograd / GiB:.2f} GiB kept for "
             f"autograd, {per_block / GiB:.2f} GiB per block "
             f"(weights {block_bytes / GiB:.2f}, cache {cache_bytes / GiB:.2f}, "
             f"session history {history_bytes / GiB if source == 'ram' else 0:.2f}); "

@@ -317,7 +317,9 @@ class Supervisor:
                 and not runtime.ready
                 and not runtime.load_ordered
             ):
-                runtime.load_ordered = self.send(name, LoadBlocks(self.plan.start_block, self.plan.end_block))
+                runtime.load_ordered = self.send(
+                    name, LoadBlocks(self.plan.start_block, self.plan.end_block, quant_type=self.plan.quant_type)
+                )
 
     def announce(self, state: ServerState, retire=None) -> None:
         self.announced = self.reported = state

@@ -50,6 +50,12 @@ class NodeProcess:
             dht_prefix,
             "--torch_dtype",
             "float32",
+            # stated, not left to the machine: on a GPU host the defaults are cuda and nf4, which the tests'
+            # float32 tolerances and the benchmark's unquantized baseline do not expect (args may override)
+            "--device",
+            "cpu",
+            "--quant_type",
+            "none",
             "--host_maddrs",
             "/ip4/127.0.0.1/tcp/0",
             "--run_dir",

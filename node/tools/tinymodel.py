@@ -16,6 +16,8 @@ from transformers import LlamaConfig, LlamaForCausalLM
 PRESETS = {
     "tiny": dict(hidden_size=256, num_layers=8, num_heads=8, num_kv_heads=4, vocab_size=1024),
     "small": dict(hidden_size=1024, num_layers=12, num_heads=16, num_kv_heads=8, vocab_size=32000),
+    # 4 blocks of Llama-3.1-8B's shape (random weights): where the blocks' own compute dominates a step
+    "8b": dict(hidden_size=4096, num_layers=4, num_heads=32, num_kv_heads=8, intermediate_size=14336, vocab_size=32000),
 }
 
 

@@ -60,6 +60,11 @@ def test_bench_smoke(tmp_path):
             assert isinstance(value, (int, float)) and math.isfinite(value) and value > 0, (name, key, value)
     for key, value in data["per_token"].items():
         assert isinstance(value, (int, float)) and value > 0, (key, value)
+    assert (data["settings"]["device"], data["settings"]["dtype"], data["settings"]["quant_type"]) == (
+        "cpu",
+        "float32",
+        "none",
+    )  # stated, whatever the machine's defaults (on a GPU host: cuda and nf4)
     assert data["machine"]["cpu_count"] > 0 and data["machine"]["torch_threads"] > 0
     assert data["model"]["num_blocks"] == 8 and data["model"]["hidden_size"] == 256
     # the node computes what transformers computes (float32): same tokens, same outputs

@@ -38,8 +38,21 @@ def test_gpu_counts_its_total_memory_and_caps_at_the_model():
         hidden_size=14336,
         total_blocks=80,
     )
-    assert estimate.num_blocks == (80 * GiB - 2 * GiB) // (GiB + GiB // 2) == 52
+    reserve = GiB + int(80 * GiB * 0.03)  # the CUDA context and workspaces, and fragmentation
+    assert estimate.reserve == reserve == resources.gpu_reserve_bytes(80 * GiB)
+    assert estimate.num_blocks == (80 * GiB - reserve - 2 * GiB) // (GiB + GiB // 2) == 49
     assert estimate.source == "gpu"
+    group = resources.estimate_num_blocks(
+        device_type="cuda",
+        device_memory=2 * 80 * GiB,
+        available_memory=0,
+        block_bytes=GiB,
+        cache_bytes=GiB // 2,
+        hidden_size=14336,
+        total_blocks=200,
+        num_devices=2,
+    )
+    assert group.reserve == 2 * GiB + int(160 * GiB * 0.03)  # a context per device (and NCCL's buffers)
     small = resources.estimate_num_blocks(
         device_type="cuda",
         device_memory=80 * GiB,
@@ -82,7 +95,8 @@ def test_session_history_counts_beside_blocks_in_ram_and_not_on_a_gpu():
     gpu = resources.estimate_num_blocks(
         device_type="cuda", device_memory=12 * GiB, available_memory=0, history_bytes=GiB // 2, **common
     )
-    assert gpu.num_blocks == 12  # the history lives in host memory, not on the device
+    # the history lives in host memory, not on the device: only the GPU's own reserve comes off its 12 GiB
+    assert gpu.num_blocks == (12 * GiB - resources.gpu_reserve_bytes(12 * GiB)) // GiB == 10
 
 
 def test_no_room_for_one_block_is_a_clear_error():

@@ -7,6 +7,7 @@ The cache keeps all heads: K and V are [B, heads, max_length, head_dim] (PROTOCO
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Optional
 
@@ -25,9 +26,17 @@ from node.runtime.models.common import (
 )
 
 
+@functools.lru_cache(maxsize=64)
 def alibi_slopes(num_heads: int, device=None) -> torch.Tensor:
     """The ALiBi slope of each head, in float32, computed with transformers' operations so the values are
-    bit-identical (a power of two of heads gets a geometric series; others interleave a second one)."""
+    bit-identical (a power of two of heads gets a geometric series; others interleave a second one).
+    Made once per device and kept (read only): building them copies from the host, which on a GPU waits
+    for the device, once per block per step."""
+    with torch.inference_mode(False), torch.no_grad():  # a plain tensor, usable in inference and training
+        return _alibi_slopes(num_heads, device)
+
+
+def _alibi_slopes(num_heads: int, device) -> torch.Tensor:
     closest = 2 ** math.floor(math.log2(num_heads))
     base = torch.tensor(2 ** (-(2 ** -(math.log2(closest) - 3))), device=device, dtype=torch.float32)
     slopes = torch.pow(base, torch.arange(1, 1 + closest, device=device, dtype=torch.int32))

@@ -35,6 +35,15 @@ from node.runtime.models.common import (
 from node.runtime.models.llama import Rotary, rotate_half
 
 
+def fused_heads(k: torch.Tensor, v: torch.Tensor, heads: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """K and V copied to one head per query head, on CUDA only. No fused CUDA kernel takes a mask together
+    with enable_gqa, nor a single broadcast key head (multi-query): SDPA falls back to its unfused math
+    kernel for both, on every call. The copy lets the memory-efficient kernel run; on the CPU the node keeps
+    the calls that match transformers' values."""
+    groups = heads // k.shape[1]
+    return k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
+
+
 class FalconLinear(nn.Linear):
     # transformers' FalconLinear: a matmul, then the bias (not fused as in F.linear).
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -215,12 +224,17 @@ class FalconBlock(nn.Module):
             seen, rows = past + end, end - start
             qq, kk, vv = q[:, :, start:end], k[:, :, :seen], v[:, :, :seen]
             if bias is None and (rows == 1 or past + start == 0):
+                if qq.is_cuda and not gqa and kk.shape[1] != qq.shape[1]:
+                    kk, vv = fused_heads(kk, vv, qq.shape[1])  # multi-query: see fused_heads
                 return F.scaled_dot_product_attention(qq, kk, vv, is_causal=rows > 1, enable_gqa=gqa)
             allowed = (
                 torch.arange(seen, device=x.device) <= torch.arange(past + start, past + end, device=x.device)[:, None]
             )
             if bias is not None:
                 allowed = bias[..., :seen].masked_fill(~allowed, torch.finfo(x.dtype).min)
+            if qq.is_cuda and kk.shape[1] != qq.shape[1]:
+                kk, vv = fused_heads(kk, vv, qq.shape[1])
+                return F.scaled_dot_product_attention(qq, kk, vv, attn_mask=allowed)
             return F.scaled_dot_product_attention(qq, kk, vv, attn_mask=allowed, enable_gqa=gqa)
 
         row_bytes = batch * self.num_heads * keys * q.element_size()
