@@ -24,8 +24,15 @@ def random_block(block_class, config, dtype: torch.dtype, device) -> torch.nn.Mo
     """A block of the real architecture with random weights (timing does not depend on their values)."""
     with torch.device("meta"):
         shapes = {name: t.shape for name, t in block_class(config).state_dict().items()}
-    generator = torch.Generator().manual_seed(0)
-    state = {name: torch.randn(shape, generator=generator) * 0.02 for name, shape in shapes.items()}
+    if torch.device(device).type == "cpu":
+        generator = torch.Generator().manual_seed(0)
+        state = {name: torch.randn(shape, generator=generator) * 0.02 for name, shape in shapes.items()}
+    else:  # made on the device in its dtype: in float32 on the host, one 405B block would take about 13 GB
+        generator = torch.Generator(device=device).manual_seed(0)
+        state = {
+            name: torch.empty(shape, dtype=dtype, device=device).normal_(0, 0.02, generator=generator)
+            for name, shape in shapes.items()
+        }
     return block_class.from_state(config, state, dtype=dtype, device=device)
 
 

@@ -41,13 +41,21 @@ def load_blocks(plan: NodePlan, log, indices=None, group: "Optional[Group]" = No
     dtype = DTYPES[plan.torch_dtype]
     adapters = load_adapters(plan)
     blocks = {}
+    # Weights that are reshaped before they are served (quantized, or cut into this rank's shard) are read and
+    # reshaped on the host and cross to the GPU once, in their final form: read onto the GPU, a quantized
+    # block's weights went back to the host and up again (bitsandbytes quantizes on the way up), and a shard
+    # held the whole block on the device first.
+    host_first = plan.device != "cpu" and (plan.quant_type != "none" or group is not None)
+    where = "cpu" if host_first else plan.device
     for index in range(plan.start_block, plan.end_block) if indices is None else indices:
         began = time.perf_counter()
-        state = checkpoint.block_state(f"{family.block_prefix}.{index}.", dtype=dtype, device=plan.device)
-        block = family.block_class.from_state(config, state, dtype=dtype, device=plan.device)
+        state = checkpoint.block_state(f"{family.block_prefix}.{index}.", dtype=dtype, device=where)
+        block = family.block_class.from_state(config, state, dtype=dtype, device=where)
         if group is not None:
             block = block.shard(group.rank, group.world, None)
-        block = quantize_block(block, plan.quant_type, dtype)
+        block = quantize_block(block, plan.quant_type, dtype, device=plan.device)
+        if host_first:
+            block = block.to(plan.device)  # what quantization left on the host: norms, biases, unquantized layers
         lora.attach(block, index, family.block_prefix, adapters, dtype, plan.device)
         blocks[index] = block
         log.info("block loaded", block=index, seconds=round(time.perf_counter() - began, 3))

@@ -51,12 +51,15 @@ class QuantizationUnavailable(RuntimeError):
     pass
 
 
-def quantized_linear(linear: nn.Linear, quant_type: str, dtype: torch.dtype) -> nn.Module:
+def quantized_linear(linear: nn.Linear, quant_type: str, dtype: torch.dtype, device=None) -> nn.Module:
+    """The layer quantized on `device` (default: where it is). bitsandbytes quantizes a layer's weights as
+    they move from the host to the GPU, so a layer still on the host (the loader's host-first path) crosses
+    once, already quantized; one on the GPU goes down and up again."""
     import bitsandbytes as bnb
 
     _quiet_repeats()
 
-    device = linear.weight.device
+    device = linear.weight.device if device is None else torch.device(device)
     weight = linear.weight.data.to(dtype)
     if quant_type == "int8":
         layer = bnb.nn.Linear8bitLt(
@@ -91,13 +94,14 @@ def quantized_linear(linear: nn.Linear, quant_type: str, dtype: torch.dtype) -> 
     return layer.to(device)  # bitsandbytes quantizes the weights as they move to the device
 
 
-def quantize_block(block: nn.Module, quant_type: str, dtype: torch.dtype) -> nn.Module:
+def quantize_block(block: nn.Module, quant_type: str, dtype: torch.dtype, device=None) -> nn.Module:
+    """Every nn.Linear of the block quantized, on `device` (default: where each layer is)."""
     if quant_type == "none":
         return block
     for parent in list(block.modules()):
         for name, child in list(parent.named_children()):
             if isinstance(child, nn.Linear):
-                setattr(parent, name, carry_slice(child, quantized_linear(child, quant_type, dtype)))
+                setattr(parent, name, carry_slice(child, quantized_linear(child, quant_type, dtype, device)))
     block.compute_dtype = dtype  # the weights' dtype no longer tells the dtype the block computes in
     if getattr(block, "slow_tp", 1) != 1:
         block.slow_tp = 1  # BLOOM's sliced matmuls need the plain weights; quantized outputs differ anyway

@@ -229,26 +229,64 @@ def test_quantized_blocks_serve_and_train_on_the_device(model, quant_type):
 
 
 def test_capacity_measurement_and_block_load_time(tmp_path):
-    """What the runtime does before the node joins: measure one block of the real architecture on the device,
-    and how long one block of micro-llama takes to load onto it (the current path: read, cast, move)."""
-    from transformers import AutoConfig
+    """What the runtime does before the node joins: one block of the real architecture made on the device
+    (node.runtime.capacity.random_block), and one block of Llama-3.1-8B's shape loaded quantized by the
+    two paths: read onto the device then quantized (the weights go down to the host and up again) and the
+    loader's host-first path (node/runtime/loading.py: quantized on the way up, once). Both give the same block."""
+    from transformers import LlamaConfig
 
     from node.runtime.capacity import block_params, random_block
+    from node.runtime.quantize import quantize_block
 
-    config = AutoConfig.from_pretrained(str(MICRO_LLAMA))
+    config = LlamaConfig(
+        hidden_size=4096, intermediate_size=14336, num_attention_heads=32, num_key_value_heads=8, num_hidden_layers=1
+    )
     family = get_family(config)
+    dtype = torch.bfloat16
     began = time.perf_counter()
-    block = random_block(family.block_class, config, torch.bfloat16 if ON_CUDA else torch.float32, DEVICE)
+    random_block(family.block_class, config, dtype, DEVICE)
     built = time.perf_counter() - began
-    checkpoint = Checkpoint.open(str(MICRO_LLAMA))
+    with torch.device("meta"):
+        shapes = {k: v.shape for k, v in family.block_class(config).state_dict().items()}
+    generator = torch.Generator().manual_seed(0)
+    state = {k: (torch.randn(shape, generator=generator) * 0.02).to(dtype) for k, shape in shapes.items()}
+
+    def sync():
+        if ON_CUDA:
+            torch.cuda.synchronize(DEVICE)
+
+    try:
+        import bitsandbytes  # noqa: F401
+
+        quant = "nf4"
+    except ImportError:
+        quant = "none"
     began = time.perf_counter()
-    state = checkpoint.block_state(f"{family.block_prefix}.0.", dtype=torch.bfloat16)
-    loaded = family.block_class.from_state(config, state, dtype=torch.bfloat16, device=DEVICE)
-    if ON_CUDA:
-        torch.cuda.synchronize(DEVICE)
-    load_s = time.perf_counter() - began
-    record("capacity", random_block_s=built, block_load_s=load_s, block_params=block_params(family.block_class, config))
-    assert next(block.parameters()).device.type == next(loaded.parameters()).device.type == torch.device(DEVICE).type
+    device_first = family.block_class.from_state(
+        config, {k: v.to(DEVICE) for k, v in state.items()}, dtype=dtype, device=DEVICE
+    )
+    device_first = quantize_block(device_first, quant, dtype)
+    sync()
+    device_first_s = time.perf_counter() - began
+    began = time.perf_counter()
+    host_first = family.block_class.from_state(config, state, dtype=dtype, device="cpu")
+    host_first = quantize_block(host_first, quant, dtype, device=DEVICE).to(DEVICE)
+    sync()
+    host_first_s = time.perf_counter() - began
+    x = on(hidden_states(1, 5, 4096), dtype)
+    with torch.inference_mode():
+        same = rel_err(host_first(x).float().cpu(), device_first(x).float().cpu())
+    record(
+        "capacity and loading",
+        random_block_s=built,
+        quant_type=quant,
+        load_device_first_s=device_first_s,
+        load_host_first_s=host_first_s,
+        host_first_vs_device_first=same,
+        block_params=block_params(family.block_class, config),
+    )
+    assert same <= 1e-6, same
+    assert all(p.device.type == torch.device(DEVICE).type for p in host_first.parameters())
 
 
 def test_a_micro_node_on_the_device_passes_the_cpu_nodes_checks_and_rebuilds_a_session(tmp_path, monkeypatch):
