@@ -7,6 +7,7 @@ Used by both runtime processes (procs/runtime.py, procs/runtime_rank.py); `actor
 
 from __future__ import annotations
 
+import contextlib
 import queue
 import threading
 import time
@@ -90,7 +91,10 @@ class BlockLoader:
     def _run(self, plan, log, indices) -> None:
         try:
             began = time.perf_counter()
-            self.blocks = load_blocks(plan, log, indices)
+            with side_stream(plan.device) as stream:
+                self.blocks = load_blocks(plan, log, indices)
+                if stream is not None:
+                    stream.synchronize()  # every copy done before the runtime may use a block
             log.info(
                 "new blocks loaded",
                 blocks=list(self.span),
@@ -101,6 +105,20 @@ class BlockLoader:
             self.error = f"{type(e).__name__}: {e}"
         finally:
             self.done.set()
+
+
+@contextlib.contextmanager
+def side_stream(device: str):
+    """On a GPU, the loader's copies and casts go to a CUDA stream of their own (current streams are per
+    thread): on the default stream they would queue between the serving rounds' kernels and delay them."""
+    if not device.startswith("cuda"):
+        yield None
+        return
+    import torch
+
+    stream = torch.cuda.Stream(device=torch.device(device))
+    with torch.cuda.stream(stream):
+        yield stream
 
 
 def wait_for_load_order(actor: "Actor") -> bool:
