@@ -80,7 +80,7 @@ class Announcer:
         self.log = actor.log
         self.control = actor.async_control()
         ctx = zmq.asyncio.Context.shadow(actor.ctx)
-        self.allocator = Requester(ctx, self.plan.endpoint("allocator.sock"), actor.name, AllocatorReply, log=self.log)
+        self.allocator = Requester.to_actor(actor, ctx, "allocator", AllocatorReply)
         self.dht: Optional[DHTNode] = None
         self.state: Optional[Announce] = None
         self.last_expiration = 0.0

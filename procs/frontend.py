@@ -55,22 +55,11 @@ class Frontend:
         self.log = actor.log
         self.control = actor.async_control()
         self.ctx = zmq.asyncio.Context.shadow(actor.ctx)
-        observe = actor.probe.observe
-        self.runtime = Requester(
-            self.ctx, self.plan.endpoint("runtime.sock"), actor.name, RuntimeReply, observer=observe, log=self.log
+        self.runtime = Requester.to_actor(actor, self.ctx, "runtime", RuntimeReply, observed=True)
+        self.allocator = Requester.to_actor(
+            actor, self.ctx, "allocator", AllocatorReply, observed=True, on_unsolicited=self.unsolicited
         )
-        self.allocator = Requester(
-            self.ctx,
-            self.plan.endpoint("allocator.sock"),
-            actor.name,
-            AllocatorReply,
-            observer=observe,
-            on_unsolicited=self.unsolicited,
-            log=self.log,
-        )
-        self.announcer = Requester(
-            self.ctx, self.plan.endpoint("announcer.sock"), actor.name, AnnouncerReply, observer=observe, log=self.log
-        )
+        self.announcer = Requester.to_actor(actor, self.ctx, "announcer", AnnouncerReply, observed=True)
         self.handlers = Handlers(self.plan, self.runtime, self.allocator, self.announcer, self.log)
         self.handlers.probe = actor.probe
         self.p2p = None

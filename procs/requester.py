@@ -48,6 +48,22 @@ class Requester:
         self._up = asyncio.Event()  # cleared while the peer is being replaced
         self._up.set()
 
+    @classmethod
+    def to_actor(
+        cls, actor, ctx: zmq.asyncio.Context, target: str, accepts: Any, *, observed: bool = False, on_unsolicited=None
+    ) -> "Requester":
+        """`actor`'s requester to the actor that listens on RUN_DIR/<target>.sock: identified by the asking
+        actor's name, taking replies of type `accepts`, seen by its probe when `observed`."""
+        return cls(
+            ctx,
+            actor.plan.endpoint(f"{target}.sock"),
+            actor.name,
+            accepts,
+            observer=actor.probe.observe if observed else None,
+            on_unsolicited=on_unsolicited,
+            log=actor.log,
+        )
+
     def start(self) -> None:
         self._reader = asyncio.get_running_loop().create_task(self._read())
 

@@ -597,14 +597,7 @@ def report_capacity(actor: actor_lib.Actor) -> bool:
         actor.log.warning("quantization unavailable; serving unquantized", quant_type=plan.quant_type, error=str(e))
         plan.quant_type = "none"
     try:
-        config = Checkpoint.open(
-            plan.model,
-            revision=plan.revision,
-            token=plan.token,
-            cache_dir=plan.cache_dir,
-            max_disk_space=plan.max_disk_space,
-            download_attempts=plan.download_attempts,
-        ).config()
+        config = Checkpoint.of(plan).config()
         dtype = DTYPES[plan.torch_dtype]
         family = get_family(config)
         # adapters are fetched and tried on an empty block 0 now, so that a wrong one stops the node

@@ -13,6 +13,7 @@ import torch
 import zmq
 
 from protocol.messages import TensorMeta
+from protocol.wire import ITEMSIZE
 
 DTYPES = {
     "float32": torch.float32,
@@ -27,7 +28,6 @@ DTYPES = {
     "bool": torch.bool,
 }
 DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
-ITEMSIZE = {name: torch.empty(0, dtype=dtype).element_size() for name, dtype in DTYPES.items()}
 
 # Tensors made from received frames are only read; writers copy first (see from_frames).
 warnings.filterwarnings("ignore", message="The given buffer is not writable", category=UserWarning)

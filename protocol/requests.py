@@ -16,7 +16,7 @@ from typing import Any, Optional, Sequence
 from protocol import wire
 from protocol.wire import RawTensor
 
-COMPRESSION_VALUES = range(6)  # runtime.proto CompressionType: NONE .. BLOCKWISE_8BIT
+COMPRESSION_VALUES = range(len(wire.COMPRESSION_NAMES))  # runtime.proto CompressionType: NONE .. BLOCKWISE_8BIT
 
 
 @dataclass

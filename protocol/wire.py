@@ -16,11 +16,13 @@ import sys
 from dataclasses import dataclass, field
 from typing import Any, Iterable, Optional, Sequence
 
-# runtime.proto CompressionType
-NONE, MEANSTD_16BIT, FLOAT16, QUANTILE_8BIT, UNIFORM_8BIT, BLOCKWISE_8BIT = range(6)
+# runtime.proto CompressionType: the names --compression takes, and their numbers (the index) on the wire.
+# The one list of them in the node (the flags, the plan and the request checks read it from here).
 COMPRESSION_NAMES = ("NONE", "MEANSTD_16BIT", "FLOAT16", "QUANTILE_8BIT", "UNIFORM_8BIT", "BLOCKWISE_8BIT")
+NONE, MEANSTD_16BIT, FLOAT16, QUANTILE_8BIT, UNIFORM_8BIT, BLOCKWISE_8BIT = range(len(COMPRESSION_NAMES))
 
-# torch dtype name (without "torch.") -> bytes per value on the wire (bfloat16: the efficient 2-byte form)
+# torch dtype name (without "torch.") -> bytes per value, on the wire and in memory (bfloat16: the efficient
+# 2-byte form). The one table of dtype sizes in the node, torch-free so that the supervisor may read it.
 ITEMSIZE = {
     "float32": 4,
     "float16": 2,

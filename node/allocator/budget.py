@@ -15,8 +15,7 @@ from dataclasses import dataclass, field
 from typing import Optional
 
 from node.runtime.tensor_parallel.split import kv_heads_per_rank
-
-DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2, "float64": 8}
+from protocol.wire import ITEMSIZE as DTYPE_BYTES  # bytes per value of each dtype: the one table
 
 
 @dataclass(frozen=True)
@@ -48,8 +47,9 @@ class CacheGeometry:
 
     @property
     def capacity(self) -> int:
-        per_block = (2 * self.hidden_size * self.attn_cache_tokens // self.kv_groups) * self.dtype_bytes
-        return per_block * self.num_blocks
+        return cache_bytes_per_block(self.hidden_size, self.attn_cache_tokens, self.kv_groups, self.dtype_bytes) * (
+            self.num_blocks
+        )
 
     @property
     def history_capacity(self) -> int:
@@ -74,6 +74,12 @@ class CacheGeometry:
     def tokens_available(self, bytes_left: int) -> int:
         """rpc_info `cache_tokens_available`: K and V of one block at batch 1."""
         return bytes_left // (2 * self.num_kv_heads * self.head_dim * self.dtype_bytes)
+
+
+def cache_bytes_per_block(hidden_size: int, attn_cache_tokens: int, kv_groups: int, dtype_bytes: int) -> int:
+    """The attention cache budget of one block: K and V rows of --attn_cache_tokens tokens, as Petals counts
+    them (PROTOCOL 5.3; also what the memory estimate keeps per block, node/supervisor/placement.py)."""
+    return (2 * hidden_size * attn_cache_tokens // kv_groups) * dtype_bytes
 
 
 def history_bytes_per_block(hidden_size: int, attn_cache_tokens: int, dtype_bytes: int) -> int:

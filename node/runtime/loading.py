@@ -29,14 +29,7 @@ if TYPE_CHECKING:
 def load_blocks(plan: NodePlan, log, indices=None, group: "Optional[Group]" = None) -> dict:
     """{global index: block} for `indices` (default: the plan's range), each read on its own; with a
     group, this rank's shard of each."""
-    checkpoint = Checkpoint.open(
-        plan.model,
-        revision=plan.revision,
-        token=plan.token,
-        cache_dir=plan.cache_dir,
-        max_disk_space=plan.max_disk_space,
-        download_attempts=plan.download_attempts,
-    )
+    checkpoint = Checkpoint.of(plan)
     config = checkpoint.config()
     family = get_family(config)
     dtype = DTYPES[plan.torch_dtype]

@@ -19,6 +19,7 @@ from typing import Optional, Sequence, Union
 import msgspec
 
 from node.supervisor.config_file import ConfigFileError, read_settings, settings_to_argv
+from protocol.wire import COMPRESSION_NAMES
 
 PUBLIC_INITIAL_PEERS = [
     "/dns/bootstrap1.petals.dev/tcp/31337/p2p/QmedTaZXmULqwspJXz44SsPZyTNKxhnnFvYRajfH7MGhCY",
@@ -29,7 +30,7 @@ PUBLIC_INITIAL_PEERS = [
     "/ip4/159.203.156.48/tcp/31338/p2p/QmQGTqmM7NKjV6ggU1ZCap8zWiyKR89RViDXiqehSiCpY5",
 ]
 
-COMPRESSION_TYPES = ("NONE", "MEANSTD_16BIT", "FLOAT16", "QUANTILE_8BIT", "UNIFORM_8BIT", "BLOCKWISE_8BIT")
+COMPRESSION_TYPES = COMPRESSION_NAMES  # what --compression takes
 
 # Defaults that depend on the model (PROTOCOL 5.6), applied when the model is resolved: (with
 # grouped-query attention, without).

@@ -109,8 +109,8 @@ class Placement:
             device_memory=report.device_memory,
             available_memory=report.available_memory,
             block_bytes=self.block_bytes,
-            cache_bytes=resources.cache_bytes_per_block(
-                plan.hidden_size, plan.attn_cache_tokens, plan.kv_groups, plan.torch_dtype
+            cache_bytes=budget.cache_bytes_per_block(
+                plan.hidden_size, plan.attn_cache_tokens, plan.kv_groups, resources.DTYPE_BYTES[plan.torch_dtype]
             ),
             adapter_bytes=report.adapter_bytes,
             history_bytes=self.history_bytes_per_block(),

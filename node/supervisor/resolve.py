@@ -19,8 +19,7 @@ from node.runtime.tensor_parallel.split import check_split
 from node.supervisor.config import MODEL_DEFAULTS, PUBLIC_INITIAL_PEERS, NodeConfig, default_cache_dir
 from protocol import SERVER_VERSION
 from protocol.plan import NodePlan
-
-COMPRESSION = {"NONE": 0, "MEANSTD_16BIT": 1, "FLOAT16": 2, "QUANTILE_8BIT": 3, "UNIFORM_8BIT": 4, "BLOCKWISE_8BIT": 5}
+from protocol.wire import COMPRESSION_NAMES
 
 
 class PlanError(ValueError):
@@ -114,14 +113,7 @@ def resolve_plan(config: NodeConfig, run_dir: str, log) -> NodePlan:
     from node.weights.checkpoint import Checkpoint
 
     cache_dir = config.cache_dir or default_cache_dir()
-    checkpoint = Checkpoint.open(
-        config.model,
-        revision=config.revision,
-        token=config.token,
-        cache_dir=cache_dir,
-        max_disk_space=config.max_disk_space,
-        download_attempts=config.download_attempts,
-    )
+    checkpoint = Checkpoint.of(config)
     model_config = checkpoint.config()
     try:
         family = get_family(model_config)
@@ -215,7 +207,7 @@ def resolve_plan(config: NodeConfig, run_dir: str, log) -> NodePlan:
         request_timeout=config.request_timeout,
         session_timeout=config.session_timeout,
         step_timeout=config.step_timeout,
-        compression=COMPRESSION[config.compression],
+        compression=COMPRESSION_NAMES.index(config.compression),
         max_sessions=config.max_sessions,
         max_sessions_per_peer=config.max_sessions_per_peer,
         max_bytes_in_flight=config.max_bytes_in_flight,

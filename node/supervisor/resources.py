@@ -10,7 +10,8 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 
-DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
+from protocol.wire import ITEMSIZE as DTYPE_BYTES  # bytes per value of each dtype: the one table
+
 QUANT_BYTES = {"int8": 1.0, "nf4": 4.25 / 8}
 GiB = 1024**3
 
@@ -19,11 +20,6 @@ def block_size_bytes(n_params: int, dtype: str, quant_type: str = "none") -> int
     """Memory of one block's weights: parameters x bytes per value, plus 1% for what rides along."""
     per_value = QUANT_BYTES.get(quant_type, DTYPE_BYTES[dtype])
     return round(n_params * per_value * 1.01)
-
-
-def cache_bytes_per_block(hidden_size: int, attn_cache_tokens: int, kv_groups: int, dtype: str) -> int:
-    """The attention cache budget of one block: K and V rows of --attn_cache_tokens tokens."""
-    return (2 * hidden_size * attn_cache_tokens // kv_groups) * DTYPE_BYTES[dtype]
 
 
 # What a GPU holds besides blocks, caches and activations: the CUDA context and cuBLAS workspaces (and NCCL's

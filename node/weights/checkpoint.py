@@ -90,6 +90,19 @@ class Checkpoint:
             weight_store=weight_store,
         )
 
+    @classmethod
+    def of(cls, settings) -> "Checkpoint":
+        """The checkpoint a node's settings name: a NodeConfig's or a NodePlan's model, revision, token,
+        cache_dir, max_disk_space and download_attempts (the one place they are read for it)."""
+        return cls.open(
+            settings.model,
+            revision=settings.revision,
+            token=settings.token,
+            cache_dir=settings.cache_dir,
+            max_disk_space=settings.max_disk_space,
+            download_attempts=settings.download_attempts,
+        )
+
     def __repr__(self) -> str:
         return f"Checkpoint({self.name!r}, local={self.is_local})"
 

@@ -6,7 +6,7 @@ import math
 
 import pytest
 
-from node.allocator.budget import history_bytes_per_block
+from node.allocator.budget import cache_bytes_per_block, history_bytes_per_block
 from node.announcer.next_pings import NextPings, peers_to_ping
 from node.supervisor import resources
 from protocol.dht_records import ServerInfo, ServerState
@@ -23,7 +23,7 @@ def test_block_size_formula():
 
 def test_cache_and_autograd_reserve():
     # Llama-2-70B-like: hidden 8192, 8 KV groups, 16384 tokens in bfloat16
-    assert resources.cache_bytes_per_block(8192, 16384, 8, "bfloat16") == 2 * 8192 * 16384 // 8 * 2
+    assert cache_bytes_per_block(8192, 16384, 8, 2) == 2 * 8192 * 16384 // 8 * 2
     assert resources.autograd_bytes(14336) == 2 * GiB
     assert resources.autograd_bytes(7168, num_devices=2) == 2 * GiB
 
@@ -82,7 +82,7 @@ def test_cpu_keeps_a_margin_of_available_ram():
 def test_session_history_counts_beside_blocks_in_ram_and_not_on_a_gpu():
     # Llama-2-70B-like: 16384 tokens of 8192 bfloat16 values per block: 4 x that block's GQA cache
     per_block = history_bytes_per_block(8192, 16384, resources.DTYPE_BYTES["bfloat16"])
-    assert per_block == 16384 * 8192 * 2 == 4 * resources.cache_bytes_per_block(8192, 16384, 8, "bfloat16")
+    assert per_block == 16384 * 8192 * 2 == 4 * cache_bytes_per_block(8192, 16384, 8, 2)
     common = dict(block_bytes=GiB, cache_bytes=0, hidden_size=0, total_blocks=80, margin=0.0)
     cpu = resources.estimate_num_blocks(
         device_type="cpu", device_memory=0, available_memory=12 * GiB, history_bytes=GiB // 2, **common
