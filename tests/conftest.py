@@ -37,15 +37,36 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip)
 
 
+PETALS_OUTCOMES: dict[str, str] = {}  # nodeid -> outcome of each `petals` test, for the closing line
+
+
 @pytest.hookimpl(hookwrapper=True)
 def pytest_runtest_makereport(item, call):
     """With NODE_REQUIRE_PETALS=1 (.ci/run), a `petals` test that skipped fails: CI must meet a real Petals."""
     outcome = yield
     report = outcome.get_result()
-    if report.skipped and os.environ.get("NODE_REQUIRE_PETALS") == "1" and "petals" in item.keywords:
+    if "petals" not in item.keywords:
+        return
+    if report.skipped and os.environ.get("NODE_REQUIRE_PETALS") == "1":
         reason = report.longrepr[2] if isinstance(report.longrepr, tuple) else str(report.longrepr)
         report.outcome = "failed"
         report.longrepr = f"NODE_REQUIRE_PETALS=1 and this Petals test skipped: {reason}"
+    if report.when == "call" or report.outcome != "passed":
+        PETALS_OUTCOMES[item.nodeid] = report.outcome
+
+
+def pytest_terminal_summary(terminalreporter):
+    """One line saying whether the node met a real Petals in this run, and which one."""
+    if not PETALS_OUTCOMES:
+        return
+    from tests.helpers.petals import PETALS_PYTHON, petals_version
+
+    counts = {o: list(PETALS_OUTCOMES.values()).count(o) for o in ("passed", "failed", "skipped")}
+    against = f"Petals {'.'.join(map(str, petals_version()))} at {PETALS_PYTHON}" if PETALS_PYTHON else "no Petals"
+    terminalreporter.write_line(
+        f"real Petals: {len(PETALS_OUTCOMES)} tests against {against} "
+        f"(passed {counts['passed']}, failed {counts['failed']}, skipped {counts['skipped']})"
+    )
 
 
 @pytest.fixture(scope="session")
