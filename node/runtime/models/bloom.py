@@ -19,9 +19,9 @@ from transformers import PretrainedConfig
 from node.runtime.models.common import (
     DEFAULT_MAX_CHUNK_BYTES,
     KV,
+    Block,
     attend_in_chunks,
     check_cache,
-    load_block,
     store_and_read,
 )
 
@@ -67,8 +67,10 @@ class _MLP(nn.Module):
         self.dense_4h_to_h = nn.Linear(4 * hidden, hidden)
 
 
-class BloomBlock(nn.Module):
+class BloomBlock(Block):
     """Parameter names equal those under "h.{i}." in BLOOM checkpoints."""
+
+    DTYPE_FROM = "self_attention.query_key_value"
 
     def __init__(self, config: PretrainedConfig):
         super().__init__()
@@ -89,18 +91,6 @@ class BloomBlock(nn.Module):
         self.self_attention = _Attention(self.hidden_size)
         self.post_attention_layernorm = nn.LayerNorm(self.hidden_size, eps=config.layer_norm_epsilon)
         self.mlp = _MLP(self.hidden_size)
-
-    @classmethod
-    def from_state(
-        cls, config: PretrainedConfig, state: dict[str, torch.Tensor], *, dtype: torch.dtype, device="cpu"
-    ) -> "BloomBlock":
-        return load_block(cls, config, state, dtype=dtype, device=device)
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return (
-            self.__dict__.get("compute_dtype") or self.self_attention.query_key_value.weight.dtype
-        )  # set when quantized
 
     def kv_cache_shape(self, batch: int, max_length: int) -> tuple[int, int, int, int]:
         return (batch, self.num_heads, max_length, self.head_dim)

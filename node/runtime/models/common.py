@@ -81,3 +81,24 @@ def load_block(
     block.load_state_dict(state, strict=True, assign=True)
     block.requires_grad_(False)
     return block.eval()
+
+
+class Block(nn.Module):
+    """What every family's block shares; a family's module holds only what differs (docs/families.md).
+
+    A subclass sets STATE_IGNORE (checkpoint keys that are derived from the config, not loaded) and
+    DTYPE_FROM (the Linear whose weight dtype is the block's own), builds its layers in __init__(config)
+    under the checkpoint's names, and defines forward(hidden, cache=None, past=0, max_chunk_bytes=...),
+    kv_cache_shape(batch, max_length) and shard(rank, world, group) (tensor parallelism)."""
+
+    STATE_IGNORE: tuple[str, ...] = ()
+    DTYPE_FROM: str = ""
+
+    @classmethod
+    def from_state(cls, config: PretrainedConfig, state: dict[str, torch.Tensor], *, dtype: torch.dtype, device="cpu"):
+        return load_block(cls, config, state, dtype=dtype, device=device, ignore=cls.STATE_IGNORE)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """The dtype the block computes in: its weights', or the one quantization recorded (compute_dtype)."""
+        return self.__dict__.get("compute_dtype") or self.get_submodule(self.DTYPE_FROM).weight.dtype

@@ -27,9 +27,9 @@ from node.runtime.models.bloom import alibi_slopes
 from node.runtime.models.common import (
     DEFAULT_MAX_CHUNK_BYTES,
     KV,
+    Block,
     attend_in_chunks,
     check_cache,
-    load_block,
     store_and_read,
 )
 from node.runtime.models.llama import Rotary, rotate_half
@@ -70,8 +70,11 @@ class _MLP(nn.Module):
         return self.dense_4h_to_h(self.act(self.dense_h_to_4h(x)))
 
 
-class FalconBlock(nn.Module):
+class FalconBlock(Block):
     """Parameter names equal those under "transformer.h.{i}." in Falcon checkpoints."""
+
+    STATE_IGNORE = ("rotary_emb.inv_freq",)
+    DTYPE_FROM = "self_attention.query_key_value"
 
     def __init__(self, config: PretrainedConfig):
         super().__init__()
@@ -113,18 +116,6 @@ class FalconBlock(nn.Module):
         self.alibi = bool(config.alibi)
         # transformers derives rotary frequencies from rope_theta and rope_scaling (Petals fixes base 10000).
         self.rotary = None if self.alibi else Rotary.for_config(config)
-
-    @classmethod
-    def from_state(
-        cls, config: PretrainedConfig, state: dict[str, torch.Tensor], *, dtype: torch.dtype, device="cpu"
-    ) -> "FalconBlock":
-        return load_block(cls, config, state, dtype=dtype, device=device, ignore=("rotary_emb.inv_freq",))
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return (
-            self.__dict__.get("compute_dtype") or self.self_attention.query_key_value.weight.dtype
-        )  # set when quantized
 
     def kv_cache_shape(self, batch: int, max_length: int) -> tuple[int, int, int, int]:
         return (batch, self.num_kv_heads, max_length, self.head_dim)

@@ -18,7 +18,7 @@ from transformers import PretrainedConfig
 from transformers.activations import ACT2FN
 from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
-from node.runtime.models.common import Segment, check_cache
+from node.runtime.models.common import Block, Segment, check_cache
 
 DEFAULT_MAX_CHUNK_BYTES = 256 * 1024 * 1024
 KV = tuple[torch.Tensor, torch.Tensor]
@@ -165,9 +165,12 @@ class _MLP(nn.Module):
         return self.down_proj(self.act_fn(self.gate_proj(x)) * self.up_proj(x))
 
 
-class LlamaBlock(nn.Module):
+class LlamaBlock(Block):
     """Parameter names equal those under "model.layers.{i}." in HF checkpoints.
     `pretraining_tp` is ignored (treated as 1), as Petals does."""
+
+    STATE_IGNORE = ("rotary_emb.inv_freq",)  # old checkpoints store the rotary frequencies: derived here instead
+    DTYPE_FROM = "self_attn.q_proj"
 
     def __init__(self, config: PretrainedConfig):
         super().__init__()
@@ -183,33 +186,6 @@ class LlamaBlock(nn.Module):
         self.post_attention_layernorm = RMSNorm(self.hidden_size, config.rms_norm_eps)
         self.mlp = _MLP(config)
         self.rotary = Rotary.for_config(config)
-
-    @classmethod
-    def from_state(
-        cls, config: PretrainedConfig, state: dict[str, torch.Tensor], *, dtype: torch.dtype, device="cpu"
-    ) -> "LlamaBlock":
-        # Old checkpoints store the rotary frequencies; they are derived from the config instead.
-        state = {k: v for k, v in state.items() if not k.endswith("rotary_emb.inv_freq")}
-        with torch.device("meta"):  # no random init of weights that are about to be replaced
-            block = cls(config)
-        expected = block.state_dict()
-        missing = sorted(set(expected) - set(state))
-        unexpected = sorted(set(state) - set(expected))
-        if missing or unexpected:
-            raise ValueError(f"Llama block state mismatch: missing {missing}, unexpected {unexpected}")
-        for name, tensor in state.items():
-            if tuple(tensor.shape) != tuple(expected[name].shape):
-                raise ValueError(
-                    f"Llama block tensor {name} has shape {list(tensor.shape)}, expected {list(expected[name].shape)}"
-                )
-        state = {k: v.to(device=device, dtype=dtype if v.is_floating_point() else v.dtype) for k, v in state.items()}
-        block.load_state_dict(state, strict=True, assign=True)
-        block.requires_grad_(False)
-        return block.eval()
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return self.__dict__.get("compute_dtype") or self.self_attn.q_proj.weight.dtype  # set when quantized
 
     def shard(self, rank: int, world: int, group) -> "LlamaBlock":
         """Keep this rank's query heads with their KV heads, and its MLP columns
