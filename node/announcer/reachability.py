@@ -27,6 +27,8 @@ from hivemind.proto import dht_pb2
 HANDLER = "ReachabilityProtocol.rpc_check"
 CHECK_TIMEOUT = 10.0
 PROBE_TIMEOUT = 5.0
+ROUTING_NOT_YET = ("failed to find any peer in table", "routing: not found")  # p2pd: no route to the peer yet
+ROUTING_RETRY = 0.5  # seconds before looking a peer up again
 
 
 class Reachability:
@@ -48,22 +50,30 @@ class Reachability:
             return dht_pb2.PingResponse(available=False)
         if target == self.p2p.peer_id:
             return dht_pb2.PingResponse(available=True)
-        try:
-            probe = await self.get_probe()
-            await asyncio.wait_for(
-                probe.call_protobuf_handler(
-                    target,
-                    HANDLER,
-                    dht_pb2.PingRequest(peer=dht_pb2.NodeInfo(node_id=target.to_bytes())),
-                    dht_pb2.PingResponse,
-                ),
-                PROBE_TIMEOUT,
-            )
-            available = True
-        except Exception as e:
-            self.log.info("peer not directly reachable", peer=target.to_base58(), error=repr(e)[:200])
-            available = False
-        return dht_pb2.PingResponse(available=available)
+        deadline = asyncio.get_running_loop().time() + PROBE_TIMEOUT
+        while True:
+            try:
+                probe = await self.get_probe()
+                await asyncio.wait_for(
+                    probe.call_protobuf_handler(
+                        target,
+                        HANDLER,
+                        dht_pb2.PingRequest(peer=dht_pb2.NodeInfo(node_id=target.to_bytes())),
+                        dht_pb2.PingResponse,
+                    ),
+                    max(0.1, deadline - asyncio.get_running_loop().time()),
+                )
+                return dht_pb2.PingResponse(available=True)
+            except Exception as e:
+                # A peer that has just joined may not be in the routing tables yet (the probe's own, or our
+                # daemon's): that says nothing about whether it can be dialed, so look it up again a little
+                # later, within the same time limit. A dial that fails is an answer.
+                unrouted = any(words in str(e) for words in ROUTING_NOT_YET)
+                if unrouted and asyncio.get_running_loop().time() + ROUTING_RETRY < deadline:
+                    await asyncio.sleep(ROUTING_RETRY)
+                    continue
+                self.log.info("peer not directly reachable", peer=target.to_base58(), error=repr(e)[:200])
+                return dht_pb2.PingResponse(available=False)
 
     async def get_probe(self) -> P2P:
         async with self.probe_lock:
