@@ -1,14 +1,11 @@
-"""How the runtime processes get their blocks: read from the checkpoint, sharded for a tensor-parallel
-rank, quantized, with the LoRA adapters attached; at start (after the order to load) or on a thread
-while serving (a move that loads first).
-
-Used by both runtime processes (procs/runtime.py, procs/runtime_rank.py); `actor` is procs/actor.py's.
+"""How the runtime gets its blocks: read from the checkpoint, sharded for a tensor-parallel rank,
+quantized, with the LoRA adapters attached; at start (procs/runtime_start.py, after the order to load) or
+on a thread while serving (BlockLoader: a move that loads first).
 """
 
 from __future__ import annotations
 
 import contextlib
-import queue
 import threading
 import time
 from typing import TYPE_CHECKING, Optional
@@ -18,12 +15,10 @@ from node.runtime.models import get_family
 from node.runtime.quantize import quantize_block
 from node.weights.checkpoint import Checkpoint
 from protocol.frames import DTYPES
-from protocol.messages import LoadBlocks
 from protocol.plan import NodePlan
 
 if TYPE_CHECKING:
     from node.runtime.tensor_parallel.group import Group
-    from procs.actor import Actor
 
 
 def load_blocks(plan: NodePlan, log, indices=None, group: "Optional[Group]" = None) -> dict:
@@ -112,40 +107,3 @@ def side_stream(device: str):
     stream = torch.cuda.Stream(device=torch.device(device))
     with torch.cuda.stream(stream):
         yield stream
-
-
-def wait_for_load_order(actor: "Actor") -> bool:
-    """Blocks load only once the swarm sees us JOINING (PROTOCOL 2.4); imports are done meanwhile.
-    The order names the blocks: the supervisor may have chosen them after this process started."""
-    while not actor.stopping.is_set():
-        try:
-            msg = actor.control_inbox.get(timeout=0.1)
-        except queue.Empty:
-            continue
-        if isinstance(msg, LoadBlocks):
-            if msg.start_block >= 0:
-                actor.plan.start_block, actor.plan.end_block = msg.start_block, msg.end_block
-            if msg.quant_type and msg.quant_type != actor.plan.quant_type:
-                actor.log.info("quantization as measured by rank 0", planned=actor.plan.quant_type, used=msg.quant_type)
-                actor.plan.quant_type = msg.quant_type
-            return True
-    return False
-
-
-def load_or_fail(actor: "Actor", group: "Optional[Group]", began: float) -> Optional[dict]:
-    """The plan's blocks (this rank's shards with a group), or None after telling the supervisor why not."""
-    try:
-        blocks = load_blocks(actor.plan, actor.log, group=group)
-    except Exception as e:
-        actor.log.exception("cannot load blocks")
-        actor.fatal(f"cannot load blocks {actor.plan.start_block}:{actor.plan.end_block} of {actor.plan.model}: {e}")
-        return None
-    if group is not None:
-        group.barrier()  # every shard is in memory: the node may go ONLINE
-    actor.log.info(
-        "blocks loaded",
-        seconds=round(time.perf_counter() - began, 2),
-        count=len(blocks),
-        **({"rank": group.rank} if group is not None else {}),
-    )
-    return blocks

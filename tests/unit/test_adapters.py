@@ -118,21 +118,21 @@ def test_adapters_whose_names_differ_only_in_dots_and_underscores(tmp_path, micr
 
 
 def test_one_round_of_mixed_adapters_equals_each_alone(adapters):
-    """The runtime's batching of a round (procs/runtime.Runtime.run) with sessions of two adapters and
+    """The engine's batching of a round (node/runtime/engine.Engine.run) with sessions of two adapters and
     of none, interleaved: each output equals that session computed alone."""
     from types import SimpleNamespace
 
     from node.runtime import compute
-    from procs.runtime import Runtime
+    from node.runtime.engine import Engine
 
     loaded = [lora.load_adapter(name) for name in adapters]
     blocks = Blocks("micro-llama").load(loaded)
-    runtime = SimpleNamespace(blocks=blocks, plan=SimpleNamespace(max_chunk_size_bytes=1 << 30), group=None)
+    engine = SimpleNamespace(blocks=blocks, plan=SimpleNamespace(max_chunk_size_bytes=1 << 30), grouped=False)
     names = [loaded[0].name, "", loaded[1].name, loaded[0].name, ""]
     torch.manual_seed(18)
     hiddens = [torch.randn(1, t, 64) for t in (3, 1, 2, 1, 4)]
     works = [compute.Work(0, 4, h) for h in hiddens]
-    outputs = Runtime.run(runtime, works, names)
+    outputs = Engine.run(engine, works, names)
     for name, hidden, out in zip(names, hiddens, outputs):
         assert rel_err(out, Blocks.run(blocks, hidden, name)) <= TOL
 

@@ -1,0 +1,224 @@
+"""The block runtime's engine (node/runtime/engine.py) driven in-process, without ZeroMQ: messages go in
+through `take`, answers come back through the reply callable. Outputs equal the blocks run alone (the
+micro Llama's four blocks, float32)."""
+
+from __future__ import annotations
+
+import pytest
+import structlog
+import torch
+
+from node.runtime import compute
+from node.runtime.engine import PREFILL_CHUNK, Engine
+from node.runtime.loading import load_blocks
+from protocol.frames import from_frames, to_frames
+from protocol.messages import Backward, Cancel, DropBlocks, DropCache, Failure, Forward, InferStep, Result, Serve
+from tests.helpers.paths import MICRO_LLAMA
+from tests.helpers.reference import rel_err
+
+TOL = 1e-5
+HIDDEN = 64
+
+
+@pytest.fixture(scope="module")
+def plan(tmp_path_factory):
+    from node.startup import transformers_without_torch
+    from node.supervisor.config import parse_config
+    from node.supervisor.resolve import resolve_plan
+
+    transformers_without_torch()
+    flags = ["--model", str(MICRO_LLAMA), "--dht_prefix", "micro", "--block_indices", "0:4", "--new_swarm"]
+    flags += ["--device", "cpu", "--torch_dtype", "float32", "--quant_type", "none", "--max_batch_size", "64"]
+    return resolve_plan(parse_config(flags), str(tmp_path_factory.mktemp("run")), None)
+
+
+@pytest.fixture(scope="module")
+def blocks(plan):
+    return load_blocks(plan, structlog.get_logger())
+
+
+class Driver:
+    """An engine and the answers it gave, by (sender, req)."""
+
+    def __init__(self, plan, blocks):
+        import msgspec
+
+        self.answers: dict = {}
+        self.order: list = []
+        self.engine = Engine(msgspec.structs.replace(plan), blocks, structlog.get_logger(), self.reply)
+        self.req = 0
+
+    def reply(self, to, msg, frames):
+        key = (to, msg.req)
+        self.order.append(key)
+        self.answers[key] = (msg, [bytes(f) for f in frames])
+
+    def send(self, sender: bytes, msg_type, tensors, **fields):
+        self.req += 1
+        metas, frames = to_frames(tensors)
+        self.engine.take(sender, msg_type(req=self.req, tensors=metas, **fields), [bytearray(f) for f in frames])
+        return sender, self.req
+
+    def step(self, sender, handle, hidden, position, max_length=32, **fields):
+        return self.send(
+            sender,
+            InferStep,
+            [hidden, torch.empty(0), torch.empty(0, dtype=torch.int64)],
+            session=f"s{handle}",
+            handle=handle,
+            start=fields.pop("start", 0),
+            end=fields.pop("end", 4),
+            position=position,
+            max_length=max_length,
+            batch=hidden.shape[0],
+            peer=sender.decode(),
+            **fields,
+        )
+
+    def run_until(self, keys, rounds=50):
+        for _ in range(rounds):
+            if all(k in self.answers for k in keys):
+                break
+            self.engine.work()
+        return [self.answer(k) for k in keys]
+
+    def answer(self, key):
+        msg, frames = self.answers[key]
+        if isinstance(msg, Failure):
+            return msg
+        assert isinstance(msg, Result)
+        return from_frames(msg.tensors, frames)
+
+
+def alone(blocks: dict, hidden, start=0, end=4):
+    with torch.no_grad():
+        return compute.run([blocks[i] for i in range(4)], [compute.Work(start, end - start, hidden)], 1 << 30)[0]
+
+
+def test_inference_rounds_of_several_sessions_equal_each_alone(plan, blocks):
+    """Three sessions of two peers, prefills of different lengths then token by token: each session's
+    outputs equal its whole sequence run alone, and the sessions shared rounds."""
+    driver = Driver(plan, blocks)
+    torch.manual_seed(1)
+    sequences = {1: torch.randn(1, 7, HIDDEN), 2: torch.randn(2, 3, HIDDEN), 3: torch.randn(1, 5, HIDDEN)}
+    senders = {1: b"frontend.0", 2: b"frontend.1", 3: b"frontend.0"}
+    outputs = {h: [] for h in sequences}
+    prefill = {1: 4, 2: 1, 3: 5}
+    keys = {h: driver.step(senders[h], h, seq[:, : prefill[h]], 0) for h, seq in sequences.items()}
+    for h, (out,) in zip(keys, driver.run_until(list(keys.values()))):
+        outputs[h].append(out)
+    position = dict(prefill)
+    while any(position[h] < seq.shape[1] for h, seq in sequences.items()):
+        keys = {}
+        for h, seq in sequences.items():
+            if position[h] < seq.shape[1]:
+                keys[h] = driver.step(senders[h], h, seq[:, position[h] : position[h] + 1], position[h])
+                position[h] += 1
+        for h, (out,) in zip(keys, driver.run_until(list(keys.values()))):
+            outputs[h].append(out)
+    for h, seq in sequences.items():
+        assert rel_err(torch.cat(outputs[h], dim=1), alone(blocks, seq)) <= TOL
+    assert driver.engine.counts.round_sizes.get("3", 0) >= 1  # the three sessions ran together
+    assert len(driver.engine.caches) == 3
+
+
+def test_a_long_prefill_goes_in_chunks_beside_other_sessions(plan, blocks):
+    driver = Driver(plan, blocks)
+    torch.manual_seed(2)
+    long = torch.randn(1, PREFILL_CHUNK + 40, HIDDEN)
+    short = torch.randn(1, 2, HIDDEN)
+    a = driver.step(b"frontend.0", 1, long, 0, max_length=PREFILL_CHUNK + 64)
+    b = driver.step(b"frontend.0", 2, short, 0)
+    driver.engine.work()
+    assert b in driver.answers and a not in driver.answers  # the short one did not wait for the whole prefill
+    (out_a,) = driver.run_until([a])[0]
+    assert rel_err(out_a, alone(blocks, long)) <= TOL
+
+
+def test_a_forward_waits_for_inference_then_runs(plan, blocks):
+    driver = Driver(plan, blocks)
+    torch.manual_seed(3)
+    hidden = torch.randn(2, 6, HIDDEN)
+    forward = driver.send(b"frontend.0", Forward, [hidden, torch.empty(0)], start=1, end=4, peer="p")
+    step = driver.step(b"frontend.1", 7, torch.randn(1, 3, HIDDEN), 0)
+    driver.engine.work()
+    assert driver.order == [step]  # inference goes first
+    (out,) = driver.run_until([forward])[0]
+    assert rel_err(out, alone(blocks, hidden, 1, 4)) <= TOL
+
+
+def test_a_backward_gives_the_input_gradients(plan, blocks):
+    driver = Driver(plan, blocks)
+    torch.manual_seed(4)
+    x, grad = torch.randn(1, 4, HIDDEN), torch.randn(1, 4, HIDDEN)
+    key = driver.send(b"frontend.0", Backward, [x, grad, torch.empty(0)], start=0, end=2, peer="p")
+    (grad_x,) = driver.run_until([key])[0]
+    with torch.enable_grad():
+        leaf = x.clone().requires_grad_()
+        out = leaf
+        for i in range(2):
+            out = blocks[i](out)
+        (out * grad).sum().backward()
+    assert rel_err(grad_x, leaf.grad) <= TOL
+
+
+def test_a_dropped_cache_is_missing_until_the_session_starts_again(plan, blocks):
+    """The allocator ends a grant (or a replaced runtime never had the cache): the next step is answered
+    'cache missing', so that the frontend rebuilds it; a step at position 0 makes a new cache."""
+    driver = Driver(plan, blocks)
+    torch.manual_seed(5)
+    seq = torch.randn(1, 4, HIDDEN)
+    driver.run_until([driver.step(b"frontend.0", 9, seq[:, :3], 0)])
+    driver.engine.take(b"allocator", DropCache([9]))
+    (failure,) = driver.run_until([driver.step(b"frontend.0", 9, seq[:, 3:], 3)])
+    assert isinstance(failure, Failure) and failure.cache_missing
+    (out,) = driver.run_until([driver.step(b"frontend.0", 9, seq, 0)])[0]  # rebuilt from the history
+    assert rel_err(out, alone(blocks, seq)) <= TOL
+
+
+def test_bad_requests_are_answered_and_the_others_served(plan, blocks):
+    driver = Driver(plan, blocks)
+    torch.manual_seed(6)
+    good = driver.step(b"frontend.0", 1, torch.randn(1, 2, HIDDEN), 0)
+    nan = driver.step(b"frontend.0", 2, torch.full((1, 2, HIDDEN), float("nan")), 0)
+    outside = driver.send(b"frontend.0", Forward, [torch.randn(1, 2, HIDDEN), torch.empty(0)], start=2, end=9)
+    late = driver.step(b"frontend.0", 3, torch.randn(1, 2, HIDDEN), 5)
+    results = driver.run_until([good, nan, outside, late])
+    assert not isinstance(results[0], Failure)
+    assert "hidden_states" in results[1].error
+    assert "blocks 2:9 are not served here (this node serves 0:4)" in results[2].error
+    assert results[3].cache_missing
+
+
+def test_a_cancelled_step_is_never_run(plan, blocks):
+    driver = Driver(plan, blocks)
+    key = driver.step(b"frontend.0", 1, torch.randn(1, 2, HIDDEN), 0)
+    driver.engine.take(b"frontend.0", Cancel(key[1]))
+    for _ in range(3):
+        driver.engine.work()
+    assert not driver.answers and not driver.engine.busy
+
+
+def test_a_move_drops_the_old_blocks_and_their_sessions(plan, blocks):
+    driver = Driver(plan, blocks)
+    driver.run_until([driver.step(b"frontend.0", 1, torch.randn(1, 2, HIDDEN), 0, start=0, end=2)])
+    driver.run_until([driver.step(b"frontend.0", 2, torch.randn(1, 2, HIDDEN), 0, start=2, end=4)])
+    assert driver.engine.control(Serve(2, 4)) == []
+    assert driver.engine.stats(None).sessions_outside == 1
+    driver.engine.control(DropBlocks(2, 4))
+    stats = driver.engine.stats(None)
+    assert (stats.blocks_held, stats.sessions, stats.sessions_outside) == (2, 1, 0)
+    (failure,) = driver.run_until([driver.step(b"frontend.0", 3, torch.randn(1, 1, HIDDEN), 0, start=0, end=2)])
+    assert "blocks 0:2 are not served here (this node serves 2:4)" in failure.error
+
+
+def test_a_stop_finishes_what_is_under_way_and_fails_the_rest(plan, blocks):
+    driver = Driver(plan, blocks)
+    started = driver.step(b"frontend.0", 1, torch.randn(1, 2, HIDDEN), 0)
+    driver.engine.drain(grace=0.0)  # no time: nothing more runs
+    (failure,) = [driver.answer(started)]
+    assert isinstance(failure, Failure) and failure.restarting and "shutting down" in failure.error
+    driver = Driver(plan, blocks)
+    started = driver.step(b"frontend.0", 1, torch.randn(1, 2, HIDDEN), 0)
+    driver.engine.drain(grace=30.0)
+    assert not isinstance(driver.answer(started), Failure)
