@@ -1,6 +1,7 @@
-"""The KV-cache allocator: admission to the attention cache, and the directory of live sessions.
+"""The KV-cache allocator process: admission to the attention cache, and the directory of live sessions.
 
-Owns: the cache budget (bytes per session, leases that lapse, the queue of waiting sessions), the
+Owns: the ROUTER `allocator.sock`, a DEALER to the runtime, and the admission of node/allocator/admission.py
+  (which decides): the cache budget (bytes per session, leases that lapse, the queue of waiting sessions), the
   history budget (host memory in which frontends keep what sessions sent, to rebuild their caches on a
   replaced runtime) and the map session id -> owning frontend (for rpc_push).
 Receives (ROUTER `allocator.sock`): Allocate, Release, GrowHistory, Adopt from frontends; CapacityQuery from
@@ -16,41 +17,22 @@ from node import startup
 
 startup.die_with_supervisor()  # before the imports below: see node/startup.py
 
-import dataclasses
 import time
 
 import zmq
 
-from node.allocator.budget import AllocationFailed, CacheBudget, CacheGeometry, Lease, Waiter
+from node.allocator.admission import Admission
 from procs import actor as actor_lib
-from protocol.messages import (
-    Adopt,
-    Allocate,
-    AllocatorInbox,
-    AllocatorReady,
-    AllocatorStats,
-    Capacity,
-    CapacityQuery,
-    DropCache,
-    Failure,
-    Granted,
-    GrowHistory,
-    PeerDown,
-    PushDelivery,
-    PushRoute,
-    Release,
-    RuntimeReply,
-    Serve,
-)
+from protocol.messages import AllocatorInbox, DropCache, PeerDown, RuntimeReply, Serve
 from protocol.transport import BadMessage, Channel
 
 
-class Allocator:
+class AllocatorProcess:
+    """Moves messages between the allocator socket, the control plane and the admission; decides nothing."""
+
     def __init__(self, actor: actor_lib.Actor):
         self.actor = actor
         self.log = actor.log
-        self.geometry = CacheGeometry.of(actor.plan)
-        self.budget = CacheBudget(self.geometry.capacity, history_capacity=self.geometry.history_capacity)
         inbox = actor.ctx.socket(zmq.ROUTER)
         inbox.setsockopt(zmq.LINGER, 0)
         inbox.setsockopt(zmq.ROUTER_MANDATORY, 1)  # a reply to a vanished frontend raises instead of vanishing
@@ -62,16 +44,10 @@ class Allocator:
         runtime.setsockopt(zmq.ROUTING_ID, actor.name.encode())
         runtime.connect(actor.plan.endpoint("runtime.sock"))
         self.runtime = Channel(runtime, RuntimeReply, observer=actor.probe.observe)
-        self.sessions: dict[str, Lease] = {}
-        self.refused: dict[str, int] = {}
-        self.without_history = 0  # grants made without history room
-
-    # --- receiving ---------------------------------------------------------------------------
+        self.admission = Admission(actor.plan, actor.log, self.reply, self.drop)
 
     def serve(self) -> None:
-        self.actor.ready(
-            AllocatorReady(capacity_bytes=self.budget.capacity, tokens=self.geometry.tokens_left(self.budget.capacity))
-        )
+        self.actor.ready(self.admission.ready())
         while not self.actor.stopping.is_set():
             if self.inbox.sock.poll(self._poll_ms()):
                 try:
@@ -79,199 +55,30 @@ class Allocator:
                 except BadMessage as e:
                     self.log.warning("bad message", reason=e.reason)
                     continue
-                self.handle(envelope.sender, envelope.msg, envelope.frames)
+                self.admission.take(envelope.sender, envelope.msg, envelope.frames)
             self.handle_control()
-            self.expire()
-            self.actor.stats = AllocatorStats(
-                refused=dict(self.refused),
-                used_bytes=self.budget.used,
-                capacity_bytes=self.budget.capacity,
-                # in Petals' cache_tokens_left unit, for node/supervisor/metrics.py
-                tokens_used=self.geometry.tokens_left(self.budget.used),
-                tokens_left=self.geometry.tokens_left(max(0, self.budget.capacity - self.budget.used)),
-                sessions=len(self.budget.leases),
-                waiting=len(self.budget.waiters),
-                history_bytes=self.budget.history_used,
-                history_capacity=self.budget.history_capacity,
-                sessions_without_history=self.without_history,
-            )
+            self.admission.expire()
+            self.actor.stats = self.admission.stats()
             self.actor.publish_stats()
 
     def _poll_ms(self) -> int:
-        deadline = self.budget.next_deadline()
+        deadline = self.admission.next_deadline()
         if deadline is None:
             return 100
         return int(max(0, min(0.1, deadline - time.time())) * 1000)
-
-    def handle(self, sender: bytes, msg, frames) -> None:
-        owner = sender.decode(errors="replace")
-        now = time.time()
-        if isinstance(msg, Allocate):
-            self.allocate(sender, owner, msg, now)
-        elif isinstance(msg, Release):
-            lease = self.budget.release(msg.handle)
-            if lease is not None:
-                self.ended([lease], "released")
-                self.grant_waiting(now)
-        elif isinstance(msg, GrowHistory):
-            self.grow_history(sender, msg)
-        elif isinstance(msg, Adopt):
-            lease = Lease(
-                msg.handle,
-                msg.session,
-                owner,
-                self.geometry.session_bytes(msg.batch, msg.max_length, msg.blocks),
-                now + msg.expires_in,
-                msg.peer,
-                msg.history,
-            )
-            if self.budget.adopt(lease):
-                self.sessions[lease.session] = lease
-                self.log.info("adopted session", session=msg.session, owner=owner, bytes=lease.size)
-        elif isinstance(msg, CapacityQuery):
-            left = max(0, self.budget.free)
-            self.reply(
-                sender,
-                Capacity(
-                    msg.req,
-                    left,
-                    self.geometry.tokens_left(left),
-                    self.geometry.tokens_available(left),
-                    len(self.budget.leases),
-                ),
-            )
-        elif isinstance(msg, PushRoute):
-            lease = self.sessions.get(msg.session)
-            if lease is not None and len(frames) == 1:
-                self.reply(lease.owner.encode(), PushDelivery(msg.session), frames)
 
     def handle_control(self) -> None:
         while not self.actor.control_inbox.empty():
             msg = self.actor.control_inbox.get_nowait()
             if isinstance(msg, Serve):
-                self.resize(msg.end_block - msg.start_block)
+                self.admission.resize(msg.end_block - msg.start_block)
             elif isinstance(msg, PeerDown) and msg.name.startswith("frontend"):
-                leases, waiters = self.budget.drop_owner(msg.name)
-                if leases or waiters:
-                    self.log.info("dropped sessions of a replaced frontend", frontend=msg.name, sessions=len(leases))
-                self.ended(leases, "owner replaced")
-                self.grant_waiting(time.time())
-
-    def resize(self, num_blocks: int) -> None:
-        """The budget follows the number of blocks served (chosen after this process started)."""
-        if num_blocks == self.geometry.num_blocks:
-            return
-        self.geometry = dataclasses.replace(self.geometry, num_blocks=num_blocks)
-        self.budget.capacity = self.geometry.capacity
-        self.budget.history_capacity = self.geometry.history_capacity
-        self.log.info(
-            "cache budget set",
-            blocks=num_blocks,
-            capacity_bytes=self.budget.capacity,
-            history_bytes=self.budget.history_capacity,
-        )
-        self.grant_waiting(time.time())
-
-    # --- deciding ----------------------------------------------------------------------------
-
-    def allocate(self, sender: bytes, owner: str, msg: Allocate, now: float) -> None:
-        if msg.session and msg.session in self.sessions:
-            self.reply(sender, Failure(msg.req, f"session_id {msg.session} is already open on this server"))
-            return
-        plan = self.actor.plan
-        if len(self.budget.leases) + len(self.budget.waiters) >= plan.max_sessions:
-            self.refuse(sender, msg, "sessions", f"the server has {plan.max_sessions} sessions open; retry later")
-            return
-        if self.budget.sessions_of(msg.peer) >= plan.max_sessions_per_peer:
-            error = f"you have {plan.max_sessions_per_peer} sessions open on this server; close one first"
-            self.refuse(sender, msg, "peer_sessions", error)
-            return
-        timeout = max(0.0, min(msg.timeout, self.actor.plan.max_alloc_timeout))
-        waiter = Waiter(
-            req=msg.req,
-            owner=owner,
-            session=msg.session,
-            size=self.geometry.session_bytes(msg.batch, msg.max_length, msg.blocks),
-            deadline=now + timeout,
-            lease_seconds=msg.lease,
-            what=f"batch {msg.batch} x {msg.max_length} tokens over {msg.blocks} blocks",
-            peer=msg.peer,
-            history=self.geometry.session_history_bytes(msg.batch, msg.max_length),
-        )
-        try:
-            lease = self.budget.request(waiter, now)
-        except AllocationFailed as e:
-            self.log.info("allocation refused", session=msg.session, reason=str(e))
-            self.reply(sender, Failure(msg.req, str(e)))
-            return
-        if lease is not None:
-            self.granted(waiter, lease)
-
-    def refuse(self, sender: bytes, msg: Allocate, reason: str, error: str) -> None:
-        self.refused[reason] = self.refused.get(reason, 0) + 1
-        self.log.info("refused", reason=reason, peer=msg.peer, session=msg.session, detail=error)
-        self.reply(sender, Failure(msg.req, error))
-
-    def granted(self, waiter: Waiter, lease: Lease) -> None:
-        if lease.session:
-            self.sessions[lease.session] = lease
-        self.log.debug("granted", session=lease.session, bytes=lease.size, free=self.budget.free)
-        if lease.history < waiter.history:
-            self.without_history += 1
-            self.log.warning(
-                "session granted without history room: it cannot survive a runtime restart",
-                session=lease.session,
-                peer=lease.peer,
-                history_bytes=waiter.history,
-                history_free=self.budget.history_capacity - self.budget.history_used,
-            )
-        self.reply(waiter.owner.encode(), Granted(waiter.req, lease.handle, lease.history))
-
-    def grow_history(self, sender: bytes, msg: GrowHistory) -> None:
-        lease = self.budget.leases.get(msg.handle)
-        if lease is None:
-            self.reply(sender, Failure(msg.req, "its cache grant is not held by this allocator"))
-            return
-        had = lease.history
-        if self.budget.grow_history(msg.handle, msg.bytes):
-            self.reply(sender, Granted(msg.req, msg.handle, msg.bytes))
-            return
-        self.without_history += had > 0
-        free = self.budget.history_capacity - self.budget.history_used
-        error = f"its history of {msg.bytes} bytes did not fit in the node's history memory ({free} bytes free)"
-        self.log.warning(
-            "session history given up: it cannot survive a runtime restart",
-            session=lease.session,
-            peer=lease.peer,
-            history_bytes=msg.bytes,
-            history_free=free,
-        )
-        self.reply(sender, Failure(msg.req, error))
-
-    def grant_waiting(self, now: float) -> None:
-        for waiter, lease in self.budget.grant_waiting(now):
-            self.granted(waiter, lease)
-
-    def expire(self) -> None:
-        now = time.time()
-        expired, timed_out = self.budget.expire(now)
-        if expired:
-            self.log.info("leases lapsed", sessions=[lease.session for lease in expired])
-            self.ended(expired, "lease lapsed")
-        for waiter, error in timed_out:
-            self.reply(waiter.owner.encode(), Failure(waiter.req, str(error)))
-        if expired or timed_out:
-            self.grant_waiting(now)
+                self.admission.owner_down(msg.name)
 
     # --- sending -----------------------------------------------------------------------------
 
-    def ended(self, leases: list[Lease], why: str) -> None:
-        if not leases:
-            return
-        for lease in leases:
-            if self.sessions.get(lease.session) is lease:
-                del self.sessions[lease.session]
-        self.runtime.send(DropCache([lease.handle for lease in leases]))
+    def drop(self, handles: list[int]) -> None:
+        self.runtime.send(DropCache(handles))
 
     def reply(self, to: bytes, msg, frames=()) -> None:
         try:
@@ -281,8 +88,7 @@ class Allocator:
 
 
 def main(actor: actor_lib.Actor) -> None:
-    allocator = Allocator(actor)
-    allocator.serve()
+    AllocatorProcess(actor).serve()
 
 
 if __name__ == "__main__":

@@ -34,7 +34,6 @@ from node.announcer.next_pings import NextPings, peers_to_ping
 from node.announcer.reachability import Reachability, Unreachable, confirm_public_reachability
 from node.logs import quiet_hivemind
 from procs import actor as actor_lib
-from procs.requester import Requester
 from protocol import SERVER_VERSION
 from protocol.dht_records import (
     MODELS_KEY,
@@ -63,6 +62,7 @@ from protocol.messages import (
     SwarmQuery,
     SwarmView,
 )
+from protocol.requester import Requester
 from protocol.transport import AsyncChannel, BadMessage
 
 SWARM_READ_TIMEOUT = 10.0  # seconds

@@ -32,7 +32,6 @@ from node.frontend.handlers import NAME_PREFIX, STREAMS, UNARY, Handlers, Shutti
 from node.frontend.streams import stream_handler
 from node.logs import quiet_hivemind
 from procs import actor as actor_lib
-from procs.requester import Requester
 from protocol.messages import (
     SHUTTING_DOWN,
     AllocatorReply,
@@ -46,6 +45,7 @@ from protocol.messages import (
     Serve,
     Stop,
 )
+from protocol.requester import Requester
 
 
 class Frontend:

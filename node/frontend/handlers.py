@@ -18,9 +18,8 @@ from hivemind.proto import runtime_pb2
 from node.frontend.limits import Refused, RequestSizes, Scopes
 from node.frontend.session import CacheMissing, InferenceStream, RuntimeReplaced, SessionBusy
 from node.frontend.streams import Received
-from procs.requester import PeerUnavailable, Requester
 from protocol import SERVER_VERSION, rpc_info, wire
-from protocol import requests as rq
+from protocol import request_checks as rq
 from protocol.messages import (
     LATENCY_BUCKETS,
     SHUTTING_DOWN,
@@ -37,6 +36,7 @@ from protocol.messages import (
     TensorMeta,
 )
 from protocol.plan import NodePlan
+from protocol.requester import PeerUnavailable, Requester
 from protocol.wire import RawTensor
 
 NAME_PREFIX = "TransformerConnectionHandler."

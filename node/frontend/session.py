@@ -19,10 +19,10 @@ from hivemind.proto import runtime_pb2
 
 from node.frontend.history import History, HistoryLost
 from node.frontend.streams import Received
-from procs.requester import PeerUnavailable
-from protocol import requests as rq
+from protocol import request_checks as rq
 from protocol import wire
 from protocol.messages import Adopt, Allocate, Failure, GrowHistory, InferStep, Release
+from protocol.requester import PeerUnavailable
 from protocol.wire import RawTensor
 
 _CLIENT, _PUSH, _END, _ERROR = "client", "push", "end", "error"

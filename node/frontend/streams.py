@@ -17,7 +17,7 @@ from hivemind.p2p import P2P, P2PContext
 from hivemind.proto import runtime_pb2
 
 from node.frontend.limits import Refused, Scopes
-from protocol import streams
+from protocol import stream_framing as framing
 
 PREFETCH = 5  # like hivemind: at most this many unread requests buffered per stream
 INPUT_DRAIN_SECONDS = 1.0  # after our last frame, how long to read (and drop) the rest of the client's input
@@ -90,17 +90,17 @@ def stream_handler(
         async def process() -> None:
             try:
                 async for response in handler(requests(), context):
-                    streams.write_message(writer, response)
+                    framing.write_message(writer, response)
                     await writer.drain()
             except (ConnectionError, asyncio.IncompleteReadError):
                 pass  # the client is gone; nobody to tell
             except Exception as e:
-                streams.write_error(writer, str(e) or type(e).__name__)
+                framing.write_error(writer, str(e) or type(e).__name__)
                 await writer.drain()
 
         async def read_next() -> Optional[tuple[bytes, bytes, int]]:
             """(marker, payload, bytes reserved) of the next frame, within the limits."""
-            marker, length = await streams.read_header(reader)
+            marker, length = await framing.read_header(reader)
             message_limit, total_limit = sizes()
             if length > message_limit:
                 raise Refused(
@@ -144,7 +144,7 @@ def stream_handler(
                     receiving = False  # nothing more is kept: the rest is only dropped (drain_input)
                     continue
                 received += nbytes
-                if marker == streams.MESSAGE:
+                if marker == framing.MESSAGE:
                     request = runtime_pb2.ExpertRequest()
                     try:
                         request.ParseFromString(payload)
@@ -153,10 +153,10 @@ def stream_handler(
                         receiving = False
                         continue
                     await inbox.put(Received(request, nbytes, reservation))
-                elif marker == streams.ERROR:
+                elif marker == framing.ERROR:
                     reservation.release(nbytes)
                     try:
-                        text = streams.error_text(payload)
+                        text = framing.error_text(payload)
                     except Exception:  # an error frame whose payload is not an RPCError
                         text = f"an undecodable error frame of {nbytes} bytes"
                     await inbox.put(None if text is None else ConnectionError(f"the client sent an error: {text}"))
@@ -199,11 +199,11 @@ async def drain_input(reader: asyncio.StreamReader, receive: Optional[asyncio.Ta
         if receive is not None:  # a frame being read when the reply ended: let it finish
             marker = (await within(receive))[0]
             receive = None
-            if marker != streams.MESSAGE:
+            if marker != framing.MESSAGE:
                 return
         while dropped < DRAIN_BYTES:
-            marker, length = await within(streams.read_header(reader))
-            if marker != streams.MESSAGE:
+            marker, length = await within(framing.read_header(reader))
+            if marker != framing.MESSAGE:
                 return  # end-of-input (or an error or a bad frame: nothing more to read)
             while length > 0 and dropped < DRAIN_BYTES:
                 chunk = await within(reader.read(min(length, DRAIN_CHUNK)))

@@ -1,7 +1,7 @@
 """The runtime's own checks of a request: those that need tensor values or the attention cache.
 
 Everything that can be told from shapes, dtypes, lengths and numbers was checked by the frontend
-(protocol/requests.py) before the request was sent here; what remains is checked as the tensors move
+(protocol/request_checks.py) before the request was sent here; what remains is checked as the tensors move
 to the runtime's device and dtype: finite values, the range of hypo_ids, a position against what the
 session's cache holds. Every problem raises RequestError with a message for the client.
 """

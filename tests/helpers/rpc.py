@@ -13,7 +13,8 @@ from hivemind.p2p.p2p_daemon_bindings.utils import P2PHandlerError
 from hivemind.proto import runtime_pb2
 
 from node.client.swarm import ARGS_2, ARGS_3, PREFIX, _aiter, _stream_parts
-from protocol import streams, wire
+from protocol import stream_framing as framing
+from protocol import wire
 
 H = 64  # micro-llama's hidden size
 
@@ -194,7 +195,7 @@ class Caller:
                 pass  # the server may refuse and close before our write is flushed: its reply is still there
             while True:
                 try:
-                    frames.append(await asyncio.wait_for(streams.read_frame(reader), TIMEOUT))
+                    frames.append(await asyncio.wait_for(framing.read_frame(reader), TIMEOUT))
                 except asyncio.IncompleteReadError:
                     return frames
         finally:

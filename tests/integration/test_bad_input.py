@@ -20,7 +20,8 @@ import torch
 from hivemind.p2p.p2p_daemon_bindings.utils import P2PHandlerError
 from hivemind.proto import runtime_pb2
 
-from protocol import streams, wire
+from protocol import stream_framing as framing
+from protocol import wire
 from tests.helpers.rpc import (
     BACKWARD,
     CHAIN_RPCS,
@@ -109,11 +110,11 @@ def test_garbage_bytes(caller, rpc):
         text = str(info.value)
         assert "DecodeError" in text and "parsing" in text, text
         return
-    frames = caller.run(caller.araw_stream(rpc, streams.MESSAGE + len(GARBAGE).to_bytes(8, "big") + GARBAGE))
+    frames = caller.run(caller.araw_stream(rpc, framing.MESSAGE + len(GARBAGE).to_bytes(8, "big") + GARBAGE))
     assert frames, "the server closed the stream without an error frame"
     marker, payload = frames[-1]
-    assert marker == streams.ERROR and len(frames) == 1, frames
-    text = streams.error_text(payload)
+    assert marker == framing.ERROR and len(frames) == 1, frames
+    text = framing.error_text(payload)
     assert text and "malformed ExpertRequest" in text, text
 
 
@@ -121,7 +122,7 @@ def test_garbage_bytes(caller, rpc):
     "frame, needle",
     [
         (b"\x07" + (5).to_bytes(8, "big") + b"hello", "malformed stream frame (marker b'\\x07')"),
-        (streams.MESSAGE + (2**63).to_bytes(8, "big"), "exceeds the limit"),
+        (framing.MESSAGE + (2**63).to_bytes(8, "big"), "exceeds the limit"),
         (b"\xee" + (2**64 - 1).to_bytes(8, "big") + b"xyz", "exceeds the limit"),
     ],
     ids=["unknown-marker", "absurd-length", "unknown-marker-absurd-length"],
@@ -129,8 +130,8 @@ def test_garbage_bytes(caller, rpc):
 @pytest.mark.parametrize("rpc", STREAMS)
 def test_bad_stream_frame(caller, rpc, frame, needle):
     frames = caller.run(caller.araw_stream(rpc, frame))
-    assert len(frames) == 1 and frames[0][0] == streams.ERROR, frames
-    text = streams.error_text(frames[0][1])
+    assert len(frames) == 1 and frames[0][0] == framing.ERROR, frames
+    text = framing.error_text(frames[0][1])
     assert text and needle in text, text
 
 
@@ -609,7 +610,7 @@ def _wave(caller: Caller, session_id: str) -> list[tuple[str, str, Any]]:
     """(how, rpc, coroutine) for every bad request of one wave."""
     calls = [("request", rpc, caller.acall_collect(rpc, msg)) for rpc, msg in _barrage_requests(session_id)]
     calls += [("garbage", rpc, caller.araw_unary(rpc, GARBAGE)) for rpc in UNARY]
-    calls += [("frame", rpc, caller.araw_stream(rpc, streams.MESSAGE + (2**40).to_bytes(8, "big"))) for rpc in STREAMS]
+    calls += [("frame", rpc, caller.araw_stream(rpc, framing.MESSAGE + (2**40).to_bytes(8, "big"))) for rpc in STREAMS]
     return calls
 
 
@@ -619,8 +620,8 @@ def _check_refused(how: str, rpc: str, result: Any) -> None:
         return
     assert not isinstance(result, BaseException), f"{rpc}: {result!r}"
     if how == "frame":
-        assert len(result) == 1 and result[0][0] == streams.ERROR, f"{rpc}: {result!r}"
-        assert "exceeds the limit" in streams.error_text(result[0][1])
+        assert len(result) == 1 and result[0][0] == framing.ERROR, f"{rpc}: {result!r}"
+        assert "exceeds the limit" in framing.error_text(result[0][1])
         return
     responses, error = result
     if rpc == "rpc_push" and error is None:  # a push with a session_id is accepted: empty reply, dropped later

@@ -34,7 +34,8 @@ from hivemind.proto import runtime_pb2
 
 from node.client.swarm import PREFIX, Client
 from node.tools.launcher import NodeProcess
-from protocol import streams, wire
+from protocol import stream_framing as framing
+from protocol import wire
 from tests.helpers.memory import PeakMemory, processes_memory
 from tests.helpers.paths import MICRO_LLAMA
 from tests.helpers.rpc import EMPTY, NO_HYPO, UID, Caller, enc, hidden, next_step, request
@@ -146,7 +147,7 @@ async def unread_session(caller: Caller) -> str:
     try:
         for i in range(100):
             message = step if i == 0 else next_step(step, later, start_from_position=0)
-            streams.write_message(writer, message)
+            framing.write_message(writer, message)
             await asyncio.wait_for(writer.drain(), 2.0)
             written += 1
     except (asyncio.TimeoutError, ConnectionError):
@@ -270,25 +271,25 @@ async def slow_sender(caller: Caller) -> str:
         PeerID.from_base58(caller.peer), PREFIX + "rpc_forward_stream"
     )
     began = time.monotonic()
-    writer.write(streams.MESSAGE + struct.pack(">Q", MiB) + bytes(10))
+    writer.write(framing.MESSAGE + struct.pack(">Q", MiB) + bytes(10))
     await writer.drain()
     frames = []
     try:
         while True:
-            frames.append(await asyncio.wait_for(streams.read_frame(reader), 30))
+            frames.append(await asyncio.wait_for(framing.read_frame(reader), 30))
     except (asyncio.IncompleteReadError, ConnectionError):
         pass
     finally:
         writer.close()
     seconds = time.monotonic() - began
-    assert frames and frames[-1][0] == streams.ERROR and b"did not arrive in time" in frames[-1][1], frames
+    assert frames and frames[-1][0] == framing.ERROR and b"did not arrive in time" in frames[-1][1], frames
     return f"refused after {seconds:.1f} s"
 
 
 async def undecodable_error_frame(caller: Caller) -> str:
     """An error frame whose payload is not an RPCError (once: a traceback and no error frame)."""
     frames = await caller.araw_stream(
-        "rpc_forward_stream", streams.ERROR + struct.pack(">Q", 9) + b"\xff" * 9 + streams.MESSAGE + bytes(8)
+        "rpc_forward_stream", framing.ERROR + struct.pack(">Q", 9) + b"\xff" * 9 + framing.MESSAGE + bytes(8)
     )
     return f"stream ended cleanly with {len(frames)} frames"
 

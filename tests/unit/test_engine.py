@@ -13,7 +13,7 @@ from node.runtime.engine import PREFILL_CHUNK, Engine
 from node.runtime.loading import load_blocks
 from protocol.frames import from_frames, to_frames
 from protocol.messages import Backward, Cancel, DropBlocks, DropCache, Failure, Forward, InferStep, Result, Serve
-from tests.helpers.paths import MICRO_LLAMA
+from tests.helpers.plans import micro_plan
 from tests.helpers.reference import rel_err
 
 TOL = 1e-5
@@ -22,14 +22,7 @@ HIDDEN = 64
 
 @pytest.fixture(scope="module")
 def plan(tmp_path_factory):
-    from node.startup import transformers_without_torch
-    from node.supervisor.config import parse_config
-    from node.supervisor.resolve import resolve_plan
-
-    transformers_without_torch()
-    flags = ["--model", str(MICRO_LLAMA), "--dht_prefix", "micro", "--block_indices", "0:4", "--new_swarm"]
-    flags += ["--device", "cpu", "--torch_dtype", "float32", "--quant_type", "none", "--max_batch_size", "64"]
-    return resolve_plan(parse_config(flags), str(tmp_path_factory.mktemp("run")), None)
+    return micro_plan(str(tmp_path_factory.mktemp("run")), "--max_batch_size", "64")
 
 
 @pytest.fixture(scope="module")
@@ -51,7 +44,7 @@ class Driver:
     def reply(self, to, msg, frames):
         key = (to, msg.req)
         self.order.append(key)
-        self.answers[key] = (msg, [bytes(f) for f in frames])
+        self.answers[key] = (msg, [bytearray(f) for f in frames])
 
     def send(self, sender: bytes, msg_type, tensors, **fields):
         self.req += 1

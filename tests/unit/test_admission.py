@@ -1,0 +1,106 @@
+"""The allocator's decisions (node/allocator/admission.py) driven in-process, without ZeroMQ: grants,
+refusals by limit, one session per id, releases that free the runtime's tensors, waiting for room,
+pushes routed to the frontend holding the session, a replaced frontend's sessions dropped."""
+
+from __future__ import annotations
+
+import structlog
+
+from node.allocator.admission import Admission
+from protocol.messages import (
+    Adopt,
+    Allocate,
+    Capacity,
+    CapacityQuery,
+    Failure,
+    Granted,
+    PushDelivery,
+    PushRoute,
+    Release,
+)
+from tests.helpers.plans import micro_plan
+
+F0, F1 = b"frontend.0", b"frontend.1"
+
+
+class Driver:
+    def __init__(self, tmp_path, *flags):
+        self.replies: list = []
+        self.dropped: list = []
+        plan = micro_plan(str(tmp_path), *flags)
+        self.admission = Admission(
+            plan,
+            structlog.get_logger(),
+            lambda to, msg, frames=(): self.replies.append((to, msg, list(frames))),
+            self.dropped.extend,
+        )
+        self.req = 0
+
+    def allocate(self, sender=F0, session="s", peer="p", batch=1, max_length=64, timeout=0.0):
+        self.req += 1
+        self.admission.take(sender, Allocate(self.req, session, batch, max_length, 4, timeout, peer=peer))
+        return self.answer(sender, self.req)
+
+    def answer(self, to, req):
+        found = [m for t, m, _ in self.replies if t == to and getattr(m, "req", None) == req]
+        return found[-1] if found else None
+
+
+def test_grants_and_releases_free_the_runtimes_tensors(tmp_path):
+    d = Driver(tmp_path)
+    granted = d.allocate(session="a")
+    assert isinstance(granted, Granted) and granted.history > 0
+    d.admission.take(F0, Release(granted.handle))
+    assert d.dropped == [granted.handle]
+    assert d.admission.stats().sessions == 0
+
+
+def test_one_open_session_per_id(tmp_path):
+    d = Driver(tmp_path)
+    assert isinstance(d.allocate(session="a"), Granted)
+    again = d.allocate(sender=F1, session="a")
+    assert isinstance(again, Failure) and "session_id a is already open on this server" in again.error
+
+
+def test_session_limits_in_all_and_per_peer(tmp_path):
+    d = Driver(tmp_path, "--max_sessions", "3", "--max_sessions_per_peer", "2")
+    assert [type(d.allocate(session=s, peer="p")).__name__ for s in "ab"] == ["Granted", "Granted"]
+    refused = d.allocate(session="c", peer="p")
+    assert "you have 2 sessions open on this server" in refused.error
+    assert isinstance(d.allocate(session="c", peer="q"), Granted)
+    assert "the server has 3 sessions open" in d.allocate(session="d", peer="r").error
+    assert d.admission.stats().refused == {"peer_sessions": 1, "sessions": 1}
+
+
+def test_a_session_larger_than_the_cache_is_refused_and_one_that_waits_is_granted_later(tmp_path):
+    d = Driver(tmp_path, "--attn_cache_tokens", "256")
+    too_big = d.allocate(session="huge", max_length=100_000)
+    assert isinstance(too_big, Failure)
+    first = d.allocate(session="a", max_length=256)
+    assert isinstance(first, Granted)
+    assert d.allocate(session="b", max_length=256, timeout=30) is None  # waits for room
+    d.admission.take(F0, Release(first.handle))
+    assert isinstance(d.answer(F0, d.req), Granted)
+
+
+def test_pushes_go_to_the_frontend_holding_the_session(tmp_path):
+    d = Driver(tmp_path)
+    d.allocate(sender=F1, session="held-by-1")
+    d.admission.take(F0, PushRoute("held-by-1"), [b"request"])
+    d.admission.take(F0, PushRoute("unknown"), [b"request"])
+    pushed = [(to, m, frames) for to, m, frames in d.replies if isinstance(m, PushDelivery)]
+    assert pushed == [(F1, PushDelivery("held-by-1"), [b"request"])]
+
+
+def test_a_replaced_frontends_sessions_end_and_an_adopted_grant_is_kept(tmp_path):
+    d = Driver(tmp_path)
+    a = d.allocate(sender=F0, session="a")
+    b = d.allocate(sender=F1, session="b")
+    d.admission.owner_down("frontend.0")
+    assert d.dropped == [a.handle]
+    fresh = Driver(tmp_path)  # a replaced allocator: frontend.1 tells it what it holds
+    fresh.admission.take(F1, Adopt(b.handle, "b", 1, 64, 4, 600.0, peer="p"))
+    fresh.admission.take(F0, CapacityQuery(7))
+    capacity = fresh.answer(F0, 7)
+    assert isinstance(capacity, Capacity) and capacity.sessions == 1
+    assert "already open" in fresh.allocate(session="b").error
