@@ -165,3 +165,21 @@ async def confirm_public_reachability(
             )
         log.warning("the health monitor cannot reach the node yet; asking again", message=message, retry_in=retry_every)
         await asyncio.sleep(retry_every)
+
+
+async def only_relays_reach(p2p, reachability: "Reachability", initial_peers: list, log) -> bool:
+    """Whether only relays reach us (PROTOCOL 5.10): asked of the swarm's peers at startup."""
+    peers = {PeerID.from_base58(m.split("/p2p/")[-1].split("/")[0]) for m in initial_peers if "/p2p/" in m}
+    peers |= {info.peer_id for info in await p2p.list_peers()}
+    peers.discard(p2p.peer_id)
+    if not peers:
+        return False  # a new swarm: nobody to ask
+    began = time.perf_counter()
+    reachable = await reachability.check_self(sorted(peers, key=str))
+    log.info(
+        "reachability checked",
+        directly_reachable=reachable,
+        asked=min(len(peers), 5),
+        seconds=round(time.perf_counter() - began, 2),
+    )
+    return reachable is False
