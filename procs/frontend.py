@@ -28,12 +28,11 @@ from hivemind.p2p import P2P
 from hivemind.proto import runtime_pb2
 from hivemind.utils.multiaddr import Multiaddr
 
-from node.frontend.handlers import NAME_PREFIX, STREAMS, UNARY, Handlers, ShuttingDown
+from node.frontend.rpcs import NAME_PREFIX, STREAMS, UNARY, Rpcs
 from node.frontend.streams import stream_handler
 from node.logs import quiet_hivemind
 from procs import actor as actor_lib
 from protocol.messages import (
-    SHUTTING_DOWN,
     AllocatorReply,
     AnnouncerReply,
     FrontendReady,
@@ -48,7 +47,9 @@ from protocol.messages import (
 from protocol.requester import Requester
 
 
-class Frontend:
+class FrontendProcess:
+    """Attaches the RPCs to p2pd and moves control messages and actor replies to them; decides nothing."""
+
     def __init__(self, actor: actor_lib.Actor):
         self.actor = actor
         self.plan = actor.plan
@@ -60,8 +61,7 @@ class Frontend:
             actor, self.ctx, "allocator", AllocatorReply, observed=True, on_unsolicited=self.unsolicited
         )
         self.announcer = Requester.to_actor(actor, self.ctx, "announcer", AnnouncerReply, observed=True)
-        self.handlers = Handlers(self.plan, self.runtime, self.allocator, self.announcer, self.log)
-        self.handlers.probe = actor.probe
+        self.rpcs = Rpcs(self.plan, self.runtime, self.allocator, self.announcer, self.log, probe=actor.probe)
         self.p2p = None
         self.retiring: Optional[asyncio.Task] = None
 
@@ -70,21 +70,21 @@ class Frontend:
         self.allocator.start()
         self.announcer.start()
         self.p2p = await P2P.replicate(Multiaddr(self.plan.daemon_maddr))
-        self.handlers.p2p = self.p2p
+        self.rpcs.attached(self.p2p)
         for name in UNARY:
             request_type = runtime_pb2.ExpertUID if name == "rpc_info" else runtime_pb2.ExpertRequest
             await self.p2p.add_protobuf_handler(
-                NAME_PREFIX + name, getattr(self.handlers, name), request_type, balanced=True
+                NAME_PREFIX + name, getattr(self.rpcs, name), request_type, balanced=True
             )
         for name in STREAMS:
             handler = stream_handler(
                 self.p2p,
                 NAME_PREFIX + name,
-                getattr(self.handlers, name),
+                getattr(self.rpcs, name),
                 self.log,
-                sizes=functools.partial(self.handlers.stream_sizes, name),
-                scopes=self.handlers.scopes,
-                refuse=self.handlers.refuse,
+                sizes=functools.partial(self.rpcs.stream_sizes, name),
+                scopes=self.rpcs.scopes,
+                refuse=self.rpcs.refuse,
             )
             await self.p2p.add_binary_stream_handler(NAME_PREFIX + name, handler, balanced=True)
         # if we die, the supervisor unregisters our stream handlers (p2pd would go on dialing us)
@@ -100,7 +100,7 @@ class Frontend:
 
     def unsolicited(self, envelope) -> None:
         if isinstance(envelope.msg, PushDelivery) and len(envelope.frames) == 1:
-            self.handlers.deliver_push(envelope.msg.session, envelope.frames[0].bytes)
+            self.rpcs.deliver_push(envelope.msg.session, envelope.frames[0].bytes)
 
     async def serve(self) -> None:
         while True:
@@ -123,14 +123,14 @@ class Frontend:
                 self.peer_up(msg.name)
             elif isinstance(msg, Serve):  # the blocks were chosen, or the node moved
                 self.plan.start_block, self.plan.end_block = msg.start_block, msg.end_block
-            self.actor.stats = self.handlers.stats()
+            self.actor.stats = self.rpcs.stats()
             self.actor.publish_stats()
 
     def peer_down(self, name: str) -> None:
-        """An actor died: what waits on it fails over to its replacement (node/frontend/handlers.py)."""
+        """An actor died: what waits on it fails over to its replacement (node/frontend/runtime_link.py)."""
         if name.startswith("runtime"):
             self.log.info("runtime died: its work is sent again to its replacement", waiting=self.runtime.in_flight)
-            self.handlers.runtime_down()
+            self.rpcs.runtime.down()
         elif name == "allocator":
             self.allocator.down("the cache allocator restarted")
         elif name == "announcer":
@@ -147,10 +147,8 @@ class Frontend:
 
     def readopt(self) -> None:
         """A new allocator knows nothing: tell it the grants our open sessions still hold."""
-        for session in list(self.handlers.live):
-            adopt = session.adopt_message()
-            if adopt is not None:
-                self.allocator.send(adopt)
+        for adopt in self.rpcs.sessions.adopt_messages():
+            self.allocator.send(adopt)
 
     async def retire(self, msg: Retire) -> None:
         """A reload: our replacement already serves. Calls and streams that start from now on go to it (our
@@ -160,11 +158,9 @@ class Frontend:
             await self._unregister(self.p2p.remove_protobuf_handler, NAME_PREFIX + name)
         for name in STREAMS:
             await self._unregister(self.p2p.remove_binary_stream_handler, NAME_PREFIX + name)
-        self.log.info("retiring", sessions=len(self.handlers.live), in_flight=self.handlers.in_flight)
-        deadline = began + msg.timeout
-        while (self.handlers.live or self.handlers.in_flight) and time.monotonic() < deadline:
-            await asyncio.sleep(0.1)
-        left = len(self.handlers.live)
+        self.log.info("retiring", sessions=len(self.rpcs.sessions), in_flight=self.rpcs.in_flight)
+        await self.rpcs.wait_idle(began + msg.timeout - time.monotonic())
+        left = len(self.rpcs.sessions)
         await self.drain(msg.grace)
         self.log.info("retired", seconds=round(time.monotonic() - began, 2), sessions_cut=left)
 
@@ -175,23 +171,7 @@ class Frontend:
             self.log.warning("cannot remove a handler from p2pd", handler=name, error=repr(e))
 
     async def drain(self, grace: float) -> None:
-        """Refuse new work, let running steps finish, end open sessions with a clear error."""
-        self.handlers.draining = True
-        for session in list(self.handlers.live):
-            session.abort(ShuttingDown(SHUTTING_DOWN))
-        deadline = time.monotonic() + grace
-        while self.handlers.in_flight and time.monotonic() < deadline:
-            await asyncio.sleep(0.05)
-        unfinished = self.handlers.in_flight
-        if unfinished:
-            # The grace period is over: fail what still waits so that its callers get an error reply
-            # now. Work cut off by our exit gets no reply at all, and p2pd keeps its callers waiting.
-            self.runtime.fail_all(SHUTTING_DOWN)
-            self.allocator.fail_all(SHUTTING_DOWN)
-            deadline = time.monotonic() + 1.0
-            while self.handlers.in_flight and time.monotonic() < deadline:
-                await asyncio.sleep(0.05)
-            await asyncio.sleep(0.1)  # the error replies leave through p2pd
+        unfinished = await self.rpcs.drain(grace)
         self.log.info("drained", unfinished=unfinished)
 
     def close(self) -> None:
@@ -202,7 +182,7 @@ class Frontend:
 
 async def amain(actor: actor_lib.Actor) -> None:
     quiet_hivemind()
-    frontend = Frontend(actor)
+    frontend = FrontendProcess(actor)
     try:
         await frontend.start()
         await frontend.serve()

@@ -5,6 +5,11 @@ request's shapes, dtypes, lengths and numbers is made here, once, before anythin
 (which checks only what needs tensor values or the cache: node/runtime/checks.py). Every problem
 raises ValueError (or KeyError for an unknown adapter, like Petals) with a message that tells the
 client what was wrong.
+
+A request is read in one call, in one order: its metadata and headers are checked, then (only if they
+pass) its tensors' buffers are read and decompressed. `forward_request` and `backward_request` read
+rpc_forward's and rpc_backward's, `session_open` the first message of rpc_inference, `inference_step`
+every later one.
 """
 
 from __future__ import annotations
@@ -14,6 +19,7 @@ from dataclasses import dataclass
 from typing import Any, Optional, Sequence
 
 from protocol import wire
+from protocol.plan import NodePlan
 from protocol.wire import RawTensor
 
 COMPRESSION_VALUES = range(len(wire.COMPRESSION_NAMES))  # runtime.proto CompressionType: NONE .. BLOCKWISE_8BIT
@@ -194,17 +200,9 @@ class SessionOpen:
     adapter: str
 
 
-def session_open(
-    request,
-    metadata: dict,
-    *,
-    dht_prefix: str,
-    served: tuple[int, int],
-    inference_max_length: int,
-    max_batch_size: int,
-    adapters: Sequence[str],
-) -> SessionOpen:
-    span = parse_span(request.uid, dht_prefix, *served)
+def session_open(request, metadata: dict, plan: NodePlan) -> SessionOpen:
+    span = parse_span(request.uid, plan.dht_prefix, plan.start_block, plan.end_block)
+    inference_max_length, max_batch_size = plan.inference_max_length, plan.max_batch_size
     max_length = metadata.get("max_length")
     if max_length is None:
         raise ValueError("the first inference message must set max_length")
@@ -219,7 +217,7 @@ def session_open(
     if isinstance(alloc_timeout, bool) or not isinstance(alloc_timeout, (int, float)) or not alloc_timeout >= 0:
         raise ValueError(f"alloc_timeout must be a non-negative number, got {alloc_timeout!r}")
     check_points(metadata)
-    adapter = active_adapter(metadata, adapters)
+    adapter = active_adapter(metadata, plan.adapters)
     batch = request.tensors[0].size[0] if request.tensors and len(request.tensors[0].size) > 0 else 1
     if not 1 <= batch <= max_batch_size:
         raise ValueError(f"a session's batch size must be from 1 to {max_batch_size}, got {batch}")
@@ -297,3 +295,83 @@ def optional_tensor(tensor):
     for d in tensor.shape:
         n *= d
     return None if n == 0 else tensor
+
+
+# --- whole requests ---------------------------------------------------------------------------------
+
+
+@dataclass
+class BlocksCall:
+    """An rpc_forward or rpc_backward request, checked and decoded."""
+
+    span: Span
+    points: float
+    adapter: str
+    tensors: list[RawTensor]  # forward: hidden_states, prompts; backward: inputs, grad_outputs, prompts
+    compressions: list[int]  # one per output
+
+
+def forward_request(uid: str, protos: Sequence, metadata: dict, plan: NodePlan) -> BlocksCall:
+    span = parse_span(uid, plan.dht_prefix, plan.start_block, plan.end_block)
+    points = check_points(metadata)
+    adapter = active_adapter(metadata, plan.adapters)
+    hidden, prompts_ = positional(declared_tensors(protos), metadata, names=("hidden_states", "prompts"))
+    batch, length = hidden_shape(hidden, "hidden_states", plan.hidden_size, plan.max_batch_size)
+    prompts(prompts_, span.length, batch, length, plan.hidden_size)
+    tensors = decode(hidden, prompts_)
+    return BlocksCall(span, points, adapter, tensors, output_compression(metadata, 1, plan.compression))
+
+
+def backward_request(uid: str, protos: Sequence, metadata: dict, plan: NodePlan) -> BlocksCall:
+    span = parse_span(uid, plan.dht_prefix, plan.start_block, plan.end_block)
+    points = check_points(metadata)
+    adapter = active_adapter(metadata, plan.adapters)
+    inputs, grads, prompts_ = positional(
+        declared_tensors(protos), metadata, names=("inputs", "grad_outputs", "prompts")
+    )
+    batch, length = hidden_shape(inputs, "inputs", plan.hidden_size, plan.max_batch_size)
+    grad_outputs(grads, inputs)
+    prompts(prompts_, span.length, batch, length, plan.hidden_size)
+    tensors = decode(inputs, grads, prompts_)
+    n_outputs = 1 if optional_tensor(prompts_) is None else 2  # grad_inputs, and grad_prompts when sent
+    return BlocksCall(span, points, adapter, tensors, output_compression(metadata, n_outputs, plan.compression))
+
+
+@dataclass
+class InferenceStep:
+    """One step of an open session, checked and decoded."""
+
+    step_id: str  # "" when the client sent none
+    position: int  # cached tokens kept before this step (smaller than before: a rollback)
+    next_servers: list[tuple[str, str, int, int]]
+    hidden: RawTensor
+    prompts: RawTensor  # the empty placeholder when absent, as sent
+    hypo_ids: RawTensor  # likewise
+
+    @property
+    def length(self) -> int:
+        return self.hidden.shape[1]
+
+    @property
+    def tensors(self) -> list[RawTensor]:
+        return [self.hidden, self.prompts, self.hypo_ids]
+
+
+def inference_step(request, metadata: dict, opened: "SessionOpen", prefix: int, plan: NodePlan) -> InferenceStep:
+    """A step of the session `opened`, which has processed `prefix` tokens so far."""
+    step_id = identifier(metadata, "step_id") or ""
+    position = start_from_position(metadata, prefix)
+    servers = next_servers(metadata, plan.total_blocks)
+    hidden, prompts_, hypo_ids_ = positional(
+        declared_tensors(request.tensors),
+        metadata,
+        opened.args_structure,
+        names=("hidden_states", "prompts", "hypo_ids"),
+    )
+    batch, length = hidden_shape(hidden, "hidden_states", plan.hidden_size, plan.max_batch_size)
+    if batch != opened.batch:
+        raise ValueError(f"hidden_states has batch size {batch}, but the session was opened with {opened.batch}")
+    prompts(prompts_, opened.span.length, batch, length, plan.hidden_size)
+    hypo_ids(hypo_ids_, batch)
+    max_length(position, length, opened.max_length)
+    return InferenceStep(step_id, position, servers, *decode(hidden, prompts_, hypo_ids_))

@@ -13,42 +13,49 @@ from __future__ import annotations
 import asyncio
 import collections
 import time
-from typing import AsyncIterator, Optional
+from dataclasses import dataclass
+from typing import Any, AsyncIterator, Optional
 
 from hivemind.proto import runtime_pb2
 
+from node.frontend.counters import Counters
+from node.frontend.errors import RuntimeLostCache, RuntimeReplaced, SessionBusy
 from node.frontend.history import History, HistoryLost
+from node.frontend.open_sessions import OpenSessions
+from node.frontend.pushes import Pushes
+from node.frontend.runtime_link import RuntimeLink
 from node.frontend.streams import Received
 from protocol import request_checks as rq
 from protocol import wire
 from protocol.messages import Adopt, Allocate, Failure, GrowHistory, InferStep, Release
-from protocol.requester import PeerUnavailable
+from protocol.plan import NodePlan
+from protocol.requester import PeerUnavailable, Requester
 from protocol.wire import RawTensor
 
 _CLIENT, _PUSH, _END, _ERROR = "client", "push", "end", "error"
-_PUSH_NAME = "TransformerConnectionHandler.rpc_push"
 QUEUED_STEPS = 4  # steps waiting in a session: a client sends one at a time, a push races it with a copy
 REMEMBERED_STEPS = 16  # step_ids kept to drop the second copy of a step (the push and the client's own)
-PUSH_KEYS = ("step_id", "start_from_position", "args_structure", "points")  # what a pushed step carries on
 
 
-class RuntimeReplaced(Exception):
-    """The runtime went away while it held a request: its replacement can take it again."""
+@dataclass
+class SessionServices:
+    """What a session uses of its frontend (node/frontend/rpcs.py makes one for all its sessions)."""
 
-
-class CacheMissing(RuntimeError):
-    """The runtime does not hold this session's cache (it was replaced, or the grant ended): rebuild it."""
-
-
-class SessionBusy(RuntimeError):
-    """A push into a session whose queue is full: the client's own copy of the step will come."""
+    plan: NodePlan
+    log: Any
+    allocator: Requester
+    runtime: RuntimeLink
+    sessions: OpenSessions
+    counters: Counters
+    pushes: Pushes
+    probe: Any = None  # the actor's probe socket (procs/actor.py), or None
 
 
 class InferenceStream:
-    def __init__(self, handlers, peer: str):
-        self.handlers = handlers
-        self.plan = handlers.plan
-        self.log = handlers.log
+    def __init__(self, services: SessionServices, peer: str):
+        self.services = services
+        self.plan = services.plan
+        self.log = services.log
         self.peer = peer
         self.incoming: asyncio.Queue = asyncio.Queue()  # steps (at most QUEUED_STEPS), then the end or an error
         self.queued = 0  # steps in `incoming`
@@ -63,7 +70,7 @@ class InferenceStream:
         self.pushed = False  # whether the request being handled came from rpc_push
         self.current: Optional[Received] = None  # the client's step being handled: its bytes are held until done
         self.history: Optional[History] = None  # what a new runtime needs to rebuild the cache
-        self.cache_generation = 0  # the runtime generation (handlers.runtime_generation) that holds the cache
+        self.cache_generation = 0  # the runtime generation (RuntimeLink.generation) that holds the cache
 
     def push(self, request: runtime_pb2.ExpertRequest) -> None:
         if self.queued >= QUEUED_STEPS:
@@ -84,7 +91,7 @@ class InferenceStream:
         self, requests: AsyncIterator[runtime_pb2.ExpertRequest]
     ) -> AsyncIterator[runtime_pb2.ExpertResponse]:
         reader = asyncio.get_running_loop().create_task(self._read_client(requests))
-        self.handlers.live.add(self)
+        self.services.sessions.opened(self)
         try:
             request = await self._next()
             if request is None:
@@ -110,7 +117,7 @@ class InferenceStream:
     def _trace(self, direction: str, type_: str, **fields) -> None:
         """For `node.probe --follow`: when the frontend took a step from its client and answered it
         (these are not ZeroMQ messages, so no channel observer publishes them)."""
-        probe = self.handlers.probe
+        probe = self.services.probe
         if probe is not None:
             probe.publish(direction, type_, self._sid, fields=fields)
 
@@ -162,18 +169,10 @@ class InferenceStream:
 
     async def _open(self, request: runtime_pb2.ExpertRequest) -> None:
         metadata = wire.unpack_metadata(request.metadata)
-        opened = rq.session_open(
-            request,
-            metadata,
-            dht_prefix=self.plan.dht_prefix,
-            served=(self.plan.start_block, self.plan.end_block),
-            inference_max_length=self.plan.inference_max_length,
-            max_batch_size=self.plan.max_batch_size,
-            adapters=self.handlers.adapters,
-        )
-        if opened.session_id and opened.session_id in self.handlers.sessions:
+        opened = rq.session_open(request, metadata, self.plan)
+        if opened.session_id and opened.session_id in self.services.sessions:
             raise ValueError(f"session_id {opened.session_id} is already open on this server")
-        allocator = self.handlers.allocator
+        allocator = self.services.allocator
         timeout = min(opened.alloc_timeout, self.plan.max_alloc_timeout)
         lease = self.deadline - time.monotonic() + 30
 
@@ -193,10 +192,10 @@ class InferenceStream:
         self.history = History(
             opened.batch, opened.max_length, self.plan.hidden_size, self.plan.torch_dtype, reply.history
         )
-        self.cache_generation = self.handlers.runtime_generation  # the cache is made by the first step
+        self.cache_generation = self.services.runtime.generation  # the cache is made by the first step
         self.lease_deadline = time.monotonic() + lease
         if opened.session_id:
-            self.handlers.sessions[opened.session_id] = self
+            self.services.sessions.named(opened.session_id, self)
         self.log.info(
             "session opened",
             session=opened.session_id,
@@ -224,15 +223,13 @@ class InferenceStream:
         )
 
     def _close(self) -> None:
-        self.handlers.live.discard(self)
+        self.services.sessions.closed(self, self.opened.session_id if self.opened else None)
         if self.current is not None:
             self.current.release()
             self.current = None
         if self.handle is not None:
-            self.handlers.allocator.send(Release(self.handle))
+            self.services.allocator.send(Release(self.handle))
             self.handle = None
-        if self.opened and self.handlers.sessions.get(self.opened.session_id) is self:
-            del self.handlers.sessions[self.opened.session_id]
         if self.opened:
             self.log.info("session closed", session=self.opened.session_id, peer=self.peer, tokens=self.prefix)
 
@@ -247,7 +244,7 @@ class InferenceStream:
         if not self.pushed:
             began = time.perf_counter()
             response = await self._step(request)
-            self.handlers.observe("inference_step", time.perf_counter() - began)
+            self.services.counters.observe("inference_step", time.perf_counter() - began)
             return response
         try:
             return await self._step(request) if request.tensors else None
@@ -256,37 +253,22 @@ class InferenceStream:
             return None
 
     async def _step(self, request: runtime_pb2.ExpertRequest) -> Optional[runtime_pb2.ExpertResponse]:
-        opened = self.opened
         metadata = wire.unpack_metadata(request.metadata)
         step_id = rq.identifier(metadata, "step_id")
         if step_id and step_id in self.steps_done:
             return None  # a push and the client's own copy of one step: the second is dropped
-        position = rq.start_from_position(metadata, self.prefix)
-        servers = rq.next_servers(metadata, self.plan.total_blocks)
-        hidden, prompts, hypo_ids = rq.positional(
-            rq.declared_tensors(request.tensors),
-            metadata,
-            opened.args_structure,
-            names=("hidden_states", "prompts", "hypo_ids"),
-        )
-        batch, length = rq.hidden_shape(hidden, "hidden_states", self.plan.hidden_size, self.plan.max_batch_size)
-        if batch != opened.batch:
-            raise ValueError(f"hidden_states has batch size {batch}, but the session was opened with {opened.batch}")
-        rq.prompts(prompts, opened.span.length, batch, length, self.plan.hidden_size)
-        rq.hypo_ids(hypo_ids, batch)
-        rq.max_length(position, length, opened.max_length)
-        hidden, prompts, hypo_ids = rq.decode(hidden, prompts, hypo_ids)
-        tensors = [hidden, prompts, hypo_ids]
+        step = rq.inference_step(request, metadata, self.opened, self.prefix, self.plan)
         timeout = max(0.001, min(self.plan.request_timeout, self.deadline - time.monotonic()))
-        output = await self._run(position, tensors, step_id or "", timeout)
-        await self._reserve_history(position, rq.optional_tensor(prompts))
-        self.history.record(position, hidden, rq.optional_tensor(prompts), rq.optional_tensor(hypo_ids))
-        self.prefix = position + length
-        if step_id:
-            self.steps_done.append(step_id)
+        output = await self._run(step.position, step.tensors, step.step_id, timeout)
+        prompts, hypo_ids = rq.optional_tensor(step.prompts), rq.optional_tensor(step.hypo_ids)
+        await self._reserve_history(step.position, prompts)
+        self.history.record(step.position, step.hidden, prompts, hypo_ids)
+        self.prefix = step.position + step.length
+        if step.step_id:
+            self.steps_done.append(step.step_id)
         encoded = wire.encode_tensor(output, self.plan.compression)
-        if servers and rq.optional_tensor(prompts) is None:
-            self.handlers.push(self._push_next(encoded, request, metadata, servers))
+        if step.next_servers and prompts is None:
+            self.services.pushes.push_next(encoded, request, metadata, step.next_servers, self.peer)
         return runtime_pb2.ExpertResponse(tensors=[encoded])
 
     async def _reserve_history(self, position: int, prompts: Optional[RawTensor]) -> None:
@@ -299,7 +281,7 @@ class InferenceStream:
         need = history.bytes_with(position, prompts)
         if need <= history.reserved:
             return
-        allocator = self.handlers.allocator
+        allocator = self.services.allocator
 
         def grow() -> GrowHistory:
             return GrowHistory(allocator.next_id(), self.handle, need)
@@ -317,7 +299,7 @@ class InferenceStream:
     def _infer_step(self, position: int, tensors: list, step_id: str) -> InferStep:
         o = self.opened
         return InferStep(
-            req=self.handlers.runtime.next_id(),
+            req=self.services.runtime.next_id(),
             session=o.session_id,
             handle=self.handle,
             start=o.span.start,
@@ -325,7 +307,7 @@ class InferenceStream:
             position=position,
             max_length=o.max_length,
             batch=o.batch,
-            tensors=self.handlers.metas(tensors),
+            tensors=self.services.runtime.metas(tensors),
             step=step_id,
             adapter=o.adapter,
             peer=self.peer,
@@ -335,24 +317,24 @@ class InferenceStream:
         """The step on the runtime. If the runtime was replaced since this session's cache was made, or is
         replaced while it holds the step, the cache is rebuilt on its replacement first (DESIGN section 4):
         the client sees one slower step, then the same outputs it would have got."""
-        handlers, loop = self.handlers, asyncio.get_running_loop()
+        runtime, loop = self.services.runtime, asyncio.get_running_loop()
         deadline = loop.time() + timeout
         recovering: Optional[float] = None
         rebuilt_for_missing = False
         while True:
-            generation = handlers.runtime_generation
+            generation = runtime.generation
             try:
                 if self.cache_generation != generation:
                     recovering = recovering or time.perf_counter()
                     await self._rebuild(max(0.001, deadline - loop.time()))
                     self.cache_generation = generation
                 msg = self._infer_step(position, tensors, step_id)
-                (output,) = await handlers.call_runtime(msg, tensors, max(0.001, deadline - loop.time()))
+                (output,) = await runtime.call(msg, tensors, max(0.001, deadline - loop.time()))
             except RuntimeReplaced:
                 recovering = recovering or time.perf_counter()
-                await handlers.runtime_back(generation, deadline)
+                await runtime.back(generation, deadline)
                 continue
-            except CacheMissing:  # the step reached a new runtime before the news of its start did
+            except RuntimeLostCache:  # the step reached a new runtime before the news of its start did
                 if rebuilt_for_missing:
                     raise
                 rebuilt_for_missing, recovering = True, recovering or time.perf_counter()
@@ -360,7 +342,7 @@ class InferenceStream:
                 continue
             if recovering is not None:
                 seconds = time.perf_counter() - recovering
-                handlers.observe_recovery(seconds)
+                self.services.counters.recovery(seconds)
                 self.log.info(
                     "session recovered",
                     session=self._sid,
@@ -381,34 +363,8 @@ class InferenceStream:
         empty_prompts = RawTensor(hidden.dtype, (0,), b"")
         tensors = [hidden, prompts if prompts is not None else empty_prompts, RawTensor("int64", (0,), b"")]
         try:
-            await self.handlers.call_runtime(self._infer_step(0, tensors, ""), tensors, timeout)
+            await self.services.runtime.call(self._infer_step(0, tensors, ""), tensors, timeout)
         except RuntimeReplaced:
             raise
         except Exception as e:
             raise RuntimeError(f"this session cannot be rebuilt after the server's runtime restarted: {e}") from None
-
-    async def _push_next(self, output, request, metadata: dict, servers: list) -> None:
-        """v2.2.0 clients: hand our output straight to the next server of the chain, if the swarm shows
-        that peer serving those blocks (anyone can name any peer in next_servers)."""
-        from hivemind.p2p import PeerID
-
-        peer, session_id, start, end = servers[0]
-        if not await self.handlers.serves(peer, start, end):
-            self.handlers.refuse("push_target", self.peer, f"{peer} is not seen serving blocks {start}:{end}")
-            return
-        forwarded = {key: metadata[key] for key in PUSH_KEYS if key in metadata}
-        forwarded.update(session_id=session_id, next_servers=[tuple(s) for s in servers[1:]], pushed=True)
-        pushed = runtime_pb2.ExpertRequest(
-            uid=" ".join(f"{self.plan.dht_prefix}.{i}" for i in range(start, end)),
-            tensors=[output, *request.tensors[1:]],
-            metadata=wire.pack_metadata(forwarded),
-        )
-        try:
-            await asyncio.wait_for(
-                self.handlers.p2p.call_protobuf_handler(
-                    PeerID.from_base58(peer), _PUSH_NAME, pushed, runtime_pb2.ExpertResponse
-                ),
-                self.plan.request_timeout,
-            )
-        except Exception as e:
-            self.log.debug("push failed", peer=peer, error=repr(e))

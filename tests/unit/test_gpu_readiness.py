@@ -62,7 +62,7 @@ def test_a_gpu_named_twice_in_a_group_is_refused_at_start(devices, capsys):
 def test_every_rank_loads_with_the_quantization_rank_0_measured():
     """Rank 0 falls back to `none` where nf4 cannot run; the supervisor learns it from the measurement and
     orders every rank's load with it, so a follower never quantizes on its own plan's word."""
-    from node.runtime.loading import wait_for_load_order
+    from procs.runtime_start import wait_for_load_order
     from protocol.messages import LoadBlocks
 
     log = SimpleNamespace(info=lambda *a, **k: None)

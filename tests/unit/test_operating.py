@@ -66,11 +66,11 @@ def test_notifier_speaks_the_systemd_protocol(tmp_path):
 
 
 def test_metrics_totals_survive_an_actor_replacement():
-    from node.frontend import handlers as rpc_handlers
+    from node.frontend import counters
     from node.supervisor.metrics import LATENCY_BUCKETS, Totals
     from protocol.messages import FrontendStats, RuntimeStats
 
-    assert LATENCY_BUCKETS == rpc_handlers.LATENCY_BUCKETS  # one tuple, in protocol/messages.py
+    assert LATENCY_BUCKETS == counters.LATENCY_BUCKETS  # one tuple, in protocol/messages.py
     totals = Totals()
     totals.observe("frontend.0", 100, FrontendStats(calls={"rpc_forward": 5}))
     totals.observe("frontend.0", 100, FrontendStats(calls={"rpc_forward": 7}))

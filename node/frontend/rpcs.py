@@ -1,0 +1,308 @@
+"""The Petals RPCs (PROTOCOL 3): read and check a request, run it on the runtime, encode the reply.
+
+Registered by the frontend process (procs/frontend.py) under `TransformerConnectionHandler.<name>`, unary
+or stream as Petals clients call them. Raised exceptions become the client's error: `repr(e)` for unary
+calls and `str(e)` in a stream's error frame. What the RPCs share lives beside: the runtime link
+(runtime_link.py), the open sessions (open_sessions.py), pushes to the next servers (pushes.py), the
+counters (counters.py) and the byte scopes (limits.py); one rpc_inference stream is session.py.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from typing import AsyncIterator, Optional
+
+from hivemind.proto import runtime_pb2
+
+from node.frontend.counters import Counters
+from node.frontend.errors import SessionBusy, ShuttingDown
+from node.frontend.limits import Refused, RequestSizes, Scopes
+from node.frontend.open_sessions import OpenSessions
+from node.frontend.pushes import Pushes
+from node.frontend.runtime_link import RuntimeLink
+from node.frontend.session import InferenceStream, SessionServices
+from node.frontend.streams import Received
+from protocol import SERVER_VERSION, rpc_info, wire
+from protocol import request_checks as rq
+from protocol.messages import SHUTTING_DOWN, Backward, CapacityQuery, Forward, FrontendStats, PushRoute
+from protocol.plan import NodePlan
+from protocol.requester import Requester
+
+NAME_PREFIX = "TransformerConnectionHandler."
+UNARY = ("rpc_info", "rpc_forward", "rpc_backward", "rpc_push")
+STREAMS = ("rpc_forward_stream", "rpc_backward_stream", "rpc_inference")
+STREAM_PART_BYTES = 4 * 1024 * 1024
+MAX_REQUESTS_IN_FLIGHT = 1024  # RPCs one frontend handles at once (sessions included)
+
+
+class Rpcs:
+    def __init__(self, plan: NodePlan, runtime: Requester, allocator: Requester, announcer: Requester, log, probe=None):
+        self.plan = plan
+        self.log = log
+        self.allocator = allocator
+        self.runtime = RuntimeLink(runtime, stopping=lambda: self.draining)
+        self.counters = Counters(log)
+        self.sessions = OpenSessions()
+        self.pushes = Pushes(plan, log, announcer, self.counters)
+        # probe: the actor's probe socket (procs/actor.py), for the steps `node.probe --follow` times
+        self.services = SessionServices(
+            plan, log, allocator, self.runtime, self.sessions, self.counters, self.pushes, probe
+        )
+        self.block_schemas = rpc_info.block_schemas(plan.hidden_size, plan.torch_dtype, plan.compression)
+        self.in_flight = 0
+        self.draining = False
+        largest = self.sizes().largest
+        self.scopes = Scopes(
+            total=plan.max_bytes_in_flight or 4 * largest, per_peer=plan.max_peer_bytes_in_flight or 2 * largest
+        )
+
+    def attached(self, p2p) -> None:
+        """The frontend is attached to p2pd: pushes go out through it."""
+        self.pushes.p2p = p2p
+
+    def sizes(self) -> RequestSizes:
+        """The most each kind of request can need now (the blocks served change with moves)."""
+        plan = self.plan
+        return RequestSizes(plan.hidden_size, plan.max_batch_size, plan.end_block - plan.start_block)
+
+    def stream_sizes(self, rpc: str) -> tuple[int, Optional[int]]:
+        """(one message, the whole stream) for node/frontend/streams.py: a forward or backward stream is one
+        request in parts; an inference stream is a session of steps, each at most one step's size."""
+        sizes = self.sizes()
+        if rpc == "rpc_inference":
+            return sizes.step, None
+        total = sizes.forward if rpc == "rpc_forward_stream" else sizes.backward
+        return total, total
+
+    def refuse(self, reason: str, peer: str, detail: str) -> None:
+        self.counters.refuse(reason, peer, detail)
+
+    # --- bookkeeping shared by every RPC ------------------------------------------------------
+
+    @contextlib.contextmanager
+    def track(self, name: str, peer: str):
+        if self.draining:
+            raise ShuttingDown(SHUTTING_DOWN)
+        if self.in_flight >= MAX_REQUESTS_IN_FLIGHT:
+            message = f"the server is handling {self.in_flight} requests; retry later"
+            self.refuse("requests", peer, message)
+            raise Refused("requests", message)
+        self.in_flight += 1
+        self.counters.call(name)
+        began = time.perf_counter()
+        try:
+            yield
+        except BaseException as e:
+            if not isinstance(e, (asyncio.CancelledError, GeneratorExit)):
+                self.counters.error(name, e)
+            raise
+        finally:
+            self.in_flight -= 1
+            self.counters.observe(name, time.perf_counter() - began)
+
+    @staticmethod
+    def encode(outputs, compressions) -> list[runtime_pb2.Tensor]:
+        return [wire.encode_tensor(t, c) for t, c in zip(outputs, compressions)]
+
+    # --- rpc_info ------------------------------------------------------------------------------
+
+    async def rpc_info(self, request: runtime_pb2.ExpertUID, context) -> runtime_pb2.ExpertInfo:
+        with self.track("rpc_info", str(context.remote_id)):
+            block = None
+            if request.uid:
+                if " " in request.uid:
+                    raise KeyError(f"rpc_info takes one block uid, got the chain {request.uid!r}")
+                rq.parse_span(request.uid, self.plan.dht_prefix, self.plan.start_block, self.plan.end_block)
+                block = self.block_schemas
+            capacity = await self.allocator.request_surviving(
+                lambda: CapacityQuery(self.allocator.next_id()), timeout=30
+            )
+            payload = rpc_info.encode_rpc_info(
+                version=SERVER_VERSION,
+                dht_client_mode=False,
+                cache_tokens_available=capacity.msg.tokens_available,
+                block=block,
+            )
+            return runtime_pb2.ExpertInfo(serialized_info=payload)
+
+    # --- forward and backward ----------------------------------------------------------------
+
+    async def forward(self, uid: str, tensors: list, metadata: dict, peer: str) -> list[runtime_pb2.Tensor]:
+        call = rq.forward_request(uid, tensors, metadata, self.plan)
+        metas = self.runtime.metas(call.tensors)
+
+        def make() -> Forward:
+            s = call.span
+            return Forward(self.runtime.next_id(), s.start, s.end, metas, call.adapter, peer, call.points)
+
+        outputs = await self.runtime.call_surviving(make, call.tensors, self.plan.request_timeout)
+        return self.encode(outputs, call.compressions)
+
+    async def backward(self, uid: str, tensors: list, metadata: dict, peer: str) -> list[runtime_pb2.Tensor]:
+        call = rq.backward_request(uid, tensors, metadata, self.plan)
+        metas = self.runtime.metas(call.tensors)
+
+        def make() -> Backward:
+            s = call.span
+            return Backward(self.runtime.next_id(), s.start, s.end, metas, call.adapter, peer, call.points)
+
+        outputs = await self.runtime.call_surviving(make, call.tensors, self.plan.request_timeout)
+        return self.encode(outputs, call.compressions)
+
+    @contextlib.asynccontextmanager
+    async def reserved(self, peer: str, nbytes: int):
+        """A unary request's bytes, held in the scopes while it is handled (p2pd delivers it whole)."""
+        try:
+            await self.scopes.reserve(peer, nbytes)
+        except Refused as e:
+            self.refuse(e.reason, peer, str(e))
+            raise
+        try:
+            yield
+        finally:
+            self.scopes.release(peer, nbytes)
+
+    async def _unary(
+        self, rpc: str, compute, request: runtime_pb2.ExpertRequest, context
+    ) -> runtime_pb2.ExpertResponse:
+        """rpc_forward and rpc_backward: one request, its bytes reserved while `compute` handles it."""
+        peer = str(context.remote_id)
+        with self.track(rpc, peer):
+            async with self.reserved(peer, request.ByteSize()):
+                metadata = wire.unpack_metadata(request.metadata)
+                work = compute(request.uid, list(request.tensors), metadata, peer)
+                return runtime_pb2.ExpertResponse(tensors=await asyncio.wait_for(work, self.plan.request_timeout))
+
+    async def rpc_forward(self, request: runtime_pb2.ExpertRequest, context) -> runtime_pb2.ExpertResponse:
+        return await self._unary("rpc_forward", self.forward, request, context)
+
+    async def rpc_backward(self, request: runtime_pb2.ExpertRequest, context) -> runtime_pb2.ExpertResponse:
+        return await self._unary("rpc_backward", self.backward, request, context)
+
+    async def _collect(self, requests: AsyncIterator[Received]) -> tuple[str, dict, list]:
+        """A *_stream request: uid and metadata from the first part, tensors reassembled from all parts (their
+        bytes stay reserved until the stream ends)."""
+        uid, metadata, assembler = None, None, wire.StreamAssembler()
+        tensors = []
+        async for received in requests:
+            part = received.request
+            if uid is None:
+                uid, metadata = part.uid, wire.unpack_metadata(part.metadata)
+            elif part.uid != uid:
+                raise ValueError(f"stream parts name different blocks: {uid!r} then {part.uid!r}")
+            tensors.extend(assembler.feed(part.tensors))
+        if uid is None:
+            raise ValueError("the stream ended before any request arrived")
+        assembler.finish()
+        return uid, metadata, tensors
+
+    async def _collected(self, run, requests, peer: str) -> list[runtime_pb2.Tensor]:
+        uid, metadata, tensors = await self._collect(requests)
+        return await run(uid, tensors, metadata, peer)
+
+    async def _stream_reply(self, tensors: list[runtime_pb2.Tensor]) -> AsyncIterator[runtime_pb2.ExpertResponse]:
+        for tensor in tensors:
+            for part in wire.split_for_stream(tensor, STREAM_PART_BYTES):
+                yield runtime_pb2.ExpertResponse(tensors=[part])
+
+    async def _streamed(self, rpc: str, compute, requests, context) -> AsyncIterator[runtime_pb2.ExpertResponse]:
+        """rpc_forward_stream and rpc_backward_stream: one request in parts, its reply in parts."""
+        peer = str(context.remote_id)
+        with self.track(rpc, peer):
+            outputs = await asyncio.wait_for(self._collected(compute, requests, peer), self.plan.request_timeout)
+            async for response in self._stream_reply(outputs):
+                yield response
+
+    def rpc_forward_stream(self, requests, context) -> AsyncIterator[runtime_pb2.ExpertResponse]:
+        return self._streamed("rpc_forward_stream", self.forward, requests, context)
+
+    def rpc_backward_stream(self, requests, context) -> AsyncIterator[runtime_pb2.ExpertResponse]:
+        return self._streamed("rpc_backward_stream", self.backward, requests, context)
+
+    # --- inference and push ------------------------------------------------------------------
+
+    async def rpc_inference(self, requests, context) -> AsyncIterator[runtime_pb2.ExpertResponse]:
+        with self.track("rpc_inference", str(context.remote_id)):
+            session = InferenceStream(self.services, str(context.remote_id))
+            async for response in session.run(requests):
+                yield response
+
+    async def rpc_push(self, request: runtime_pb2.ExpertRequest, context) -> runtime_pb2.ExpertResponse:
+        with self.track("rpc_push", str(context.remote_id)):
+            rq.parse_span(request.uid, self.plan.dht_prefix, self.plan.start_block, self.plan.end_block)
+            metadata = wire.unpack_metadata(request.metadata)
+            session_id = metadata.get("session_id")
+            if not isinstance(session_id, str) or not session_id:
+                raise ValueError("rpc_push needs metadata.session_id")
+            session_id = rq.identifier(metadata, "session_id")
+            local = self.sessions.get(session_id)
+            if local is not None:
+                try:
+                    local.push(request)
+                except SessionBusy as e:
+                    self.refuse("session_queue", str(context.remote_id), str(e))
+                    raise
+            else:  # the session may live in another frontend process; the allocator knows which
+                self.allocator.send(PushRoute(session_id), [request.SerializeToString()])
+            return runtime_pb2.ExpertResponse()
+
+    def deliver_push(self, session_id: str, payload: bytes) -> None:
+        """A push that another frontend received for one of our sessions (routed by the allocator)."""
+        session = self.sessions.get(session_id)
+        if session is None:
+            return
+        request = runtime_pb2.ExpertRequest()
+        try:
+            request.ParseFromString(payload)
+        except Exception:
+            self.log.warning("undecodable pushed request", session=session_id)
+            return
+        try:
+            session.push(request)
+        except SessionBusy as e:  # routed from another frontend: its pusher was already answered
+            self.refuse("session_queue", "", str(e))
+
+    # --- stopping ----------------------------------------------------------------------------
+
+    async def wait_idle(self, timeout: float) -> None:
+        """Until no session is open and no call is under way, or `timeout` seconds (a retiring frontend)."""
+        deadline = time.monotonic() + timeout
+        while (self.sessions.live or self.in_flight) and time.monotonic() < deadline:
+            await asyncio.sleep(0.1)
+
+    async def drain(self, grace: float) -> int:
+        """Refuse new work, let running steps finish, end open sessions with a clear error; the number of
+        calls still unfinished when `grace` ran out (they are failed then)."""
+        self.draining = True
+        self.sessions.abort_all(ShuttingDown(SHUTTING_DOWN))
+        deadline = time.monotonic() + grace
+        while self.in_flight and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        unfinished = self.in_flight
+        if unfinished:
+            # The grace period is over: fail what still waits so that its callers get an error reply
+            # now. Work cut off by our exit gets no reply at all, and p2pd keeps its callers waiting.
+            self.runtime.requester.fail_all(SHUTTING_DOWN)
+            self.allocator.fail_all(SHUTTING_DOWN)
+            deadline = time.monotonic() + 1.0
+            while self.in_flight and time.monotonic() < deadline:
+                await asyncio.sleep(0.05)
+            await asyncio.sleep(0.1)  # the error replies leave through p2pd
+        return unfinished
+
+    def stats(self) -> FrontendStats:
+        """A copy: the heartbeat is encoded on another thread while the counts go on."""
+        c = self.counters
+        return FrontendStats(
+            in_flight=self.in_flight,
+            sessions=len(self.sessions.by_id),
+            calls=dict(c.calls),
+            errors=dict(c.errors),
+            refused=dict(c.refused),
+            recovered=c.recovered,
+            history_bytes=self.sessions.history_bytes(),
+            bytes_in_flight=self.scopes.used,
+            latency=c.latency_copy(),
+        )
