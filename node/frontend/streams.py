@@ -1,6 +1,6 @@
 """Stream RPCs on the frontend: hivemind's framing of protobuf streams (PROTOCOL 1.2), read with bounds.
 
-`stream_handler` wraps one of node/frontend/handlers.py's stream RPCs as a p2pd binary stream handler: it
+`stream_handler` wraps one of node/frontend/rpcs.py's stream RPCs as a p2pd binary stream handler: it
 reads the client's frames into a bounded queue (at most PREFETCH unread), parses each as an
 ExpertRequest, writes the handler's responses, and turns malformed input into an error frame instead of
 a dropped stream. When the reply is complete early (an error), the rest of the client's input is read

@@ -29,7 +29,9 @@ class Work:
     cache: Optional[Sequence[KV]] = None  # one (K, V) per block, or None without a cache (forward)
     past: int = 0  # cached positions before these tokens
     prompts: Optional[torch.Tensor] = None  # [n_blocks, B|1, P, H], added to the first P positions
-    step: Any = None  # the runtime's inference step this work advances (procs/runtime.py Step); None for a forward
+    step: Any = (
+        None  # the runtime's inference step this work advances (node/runtime/engine.py Step); None for a forward
+    )
 
 
 def add_prompt(hidden: torch.Tensor, prompt: Optional[torch.Tensor]) -> torch.Tensor:

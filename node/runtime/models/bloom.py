@@ -17,11 +17,9 @@ from torch import nn
 from transformers import PretrainedConfig
 
 from node.runtime.models.common import (
-    DEFAULT_MAX_CHUNK_BYTES,
     KV,
     Block,
     attend_in_chunks,
-    check_cache,
     store_and_read,
 )
 
@@ -128,18 +126,8 @@ class BloomBlock(Block):
             out = out + F.linear(x[..., cols], layer.weight[:, cols])
         return out
 
-    def forward(
-        self,
-        hidden: torch.Tensor,
-        cache: Optional[KV] = None,
-        past: int = 0,
-        max_chunk_bytes: int = DEFAULT_MAX_CHUNK_BYTES,
-    ) -> torch.Tensor:
-        """hidden [B, T, H] at positions past..past+T-1; with a cache, K/V go to slots [past, past+T) and
-        attention covers slots [0, past+T)."""
+    def compute(self, hidden: torch.Tensor, cache: Optional[KV], past: int, max_chunk_bytes: int) -> torch.Tensor:
         batch, length, _ = hidden.shape
-        check_cache(length, cache, past)
-        hidden = hidden.to(self.dtype)
         x = self.input_layernorm(hidden)
         residual = x if self.post_ln_residual else hidden
 

@@ -88,7 +88,7 @@ class Block(nn.Module):
 
     A subclass sets STATE_IGNORE (checkpoint keys that are derived from the config, not loaded) and
     DTYPE_FROM (the Linear whose weight dtype is the block's own), builds its layers in __init__(config)
-    under the checkpoint's names, and defines forward(hidden, cache=None, past=0, max_chunk_bytes=...),
+    under the checkpoint's names, and defines compute (the block on inputs this base has checked and cast),
     kv_cache_shape(batch, max_length) and shard(rank, world, group) (tensor parallelism)."""
 
     STATE_IGNORE: tuple[str, ...] = ()
@@ -102,3 +102,19 @@ class Block(nn.Module):
     def dtype(self) -> torch.dtype:
         """The dtype the block computes in: its weights', or the one quantization recorded (compute_dtype)."""
         return self.__dict__.get("compute_dtype") or self.get_submodule(self.DTYPE_FROM).weight.dtype
+
+    def forward(
+        self,
+        hidden: torch.Tensor,
+        cache: Optional[KV] = None,
+        past: int = 0,
+        max_chunk_bytes: int = DEFAULT_MAX_CHUNK_BYTES,
+    ) -> torch.Tensor:
+        """hidden [B, T, H] at positions past..past+T-1. With cache = (k, v) of kv_cache_shape(B, max_length),
+        the new keys/values go to slots [past, past+T) and attention covers slots [0, past+T)."""
+        check_cache(hidden.shape[1], cache, past)
+        return self.compute(hidden.to(self.dtype), cache, past, max_chunk_bytes)
+
+    def compute(self, hidden: torch.Tensor, cache: Optional[KV], past: int, max_chunk_bytes: int) -> torch.Tensor:
+        """The family's block: `hidden` in the block's dtype, the cache checked to hold its positions."""
+        raise NotImplementedError

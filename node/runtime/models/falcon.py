@@ -25,11 +25,9 @@ from transformers.activations import get_activation
 from node.runtime.models import falcon_kv_heads
 from node.runtime.models.bloom import alibi_slopes
 from node.runtime.models.common import (
-    DEFAULT_MAX_CHUNK_BYTES,
     KV,
     Block,
     attend_in_chunks,
-    check_cache,
     store_and_read,
 )
 from node.runtime.models.llama import Rotary, rotate_half
@@ -146,17 +144,7 @@ class FalconBlock(Block):
         self.groups = self.num_heads // self.num_kv_heads
         return self
 
-    def forward(
-        self,
-        hidden: torch.Tensor,
-        cache: Optional[KV] = None,
-        past: int = 0,
-        max_chunk_bytes: int = DEFAULT_MAX_CHUNK_BYTES,
-    ) -> torch.Tensor:
-        """hidden [B, T, H] at positions past..past+T-1; with a cache, K/V go to slots [past, past+T) and
-        attention covers slots [0, past+T)."""
-        check_cache(hidden.shape[1], cache, past)
-        hidden = hidden.to(self.dtype)
+    def compute(self, hidden: torch.Tensor, cache: Optional[KV], past: int, max_chunk_bytes: int) -> torch.Tensor:
         residual = hidden
         if self.two_norms:
             attn_in, mlp_in = self.ln_attn(hidden), self.ln_mlp(hidden)

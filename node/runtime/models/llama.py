@@ -18,9 +18,8 @@ from transformers import PretrainedConfig
 from transformers.activations import ACT2FN
 from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
-from node.runtime.models.common import Block, Segment, check_cache
+from node.runtime.models.common import DEFAULT_MAX_CHUNK_BYTES, Block, Segment, check_cache
 
-DEFAULT_MAX_CHUNK_BYTES = 256 * 1024 * 1024
 KV = tuple[torch.Tensor, torch.Tensor]
 
 
@@ -281,18 +280,8 @@ class LlamaBlock(Block):
 
     # --- the whole block ---------------------------------------------------------------------------
 
-    def forward(
-        self,
-        hidden: torch.Tensor,
-        cache: Optional[KV] = None,
-        past: int = 0,
-        max_chunk_bytes: int = DEFAULT_MAX_CHUNK_BYTES,
-    ) -> torch.Tensor:
-        """hidden [B, T, H] at positions past..past+T-1. With cache = (k, v) of kv_cache_shape(B, max_length),
-        the new keys/values go to slots [past, past+T) and attention covers slots [0, past+T)."""
+    def compute(self, hidden: torch.Tensor, cache: Optional[KV], past: int, max_chunk_bytes: int) -> torch.Tensor:
         batch, length, _ = hidden.shape
-        check_cache(length, cache, past)
-        hidden = hidden.to(self.dtype)
         cos, sin = self.rotary.get(past, length, hidden.device, hidden.dtype)
         q, k, v = self.project_qkv(hidden, cos, sin)  # [B, T, n, d]
         attn = self._attend_cached(q, k, v, cache, past, max_chunk_bytes)
