@@ -96,15 +96,13 @@ class BloomBlock(Block):
     def shard(self, rank: int, world: int, group) -> "BloomBlock":
         """Keep this rank's heads (the fused projection holds q, k, v per head) and MLP columns."""
         from node.runtime.tensor_parallel import shard
-        from node.runtime.tensor_parallel.split import even_split, head_split
+        from node.runtime.tensor_parallel.split import head_split
 
         heads = head_split(self.num_heads, self.num_heads, world)[rank]
         attn, d = self.self_attention, self.head_dim
         attn.query_key_value = shard.column(attn.query_key_value, shard.head_rows(heads.q0, heads.q1, 3 * d), group)
         attn.dense = shard.row(attn.dense, shard.head_rows(heads.q0, heads.q1, d), group)
-        first, last = even_split(self.mlp.dense_h_to_4h.out_features, world, "the MLP width")[rank]
-        self.mlp.dense_h_to_4h = shard.column(self.mlp.dense_h_to_4h, slice(first, last), group)
-        self.mlp.dense_4h_to_h = shard.row(self.mlp.dense_4h_to_h, slice(first, last), group)
+        shard.mlp(self.mlp, ("dense_h_to_4h",), "dense_4h_to_h", rank, world, "the MLP width", group)
         self.head_offset = heads.q0
         self.num_heads = self.num_kv_heads = heads.q1 - heads.q0
         if self.slow_tp > 1:  # the exact Megatron summation order cannot survive the split; its missing bias can

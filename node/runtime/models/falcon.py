@@ -122,7 +122,7 @@ class FalconBlock(Block):
         """Keep this rank's heads in the fused projection's layout (whole KV groups; multi-query keeps
         its one K and V on every rank) and its MLP columns."""
         from node.runtime.tensor_parallel import shard
-        from node.runtime.tensor_parallel.split import even_split, head_split
+        from node.runtime.tensor_parallel.split import head_split
 
         heads = head_split(self.num_heads, self.num_kv_heads, world)[rank]
         attn, d = self.self_attention, self.head_dim
@@ -136,9 +136,7 @@ class FalconBlock(Block):
             rows = shard.head_rows(heads.q0, heads.q1, 3 * d)
         attn.query_key_value = shard.column(attn.query_key_value, rows, group)
         attn.dense = shard.row(attn.dense, shard.head_rows(heads.q0, heads.q1, d), group)
-        first, last = even_split(self.mlp.dense_h_to_4h.out_features, world, "ffn_hidden_size")[rank]
-        self.mlp.dense_h_to_4h = shard.column(self.mlp.dense_h_to_4h, slice(first, last), group)
-        self.mlp.dense_4h_to_h = shard.row(self.mlp.dense_4h_to_h, slice(first, last), group)
+        shard.mlp(self.mlp, ("dense_h_to_4h",), "dense_4h_to_h", rank, world, "ffn_hidden_size", group)
         self.head_offset = heads.q0
         self.num_heads, self.num_kv_heads = heads.q1 - heads.q0, heads.kv1 - heads.kv0
         self.groups = self.num_heads // self.num_kv_heads

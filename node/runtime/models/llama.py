@@ -206,13 +206,8 @@ class LlamaBlock(Block):
 
     def _shard_mlp(self, rank: int, world: int, group) -> None:
         from node.runtime.tensor_parallel import shard
-        from node.runtime.tensor_parallel.split import even_split
 
-        mlp = self.mlp
-        first, last = even_split(mlp.gate_proj.out_features, world, "intermediate_size")[rank]
-        mlp.gate_proj = shard.column(mlp.gate_proj, slice(first, last), group)
-        mlp.up_proj = shard.column(mlp.up_proj, slice(first, last), group)
-        mlp.down_proj = shard.row(mlp.down_proj, slice(first, last), group)
+        shard.mlp(self.mlp, ("gate_proj", "up_proj"), "down_proj", rank, world, "intermediate_size", group)
 
     def kv_cache_shape(self, batch: int, max_length: int) -> tuple[int, int, int, int]:
         return (batch, self.num_kv_heads, max_length, self.head_dim)

@@ -159,3 +159,14 @@ def row(linear: nn.Linear, cols, group) -> Reduce:
 
 def head_rows(first: int, last: int, head_dim: int) -> slice:
     return slice(first * head_dim, last * head_dim)
+
+
+def mlp(module: nn.Module, ups: tuple[str, ...], down: str, rank: int, world: int, width: str, group) -> None:
+    """A two-layer MLP cut along its width (the config's name for it: `width`): this rank keeps its columns
+    of the `ups` layers (applied to the whole input) and the matching rows of `down`, reduced once."""
+    from node.runtime.tensor_parallel.split import even_split
+
+    first, last = even_split(getattr(module, ups[0]).out_features, world, width)[rank]
+    for name in ups:
+        setattr(module, name, column(getattr(module, name), slice(first, last), group))
+    setattr(module, down, row(getattr(module, down), slice(first, last), group))
