@@ -99,6 +99,8 @@ class NodePlan(msgspec.Struct, kw_only=True):
 
 
 PLAN_FILE = "plan.json"
+# the environment variable through which the supervisor tells a tensor-parallel group where to meet
+TP_STORE_ENV = "NODE_TP_STORE"
 
 
 def write_plan(plan: NodePlan) -> str:

@@ -136,7 +136,7 @@ def load_adapter(
     cache = None
     if not os.path.isdir(name):
         if weight_store is None:
-            from node.supervisor.config import default_cache_dir
+            from node.weights import default_cache_dir
             from node.weights.store import DEFAULT_ATTEMPTS, WeightStore
 
             weight_store = WeightStore(

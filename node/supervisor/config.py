@@ -517,7 +517,3 @@ def read_command_line(argv: Optional[Sequence[str]] = None) -> tuple[NodeConfig,
 
     fields = {f: getattr(args, f) for f in NodeConfig.__struct_fields__ if f != "model" and hasattr(args, f)}
     return NodeConfig(model=model, **fields), notes
-
-
-def default_cache_dir() -> str:
-    return os.environ.get("PETALS_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "petals")

@@ -18,10 +18,10 @@ from typing import Optional
 
 from node.startup import SUPERVISOR_PID_ENV
 from protocol.messages import ActorStats
+from protocol.plan import TP_STORE_ENV
 
 # the rendezvous file of the runtimes' tensor-parallel group, new for each incarnation
 # (node/runtime/tensor_parallel/group.py)
-TP_STORE_ENV = "NODE_TP_STORE"
 PROJECT_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 

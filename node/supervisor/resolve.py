@@ -16,7 +16,8 @@ from typing import Optional
 import msgspec
 
 from node.runtime.tensor_parallel.split import check_split
-from node.supervisor.config import MODEL_DEFAULTS, PUBLIC_INITIAL_PEERS, NodeConfig, default_cache_dir
+from node.supervisor.config import MODEL_DEFAULTS, PUBLIC_INITIAL_PEERS, NodeConfig
+from node.weights import default_cache_dir
 from protocol import SERVER_VERSION
 from protocol.plan import NodePlan
 from protocol.wire import COMPRESSION_NAMES

@@ -47,7 +47,7 @@ class Checkpoint:
         self._token = token
         self._cache_dir = cache_dir
         if weight_store is None and not self.is_local:
-            from node.supervisor.config import default_cache_dir
+            from node.weights import default_cache_dir
 
             weight_store = WeightStore(cache_dir or default_cache_dir())
             self._cache_dir = weight_store.cache_dir
@@ -76,7 +76,7 @@ class Checkpoint:
         if repo_id.startswith("bigscience/") and repo_id.endswith("-petals"):
             repo_id = repo_id[: -len("-petals")]
         if weight_store is None:
-            from node.supervisor.config import default_cache_dir
+            from node.weights import default_cache_dir
 
             weight_store = WeightStore(
                 cache_dir or default_cache_dir(), max_disk_space=max_disk_space, attempts=download_attempts

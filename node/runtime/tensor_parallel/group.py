@@ -21,8 +21,8 @@ import torch
 import torch.distributed as dist
 import zmq
 
-from node.supervisor.processes import TP_STORE_ENV
 from protocol.messages import GroupInbox, Message
+from protocol.plan import TP_STORE_ENV
 from protocol.transport import Channel
 
 
