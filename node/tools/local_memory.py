@@ -16,7 +16,7 @@ import psutil
 import torch
 from transformers import AutoModelForCausalLM
 
-from node.bench import local_backward, local_forward, local_generate
+from node.tools.local_baseline import local_backward, local_forward, local_generate
 
 
 def main() -> None:
