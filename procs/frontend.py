@@ -3,8 +3,10 @@
 Owns: an attachment to the node's p2pd (P2P.replicate, so the peer id is the node's), the handler
   registrations (balanced: p2pd spreads calls over all frontends), and the open inference sessions.
 Receives: Petals RPCs from the swarm; replies from the runtime, the allocator and the announcer;
-  PushDelivery for sessions it owns; control: Stop, Retire (a reload: a new frontend serves, this one
-  takes nothing new and ends when its streams do), PeerDown, PeerUp, Serve (the blocks served now).
+  PushDelivery for sessions it owns; control: Stop (a drain: new calls are refused, open sessions are
+  served until they end or the grace does; a second Stop with no grace cuts it short), Retire (a reload:
+  a new frontend serves, this one takes nothing new and ends when its streams do), PeerDown, PeerUp,
+  Serve (the blocks served now).
 Sends: Forward/Backward/InferStep/Cancel to the runtime; Allocate/Release/GrowHistory/Adopt/
   CapacityQuery/PushRoute to the allocator; ServingQuery to the announcer (before a push); replies and error frames
   to clients, pushes to the next servers of v2.2.0 clients' chains.
@@ -63,7 +65,6 @@ class FrontendProcess:
         self.announcer = Requester.to_actor(actor, self.ctx, "announcer", AnnouncerReply, observed=True)
         self.rpcs = Rpcs(self.plan, self.runtime, self.allocator, self.announcer, self.log, probe=actor.probe)
         self.p2p = None
-        self.retiring: Optional[asyncio.Task] = None
 
     async def start(self) -> None:
         self.runtime.start()
@@ -103,20 +104,22 @@ class FrontendProcess:
             self.rpcs.deliver_push(envelope.msg.session, envelope.frames[0].bytes)
 
     async def serve(self) -> None:
-        while True:
+        """Until our drain (a stop, or a retirement after a reload) is over; control messages are handled
+        meanwhile: the actors behind the sessions being drained may be replaced too."""
+        draining: Optional[asyncio.Task] = None
+        while draining is None or not draining.done():
             try:
-                msg = await asyncio.wait_for(self.control.get(), timeout=1.0)
+                msg = await asyncio.wait_for(self.control.get(), timeout=0.2 if draining else 1.0)
             except asyncio.TimeoutError:
                 msg = None
             if isinstance(msg, Stop):
-                if self.retiring is not None:
-                    self.retiring.cancel()
-                await self.drain(msg.grace)
-                return
-            if self.retiring is not None and self.retiring.done():
-                return
-            if isinstance(msg, Retire) and self.retiring is None:
-                self.retiring = asyncio.get_running_loop().create_task(self.retire(msg))
+                if draining is None:
+                    draining = asyncio.get_running_loop().create_task(self.drain(msg.grace))
+                elif msg.grace <= 0:
+                    self.log.info("stop at once: the drain is cut short", sessions=len(self.rpcs.sessions))
+                    self.rpcs.cut()
+            elif isinstance(msg, Retire) and draining is None:
+                draining = asyncio.get_running_loop().create_task(self.retire(msg))
             elif isinstance(msg, PeerDown):
                 self.peer_down(msg.name)
             elif isinstance(msg, PeerUp):
@@ -125,6 +128,7 @@ class FrontendProcess:
                 self.plan.start_block, self.plan.end_block = msg.start_block, msg.end_block
             self.actor.stats = self.rpcs.stats()
             self.actor.publish_stats()
+        await draining
 
     def peer_down(self, name: str) -> None:
         """An actor died: what waits on it fails over to its replacement (node/frontend/runtime_link.py)."""
@@ -152,17 +156,15 @@ class FrontendProcess:
 
     async def retire(self, msg: Retire) -> None:
         """A reload: our replacement already serves. Calls and streams that start from now on go to it (our
-        handlers leave p2pd); ours go on until they end, or until msg.timeout (--drain_timeout), then drain."""
+        handlers leave p2pd); ours go on until they end, or until msg.timeout (--drain_timeout)."""
         began = time.monotonic()
         for name in UNARY:
             await self._unregister(self.p2p.remove_protobuf_handler, NAME_PREFIX + name)
         for name in STREAMS:
             await self._unregister(self.p2p.remove_binary_stream_handler, NAME_PREFIX + name)
         self.log.info("retiring", sessions=len(self.rpcs.sessions), in_flight=self.rpcs.in_flight)
-        await self.rpcs.wait_idle(began + msg.timeout - time.monotonic())
-        left = len(self.rpcs.sessions)
-        await self.drain(msg.grace)
-        self.log.info("retired", seconds=round(time.monotonic() - began, 2), sessions_cut=left)
+        cut = await self.rpcs.drain(msg.timeout)
+        self.log.info("retired", seconds=round(time.monotonic() - began, 2), calls_cut=cut)
 
     async def _unregister(self, remove, name: str) -> None:
         try:
@@ -171,8 +173,12 @@ class FrontendProcess:
             self.log.warning("cannot remove a handler from p2pd", handler=name, error=repr(e))
 
     async def drain(self, grace: float) -> None:
-        unfinished = await self.rpcs.drain(grace)
-        self.log.info("drained", unfinished=unfinished)
+        began = time.monotonic()
+        self.log.info(
+            "draining: new calls are refused, open sessions served", sessions=len(self.rpcs.sessions), grace=grace
+        )
+        cut = await self.rpcs.drain(grace)
+        self.log.info("drained", seconds=round(time.monotonic() - began, 2), calls_cut=cut)
 
     def close(self) -> None:
         self.runtime.close()

@@ -35,6 +35,11 @@ UNARY = ("rpc_info", "rpc_forward", "rpc_backward", "rpc_push")
 STREAMS = ("rpc_forward_stream", "rpc_backward_stream", "rpc_inference")
 STREAM_PART_BYTES = 4 * 1024 * 1024
 MAX_REQUESTS_IN_FLIGHT = 1024  # RPCs one frontend handles at once (sessions included)
+DRAIN_LOG_PERIOD = 10.0  # seconds between the log lines of a drain
+
+
+def grace_over(grace: float) -> str:
+    return f"{SHUTTING_DOWN} (its --shutdown_grace of {grace:.0f} s ended before this session did)"
 
 
 class Rpcs:
@@ -42,7 +47,7 @@ class Rpcs:
         self.plan = plan
         self.log = log
         self.allocator = allocator
-        self.runtime = RuntimeLink(runtime, stopping=lambda: self.draining)
+        self.runtime = RuntimeLink(runtime, stopping=lambda: self.cut_off)
         self.counters = Counters(log)
         self.sessions = OpenSessions()
         self.pushes = Pushes(plan, log, announcer, self.counters)
@@ -52,7 +57,9 @@ class Rpcs:
         )
         self.block_schemas = rpc_info.block_schemas(plan.hidden_size, plan.torch_dtype, plan.compression)
         self.in_flight = 0
-        self.draining = False
+        self.draining = False  # new calls are refused; open sessions are served until they end or the grace does
+        self.drain_deadline = 0.0  # time.monotonic() when the grace ends
+        self.cut_off = False  # the grace is over: what is still open gets its final error
         largest = self.sizes().largest
         self.scopes = Scopes(
             total=plan.max_bytes_in_flight or 4 * largest, per_peer=plan.max_peer_bytes_in_flight or 2 * largest
@@ -82,8 +89,9 @@ class Rpcs:
     # --- bookkeeping shared by every RPC ------------------------------------------------------
 
     @contextlib.contextmanager
-    def track(self, name: str, peer: str):
-        if self.draining:
+    def track(self, name: str, peer: str, new_work: bool = True):
+        """Counts a call while it runs; refused while draining unless it serves an open session (a push)."""
+        if self.draining and (new_work or self.cut_off):
             raise ShuttingDown(SHUTTING_DOWN)
         if self.in_flight >= MAX_REQUESTS_IN_FLIGHT:
             message = f"the server is handling {self.in_flight} requests; retry later"
@@ -230,7 +238,7 @@ class Rpcs:
                 yield response
 
     async def rpc_push(self, request: runtime_pb2.ExpertRequest, context) -> runtime_pb2.ExpertResponse:
-        with self.track("rpc_push", str(context.remote_id)):
+        with self.track("rpc_push", str(context.remote_id), new_work=False):
             rq.parse_span(request.uid, self.plan.dht_prefix, self.plan.start_block, self.plan.end_block)
             metadata = wire.unpack_metadata(request.metadata)
             session_id = metadata.get("session_id")
@@ -266,24 +274,34 @@ class Rpcs:
 
     # --- stopping ----------------------------------------------------------------------------
 
-    async def wait_idle(self, timeout: float) -> None:
-        """Until no session is open and no call is under way, or `timeout` seconds (a retiring frontend)."""
-        deadline = time.monotonic() + timeout
-        while (self.sessions.live or self.in_flight) and time.monotonic() < deadline:
-            await asyncio.sleep(0.1)
-
     async def drain(self, grace: float) -> int:
-        """Refuse new work, let running steps finish, end open sessions with a clear error; the number of
-        calls still unfinished when `grace` ran out (they are failed then)."""
+        """A graceful stop: new calls are refused with SHUTTING_DOWN (a Petals client takes them elsewhere,
+        and a session refused at its first step costs it nothing), while every open session is served until
+        its client closes it and every call under way finishes, for at most `grace` seconds (`cut` ends it
+        sooner). Then what is still open is ended with a final error. Gives the number of calls cut off."""
         self.draining = True
-        self.sessions.abort_all(ShuttingDown(SHUTTING_DOWN))
-        deadline = time.monotonic() + grace
-        while self.in_flight and time.monotonic() < deadline:
+        self.drain_deadline = min(self.drain_deadline or float("inf"), time.monotonic() + grace)
+        next_log = 0.0
+        while self.in_flight and time.monotonic() < self.drain_deadline:
+            now = time.monotonic()
+            if now >= next_log:
+                next_log = now + DRAIN_LOG_PERIOD
+                self.log.info(
+                    "draining",
+                    sessions=len(self.sessions),
+                    in_flight=self.in_flight,
+                    seconds_left=round(self.drain_deadline - now, 1),
+                )
             await asyncio.sleep(0.05)
+        self.cut_off = True
         unfinished = self.in_flight
         if unfinished:
-            # The grace period is over: fail what still waits so that its callers get an error reply
-            # now. Work cut off by our exit gets no reply at all, and p2pd keeps its callers waiting.
+            self.sessions.abort_all(ShuttingDown(grace_over(grace)))  # each ends after its current step
+            # Fail what still waits so that its callers get an error reply now. Work cut off by our exit
+            # gets no reply at all, and p2pd keeps its callers waiting.
+            deadline = time.monotonic() + 1.0
+            while self.in_flight and time.monotonic() < deadline:
+                await asyncio.sleep(0.05)
             self.runtime.requester.fail_all(SHUTTING_DOWN)
             self.allocator.fail_all(SHUTTING_DOWN)
             deadline = time.monotonic() + 1.0
@@ -291,6 +309,10 @@ class Rpcs:
                 await asyncio.sleep(0.05)
             await asyncio.sleep(0.1)  # the error replies leave through p2pd
         return unfinished
+
+    def cut(self) -> None:
+        """A second stop: end the drain now."""
+        self.drain_deadline = time.monotonic()
 
     def stats(self) -> FrontendStats:
         """A copy: the heartbeat is encoded on another thread while the counts go on."""

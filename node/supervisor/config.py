@@ -111,14 +111,18 @@ class NodeConfig(msgspec.Struct, kw_only=True):
     max_restarts: int = 5
     restart_window: float = 60
     heartbeat_timeout: float = 15
-    shutdown_grace: float = 10
+    # A graceful stop serves open sessions until they end, for at most this long: a Petals client of today
+    # cannot move a session to another server mid-generation, so a session cut is a generation lost. Five
+    # minutes is a 1000-token generation at the public swarm's usual 3-6 tokens/s, and --step_timeout: an
+    # idle session ends by then anyway.
+    shutdown_grace: float = 5 * 60
     log_format: str = "auto"
     log_level: str = "info"
     download_attempts: int = 5
     network_bandwidth: Optional[float] = None  # Mbit/s; None: assume 100 (PROTOCOL 5.2)
     mean_block_selection_delay: float = 5.0
     balance_checks: int = 3
-    drain_timeout: float = 60
+    drain_timeout: Optional[float] = None  # None: --shutdown_grace (a move or a reload waits as a stop does)
     memory_margin: float = 0.2
     metrics_port: Optional[int] = None
     # loopback: the page and the metrics show the node's peers, sessions and code version, which an operator
@@ -136,6 +140,12 @@ class NodeConfig(msgspec.Struct, kw_only=True):
         if self.new_swarm:
             return []
         return list(self.initial_peers) if self.initial_peers is not None else list(PUBLIC_INITIAL_PEERS)
+
+    @property
+    def drain_seconds(self) -> float:
+        """How long a move or a reload lets open sessions finish where they are: as long as a stop does,
+        unless --drain_timeout says otherwise."""
+        return self.shutdown_grace if self.drain_timeout is None else self.drain_timeout
 
 
 def _positive_int(text: str) -> int:
@@ -369,7 +379,11 @@ def build_parser() -> argparse.ArgumentParser:
     node.add_argument("--max_restarts", type=_non_negative_int, help="restarts allowed in --restart_window")
     node.add_argument("--restart_window", type=_positive_float, help="seconds")
     node.add_argument("--heartbeat_timeout", type=_positive_float, help="an actor silent this long is replaced")
-    node.add_argument("--shutdown_grace", type=_non_negative_float, help="seconds to finish work on SIGTERM")
+    node.add_argument(
+        "--shutdown_grace",
+        type=_non_negative_float,
+        help="seconds a stop (SIGTERM, SIGINT) serves open sessions before ending them; a second signal stops at once",
+    )
     node.add_argument(
         "--download_attempts",
         type=_positive_int,
@@ -393,7 +407,8 @@ def build_parser() -> argparse.ArgumentParser:
     node.add_argument(
         "--drain_timeout",
         type=_non_negative_float,
-        help="seconds open sessions may finish on the old blocks when the node moves",
+        help="seconds open sessions may finish on the old blocks when the node moves, or on a frontend a reload "
+        "replaces (default: --shutdown_grace)",
     )
     node.add_argument(
         "--memory_margin",

@@ -126,7 +126,7 @@ class Moves:
                 self.sup.announce(ServerState.ONLINE, retire=[start, end])
                 self.sup.send("runtime.0", DropBlocks(*old))
                 return
-            await self.drain_outside(self.config.drain_timeout)
+            await self.drain_outside(self.config.drain_seconds)
             self.sup.send("runtime.0", DropBlocks(start, end))
             self.placement.moves += 1
             self.log.info("moved", old=list(old), blocks=[start, end], moves=self.placement.moves)
@@ -164,7 +164,7 @@ class Moves:
         self.moving = True
         try:
             self.sup.announce(ServerState.OFFLINE)
-            drained = await self.drain(self.config.drain_timeout)
+            drained = await self.drain(self.config.drain_seconds)
             confirmed = await self.confirmed(self.placement.confirm_move, old, (start, end))
             if confirmed is None:
                 self.log.info("move cancelled: the old blocks are the best place now", blocks=list(old))

@@ -152,7 +152,7 @@ class Reload:
         old = sup.actors[old_name]
         old.respawn_at = float("inf")  # its exit is planned: not a failure, no replacement
         old.stopping = True
-        timeout = sup.config.drain_timeout
+        timeout = sup.config.drain_seconds
         if not sup.send(old_name, Retire(timeout, sup.config.shutdown_grace)):
             old.popen.terminate()
         deadline = time.monotonic() + timeout + sup.config.shutdown_grace + 5.0

@@ -75,6 +75,9 @@ from protocol.transport import AsyncChannel, BadMessage
 TICK = 0.1
 SWARM_MAP_PERIOD = 15.0  # seconds between reads of the swarm's models for the status page
 STARTUP_SILENCE = 60.0  # longest an actor may take to send its first heartbeat
+DRAIN_LOG_PERIOD = 10.0  # seconds between the log lines of a drain
+DRAIN_EXIT_MARGIN = 5.0  # seconds a frontend may take past the drain's end to end its streams and exit
+UNDRAINED_GRACE = 5.0  # seconds in-flight work gets when the node stops without a drain (a fatal error)
 
 
 class Supervisor:
@@ -92,6 +95,9 @@ class Supervisor:
         self.daemon = daemon
         self.control: Optional[AsyncChannel] = None
         self.stop_requested = asyncio.Event()
+        self.drain_deadline: Optional[float] = None  # time.monotonic() when a graceful stop's drain ends
+        self.drain_began = 0.0
+        self.next_drain_log = 0.0
         self.exit_code: Optional[int] = None
         self.started = False  # every actor has been ready once
         self.announced: Optional[int] = None  # last state sent to the announcer
@@ -165,11 +171,17 @@ class Supervisor:
 
     def _on_signal(self, sig: int) -> None:
         self.log.info("signal received", signal=signal.Signals(sig).name)
+        if self.drain_deadline is None and not self.stop_requested.is_set():
+            self.begin_drain()
+            return
+        if self.drain_deadline is not None:
+            self.log.warning("second signal: stopping at once")
+            self.cut_drain()
         self.stop_requested.set()
 
     def _on_reload(self) -> None:
         self.log.info("signal received", signal="SIGHUP")
-        if not self.stop_requested.is_set():
+        if not self.stop_requested.is_set() and self.drain_deadline is None:
             self.reload.request()
 
     async def _watch(self) -> None:
@@ -177,12 +189,15 @@ class Supervisor:
             now = time.monotonic()
             for actor in self.actors.values():
                 self._check(actor, now)
+            if self.drain_deadline is not None and self.drained(now):
+                break
             if not self.daemon.alive:
                 self.log.error("p2pd died; the node cannot serve without its peer identity")
                 self.exit_code = 1
                 break
             self._update_state()
-            self.notifier.watchdog(healthy=self.exit_code is None)
+            if self.drain_deadline is None:  # systemd stops watching once told STOPPING=1
+                self.notifier.watchdog(healthy=self.exit_code is None)
             if self.config.stats_report_interval and now >= self.next_stats_report:
                 self.next_stats_report = now + self.config.stats_report_interval
                 self.report_stats()
@@ -292,6 +307,9 @@ class Supervisor:
 
     def _update_state(self) -> None:
         announcer = self.actors["announcer"]
+        if self.drain_deadline is not None:  # OFFLINE until the end; a replaced runtime still loads
+            self.order_loads()
+            return
         if not announcer.ready or self.moves.moving:
             return
         if not self.placement.placed:
@@ -309,10 +327,15 @@ class Supervisor:
         desired = ServerState.ONLINE if (serving and self.started) else ServerState.JOINING
         if desired != self.announced:
             self.announce(desired)
-        for name in self.runtimes:  # each rank loads its shard
+        self.order_loads()
+
+    def order_loads(self) -> None:
+        """Each rank loads its shard once the swarm sees us JOINING (PROTOCOL 2.4), in a reload, or while
+        draining (a runtime replaced then serves the open sessions; nobody new is sent here)."""
+        for name in self.runtimes:
             runtime = self.actors[name]
             if (
-                (self.confirmed == ServerState.JOINING or runtime.reloading)
+                (self.confirmed == ServerState.JOINING or runtime.reloading or self.drain_deadline is not None)
                 and runtime.running
                 and not runtime.ready
                 and not runtime.load_ordered
@@ -322,6 +345,8 @@ class Supervisor:
                 )
 
     def announce(self, state: ServerState, retire=None) -> None:
+        if self.drain_deadline is not None and state != ServerState.OFFLINE:
+            return  # a move that was under way when the drain began: the node stays OFFLINE
         self.announced = self.reported = state
         self.state_changed.clear()
         self.send(
@@ -492,6 +517,8 @@ class Supervisor:
         self.status_view = status_view.build(self)
 
     def state_name(self) -> str:
+        if self.drain_deadline is not None:
+            return "draining"
         return ServerState(self.reported).name.lower() if self.reported is not None else "starting"
 
     def report_stats(self) -> None:
@@ -549,13 +576,62 @@ class Supervisor:
             json.dump(status, f)
         os.replace(path + ".tmp", path)
 
-    # --- shutdown ----------------------------------------------------------------------------
+    # --- draining and shutdown ---------------------------------------------------------------
+
+    def begin_drain(self) -> None:
+        """The first SIGTERM or SIGINT: OFFLINE at once (new clients route elsewhere), and the frontends drain:
+        they refuse new calls and serve every open session until its client closes it or --shutdown_grace
+        ends. The other actors go on serving them (and are replaced if they die). Then the node stops."""
+        grace = self.config.shutdown_grace
+        self.drain_began = time.monotonic()
+        self.drain_deadline = self.drain_began + grace
+        self.next_drain_log = 0.0
+        self.notifier.stopping("draining")
+        self.log.info("draining: open sessions are served until they end", grace=grace)
+        if self.actors["announcer"].ready and self.announced not in (None, ServerState.OFFLINE):
+            self.announce(ServerState.OFFLINE)
+        self.write_status()
+        for name, actor in self.actors.items():
+            if name.startswith("frontend"):
+                actor.respawn_at = float("inf")  # its exit is planned: not a failure, no replacement
+                actor.stopping = True
+                if actor.running and not self.send(name, Stop(grace)):
+                    actor.popen.terminate()
+
+    def cut_drain(self) -> None:
+        """A second signal: the frontends end what is still open now."""
+        for name, actor in self.actors.items():
+            if name.startswith("frontend") and actor.running:
+                self.send(name, Stop(0.0))
+
+    def drained(self, now: float) -> bool:
+        """Whether every frontend is done; logs what the drain waits for every DRAIN_LOG_PERIOD seconds."""
+        frontends = [a for n, a in self.actors.items() if n.startswith("frontend") and a.running]
+        if not frontends:
+            self.log.info("drained", seconds=round(now - self.drain_began, 1))
+            return True
+        if now > self.drain_deadline + DRAIN_EXIT_MARGIN:
+            self.log.warning("frontends did not finish their drain in time; stopping them", frontends=len(frontends))
+            return True
+        if now >= self.next_drain_log:
+            self.next_drain_log = now + DRAIN_LOG_PERIOD
+            stats = [a.stats_as(FrontendStats) for a in frontends]
+            self.log.info(
+                "draining",
+                sessions=sum(s.sessions for s in stats),
+                requests_in_flight=sum(s.in_flight for s in stats),
+                seconds_left=round(max(0.0, self.drain_deadline - now), 1),
+            )
+        return False
 
     async def _shutdown(self) -> None:
-        """OFFLINE first, then frontends (they finish in-flight work), then everything else, then p2pd."""
+        """OFFLINE first, then frontends (they finish in-flight work), then everything else, then p2pd. After
+        a drain the frontends are gone already; without one (a fatal error, a second signal) they get no
+        more than a short grace."""
         began = time.monotonic()
-        self.notifier.stopping()
-        if self.actors["announcer"].ready and self.announced is not None:
+        if self.drain_deadline is None:
+            self.notifier.stopping()
+        if self.actors["announcer"].ready and self.announced not in (None, ServerState.OFFLINE):
             self.announce(ServerState.OFFLINE)
             try:
                 while self.confirmed != ServerState.OFFLINE:
@@ -564,7 +640,8 @@ class Supervisor:
             except asyncio.TimeoutError:
                 self.log.warning("OFFLINE not confirmed by the announcer")
         frontends = [a for n, a in self.actors.items() if n.startswith("frontend")]
-        await self._stop(frontends, self.config.shutdown_grace)
+        cut = self.stop_requested.is_set() and self.drain_deadline is not None
+        await self._stop(frontends, 0.0 if cut else min(self.config.shutdown_grace, UNDRAINED_GRACE))
         await self._stop([self.actors["runtime.0"]], 2.0)  # the leader first: the other ranks serve its drain
         await self._stop([self.actors[n] for n in self.runtimes[1:]], 2.0)
         await self._stop([self.actors["allocator"], self.actors["announcer"]], 2.0)

@@ -66,6 +66,9 @@ class NodeProcess:
             "1",
             "--log_format",
             "json",
+            # tests close their sessions before they stop a node; a test of the drain sets its own grace
+            "--shutdown_grace",
+            "10",
         ]
         self.argv += list(args)
         if not any(a in ("--initial_peers", "--new_swarm") for a in args):

@@ -11,7 +11,10 @@
 - a hung actor (SIGSTOP) is detected by its missing heartbeats and replaced;
 - too many restarts in the window: OFFLINE, exit non-zero, nothing left behind;
 - SIGTERM / SIGINT: OFFLINE, in-flight work finishes or fails within the grace period, exit 0,
-  nothing left behind (p2pd included); kill -9 of the supervisor leaves nothing behind either.
+  nothing left behind (p2pd included); kill -9 of the supervisor leaves nothing behind either;
+- a graceful stop drains: new sessions and forwards are refused (the client goes elsewhere), open
+  sessions are served until their clients close them; a second signal stops at once; a session open
+  when --shutdown_grace ends is told so.
 
 The nodes join a private swarm through a bootstrap DHT peer that lives in this test process, as a
 Petals swarm would: their records stay visible while an announcer restarts and after a node exits
@@ -700,3 +703,105 @@ def test_shutdown_signal(sig, runtime_hangs, tmp_path_factory, swarm, client, sa
         except Exception:
             pass
         node.stop(signal.SIGKILL)
+
+
+# --- a graceful stop drains (issue 21) ---------------------------------------------------------
+
+
+def session_at(client: Client, node, hidden, first: int = 4):
+    """A session open on the node, its first `first` tokens stepped."""
+    session = client.session(hidden.shape[1] + 8, 0, NUM_BLOCKS, route=[span_of(node)])
+    session.__enter__()
+    return session, session.step(hidden[:, :first])
+
+
+def events(node, name: str) -> list[dict]:
+    return [e for e in node.log_events() if e.get("event") == name]
+
+
+def test_a_stop_serves_open_sessions_until_their_clients_close_them(tmp_path_factory, swarm, client, sample):
+    hidden, ref = sample
+    node = start_node(tmp_path_factory, swarm, "--shutdown_grace", "60")
+    try:
+        peer = node.peer_id
+        session, first = session_at(client, node, hidden)
+        assert rel_err(first, ref[:, :4]) <= TOL
+        t0 = time.monotonic()
+        node.proc.send_signal(signal.SIGTERM)
+        wait_until(lambda: node.status.get("state") == "draining", 10, "status.json saying draining", node)
+
+        def offline() -> bool:
+            info, _ = record(client, peer)
+            return info is not None and info.state == ServerState.OFFLINE
+
+        wait_until(offline, 10, "the node announced OFFLINE", node)
+        with pytest.raises(Exception, match="shutting down"):  # a new session: the client goes elsewhere
+            call(client, client.swarm.forward_span(span_of(node), hidden), 10)
+        other = client.session(8, 0, NUM_BLOCKS, route=[span_of(node)])
+        with pytest.raises(Exception, match="shutting down"):
+            with other:
+                other.step(hidden[:, :2])
+        # the open session goes on as if nothing happened, on the same cache
+        assert rel_err(session.step(hidden[:, 4:5]), ref[:, 4:5]) <= TOL
+        assert rel_err(session.step(hidden[:, 5:]), ref[:, 5:]) <= TOL
+        wait_until(lambda: any(e.get("sessions") == 1 for e in events(node, "draining")), 15, "a drain log", node)
+        assert node.proc.poll() is None, "the node waits for its open session"
+        closed = time.monotonic()
+        session.__exit__(None, None, None)
+        code = node.proc.wait(30)
+        stopped = time.monotonic()
+        assert code == 0, node.log_tail(40)
+        assert stopped - closed < 30, f"the node took {stopped - closed:.1f} s to stop once its last session closed"
+        assert events(node, "drained"), node.log_tail(40)
+        print(
+            f"\ndrain with one open session: it was served {closed - t0:.1f} s after SIGTERM, "
+            f"and the node stopped {stopped - closed:.1f} s after the session closed"
+        )
+    finally:
+        node.stop(signal.SIGKILL)
+
+
+def test_a_second_signal_stops_at_once(tmp_path_factory, swarm, client, sample):
+    hidden, ref = sample
+    node = start_node(tmp_path_factory, swarm, "--shutdown_grace", "120")
+    session = None
+    try:
+        session, _ = session_at(client, node, hidden)
+        node.proc.send_signal(signal.SIGINT)
+        wait_until(lambda: node.status.get("state") == "draining", 10, "status.json saying draining", node)
+        t0 = time.monotonic()
+        node.proc.send_signal(signal.SIGTERM)
+        code = node.proc.wait(30)
+        assert code == 0 and time.monotonic() - t0 < 20, node.log_tail(40)
+        with pytest.raises(Exception):
+            session.step(hidden[:, 4:5])
+    finally:
+        node.stop(signal.SIGKILL)
+        if session is not None:
+            try:
+                session.__exit__(None, None, None)
+            except Exception:
+                pass
+
+
+def test_a_session_open_when_the_grace_ends_is_told_so(tmp_path_factory, swarm, client, sample):
+    hidden, ref = sample
+    node = start_node(tmp_path_factory, swarm, "--shutdown_grace", "3")
+    session = None
+    try:
+        session, _ = session_at(client, node, hidden)
+        t0 = time.monotonic()
+        node.proc.send_signal(signal.SIGTERM)
+        code = node.proc.wait(30)
+        assert code == 0, node.log_tail(40)
+        assert 3 <= time.monotonic() - t0 < 20
+        with pytest.raises(Exception) as ended:
+            session.step(hidden[:, 4:5])
+        assert "shutting down" in str(ended.value) and "--shutdown_grace of 3 s" in str(ended.value), repr(ended.value)
+    finally:
+        node.stop(signal.SIGKILL)
+        if session is not None:
+            try:
+                session.__exit__(None, None, None)
+            except Exception:
+                pass

@@ -319,6 +319,92 @@ def test_petals_client_generation_survives_runtime_kills_a_hang_and_a_reload(tmp
         wait_until(lambda: any(e.get("event") == "reload done" for e in node.log_events()), 120, "the reload", node)
 
 
+DRAIN_CLIENT = textwrap.dedent(
+    """
+    import sys, torch
+    from petals import AutoDistributedModelForCausalLM
+    from transformers import AutoModelForCausalLM
+    model_path, n, peers = sys.argv[1], int(sys.argv[2]), sys.argv[3:]
+    model = AutoDistributedModelForCausalLM.from_pretrained(
+        model_path, initial_peers=peers, dht_prefix="micro-llama", torch_dtype=torch.float32
+    )
+    # another client in this process, for a generation of its own (a model's open session is its default one)
+    second = AutoDistributedModelForCausalLM.from_pretrained(
+        model_path, initial_peers=peers, dht_prefix="micro-llama", torch_dtype=torch.float32
+    )
+    ref = AutoModelForCausalLM.from_pretrained(model_path, torch_dtype=torch.float32)
+    ids = torch.tensor([[1, 17, 42, 99, 3]])
+    theirs = ref.generate(ids, max_new_tokens=n, do_sample=False)
+    with model.inference_session(max_length=ids.shape[1] + n) as session:
+        tokens = [model.generate(ids, max_new_tokens=1, do_sample=False, session=session)[:, -1:]]
+        for k in range(1, n):
+            print(f"TOKEN {k}", flush=True)
+            if sys.stdin.readline().strip() == "another":  # a second generation, in a session of its own
+                other = second.generate(ids[:, :3], max_new_tokens=4, do_sample=False)
+                assert other.tolist() == ref.generate(ids[:, :3], max_new_tokens=4, do_sample=False).tolist()
+                print("ANOTHER OK", flush=True)
+            tokens.append(model.generate(None, max_new_tokens=1, do_sample=False, session=session)[:, -1:])
+    ours = torch.cat([ids, *tokens], dim=1)
+    assert ours.tolist() == theirs.tolist(), (ours.tolist(), theirs.tolist())
+    print("PETALS CLIENT OK", flush=True)
+    """
+)
+
+
+def inference_calls(node: NodeProcess) -> int:
+    """rpc_inference streams the node's frontends took (node_requests_total{rpc="rpc_inference"})."""
+    with urllib.request.urlopen(f"http://127.0.0.1:{node.status['metrics_port']}/metrics", timeout=10) as r:
+        text = r.read().decode()
+    found = re.search(r'^node_requests_total\{rpc="rpc_inference"\} ([0-9.e+]+)$', text, re.M)
+    return int(float(found.group(1))) if found else 0
+
+
+def test_petals_client_generation_completes_through_a_stop(tmp_path, model):
+    """Issue 21: an unmodified Petals client generates 32 tokens in one session through node A; a second
+    server, node B, joins the swarm with the same blocks; A is stopped (SIGTERM) before token 8. A drains:
+    the session goes on on A, on its cache, and the generation completes with transformers' tokens (B never
+    sees it: B's one rpc_inference is the second generation); a second generation opened during the drain
+    is served by B; A exits 0 once the session is closed, long before its grace ends."""
+    n = 32
+    a = NodeProcess(model, tmp_path / "a", "--shutdown_grace", "120").start()
+    try:
+        with petals_process(DRAIN_CLIENT, model, str(n), *a.maddrs) as client:
+            b = None
+            try:
+                for k in range(1, n):
+                    line = client.stdout.readline().strip()
+                    assert line == f"TOKEN {k}", line + client.stderr.read()[-3000:]
+                    answer = ""
+                    if k == 2:
+                        flags = ["--metrics_port", "0", "--initial_peers", *a.maddrs]
+                        b = NodeProcess(model, tmp_path / "b", *flags).start()
+                    elif k == 8:
+                        stopped_at = time.monotonic()
+                        a.proc.send_signal(signal.SIGTERM)
+                        wait_until(lambda: a.status.get("state") == "draining", 10, "A draining", a)
+                    elif k == 9:
+                        answer = "another"
+                    client.stdin.write(answer + "\n")
+                    client.stdin.flush()
+                    if answer:
+                        line = client.stdout.readline().strip()
+                        assert line == "ANOTHER OK", line + client.stderr.read()[-3000:]
+                out, err = client.communicate(timeout=300)
+                assert "PETALS CLIENT OK" in out, out[-3000:] + err[-3000:]
+                code = a.proc.wait(60)
+                stop_seconds = time.monotonic() - stopped_at
+                assert code == 0, a.log_tail(40)
+                assert inference_calls(b) == 1, "the generation moved to B, or the second one did not go there"
+                closed = [e for e in a.log_events() if e.get("event") == "session closed"]
+                assert closed and closed[-1].get("tokens") == 5 + n - 1, closed
+                print(f"\nstop with a Petals client mid-generation: A exited {stop_seconds:.1f} s after SIGTERM")
+            finally:
+                if b is not None:
+                    b.stop()
+    finally:
+        a.stop(signal.SIGKILL)
+
+
 PTUNE_CLIENT = textwrap.dedent(
     """
     import sys, torch

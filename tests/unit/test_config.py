@@ -109,7 +109,8 @@ def test_tensor_parallel_devices(capsys):
 def test_swarm_settings(capsys):
     c = parse_config(["m", "--num_blocks", "3", "--throughput", "eval", "--network_bandwidth", "1000"])
     assert (c.num_blocks, c.throughput, c.network_bandwidth) == (3, "eval", 1000.0)
-    assert (c.balance_checks, c.drain_timeout, c.mean_block_selection_delay) == (3, 60, 5.0)
+    assert (c.balance_checks, c.drain_timeout, c.mean_block_selection_delay) == (3, None, 5.0)
+    assert (c.shutdown_grace, c.drain_seconds) == (300, 300)  # a move or a reload waits as long as a stop
     assert "--memory_margin" in parse_error(capsys, ["m", "--memory_margin", "1.5"])
     assert "--balance_checks" in parse_error(capsys, ["m", "--balance_checks", "0"])
 

@@ -28,9 +28,10 @@ def test_systemd_unit_is_valid(tmp_path):
         and service["NotifyAccess"] == "main"
         and service["KillMode"] in ("mixed", "control-group")
     )
-    assert (
-        int(service["WatchdogSec"]) > 0 and int(service["TimeoutStopSec"]) > 10 + 5
-    )  # --shutdown_grace, then stopping
+    from node.supervisor.config import NodeConfig
+
+    grace = NodeConfig(model="m").shutdown_grace
+    assert int(service["WatchdogSec"]) > 0 and int(service["TimeoutStopSec"]) > grace + 5  # the drain, then stopping
     assert service["ExecReload"] == "/bin/kill -HUP $MAINPID"  # a rolling reload (node/supervisor/reload.py)
     analyze = shutil.which("systemd-analyze")
     if analyze is None:
