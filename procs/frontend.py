@@ -163,7 +163,7 @@ class FrontendProcess:
         for name in STREAMS:
             await self._unregister(self.p2p.remove_binary_stream_handler, NAME_PREFIX + name)
         self.log.info("retiring", sessions=len(self.rpcs.sessions), in_flight=self.rpcs.in_flight)
-        cut = await self.rpcs.drain(msg.timeout)
+        cut = await self.rpcs.drain(msg.timeout, refuse=False)
         self.log.info("retired", seconds=round(time.monotonic() - began, 2), calls_cut=cut)
 
     async def _unregister(self, remove, name: str) -> None:

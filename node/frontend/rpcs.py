@@ -274,12 +274,14 @@ class Rpcs:
 
     # --- stopping ----------------------------------------------------------------------------
 
-    async def drain(self, grace: float) -> int:
+    async def drain(self, grace: float, refuse: bool = True) -> int:
         """A graceful stop: new calls are refused with SHUTTING_DOWN (a Petals client takes them elsewhere,
         and a session refused at its first step costs it nothing), while every open session is served until
         its client closes it and every call under way finishes, for at most `grace` seconds (`cut` ends it
-        sooner). Then what is still open is ended with a final error. Gives the number of calls cut off."""
-        self.draining = True
+        sooner). Then what is still open is ended with a final error. Gives the number of calls cut off.
+        A retiring frontend (a reload) does not refuse: p2pd sends it nothing new, and a call it had just
+        handed over before the handlers left is served, not failed."""
+        self.draining = refuse
         self.drain_deadline = min(self.drain_deadline or float("inf"), time.monotonic() + grace)
         next_log = 0.0
         while self.in_flight and time.monotonic() < self.drain_deadline:
