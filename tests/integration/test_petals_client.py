@@ -405,6 +405,41 @@ def test_petals_client_generation_completes_through_a_stop(tmp_path, model):
         a.stop(signal.SIGKILL)
 
 
+PLACEMENT_FLAGS = ("--mean_block_selection_delay", "0.3", "--update_period", "1")
+PLACEMENT_FLAGS += ("--mean_balance_check_period", "1", "--balance_checks", "2")
+
+
+def test_petals_client_generation_completes_through_a_move(tmp_path, model):
+    """Issue 21: node P serves 2:4, node M (--num_blocks 2) takes 0:2, the only free window, so an unmodified
+    Petals client's session runs M -> P. Before token 6 a server of ten times M's throughput pins 0:2: the
+    swarm is unbalanced, and M moves to 2:4 (loading the new blocks first). The session stays on M's old
+    blocks until the client closes it, and the generation completes with transformers' tokens."""
+    n = 24
+    p = NodeProcess(model, tmp_path / "p", "--block_indices", "2:4", *PLACEMENT_FLAGS).start()
+    started = [p]
+    try:
+        flags = ["--num_blocks", "2", "--drain_timeout", "120", *PLACEMENT_FLAGS, "--initial_peers", *p.maddrs]
+        m = NodeProcess(model, tmp_path / "m", *flags).start()
+        started.append(m)
+        assert m.status["blocks"] == [0, 2]
+
+        def unbalance() -> None:
+            opened = [e for e in m.log_events() if e.get("event") == "session opened"]
+            assert opened, "the client's session is not on M: the test would prove nothing"
+            flags = ["--block_indices", "0:2", "--throughput", "10", *PLACEMENT_FLAGS, "--initial_peers", *p.maddrs]
+            started.append(NodeProcess(model, tmp_path / "y", *flags).start())
+            wait_until(lambda: m.status["blocks"] == [2, 4], 90, "M serving its new blocks", m)
+
+        run_with_faults(TOKEN_BY_TOKEN_CLIENT, model, n, p, {6: unbalance})
+        closed = [e for e in m.log_events() if e.get("event") == "session closed"]
+        assert closed and closed[-1].get("tokens") == 5 + n - 1, closed
+        # the move is counted once the old blocks are dropped: when the session on them has closed
+        wait_until(lambda: m.status.get("moves", 0) == 1, 30, "M's move done", m)
+    finally:
+        for node in started:
+            node.stop()
+
+
 PTUNE_CLIENT = textwrap.dedent(
     """
     import sys, torch
