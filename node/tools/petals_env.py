@@ -2,6 +2,11 @@
 
     python3 -m node.tools.petals_env            # build it if it is not there yet, print its python
     python3 -m node.tools.petals_env --where    # print where it is (or would be), build nothing
+    python3 -m node.tools.petals_env --source DIR   # Petals from a checkout of its main branch instead
+
+A checkout of Petals' main branch (2.3.0.dev2: the client that cannot move a session mid-generation)
+gets its own environment, beside the release's: the same recipe with Petals' main-branch pins
+(transformers 4.43.1 and what goes with it). Point the tests at it with PETALS_PYTHON.
 
 Petals pins versions that cannot live in the node's environment, and `pip install petals` cannot work on
 today's torch (its hivemind is an sdist whose build downloads p2pd). The recipe, why each pin is there,
@@ -69,6 +74,16 @@ PINNED = [
         "safetensors>=0.4.1",
     ],
 ]
+# Petals' main branch (setup.cfg at 22afba6) instead of 2.2.0's ranges
+MAIN_BRANCH_PINS = [
+    "transformers==4.43.1",
+    "huggingface-hub<1.0",
+    "accelerate>=0.27.2",
+    "peft==0.8.2",
+    "pydantic==1.10.27",
+    "bitsandbytes==0.41.1",
+    "tensor_parallel==1.0.23",
+]
 CHECK = "import petals, hivemind; from petals import AutoDistributedModelForCausalLM; print(petals.__version__)"
 READY = "node-petals-env.ready"
 
@@ -77,31 +92,33 @@ class BuildFailed(RuntimeError):
     """The environment could not be built; the message says which step and why (pip's last lines)."""
 
 
-def recipe_hash() -> str:
+def recipe_hash(source: Path | None = None) -> str:
     recipe = repr((PETALS, HIVEMIND, P2PD_FROM, P2PD_SHA256, TORCH, PINNED, sys.version_info[:2]))
+    if source is not None:
+        recipe += repr((str(source.resolve()), MAIN_BRANCH_PINS))
     return hashlib.sha256(recipe.encode()).hexdigest()[:12]
 
 
-def location() -> Path:
-    if os.environ.get("NODE_PETALS_ENV"):
+def location(source: Path | None = None) -> Path:
+    if os.environ.get("NODE_PETALS_ENV") and source is None:
         return Path(os.environ["NODE_PETALS_ENV"]).expanduser()
     cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
-    return cache / "node" / f"petals-{recipe_hash()}"
+    return cache / "node" / (f"petals-main-{recipe_hash(source)}" if source is not None else f"petals-{recipe_hash()}")
 
 
 def python_of(env: Path) -> Path:
     return env / "bin" / "python"
 
 
-def failure_note() -> Path:
+def failure_note(source: Path | None = None) -> Path:
     """Where the last failed build left its reason (removed by a build that succeeds)."""
-    env = location()
+    env = location(source)
     return env.parent / (env.name + ".failed")
 
 
-def built() -> Path | None:
+def built(source: Path | None = None) -> Path | None:
     """The built environment's python, or None."""
-    env = location()
+    env = location(source)
     return python_of(env) if (env / READY).exists() and python_of(env).exists() else None
 
 
@@ -135,14 +152,19 @@ def _install_p2pd(python: Path, work: Path) -> None:
     target.chmod(0o755)
 
 
-def build(log=print) -> Path:
-    """Build the environment if it is not built yet; return its python. Raises BuildFailed."""
-    ready = built()
+def build(log=print, source: Path | None = None) -> Path:
+    """Build the environment if it is not built yet; return its python. Raises BuildFailed. `source`: a
+    checkout of Petals' main branch to install instead of the release."""
+    ready = built(source)
     if ready is not None:
         return ready
     if not sys.platform.startswith("linux"):
         raise BuildFailed("the recipe is for Linux x86_64 (the p2pd it installs is a Linux binary)")
-    env = location()
+    if source is not None and not (source / "setup.cfg").exists():
+        raise BuildFailed(f"{source} is not a checkout of Petals (no setup.cfg)")
+    petals = str(source.resolve()) if source is not None else PETALS
+    pinned = PINNED if source is None else [PINNED[0], PINNED[1], MAIN_BRANCH_PINS, PINNED[3]]
+    env = location(source)
     env.parent.mkdir(parents=True, exist_ok=True)
     # Built beside its final place, renamed when it passed its check: two builders never share a half.
     staging = Path(tempfile.mkdtemp(prefix=env.name + ".building-", dir=env.parent))
@@ -152,10 +174,10 @@ def build(log=print) -> Path:
         pip = [str(python), "-m", "pip", "install", "-q"]
         log(f"petals env: installing {TORCH} into {staging}")
         _run(f"pip install {TORCH}", pip + [TORCH])
-        log(f"petals env: installing {PETALS} {HIVEMIND} (no dependencies)")
-        _run(f"pip install {PETALS} {HIVEMIND}", pip + ["--no-deps", PETALS, HIVEMIND])
+        log(f"petals env: installing {petals} {HIVEMIND} (no dependencies)")
+        _run(f"pip install {petals} {HIVEMIND}", pip + ["--no-deps", petals, HIVEMIND])
         _install_p2pd(python, staging)
-        for group in PINNED:
+        for group in pinned:
             log("petals env: installing " + " ".join(group))
             _run("pip install " + " ".join(group), pip + group)
         version = _run("the import check", [str(python), "-c", CHECK]).strip()
@@ -165,7 +187,7 @@ def build(log=print) -> Path:
         try:
             staging.rename(env)
         except OSError:
-            if built() is None:  # not another builder that finished first
+            if built(source) is None:  # not another builder that finished first
                 raise
         # A venv's scripts name their interpreter by the path it was built at; the python itself does not.
         return python_of(env)
@@ -176,18 +198,19 @@ def build(log=print) -> Path:
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--where", action="store_true", help="print where the environment is, build nothing")
+    p.add_argument("--source", type=Path, help="a checkout of Petals' main branch to install instead of 2.2.0")
     args = p.parse_args()
     if args.where:
-        print(python_of(location()))
+        print(python_of(location(args.source)))
         return 0
     try:
-        python = build(log=lambda m: print(m, file=sys.stderr))
+        python = build(log=lambda m: print(m, file=sys.stderr), source=args.source)
     except BuildFailed as e:
         print(f"petals env: cannot be built: {e}", file=sys.stderr)
-        failure_note().parent.mkdir(parents=True, exist_ok=True)
-        failure_note().write_text(str(e))
+        failure_note(args.source).parent.mkdir(parents=True, exist_ok=True)
+        failure_note(args.source).write_text(str(e))
         return 1
-    failure_note().unlink(missing_ok=True)
+    failure_note(args.source).unlink(missing_ok=True)
     print(python)
     return 0
 
