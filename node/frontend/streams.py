@@ -92,8 +92,8 @@ def stream_handler(
                 async for response in handler(requests(), context):
                     framing.write_message(writer, response)
                     await writer.drain()
-            except (ConnectionError, asyncio.IncompleteReadError):
-                pass  # the client is gone; nobody to tell
+            except (ConnectionError, asyncio.IncompleteReadError) as e:
+                log.info("stream ended without a reply: the client is gone", rpc=name, peer=peer, error=repr(e))
             except Exception as e:
                 framing.write_error(writer, str(e) or type(e).__name__)
                 await writer.drain()
@@ -134,9 +134,10 @@ def stream_handler(
                 done, receive = receive, None
                 try:
                     marker, payload, nbytes = done.result()
-                except (asyncio.IncompleteReadError, ConnectionError):
+                except (asyncio.IncompleteReadError, ConnectionError) as e:
                     ended = True
                     task.cancel()  # the client closed or died mid-call: stop its work, free its cache
+                    log.info("stream input cut before its end: work cancelled", rpc=name, peer=peer, error=repr(e))
                     break
                 except Refused as e:
                     refuse(e.reason, peer, str(e))
@@ -161,6 +162,10 @@ def stream_handler(
                         text = f"an undecodable error frame of {nbytes} bytes"
                     await inbox.put(None if text is None else ConnectionError(f"the client sent an error: {text}"))
                     ended = True
+                    # The input is complete: nothing more is read, so that the input side closing now (a
+                    # half-close, or p2pd ending its half of the pipe) cannot be taken for a client that left
+                    # mid-call and cancel the reply being computed.
+                    receiving = False
                 else:
                     await inbox.put(ValueError(f"malformed stream frame (marker {marker!r})"))
                     receiving = False
