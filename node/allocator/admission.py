@@ -125,7 +125,16 @@ class Admission:
     # --- deciding ----------------------------------------------------------------------------
 
     def allocate(self, sender: bytes, owner: str, msg: Allocate, now: float) -> None:
-        if msg.session and msg.session in self.sessions:
+        held = self.sessions.get(msg.session) if msg.session else None
+        if held is not None:
+            size = self.geometry.session_bytes(msg.batch, msg.max_length, msg.blocks)
+            if (held.owner, held.peer, held.size) == (owner, msg.peer, size):
+                # The same frontend asking again for a session it reserved by name: its first Allocate was
+                # granted but the reply was lost (this allocator replaced meanwhile, the request sent again).
+                # Frontends reserve a session id before they ask, so this is never a second session.
+                self.log.info("allocation asked again: the same grant", session=msg.session, owner=owner)
+                self.reply(sender, Granted(msg.req, held.handle, held.history))
+                return
             self.reply(sender, Failure(msg.req, f"session_id {msg.session} is already open on this server"))
             return
         plan = self.plan

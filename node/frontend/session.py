@@ -62,6 +62,7 @@ class InferenceStream:
         self.room = asyncio.Event()  # set while another step fits
         self.room.set()
         self.opened: Optional[rq.SessionOpen] = None
+        self.named: Optional[str] = None  # the session_id this stream reserved in the frontend's registry
         self.handle: Optional[int] = None
         self.prefix = 0
         self.steps_done: collections.deque[str] = collections.deque(maxlen=REMEMBERED_STEPS)
@@ -172,6 +173,9 @@ class InferenceStream:
         opened = rq.session_open(request, metadata, self.plan)
         if opened.session_id and opened.session_id in self.services.sessions:
             raise ValueError(f"session_id {opened.session_id} is already open on this server")
+        if opened.session_id:  # reserved before the allocator is asked: asking again can only be a retry
+            self.named = opened.session_id
+            self.services.sessions.named(opened.session_id, self)
         allocator = self.services.allocator
         timeout = min(opened.alloc_timeout, self.plan.max_alloc_timeout)
         lease = self.deadline - time.monotonic() + 30
@@ -194,8 +198,6 @@ class InferenceStream:
         )
         self.cache_generation = self.services.runtime.generation  # the cache is made by the first step
         self.lease_deadline = time.monotonic() + lease
-        if opened.session_id:
-            self.services.sessions.named(opened.session_id, self)
         self.log.info(
             "session opened",
             session=opened.session_id,
@@ -223,7 +225,7 @@ class InferenceStream:
         )
 
     def _close(self) -> None:
-        self.services.sessions.closed(self, self.opened.session_id if self.opened else None)
+        self.services.sessions.closed(self, self.named)
         if self.current is not None:
             self.current.release()
             self.current = None

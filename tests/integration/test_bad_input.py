@@ -652,3 +652,14 @@ def test_other_sessions_not_disturbed(caller, micro_client):
     assert torch.equal(outputs, undisturbed)
     for how, rpc, result in checked:
         _check_refused(how, rpc, result)
+
+
+def test_a_session_id_already_open_is_refused(caller, micro_client):
+    """A second stream naming an open session's id is refused; the first session goes on."""
+    session = micro_client.session(16, 0, 4)
+    with session:
+        session.step(torch.randn(1, 2, H))
+        open_id = session.session.sessions[0].session_id
+        twin = request("rpc_inference", session_id=open_id)
+        caller.expect_error("rpc_inference", twin, "already open on this server")
+        session.step(torch.randn(1, 1, H))

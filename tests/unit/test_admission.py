@@ -104,3 +104,17 @@ def test_a_replaced_frontends_sessions_end_and_an_adopted_grant_is_kept(tmp_path
     capacity = fresh.answer(F0, 7)
     assert isinstance(capacity, Capacity) and capacity.sessions == 1
     assert "already open" in fresh.allocate(session="b").error
+
+
+def test_the_same_frontend_asking_again_for_its_session_gets_the_same_grant(tmp_path):
+    """A frontend's Allocate was granted but the reply was lost (the allocator replaced meanwhile, the
+    request sent again): the second ask gets the first grant, not 'already open', and no second lease.
+    Another frontend, or another peer, naming the same session id is still refused."""
+    d = Driver(tmp_path)
+    first = d.allocate(sender=F0, session="s", peer="p")
+    again = d.allocate(sender=F0, session="s", peer="p")
+    assert isinstance(again, Granted) and again.handle == first.handle
+    assert d.admission.stats().sessions == 1
+    assert "already open" in d.allocate(sender=F1, session="s", peer="p").error
+    assert "already open" in d.allocate(sender=F0, session="s", peer="q").error
+    assert "already open" in d.allocate(sender=F0, session="s", peer="p", max_length=32).error
