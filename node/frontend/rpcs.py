@@ -138,23 +138,17 @@ class Rpcs:
     # --- forward and backward ----------------------------------------------------------------
 
     async def forward(self, uid: str, tensors: list, metadata: dict, peer: str) -> list[runtime_pb2.Tensor]:
-        call = rq.forward_request(uid, tensors, metadata, self.plan)
-        metas = self.runtime.metas(call.tensors)
-
-        def make() -> Forward:
-            s = call.span
-            return Forward(self.runtime.next_id(), s.start, s.end, metas, call.adapter, peer, call.points)
-
-        outputs = await self.runtime.call_surviving(make, call.tensors, self.plan.request_timeout)
-        return self.encode(outputs, call.compressions)
+        return await self._blocks(Forward, rq.forward_request(uid, tensors, metadata, self.plan), peer)
 
     async def backward(self, uid: str, tensors: list, metadata: dict, peer: str) -> list[runtime_pb2.Tensor]:
-        call = rq.backward_request(uid, tensors, metadata, self.plan)
-        metas = self.runtime.metas(call.tensors)
+        return await self._blocks(Backward, rq.backward_request(uid, tensors, metadata, self.plan), peer)
 
-        def make() -> Backward:
-            s = call.span
-            return Backward(self.runtime.next_id(), s.start, s.end, metas, call.adapter, peer, call.points)
+    async def _blocks(self, kind: type, call: rq.BlocksCall, peer: str) -> list[runtime_pb2.Tensor]:
+        """A checked forward or backward (`kind`: its message) on the runtime, sent again to a replacement."""
+        metas, span = self.runtime.metas(call.tensors), call.span
+
+        def make():
+            return kind(self.runtime.next_id(), span.start, span.end, metas, call.adapter, peer, call.points)
 
         outputs = await self.runtime.call_surviving(make, call.tensors, self.plan.request_timeout)
         return self.encode(outputs, call.compressions)
