@@ -174,10 +174,7 @@ class FrontendProcess:
 
     async def drain(self, grace: float) -> None:
         began = time.monotonic()
-        self.log.info(
-            "draining: new calls are refused, open sessions served", sessions=len(self.rpcs.sessions), grace=grace
-        )
-        cut = await self.rpcs.drain(grace)
+        cut = await self.rpcs.drain(grace)  # it logs what it waits for, from its first moment
         self.log.info("drained", seconds=round(time.monotonic() - began, 2), calls_cut=cut)
 
     def close(self) -> None:

@@ -237,10 +237,9 @@ class Stop(Message):
 
 class Retire(Message):
     """A frontend's replacement is serving (a reload): take no new calls or streams, serve the open ones
-    until they end or `timeout` seconds pass, then stop as Stop(grace) does."""
+    until they end or `timeout` seconds pass (then they get their final error), and exit."""
 
     timeout: float
-    grace: float = 0.0
 
 
 class PeerDown(Message):

@@ -150,12 +150,9 @@ class Reload:
             sup.actors.pop(new.spec.name, None)
             raise
         old = sup.actors[old_name]
-        old.respawn_at = float("inf")  # its exit is planned: not a failure, no replacement
-        old.stopping = True
         timeout = sup.config.drain_seconds
-        if not sup.send(old_name, Retire(timeout, sup.config.shutdown_grace)):
-            old.popen.terminate()
-        deadline = time.monotonic() + timeout + sup.config.shutdown_grace + 5.0
+        sup.stop_planned(old, Retire(timeout))
+        deadline = time.monotonic() + timeout + 5.0  # its final errors leave within seconds of the timeout
         while old.running and time.monotonic() < deadline:
             await asyncio.sleep(0.1)
         clean = not old.running and old.popen.returncode == 0

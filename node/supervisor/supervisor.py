@@ -59,6 +59,7 @@ from protocol.messages import (
     Heartbeat,
     LoadBlocks,
     Measured,
+    Message,
     PeerDown,
     PeerUp,
     Ready,
@@ -593,10 +594,7 @@ class Supervisor:
         self.write_status()
         for name, actor in self.actors.items():
             if name.startswith("frontend"):
-                actor.respawn_at = float("inf")  # its exit is planned: not a failure, no replacement
-                actor.stopping = True
-                if actor.running and not self.send(name, Stop(grace)):
-                    actor.popen.terminate()
+                self.stop_planned(actor, Stop(grace))
 
     def cut_drain(self) -> None:
         """A second signal: the frontends end what is still open now."""
@@ -653,13 +651,17 @@ class Supervisor:
         self.log.info("node stopped", seconds=round(time.monotonic() - began, 2), exit_code=self.exit_code or 0)
         self._clean_run_dir()
 
+    def stop_planned(self, actor: ActorProcess, msg: Message) -> None:
+        """Stop an actor on purpose with `msg` (Stop, Retire; SIGTERM where it cannot be sent): its exit is not
+        a failure, and nothing replaces it (_check leaves an actor whose respawn time never comes alone)."""
+        actor.respawn_at = float("inf")
+        actor.stopping = True
+        if actor.running and not self.send(actor.spec.name, msg):
+            actor.popen.terminate()
+
     async def _stop(self, actors: list[ActorProcess], grace: float) -> None:
         for actor in actors:
-            actor.respawn_at = None
-            if actor.running:
-                actor.stopping = True
-                if not self.send(actor.spec.name, Stop(grace)):
-                    actor.popen.terminate()
+            self.stop_planned(actor, Stop(grace))
         deadline = time.monotonic() + grace + 3.0
         while any(a.running for a in actors) and time.monotonic() < deadline:
             await asyncio.sleep(0.05)
