@@ -279,11 +279,18 @@ TOKEN_BY_TOKEN_CLIENT = textwrap.dedent(
     ref = AutoModelForCausalLM.from_pretrained(model_path, torch_dtype=torch.float32)
     ids = torch.tensor([[1, 17, 42, 99, 3]])
     theirs = ref.generate(ids, max_new_tokens=n, do_sample=False)
+    second = None  # another client in this process, for a generation of its own (a model's session is its default)
     with model.inference_session(max_length=ids.shape[1] + n) as session:
         tokens = [model.generate(ids, max_new_tokens=1, do_sample=False, session=session)[:, -1:]]
         for k in range(1, n):
             print(f"TOKEN {k}", flush=True)
-            sys.stdin.readline()  # the test may break the node here
+            if sys.stdin.readline().strip() == "another":  # the test may break the node here, or ask for this
+                second = second or AutoDistributedModelForCausalLM.from_pretrained(
+                    model_path, initial_peers=peers, dht_prefix="micro-llama", torch_dtype=torch.float32
+                )
+                other = second.generate(ids[:, :3], max_new_tokens=4, do_sample=False)
+                assert other.tolist() == ref.generate(ids[:, :3], max_new_tokens=4, do_sample=False).tolist()
+                print("ANOTHER OK", flush=True)
             tokens.append(model.generate(None, max_new_tokens=1, do_sample=False, session=session)[:, -1:])
     ours = torch.cat([ids, *tokens], dim=1)
     assert ours.tolist() == theirs.tolist(), (ours.tolist(), theirs.tolist())
@@ -294,15 +301,18 @@ TOKEN_BY_TOKEN_CLIENT = textwrap.dedent(
 
 def run_with_faults(script: str, model, n: int, node, faults: dict) -> None:
     """Run a client script that prints "TOKEN k" and waits for a line before its token k (1 <= k < n):
-    `faults[k]()` breaks the node there. The script must end with PETALS CLIENT OK."""
+    `faults[k]()` breaks the node there. A fault that returns a word (TOKEN_BY_TOKEN_CLIENT: "another")
+    sends it as that line, and the script must answer "<WORD> OK". The script must end with PETALS CLIENT OK."""
     with petals_process(script, model, str(n), *node.maddrs) as client:
         for k in range(1, n):
             line = client.stdout.readline().strip()
             assert line == f"TOKEN {k}", line + client.stderr.read()[-3000:]
-            if k in faults:
-                faults[k]()
-            client.stdin.write("\n")
+            word = faults[k]() if k in faults else None
+            client.stdin.write((word or "") + "\n")
             client.stdin.flush()
+            if word:
+                line = client.stdout.readline().strip()
+                assert line == f"{word.upper()} OK", line + client.stderr.read()[-3000:]
         out, err = client.communicate(timeout=300)
     assert "PETALS CLIENT OK" in out, out[-3000:] + err[-3000:]
 
@@ -331,38 +341,6 @@ def test_petals_client_generation_survives_runtime_kills_a_hang_and_a_reload(tmp
         wait_until(lambda: any(e.get("event") == "reload done" for e in node.log_events()), 120, "the reload", node)
 
 
-DRAIN_CLIENT = textwrap.dedent(
-    """
-    import sys, torch
-    from petals import AutoDistributedModelForCausalLM
-    from transformers import AutoModelForCausalLM
-    model_path, n, peers = sys.argv[1], int(sys.argv[2]), sys.argv[3:]
-    model = AutoDistributedModelForCausalLM.from_pretrained(
-        model_path, initial_peers=peers, dht_prefix="micro-llama", torch_dtype=torch.float32
-    )
-    # another client in this process, for a generation of its own (a model's open session is its default one)
-    second = AutoDistributedModelForCausalLM.from_pretrained(
-        model_path, initial_peers=peers, dht_prefix="micro-llama", torch_dtype=torch.float32
-    )
-    ref = AutoModelForCausalLM.from_pretrained(model_path, torch_dtype=torch.float32)
-    ids = torch.tensor([[1, 17, 42, 99, 3]])
-    theirs = ref.generate(ids, max_new_tokens=n, do_sample=False)
-    with model.inference_session(max_length=ids.shape[1] + n) as session:
-        tokens = [model.generate(ids, max_new_tokens=1, do_sample=False, session=session)[:, -1:]]
-        for k in range(1, n):
-            print(f"TOKEN {k}", flush=True)
-            if sys.stdin.readline().strip() == "another":  # a second generation, in a session of its own
-                other = second.generate(ids[:, :3], max_new_tokens=4, do_sample=False)
-                assert other.tolist() == ref.generate(ids[:, :3], max_new_tokens=4, do_sample=False).tolist()
-                print("ANOTHER OK", flush=True)
-            tokens.append(model.generate(None, max_new_tokens=1, do_sample=False, session=session)[:, -1:])
-    ours = torch.cat([ids, *tokens], dim=1)
-    assert ours.tolist() == theirs.tolist(), (ours.tolist(), theirs.tolist())
-    print("PETALS CLIENT OK", flush=True)
-    """
-)
-
-
 def inference_calls(node: NodeProcess) -> int:
     """rpc_inference streams the node's frontends took (node_requests_total{rpc="rpc_inference"})."""
     with urllib.request.urlopen(f"http://127.0.0.1:{node.status['metrics_port']}/metrics", timeout=10) as r:
@@ -379,42 +357,31 @@ def test_petals_client_generation_completes_through_a_stop(tmp_path, model):
     is served by B; A exits 0 once the session is closed, long before its grace ends."""
     n = 32
     a = NodeProcess(model, tmp_path / "a", "--shutdown_grace", "120").start()
+    started = [a]
+    stopped_at = []
+
+    def start_b() -> None:
+        flags = ["--metrics_port", "0", "--initial_peers", *a.maddrs]
+        started.append(NodeProcess(model, tmp_path / "b", *flags).start())
+
+    def stop_a() -> None:
+        stopped_at.append(time.monotonic())
+        a.proc.send_signal(signal.SIGTERM)
+        wait_until(lambda: a.status.get("state") == "draining", 10, "A draining", a)
+
     try:
-        with petals_process(DRAIN_CLIENT, model, str(n), *a.maddrs) as client:
-            b = None
-            try:
-                for k in range(1, n):
-                    line = client.stdout.readline().strip()
-                    assert line == f"TOKEN {k}", line + client.stderr.read()[-3000:]
-                    answer = ""
-                    if k == 2:
-                        flags = ["--metrics_port", "0", "--initial_peers", *a.maddrs]
-                        b = NodeProcess(model, tmp_path / "b", *flags).start()
-                    elif k == 8:
-                        stopped_at = time.monotonic()
-                        a.proc.send_signal(signal.SIGTERM)
-                        wait_until(lambda: a.status.get("state") == "draining", 10, "A draining", a)
-                    elif k == 9:
-                        answer = "another"
-                    client.stdin.write(answer + "\n")
-                    client.stdin.flush()
-                    if answer:
-                        line = client.stdout.readline().strip()
-                        assert line == "ANOTHER OK", line + client.stderr.read()[-3000:]
-                out, err = client.communicate(timeout=300)
-                assert "PETALS CLIENT OK" in out, out[-3000:] + err[-3000:]
-                code = a.proc.wait(60)
-                stop_seconds = time.monotonic() - stopped_at
-                assert code == 0, a.log_tail(40)
-                assert inference_calls(b) == 1, "the generation moved to B, or the second one did not go there"
-                closed = [e for e in a.log_events() if e.get("event") == "session closed"]
-                assert closed and closed[-1].get("tokens") == 5 + n - 1, closed
-                print(f"\nstop with a Petals client mid-generation: A exited {stop_seconds:.1f} s after SIGTERM")
-            finally:
-                if b is not None:
-                    b.stop()
+        run_with_faults(TOKEN_BY_TOKEN_CLIENT, model, n, a, {2: start_b, 8: stop_a, 9: lambda: "another"})
+        code = a.proc.wait(60)
+        stop_seconds = time.monotonic() - stopped_at[0]
+        assert code == 0, a.log_tail(40)
+        b = started[1]
+        assert inference_calls(b) == 1, "the generation moved to B, or the second one did not go there"
+        closed = [e for e in a.log_events() if e.get("event") == "session closed"]
+        assert closed and closed[-1].get("tokens") == 5 + n - 1, closed
+        print(f"\nstop with a Petals client mid-generation: A exited {stop_seconds:.1f} s after SIGTERM")
     finally:
-        a.stop(signal.SIGKILL)
+        for node in reversed(started):
+            node.stop(signal.SIGKILL if node is a else signal.SIGTERM)
 
 
 PLACEMENT_FLAGS = ("--mean_block_selection_delay", "0.3", "--update_period", "1")
