@@ -21,16 +21,19 @@ startup.light_hivemind()  # before the imports below: see node/startup.py
 
 import asyncio
 import functools
+import os
 import time
 from typing import Optional
 
 import zmq
 import zmq.asyncio
-from hivemind.p2p import P2P
+from hivemind.p2p import P2P, PeerID
+from hivemind.p2p.p2p_daemon_bindings.datastructures import StreamInfo
 from hivemind.proto import runtime_pb2
 from hivemind.utils.multiaddr import Multiaddr
 
-from node.frontend.rpcs import NAME_PREFIX, STREAMS, UNARY, Rpcs
+from node.frontend.kept import KeptStream
+from node.frontend.rpcs import KEPT, NAME_PREFIX, STREAMS, UNARY, Rpcs
 from node.frontend.streams import stream_handler
 from node.logs import quiet_hivemind
 from procs import actor as actor_lib
@@ -38,6 +41,8 @@ from protocol.messages import (
     AllocatorReply,
     AnnouncerReply,
     FrontendReady,
+    KeeperHello,
+    KeeperToFrontend,
     PeerDown,
     PeerUp,
     PushDelivery,
@@ -45,8 +50,12 @@ from protocol.messages import (
     RuntimeReply,
     Serve,
     Stop,
+    StreamIn,
+    StreamInEnd,
+    StreamOpen,
 )
 from protocol.requester import Requester
+from protocol.transport import AsyncChannel, BadMessage
 
 
 class FrontendProcess:
@@ -65,6 +74,14 @@ class FrontendProcess:
         self.announcer = Requester.to_actor(actor, self.ctx, "announcer", AnnouncerReply, observed=True)
         self.rpcs = Rpcs(self.plan, self.runtime, self.allocator, self.announcer, self.log, probe=actor.probe)
         self.p2p = None
+        keeper = self.ctx.socket(zmq.DEALER)
+        keeper.setsockopt(zmq.ROUTING_ID, actor.name.encode())
+        keeper.setsockopt(zmq.LINGER, 1000)  # a session's last frames reach the keeper even as we exit
+        keeper.connect(self.plan.endpoint("keeper.sock"))
+        self.keeper = AsyncChannel(keeper, KeeperToFrontend, observer=actor.probe.observe)
+        self.kept: dict[int, KeptStream] = {}  # the keeper's streams we serve, by its stream number
+        self.kept_handler = None  # node/frontend/streams.py's handler of rpc_inference, for kept streams
+        self.accepting, self.draining = True, False
 
     async def start(self) -> None:
         self.runtime.start()
@@ -77,7 +94,7 @@ class FrontendProcess:
             await self.p2p.add_protobuf_handler(
                 NAME_PREFIX + name, getattr(self.rpcs, name), request_type, balanced=True
             )
-        for name in STREAMS:
+        for name in STREAMS + (KEPT,):
             handler = stream_handler(
                 self.p2p,
                 NAME_PREFIX + name,
@@ -87,17 +104,58 @@ class FrontendProcess:
                 scopes=self.rpcs.scopes,
                 refuse=self.rpcs.refuse,
             )
-            await self.p2p.add_binary_stream_handler(NAME_PREFIX + name, handler, balanced=True)
+            if name == KEPT:  # the keeper holds these streams' connections: they reach us through it
+                self.kept_handler = handler
+            else:
+                await self.p2p.add_binary_stream_handler(NAME_PREFIX + name, handler, balanced=True)
+        self.hello()
         # if we die, the supervisor unregisters our stream handlers (p2pd would go on dialing us)
         self.actor.ready(
             FrontendReady(
                 peer_id=self.p2p.peer_id.to_base58(),
                 stream_maddr=str(self.p2p._client_listen_maddr),
-                stream_handlers=[NAME_PREFIX + name for name in STREAMS],
+                stream_handlers=[NAME_PREFIX + name for name in STREAMS],  # not KEPT: the keeper's
             )
         )
 
     # --- receiving ---------------------------------------------------------------------------
+
+    async def from_keeper(self) -> None:
+        """The kept streams: a new one (or one handed over from a frontend that died), the client's
+        frames, the end of its input."""
+        while True:
+            try:
+                envelope = await self.keeper.recv()
+            except BadMessage as e:
+                self.log.warning("bad message from the stream keeper", reason=e.reason)
+                continue
+            msg, frames = envelope.msg, envelope.frames
+            if isinstance(msg, StreamOpen):
+                self.open_kept(msg, frames)
+            elif isinstance(msg, StreamIn):
+                stream = self.kept.get(msg.stream)
+                if stream is not None and frames:
+                    stream.feed(msg.marker, frames[0])
+            elif isinstance(msg, StreamInEnd):
+                stream = self.kept.get(msg.stream)
+                if stream is not None:
+                    stream.feed_eof()
+
+    def open_kept(self, msg: StreamOpen, frames: list) -> None:
+        stream = KeptStream(msg.stream, msg.handled, lambda m, f: self.keeper.send(m, f))
+        for marker, frame in zip(msg.markers, frames):
+            stream.feed(marker, frame)
+        self.kept[msg.stream] = stream
+        info = StreamInfo(peer_id=PeerID.from_base58(msg.peer), addr=None, proto=NAME_PREFIX + KEPT)
+        task = asyncio.get_running_loop().create_task(self.kept_handler(info, stream.reader, stream, kept=stream))
+        task.add_done_callback(lambda _: self._kept_ended(stream))
+
+    def _kept_ended(self, stream: KeptStream) -> None:
+        stream.close()  # the handler closed it already, unless it failed
+        self.kept.pop(stream.stream, None)
+
+    def hello(self) -> None:
+        self.keeper.send(KeeperHello(self.actor.name, os.getpid(), self.accepting, self.draining))
 
     def unsolicited(self, envelope) -> None:
         if isinstance(envelope.msg, PushDelivery) and len(envelope.frames) == 1:
@@ -106,6 +164,13 @@ class FrontendProcess:
     async def serve(self) -> None:
         """Until our drain (a stop, or a retirement after a reload) is over; control messages are handled
         meanwhile: the actors behind the sessions being drained may be replaced too."""
+        relaying = asyncio.get_running_loop().create_task(self.from_keeper())
+        try:
+            await self._serve()
+        finally:
+            relaying.cancel()
+
+    async def _serve(self) -> None:
         draining: Optional[asyncio.Task] = None
         while draining is None or not draining.done():
             try:
@@ -139,6 +204,9 @@ class FrontendProcess:
             self.allocator.down("the cache allocator restarted")
         elif name == "announcer":
             self.announcer.down("the announcer restarted")
+        elif name == "keeper":  # the streams it held died with it (as with p2pd): their sessions end
+            for stream in list(self.kept.values()):
+                stream.feed_eof()
 
     def peer_up(self, name: str) -> None:
         if name == "runtime.0":  # the leader is ready only once its whole group is
@@ -148,6 +216,8 @@ class FrontendProcess:
             self.allocator.up()
         elif name == "announcer":
             self.announcer.up()
+        elif name == "keeper":
+            self.hello()
 
     def readopt(self) -> None:
         """A new allocator knows nothing: tell it the grants our open sessions still hold."""
@@ -158,6 +228,8 @@ class FrontendProcess:
         """A reload: our replacement already serves. Calls and streams that start from now on go to it (our
         handlers leave p2pd); ours go on until they end, or until msg.timeout (--drain_timeout)."""
         began = time.monotonic()
+        self.accepting = False
+        self.hello()
         for name in UNARY:
             await self._unregister(self.p2p.remove_protobuf_handler, NAME_PREFIX + name)
         for name in STREAMS:
@@ -174,10 +246,13 @@ class FrontendProcess:
 
     async def drain(self, grace: float) -> None:
         began = time.monotonic()
+        self.accepting, self.draining = False, True
+        self.hello()
         cut = await self.rpcs.drain(grace)  # it logs what it waits for, from its first moment
         self.log.info("drained", seconds=round(time.monotonic() - began, 2), calls_cut=cut)
 
     def close(self) -> None:
+        self.keeper.sock.close()
         self.runtime.close()
         self.allocator.close()
         self.announcer.close()

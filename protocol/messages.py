@@ -8,6 +8,8 @@ Sockets and who may send what on them:
 - runtime inbox: runtime ROUTER <- frontends' and the allocator's DEALERs
 - allocator inbox: allocator ROUTER <- frontends' and the announcer's DEALERs
 - announcer inbox: announcer ROUTER <- frontends' DEALERs
+- kept streams: the stream keeper's ROUTER <-> frontends' DEALERs (identity = frontend name); the keeper
+  holds every rpc_inference stream's p2pd connection and relays its frames (procs/keeper.py)
 - tensor-parallel group: runtime.0's PUSH -> each other rank's PULL (its work, in order)
 - probe plane: every actor's XPUB -> `python -m node.probe`
 """
@@ -42,6 +44,12 @@ class ReadyDetail(msgspec.Struct, tag_field="role", tag=True, kw_only=True):
 class FrontendReady(ReadyDetail):
     peer_id: str
     stream_maddr: str  # where p2pd dials this frontend's stream handlers (removed if it dies)
+    stream_handlers: list[str]
+
+
+class KeeperReady(ReadyDetail):
+    peer_id: str
+    stream_maddr: str  # where p2pd dials the keeper's stream handler (removed if it dies)
     stream_handlers: list[str]
 
 
@@ -135,6 +143,13 @@ class AllocatorStats(ActorStats):
     sessions_without_history: int = 0  # without history room at grant or since: they cannot survive a runtime restart
 
 
+class KeeperStats(ActorStats):
+    streams: int = 0  # rpc_inference streams held
+    kept: int = 0  # ... of which a frontend's crash would not end (their messages are logged)
+    log_bytes: int = 0  # what those logs hold
+    resumed: int = 0  # streams handed to another frontend after theirs died
+
+
 class AnnouncerStats(ActorStats):
     state: int = -1  # the ServerState announced last; -1 before the first
     stored: int = 0  # announcements stored
@@ -148,13 +163,13 @@ class Ready(Message):
 
     name: str
     pid: int
-    detail: Union[FrontendReady, AnnouncerReady, AllocatorReady, RuntimeReady]
+    detail: Union[FrontendReady, KeeperReady, AnnouncerReady, AllocatorReady, RuntimeReady]
     code: str = ""  # the version of the project's code this process runs (procs/actor.py code_version)
 
 
 class Heartbeat(Message):
     name: str
-    stats: Union[FrontendStats, RuntimeStats, RankStats, AllocatorStats, AnnouncerStats, None] = None
+    stats: Union[FrontendStats, RuntimeStats, RankStats, AllocatorStats, AnnouncerStats, KeeperStats, None] = None
     pid: int = (
         0  # which process of the actor counted `stats` (node/supervisor/metrics.py keeps counters across restarts)
     )
@@ -520,6 +535,76 @@ class GroupStop(Message):
     """Rank 0 has drained: nothing more will come."""
 
 
+# --- kept streams: the stream keeper <-> frontends (procs/keeper.py, node/keeper/) --------------
+#
+# A stream's frames travel one per message: the marker in the header (0 message, 1 error), the payload
+# as one raw frame. `handled` counts the client's messages a frontend has answered or dropped (pushes
+# excluded): what a replacement frontend must only record, not answer again, if this one dies.
+
+
+class KeeperHello(Message):
+    """Frontend -> keeper: this process (`pid`) takes new streams, or no longer does (`accepting`: a
+    retirement or a drain; `draining`: the node is stopping, so a new stream is refused)."""
+
+    frontend: str
+    pid: int
+    accepting: bool = True
+    draining: bool = False
+
+
+class StreamOpen(Message):
+    """Keeper -> frontend: serve this stream. Frames: the client's messages so far when it is handed over
+    from a frontend that died (`markers` gives each one's marker); its first `handled` were answered."""
+
+    stream: int
+    peer: str
+    handled: int = 0
+    markers: list[int] = []
+
+
+class StreamIn(Message):
+    """Keeper -> frontend: the client's next message (one frame)."""
+
+    stream: int
+    marker: int
+
+
+class StreamInEnd(Message):
+    """Keeper -> frontend: the client's input was cut (its connection closed with no end-of-input)."""
+
+    stream: int
+
+
+class StreamOut(Message):
+    """Frontend -> keeper: a frame for the client (one frame); `handled` as of this frame."""
+
+    stream: int
+    marker: int
+    handled: int
+
+
+class StreamHandled(Message):
+    """Frontend -> keeper: a client message was handled with nothing to send (a step sent twice)."""
+
+    stream: int
+    handled: int
+
+
+class StreamKeep(Message):
+    """Frontend -> keeper: how many bytes of this session's messages to log (2x its history reservation,
+    in the widest dtype a client sends); 0: do not log it, a frontend's crash ends it (a session whose
+    history is not held, or one answered through a push, whose order a replay cannot rebuild)."""
+
+    stream: int
+    budget: int
+
+
+class StreamDone(Message):
+    """Frontend -> keeper: the reply is complete; close the stream."""
+
+    stream: int
+
+
 # --- probe plane: every actor's XPUB -> python -m node.probe -------------------------------------
 
 
@@ -546,3 +631,5 @@ AllocatorReply = Union[Granted, Failure, Capacity, PushDelivery]
 AnnouncerInbox = Union[ServingQuery]
 AnnouncerReply = Union[Serving]
 GroupInbox = Union[GroupRun, GroupBackward, GroupDrop, GroupStop]
+KeeperInbox = Union[KeeperHello, StreamOut, StreamHandled, StreamKeep, StreamDone]
+KeeperToFrontend = Union[StreamOpen, StreamIn, StreamInEnd]

@@ -32,7 +32,8 @@ from protocol.requester import Requester
 
 NAME_PREFIX = "TransformerConnectionHandler."
 UNARY = ("rpc_info", "rpc_forward", "rpc_backward", "rpc_push")
-STREAMS = ("rpc_forward_stream", "rpc_backward_stream", "rpc_inference")
+STREAMS = ("rpc_forward_stream", "rpc_backward_stream")  # registered with p2pd by each frontend
+KEPT = "rpc_inference"  # a stream that the stream keeper holds (procs/keeper.py) and relays to a frontend
 STREAM_PART_BYTES = 4 * 1024 * 1024
 MAX_REQUESTS_IN_FLIGHT = 1024  # RPCs one frontend handles at once (sessions included)
 DRAIN_LOG_PERIOD = 10.0  # seconds between the log lines of a drain
@@ -227,7 +228,7 @@ class Rpcs:
 
     async def rpc_inference(self, requests, context) -> AsyncIterator[runtime_pb2.ExpertResponse]:
         with self.track("rpc_inference", str(context.remote_id)):
-            session = InferenceStream(self.services, str(context.remote_id))
+            session = InferenceStream(self.services, str(context.remote_id), getattr(context, "kept", None))
             async for response in session.run(requests):
                 yield response
 

@@ -21,6 +21,7 @@ from hivemind.proto import runtime_pb2
 from node.frontend.counters import Counters
 from node.frontend.errors import RuntimeLostCache, RuntimeReplaced, SessionBusy
 from node.frontend.history import History, HistoryLost
+from node.frontend.kept import KeptStream, log_budget
 from node.frontend.open_sessions import OpenSessions
 from node.frontend.pushes import Pushes
 from node.frontend.runtime_link import RuntimeLink
@@ -30,7 +31,7 @@ from protocol import wire
 from protocol.messages import Adopt, Allocate, Failure, GrowHistory, InferStep, Release
 from protocol.plan import NodePlan
 from protocol.requester import PeerUnavailable, Requester
-from protocol.wire import RawTensor
+from protocol.wire import ITEMSIZE, RawTensor
 
 _CLIENT, _PUSH, _END, _ERROR = "client", "push", "end", "error"
 QUEUED_STEPS = 4  # steps waiting in a session: a client sends one at a time, a push races it with a copy
@@ -52,8 +53,11 @@ class SessionServices:
 
 
 class InferenceStream:
-    def __init__(self, services: SessionServices, peer: str):
+    def __init__(self, services: SessionServices, peer: str, kept: Optional[KeptStream] = None):
         self.services = services
+        self.kept = kept  # the stream keeper holds the stream (node/frontend/kept.py): it is told what is handled
+        self.client_messages = 0  # read from the client so far
+        self.replaying = False  # the message being handled was answered by a frontend that died
         self.plan = services.plan
         self.log = services.log
         self.peer = peer
@@ -99,6 +103,13 @@ class InferenceStream:
                 return
             await self._open(request)
             while request.tensors or self.pushed:  # an empty request from the client is its close message
+                if self.replaying:
+                    await self._restore(request)
+                    self.kept.handled += 1
+                    request = await self._next()
+                    if request is None:
+                        return
+                    continue
                 self._trace("in", "ClientStep", pushed=self.pushed)
                 try:
                     response = await self._step_or_drop(request)
@@ -106,6 +117,11 @@ class InferenceStream:
                     self._trace("out", "ClientError", error=str(e)[:200])
                     raise
                 self._trace("out", "ClientReply", answered=response is not None)
+                if self.kept is not None:
+                    if not self.pushed:
+                        self.kept.step_handled(answered=response is not None)
+                    elif response is not None:  # the client's own copy may be handled after: a replay could
+                        self.kept.keep(0)  # not tell which of the two the client was answered for
                 if response is not None:
                     yield response
                 request = await self._next()
@@ -158,6 +174,8 @@ class InferenceStream:
             self.room.set()
         self.pushed = kind == _PUSH
         if kind == _CLIENT:
+            self.client_messages += 1
+            self.replaying = self.kept is not None and self.client_messages <= self.kept.replayed
             self.current = item
             return item.request
         return item
@@ -198,6 +216,7 @@ class InferenceStream:
         )
         self.cache_generation = self.services.runtime.generation  # the cache is made by the first step
         self.lease_deadline = time.monotonic() + lease
+        self._keep()
         self.log.info(
             "session opened",
             session=opened.session_id,
@@ -206,6 +225,12 @@ class InferenceStream:
             batch=opened.batch,
             max_length=opened.max_length,
         )
+
+    def _keep(self) -> None:
+        """Tell the keeper how much of this session's messages to log: as much as its history holds."""
+        if self.kept is not None:
+            held = self.history.reserved if self.history.lost is None else 0
+            self.kept.keep(log_budget(held, ITEMSIZE[self.plan.torch_dtype], self.opened.max_length))
 
     def adopt_message(self) -> Optional[Adopt]:
         """Our grant, told again to an allocator that restarted and lost its books."""
@@ -262,16 +287,31 @@ class InferenceStream:
         step = rq.inference_step(request, metadata, self.opened, self.prefix, self.plan)
         timeout = max(0.001, min(self.plan.request_timeout, self.deadline - time.monotonic()))
         output = await self._run(step.position, step.tensors, step.step_id, timeout)
+        prompts = await self._record(step)
+        encoded = wire.encode_tensor(output, self.plan.compression)
+        if step.next_servers and prompts is None:
+            self.services.pushes.push_next(encoded, request, metadata, step.next_servers, self.peer)
+        return runtime_pb2.ExpertResponse(tensors=[encoded])
+
+    async def _record(self, step: rq.InferenceStep) -> Optional[RawTensor]:
+        """A step done: its inputs join the history, its step_id the ones seen. Gives its deep prompts."""
         prompts, hypo_ids = rq.optional_tensor(step.prompts), rq.optional_tensor(step.hypo_ids)
         await self._reserve_history(step.position, prompts)
         self.history.record(step.position, step.hidden, prompts, hypo_ids)
         self.prefix = step.position + step.length
         if step.step_id:
             self.steps_done.append(step.step_id)
-        encoded = wire.encode_tensor(output, self.plan.compression)
-        if step.next_servers and prompts is None:
-            self.services.pushes.push_next(encoded, request, metadata, step.next_servers, self.peer)
-        return runtime_pb2.ExpertResponse(tensors=[encoded])
+        return prompts
+
+    async def _restore(self, request: runtime_pb2.ExpertRequest) -> None:
+        """A step that a frontend which died had answered (the keeper handed its stream to us): recorded,
+        not run, and the next step rebuilds the cache from the history, as after a runtime restart."""
+        metadata = wire.unpack_metadata(request.metadata)
+        step_id = rq.identifier(metadata, "step_id")
+        if step_id and step_id in self.steps_done:
+            return
+        await self._record(rq.inference_step(request, metadata, self.opened, self.prefix, self.plan))
+        self.cache_generation = -1
 
     async def _reserve_history(self, position: int, prompts: Optional[RawTensor]) -> None:
         """Deep prompts are kept beside the hidden states the session opened with room for: their bytes are
@@ -297,6 +337,7 @@ class InferenceStream:
             self.log.info("session history given up", session=self._sid, peer=self.peer, reason=reply.error)
         else:
             history.reserved = need
+            self._keep()
 
     def _infer_step(self, position: int, tensors: list, step_id: str) -> InferStep:
         o = self.opened

@@ -16,6 +16,7 @@ from typing import Callable, Optional
 from hivemind.p2p import P2P, P2PContext
 from hivemind.proto import runtime_pb2
 
+from node.frontend.kept import KeptContext
 from node.frontend.limits import Refused, Scopes
 from protocol import stream_framing as framing
 
@@ -72,8 +73,12 @@ def stream_handler(
     the scopes, is refused with an error and nothing more is read. `refuse(reason, peer, message)`
     counts and logs a refusal."""
 
-    async def handle(stream_info, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        context = P2PContext(handle_name=name, local_id=p2p.peer_id, remote_id=stream_info.peer_id)
+    async def handle(stream_info, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, kept=None) -> None:
+        """`kept`: a stream the keeper holds (node/frontend/kept.py is then both `reader` and `writer`)."""
+        if kept is None:
+            context = P2PContext(handle_name=name, local_id=p2p.peer_id, remote_id=stream_info.peer_id)
+        else:
+            context = KeptContext(handle_name=name, local_id=p2p.peer_id, remote_id=stream_info.peer_id, kept=kept)
         peer = str(stream_info.peer_id)
         reservation = Reservation(scopes, peer)
         inbox: asyncio.Queue = asyncio.Queue(PREFETCH)
@@ -169,7 +174,7 @@ def stream_handler(
                 else:
                     await inbox.put(ValueError(f"malformed stream frame (marker {marker!r})"))
                     receiving = False
-            if not ended and task.done() and not task.cancelled():
+            if not ended and task.done() and not task.cancelled() and kept is None:  # the keeper drains its own
                 await drain_input(reader, receive)
                 receive = None
         except Exception:

@@ -112,6 +112,7 @@ def actor_specs(num_handlers: int, tp_world: int = 1) -> list[ActorSpec]:
     ]
     specs += [ActorSpec(f"runtime.{rank}", "procs.runtime_rank") for rank in range(1, tp_world)]
     specs += [ActorSpec(f"frontend.{i}", "procs.frontend") for i in range(num_handlers)]
+    specs.append(ActorSpec("keeper", "procs.keeper"))  # holds the inference streams that frontends serve
     return specs
 
 

@@ -44,7 +44,7 @@ def actor_rows(actors: dict, now: float) -> list[dict]:
 
 def _actor_order(name: str) -> tuple:
     role, _, index = name.partition(".")
-    order = {"announcer": 0, "allocator": 1, "runtime": 2, "frontend": 3}
+    order = {"announcer": 0, "allocator": 1, "runtime": 2, "frontend": 3, "keeper": 4}
     return (order.get(role, 9), int(index) if index.isdigit() else 0)
 
 

@@ -57,6 +57,7 @@ from protocol.messages import (
     FrontendReady,
     FrontendStats,
     Heartbeat,
+    KeeperReady,
     LoadBlocks,
     Measured,
     Message,
@@ -322,6 +323,7 @@ class Supervisor:
             all(self.actors[n].ready or self.actors[n].reloading for n in self.runtimes)
             and (self.actors["allocator"].ready or self.actors["allocator"].reloading)
             and any(a.ready for n, a in self.actors.items() if n.startswith("frontend"))
+            and self.actors["keeper"].ready
         )
         if not self.started and all(a.ready for a in self.actors.values()):
             self.started = True
@@ -398,7 +400,7 @@ class Supervisor:
                         if other is not actor:
                             self.send(other.spec.name, PeerUp(name))
                 actor.was_ready = True
-                if isinstance(msg.detail, FrontendReady):
+                if isinstance(msg.detail, (FrontendReady, KeeperReady)):
                     self.stream_handlers[name] = (msg.detail.stream_maddr, list(msg.detail.stream_handlers))
                 elif isinstance(msg.detail, AnnouncerReady):
                     self.placement.using_relay = msg.detail.using_relay
@@ -640,6 +642,7 @@ class Supervisor:
         frontends = [a for n, a in self.actors.items() if n.startswith("frontend")]
         cut = self.stop_requested.is_set() and self.drain_deadline is not None
         await self._stop(frontends, 0.0 if cut else min(self.config.shutdown_grace, UNDRAINED_GRACE))
+        await self._stop([self.actors["keeper"]], 2.0)  # after the frontends: it carries their last frames
         await self._stop([self.actors["runtime.0"]], 2.0)  # the leader first: the other ranks serve its drain
         await self._stop([self.actors[n] for n in self.runtimes[1:]], 2.0)
         await self._stop([self.actors["allocator"], self.actors["announcer"]], 2.0)

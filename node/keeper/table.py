@@ -1,0 +1,265 @@
+"""The stream keeper's table: which frontend serves each rpc_inference stream, what its client has sent,
+and who takes the stream over when its frontend dies (docs/reliability.md, "A frontend's crash").
+
+The keeper process (procs/keeper.py) holds every rpc_inference stream's p2pd connection and moves its
+frames; this table decides everything about them, with no socket and no clock of its own: it is told
+what happened (a stream opened, a client message read, a frontend's frame, a frontend up or down) and
+answers through `send(frontend, message, frames)` and through what its methods return.
+
+A session's client messages are logged, up to the budget its frontend gives once the allocator has
+granted the session (StreamKeep: twice its history reservation). When that frontend dies, the stream
+is handed to another frontend (or to its replacement, once it says hello) with the log and the number
+of messages already answered: the new frontend reopens the session, records what was answered, answers
+the rest, and the client only sees a slower step.
+"""
+
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass, field
+from typing import Callable, Optional
+
+from protocol.messages import (
+    SHUTTING_DOWN,
+    KeeperHello,
+    Message,
+    StreamDone,
+    StreamHandled,
+    StreamIn,
+    StreamInEnd,
+    StreamKeep,
+    StreamOpen,
+    StreamOut,
+)
+
+ERROR_MARKER = 1
+WINDOW = 4  # client messages a frontend may hold unhandled (a session queues at most QUEUED_STEPS)
+FRONTEND_LOST = (
+    "the node's frontend that held this session stopped, and the session could not be handed to another: "
+    "{why}; open a new session"
+)
+
+
+@dataclass
+class Stream:
+    id: int
+    peer: str
+    frontend: Optional[str] = None  # who serves it; None while it waits for one
+    log: list[tuple[int, bytes]] = field(default_factory=list)  # (marker, payload) of every client message
+    log_bytes: int = 0
+    budget: Optional[int] = None  # bytes the log may hold; None until the frontend says
+    kept: bool = True  # whether a frontend's death can be hidden from the client
+    why_not_kept: str = ""
+    received: int = 0  # client messages read
+    handled: int = 0  # ... of which answered (or dropped as duplicates) by a frontend
+    input_ended: bool = False  # the client sent its end-of-input, or its connection was cut
+    replied: bool = False  # an error frame went out: the reply is complete
+    done: bool = False  # nothing more will be written
+    waiting_since: Optional[float] = None  # when it lost its frontend (or came with none there)
+    resumed: int = 0  # times it was handed to another frontend
+
+    def forget(self, why: str) -> None:
+        self.kept, self.why_not_kept = False, why
+        self.log, self.log_bytes = [], 0
+
+
+@dataclass
+class Frontend:
+    name: str
+    pid: int
+    accepting: bool
+    draining: bool
+
+
+@dataclass(frozen=True)
+class Write:
+    """A frame for the stream's client."""
+
+    marker: int
+    payload: bytes
+
+
+@dataclass(frozen=True)
+class Close:
+    """The reply is complete (or the stream must end with `error`, written first)."""
+
+    error: Optional[str] = None
+
+
+Action = Optional[object]  # Write, Close or None
+
+
+class Keeper:
+    def __init__(self, send: Callable[[str, Message, list], None], log):
+        self.send = send
+        self.log = log
+        self.frontends: dict[str, Frontend] = {}
+        self.streams: dict[int, Stream] = {}
+        self._ids = itertools.count(1)
+        self._turn = itertools.count()
+        self.resumed = 0  # streams handed over, in all
+
+    # --- frontends ---------------------------------------------------------------------------
+
+    def hello(self, msg: KeeperHello, now: float) -> dict[int, Close]:
+        """A frontend starts, or stops taking new streams. A new pid under a known name is its replacement:
+        what the old process held is handed over first. Returns the streams to end (with their error)."""
+        ended: dict[int, Close] = {}
+        known = self.frontends.get(msg.frontend)
+        if known is not None and known.pid != msg.pid:
+            ended.update(self.down(msg.frontend, now))
+        self.frontends[msg.frontend] = Frontend(msg.frontend, msg.pid, msg.accepting, msg.draining)
+        self.assign_waiting(now)
+        return ended
+
+    def down(self, name: str, now: float) -> dict[int, Close]:
+        """Frontend `name` died: its kept streams wait for another, the others end with an error."""
+        self.frontends.pop(name, None)
+        ended: dict[int, Close] = {}
+        for stream in self.streams.values():
+            if stream.frontend != name or stream.done:
+                continue
+            stream.frontend = None
+            if stream.replied:
+                ended[stream.id] = Close()
+            elif not stream.kept:
+                ended[stream.id] = Close(FRONTEND_LOST.format(why=stream.why_not_kept))
+            elif stream.input_ended and stream.received == 0:
+                ended[stream.id] = Close()
+            else:
+                stream.waiting_since = now
+                self.log.info(
+                    "stream's frontend died: handing it over",
+                    stream=stream.id,
+                    peer=stream.peer,
+                    frontend=name,
+                    messages=stream.received,
+                    answered=stream.handled,
+                )
+        for stream_id in ended:
+            self.streams[stream_id].done = True
+        self.assign_waiting(now)
+        return ended
+
+    def assign_waiting(self, now: float) -> None:
+        for stream in self.streams.values():
+            if stream.frontend is None and not stream.done:
+                self._assign(stream)
+
+    def _choose(self) -> Optional[str]:
+        """The accepting frontend with the fewest streams (ties in turn)."""
+        accepting = [f.name for f in self.frontends.values() if f.accepting]
+        if not accepting:
+            return None
+        load = {name: 0 for name in accepting}
+        for stream in self.streams.values():
+            if stream.frontend in load:
+                load[stream.frontend] += 1
+        turn = next(self._turn)
+        return min(accepting, key=lambda n: (load[n], (accepting.index(n) - turn) % len(accepting)))
+
+    def _assign(self, stream: Stream) -> bool:
+        frontend = self._choose()
+        if frontend is None:
+            return False
+        resumed = stream.received > 0
+        stream.frontend, stream.waiting_since = frontend, None
+        markers = [marker for marker, _ in stream.log] if resumed else []
+        frames = [payload for _, payload in stream.log] if resumed else []
+        self.send(frontend, StreamOpen(stream.id, stream.peer, stream.handled, markers), frames)
+        if resumed:
+            stream.resumed += 1
+            self.resumed += 1
+            self.log.info(
+                "stream handed over", stream=stream.id, peer=stream.peer, frontend=frontend, answered=stream.handled
+            )
+        return True
+
+    def refusal(self) -> Optional[str]:
+        """Why a new stream cannot be served now: every frontend drains (the node stops)."""
+        if self.frontends and all(f.draining for f in self.frontends.values()):
+            return SHUTTING_DOWN
+        return None
+
+    def overdue(self, now: float, limit: float) -> dict[int, Close]:
+        """Streams that waited more than `limit` seconds for a frontend end with an error."""
+        ended = {}
+        for stream in self.streams.values():
+            if stream.frontend is None and not stream.done and stream.waiting_since is not None:
+                if now - stream.waiting_since > limit:
+                    stream.done = True
+                    ended[stream.id] = Close(FRONTEND_LOST.format(why=f"no frontend took it within {limit:.0f} s"))
+        return ended
+
+    # --- a stream's client --------------------------------------------------------------------
+
+    def open(self, peer: str, now: float) -> Stream:
+        stream = Stream(next(self._ids), peer, waiting_since=now)
+        self.streams[stream.id] = stream
+        self._assign(stream)
+        return stream
+
+    def may_read(self, stream: Stream) -> bool:
+        """Backpressure: the client is read no further while its frontend holds WINDOW unhandled messages."""
+        return not stream.done and not stream.input_ended and stream.received - stream.handled < WINDOW
+
+    def received(self, stream: Stream, marker: int, payload: bytes) -> None:
+        stream.received += 1
+        if marker == ERROR_MARKER:
+            stream.input_ended = True  # the client's end-of-input (or its error): nothing more is read
+        if stream.kept:
+            stream.log.append((marker, payload))
+            stream.log_bytes += len(payload)
+            if stream.budget is not None and stream.log_bytes > stream.budget:
+                stream.forget(f"its messages exceeded the {stream.budget} bytes kept for it")
+        if stream.frontend is not None:
+            self.send(stream.frontend, StreamIn(stream.id, marker), [payload])
+
+    def input_cut(self, stream: Stream) -> None:
+        """The client's connection closed with no end-of-input: the client is gone."""
+        stream.input_ended = True
+        stream.forget("its client is gone")
+        if stream.frontend is not None:
+            self.send(stream.frontend, StreamInEnd(stream.id), [])
+        elif not stream.done:
+            stream.done = True
+
+    def gone(self, stream: Stream) -> None:
+        """The process is done with the stream's connection."""
+        self.streams.pop(stream.id, None)
+
+    # --- a frontend's frames ------------------------------------------------------------------
+
+    def from_frontend(self, sender: str, msg: Message, frames: list) -> tuple[Optional[Stream], Action]:
+        """A frontend's message about one of its streams: the stream and what to do on it. Messages from a
+        frontend that no longer holds the stream (a late one from a dead process) are ignored."""
+        stream = self.streams.get(msg.stream)
+        if stream is None or stream.frontend != sender or stream.done:
+            return None, None
+        if isinstance(msg, StreamOut):
+            stream.handled = max(stream.handled, min(msg.handled, stream.received))
+            if msg.marker == ERROR_MARKER:
+                stream.replied = True
+            return stream, Write(msg.marker, bytes(frames[0]) if frames else b"")
+        if isinstance(msg, StreamHandled):
+            stream.handled = max(stream.handled, min(msg.handled, stream.received))
+            return stream, None
+        if isinstance(msg, StreamKeep):
+            if msg.budget <= 0:
+                stream.forget("its frontend does not keep its history")
+            else:
+                stream.budget = msg.budget
+                if stream.log_bytes > msg.budget:
+                    stream.forget(f"its messages exceeded the {msg.budget} bytes kept for it")
+            return stream, None
+        if isinstance(msg, StreamDone):
+            stream.done = True
+            return stream, Close()
+        return None, None
+
+    # --- what the keeper holds ------------------------------------------------------------------
+
+    def counts(self) -> tuple[int, int, int]:
+        """(streams, kept streams, bytes logged)."""
+        live = [s for s in self.streams.values() if not s.done]
+        return len(live), sum(s.kept for s in live), sum(s.log_bytes for s in live)

@@ -1,0 +1,280 @@
+"""The stream keeper: holds every rpc_inference stream's connection to p2pd, so that a frontend's crash
+does not end the sessions it served (docs/reliability.md, "A frontend's crash").
+
+p2pd binds a stream for life to the process that accepted its connection: when that process dies, the
+stream dies. So the process that accepts inference streams is not the one that runs sessions: this one
+only reads and writes hivemind's frames (PROTOCOL 1.2), within bounds, and relays them to a frontend;
+node/keeper/table.py decides which frontend, what is logged, and who takes a stream over.
+Owns: an attachment to the node's p2pd (P2P.replicate: the node's peer id), the rpc_inference handler
+  registration, every inference stream's connection, and the ROUTER `keeper.sock` to the frontends.
+Receives: streams from p2pd; from frontends (ROUTER): KeeperHello, StreamOut, StreamHandled, StreamKeep,
+  StreamDone; control: PeerDown(frontend.N) (its streams are handed over), Serve (the blocks served now,
+  which bound a message's size), Stop.
+Sends: StreamOpen, StreamIn, StreamInEnd to frontends; the frontends' frames to the streams' clients.
+"""
+
+from __future__ import annotations
+
+from node import startup
+
+startup.die_with_supervisor()
+startup.light_hivemind()  # before the imports below: see node/startup.py
+
+import asyncio
+import time
+from typing import Optional
+
+import zmq
+import zmq.asyncio
+from hivemind.p2p import P2P
+from hivemind.utils.multiaddr import Multiaddr
+
+from node.frontend.limits import RequestSizes
+from node.keeper.table import Close, Keeper, Stream, Write
+from node.logs import quiet_hivemind
+from procs import actor as actor_lib
+from protocol import stream_framing as framing
+from protocol.messages import (
+    SHUTTING_DOWN,
+    KeeperHello,
+    KeeperInbox,
+    KeeperReady,
+    KeeperStats,
+    PeerDown,
+    Serve,
+    Stop,
+)
+from protocol.transport import AsyncChannel, BadMessage
+
+HANDLER = "TransformerConnectionHandler.rpc_inference"
+FRAME_SECONDS = 10.0  # a frame's payload must arrive within this, plus a second per MiB
+MIN_RATE = 1 << 20
+INPUT_DRAIN_SECONDS = 1.0  # after the last frame, how long the client's remaining input is read and dropped
+WAIT_FOR_FRONTEND = 60.0  # how long a stream waits for a frontend (a replacement starts in seconds)
+
+
+class Connection:
+    """One stream's p2pd connection: what is to be written to it, and when more may be read."""
+
+    def __init__(self, stream: Stream, reader: asyncio.StreamReader, writer: asyncio.StreamWriter):
+        self.stream, self.reader, self.writer = stream, reader, writer
+        self.actions: asyncio.Queue = asyncio.Queue()  # Write, then a Close
+        self.readable = asyncio.Event()  # set whenever the window may have opened
+
+
+class KeeperProcess:
+    """Moves bytes between p2pd's streams and the frontends; the table decides."""
+
+    def __init__(self, actor: actor_lib.Actor):
+        self.actor = actor
+        self.plan = actor.plan
+        self.log = actor.log
+        self.control = actor.async_control()
+        ctx = zmq.asyncio.Context.shadow(actor.ctx)
+        sock = ctx.socket(zmq.ROUTER)
+        sock.setsockopt(zmq.LINGER, 0)
+        sock.setsockopt(zmq.ROUTER_HANDOVER, 1)  # a restarted frontend reuses its identity
+        sock.bind(self.plan.endpoint("keeper.sock"))
+        self.inbox = AsyncChannel(sock, KeeperInbox, router=True, observer=actor.probe.observe)
+        self.table = Keeper(self.send, self.log)
+        self.connections: dict[int, Connection] = {}
+        self.p2p: Optional[P2P] = None
+
+    def send(self, frontend: str, msg, frames: list) -> None:
+        try:
+            self.inbox.send(msg, frames, to=frontend.encode())
+        except zmq.ZMQError as e:  # gone: its PeerDown hands its streams over
+            self.log.info("frontend unreachable", frontend=frontend, error=repr(e))
+
+    def message_limit(self) -> int:
+        plan = self.plan
+        return RequestSizes(plan.hidden_size, plan.max_batch_size, max(1, plan.end_block - plan.start_block)).step
+
+    async def start(self) -> None:
+        self.p2p = await P2P.replicate(Multiaddr(self.plan.daemon_maddr))
+        await self.p2p.add_binary_stream_handler(HANDLER, self.handle, balanced=True)
+        self.actor.ready(
+            KeeperReady(
+                peer_id=self.p2p.peer_id.to_base58(),
+                stream_maddr=str(self.p2p._client_listen_maddr),
+                stream_handlers=[HANDLER],
+            )
+        )
+
+    # --- receiving: streams from p2pd ----------------------------------------------------------
+
+    async def handle(self, stream_info, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        peer = str(stream_info.peer_id)
+        refusal = self.table.refusal()
+        if refusal is not None:
+            framing.write_error(writer, refusal)
+            await self._finish(None, reader, writer)
+            return
+        stream = self.table.open(peer, time.monotonic())
+        connection = self.connections[stream.id] = Connection(stream, reader, writer)
+        reading = asyncio.get_running_loop().create_task(self._read(connection))
+        reading.add_done_callback(lambda task: self._reading_ended(task, connection))
+        try:
+            await self._write(connection)
+        except (ConnectionError, OSError) as e:
+            self.log.info("stream ended: its client is gone", stream=stream.id, peer=peer, error=repr(e))
+            if not stream.done:
+                self.table.input_cut(stream)
+        finally:
+            stream.done = True
+            connection.readable.set()
+            await self._finish(reading, reader, writer)
+            self.table.gone(stream)
+            self.connections.pop(stream.id, None)
+
+    def _reading_ended(self, task: asyncio.Task, connection: Connection) -> None:
+        """A bug in reading must end the stream with an error, not leave its client waiting."""
+        if not task.cancelled() and task.exception() is not None:
+            self.log.error("stream reader failed", stream=connection.stream.id, exc_info=task.exception())
+            if not connection.stream.done:
+                connection.stream.done = True
+                connection.actions.put_nowait(Close(f"the server failed to read this stream: {task.exception()!r}"))
+
+    async def _read(self, connection: Connection) -> None:
+        """The client's frames, in order, within the window and the size bound; once the stream is done,
+        what is left is read and dropped so that closing the stream does not reset it."""
+        stream, reader = connection.stream, connection.reader
+        while True:
+            while not self.table.may_read(stream) and not stream.done:
+                connection.readable.clear()
+                await connection.readable.wait()
+            if stream.input_ended:
+                return
+            try:
+                marker, length = await framing.read_header(reader)
+                limit = self.message_limit()
+                if length > limit:
+                    raise ValueError(f"a stream message of {length} bytes exceeds the limit of {limit}")
+                payload = await asyncio.wait_for(reader.readexactly(length), FRAME_SECONDS + length / MIN_RATE)
+            except (asyncio.IncompleteReadError, ConnectionError):
+                if not stream.done:
+                    self.table.input_cut(stream)
+                    connection.actions.put_nowait(Close())
+                return
+            except (asyncio.TimeoutError, ValueError) as e:
+                reason = str(e) or f"a stream message did not arrive within {FRAME_SECONDS:.0f} s"
+                self.log.info("stream input refused", stream=stream.id, peer=stream.peer, reason=reason)
+                if not stream.done:
+                    self.table.input_cut(stream)
+                    stream.done = True
+                    connection.actions.put_nowait(Close(reason))
+                return
+            if stream.done:
+                if marker != framing.MESSAGE:
+                    return
+                continue
+            self.table.received(stream, marker[0], payload)
+
+    async def _write(self, connection: Connection) -> None:
+        writer = connection.writer
+        while True:
+            action = await connection.actions.get()
+            if isinstance(action, Write):
+                framing.write_frame(writer, bytes([action.marker]), action.payload)
+                await writer.drain()
+            elif isinstance(action, Close):
+                if action.error is not None:
+                    framing.write_error(writer, action.error)
+                    await writer.drain()
+                return
+
+    async def _finish(self, reading: Optional[asyncio.Task], reader, writer) -> None:
+        """Give the client's remaining input a moment to end before the stream closes (see _read)."""
+        try:
+            if reading is not None:
+                await asyncio.wait_for(reading, INPUT_DRAIN_SECONDS)
+        except (asyncio.TimeoutError, Exception):
+            pass
+        finally:
+            writer.close()
+
+    # --- receiving: frontends ----------------------------------------------------------------
+
+    async def relay(self) -> None:
+        while True:
+            try:
+                envelope = await self.inbox.recv()
+            except BadMessage as e:
+                self.log.warning("bad message from a frontend", reason=e.reason)
+                continue
+            sender = envelope.sender.decode(errors="replace")
+            msg = envelope.msg
+            if isinstance(msg, KeeperHello):
+                self.end(self.table.hello(msg, time.monotonic()))
+                continue
+            stream, action = self.table.from_frontend(sender, msg, envelope.frames)
+            if stream is None:
+                continue
+            connection = self.connections.get(stream.id)
+            if connection is None:
+                continue
+            if action is not None:
+                connection.actions.put_nowait(action)
+            connection.readable.set()
+
+    def end(self, ended: dict[int, Close]) -> None:
+        for stream_id, close in ended.items():
+            connection = self.connections.get(stream_id)
+            if connection is not None:
+                connection.actions.put_nowait(close)
+                connection.readable.set()
+
+    # --- control -----------------------------------------------------------------------------
+
+    async def serve(self) -> None:
+        relaying = asyncio.get_running_loop().create_task(self.relay())
+        try:
+            while True:
+                try:
+                    msg = await asyncio.wait_for(self.control.get(), timeout=1.0)
+                except asyncio.TimeoutError:
+                    msg = None
+                now = time.monotonic()
+                if isinstance(msg, Stop):
+                    break
+                if isinstance(msg, PeerDown) and msg.name.startswith("frontend"):
+                    self.end(self.table.down(msg.name, now))
+                elif isinstance(msg, Serve):
+                    self.plan.start_block, self.plan.end_block = msg.start_block, msg.end_block
+                self.end(self.table.overdue(now, WAIT_FOR_FRONTEND))
+                streams, kept, log_bytes = self.table.counts()
+                self.actor.stats = KeeperStats(
+                    streams=streams, kept=kept, log_bytes=log_bytes, resumed=self.table.resumed
+                )
+                self.actor.publish_stats()
+        finally:
+            relaying.cancel()
+        await self.stop()
+
+    async def stop(self) -> None:
+        """The frontends are gone (the supervisor stops us after them): what is still open ends now."""
+        self.end({stream_id: Close(SHUTTING_DOWN) for stream_id in self.connections})
+        for connection in list(self.connections.values()):
+            connection.stream.done = True
+        deadline = time.monotonic() + 2.0
+        while self.connections and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        self.log.info("stopped", streams_cut=len(self.connections))
+
+
+async def amain(actor: actor_lib.Actor) -> None:
+    quiet_hivemind()
+    keeper = KeeperProcess(actor)
+    try:
+        await keeper.start()
+        await keeper.serve()
+    finally:
+        keeper.inbox.sock.close(0)
+
+
+def main(actor: actor_lib.Actor) -> None:
+    asyncio.run(amain(actor))
+
+
+if __name__ == "__main__":
+    actor_lib.run(main)
