@@ -1,13 +1,16 @@
 """A network frontend: the Petals RPC handlers, registered on the supervisor's p2pd daemon.
 
 Owns: an attachment to the node's p2pd (P2P.replicate, so the peer id is the node's), the handler
-  registrations (balanced: p2pd spreads calls over all frontends), and the open inference sessions.
-Receives: Petals RPCs from the swarm; replies from the runtime, the allocator and the announcer;
+  registrations (balanced: p2pd spreads calls over all frontends) of every RPC but rpc_inference, a DEALER
+  to the stream keeper (procs/keeper.py), and the open inference sessions.
+Receives: Petals RPCs from the swarm; rpc_inference streams from the keeper, which holds their
+  connections (StreamOpen, StreamIn, StreamInEnd); replies from the runtime, the allocator and the announcer;
   PushDelivery for sessions it owns; control: Stop (a drain: new calls are refused, open sessions are
   served until they end or the grace does; a second Stop with no grace cuts it short), Retire (a reload:
   a new frontend serves, this one takes nothing new and ends when its streams do), PeerDown, PeerUp,
   Serve (the blocks served now).
-Sends: Forward/Backward/InferStep/Cancel to the runtime; Allocate/Release/GrowHistory/Adopt/
+Sends: KeeperHello (taking streams or not), StreamOut/StreamHandled/StreamKeep/StreamDone to the keeper;
+  Forward/Backward/InferStep/Cancel to the runtime; Allocate/Release/GrowHistory/Adopt/
   CapacityQuery/PushRoute to the allocator; ServingQuery to the announcer (before a push); replies and error frames
   to clients, pushes to the next servers of v2.2.0 clients' chains.
 """
@@ -142,7 +145,7 @@ class FrontendProcess:
                     stream.feed_eof()
 
     def open_kept(self, msg: StreamOpen, frames: list) -> None:
-        stream = KeptStream(msg.stream, msg.handled, lambda m, f: self.keeper.send(m, f))
+        stream = KeptStream(msg.stream, msg.handled, lambda m, f: self.keeper.send(m, f), bool(msg.markers))
         for marker, frame in zip(msg.markers, frames):
             stream.feed(marker, frame)
         self.kept[msg.stream] = stream

@@ -238,7 +238,7 @@ class KeeperProcess:
                 if isinstance(msg, Stop):
                     break
                 if isinstance(msg, PeerDown) and msg.name.startswith("frontend"):
-                    self.end(self.table.down(msg.name, now))
+                    self.end(self.table.down(msg.name, now, msg.pid))
                 elif isinstance(msg, Serve):
                     self.plan.start_block, self.plan.end_block = msg.start_block, msg.end_block
                 self.end(self.table.overdue(now, WAIT_FOR_FRONTEND))

@@ -258,9 +258,11 @@ class Retire(Message):
 
 
 class PeerDown(Message):
-    """Actor `name` died: fail whatever waits on it (a replacement is on its way)."""
+    """Actor `name` died: fail whatever waits on it (a replacement is on its way). `pid`: the process that
+    died (0: unknown), so that news arriving after its replacement's hello is not taken for the latter's."""
 
     name: str
+    pid: int = 0
 
 
 class PeerUp(Message):
@@ -415,6 +417,9 @@ class Allocate(Message):
     timeout: float = 0.0
     lease: float = 1800.0
     peer: str = ""  # the client, for the limit of sessions per peer
+    # a session handed over by the stream keeper: a grant its dead frontend still holds for the same
+    # session and client is taken over (the news of that frontend's death may not have come yet)
+    resumed: bool = False
 
 
 class Granted(Message):

@@ -126,6 +126,11 @@ class Admission:
 
     def allocate(self, sender: bytes, owner: str, msg: Allocate, now: float) -> None:
         held = self.sessions.get(msg.session) if msg.session else None
+        if held is not None and msg.resumed and held.peer == msg.peer:
+            lease = self.budget.release(held.handle)
+            self.log.info("session taken over", session=msg.session, owner=owner, previous_owner=held.owner)
+            self.ended([lease] if lease is not None else [], "taken over")
+            held = None
         if held is not None:
             size = self.geometry.session_bytes(msg.batch, msg.max_length, msg.blocks)
             if (held.owner, held.peer, held.size) == (owner, msg.peer, size):

@@ -29,9 +29,10 @@ class KeptContext(P2PContext):
 
 
 class KeptStream:
-    def __init__(self, stream: int, replayed: int, send: Callable[[Message, list], None]):
+    def __init__(self, stream: int, replayed: int, send: Callable[[Message, list], None], handed_over: bool = False):
         self.stream = stream
-        self.replayed = replayed  # the first client messages, already answered by a frontend that died
+        self.handed_over = handed_over  # from a frontend that died (which may have opened its session)
+        self.replayed = replayed  # the first client messages, already answered by that frontend
         self.handled = 0  # client messages answered or dropped so far (including the replayed ones)
         self._send = send
         self.reader = asyncio.StreamReader()

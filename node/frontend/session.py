@@ -200,8 +200,17 @@ class InferenceStream:
 
         def allocate() -> Allocate:
             o = opened
+            resumed = self.kept is not None and self.kept.handed_over
             return Allocate(
-                allocator.next_id(), o.session_id, o.batch, o.max_length, o.span.length, timeout, lease, peer=self.peer
+                allocator.next_id(),
+                o.session_id,
+                o.batch,
+                o.max_length,
+                o.span.length,
+                timeout,
+                lease,
+                peer=self.peer,
+                resumed=resumed,
             )
 
         try:  # an allocator replaced meanwhile is asked again: the client sees only the delay

@@ -112,8 +112,12 @@ class Keeper:
         self.assign_waiting(now)
         return ended
 
-    def down(self, name: str, now: float) -> dict[int, Close]:
-        """Frontend `name` died: its kept streams wait for another, the others end with an error."""
+    def down(self, name: str, now: float, pid: int = 0) -> dict[int, Close]:
+        """Frontend `name` (process `pid`, 0: whichever) died: its kept streams wait for another, the others
+        end with an error. The news of a process whose replacement said hello already is stale."""
+        known = self.frontends.get(name)
+        if pid and known is not None and known.pid != pid:
+            return {}
         self.frontends.pop(name, None)
         ended: dict[int, Close] = {}
         for stream in self.streams.values():

@@ -244,7 +244,7 @@ class Supervisor:
         actor.ready = False
         for other in self.actors.values():
             if other is not actor:
-                self.send(other.spec.name, PeerDown(name))
+                self.send(other.spec.name, PeerDown(name, actor.pid or 0))
         if name in self.stream_handlers:
             task = asyncio.get_running_loop().create_task(self._unregister(name, *self.stream_handlers.pop(name)))
             self.tasks.add(task)

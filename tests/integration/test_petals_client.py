@@ -16,6 +16,7 @@ import signal
 import subprocess
 import sys
 import textwrap
+import threading
 import time
 import urllib.request
 
@@ -339,6 +340,37 @@ def test_petals_client_generation_survives_runtime_kills_a_hang_and_a_reload(tmp
         run_with_faults(TOKEN_BY_TOKEN_CLIENT, model, 64, node, faults)
         assert sum(e.get("event") == "session recovered" for e in node.log_events()) >= 4
         wait_until(lambda: any(e.get("event") == "reload done" for e in node.log_events()), 120, "the reload", node)
+
+
+def test_petals_client_generation_completes_through_frontend_kills(tmp_path, model):
+    """Issue 21, item 3: the node's only frontend is killed with -9 twice mid-generation, once between two
+    tokens and once with a step in flight (stopped, then killed), and hangs once (the supervisor kills
+    it): the generation completes with transformers' tokens, in one session (one session id from start
+    to end: a client of Petals' main branch cannot replace a session mid-generation, and a 2.2.0 client
+    that replayed would have opened a new one), because the stream keeper holds the stream and hands it
+    to the frontend's replacement."""
+    flags = ["--num_handlers", "1", "--heartbeat_timeout", "3"]
+    with NodeProcess(model, tmp_path / "node", *flags) as node:
+
+        def frontend_pid() -> int:
+            return node.wait_ready("frontend.0", None, timeout=60)
+
+        def kill() -> None:
+            os.kill(frontend_pid(), signal.SIGKILL)
+
+        def kill_in_flight() -> None:
+            pid = frontend_pid()
+            os.kill(pid, signal.SIGSTOP)
+            threading.Timer(1.0, os.kill, (pid, signal.SIGKILL)).start()  # the client's step reaches it first
+
+        def hang() -> None:
+            os.kill(frontend_pid(), signal.SIGSTOP)
+
+        run_with_faults(TOKEN_BY_TOKEN_CLIENT, model, 32, node, {6: kill, 14: kill_in_flight, 22: hang})
+        events = node.log_events()
+        assert len({e["session"] for e in events if e.get("event") == "session opened"}) == 1
+        assert sum(e.get("event") == "stream handed over" for e in events) >= 3
+        assert node.status["actors"]["frontend.0"]["restarts"] >= 3
 
 
 def inference_calls(node: NodeProcess) -> int:

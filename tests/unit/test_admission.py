@@ -36,9 +36,10 @@ class Driver:
         )
         self.req = 0
 
-    def allocate(self, sender=F0, session="s", peer="p", batch=1, max_length=64, timeout=0.0):
+    def allocate(self, sender=F0, session="s", peer="p", batch=1, max_length=64, timeout=0.0, resumed=False):
         self.req += 1
-        self.admission.take(sender, Allocate(self.req, session, batch, max_length, 4, timeout, peer=peer))
+        msg = Allocate(self.req, session, batch, max_length, 4, timeout, peer=peer, resumed=resumed)
+        self.admission.take(sender, msg)
         return self.answer(sender, self.req)
 
     def answer(self, to, req):
@@ -118,3 +119,17 @@ def test_the_same_frontend_asking_again_for_its_session_gets_the_same_grant(tmp_
     assert "already open" in d.allocate(sender=F1, session="s", peer="p").error
     assert "already open" in d.allocate(sender=F0, session="s", peer="q").error
     assert "already open" in d.allocate(sender=F0, session="s", peer="p", max_length=32).error
+
+
+def test_a_session_handed_over_takes_its_dead_frontends_grant_over(tmp_path):
+    """The stream keeper handed a session to frontend.1 before the news of frontend.0's death reached the
+    allocator: its Allocate (resumed) replaces the old grant, whose cache is dropped. Only for the same
+    client: another peer naming the session id is still refused."""
+    d = Driver(tmp_path)
+    old = d.allocate(sender=F0, session="s", peer="p")
+    assert "already open" in d.allocate(sender=F1, session="s", peer="q", resumed=True).error
+    new = d.allocate(sender=F1, session="s", peer="p", resumed=True)
+    assert isinstance(new, Granted) and new.handle != old.handle
+    assert d.dropped == [old.handle] and d.admission.stats().sessions == 1
+    d.admission.owner_down("frontend.0")  # the news comes: nothing of frontend.1's is dropped
+    assert d.dropped == [old.handle] and d.admission.stats().sessions == 1
