@@ -113,6 +113,8 @@ def test_reload_under_load_fails_no_call_and_runs_the_new_code(tmp_path, micro_h
     assert status["code"] == old_code  # the supervisor is not replaced
     assert status["reloads"] == 1
     actors = status["actors"]
+    # nor the stream keeper: the sessions' streams live in it (docs/reliability.md)
+    assert actors.pop("keeper")["code"] == old_code
     assert {name: a["code"] for name, a in actors.items()} == dict.fromkeys(actors, new_code)
     assert sorted(n for n in actors if n.startswith("frontend")) == ["frontend.2", "frontend.3"]
     assert all(a["restarts"] == 0 for a in actors.values())  # a reload is not a failure
