@@ -16,7 +16,7 @@ from typing import Callable, Iterable, Iterator, Optional
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 from prometheus_client.registry import Collector, CollectorRegistry
 
-from protocol.messages import LATENCY_BUCKETS, ActorStats, AllocatorStats, FrontendStats, RuntimeStats
+from protocol.messages import LATENCY_BUCKETS, ActorStats, AllocatorStats, FrontendStats, KeeperStats, RuntimeStats
 
 RECOVERY = "session_recovery"  # the frontends' latency key for node_session_recovery_seconds
 
@@ -74,6 +74,8 @@ def counters(stats: Optional[ActorStats]) -> Iterator[tuple[tuple, float]]:
             for i, n in enumerate(histogram.buckets):
                 yield ("latency_bucket", rpc, i), float(n)
             yield ("latency_sum", rpc), float(histogram.sum)
+    elif isinstance(stats, KeeperStats):
+        yield ("handed_over",), float(stats.resumed)
     elif isinstance(stats, RuntimeStats):  # runtime.0 runs every round (procs/runtime.py)
         yield ("rounds",), float(stats.rounds)
         yield ("busy_seconds",), float(stats.busy_seconds)
@@ -154,6 +156,17 @@ class NodeCollector(Collector):
             "node_history_bytes",
             "host memory holding what open sessions sent, to rebuild their caches on a replaced runtime",
             sum(s.history_bytes for s in frontends),
+        )
+
+        keeper = _stats(actors, "keeper", KeeperStats)
+        yield _gauge("node_streams_kept", "inference streams a frontend's crash would not end", keeper.kept)
+        yield _gauge(
+            "node_stream_log_bytes", "what those streams' clients sent, held by the stream keeper", keeper.log_bytes
+        )
+        yield _counter(
+            "node_streams_handed_over",
+            "inference streams handed to another frontend after theirs died",
+            totals.get(("handed_over",), 0.0),
         )
 
         runtime = _stats(actors, "runtime.0", RuntimeStats)

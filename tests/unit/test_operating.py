@@ -136,3 +136,19 @@ def test_session_recoveries_are_exported_as_a_counter_and_a_histogram():
     assert "session_recovery" not in rpcs
     assert value["node_history_bytes"] == 256 and value["node_history_bytes_capacity"] == 1000
     assert value["node_history_bytes_reserved"] == 300 and value["node_sessions_without_history"] == 1
+
+
+def test_the_stream_keepers_figures_are_exported():
+    """node_streams_kept, node_stream_log_bytes, and node_streams_handed_over_total across a replaced keeper."""
+    from node.supervisor.metrics import NodeCollector, Totals
+    from protocol.messages import KeeperStats
+
+    totals = Totals()
+    totals.observe("keeper", 1, KeeperStats(resumed=2))
+    totals.observe("keeper", 2, KeeperStats(resumed=1))  # its replacement counts from zero
+    actors = {"keeper": {"restarts": 1, "ready": True, "stats": KeeperStats(streams=3, kept=2, log_bytes=4096)}}
+    snapshot = {"state": 2, "blocks": [0, 4], "moves": 0, "actors": actors}
+    families = {f.name: f for f in NodeCollector(lambda: snapshot, totals).collect()}
+    value = {s.name: s.value for f in families.values() for s in f.samples if not s.labels}
+    assert value["node_streams_handed_over_total"] == 3.0
+    assert value["node_streams_kept"] == 2 and value["node_stream_log_bytes"] == 4096
