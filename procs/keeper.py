@@ -30,6 +30,7 @@ from hivemind.p2p import P2P
 from hivemind.utils.multiaddr import Multiaddr
 
 from node.frontend.limits import RequestSizes
+from node.frontend.streams import drain_input
 from node.keeper.table import Close, Keeper, Stream, Write
 from node.logs import quiet_hivemind
 from procs import actor as actor_lib
@@ -108,7 +109,11 @@ class KeeperProcess:
         refusal = self.table.refusal()
         if refusal is not None:
             framing.write_error(writer, refusal)
-            await self._finish(None, reader, writer)
+            try:
+                await writer.drain()
+                await drain_input(reader, None)  # closing with input unread would reset the stream
+            finally:
+                writer.close()
             return
         stream = self.table.open(peer, time.monotonic())
         connection = self.connections[stream.id] = Connection(stream, reader, writer)
