@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import random
 from typing import Any, Callable, Optional, Sequence
 
 import zmq
@@ -40,7 +41,9 @@ class Requester:
         sock.setsockopt(zmq.LINGER, 0)
         sock.connect(endpoint)
         self.channel = AsyncChannel(sock, accepts, observer=observer)
-        self._ids = itertools.count(1)
+        # a random start: a replaced actor reuses its name (ROUTER_HANDOVER), so a late reply to its
+        # predecessor's request must not match one of its own
+        self._ids = itertools.count(random.randrange(1, 1 << 31))
         self._pending: dict[int, asyncio.Future] = {}
         self._on_unsolicited = on_unsolicited
         self._log = log
