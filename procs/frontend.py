@@ -229,7 +229,9 @@ class FrontendProcess:
 
     async def retire(self, msg: Retire) -> None:
         """A reload: our replacement already serves. Calls and streams that start from now on go to it (our
-        handlers leave p2pd); ours go on until they end, or until msg.timeout (--drain_timeout)."""
+        handlers leave p2pd); ours go on until they end, or until msg.timeout (--drain_timeout): then the
+        inference sessions still open are handed to another frontend by the keeper as we exit, and the
+        other calls get their final error."""
         began = time.monotonic()
         self.accepting = False
         self.hello()
@@ -238,8 +240,12 @@ class FrontendProcess:
         for name in STREAMS:
             await self._unregister(self.p2p.remove_binary_stream_handler, NAME_PREFIX + name)
         self.log.info("retiring", sessions=len(self.rpcs.sessions), in_flight=self.rpcs.in_flight)
-        cut = await self.rpcs.drain(msg.timeout, refuse=False)
-        self.log.info("retired", seconds=round(time.monotonic() - began, 2), calls_cut=cut)
+        cut = await self.rpcs.drain(msg.timeout, refuse=False, hand_over=True)
+        for stream in self.kept.values():  # what our exit would write to them (their end) must not leave
+            stream.detach()
+        self.log.info(
+            "retired", seconds=round(time.monotonic() - began, 2), calls_cut=cut, sessions_handed_over=len(self.kept)
+        )
 
     async def _unregister(self, remove, name: str) -> None:
         try:

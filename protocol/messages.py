@@ -252,7 +252,8 @@ class Stop(Message):
 
 class Retire(Message):
     """A frontend's replacement is serving (a reload): take no new calls or streams, serve the open ones
-    until they end or `timeout` seconds pass (then they get their final error), and exit."""
+    until they end or `timeout` seconds pass (then the inference sessions are left to the stream keeper,
+    which hands them over, and the other calls get their final error), and exit."""
 
     timeout: float
 

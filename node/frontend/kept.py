@@ -56,6 +56,10 @@ class KeptStream:
         if not answered:
             self._send(StreamHandled(self.stream, self.handled), [])
 
+    def detach(self) -> None:
+        """This process leaves the stream to the keeper's next frontend: nothing more is sent for it."""
+        self._send = lambda msg, frames: None
+
     def keep(self, budget: int) -> None:
         self._send(StreamKeep(self.stream, max(0, budget)), [])
 

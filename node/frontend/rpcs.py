@@ -269,7 +269,7 @@ class Rpcs:
 
     # --- stopping ----------------------------------------------------------------------------
 
-    async def drain(self, grace: float, refuse: bool = True) -> int:
+    async def drain(self, grace: float, refuse: bool = True, hand_over: bool = False) -> int:
         """A graceful stop: new calls are refused with SHUTTING_DOWN (a Petals client takes them elsewhere,
         and a session refused at its first step costs it nothing), while every open session is served until
         its client closes it and every call under way finishes, for at most `grace` seconds (`cut` ends it
@@ -290,6 +290,8 @@ class Rpcs:
                     seconds_left=round(self.drain_deadline - now, 1),
                 )
             await asyncio.sleep(0.05)
+        if hand_over and self.in_flight:
+            return await self._hand_over()
         self.cut_off = True
         unfinished = self.in_flight
         if unfinished:
@@ -306,6 +308,23 @@ class Rpcs:
                 await asyncio.sleep(0.05)
             await asyncio.sleep(0.1)  # the error replies leave through p2pd
         return unfinished
+
+    async def _hand_over(self) -> int:
+        """A retirement's end: sessions whose streams the keeper holds are left as they are, to be handed to
+        the new frontend when this process exits (a session there sees a slower step, as after a crash);
+        the other calls still open get their final error. Gives the number of calls cut off."""
+        kept = {s for s in self.sessions.live if s.kept is not None}
+        cut = self.in_flight - len(kept)
+        if cut <= 0:
+            return 0
+        error = ShuttingDown(SHUTTING_DOWN)
+        for session in self.sessions.live - kept:
+            session.abort(error)
+        deadline = time.monotonic() + 1.0
+        while self.in_flight > len(kept) and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        await asyncio.sleep(0.1)  # the error replies leave through p2pd
+        return cut
 
     def cut(self) -> None:
         """A second stop: end the drain now."""

@@ -10,7 +10,8 @@ Owned by the supervisor, which calls `request()` on SIGHUP. The choreography, on
   as after a crash;
 - each frontend in turn: a new one (a new name, frontend.K) registers its handlers with p2pd first,
   then the old one removes its own (new calls and streams go to the new one), serves its open streams
-  until they end or --drain_timeout passes, and exits (Retire).
+  until they end or --drain_timeout passes, and exits (Retire); the inference sessions still open then
+  are handed to another frontend by the stream keeper, not cut.
 The supervisor itself is not replaced, nor the stream keeper (procs/keeper.py: the sessions' streams live
 in it, and would end with it): a change to their code needs a restart, which drains. Reloads are logged
 ("reload started", "reload done" with the code version) and counted (status.json, node_reloads_total).

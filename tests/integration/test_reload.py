@@ -1,5 +1,6 @@
-"""A rolling reload (SIGHUP, `systemctl reload`) under a load of clients: no client call fails, every
-actor but the supervisor runs the code now on disk afterwards (node/supervisor/reload.py).
+"""A rolling reload (SIGHUP, `systemctl reload`) under a load of clients: no client call fails, a session
+longer than a retiring frontend's --drain_timeout is handed to its successor, and every actor but the
+supervisor and the stream keeper runs the code now on disk afterwards (node/supervisor/reload.py).
 
 The node runs from a copy of the project that the test changes before the reload, so the processes'
 code versions (node/code_version.py, reported in status.json) tell old code from new.
@@ -40,7 +41,8 @@ def test_reload_under_load_fails_no_call_and_runs_the_new_code(tmp_path, micro_h
     torch.manual_seed(41)
     inputs = [torch.randn(1, 24, 64) for _ in range(CLIENTS)] + [torch.randn(1, 32, 64)]
     expected = [hf_blocks(micro_hf, x, 0, 4) for x in inputs]
-    flags = ["--num_handlers", "2", "--drain_timeout", "60"]
+    # the long session outlives a retiring frontend's --drain_timeout: the keeper hands it to the new one
+    flags = ["--num_handlers", "2", "--drain_timeout", "2"]
     with NodeProcess(MICRO_LLAMA, tmp_path / "node", *flags, root=root) as node:
         failures: list[str] = []
         calls = [0] * (CLIENTS + 1)
@@ -66,7 +68,8 @@ def test_reload_under_load_fails_no_call_and_runs_the_new_code(tmp_path, micro_h
                         failures.append(f"client {i}: {e!r}"[:400])
 
         def long_session() -> None:
-            """One session open across the reload (about 15 s), a step every 0.5 s."""
+            """One session open across the reload (about 15 s), a step every 0.5 s: longer than the 2 s its
+            frontend is given when it retires, so it is handed over, and its client sees no error."""
             x, want = inputs[CLIENTS], expected[CLIENTS]
             with Client(node.maddrs, "micro-llama") as client:
                 try:
@@ -109,6 +112,9 @@ def test_reload_under_load_fails_no_call_and_runs_the_new_code(tmp_path, micro_h
     assert not failures, failures[:5]
     assert all(calls), calls
     assert not any(e.get("event") == "reload failed" for e in events)
+    assert any(e.get("event") == "stream handed over" for e in events)
+    retired = [e for e in events if e.get("event") == "retired"]
+    assert len(retired) == 2 and sum(e["sessions_handed_over"] for e in retired) >= 1
     assert new_code != old_code
     assert status["code"] == old_code  # the supervisor is not replaced
     assert status["reloads"] == 1
