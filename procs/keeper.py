@@ -51,6 +51,7 @@ HANDLER = "TransformerConnectionHandler.rpc_inference"
 FRAME_SECONDS = 10.0  # a frame's payload must arrive within this, plus a second per MiB
 MIN_RATE = 1 << 20
 INPUT_DRAIN_SECONDS = 1.0  # after the last frame, how long the client's remaining input is read and dropped
+WRITE_BUFFER = 1 << 20  # bytes written to a stream and not yet taken by p2pd, past which writes wait
 WAIT_FOR_FRONTEND = 60.0  # how long a stream waits for a frontend (a replacement starts in seconds)
 
 
@@ -61,6 +62,12 @@ class Connection:
         self.stream, self.reader, self.writer = stream, reader, writer
         self.actions: asyncio.Queue = asyncio.Queue()  # Write, then a Close
         self.readable = asyncio.Event()  # set whenever the window may have opened
+
+    def unbuffered(self) -> bool:
+        """Whether a frame may be written at once: the client reads what was written before (what waits
+        beyond WRITE_BUFFER goes through `actions`, whose writer waits for the client)."""
+        transport = self.writer.transport
+        return not transport.is_closing() and transport.get_write_buffer_size() < WRITE_BUFFER
 
 
 class KeeperProcess:
@@ -218,7 +225,9 @@ class KeeperProcess:
             connection = self.connections.get(stream.id)
             if connection is None:
                 continue
-            if action is not None:
+            if isinstance(action, Write) and connection.actions.empty() and connection.unbuffered():
+                framing.write_frame(connection.writer, bytes([action.marker]), action.payload)  # no task switch
+            elif action is not None:
                 connection.actions.put_nowait(action)
             connection.readable.set()
 
