@@ -21,6 +21,7 @@ startup.die_with_supervisor()
 startup.light_hivemind()  # before the imports below: see node/startup.py
 
 import asyncio
+import collections
 import time
 from typing import Optional
 
@@ -29,7 +30,7 @@ import zmq.asyncio
 from hivemind.p2p import P2P
 from hivemind.utils.multiaddr import Multiaddr
 
-from node.frontend.limits import RequestSizes
+from node.frontend.limits import Refused, RequestSizes, Scopes
 from node.frontend.streams import drain_input
 from node.keeper.table import Close, Keeper, Stream, Write
 from node.logs import quiet_hivemind
@@ -62,6 +63,8 @@ class Connection:
         self.stream, self.reader, self.writer = stream, reader, writer
         self.actions: asyncio.Queue = asyncio.Queue()  # Write, then a Close
         self.readable = asyncio.Event()  # set whenever the window may have opened
+        self.reserved: collections.deque[int] = collections.deque()  # bytes of each message not yet handled
+        self.released = 0  # messages whose bytes went back to the scopes
 
     def unbuffered(self) -> bool:
         """Whether a frame may be written at once: the client reads what was written before (what waits
@@ -86,7 +89,15 @@ class KeeperProcess:
         self.inbox = AsyncChannel(sock, KeeperInbox, router=True, observer=actor.probe.observe)
         self.table = Keeper(self.send, self.log)
         self.connections: dict[int, Connection] = {}
+        self.refused: dict[str, int] = {}  # messages refused by a limit, per reason (node_refused_total)
         self.p2p: Optional[P2P] = None
+        # what strangers may make the keeper hold: a message's bytes are reserved before it is read and
+        # given back once a frontend has handled it (what stays in a log is bounded by its budget)
+        largest = self.sizes().largest
+        plan = self.plan
+        self.scopes = Scopes(
+            total=plan.max_bytes_in_flight or 4 * largest, per_peer=plan.max_peer_bytes_in_flight or 2 * largest
+        )
 
     def send(self, frontend: str, msg, frames: list) -> None:
         try:
@@ -94,9 +105,15 @@ class KeeperProcess:
         except zmq.ZMQError as e:  # gone: its PeerDown hands its streams over
             self.log.info("frontend unreachable", frontend=frontend, error=repr(e))
 
-    def message_limit(self) -> int:
+    def sizes(self) -> RequestSizes:
         plan = self.plan
-        return RequestSizes(plan.hidden_size, plan.max_batch_size, max(1, plan.end_block - plan.start_block)).step
+        return RequestSizes(plan.hidden_size, plan.max_batch_size, max(1, plan.end_block - plan.start_block))
+
+    def release(self, connection: Connection, everything: bool = False) -> None:
+        """The bytes of the messages a frontend has handled (or all, when the stream ends) go back."""
+        while connection.reserved and (everything or connection.released < connection.stream.handled):
+            self.scopes.release(connection.stream.peer, connection.reserved.popleft())
+            connection.released += 1
 
     async def start(self) -> None:
         self.p2p = await P2P.replicate(Multiaddr(self.plan.daemon_maddr))
@@ -136,6 +153,7 @@ class KeeperProcess:
             stream.done = True
             connection.readable.set()
             await self._finish(reading, reader, writer)
+            self.release(connection, everything=True)
             self.table.gone(stream)
             self.connections.pop(stream.id, None)
 
@@ -159,23 +177,40 @@ class KeeperProcess:
                 return
             try:
                 marker, length = await framing.read_header(reader)
-                limit = self.message_limit()
+                limit = self.sizes().step
                 if length > limit:
                     raise ValueError(f"a stream message of {length} bytes exceeds the limit of {limit}")
+                if not stream.done:
+                    await self.scopes.reserve(stream.peer, length)
+                    connection.reserved.append(length)
                 payload = await asyncio.wait_for(reader.readexactly(length), FRAME_SECONDS + length / MIN_RATE)
             except (asyncio.IncompleteReadError, ConnectionError):
                 if not stream.done:
                     self.table.input_cut(stream)
                     connection.actions.put_nowait(Close())
                 return
-            except (asyncio.TimeoutError, ValueError) as e:
+            except (asyncio.TimeoutError, ValueError, Refused) as e:
                 reason = str(e) or f"a stream message did not arrive within {FRAME_SECONDS:.0f} s"
-                self.log.info("stream input refused", stream=stream.id, peer=stream.peer, reason=reason)
+                kind = (
+                    e.reason
+                    if isinstance(e, Refused)
+                    else "message_size"
+                    if isinstance(e, ValueError)
+                    else "slow_sender"
+                )
+                self.refused[kind] = self.refused.get(kind, 0) + 1
+                self.log.info("refused", reason=kind, peer=stream.peer, detail=reason, stream=stream.id)
                 if not stream.done:
                     self.table.input_cut(stream)
                     stream.done = True
                     connection.actions.put_nowait(Close(reason))
-                return
+                if not isinstance(e, Refused):
+                    return
+                try:  # the refused message is within the size limit: dropped, so that the rest can be too
+                    await reader.readexactly(length)
+                except (asyncio.IncompleteReadError, ConnectionError):
+                    return
+                continue
             if stream.done:
                 if marker != framing.MESSAGE:
                     return
@@ -225,6 +260,7 @@ class KeeperProcess:
             connection = self.connections.get(stream.id)
             if connection is None:
                 continue
+            self.release(connection)
             if isinstance(action, Write) and connection.actions.empty() and connection.unbuffered():
                 framing.write_frame(connection.writer, bytes([action.marker]), action.payload)  # no task switch
             elif action is not None:
@@ -258,7 +294,12 @@ class KeeperProcess:
                 self.end(self.table.overdue(now, WAIT_FOR_FRONTEND))
                 streams, kept, log_bytes = self.table.counts()
                 self.actor.stats = KeeperStats(
-                    streams=streams, kept=kept, log_bytes=log_bytes, resumed=self.table.resumed
+                    streams=streams,
+                    kept=kept,
+                    log_bytes=log_bytes,
+                    resumed=self.table.resumed,
+                    refused=dict(self.refused),
+                    bytes_in_flight=self.scopes.used,
                 )
                 self.actor.publish_stats()
         finally:

@@ -148,6 +148,8 @@ class KeeperStats(ActorStats):
     kept: int = 0  # ... of which a frontend's crash would not end (their messages are logged)
     log_bytes: int = 0  # what those logs hold
     resumed: int = 0  # streams handed to another frontend after theirs died
+    refused: dict[str, int] = {}  # messages refused by a limit, per reason (node_refused_total)
+    bytes_in_flight: int = 0  # bytes of messages read and not yet handled by a frontend
 
 
 class AnnouncerStats(ActorStats):

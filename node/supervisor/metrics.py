@@ -61,7 +61,7 @@ class Totals:
 
 def counters(stats: Optional[ActorStats]) -> Iterator[tuple[tuple, float]]:
     """The monotonic counts in one actor's heartbeat stats, as ((metric, *labels), value)."""
-    if isinstance(stats, (FrontendStats, AllocatorStats, RuntimeStats)):
+    if isinstance(stats, (FrontendStats, AllocatorStats, RuntimeStats, KeeperStats)):
         for reason, n in stats.refused.items():
             yield ("refused", reason), float(n)
     if isinstance(stats, FrontendStats):

@@ -157,6 +157,32 @@ async def unread_session(caller: Caller) -> str:
     return f"{written} of 100 steps of 512 KiB written before the node stopped reading"
 
 
+async def inference_flood(caller: Caller) -> str:
+    """40 inference streams at once, each writing 4 steps of 2 MiB before reading anything (320 MiB): the
+    stream keeper reserves each message's bytes for the peer before reading it, so it holds a bounded
+    part of them; the rest waits, then is refused."""
+    step = request("rpc_inference", tensors=[hidden(1, MAX_TOKENS), EMPTY, NO_HYPO], max_length=MAX_TOKENS)
+    later = [hidden(1, MAX_TOKENS), EMPTY, NO_HYPO]
+
+    async def one() -> str:
+        _, reader, writer = await caller.swarm.p2p.call_binary_stream_handler(
+            PeerID.from_base58(caller.peer), PREFIX + "rpc_inference"
+        )
+        try:
+            for i in range(4):
+                framing.write_message(writer, step if i == 0 else next_step(step, later, start_from_position=0))
+                await asyncio.wait_for(writer.drain(), 10.0)
+            marker, _ = await asyncio.wait_for(framing.read_frame(reader), 30.0)
+            return "error" if marker == framing.ERROR else "answered"
+        except (asyncio.TimeoutError, asyncio.IncompleteReadError, ConnectionError) as e:
+            return type(e).__name__
+        finally:
+            writer.close()
+
+    outcomes = await asyncio.gather(*(one() for _ in range(40)))
+    return ", ".join(f"{outcomes.count(o)} {o}" for o in sorted(set(outcomes)))
+
+
 async def push_flood(caller: Caller) -> str:
     """200 pushes into one open session (once: an unbounded queue)."""
     session_id = str(uuid.uuid4())
@@ -306,6 +332,7 @@ ATTACKS: dict[str, Callable] = {
     "next_servers_span": next_servers_span,
     "big_streams": big_streams,
     "unread_session": unread_session,
+    "inference_flood": inference_flood,
     "push_flood": push_flood,
     "declared_expansion": declared_expansion,
     "session_flood": session_flood,

@@ -144,7 +144,7 @@ def test_the_stream_keepers_figures_are_exported():
     from protocol.messages import KeeperStats
 
     totals = Totals()
-    totals.observe("keeper", 1, KeeperStats(resumed=2))
+    totals.observe("keeper", 1, KeeperStats(resumed=2, refused={"peer_bytes": 1}))
     totals.observe("keeper", 2, KeeperStats(resumed=1))  # its replacement counts from zero
     actors = {"keeper": {"restarts": 1, "ready": True, "stats": KeeperStats(streams=3, kept=2, log_bytes=4096)}}
     snapshot = {"state": 2, "blocks": [0, 4], "moves": 0, "actors": actors}
@@ -152,3 +152,5 @@ def test_the_stream_keepers_figures_are_exported():
     value = {s.name: s.value for f in families.values() for s in f.samples if not s.labels}
     assert value["node_streams_handed_over_total"] == 3.0
     assert value["node_streams_kept"] == 2 and value["node_stream_log_bytes"] == 4096
+    refused = {s.labels["reason"]: s.value for s in families["node_refused"].samples if s.name == "node_refused_total"}
+    assert refused == {"peer_bytes": 1.0}
