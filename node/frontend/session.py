@@ -173,6 +173,7 @@ class InferenceStream:
             self.queued -= 1
             self.room.set()
         self.pushed = kind == _PUSH
+        self.replaying = False  # a push is never one the client was answered for
         if kind == _CLIENT:
             self.client_messages += 1
             self.replaying = self.kept is not None and self.client_messages <= self.kept.replayed
