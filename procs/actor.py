@@ -21,6 +21,7 @@ from typing import Callable, Optional
 
 import msgspec
 import zmq
+import zmq.asyncio
 
 from node import logs
 from node.code_version import code_version
@@ -36,7 +37,7 @@ from protocol.messages import (
     Stop,
 )
 from protocol.plan import PLAN_FILE, NodePlan, read_plan
-from protocol.transport import BadMessage, Channel
+from protocol.transport import AsyncChannel, BadMessage, Channel
 
 
 def wait_for_plan(run_dir: str) -> NodePlan:
@@ -124,6 +125,19 @@ class Actor:
         self._last_stats = 0.0
         signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the supervisor's to handle
         signal.signal(signal.SIGTERM, lambda *_: self.request_stop(self.plan.shutdown_grace))
+
+    def bind_inbox(self, ctx: zmq.Context, name: str, accepts, *, mandatory: bool = False):
+        """The ROUTER at RUN_DIR/<name>.sock that other actors send to, as a typed channel (an AsyncChannel
+        on a zmq.asyncio context). A restarted sender reuses its identity (ROUTER_HANDOVER); `mandatory`:
+        a reply to a sender that is gone raises instead of vanishing."""
+        sock = ctx.socket(zmq.ROUTER)
+        sock.setsockopt(zmq.LINGER, 0)
+        if mandatory:
+            sock.setsockopt(zmq.ROUTER_MANDATORY, 1)
+        sock.setsockopt(zmq.ROUTER_HANDOVER, 1)
+        sock.bind(self.plan.endpoint(f"{name}.sock"))
+        channel = AsyncChannel if isinstance(ctx, zmq.asyncio.Context) else Channel
+        return channel(sock, accepts, router=True, observer=self.probe.observe)
 
     def start_control(self) -> None:
         self._control_thread.start()

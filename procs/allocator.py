@@ -33,12 +33,7 @@ class AllocatorProcess:
     def __init__(self, actor: actor_lib.Actor):
         self.actor = actor
         self.log = actor.log
-        inbox = actor.ctx.socket(zmq.ROUTER)
-        inbox.setsockopt(zmq.LINGER, 0)
-        inbox.setsockopt(zmq.ROUTER_MANDATORY, 1)  # a reply to a vanished frontend raises instead of vanishing
-        inbox.setsockopt(zmq.ROUTER_HANDOVER, 1)  # a restarted frontend reuses its identity
-        inbox.bind(actor.plan.endpoint("allocator.sock"))
-        self.inbox = Channel(inbox, AllocatorInbox, router=True, observer=actor.probe.observe)
+        self.inbox = actor.bind_inbox(actor.ctx, "allocator", AllocatorInbox, mandatory=True)
         runtime = actor.ctx.socket(zmq.DEALER)
         runtime.setsockopt(zmq.LINGER, 0)
         runtime.setsockopt(zmq.ROUTING_ID, actor.name.encode())

@@ -50,7 +50,7 @@ from protocol.messages import (
     SwarmQuery,
 )
 from protocol.requester import Requester
-from protocol.transport import AsyncChannel, BadMessage
+from protocol.transport import BadMessage
 
 
 class AnnouncerProcess:
@@ -67,11 +67,7 @@ class AnnouncerProcess:
         self.reachability: Optional[Reachability] = None
         self.presence: Optional[Presence] = None
         self.state: Optional[Announce] = None
-        inbox = ctx.socket(zmq.ROUTER)
-        inbox.setsockopt(zmq.LINGER, 0)
-        inbox.setsockopt(zmq.ROUTER_HANDOVER, 1)  # a restarted frontend reuses its identity
-        inbox.bind(self.plan.endpoint("announcer.sock"))
-        self.inbox = AsyncChannel(inbox, AnnouncerInbox, router=True, observer=actor.probe.observe)
+        self.inbox = actor.bind_inbox(ctx, "announcer", AnnouncerInbox)
         self.answering: Optional[asyncio.Task] = None
 
     async def start(self) -> None:

@@ -46,7 +46,7 @@ from protocol.messages import (
     Serve,
     Stop,
 )
-from protocol.transport import AsyncChannel, BadMessage
+from protocol.transport import BadMessage
 
 HANDLER = "TransformerConnectionHandler.rpc_inference"
 FRAME_SECONDS = 10.0  # a frame's payload must arrive within this, plus a second per MiB
@@ -66,6 +66,9 @@ class Connection:
         self.reserved: collections.deque[int] = collections.deque()  # bytes of each message not yet handled
         self.released = 0  # messages whose bytes went back to the scopes
 
+    def write(self, action: Write) -> None:
+        framing.write_frame(self.writer, bytes([action.marker]), action.payload)
+
     def unbuffered(self) -> bool:
         """Whether a frame may be written at once: the client reads what was written before (what waits
         beyond WRITE_BUFFER goes through `actions`, whose writer waits for the client)."""
@@ -82,32 +85,20 @@ class KeeperProcess:
         self.log = actor.log
         self.control = actor.async_control()
         ctx = zmq.asyncio.Context.shadow(actor.ctx)
-        sock = ctx.socket(zmq.ROUTER)
-        sock.setsockopt(zmq.LINGER, 0)
-        sock.setsockopt(zmq.ROUTER_HANDOVER, 1)  # a restarted frontend reuses its identity
-        sock.bind(self.plan.endpoint("keeper.sock"))
-        self.inbox = AsyncChannel(sock, KeeperInbox, router=True, observer=actor.probe.observe)
+        self.inbox = actor.bind_inbox(ctx, "keeper", KeeperInbox)
         self.table = Keeper(self.send, self.log)
         self.connections: dict[int, Connection] = {}
         self.refused: dict[str, int] = {}  # messages refused by a limit, per reason (node_refused_total)
         self.p2p: Optional[P2P] = None
         # what strangers may make the keeper hold: a message's bytes are reserved before it is read and
         # given back once a frontend has handled it (what stays in a log is bounded by its budget)
-        largest = self.sizes().largest
-        plan = self.plan
-        self.scopes = Scopes(
-            total=plan.max_bytes_in_flight or 4 * largest, per_peer=plan.max_peer_bytes_in_flight or 2 * largest
-        )
+        self.scopes = Scopes.of(self.plan)
 
     def send(self, frontend: str, msg, frames: list) -> None:
         try:
             self.inbox.send(msg, frames, to=frontend.encode())
         except zmq.ZMQError as e:  # gone: its PeerDown hands its streams over
             self.log.info("frontend unreachable", frontend=frontend, error=repr(e))
-
-    def sizes(self) -> RequestSizes:
-        plan = self.plan
-        return RequestSizes(plan.hidden_size, plan.max_batch_size, max(1, plan.end_block - plan.start_block))
 
     def release(self, connection: Connection, everything: bool = False) -> None:
         """The bytes of the messages a frontend has handled (or all, when the stream ends) go back."""
@@ -152,7 +143,7 @@ class KeeperProcess:
         finally:
             stream.done = True
             connection.readable.set()
-            await self._finish(reading, reader, writer)
+            await self._finish(reading, writer)
             self.release(connection, everything=True)
             self.table.gone(stream)
             self.connections.pop(stream.id, None)
@@ -177,7 +168,7 @@ class KeeperProcess:
                 return
             try:
                 marker, length = await framing.read_header(reader)
-                limit = self.sizes().step
+                limit = RequestSizes.of(self.plan).step
                 if length > limit:
                     raise ValueError(f"a stream message of {length} bytes exceeds the limit of {limit}")
                 if not stream.done:
@@ -222,7 +213,7 @@ class KeeperProcess:
         while True:
             action = await connection.actions.get()
             if isinstance(action, Write):
-                framing.write_frame(writer, bytes([action.marker]), action.payload)
+                connection.write(action)
                 await writer.drain()
             elif isinstance(action, Close):
                 if action.error is not None:
@@ -230,12 +221,11 @@ class KeeperProcess:
                     await writer.drain()
                 return
 
-    async def _finish(self, reading: Optional[asyncio.Task], reader, writer) -> None:
+    async def _finish(self, reading: asyncio.Task, writer: asyncio.StreamWriter) -> None:
         """Give the client's remaining input a moment to end before the stream closes (see _read)."""
         try:
-            if reading is not None:
-                await asyncio.wait_for(reading, INPUT_DRAIN_SECONDS)
-        except (asyncio.TimeoutError, Exception):
+            await asyncio.wait_for(reading, INPUT_DRAIN_SECONDS)
+        except Exception:  # a timeout, or the reader's failure (logged by _reading_ended)
             pass
         finally:
             writer.close()
@@ -262,7 +252,7 @@ class KeeperProcess:
                 continue
             self.release(connection)
             if isinstance(action, Write) and connection.actions.empty() and connection.unbuffered():
-                framing.write_frame(connection.writer, bytes([action.marker]), action.payload)  # no task switch
+                connection.write(action)  # at once: no task switch
             elif action is not None:
                 connection.actions.put_nowait(action)
             connection.readable.set()

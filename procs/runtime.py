@@ -36,7 +36,7 @@ from procs import actor as actor_lib
 from procs.runtime_start import load_or_fail, wait_for_load_order
 from protocol.frames import DTYPES
 from protocol.messages import RuntimeInbox, RuntimeReady
-from protocol.transport import BadMessage, Channel
+from protocol.transport import BadMessage
 
 MEMORY_CHECK_PERIOD = 1.0  # seconds; the supervisor decides from the free memory whether a move can load first
 
@@ -48,11 +48,7 @@ class RuntimeProcess:
         self.actor = actor
         self.log = actor.log
         self.group = group
-        sock = actor.ctx.socket(zmq.ROUTER)
-        sock.setsockopt(zmq.LINGER, 0)
-        sock.setsockopt(zmq.ROUTER_HANDOVER, 1)  # a restarted frontend reuses its identity
-        sock.bind(actor.plan.endpoint("runtime.sock"))
-        self.inbox = Channel(sock, RuntimeInbox, router=True, observer=actor.probe.observe)
+        self.inbox = actor.bind_inbox(actor.ctx, "runtime", RuntimeInbox)
         self.engine = Engine(
             actor.plan,
             blocks,

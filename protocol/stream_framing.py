@@ -37,8 +37,13 @@ async def read_header(reader: asyncio.StreamReader) -> tuple[bytes, int]:
     return marker, int.from_bytes(await reader.readexactly(HEADER_LEN), "big")
 
 
+def header(marker: bytes, length: int) -> bytes:
+    """What comes before a payload of `length` bytes."""
+    return marker + length.to_bytes(HEADER_LEN, "big")
+
+
 def write_frame(writer: asyncio.StreamWriter, marker: bytes, payload: bytes) -> None:
-    writer.write(marker + len(payload).to_bytes(HEADER_LEN, "big"))
+    writer.write(header(marker, len(payload)))
     if payload:
         writer.write(payload)
 

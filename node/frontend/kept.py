@@ -43,7 +43,7 @@ class KeptStream:
 
     def feed(self, marker: int, payload) -> None:
         payload = bytes(payload)
-        self.reader.feed_data(bytes([marker]) + len(payload).to_bytes(framing.HEADER_LEN, "big") + payload)
+        self.reader.feed_data(framing.header(bytes([marker]), len(payload)) + payload)
 
     def feed_eof(self) -> None:
         self.reader.feed_eof()

@@ -35,6 +35,11 @@ class RequestSizes:
     max_tokens: int
     num_blocks: int
 
+    @classmethod
+    def of(cls, plan) -> "RequestSizes":
+        """The most each kind of request can need now (the blocks served change with moves)."""
+        return cls(plan.hidden_size, plan.max_batch_size, plan.end_block - plan.start_block)
+
     @property
     def hidden(self) -> int:
         return self.max_tokens * self.hidden_size * FLOAT_BYTES
@@ -61,7 +66,14 @@ class RequestSizes:
 
 
 class Scopes:
-    """Bytes reserved by requests in flight: in all (this frontend) and per peer."""
+    """Bytes reserved by requests in flight: in all (this process) and per peer."""
+
+    @classmethod
+    def of(cls, plan) -> "Scopes":
+        """The limits a node's process applies (--max_bytes_in_flight, --max_peer_bytes_in_flight), by default
+        4 and 2 times the largest request."""
+        largest = RequestSizes.of(plan).largest
+        return cls(plan.max_bytes_in_flight or 4 * largest, plan.max_peer_bytes_in_flight or 2 * largest)
 
     def __init__(self, total: int, per_peer: int):
         self.total_limit = total

@@ -61,19 +61,14 @@ class Rpcs:
         self.draining = False  # new calls are refused; open sessions are served until they end or the grace does
         self.drain_deadline = 0.0  # time.monotonic() when the grace ends
         self.cut_off = False  # the grace is over: what is still open gets its final error
-        largest = self.sizes().largest
-        self.scopes = Scopes(
-            total=plan.max_bytes_in_flight or 4 * largest, per_peer=plan.max_peer_bytes_in_flight or 2 * largest
-        )
+        self.scopes = Scopes.of(plan)
 
     def attached(self, p2p) -> None:
         """The frontend is attached to p2pd: pushes go out through it."""
         self.pushes.p2p = p2p
 
     def sizes(self) -> RequestSizes:
-        """The most each kind of request can need now (the blocks served change with moves)."""
-        plan = self.plan
-        return RequestSizes(plan.hidden_size, plan.max_batch_size, plan.end_block - plan.start_block)
+        return RequestSizes.of(self.plan)
 
     def stream_sizes(self, rpc: str) -> tuple[int, Optional[int]]:
         """(one message, the whole stream) for node/frontend/streams.py: a forward or backward stream is one
@@ -310,21 +305,13 @@ class Rpcs:
         return unfinished
 
     async def _hand_over(self) -> int:
-        """A retirement's end: sessions whose streams the keeper holds are left as they are, to be handed to
-        the new frontend when this process exits (a session there sees a slower step, as after a crash);
-        the other calls still open get their final error. Gives the number of calls cut off."""
-        kept = {s for s in self.sessions.live if s.kept is not None}
-        cut = self.in_flight - len(kept)
-        if cut <= 0:
-            return 0
-        error = ShuttingDown(SHUTTING_DOWN)
-        for session in self.sessions.live - kept:
-            session.abort(error)
+        """A retirement's end: the inference sessions are left as they are (the keeper holds every one's
+        stream, and hands it to another frontend when this process exits: a slower step, as after a crash);
+        the other calls get a second more, then our exit cuts them off. Gives their number."""
         deadline = time.monotonic() + 1.0
-        while self.in_flight > len(kept) and time.monotonic() < deadline:
+        while self.in_flight > len(self.sessions) and time.monotonic() < deadline:
             await asyncio.sleep(0.05)
-        await asyncio.sleep(0.1)  # the error replies leave through p2pd
-        return cut
+        return max(0, self.in_flight - len(self.sessions))
 
     def cut(self) -> None:
         """A second stop: end the drain now."""

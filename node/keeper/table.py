@@ -19,6 +19,7 @@ import itertools
 from dataclasses import dataclass, field
 from typing import Callable, Optional
 
+from protocol import stream_framing as framing
 from protocol.messages import (
     SHUTTING_DOWN,
     KeeperHello,
@@ -32,7 +33,7 @@ from protocol.messages import (
     StreamOut,
 )
 
-ERROR_MARKER = 1
+ERROR_MARKER = framing.ERROR[0]
 WINDOW = 4  # client messages a frontend may hold unhandled (a session queues at most QUEUED_STEPS)
 FRONTEND_LOST = (
     "the node's frontend that held this session stopped, and the session could not be handed to another: "
@@ -56,7 +57,6 @@ class Stream:
     replied: bool = False  # an error frame went out: the reply is complete
     done: bool = False  # nothing more will be written
     waiting_since: Optional[float] = None  # when it lost its frontend (or came with none there)
-    resumed: int = 0  # times it was handed to another frontend
 
     def forget(self, why: str) -> None:
         self.kept, self.why_not_kept = False, why
@@ -109,7 +109,7 @@ class Keeper:
         if known is not None and known.pid != msg.pid:
             ended.update(self.down(msg.frontend, now))
         self.frontends[msg.frontend] = Frontend(msg.frontend, msg.pid, msg.accepting, msg.draining)
-        self.assign_waiting(now)
+        self.assign_waiting()
         return ended
 
     def down(self, name: str, now: float, pid: int = 0) -> dict[int, Close]:
@@ -128,8 +128,6 @@ class Keeper:
                 ended[stream.id] = Close()
             elif not stream.kept:
                 ended[stream.id] = Close(FRONTEND_LOST.format(why=stream.why_not_kept))
-            elif stream.input_ended and stream.received == 0:
-                ended[stream.id] = Close()
             else:
                 stream.waiting_since = now
                 self.log.info(
@@ -142,10 +140,10 @@ class Keeper:
                 )
         for stream_id in ended:
             self.streams[stream_id].done = True
-        self.assign_waiting(now)
+        self.assign_waiting()
         return ended
 
-    def assign_waiting(self, now: float) -> None:
+    def assign_waiting(self) -> None:
         for stream in self.streams.values():
             if stream.frontend is None and not stream.done:
                 self._assign(stream)
@@ -162,22 +160,20 @@ class Keeper:
         turn = next(self._turn)
         return min(accepting, key=lambda n: (load[n], (accepting.index(n) - turn) % len(accepting)))
 
-    def _assign(self, stream: Stream) -> bool:
+    def _assign(self, stream: Stream) -> None:
         frontend = self._choose()
         if frontend is None:
-            return False
+            return
         resumed = stream.received > 0
         stream.frontend, stream.waiting_since = frontend, None
         markers = [marker for marker, _ in stream.log] if resumed else []
         frames = [payload for _, payload in stream.log] if resumed else []
         self.send(frontend, StreamOpen(stream.id, stream.peer, stream.handled, markers), frames)
         if resumed:
-            stream.resumed += 1
             self.resumed += 1
             self.log.info(
                 "stream handed over", stream=stream.id, peer=stream.peer, frontend=frontend, answered=stream.handled
             )
-        return True
 
     def refusal(self) -> Optional[str]:
         """Why a new stream cannot be served now: every frontend drains (the node stops)."""
