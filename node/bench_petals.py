@@ -66,7 +66,7 @@ def run_client(petals_python: str, model: Path, peers: list[str], args, log: Pat
 
 
 def start_petals_server(
-    petals_python: str, model: Path, num_blocks: int, log: Path, prefix: str = PREFIX
+    petals_python: str, model: Path, num_blocks: int, log: Path, prefix: str = PREFIX, limit: float = 300
 ) -> tuple[subprocess.Popen, list[str]]:
     server = subprocess.Popen(
         [
@@ -92,7 +92,7 @@ def start_petals_server(
         stderr=subprocess.STDOUT,
         start_new_session=True,  # its p2pd is in its group
     )
-    deadline = time.monotonic() + 300
+    deadline = time.monotonic() + limit
     while time.monotonic() < deadline and server.poll() is None:
         text = log.read_text(errors="replace")
         if "Started" in text:
@@ -118,6 +118,12 @@ def stop_group(proc: subprocess.Popen) -> None:
         except (subprocess.TimeoutExpired, ProcessLookupError):
             continue
         return
+
+
+def print_logs(work: Path, tail: int = 4000) -> None:
+    print(f"logs kept in {work}", file=sys.stderr, flush=True)
+    for log in sorted(work.glob("*.log")):
+        print(f"--- {log.name}, its end:\n{log.read_text(errors='replace')[-tail:]}", file=sys.stderr, flush=True)
 
 
 def num_blocks_of(model: Path) -> int:
@@ -165,7 +171,10 @@ def parse_args(argv) -> argparse.Namespace:
 
 def main(argv: Optional[list[str]] = None) -> int:
     args = parse_args(argv)
+    # SIGTERM (a test's or an operator's limit) unwinds like Ctrl-C, so that both servers are stopped
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(128 + signal.SIGTERM))
     work = Path(tempfile.mkdtemp(prefix="bench_petals."))
+    failed = True  # until the figures are in: an error or a hang keeps the logs, and shows their ends
     try:
         if args.model:
             model = Path(args.model)
@@ -179,7 +188,7 @@ def main(argv: Optional[list[str]] = None) -> int:
             ours = run_client(args.petals_python, model, node.maddrs, args, work / "client_node.log")
         print("Petals server: starting, then the Petals client ...", flush=True)
         server, maddrs = start_petals_server(
-            args.petals_python, model, num_blocks_of(model), work / "petals_server.log"
+            args.petals_python, model, num_blocks_of(model), work / "petals_server.log", limit=args.max_seconds
         )
         try:
             theirs = run_client(args.petals_python, model, maddrs, args, work / "client_petals.log")
@@ -195,9 +204,13 @@ def main(argv: Optional[list[str]] = None) -> int:
             Path(args.json).write_text(
                 json.dumps({"node": ours, "petals": theirs, "sessions": args.sessions, "tokens": args.tokens}, indent=1)
             )
-        return 0 if ours["tokens_match"] else 1
+        failed = not ours["tokens_match"]
+        return 1 if failed else 0
     finally:
-        shutil.rmtree(work, ignore_errors=True)
+        if failed:
+            print_logs(work)
+        else:
+            shutil.rmtree(work, ignore_errors=True)
 
 
 if __name__ == "__main__":
