@@ -56,12 +56,23 @@ ROWS = (
 def run_client(petals_python: str, model: Path, peers: list[str], args, log: Path) -> dict:
     cmd = [petals_python, str(CLIENT), str(model), str(args.tokens), str(args.sessions), *peers]
     with log.open("w") as err:
-        done = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=err, text=True, timeout=args.max_seconds)
-    for line in done.stdout.splitlines():
+        # its own group: the client forks a DHT process with its own p2pd, which a timeout must stop too
+        client = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=err, text=True, start_new_session=True)
+        try:
+            stdout, _ = client.communicate(timeout=args.max_seconds)
+        except subprocess.TimeoutExpired:
+            raise RuntimeError(f"the Petals client did not finish within {args.max_seconds:.0f} s; see {log}") from None
+        finally:
+            try:
+                os.killpg(client.pid, signal.SIGKILL)  # it holds nothing that needs a clean stop
+            except ProcessLookupError:
+                pass
+            client.wait()
+    for line in stdout.splitlines():
         if line.startswith("RESULT "):
             return json.loads(line[len("RESULT ") :])
     raise RuntimeError(
-        f"the Petals client gave no result (exit {done.returncode}); see {log}:\n{log.read_text()[-3000:]}"
+        f"the Petals client gave no result (exit {client.returncode}); see {log}:\n{log.read_text()[-3000:]}"
     )
 
 

@@ -6,6 +6,7 @@ Prints one line `RESULT {json}`: generation and forward/backward figures through
 in plain transformers on this machine, and whether the tokens matched.
 """
 
+import gc
 import json
 import statistics
 import sys
@@ -15,6 +16,11 @@ import time
 import torch
 from petals import AutoDistributedModelForCausalLM
 from transformers import AutoModelForCausalLM
+
+# Petals 2.2.0's client deadlocks when the cyclic garbage collector happens to run in its event loop's
+# thread and finalizes an inference session there (its __del__ waits on that same loop; seen here, about
+# one run in four on a loaded machine): collect only here, in the main thread, between measurements.
+gc.disable()
 
 model_path, tokens, sessions, peers = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4:]
 torch.manual_seed(0)
@@ -31,11 +37,13 @@ out = {}
 def timed(fn, repeats, warmup=1):
     for _ in range(warmup):
         fn()
+        gc.collect()
     times = []
     for _ in range(repeats):
         t = time.perf_counter()
         fn()
         times.append(time.perf_counter() - t)
+        gc.collect()
     return statistics.median(times)
 
 

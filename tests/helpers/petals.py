@@ -55,6 +55,17 @@ def petals_version() -> tuple[int, ...]:
     return tuple(int(part) for part in re.findall(r"\d+", done.stdout)[:3])
 
 
+# Petals 2.2.0's client deadlocks when the cyclic garbage collector happens to run in its event loop's thread
+# and finalizes an inference session there (its __del__ waits on that same loop): seen in about one run in
+# four of node.bench_petals on a loaded machine. A short client script does without that collector.
+NO_CYCLIC_GC = "import gc; gc.disable()\n"
+
+
+def client_argv(script: str, *args: str) -> list[str]:
+    """The command that runs a Petals client `script` (a string) under PETALS_PYTHON with `args`."""
+    return [PETALS_PYTHON, "-c", NO_CYCLIC_GC + script, *args]
+
+
 def petals_llama(where: Path) -> Path:
     """micro-llama as every Petals release can read it: the same weights, without the llama3 rope scaling
     that transformers 4.34 (Petals 2.2.0's) cannot parse. Nodes, Petals and transformers all load this copy."""

@@ -24,7 +24,14 @@ import pytest
 
 from node.bench_petals import stop_group
 from node.tools.launcher import NodeProcess
-from tests.helpers.petals import PETALS_PYTHON, petals_llama, petals_version, start_petals_server, why_missing
+from tests.helpers.petals import (
+    PETALS_PYTHON,
+    client_argv,
+    petals_llama,
+    petals_version,
+    start_petals_server,
+    why_missing,
+)
 from tests.helpers.waiting import wait_until
 
 pytestmark = [pytest.mark.petals, pytest.mark.skipif(not PETALS_PYTHON, reason=why_missing())]
@@ -69,25 +76,27 @@ def petals_process(script: str, model, *args: str):
     """A client script under PETALS_PYTHON (model path, then `args`), talked to through its stdin and
     stdout; killed if it is still running when the test leaves."""
     client = subprocess.Popen(
-        [PETALS_PYTHON, "-c", script, str(model), *args],
+        client_argv(script, str(model), *args),
         stdin=subprocess.PIPE,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
+        start_new_session=True,  # with the DHT process it forks, and that one's p2pd
     )
     try:
         yield client
     finally:
-        if client.poll() is None:
-            client.kill()
-            client.wait()
+        try:
+            os.killpg(client.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        client.wait()
 
 
 def run_client(model, peers: list[str]) -> None:
-    result = subprocess.run(
-        [PETALS_PYTHON, "-c", CLIENT, str(model), *peers], capture_output=True, text=True, timeout=300
-    )
-    assert "PETALS CLIENT OK" in result.stdout, result.stdout[-3000:] + result.stderr[-3000:]
+    with petals_process(CLIENT, model, *peers) as client:
+        out, err = client.communicate(timeout=240)
+    assert "PETALS CLIENT OK" in out, out[-3000:] + err[-3000:]
 
 
 def pushes_received_by_node(node: NodeProcess) -> int:
