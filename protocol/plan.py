@@ -52,6 +52,8 @@ class NodePlan(msgspec.Struct, kw_only=True):
     inference_max_length: int
     attn_cache_tokens: int
     max_chunk_size_bytes: int
+    # kept free for backward passes (node/supervisor/resources.py); what autograd saves fits in it
+    autograd_bytes: int = 0
     max_alloc_timeout: float
     request_timeout: float
     session_timeout: float

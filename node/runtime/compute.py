@@ -74,29 +74,80 @@ def backward(
     inputs: torch.Tensor,
     grad_outputs: torch.Tensor,
     prompts: Optional[torch.Tensor],
+    keep_bytes: int = 0,
 ) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
-    """Gradients w.r.t. the chain's input and each block's prompt; the weights stay frozen."""
-    block_inputs = []
+    """Gradients w.r.t. the chain's input and each block's prompt; the weights stay frozen.
+
+    One forward pass with autograd, then the backward pass, block by block from the last. What autograd
+    saves of the last blocks is kept from that forward, as long as it fits in `keep_bytes` (the memory
+    kept free for backward passes); the earlier blocks keep only their input and are run again when the
+    backward reaches them (checkpointing, which is all that Petals' server does: a second forward of every
+    block, a third more compute). The first block's saved bytes, counted as it runs, tell how many fit."""
+    n = len(blocks)
+    block_inputs: list[torch.Tensor] = []
+    kept: dict[int, torch.Tensor] = {}  # block -> its output, with the graph back to its input
+    keep_from = n  # blocks from here on keep their graphs
     hidden = inputs
-    with torch.no_grad():
-        for i, block in enumerate(blocks):
-            hidden = add_prompt(hidden, _prompt(prompts, i))
-            block_inputs.append(hidden)
-            if i + 1 < len(blocks):
-                hidden = block(hidden)
+    for i, block in enumerate(blocks):
+        leaf = add_prompt(hidden, _prompt(prompts, i)).detach().requires_grad_(True)
+        block_inputs.append(leaf)
+        if i == 0:
+            saved = SavedBytes(block)
+            with torch.enable_grad(), torch.autograd.graph.saved_tensors_hooks(saved.pack, saved.unpack):
+                out = block(leaf)
+            # the last block's graph is kept in any case: a second forward would hold as much at once
+            keep_from = n - min(n, max(1, keep_bytes // max(1, saved.total)))
+            if keep_from == 0:
+                kept[0] = out
+            hidden = out.detach()
+        elif i >= keep_from:
+            with torch.enable_grad():
+                kept[i] = block(leaf)
+            hidden = kept[i].detach()
+        elif i + 1 < n:
+            with torch.no_grad():
+                hidden = block(leaf)
     grad = grad_outputs
     grad_prompts = []
-    for i in reversed(range(len(blocks))):
-        leaf = block_inputs[i].detach().requires_grad_(True)
-        with torch.enable_grad():
-            out = blocks[i](leaf)
+    for i in reversed(range(n)):
+        leaf = block_inputs[i]
+        out = kept.pop(i, None)
+        if out is None:
+            with torch.enable_grad():
+                out = blocks[i](leaf)
         (grad,) = torch.autograd.grad(out, leaf, grad, allow_unused=True)
+        del out
         if grad is None:
             grad = torch.zeros_like(leaf)
         if prompts is not None:
             grad_prompts.append(grad[:, : prompts.shape[-2]])
     grad_prompts_out = torch.stack(grad_prompts[::-1]) if prompts is not None else None
     return grad, grad_prompts_out
+
+
+class SavedBytes:
+    """Counts the bytes autograd saves for backward in a block's forward, less the block's own weights
+    (which it saves by reference, not as copies)."""
+
+    def __init__(self, block: nn.Module):
+        self.weights = {t.untyped_storage().data_ptr() for t in (*block.parameters(), *block.buffers())}
+        self.seen: set[int] = set()
+        self.total = 0
+
+    def pack(self, tensor: torch.Tensor) -> torch.Tensor:
+        try:
+            storage = tensor.untyped_storage()
+        except (NotImplementedError, RuntimeError):  # e.g. a tensor subclass without one storage
+            return tensor
+        ptr = storage.data_ptr()
+        if ptr not in self.weights and ptr not in self.seen:
+            self.seen.add(ptr)
+            self.total += storage.nbytes()
+        return tensor
+
+    @staticmethod
+    def unpack(tensor: torch.Tensor) -> torch.Tensor:
+        return tensor
 
 
 def reorder_cache(cache: Sequence[KV], hypo_ids: torch.Tensor) -> None:

@@ -437,7 +437,13 @@ class Engine:
         try:
             with lora.activate(msg.adapter):
                 grad_inputs, grad_prompts = compute.backward(
-                    self.blocks[first : first + n_blocks], x, grad_outputs, prompts
+                    self.blocks[first : first + n_blocks],
+                    x,
+                    grad_outputs,
+                    prompts,
+                    # a group's ranks must run the same forwards (each one's collectives): none keeps more
+                    # than the last block's graph, whatever its own shard would allow
+                    keep_bytes=0 if self.grouped else self.plan.autograd_bytes,
                 )
         except Exception as e:
             self.log.exception("backward failed", req=msg.req)

@@ -17,6 +17,7 @@ import msgspec
 
 from node.runtime.tensor_parallel.split import check_split
 from node.supervisor.config import MODEL_DEFAULTS, PUBLIC_INITIAL_PEERS, NodeConfig
+from node.supervisor.resources import autograd_bytes
 from node.weights import default_cache_dir
 from protocol import SERVER_VERSION
 from protocol.plan import NodePlan
@@ -204,6 +205,7 @@ def resolve_plan(config: NodeConfig, run_dir: str, log) -> NodePlan:
         inference_max_length=config.inference_max_length or by_model("inference_max_length"),
         attn_cache_tokens=config.attn_cache_tokens or by_model("attn_cache_tokens"),
         max_chunk_size_bytes=config.max_chunk_size_bytes,
+        autograd_bytes=autograd_bytes(model_config.hidden_size, max(1, len(tp_devices))),
         max_alloc_timeout=config.max_alloc_timeout,
         request_timeout=config.request_timeout,
         session_timeout=config.session_timeout,

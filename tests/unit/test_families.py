@@ -108,12 +108,28 @@ def test_sessions_with_deep_prompts_through_compute_run(model):
         check(f"{model.name}/prompts+batched", torch.cat([first[1], second[1]], dim=1), model.ref(b))
 
 
-def test_input_and_prompt_gradients_match_hf(model):
+@pytest.mark.parametrize("kept", ["last", "two", "all"])
+def test_input_and_prompt_gradients_match_hf(model, kept):
+    """Whatever share of the forward's graphs fits in the memory for backward passes (the rest is run again),
+    the gradients are autograd's through the whole model; each block runs once, plus once per block whose
+    graph was not kept."""
     h, n = model.config.hidden_size, model.n
     x = hidden_states(2, 11, h, seed=3)
     prompts = hidden_states(n * 2, 3, h, seed=6).view(n, 2, 3, h) * 0.5
     grad_out = hidden_states(2, 11, h, seed=4)
-    grad_x, grad_prompts = compute.backward(model.blocks, x, grad_out, prompts)
+    saved = compute.SavedBytes(model.blocks[0])
+    with torch.enable_grad(), torch.autograd.graph.saved_tensors_hooks(saved.pack, saved.unpack):
+        model.blocks[0](x.clone().requires_grad_(True))
+    assert saved.total > 0
+    keep = {"last": 1, "two": min(2, n), "all": n}[kept]
+    runs = []
+    hooks = [b.register_forward_hook(lambda *_: runs.append(1)) for b in model.blocks]
+    try:
+        grad_x, grad_prompts = compute.backward(model.blocks, x, grad_out, prompts, keep_bytes=keep * saved.total)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    assert len(runs) == n + (n - keep)
 
     leaf, leaf_prompts = x.clone().requires_grad_(True), prompts.clone().requires_grad_(True)
     ref_x, ref_prompts = torch.autograd.grad(model.ref(leaf, prompts=leaf_prompts), [leaf, leaf_prompts], grad_out)
