@@ -91,8 +91,27 @@ def resolve_device(requested) -> str:
     return "mps" if mps_available() else "cpu"
 
 
+def cpu_bf16_units(cpuinfo: str = "/proc/cpuinfo") -> bool:
+    """Whether this CPU multiplies bfloat16 matrices in hardware (AMX or AVX-512 BF16). Without them torch
+    emulates bfloat16: at the 8B block shape on a 2-core AVX2 EPYC a 4 x 128 forward took 42 s in bfloat16
+    against 6.7 s in float32 (a decode step 93 ms against 148 ms: half the bytes to read)."""
+    try:
+        with open(cpuinfo) as f:
+            for line in f:
+                if line.startswith("flags"):
+                    flags = set(line.split(":", 1)[1].split())
+                    return bool(flags & {"amx_bf16", "avx512_bf16"})
+    except OSError:
+        pass
+    return False
+
+
 def resolve_dtype(requested: str, model_config, device: str) -> str:
-    if requested == "auto":
+    if requested == "auto" and device == "cpu":
+        # bfloat16 where the CPU has the units for it (twice float32's speed at that shape with AMX), else
+        # float32, whatever the checkpoint declares (float16 does not run on the CPU)
+        dtype = "bfloat16" if cpu_bf16_units() else "float32"
+    elif requested == "auto":
         # transformers >= 4.56 calls it `dtype` (and warns on `torch_dtype`); older versions `torch_dtype`
         declared = getattr(model_config, "dtype", None) or getattr(model_config, "torch_dtype", None)
         declared = str(declared).replace("torch.", "") if declared is not None else None

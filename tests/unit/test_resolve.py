@@ -62,3 +62,29 @@ def test_num_blocks_larger_than_the_model_is_capped_with_a_warning(tmp_path):
     answer = msgspec.json.decode(result.stdout)
     assert answer["plan"]["wanted_blocks"] == 4, result.stderr.decode()[-2000:]
     assert b"--num_blocks is larger than the model" in result.stderr
+
+
+def test_auto_dtype_on_the_cpu_follows_its_bfloat16_units(tmp_path, monkeypatch):
+    """--torch_dtype auto on the CPU: bfloat16 where the CPU has AMX or AVX-512 BF16 units, float32 where it
+    would only emulate it (six times slower at the 8B shape on an AVX2 machine), whatever the checkpoint
+    declares; on a GPU it follows the checkpoint, as Petals does."""
+    from types import SimpleNamespace
+
+    from node.supervisor import resolve
+
+    amx, avx2 = tmp_path / "amx", tmp_path / "avx2"
+    amx.write_text("processor\t: 0\nflags\t\t: fpu sse avx2 avx512f avx512_bf16 amx_bf16 amx_tile\n")
+    avx2.write_text("processor\t: 0\nflags\t\t: fpu sse avx avx2 fma\n")
+    assert resolve.cpu_bf16_units(str(amx)) and not resolve.cpu_bf16_units(str(avx2))
+    assert not resolve.cpu_bf16_units(str(tmp_path / "missing"))
+
+    half = SimpleNamespace(torch_dtype="float16")
+    monkeypatch.setattr(resolve, "cpu_bf16_units", lambda: True)
+    assert resolve.resolve_dtype("auto", half, "cpu") == "bfloat16"
+    monkeypatch.setattr(resolve, "cpu_bf16_units", lambda: False)
+    assert resolve.resolve_dtype("auto", half, "cpu") == "float32"
+    assert resolve.resolve_dtype("bfloat16", half, "cpu") == "bfloat16"  # asked for: served, if slowly
+    assert resolve.resolve_dtype("auto", half, "cuda") == "float16"
+    assert resolve.resolve_dtype("auto", SimpleNamespace(torch_dtype="float32"), "cuda") == "bfloat16"
+    with pytest.raises(resolve.PlanError, match="float16 is not supported on the CPU"):
+        resolve.resolve_dtype("float16", half, "cpu")
