@@ -25,6 +25,10 @@ Petals client does it) and in plain transformers in this process:
   sampled during the run, against a fresh python process that loads the model in transformers once
   the node has stopped and runs the same forward, backward and a short generation once.
 
+- this machine's bound (node/tools/machine_bound.py, measured once the node has stopped): the memory
+  bandwidth and the matrix-product speed of torch alone, hence the least time a decode step and the
+  forward can take; the forward of the node and of transformers as a fraction of it.
+
 The table gives node and local figures and their ratio, oriented so that higher is better for the
 node (node/local for tokens/s, local/node for seconds and MiB); below it, where a generated token's
 time goes on the client side (embeddings + norm + LM head vs. the session.step round trip).
@@ -57,6 +61,7 @@ import torch
 
 from node.client.generate import BatchedHead
 from node.startup import die_with_parent
+from node.tools import machine_bound
 from node.tools.launcher import ROOT, NodeProcess
 from node.tools.local_baseline import local_backward, local_forward, local_generate, local_layers_forward, sync
 from node.tools.recovery_timing import RECOVERY_TOKENS, measure_session_recovery
@@ -511,6 +516,17 @@ def run(args, work: Path, dtype: torch.dtype, device: torch.device, bench_began:
                 print(node.log_tail(20), file=sys.stderr)
 
     local_pss = memory_probe.result(timeout=max(30.0, args.max_seconds - (time.monotonic() - bench_began)))
+    print("measuring this machine's bound (torch alone, nothing else running) ...", flush=True)
+    layers = list(model.model.layers.parameters())
+    machine = machine_bound.measure(dtype, device)
+    bound = machine_bound.bounds(
+        machine,
+        sum(p.numel() for p in layers),
+        sum(p.numel() * p.element_size() for p in layers),
+        config,
+        BATCH,
+        LENGTH,
+    )
 
     gen, fwd_s, bwd_s = samples["generate_s"], samples["forward_s"], samples["backward_s"]
     tokens_fb = BATCH * LENGTH
@@ -580,6 +596,15 @@ def run(args, work: Path, dtype: torch.dtype, device: torch.device, bench_began:
         f"(node cold start {cold_start:.2f} s); the session's next step, its {RECOVERY_TOKENS}-token cache rebuilt "
         f"first, took {recovery['rebuild_s']:.2f} s (max rel err {checks['recovery_rel_err']:.2e})"
     )
+    forward_node, forward_local = metrics["forward"]["node"], metrics["forward"]["local"]
+    print(
+        f"this machine's bound ({args.dtype}, torch alone): memory {machine['memory_gb_s']:.1f} GB/s, matrix "
+        f"products {machine['matmul_gflop_s']:.0f} GFLOP/s; so a decode step of these blocks takes at least "
+        f"{bound['decode_step_ms']:.1f} ms and a {BATCH}x{LENGTH} forward {bound['forward_s']:.2f} s "
+        f"({bound['forward_tokens_s']:.1f} tokens/s): the node's forward at "
+        f"{forward_node / bound['forward_tokens_s']:.0%} of it, transformers' at "
+        f"{forward_local / bound['forward_tokens_s']:.0%}"
+    )
     load_after = os.getloadavg()
     print(
         f"load average after: {load_after[0]:.2f} {load_after[1]:.2f} {load_after[2]:.2f}; "
@@ -623,6 +648,7 @@ def run(args, work: Path, dtype: torch.dtype, device: torch.device, bench_began:
                 "num_handlers": 1,
             },
             "metrics": metrics,
+            "bound": dict(machine, **bound, forward_fraction=forward_node / bound["forward_tokens_s"]),
             "per_token": per_token,
             "recovery": recovery,
             "checks": checks,

@@ -66,6 +66,10 @@ def test_bench_smoke(tmp_path):
         "none",
     )  # stated, whatever the machine's defaults (on a GPU host: cuda and nf4)
     assert data["machine"]["cpu_count"] > 0 and data["machine"]["torch_threads"] > 0
+    # the machine's own bound, measured in the same run, and the forward as a fraction of it
+    bound = data["bound"]
+    assert all(bound[k] > 0 for k in ("memory_gb_s", "matmul_gflop_s", "decode_step_ms", "forward_tokens_s"))
+    assert 0 < bound["forward_fraction"] < 1.5 and "this machine's bound (float32, torch alone)" in out
     assert data["model"]["num_blocks"] == 8 and data["model"]["hidden_size"] == 256
     # the node computes what transformers computes (float32): same tokens, same outputs
     assert data["checks"]["generated_tokens_match"] is True
