@@ -1,7 +1,8 @@
 """`python -m node.bench_petals`: the node against a real Petals server, both driven by a real Petals client.
 
     python -m node.bench_petals --petals_python PATH [--preset small|tiny|8b | --model PATH]
-                                [--tokens N] [--sessions S] [--json FILE] [--max_seconds S]
+                                [--dtype float32|bfloat16] [--tokens N] [--sessions S] [--json FILE]
+                                [--max_seconds S]
 
 Petals pins package versions that cannot share the node's environment, so the Petals side runs under
 another interpreter (--petals_python, or the PETALS_PYTHON variable, or the Petals 2.2.0 environment that
@@ -46,6 +47,7 @@ PREFIX = "bench"
 CLIENT = Path(__file__).resolve().parent / "tools" / "petals_client.py"  # run by the Petals interpreter
 
 ROWS = (
+    ("cold_start", "cold start (to ONLINE / 'Started')", "s", False),
     ("generation", "generation, 1 session", "tokens/s", True),
     ("concurrent", "generation, {sessions} sessions at once", "tokens/s", True),
     ("forward", "forward 4x128, all blocks", "tokens/s", True),
@@ -54,7 +56,7 @@ ROWS = (
 
 
 def run_client(petals_python: str, model: Path, peers: list[str], args, log: Path) -> dict:
-    cmd = [petals_python, str(CLIENT), str(model), str(args.tokens), str(args.sessions), *peers]
+    cmd = [petals_python, str(CLIENT), str(model), str(args.tokens), str(args.sessions), args.dtype, *peers]
     with log.open("w") as err:
         # its own group: the client forks a DHT process with its own p2pd, which a timeout must stop too
         client = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=err, text=True, start_new_session=True)
@@ -77,7 +79,13 @@ def run_client(petals_python: str, model: Path, peers: list[str], args, log: Pat
 
 
 def start_petals_server(
-    petals_python: str, model: Path, num_blocks: int, log: Path, prefix: str = PREFIX, limit: float = 300
+    petals_python: str,
+    model: Path,
+    num_blocks: int,
+    log: Path,
+    prefix: str = PREFIX,
+    limit: float = 300,
+    dtype: str = "float32",
 ) -> tuple[subprocess.Popen, list[str]]:
     server = subprocess.Popen(
         [
@@ -88,7 +96,7 @@ def start_petals_server(
             "--dht_prefix",
             prefix,
             "--torch_dtype",
-            "float32",
+            dtype,
             "--device",
             "cpu",
             "--num_blocks",
@@ -147,9 +155,11 @@ def format_table(node: dict, petals: dict, sessions: int) -> str:
     for key, label, unit, higher in ROWS:
         ours, theirs = node[key], petals[key]
         ratio = ours / theirs if higher else theirs / ours
+        local = [side["local_" + key] for side in (node, petals)]
+        local = [f"{x:8.1f}" if x is not None else " " * 8 for x in local]  # no local figure (cold start)
         lines.append(
-            f"{label.format(sessions=sessions):38s}  {unit:8s}  {ours:8.1f}  {node['local_' + key]:8.1f}  "
-            f"{theirs:8.1f}  {petals['local_' + key]:8.1f}  {ratio:.2f}"
+            f"{label.format(sessions=sessions):38s}  {unit:8s}  {ours:8.1f}  {local[0]}  "
+            f"{theirs:8.1f}  {local[1]}  {ratio:.2f}"
         )
     lines.append(
         "local: plain transformers in the client process, measured in the same client run as the server "
@@ -167,6 +177,7 @@ def parse_args(argv) -> argparse.Namespace:
     )
     p.add_argument("--preset", choices=["tiny", "small", "8b"], default="small")
     p.add_argument("--model", help="a local Llama directory instead of a preset")
+    p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32", help="both servers and the client")
     p.add_argument("--tokens", type=int, default=32)
     p.add_argument("--sessions", type=int, default=8)
     p.add_argument("--json", help="write the figures to this file")
@@ -195,16 +206,30 @@ def main(argv: Optional[list[str]] = None) -> int:
             model = Path(make_preset(str(work / "model"), args.preset))
         print(f"model {model}; {args.sessions} sessions, {args.tokens} tokens; logs in {work}", flush=True)
         print("node: starting, then the Petals client ...", flush=True)
-        with NodeProcess(model, work / "node", dht_prefix=PREFIX, log_path=work / "node.log") as node:
-            ours = run_client(args.petals_python, model, node.maddrs, args, work / "client_node.log")
-        print("Petals server: starting, then the Petals client ...", flush=True)
-        server, maddrs = start_petals_server(
-            args.petals_python, model, num_blocks_of(model), work / "petals_server.log", limit=args.max_seconds
+        node = NodeProcess(
+            model, work / "node", "--torch_dtype", args.dtype, dht_prefix=PREFIX, log_path=work / "node.log"
         )
+        began = time.monotonic()
+        with node:  # started: ONLINE in its DHT
+            node_start = time.monotonic() - began
+            ours = run_client(args.petals_python, model, node.maddrs, args, work / "client_node.log")
+        ours["cold_start"], ours["local_cold_start"] = node_start, None
+        print("Petals server: starting, then the Petals client ...", flush=True)
+        began = time.monotonic()
+        server, maddrs = start_petals_server(
+            args.petals_python,
+            model,
+            num_blocks_of(model),
+            work / "petals_server.log",
+            limit=args.max_seconds,
+            dtype=args.dtype,
+        )
+        petals_start = time.monotonic() - began
         try:
             theirs = run_client(args.petals_python, model, maddrs, args, work / "client_petals.log")
         finally:
             stop_group(server)
+        theirs["cold_start"], theirs["local_cold_start"] = petals_start, None
         print()
         print(format_table(ours, theirs, args.sessions))
         print(

@@ -1,7 +1,7 @@
 """The Petals side of `python -m node.bench_petals`: a real Petals client drives a swarm and times it.
 
 Run under the interpreter that has `petals` installed (--petals_python), not the node's:
-    PETALS_PYTHON node/tools/petals_client.py MODEL_PATH TOKENS SESSIONS PEER_MADDR...
+    PETALS_PYTHON node/tools/petals_client.py MODEL_PATH TOKENS SESSIONS DTYPE PEER_MADDR...
 Prints one line `RESULT {json}`: generation and forward/backward figures through the swarm, the same work
 in plain transformers on this machine, and whether the tokens matched.
 """
@@ -22,12 +22,13 @@ from transformers import AutoModelForCausalLM
 # one run in four on a loaded machine): collect only here, in the main thread, between measurements.
 gc.disable()
 
-model_path, tokens, sessions, peers = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4:]
+model_path, tokens, sessions, dtype, peers = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4], sys.argv[5:]
+dtype = getattr(torch, dtype)
 torch.manual_seed(0)
 model = AutoDistributedModelForCausalLM.from_pretrained(
-    model_path, initial_peers=peers, dht_prefix="bench", torch_dtype=torch.float32
+    model_path, initial_peers=peers, dht_prefix="bench", torch_dtype=dtype
 )
-ref = AutoModelForCausalLM.from_pretrained(model_path, torch_dtype=torch.float32)
+ref = AutoModelForCausalLM.from_pretrained(model_path, torch_dtype=dtype)
 vocab, hidden = ref.config.vocab_size, ref.config.hidden_size
 prompt = torch.tensor([[1, 15, 27, 99, 4, 63, 250, 7]])
 prompts = torch.randint(3, vocab, (sessions, 8))
@@ -72,7 +73,7 @@ def together():
 
 
 out["concurrent"] = sessions * tokens / timed(together, 2)
-x = torch.randn(4, 128, hidden)
+x = torch.randn(4, 128, hidden).to(dtype)
 
 
 def layer_figures(layers):  # forward tokens/s, and forward+backward ms per call, of x through layers
@@ -81,7 +82,7 @@ def layer_figures(layers):  # forward tokens/s, and forward+backward ms per call
 
     def backward():
         leaf = x.clone().requires_grad_(True)
-        layers(leaf).backward(torch.ones(4, 128, hidden))
+        layers(leaf).backward(torch.ones(4, 128, hidden, dtype=dtype))
 
     return forward, 1000 * timed(backward, 3)
 
@@ -97,7 +98,7 @@ def local_layers(h):
     # in each layer from the positions
     rotary = getattr(ref.model, "rotary_emb", None)
     extra = {"position_embeddings": rotary(h, position_ids)} if rotary is not None else {}
-    mask = torch.full((128, 128), float("-inf")).triu(1)[None, None].expand(h.shape[0], 1, 128, 128)
+    mask = torch.full((128, 128), float("-inf"), dtype=dtype).triu(1)[None, None].expand(h.shape[0], 1, 128, 128)
     for layer in ref.model.layers:
         h = layer(h, attention_mask=mask, position_ids=position_ids, **extra)
         h = h[0] if isinstance(h, tuple) else h

@@ -553,7 +553,7 @@ def test_bench_against_a_petals_server(tmp_path):
     figures = json.loads(out.read_text())
     for side in ("node", "petals"):
         assert figures[side]["tokens_match"] and all(
-            figures[side][k] > 0 for k in ("generation", "concurrent", "forward", "backward_ms")
+            figures[side][k] > 0 for k in ("cold_start", "generation", "concurrent", "forward", "backward_ms")
         )
 
 
