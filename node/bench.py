@@ -158,14 +158,18 @@ def node_generate_concurrently(
 
     async def one(prompt: torch.Tensor) -> torch.Tensor:
         tokens = prompt
-        async with swarm.inference_session(max_length=total, start=0, end=head.num_blocks, route=route) as session:
-            hidden = await session.step(head.embed(prompt.to(device)))
-            while True:
-                next_token = (await batched.logits(hidden[:, -1:].to(device))).argmax(-1).cpu()
-                tokens = torch.cat([tokens, next_token], dim=1)
-                if tokens.shape[1] >= total:
-                    return tokens
-                hidden = await session.step(head.embed(next_token.to(device)))
+        batched.join()
+        try:
+            async with swarm.inference_session(max_length=total, start=0, end=head.num_blocks, route=route) as session:
+                hidden = await session.step(head.embed(prompt.to(device)))
+                while True:
+                    next_token = (await batched.logits(hidden[:, -1:].to(device))).argmax(-1).cpu()
+                    tokens = torch.cat([tokens, next_token], dim=1)
+                    if tokens.shape[1] >= total:
+                        return tokens
+                    hidden = await session.step(head.embed(next_token.to(device)))
+        finally:
+            batched.leave()
 
     async def all_sessions():
         return await asyncio.gather(*(one(prompts[i : i + 1]) for i in range(prompts.shape[0])))

@@ -65,23 +65,45 @@ class LocalHead:
 
 class BatchedHead:
     """The LM head of several concurrent sessions of one client process, computed in one matrix
-    multiplication when their hidden states arrive together (as a multi-user client would): the
-    head's weights are read once per round instead of once per session."""
+    multiplication for the sessions whose hidden states arrive together (as a multi-user client would):
+    the head's weights are read once per round instead of once per session. A session `join`s before its
+    first step and `leave`s after its last; the head is computed as soon as every joined session waits
+    for it, or `window` seconds after the first one asked (a session whose reply is late goes alone).
+    Computing it for each reply as it comes would send the sessions' next steps to the server one head's
+    time apart, too far apart for one round: a 32000-word head takes 23 ms at hidden 4096 on 2 cores."""
 
-    def __init__(self, head: LocalHead):
+    def __init__(self, head: LocalHead, window: float = 0.02):
         self.head = head
+        self.window = window
+        self.sessions = 0
         self.pending: list = []
+        self._timer: Optional[asyncio.TimerHandle] = None
+
+    def join(self) -> None:
+        self.sessions += 1
+
+    def leave(self) -> None:
+        self.sessions -= 1
+        if self.pending and len(self.pending) >= self.sessions:
+            self._flush()
 
     async def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         loop = asyncio.get_running_loop()
         future = loop.create_future()
         self.pending.append((hidden, future))
-        if len(self.pending) == 1:
-            loop.call_soon(self._flush)  # after the replies that arrived in the same loop turn queue up
+        if len(self.pending) >= self.sessions:
+            loop.call_soon(self._flush)
+        elif self._timer is None:
+            self._timer = loop.call_later(self.window, self._flush)
         return await future
 
     def _flush(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
         items, self.pending = self.pending, []
+        if not items:
+            return
         outputs = self.head.logits(torch.cat([hidden for hidden, _ in items]))
         for (hidden, future), out in zip(items, outputs.split([h.shape[0] for h, _ in items])):
             if not future.done():
