@@ -43,7 +43,12 @@ def test_per_module_rank_alpha_rslora_and_layers_equal_peft(tmp_path, micro_hf):
     adapter = lora.load_adapter(str(tmp_path / "adapter"))
     ours = Blocks("micro-llama")
     blocks = ours.load([adapter])
-    assert [type(b.self_attn.q_proj).__name__ for b in blocks] == ["Linear", "LoraLinear", "LoraLinear", "Linear"]
+    assert [type(b.self_attn.q_proj).__name__ for b in blocks] == [
+        "TunedLinear",
+        "LoraLinear",
+        "LoraLinear",
+        "TunedLinear",
+    ]
     assert blocks[1].self_attn.q_proj.lora_a[lora._key(adapter.name)].shape[0] == 2
     torch.manual_seed(14)
     hidden = torch.randn(1, 6, 64)

@@ -1,0 +1,76 @@
+"""Linear layers that multiply the faster of torch's two ways on the CPU, chosen per weight shape and size
+of input, by timing both on the first input of each size class.
+
+`x @ W.T` (F.linear, what transformers runs) and `(W @ x.T).T` compute the same product; the BLAS behind
+torch does not run them equally fast, and which one wins depends on the CPU, the BLAS, the shape and the
+number of rows. On the 2-core AVX2 EPYC of docs/benchmarks.md, for Llama-3.1-8B's matrices: 8 rows (a
+round of 8 decoding sessions) 1.3 to 1.5 times faster transposed, 32 rows 1.6 to 1.9, 512 rows between
+0.8 and 1.8 by shape, 1 row the same. So each (weight shape, dtype, power-of-two class of rows) is timed
+once, both ways, on its first input, and the faster way (transposed only if it wins by 10%) serves it
+from then on: the same input always gets the same way, so results stay reproducible within a runtime.
+Only plain Linear layers on the CPU are concerned (quantized layers and GPUs keep their own kernels).
+"""
+
+from __future__ import annotations
+
+import time
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+TRIALS = 2  # timings of each way, the fastest counted
+MARGIN = 0.9  # the transposed way must take under this share of F.linear's time
+MAX_ROWS_CLASS = 1 << 14
+
+_chosen: dict[tuple, bool] = {}  # (out, in, dtype, rows class) -> transposed
+
+
+def rows_class(rows: int) -> int:
+    return min(MAX_ROWS_CLASS, 1 << max(0, rows - 1).bit_length())
+
+
+def _product(x: torch.Tensor, weight: torch.Tensor, transposed: bool) -> torch.Tensor:
+    if transposed:
+        return torch.mm(weight, x.t()).t().contiguous()
+    return F.linear(x, weight)
+
+
+def _choose(key: tuple, x: torch.Tensor, weight: torch.Tensor) -> bool:
+    best = {}
+    with torch.no_grad():
+        for _ in range(TRIALS):
+            for transposed in (False, True):
+                began = time.perf_counter()
+                _product(x, weight, transposed)
+                took = time.perf_counter() - began
+                best[transposed] = min(took, best.get(transposed, took))
+    _chosen[key] = best[True] < MARGIN * best[False]
+    return _chosen[key]
+
+
+class TunedLinear(nn.Linear):
+    """An nn.Linear (same parameters, same state dict) whose product is chosen as the module says."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        weight = self.weight
+        if x.device.type != "cpu" or x.dtype != weight.dtype or x.dim() < 2 or x.numel() == 0:
+            return F.linear(x, weight, self.bias)
+        rows = x.numel() // x.shape[-1]
+        flat = x.reshape(rows, x.shape[-1])
+        key = (weight.shape[0], weight.shape[1], weight.dtype, rows_class(rows))
+        transposed = _chosen.get(key)
+        if transposed is None:
+            transposed = _choose(key, flat, weight)
+        out = _product(flat, weight, transposed)
+        if self.bias is not None:
+            out = out + self.bias
+        return out.view(*x.shape[:-1], weight.shape[0])
+
+
+def tune(block: nn.Module) -> nn.Module:
+    """Makes every plain CPU Linear of `block` a TunedLinear (in place: the same parameters)."""
+    for module in block.modules():
+        if type(module) is nn.Linear and module.weight.device.type == "cpu":
+            module.__class__ = TunedLinear
+    return block

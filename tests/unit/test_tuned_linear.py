@@ -1,0 +1,74 @@
+"""CPU Linear layers run the faster of two equivalent products (node/runtime/linear.py)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from node.runtime import linear
+
+
+@pytest.fixture(autouse=True)
+def fresh_choices(monkeypatch):
+    monkeypatch.setattr(linear, "_chosen", {})
+
+
+def layer(out_features=48, in_features=32, bias=True, seed=0) -> nn.Linear:
+    torch.manual_seed(seed)
+    return linear.tune(nn.Linear(in_features, out_features, bias=bias).requires_grad_(False))
+
+
+@pytest.mark.parametrize("transposed", [False, True])
+@pytest.mark.parametrize("shape", [(1, 32), (3, 1, 32), (2, 7, 32), (5, 130, 32)])
+def test_either_product_is_the_linear_layer(shape, transposed, monkeypatch):
+    tuned = layer()
+    x = torch.randn(*shape)
+    linear._chosen[(48, 32, torch.float32, linear.rows_class(x.numel() // 32))] = transposed
+    out = tuned(x)
+    assert out.shape == (*shape[:-1], 48) and out.is_contiguous()
+    torch.testing.assert_close(out, F.linear(x, tuned.weight, tuned.bias), rtol=1e-5, atol=1e-6)
+
+
+def test_the_choice_is_timed_once_per_shape_and_size_class_then_kept(monkeypatch):
+    tuned = layer(bias=False)
+    timed = []
+    real = linear._choose
+    monkeypatch.setattr(linear, "_choose", lambda *a: timed.append(a[0]) or real(*a))
+    for rows in (3, 4, 3, 1, 9, 16):
+        tuned(torch.randn(rows, 32))
+    # classes 4 (3 and 4 rows), 1, 16 (9 and 16 rows): each timed on its first input only
+    assert [key[-1] for key in timed] == [4, 1, 16]
+    assert set(linear._chosen) == {(48, 32, torch.float32, c) for c in (1, 4, 16)}
+    x = torch.randn(3, 32)
+    assert torch.equal(tuned(x), tuned(x))  # the same way every time: reproducible results
+
+
+def test_gradients_flow_through_either_product():
+    tuned = layer()
+    for transposed in (False, True):
+        linear._chosen[(48, 32, torch.float32, 8)] = transposed
+        x = torch.randn(2, 4, 32, requires_grad=True)
+        (grad,) = torch.autograd.grad(tuned(x).sum(), x)
+        torch.testing.assert_close(grad, tuned.weight.sum(0).expand(2, 4, 32), rtol=1e-5, atol=1e-6)
+
+
+def test_only_plain_cpu_linears_are_tuned_and_state_dicts_are_unchanged():
+    class Custom(nn.Linear):
+        pass
+
+    block = nn.Sequential(nn.Linear(4, 4), Custom(4, 4), nn.LayerNorm(4))
+    names = list(block.state_dict())
+    linear.tune(block)
+    assert type(block[0]) is linear.TunedLinear and isinstance(block[0], nn.Linear)
+    assert type(block[1]) is Custom and type(block[2]) is nn.LayerNorm
+    assert list(block.state_dict()) == names
+
+
+def test_other_dtypes_than_the_weights_go_to_f_linear_untimed():
+    tuned = layer()
+    x = torch.randn(2, 32, dtype=torch.float64)
+    with pytest.raises(RuntimeError):  # as nn.Linear: the caller casts first (Block.forward does)
+        tuned(x)
+    assert linear._chosen == {}
