@@ -18,6 +18,7 @@ from node import startup
 startup.die_with_supervisor()
 startup.runtime_imports()  # before the imports below: see node/startup.py
 
+import os
 import time
 from typing import Optional
 
@@ -25,7 +26,7 @@ import torch
 import zmq
 
 from node import logs
-from node.runtime import lora
+from node.runtime import linear, lora
 from node.runtime.engine import Engine, GroupBroken, Step
 from node.runtime.loading import load_adapters
 from node.runtime.models import get_family
@@ -190,6 +191,8 @@ def main(actor: actor_lib.Actor) -> None:
         torch.cuda.set_device(torch.device(actor.plan.device))
     if not report_capacity(actor):
         return
+    # the products a crashed predecessor timed (node/runtime/linear.py)
+    linear.remember(os.path.join(actor.plan.run_dir, "linear_choices.json"))
     if not wait_for_load_order(actor):
         return
     began = time.perf_counter()

@@ -72,3 +72,24 @@ def test_other_dtypes_than_the_weights_go_to_f_linear_untimed():
     with pytest.raises(RuntimeError):  # as nn.Linear: the caller casts first (Block.forward does)
         tuned(x)
     assert linear._chosen == {}
+
+
+def test_choices_are_kept_in_a_file_for_a_replacement_runtime(tmp_path, monkeypatch):
+    path = tmp_path / "linear_choices.json"
+    monkeypatch.setattr(linear, "_file", None)
+    assert linear.remember(str(path)) == 0  # nothing kept yet
+    layer(bias=False)(torch.randn(5, 32))
+    layer(bias=False)(torch.randn(1, 32))
+    chosen = dict(linear._chosen)
+    assert set(chosen) == {(48, 32, torch.float32, 8), (48, 32, torch.float32, 1)}
+
+    monkeypatch.setattr(linear, "_chosen", {})  # a new runtime process
+    assert linear.remember(str(path)) == 2 and linear._chosen == chosen
+    timed = []
+    monkeypatch.setattr(linear, "_choose", lambda *a: timed.append(a[0]))
+    layer(bias=False)(torch.randn(7, 32))
+    assert timed == []  # served at once with the kept choice
+
+    path.write_text("{not json")
+    monkeypatch.setattr(linear, "_chosen", {})
+    assert linear.remember(str(path)) == 0 and linear._chosen == {}  # a damaged file: timed again
