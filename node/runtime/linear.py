@@ -65,10 +65,12 @@ def rows_class(rows: int) -> int:
     return min(MAX_ROWS_CLASS, 1 << max(0, rows - 1).bit_length())
 
 
-def _product(x: torch.Tensor, weight: torch.Tensor, transposed: bool) -> torch.Tensor:
-    if transposed:
-        return torch.mm(weight, x.t()).t().contiguous()
-    return F.linear(x, weight)
+def product(x: torch.Tensor, weight: torch.Tensor, transposed: bool, bias: Optional[torch.Tensor] = None):
+    """x [rows, in] times weight [out, in] transposed, plus bias: F.linear's way, or the transposed one."""
+    if not transposed:
+        return F.linear(x, weight, bias)  # the bias fused, as nn.Linear computes it
+    out = torch.mm(weight, x.t()).t().contiguous()
+    return out if bias is None else out + bias
 
 
 def _choose(key: tuple, x: torch.Tensor, weight: torch.Tensor) -> bool:
@@ -77,7 +79,7 @@ def _choose(key: tuple, x: torch.Tensor, weight: torch.Tensor) -> bool:
         for _ in range(TRIALS):
             for transposed in (False, True):
                 began = time.perf_counter()
-                _product(x, weight, transposed)
+                product(x, weight, transposed)
                 took = time.perf_counter() - began
                 best[transposed] = min(took, best.get(transposed, took))
     _chosen[key] = best[True] < MARGIN * best[False]
@@ -98,10 +100,7 @@ class TunedLinear(nn.Linear):
         transposed = _chosen.get(key)
         if transposed is None:
             transposed = _choose(key, flat, weight)
-        out = _product(flat, weight, transposed)
-        if self.bias is not None:
-            out = out + self.bias
-        return out.view(*x.shape[:-1], weight.shape[0])
+        return product(flat, weight, transposed, self.bias).view(*x.shape[:-1], weight.shape[0])
 
 
 def tune(block: nn.Module) -> nn.Module:

@@ -5,7 +5,8 @@ A decode step must read every weight once, so it cannot take less than the block
 bandwidth (measured as a matrix-vector product of a 14336 x 4096 weight, the size of an 8B MLP matrix);
 a forward of T tokens must do about 2 x parameters x T multiply-adds plus the attention's, so it cannot
 take less than that over the best matrix-product speed (a 512 x 4096 by 4096 x 14336 product, in both
-layouts torch offers, the faster one counted: which one wins depends on the CPU and its BLAS).
+ways node/runtime/linear.py chooses from, the faster one counted: which one wins depends on the CPU and
+its BLAS).
 """
 
 from __future__ import annotations
@@ -13,7 +14,8 @@ from __future__ import annotations
 import time
 
 import torch
-import torch.nn.functional as F
+
+from node.runtime.linear import product
 
 ROWS, COLS, TOKENS = 14336, 4096, 512
 
@@ -47,11 +49,11 @@ def measure(dtype: torch.dtype, device: torch.device, repeats: int = 5) -> dict:
         return _best(timed, repeats)
 
     with torch.inference_mode():
-        read = run(lambda: F.linear(vector, weight))
-        product = min(run(lambda: F.linear(tokens, weight)), run(lambda: torch.mm(weight, tokens.t())))
+        read = run(lambda: product(vector, weight, transposed=False))
+        best = min(run(lambda: product(tokens, weight, transposed)) for transposed in (False, True))
     return {
         "memory_gb_s": weight.numel() * weight.element_size() / read / 1e9,
-        "matmul_gflop_s": 2 * ROWS * COLS * TOKENS / product / 1e9,
+        "matmul_gflop_s": 2 * ROWS * COLS * TOKENS / best / 1e9,
     }
 
 
