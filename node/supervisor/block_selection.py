@@ -31,7 +31,11 @@ def best_start(throughputs: Sequence[float], length: int) -> int:
     the weakest block first, then the next weakest; ties go to the earlier window."""
     if not 0 < length <= len(throughputs):
         raise ValueError(f"cannot place {length} blocks in a model of {len(throughputs)}")
-    options = [(sorted(throughputs[s : s + length]), s) for s in range(len(throughputs) - length + 1)]
+    # Only windows holding the lowest minimum can win, and sorting the others is most of the cost
+    # (a simulated swarm of a thousand servers asks this a great many times).
+    lows = [min(throughputs[s : s + length]) for s in range(len(throughputs) - length + 1)]
+    lowest = min(lows)
+    options = [(sorted(throughputs[s : s + length]), s) for s, low in enumerate(lows) if low == lowest]
     return min(options)[1]
 
 
@@ -39,8 +43,17 @@ def choose_best_blocks(
     num_blocks: int, infos: Mapping[int, Mapping[str, ServerInfo]], total_blocks: int
 ) -> tuple[int, int]:
     """Where a joining server with room for `num_blocks` helps most (servers JOINING count too)."""
-    spans = compute_spans(_complete(infos, total_blocks), min_state=ServerState.JOINING)
-    start = best_start(block_throughputs(spans, total_blocks), num_blocks)
+    return best_blocks(num_blocks, compute_spans(_complete(infos, total_blocks), ServerState.JOINING), total_blocks)
+
+
+def best_blocks(
+    num_blocks: int, spans: Mapping[str, SpanInfo], total_blocks: int, throughputs: Optional[Sequence[float]] = None
+) -> tuple[int, int]:
+    """choose_best_blocks over spans already computed (JOINING and ONLINE servers); `throughputs`, when
+    given, must be block_throughputs(spans, total_blocks): a caller asking often keeps it."""
+    if throughputs is None:
+        throughputs = block_throughputs(spans, total_blocks)
+    start = best_start(throughputs, num_blocks)
     return start, start + num_blocks
 
 
@@ -51,17 +64,33 @@ def should_choose_other_blocks(
     balance_quality: float,
     rng: Optional[random.Random] = None,
 ) -> bool:
-    """True when moving this server would raise the swarm's weakest block enough: the servers are
-    re-placed one by one (this one first) until none moves, and the move is worth it when the
-    weakest throughput grows by more than 1/balance_quality."""
+    """True when moving this server would raise the swarm's weakest block enough (should_move)."""
     if balance_quality > 1.0:
         return True  # forced moves, for debugging
-    rng = rng or random.Random()
     spans = compute_spans(_complete(infos, total_blocks), min_state=ServerState.JOINING)
+    return should_move(local_peer, spans, total_blocks, balance_quality, rng)
+
+
+def should_move(
+    local_peer: str,
+    spans: Mapping[str, SpanInfo],
+    total_blocks: int,
+    balance_quality: float,
+    rng: Optional[random.Random] = None,
+    throughputs: Optional[Sequence[float]] = None,
+) -> bool:
+    """should_choose_other_blocks over spans already computed: the servers are re-placed one by one
+    (this one first) until none moves, and the move is worth it when the weakest throughput grows by
+    more than 1/balance_quality. `throughputs` as in best_blocks."""
+    if balance_quality > 1.0:
+        return True  # forced moves, for debugging
     if local_peer not in spans:
         raise ValueError(f"this server ({local_peer}) is not in the swarm's records")
-    throughputs = block_throughputs(spans, total_blocks)
+    throughputs = list(throughputs) if throughputs is not None else block_throughputs(spans, total_blocks)
     initial = min(throughputs)
+    if cannot_gain(throughputs, balance_quality):
+        return False
+    rng = rng or random.Random()
 
     local = spans[local_peer]
     _add(throughputs, local.start, local.end, -local.info.throughput * (1 + EPS))
@@ -95,6 +124,14 @@ def should_choose_other_blocks(
     if new < initial or new < EPS:
         return False
     return initial / new < balance_quality - EPS
+
+
+def cannot_gain(throughputs: Sequence[float], balance_quality: float) -> bool:
+    """An exact shortcut: re-placing servers keeps the sum of the throughputs, so the weakest block can
+    never end above the mean; when the weakest is already within balance_quality of the mean, no
+    re-placement can be worth a move, and the costly search is skipped (the margin covers rounding)."""
+    mean = sum(throughputs) / len(throughputs)
+    return min(throughputs) >= (balance_quality - EPS) * mean * (1 + 1e-9)
 
 
 def _add(throughputs: list[float], start: int, end: int, value: float) -> None:

@@ -2,7 +2,9 @@
 
 Owned by the supervisor. Receives the runtime's Measured report and the announcer's SwarmViews (it
 asks for them with SwarmQuery); decides with node/supervisor/resources.py (how many blocks fit) and
-node/supervisor/block_selection.py (the Petals rule); tells the supervisor the range and the ServerInfo numbers.
+node/supervisor/block_selection.py (the Petals rule), through node/supervisor/placement_rules.py (each decision
+as a pure function of a swarm view, which node/simulate runs too); tells the supervisor the range and the
+ServerInfo numbers.
 
 Rebalancing improves on Petals where its users suffer:
 - a move needs the imbalance in `--balance_checks` consecutive checks, so a passing one (a server
@@ -21,8 +23,7 @@ import random
 from typing import Optional
 
 from node.allocator import budget
-from node.supervisor import block_selection, resources
-from protocol.dht_records import ServerState, compute_spans
+from node.supervisor import block_selection, placement_rules, resources
 from protocol.messages import Measured, SwarmQuery, SwarmView
 
 
@@ -149,94 +150,61 @@ class Placement:
         await asyncio.sleep(delay)  # nodes that start together must not all read the same swarm
         infos = await self.swarm()
         start, end = block_selection.choose_best_blocks(self.count, infos, total)
-        self.log.info("blocks chosen", blocks=[start, end], swarm=_summary(infos, total))
+        self.log.info(
+            "blocks chosen", blocks=[start, end], swarm=_summary(placement_rules.Swarm.from_infos(infos, total))
+        )
         return start, end
+
+    async def read(self) -> placement_rules.Swarm:
+        return placement_rules.Swarm.from_infos(await self.swarm(), self.plan.total_blocks)
 
     async def check_balance(self, peer_id: str, current: tuple[int, int]) -> Optional[tuple[int, int]]:
         """One balance check: the span to move to once the imbalance has persisted, else None."""
-        total = self.plan.total_blocks
-        infos = await self.swarm()
-        spans = compute_spans({b: dict(infos.get(b, {})) for b in range(total)}, min_state=ServerState.JOINING)
-        if peer_id not in spans:
+        swarm = await self.read()
+        if not swarm.visible(peer_id):
             self.log.info("balance check skipped: our records are not visible yet")
             self.streak = 0
             return None
-        should = block_selection.should_choose_other_blocks(
-            peer_id, infos, total, self.config.balance_quality, self.rng
+        target = placement_rules.balance_target(
+            peer_id, current, self.count, swarm, self.config.balance_quality, self.rng
         )
-        others = {b: {p: i for p, i in peers.items() if p != peer_id} for b, peers in infos.items()}
-        target = block_selection.choose_best_blocks(self.count, others, total)
-        if not should or target == tuple(current):
-            if self.streak:
-                self.log.info("imbalance passed", checks=self.streak)
-            self.streak = 0
+        streak = self.streak
+        self.streak, move = placement_rules.after_check(streak, target, self.config.balance_checks)
+        if target is None:
+            if streak:
+                self.log.info("imbalance passed", checks=streak)
             return None
-        self.streak += 1
         self.log.info(
             "swarm unbalanced",
-            checks=self.streak,
+            checks=streak + 1,
             needed=self.config.balance_checks,
             blocks=list(current),
             target=list(target),
-            swarm=_summary(infos, total),
+            swarm=_summary(swarm),
         )
-        if self.streak < self.config.balance_checks:
-            return None
-        self.streak = 0
-        return target
+        return move
 
     async def confirm_move(
         self, peer_id: str, old: tuple[int, int], target: tuple[int, int]
     ) -> Optional[tuple[int, int]]:
-        """Once our old blocks are OFFLINE and drained: is the move still right? Two nodes on one span
-        may decide together; each then sees the other gone from the span, and the best place for
-        either is the old span. The one with the lower peer id stays there, the other moves."""
-        total = self.plan.total_blocks
-        infos = await self.swarm()
-        others = {b: {p: i for p, i in peers.items() if p != peer_id} for b, peers in infos.items()}
-        now = block_selection.choose_best_blocks(self.count, others, total)
-        if now != tuple(old):
-            return now
-        leaving = sorted(
-            p
-            for peers in infos.values()
-            for p, i in peers.items()
-            if p != peer_id and i.state == ServerState.OFFLINE and (i.start_block, i.end_block) == tuple(old)
-        )
-        if leaving and leaving[0] < peer_id:
-            self.log.info("another node left our blocks at the same time; it stays, we move", other=leaving[0])
-            return target
-        return None
+        """Once our old blocks are OFFLINE and drained: is the move still right (placement_rules.confirm_move)?"""
+        swarm = await self.read()
+        now = placement_rules.confirm_move(peer_id, old, target, self.count, swarm)
+        self.log.info("move confirmed" if now is not None else "move not needed now", old=list(old), now=now)
+        return now
 
     async def confirm_switch(
         self, peer_id: str, old: tuple[int, int], target: tuple[int, int]
     ) -> Optional[tuple[int, int]]:
-        """The new blocks are loaded: is the target still the best place (another node may have
-        moved there meanwhile)? With our old range still announced, as in check_balance."""
-        total = self.plan.total_blocks
-        infos = await self.swarm()
-        others = {b: {p: i for p, i in peers.items() if p != peer_id} for b, peers in infos.items()}
-        now = block_selection.choose_best_blocks(self.count, others, total)
-        if now != tuple(target) or now == tuple(old):
-            self.log.info("move no longer needed", target=list(target), best_now=list(now))
-            return None
+        """The new blocks are loaded: is the target still the best place (placement_rules.confirm_switch)?"""
+        now = placement_rules.confirm_switch(peer_id, old, target, self.count, await self.read())
+        if now is None:
+            self.log.info("move no longer needed", target=list(target))
         return now
 
     async def switched_together(self, peer_id: str, old: tuple[int, int], new: tuple[int, int]) -> bool:
-        """Right after a switch: did another node leave our old blocks for our new ones at the same
-        moment? Then the one with the lower peer id keeps the move and the other goes back."""
-        total = self.plan.total_blocks
-        infos = await self.swarm()
-        others = {b: {p: i for p, i in peers.items() if p != peer_id} for b, peers in infos.items()}
-        if block_selection.choose_best_blocks(self.count, others, total) != tuple(old):
-            return False
-        twins = {
-            p
-            for peers in infos.values()
-            for p, i in peers.items()
-            if p != peer_id and i.state != ServerState.OFFLINE and (i.start_block, i.end_block) == tuple(new)
-        }
-        return any(p < peer_id for p in twins)
+        """Right after a switch: did another node take our new blocks from our old ones at the same moment?"""
+        return placement_rules.switched_together(peer_id, old, new, self.count, await self.read())
 
     def next_check_in(self) -> float:
         return self.rng.uniform(0, 2 * self.config.mean_balance_check_period)
@@ -256,7 +224,6 @@ def server_throughput(info: dict, num_blocks: int, using_relay: bool) -> float:
     return min(compute, info["network_rps"] * (RELAY_PENALTY if using_relay else 1.0))
 
 
-def _summary(infos: dict, total: int) -> list[float]:
+def _summary(swarm: placement_rules.Swarm) -> list[float]:
     """Throughput per block as the rule sees it (JOINING and ONLINE servers), for the logs."""
-    spans = compute_spans({b: dict(infos.get(b, {})) for b in range(total)}, min_state=ServerState.JOINING)
-    return [round(t, 3) for t in block_selection.block_throughputs(spans, total)]
+    return [round(t, 3) for t in swarm.throughputs()]
