@@ -1,6 +1,6 @@
 """`python -m node.bench`: the node against plain transformers on the same machine, in the same run.
 
-    python -m node.bench [--model PATH | --preset tiny|small|8b] [--tokens N] [--json FILE]
+    python -m node.bench [--model PATH | --preset micro|tiny|small|8b] [--tokens N] [--json FILE]
                          [--dtype float32|bfloat16] [--device cpu|cuda] [--quant_type none|int8|nf4]
                          [--repeats R] [--gen_repeats G] [--warmup W] [--max_seconds S]
 
@@ -47,12 +47,14 @@ import os
 import platform
 import shutil
 import signal
+import socket
 import statistics
 import subprocess
 import sys
 import tempfile
 import threading
 import time
+import urllib.request
 from pathlib import Path
 from typing import Callable, Optional
 
@@ -61,12 +63,13 @@ import torch
 
 from node.client.generate import BatchedHead
 from node.startup import die_with_parent
-from node.tools import machine_bound
+from node.tools import bare_rpc, machine_bound
 from node.tools.launcher import ROOT, NodeProcess
 from node.tools.local_baseline import local_backward, local_forward, local_generate, local_layers_forward, sync
 from node.tools.recovery_timing import RECOVERY_TOKENS, measure_session_recovery
 
 PROMPT = [1, 15, 27, 99, 4, 63, 250, 7]
+STEP_COST_STEPS, STEP_COST_WARMUP = 200, 20  # one-token steps timed for the fixed cost of a step
 BATCH, LENGTH = 4, 128  # the forward/backward shape: 4 sequences of 128 tokens
 MIB = 1024 * 1024
 
@@ -280,7 +283,7 @@ def parse_args(argv) -> argparse.Namespace:
     src.add_argument("--model", help="a local model directory (a Llama-family checkpoint) instead of a preset")
     src.add_argument(
         "--preset",
-        choices=["tiny", "small", "8b"],
+        choices=["micro", "tiny", "small", "8b"],
         default="tiny",
         help="random Llama made here with seed 0 (default tiny)",
     )
@@ -377,6 +380,7 @@ def run(args, work: Path, dtype: torch.dtype, device: torch.device, bench_began:
         "(the client, the node and the local baseline share these cores; other load makes the figures noisy)"
     )
 
+    metrics_port = free_port()
     node = NodeProcess(
         model_path,
         work / "run",
@@ -388,6 +392,8 @@ def run(args, work: Path, dtype: torch.dtype, device: torch.device, bench_began:
         args.quant_type,
         "--num_handlers",
         "1",
+        "--metrics_port",
+        str(metrics_port),
         dht_prefix=args.dht_prefix,
         log_path=work / "node.log",
     )
@@ -446,6 +452,10 @@ def run(args, work: Path, dtype: torch.dtype, device: torch.device, bench_began:
         node_s, local_s = alternate(lambda: node_gen(record=timing), local_gen, args.gen_repeats, 0)
         samples["generate_s"] = {"node": node_s, "local": local_s}
         checks["generated_tokens_match"] = outputs["node"].tolist() == outputs["local"].tolist()
+
+        # 1a. the fixed cost of a step: the node's time for it against its compute, and the client's
+        print(f"fixed cost of a step: {STEP_COST_STEPS} one-token steps of one session ...", flush=True)
+        step_cost = measure_step_cost(client, route, config.hidden_size, metrics_port)
 
         # 1b. generation, several concurrent sessions, against the same sequences batched locally
         k = args.sessions
@@ -571,6 +581,13 @@ def run(args, work: Path, dtype: torch.dtype, device: torch.device, bench_began:
             False,
             f"session of {RECOVERY_TOKENS} tokens rebuilt + 1 step (local: {RECOVERY_TOKENS + 1}-token prefill)",
         ),
+        "step": metric(
+            "ms",
+            1000 * step_cost["client_s"],
+            1000 * (step_cost["compute_s"] + step_cost["bare_rpc_s"]),
+            False,
+            "1-token step seen by the client (local: its compute + a bare p2pd RPC)",
+        ),
         "peak_pss": metric("MiB", sampler.peak / MIB, local_pss / MIB, False, "peak memory, PSS (node: all processes)"),
     }
     per_token = {
@@ -589,6 +606,14 @@ def run(args, work: Path, dtype: torch.dtype, device: torch.device, bench_began:
         f"per generated token through the node (medians): client embed+norm+head {per_token['client_head_ms']:.2f} ms, "
         f"session.step round trip {per_token['node_step_round_trip_ms']:.2f} ms "
         f"(prefill step {per_token['prefill_round_trip_ms']:.2f} ms)"
+    )
+    print(
+        f"fixed cost of a step (means of {STEP_COST_STEPS} one-token steps): in the node, from the client's "
+        f"message read to the reply written, {1000 * step_cost['in_node_s']:.3f} ms, of which the blocks' "
+        f"compute {1000 * step_cost['compute_s']:.3f} ms: the node adds {1000 * step_cost['fixed_s']:.3f} ms; "
+        f"the client saw {1000 * step_cost['client_s']:.3f} ms (median {1000 * step_cost['client_median_s']:.3f}) "
+        f"= compute + a bare RPC between two p2pd daemons ({1000 * step_cost['bare_rpc_s']:.3f} ms, median "
+        f"{1000 * step_cost['bare_rpc_median_s']:.3f}) + {1000 * step_cost['client_excess_s']:.3f} ms"
     )
     print(
         f"checks: generated tokens match transformers: {checks['generated_tokens_match']} "
@@ -654,6 +679,7 @@ def run(args, work: Path, dtype: torch.dtype, device: torch.device, bench_began:
             "metrics": metrics,
             "bound": dict(machine, **bound, forward_fraction=forward_node / bound["forward_tokens_s"]),
             "per_token": per_token,
+            "step_cost": step_cost,
             "recovery": recovery,
             "checks": checks,
             "samples": samples,
@@ -661,6 +687,77 @@ def run(args, work: Path, dtype: torch.dtype, device: torch.device, bench_began:
         Path(args.json).write_text(json.dumps(report, indent=2) + "\n")
         print(f"wrote {args.json}")
     return True
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def step_counters(port: int) -> tuple[float, float, float]:
+    """(steps timed, their seconds in the node, their compute seconds) from the node's /metrics."""
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as reply:
+        values = {}
+        for line in reply.read().decode().splitlines():
+            if line and not line.startswith("#"):
+                name, _, value = line.rpartition(" ")
+                values[name] = float(value)
+    return tuple(
+        values.get(name, 0.0)
+        for name in ("node_steps_timed_total", "node_step_seconds_total", "node_step_compute_seconds_total")
+    )
+
+
+def settled_counters(port: int, at_least: float = 0.0, timeout: float = 30.0) -> tuple[float, float, float]:
+    """The counters once they hold `at_least` steps and have stopped moving: the keeper publishes its
+    figures with its heartbeat (about once a second), so the last steps show a moment later."""
+    deadline = time.monotonic() + timeout
+    last = step_counters(port)
+    while time.monotonic() < deadline:
+        time.sleep(1.5)
+        now = step_counters(port)
+        if now == last and now[0] >= at_least:
+            return now
+        last = now
+    raise RuntimeError(f"the node's step counters did not reach {at_least:.0f} steps in {timeout:.0f} s: {last}")
+
+
+def measure_step_cost(client, route, hidden_size: int, metrics_port: int) -> dict:
+    """One session of one-token steps (hidden states straight in: no embeddings, no head), timed by the
+    client, against the node's own account of them (the keeper's time from a message read to its reply
+    written, and the runtime's compute inside) and a bare echo RPC between two fresh p2pd daemons."""
+    g = torch.Generator().manual_seed(2)
+    steps, warmup = STEP_COST_STEPS, STEP_COST_WARMUP
+    times = []
+    span = route[0]
+    with client.session(max_length=steps + warmup, start=span.start, end=span.end, route=route) as session:
+        for _ in range(warmup):
+            session.step(torch.randn(1, 1, hidden_size, generator=g))
+        before = settled_counters(metrics_port)
+        for _ in range(steps):
+            hidden = torch.randn(1, 1, hidden_size, generator=g)
+            began = time.perf_counter()
+            session.step(hidden)
+            times.append(time.perf_counter() - began)
+    after = settled_counters(metrics_port, at_least=before[0] + steps)
+    counted = after[0] - before[0]
+    if counted != steps:
+        raise RuntimeError(f"the node timed {counted:.0f} steps, the client sent {steps}")
+    in_node, compute = (after[1] - before[1]) / steps, (after[2] - before[2]) / steps
+    bare = bare_rpc.echo_round_trips(hidden_size, steps, warmup)
+    client_s, bare_s = statistics.mean(times), statistics.mean(bare)
+    return {
+        "steps": steps,
+        "in_node_s": in_node,
+        "compute_s": compute,
+        "fixed_s": in_node - compute,
+        "client_s": client_s,
+        "client_median_s": median(times),
+        "bare_rpc_s": bare_s,
+        "bare_rpc_median_s": median(bare),
+        "client_excess_s": client_s - compute - bare_s,
+    }
 
 
 def _rel_err(a: torch.Tensor, b: torch.Tensor) -> float:

@@ -66,14 +66,26 @@ class Connection:
         self.reserved: collections.deque[int] = collections.deque()  # bytes of each message not yet handled
         self.released = 0  # messages whose bytes went back to the scopes
 
-    def write(self, action: Write) -> None:
-        framing.write_frame(self.writer, bytes([action.marker]), action.payload)
-
     def unbuffered(self) -> bool:
         """Whether a frame may be written at once: the client reads what was written before (what waits
         beyond WRITE_BUFFER goes through `actions`, whose writer waits for the client)."""
         transport = self.writer.transport
         return not transport.is_closing() and transport.get_write_buffer_size() < WRITE_BUFFER
+
+
+class StepTimes:
+    """Inference steps from their message read to their reply written, against the runtime's compute in
+    them: what the node adds to a step beyond its blocks' compute (KeeperStats, node_step_*)."""
+
+    def __init__(self):
+        self.count = 0
+        self.seconds = 0.0
+        self.compute_seconds = 0.0
+
+    def add(self, seconds: float, compute_seconds: float) -> None:
+        self.count += 1
+        self.seconds += seconds
+        self.compute_seconds += compute_seconds
 
 
 class KeeperProcess:
@@ -89,6 +101,7 @@ class KeeperProcess:
         self.table = Keeper(self.send, self.log)
         self.connections: dict[int, Connection] = {}
         self.refused: dict[str, int] = {}  # messages refused by a limit, per reason (node_refused_total)
+        self.steps = StepTimes()
         self.p2p: Optional[P2P] = None
         # what strangers may make the keeper hold: a message's bytes are reserved before it is read and
         # given back once a frontend has handled it (what stays in a log is bounded by its budget)
@@ -206,14 +219,14 @@ class KeeperProcess:
                 if marker != framing.MESSAGE:
                     return
                 continue
-            self.table.received(stream, marker[0], payload)
+            self.table.received(stream, marker[0], payload, time.perf_counter())
 
     async def _write(self, connection: Connection) -> None:
         writer = connection.writer
         while True:
             action = await connection.actions.get()
             if isinstance(action, Write):
-                connection.write(action)
+                self.write(connection, action)
                 await writer.drain()
             elif isinstance(action, Close):
                 if action.error is not None:
@@ -252,10 +265,15 @@ class KeeperProcess:
                 continue
             self.release(connection)
             if isinstance(action, Write) and connection.actions.empty() and connection.unbuffered():
-                connection.write(action)  # at once: no task switch
+                self.write(connection, action)  # at once: no task switch
             elif action is not None:
                 connection.actions.put_nowait(action)
             connection.readable.set()
+
+    def write(self, connection: Connection, action: Write) -> None:
+        framing.write_frame(connection.writer, bytes([action.marker]), action.payload)
+        if action.since:
+            self.steps.add(time.perf_counter() - action.since, action.compute_us / 1e6)
 
     def end(self, ended: dict[int, Close]) -> None:
         for stream_id, close in ended.items():
@@ -290,6 +308,9 @@ class KeeperProcess:
                     resumed=self.table.resumed,
                     refused=dict(self.refused),
                     bytes_in_flight=self.scopes.used,
+                    steps_timed=self.steps.count,
+                    step_seconds=self.steps.seconds,
+                    step_compute_seconds=self.steps.compute_seconds,
                 )
                 self.actor.publish_stats()
         finally:

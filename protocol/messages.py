@@ -150,6 +150,11 @@ class KeeperStats(ActorStats):
     resumed: int = 0  # streams handed to another frontend after theirs died
     refused: dict[str, int] = {}  # messages refused by a limit, per reason (node_refused_total)
     bytes_in_flight: int = 0  # bytes of messages read and not yet handled by a frontend
+    # inference steps from a client message read to its reply written, and the runtime's compute in them:
+    # the difference is the fixed cost the node adds to a step (node_step_overhead_seconds)
+    steps_timed: int = 0
+    step_seconds: float = 0.0
+    step_compute_seconds: float = 0.0
 
 
 class AnnouncerStats(ActorStats):
@@ -387,6 +392,7 @@ class DropCache(Message):
 class Result(Message):
     req: int
     tensors: list[TensorMeta]
+    compute_us: int = 0  # the blocks' compute for it (every round it took part in), for the node's fixed cost
 
 
 SHUTTING_DOWN = "the server is shutting down; retry on another server"  # what clients are told on a graceful stop
@@ -589,6 +595,7 @@ class StreamOut(Message):
     stream: int
     marker: int
     handled: int
+    compute_us: int = 0  # the runtime's compute for the step this frame answers (first frame of a reply)
 
 
 class StreamHandled(Message):

@@ -34,6 +34,7 @@ class KeptStream:
         self.handed_over = handed_over  # from a frontend that died (which may have opened its session)
         self.replayed = replayed  # the first client messages, already answered by that frontend
         self.handled = 0  # client messages answered or dropped so far (including the replayed ones)
+        self.compute_us = 0  # the runtime's compute for the reply being written (node/frontend/session.py)
         self._send = send
         self.reader = asyncio.StreamReader()
         self._out = bytearray()
@@ -79,7 +80,9 @@ class KeptStream:
             length = int.from_bytes(out[1:header], "big")
             if len(out) < header + length:
                 break
-            self._send(StreamOut(self.stream, out[0], self.handled), [bytes(out[header : header + length])])
+            out_msg = StreamOut(self.stream, out[0], self.handled, self.compute_us)
+            self._send(out_msg, [bytes(out[header : header + length])])
+            self.compute_us = 0
             del out[: header + length]
 
     def close(self) -> None:

@@ -10,7 +10,7 @@ replacement does not hold: its session (node/frontend/session.py) rebuilds the c
 from __future__ import annotations
 
 import asyncio
-from typing import Callable, Sequence
+from typing import Callable, Optional, Sequence
 
 from node.frontend.errors import RuntimeLostCache, RuntimeReplaced, ShuttingDown
 from protocol.messages import SHUTTING_DOWN, Cancel, Failure, Message, TensorMeta
@@ -31,9 +31,16 @@ class RuntimeLink:
     def metas(tensors: Sequence[RawTensor]) -> list[TensorMeta]:
         return [TensorMeta(t.dtype, tuple(t.shape)) for t in tensors]
 
-    async def call(self, msg: Message, tensors: Sequence[RawTensor], timeout: float) -> list[RawTensor]:
+    async def call(
+        self,
+        msg: Message,
+        tensors: Sequence[RawTensor],
+        timeout: float,
+        spent: Optional[Callable[[int], None]] = None,
+    ) -> list[RawTensor]:
         """Run one task on the runtime; a vanished client or a timeout withdraws it from the queue.
-        RuntimeReplaced if the runtime went away meanwhile (the caller decides how to go on)."""
+        RuntimeReplaced if the runtime went away meanwhile (the caller decides how to go on). `spent` is
+        given the runtime's compute for it, in microseconds."""
         try:
             envelope = await self.requester.request(msg, [t.data for t in tensors], timeout)
         except asyncio.TimeoutError:
@@ -53,6 +60,8 @@ class RuntimeLink:
             raise RuntimeError(reply.error)
         if len(envelope.frames) != len(reply.tensors):
             raise RuntimeError("internal error: the runtime sent a malformed reply")
+        if spent is not None:
+            spent(reply.compute_us)
         return [RawTensor(m.dtype, tuple(m.shape), f.buffer) for m, f in zip(reply.tensors, envelope.frames)]
 
     def down(self) -> None:

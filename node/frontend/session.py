@@ -382,7 +382,7 @@ class InferenceStream:
                     await self._rebuild(max(0.001, deadline - loop.time()))
                     self.cache_generation = generation
                 msg = self._infer_step(position, tensors, step_id)
-                (output,) = await runtime.call(msg, tensors, max(0.001, deadline - loop.time()))
+                (output,) = await runtime.call(msg, tensors, max(0.001, deadline - loop.time()), self._spent)
             except RuntimeReplaced:
                 recovering = recovering or time.perf_counter()
                 await runtime.back(generation, deadline)
@@ -405,6 +405,11 @@ class InferenceStream:
                 )
             return output
 
+    def _spent(self, compute_us: int) -> None:
+        """The runtime's compute goes with the reply to the keeper, which times the step (node_step_*)."""
+        if self.kept is not None:
+            self.kept.compute_us += compute_us
+
     async def _rebuild(self, timeout: float) -> None:
         """A prefill of the session's history gives the new runtime's cache what the old one held."""
         if self.history.length == 0:
@@ -416,7 +421,7 @@ class InferenceStream:
         empty_prompts = RawTensor(hidden.dtype, (0,), b"")
         tensors = [hidden, prompts if prompts is not None else empty_prompts, RawTensor("int64", (0,), b"")]
         try:
-            await self.services.runtime.call(self._infer_step(0, tensors, ""), tensors, timeout)
+            await self.services.runtime.call(self._infer_step(0, tensors, ""), tensors, timeout, self._spent)
         except RuntimeReplaced:
             raise
         except Exception as e:

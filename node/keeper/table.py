@@ -15,6 +15,7 @@ the rest, and the client only sees a slower step.
 
 from __future__ import annotations
 
+import collections
 import itertools
 from dataclasses import dataclass, field
 from typing import Callable, Optional
@@ -34,6 +35,7 @@ from protocol.messages import (
 )
 
 ERROR_MARKER = framing.ERROR[0]
+MESSAGE_MARKER = framing.MESSAGE[0]
 WINDOW = 4  # client messages a frontend may hold unhandled (a session queues at most QUEUED_STEPS)
 FRONTEND_LOST = (
     "the node's frontend that held this session stopped, and the session could not be handed to another: "
@@ -57,10 +59,22 @@ class Stream:
     replied: bool = False  # an error frame went out: the reply is complete
     done: bool = False  # nothing more will be written
     waiting_since: Optional[float] = None  # when it lost its frontend (or came with none there)
+    # (message number, when it was read) of messages not yet answered: a step's time in the node
+    arrivals: collections.deque = field(default_factory=collections.deque)
 
     def forget(self, why: str) -> None:
         self.kept, self.why_not_kept = False, why
         self.log, self.log_bytes = [], 0
+
+    def answering(self, handled: int) -> float:
+        """When the message that a reply sent with `handled` answers was read; 0.0 for a later frame of
+        that reply, or a reply to a message not read here (a push's, or one replayed to a new frontend)."""
+        arrivals = self.arrivals
+        while arrivals and arrivals[0][0] < handled:
+            arrivals.popleft()
+        if arrivals and arrivals[0][0] == handled:
+            return arrivals.popleft()[1]
+        return 0.0
 
 
 @dataclass
@@ -77,6 +91,8 @@ class Write:
 
     marker: int
     payload: bytes
+    compute_us: int = 0  # the runtime's compute for the step it answers
+    since: float = 0.0  # when the client message it answers was read (perf_counter); 0: not timed
 
 
 @dataclass(frozen=True)
@@ -203,8 +219,10 @@ class Keeper:
         """Backpressure: the client is read no further while its frontend holds WINDOW unhandled messages."""
         return not stream.done and not stream.input_ended and stream.received - stream.handled < WINDOW
 
-    def received(self, stream: Stream, marker: int, payload: bytes) -> None:
+    def received(self, stream: Stream, marker: int, payload: bytes, now: float = 0.0) -> None:
         stream.received += 1
+        if marker == MESSAGE_MARKER and now:
+            stream.arrivals.append((stream.received, now))
         if marker == ERROR_MARKER:
             stream.input_ended = True  # the client's end-of-input (or its error): nothing more is read
         if stream.kept:
@@ -240,9 +258,11 @@ class Keeper:
             stream.handled = max(stream.handled, min(msg.handled, stream.received))
             if msg.marker == ERROR_MARKER:
                 stream.replied = True
-            return stream, Write(msg.marker, bytes(frames[0]) if frames else b"")
+            payload = bytes(frames[0]) if frames else b""
+            return stream, Write(msg.marker, payload, msg.compute_us, stream.answering(msg.handled))
         if isinstance(msg, StreamHandled):
             stream.handled = max(stream.handled, min(msg.handled, stream.received))
+            stream.answering(msg.handled)  # no reply: its message is not timed
             return stream, None
         if isinstance(msg, StreamKeep):
             if msg.budget <= 0:

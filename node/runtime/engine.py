@@ -89,6 +89,7 @@ class Step:
     outputs: list = field(default_factory=list)
     # beam search's reordering; with a group it is applied by all ranks just before the first chunk runs
     hypo_ids: Optional[torch.Tensor] = None
+    compute_s: float = 0.0  # the rounds' compute it took part in (Result.compute_us)
 
 
 @dataclass
@@ -100,6 +101,7 @@ class Forwarding:
     passed: int = 0  # blocks done
     hidden: Optional[torch.Tensor] = None  # the output of the last block done
     rounds: int = 0  # rounds it took part in
+    compute_s: float = 0.0  # ... and their compute
 
     @property
     def tokens(self) -> int:
@@ -298,7 +300,9 @@ class Engine:
         if self.on_round is not None:
             self.on_round(self.steps)
         try:
+            ran = time.perf_counter()
             outputs = self.run(works, [step.task.msg.adapter for step in self.steps])
+            ran = time.perf_counter() - ran
         except Exception as e:  # out of memory or a bug: fail this round's steps, keep serving
             self.log.exception("inference round failed", sessions=len(self.steps))
             for step in self.steps:
@@ -308,6 +312,7 @@ class Engine:
             return True
         for step, work, output in zip(self.steps, works, outputs):
             step.outputs.append(output)
+            step.compute_s += ran
             step.done += work.hidden.shape[1]
             step.cache.length = step.position + step.done
             step.cache.last_used = time.monotonic()
@@ -358,7 +363,7 @@ class Engine:
         if step.done < step.hidden.shape[1]:
             return False
         output = torch.cat(step.outputs, dim=1) if step.outputs else step.hidden
-        self.succeed(step.task, [output])
+        self.succeed(step.task, [output], step.compute_s)
         return True
 
     # --- forward and backward ----------------------------------------------------------------
@@ -378,7 +383,7 @@ class Engine:
             began = time.perf_counter()
             outputs = self.guard(tasks[0], self.backward)
             if outputs is not None:
-                self.succeed(tasks[0], outputs)
+                self.succeed(tasks[0], outputs, time.perf_counter() - began)
             self.counts.busy_seconds += time.perf_counter() - began
             return
         prepared = [(task, self.guard(task, self.prepare_forward)) for task in tasks]
@@ -396,7 +401,9 @@ class Engine:
             chosen.append(f)
             budget -= works[-1].n_blocks * f.tokens
         try:
+            ran = time.perf_counter()
             outputs = self.run(works, [f.task.msg.adapter for f in chosen])
+            ran = time.perf_counter() - ran
         except Exception as e:
             self.log.exception("forward batch failed", requests=len(self.forwards))
             for f in self.forwards:
@@ -409,8 +416,9 @@ class Engine:
             self.forward_turn[f.task.peer] = None
         for f, work, output in zip(chosen, works, outputs):
             f.advance(work.n_blocks, output)
+            f.compute_s += ran
             if f.done:
-                self.succeed(f.task, [output])
+                self.succeed(f.task, [output], f.compute_s)
         self.forwards = [f for f in self.forwards if not f.done]
         active = {f.task.peer for f in self.forwards}
         self.forward_turn = {peer: None for peer in self.forward_turn if peer in active}
@@ -525,11 +533,11 @@ class Engine:
             self.fail(task, f"{type(e).__name__}: {e}")
         return None
 
-    def succeed(self, task: Task, outputs: list[torch.Tensor]) -> None:
+    def succeed(self, task: Task, outputs: list[torch.Tensor], compute_s: float = 0.0) -> None:
         self.counts.done += 1
         self.counts.tokens += tokens(task)
         metas, frames = to_frames(outputs)
-        self.reply(task.sender, Result(task.msg.req, metas), frames)
+        self.reply(task.sender, Result(task.msg.req, metas, round(compute_s * 1e6)), frames)
 
     def fail(self, task: Task, error: str, restarting: bool = False) -> None:
         self.counts.failed += 1

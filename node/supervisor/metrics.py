@@ -76,6 +76,9 @@ def counters(stats: Optional[ActorStats]) -> Iterator[tuple[tuple, float]]:
             yield ("latency_sum", rpc), float(histogram.sum)
     elif isinstance(stats, KeeperStats):
         yield ("handed_over",), float(stats.resumed)
+        yield ("steps_timed",), float(stats.steps_timed)
+        yield ("step_seconds",), float(stats.step_seconds)
+        yield ("step_compute_seconds",), float(stats.step_compute_seconds)
     elif isinstance(stats, RuntimeStats):  # runtime.0 runs every round (procs/runtime.py)
         yield ("rounds",), float(stats.rounds)
         yield ("busy_seconds",), float(stats.busy_seconds)
@@ -167,6 +170,21 @@ class NodeCollector(Collector):
             "node_streams_handed_over",
             "inference streams handed to another frontend after theirs died",
             totals.get(("handed_over",), 0.0),
+        )
+        yield _counter(
+            "node_steps_timed",
+            "inference steps timed from their client message read to their reply written",
+            totals.get(("steps_timed",), 0.0),
+        )
+        yield _counter(
+            "node_step_seconds",
+            "those steps' time in the node, read to reply written",
+            totals.get(("step_seconds",), 0.0),
+        )
+        yield _counter(
+            "node_step_compute_seconds",
+            "the blocks' compute in those steps: node_step_seconds less this is the node's fixed cost",
+            totals.get(("step_compute_seconds",), 0.0),
         )
 
         runtime = _stats(actors, "runtime.0", RuntimeStats)

@@ -14,6 +14,8 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 PRESETS = {
+    # where a step's compute is well under a millisecond: what the node adds to a step shows
+    "micro": dict(hidden_size=64, num_layers=4, num_heads=4, num_kv_heads=2, vocab_size=1024),
     "tiny": dict(hidden_size=256, num_layers=8, num_heads=8, num_kv_heads=4, vocab_size=1024),
     "small": dict(hidden_size=1024, num_layers=12, num_heads=16, num_kv_heads=8, vocab_size=32000),
     # 4 blocks of Llama-3.1-8B's shape (random weights): where the blocks' own compute dominates a step

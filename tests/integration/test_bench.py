@@ -52,7 +52,7 @@ def test_bench_smoke(tmp_path):
     assert proc.returncode == 0, out[-4000:]
 
     data = json.loads(report.read_text())
-    expected = {"cold_start", "generation", "concurrent", "forward", "backward", "session_recovery", "peak_pss"}
+    expected = {"cold_start", "generation", "concurrent", "forward", "backward", "session_recovery", "step", "peak_pss"}
     assert set(data["metrics"]) == expected
     for name, m in data["metrics"].items():
         for key in ("node", "local", "ratio"):
@@ -77,6 +77,11 @@ def test_bench_smoke(tmp_path):
     assert data["checks"]["forward_max_rel_err"] < 1e-4 and data["checks"]["backward_max_rel_err"] < 1e-4
     # a session whose runtime was killed: rebuilt, and its next step what transformers computes
     assert data["checks"]["recovery_rel_err"] < 1e-4
+    # the fixed cost of a step: the node's own account (keeper to keeper) holds the runtime's compute
+    cost = data["step_cost"]
+    assert cost["steps"] == 200 and cost["in_node_s"] > cost["compute_s"] > 0 and cost["fixed_s"] > 0
+    assert cost["client_s"] > cost["in_node_s"] and cost["bare_rpc_s"] > 0
+    assert "the node adds" in out and "a bare RPC between two p2pd daemons" in out
     assert data["recovery"]["tokens"] == 512 and data["recovery"]["restart_s"] > 0
 
     # the table is printed, with its ratio column explained

@@ -179,7 +179,10 @@ def test_metrics_are_scraped_in_prometheus_format(tmp_path):
                 held = scrape_until(port, "a session holding cache", lambda s: s[("node_sessions_open", ())] == 1)
             with pytest.raises(Exception):
                 client.forward(torch.randn(1, 4, 63), 0, 4)  # a wrong hidden size: an error
-        samples = scrape_until(port, "4 forwards counted", lambda s: s.get(forward) == 4)
+        timed = ("node_steps_timed_total", ())
+        samples = scrape_until(port, "4 forwards counted", lambda s: s.get(forward) == 4 and s.get(timed) == 4)
+        # the 4 steps timed by the stream keeper, and the blocks' compute in them (the close has no reply)
+        assert samples[("node_step_seconds_total", ())] > samples[("node_step_compute_seconds_total", ())] > 0
         # Petals' unit is one K or V row of one block: K and V of 4 positions over 4 blocks
         assert held[("node_cache_tokens_used", ())] == 2 * 4 * 4
         assert held[("node_cache_bytes_used", ())] > 0

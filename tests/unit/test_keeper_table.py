@@ -65,6 +65,25 @@ def test_messages_are_relayed_logged_and_read_no_further_than_the_window():
     assert s.log == [(MSG, b"step%d" % i) for i in range(WINDOW)]
 
 
+def test_a_reply_carries_when_its_message_was_read_and_the_compute_for_it():
+    """The keeper times a step from its message read to the first frame of its reply (node_step_*):
+    the Write names when its message arrived; a duplicate handled with no reply, a second frame of one
+    reply and a reply to a message not read here (a push's) are not timed."""
+    table, _ = keeper("frontend.0")
+    s = table.open("peer", 0.0)
+    for i, now in enumerate([10.0, 11.0, 12.0]):
+        table.received(s, MSG, b"step%d" % i, now)
+    _, first = table.from_frontend("frontend.0", StreamOut(s.id, MSG, 1, compute_us=700), [b"a"])
+    assert (first.since, first.compute_us) == (10.0, 700)
+    _, again = table.from_frontend("frontend.0", StreamOut(s.id, MSG, 1), [b"a2"])
+    assert again.since == 0.0  # the same reply's next frame
+    table.from_frontend("frontend.0", StreamHandled(s.id, 2), [])  # a duplicate: nothing to time
+    _, third = table.from_frontend("frontend.0", StreamOut(s.id, MSG, 3, compute_us=5), [b"c"])
+    assert third.since == 12.0
+    _, pushed = table.from_frontend("frontend.0", StreamOut(s.id, MSG, 3, compute_us=9), [b"p"])
+    assert pushed.since == 0.0 and not s.arrivals  # nothing left to match: the deque stays bounded
+
+
 def test_a_frontend_that_does_not_hold_the_stream_is_ignored():
     table, _ = keeper("frontend.0", "frontend.1")
     s = table.open("peer", 0.0)
