@@ -1,8 +1,9 @@
 """python -m node.simulate: run each rule with each seed, print the table and the chart, and write
-them (report.md, throughput.png, throughput.txt) under --out."""
+them (report.md, throughput.png, throughput.txt, and series.json for node.simulate.panels) under --out."""
 
 from __future__ import annotations
 
+import json
 import multiprocessing
 import sys
 import time
@@ -51,6 +52,7 @@ def main(argv=None) -> int:
     (out / "report.md").write_text(f"{heading}\n\n{table}\n")
     (out / "throughput.txt").write_text(chart + "\n")
     (out / "throughput.png").write_bytes(plot.png(first))
+    (out / "series.json").write_text(json.dumps({"name": config.name, "series": first}))
     return 0
 
 

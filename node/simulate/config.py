@@ -77,6 +77,7 @@ class Config:
     check_period_s: float = 60.0  # mean of the random wait between balance checks
     update_period_s: float = 120.0  # DHT refresh
     expiration_s: Optional[float] = None  # None: max(2 x update period, 3), as Petals
+    dead_after_s: Optional[float] = None  # a what-if: readers drop a crashed server's record this soon
     drain_s: float = 300.0  # the node's --drain_timeout (its --shutdown_grace)
     balance_quality: float = 0.75
     balance_checks: int = 3
@@ -121,6 +122,8 @@ class Config:
             raise ValueError(f"--network_mbps LOW HIGH with 0 < LOW <= HIGH, not {low} {high}")
         if self.expiration < self.update_period_s:
             raise ValueError("--expiration_s shorter than --update_period_s: live servers' records would lapse")
+        if self.dead_after_s is not None and self.dead_after_s < 0:
+            raise ValueError("--dead_after_s must not be negative")
         if self.warmup_h >= self.hours:
             raise ValueError(f"--warmup_h ({self.warmup_h}) must be shorter than --hours ({self.hours})")
         if self.balance_checks < 1:

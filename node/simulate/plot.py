@@ -49,8 +49,20 @@ class Canvas:
 def png(series: dict[str, tuple[Sequence[float], Sequence[float]]], width: int = 720, height: int = 300) -> bytes:
     """series: {rule: (times in s, fractions)}; a legend of colored boxes at the top left, in the
     order node, petals, mixed (the caption names the colors)."""
-    canvas, left, right, top, bottom = Canvas(width, height), 30, 10, 10, 20
-    plot_w, plot_h = width - left - right, height - top - bottom
+    return panels([series], width, height)
+
+
+def panels(stack: Sequence[dict], width: int = 720, height: int = 300) -> bytes:
+    """One chart per series, stacked top to bottom, each `height` pixels high."""
+    canvas = Canvas(width, height * len(stack))
+    for k, series in enumerate(stack):
+        _chart(canvas, series, k * height, height)
+    return canvas.png()
+
+
+def _chart(canvas: Canvas, series: dict, offset: int, height: int) -> None:
+    left, right, top, bottom = 30, 10, offset + 10, 20
+    plot_w, plot_h = canvas.width - left - right, height - 10 - bottom
     start, end = _span(series)
     grey, black = (210, 210, 210), (0, 0, 0)
     for q in (0.25, 0.5, 0.75, 1.0):
@@ -74,7 +86,6 @@ def png(series: dict[str, tuple[Sequence[float], Sequence[float]]], width: int =
             canvas.line(x0, y0, x1, y1, color)
     for k, rule in enumerate(series):
         canvas.box(left + 8 + 18 * k, top + 4, left + 20 + 18 * k, top + 10, COLORS.get(rule, (0, 0, 0)))
-    return canvas.png()
 
 
 def text(series: dict[str, tuple[Sequence[float], Sequence[float]]], width: int = 72, height: int = 12) -> str:

@@ -140,8 +140,11 @@ class Simulation:
                 # refreshed every update period since its last announcement: the record lives on
                 # `expiration` seconds after the last refresh
                 since = (now - server.announced_at) % self.config.update_period_s
+                lingers = self.config.expiration - since
+                if self.config.dead_after_s is not None:  # the what-if: found dead by pings
+                    lingers = min(lingers, self.config.dead_after_s)
                 version = self.dht.main[server.peer][4]
-                self.events.at(self.config.expiration - since, self.dht.expire, server.peer, version)
+                self.events.at(lingers, self.dht.expire, server.peer, version)
         else:
             self.rules[server.rule].leave(server)
             if server.announced_at is not None:

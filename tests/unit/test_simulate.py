@@ -79,6 +79,17 @@ def test_a_crashed_servers_record_lingers_until_it_expires():
     assert "QmA" not in sim.dht.view.spans and sim.dht.view.throughputs() == [0.0] * 16
 
 
+def test_the_what_if_drops_a_crashed_servers_record_sooner():
+    config = replace(STEADY, servers=1, sessions_per_hour=0.0, dead_after_s=30.0)
+    sim = Simulation(config, "node", 0)
+    arrival = Arrival(at=0.0, peer="QmA", device=GPU, network_rps=1e3, relay=False, node=True, stay=1000.0, crash=True)
+    sim.events.at(0.0, sim.arrive, arrival)
+    sim.events.run_until(1029.0)
+    assert "QmA" in sim.dht.view.spans
+    sim.events.run_until(1031.0)
+    assert "QmA" not in sim.dht.view.spans
+
+
 def test_a_graceful_leave_is_offline_at_once():
     config = replace(STEADY, servers=1, sessions_per_hour=0.0)
     sim = Simulation(config, "petals", 0)
@@ -118,7 +129,7 @@ def test_the_command_writes_the_report_the_chart_and_the_png(tmp_path, capsys):
     argv += ["--hours", "1", "--warmup_h", "0.25", "--seeds", "1", "--jobs", "1", "--out", str(tmp_path)]
     assert main(argv) == 0
     assert "| figure | node | petals | mixed |" in capsys.readouterr().out
-    assert {p.name for p in tmp_path.iterdir()} == {"report.md", "throughput.txt", "throughput.png"}
+    assert {p.name for p in tmp_path.iterdir()} == {"report.md", "throughput.txt", "throughput.png", "series.json"}
 
 
 @pytest.mark.parametrize(
