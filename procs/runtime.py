@@ -28,6 +28,7 @@ import zmq
 from node import logs
 from node.runtime import linear, lora
 from node.runtime.engine import Engine, GroupBroken, Step
+from node.runtime.host_memory import Trimmer
 from node.runtime.loading import load_adapters
 from node.runtime.models import get_family
 from node.runtime.quantize import QuantizationUnavailable, check_quantization, quantize_block
@@ -60,6 +61,7 @@ class RuntimeProcess:
         )
         self.free_memory: Optional[int] = None
         self.memory_checked = 0.0
+        self.trimmer = Trimmer()  # what a request freed goes back to the system once the runtime is idle
 
     def serve(self) -> None:
         plan = self.actor.plan
@@ -69,6 +71,7 @@ class RuntimeProcess:
             self.receive(timeout_ms=0 if engine.busy else 100)
             self.wait_for_stragglers()
             engine.work()
+            self.trimmer.tick(engine.busy, engine.counts.done + engine.counts.failed)
             engine.drop_idle_caches()
             self.handle_control()
             self.update_stats()
