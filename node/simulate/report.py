@@ -53,13 +53,27 @@ def summary(results: Sequence[Result]) -> dict[str, dict[str, tuple[float, float
     return {rule: {k: mean_ci([f[k] for f in runs]) for k in runs[0]} for rule, runs in by_rule.items()}
 
 
+def paired(results: Sequence[Result], a: str = "node", b: str = "petals") -> dict[str, tuple[float, float]]:
+    """{figure: (mean, half-width)} of rule a minus rule b, seed by seed: both faced the same servers
+    with the same seed, so the difference is much surer than the two intervals apart suggest."""
+    runs = {(r.rule, r.seed): figures(r) for r in results}
+    seeds = sorted(seed for rule, seed in runs if rule == a and (b, seed) in runs)
+    if not seeds:
+        return {}
+    return {k: mean_ci([runs[a, seed][k] - runs[b, seed][k] for seed in seeds]) for k in runs[a, seeds[0]]}
+
+
 def table(results: Sequence[Result]) -> str:
-    """A markdown table: a row per figure, a column per rule."""
+    """A markdown table: a row per figure, a column per rule, and node - petals paired by seed."""
     s = summary(results)
     rules = list(s)
-    lines = ["| figure | " + " | ".join(rules) + " |", "|---" * (len(rules) + 1) + "|"]
+    difference = paired(results)
+    heads = rules + (["node - petals (paired)"] if difference else [])
+    lines = ["| figure | " + " | ".join(heads) + " |", "|---" * (len(heads) + 1) + "|"]
     for figure in next(iter(s.values())):
         cells = [_cell(*s[rule][figure]) for rule in rules]
+        if difference:
+            cells.append(_cell(*difference[figure]))
         lines.append(f"| {figure} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 

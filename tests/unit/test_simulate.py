@@ -116,7 +116,7 @@ def test_the_report_has_a_row_per_figure_and_a_column_per_rule(tmp_path):
     config = replace(SMALL, servers=4, hours=1.0, warmup_h=0.25)
     results = [Simulation(config, rule, seed).run() for rule in ("node", "petals") for seed in (0, 1)]
     table = report.table(results)
-    assert table.splitlines()[0] == "| figure | node | petals |"
+    assert table.splitlines()[0] == "| figure | node | petals | node - petals (paired) |"
     assert "| throughput mean |" in table and "±" in table
     series = {r.rule: (r.times, r.fractions) for r in results if r.seed == 0}
     image = plot.png(series)
@@ -128,7 +128,7 @@ def test_the_command_writes_the_report_the_chart_and_the_png(tmp_path, capsys):
     argv = ["--servers", "4", "--total_blocks", "16", "--block_bytes", "4e9", "--device", "gpu:24:cuda:1500:1"]
     argv += ["--hours", "1", "--warmup_h", "0.25", "--seeds", "1", "--jobs", "1", "--out", str(tmp_path)]
     assert main(argv) == 0
-    assert "| figure | node | petals | mixed |" in capsys.readouterr().out
+    assert "| figure | node | petals | mixed | node - petals (paired) |" in capsys.readouterr().out
     assert {p.name for p in tmp_path.iterdir()} == {"report.md", "throughput.txt", "throughput.png", "series.json"}
 
 
