@@ -121,6 +121,20 @@ class History:
         self.lost = why
         self.hidden, self.prompts, self.reserved = None, [], 0
 
+    def replay_with(self, position: int, hidden: RawTensor) -> Optional[RawTensor]:
+        """The history followed by a step's hidden states, for one prefill that rebuilds the cache and runs
+        the step (its output: the last positions). None where the step cannot go with the rebuild: it
+        rolls back (position before the end), deep prompts are held, or the history is lost or empty."""
+        if self.lost is not None or self.prompts or self.length == 0 or position != self.length:
+            return None
+        if len(hidden.shape) != 3 or hidden.shape[0] != self.batch or hidden.shape[2] != self.hidden_size:
+            return None
+        length = hidden.shape[1]
+        both = np.empty((self.batch, self.length + length, self.width), dtype=np.uint8)
+        both[:, : self.length] = self.hidden[:, : self.length]
+        both[:, self.length :] = self._bytes(hidden, self.batch, length)
+        return RawTensor(self.dtype, (self.batch, self.length + length, self.hidden_size), both.reshape(-1))
+
     def replay(self) -> tuple[RawTensor, Optional[RawTensor]]:
         """(hidden states, deep prompts or None) of positions [0, length), in the node's dtype: one prefill
         rebuilds the cache."""
@@ -139,3 +153,10 @@ class History:
             dense[:, :, first : first + values.shape[2]] = values  # a batch-1 prompt applies to every row
         prompts = RawTensor(self.dtype, (n_blocks, self.batch, covered, self.hidden_size), dense.reshape(-1))
         return hidden, prompts
+
+
+def last_positions(output: RawTensor, length: int) -> RawTensor:
+    """[batch, T, hidden] -> its last `length` positions."""
+    batch, total, hidden = output.shape
+    rows = np.frombuffer(output.data, dtype=np.uint8).reshape(batch, total, hidden * output.itemsize)
+    return RawTensor(output.dtype, (batch, length, hidden), np.ascontiguousarray(rows[:, total - length :]).reshape(-1))

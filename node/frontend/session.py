@@ -20,7 +20,7 @@ from hivemind.proto import runtime_pb2
 
 from node.frontend.counters import Counters
 from node.frontend.errors import RuntimeLostCache, RuntimeReplaced, SessionBusy
-from node.frontend.history import History, HistoryLost
+from node.frontend.history import History, HistoryLost, last_positions
 from node.frontend.kept import KeptStream, log_budget
 from node.frontend.open_sessions import OpenSessions
 from node.frontend.pushes import Pushes
@@ -377,12 +377,14 @@ class InferenceStream:
         while True:
             generation = runtime.generation
             try:
+                output = None
                 if self.cache_generation != generation:
                     recovering = recovering or time.perf_counter()
-                    await self._rebuild(max(0.001, deadline - loop.time()))
+                    output = await self._rebuild(max(0.001, deadline - loop.time()), position, tensors, step_id)
                     self.cache_generation = generation
-                msg = self._infer_step(position, tensors, step_id)
-                (output,) = await runtime.call(msg, tensors, max(0.001, deadline - loop.time()), self._spent)
+                if output is None:
+                    msg = self._infer_step(position, tensors, step_id)
+                    (output,) = await runtime.call(msg, tensors, max(0.001, deadline - loop.time()), self._spent)
             except RuntimeReplaced:
                 recovering = recovering or time.perf_counter()
                 await runtime.back(generation, deadline)
@@ -410,19 +412,34 @@ class InferenceStream:
         if self.kept is not None:
             self.kept.compute_us += compute_us
 
-    async def _rebuild(self, timeout: float) -> None:
-        """A prefill of the session's history gives the new runtime's cache what the old one held."""
+    async def _rebuild(self, timeout: float, position: int, step: list, step_id: str) -> Optional[RawTensor]:
+        """A prefill of the session's history gives the new runtime's cache what the old one held. Where it
+        can, the step goes in the same prefill (`step`: its tensors at `position`), and its output is
+        returned: one pass over the weights fewer than a rebuild then a step (None: run the step next)."""
         if self.history.length == 0:
-            return
-        try:
-            hidden, prompts = self.history.replay()
-        except HistoryLost as e:
-            raise RuntimeError(f"this session cannot be rebuilt after the server's runtime restarted: {e}") from None
+            return None
+        hidden, prompts = None, None
+        if rq.optional_tensor(step[1]) is None and rq.optional_tensor(step[2]) is None:
+            hidden = self.history.replay_with(position, step[0])  # no deep prompts, no reordering in the step
+        fused = hidden is not None
+        if not fused:
+            step_id = ""
+            try:
+                hidden, prompts = self.history.replay()
+            except HistoryLost as e:
+                raise RuntimeError(
+                    f"this session cannot be rebuilt after the server's runtime restarted: {e}"
+                ) from None
         empty_prompts = RawTensor(hidden.dtype, (0,), b"")
         tensors = [hidden, prompts if prompts is not None else empty_prompts, RawTensor("int64", (0,), b"")]
         try:
-            await self.services.runtime.call(self._infer_step(0, tensors, ""), tensors, timeout, self._spent)
+            (output,) = await self.services.runtime.call(
+                self._infer_step(0, tensors, step_id), tensors, timeout, self._spent
+            )
         except RuntimeReplaced:
             raise
         except Exception as e:
             raise RuntimeError(f"this session cannot be rebuilt after the server's runtime restarted: {e}") from None
+        if not fused:
+            return None
+        return last_positions(output, step[0].shape[1])

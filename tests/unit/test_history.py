@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from node.frontend.history import History, HistoryLost, convert
+from node.frontend.history import History, HistoryLost, convert, last_positions
 from protocol.wire import RawTensor
 
 TORCH = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -56,6 +56,24 @@ def test_replay_is_what_the_cache_was_built_from_after_beams_and_a_rollback():
     hidden, prompts = h.replay()
     assert prompts is None and hidden.shape == (2, 8, 4)
     assert torch.equal(tensor(hidden), cache)
+
+
+def test_the_step_after_a_restart_goes_in_the_rebuild_where_nothing_differs():
+    """One prefill of the history and the step (the output: its last positions) where the step continues
+    the history with no deep prompts held; a rollback or deep prompts keep the rebuild and the step apart."""
+    g = torch.Generator().manual_seed(3)
+    h = history(dtype="bfloat16")
+    first, step = torch.randn(2, 5, 4, generator=g), torch.randn(2, 2, 4, generator=g)
+    h.record(0, raw(first), None, None)
+    both = h.replay_with(5, raw(step))
+    assert both.shape == (2, 7, 4) and both.dtype == "bfloat16"
+    assert torch.equal(tensor(both), torch.cat([first, step], dim=1).to(torch.bfloat16))  # cast as the runtime does
+    assert torch.equal(tensor(last_positions(both, 2)), step.to(torch.bfloat16))
+    assert h.replay_with(4, raw(step)) is None  # a rollback: the history must be cut first
+    assert h.replay_with(5, raw(torch.randn(1, 2, 4))) is None  # not the session's batch
+    assert history().replay_with(0, raw(step)) is None  # nothing to rebuild: the step alone
+    h.record(5, raw(step), raw(torch.randn(4, 2, 1, 4, generator=g)), None)
+    assert h.replay_with(7, raw(step)) is None  # deep prompts go with the history's own prefill
 
 
 def test_prompts_are_kept_only_where_sent_and_rolled_back_with_their_positions():
