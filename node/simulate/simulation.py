@@ -10,6 +10,7 @@ from __future__ import annotations
 import random
 import time
 from dataclasses import dataclass, field
+from typing import Optional
 
 from node.simulate.clients import REASONS, Clients
 from node.simulate.config import Config, blocks_and_room, lifetime_draw
@@ -30,6 +31,8 @@ class Arrival:
     node: bool  # runs the node's rule in a mix
     stay: float
     crash: bool
+    count: Optional[int] = None  # a scripted server (the loopback cross-check): blocks and throughput given
+    throughput: Optional[float] = None
 
 
 @dataclass
@@ -116,12 +119,15 @@ class Simulation:
     def arrive(self, arrival: Arrival) -> None:
         count, free = blocks_and_room(self.config, arrival.device)
         info = {"forward_rps": arrival.device.forward_rps, "network_rps": arrival.network_rps}
+        throughput = server_throughput(info, count, using_relay=arrival.relay)
+        if arrival.count is not None:
+            count, throughput = arrival.count, arrival.throughput
         server = Server(
             peer=arrival.peer,
             rule=self.rule_of(arrival),
             device=arrival.device.name,
             count=count,
-            throughput=server_throughput(info, count, using_relay=arrival.relay),
+            throughput=throughput,
             free_bytes=free,
             joined=self.events.now,
         )
