@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
+import tempfile
 from dataclasses import dataclass, fields, replace
 from typing import Optional, Sequence
 
@@ -92,7 +94,7 @@ class Config:
     seeds: int = 3
     rules: tuple = ("node", "petals", "mixed")
     jobs: int = 2
-    out: str = "simulation"
+    out: str = os.path.join(tempfile.gettempdir(), "node-simulate")  # where the report and charts go
     name: str = "default"
 
     @property
@@ -148,6 +150,41 @@ QUICK = dict(servers=100, total_blocks=40, hours=2.0, warmup_h=0.5, seeds=2, ses
 HEAVY = dict(mean_lifetime_h=1.0, crash_share=0.6, lifetime="weibull", name="heavy churn")
 
 
+HELP = {
+    "total_blocks": "blocks of the model",
+    "hidden_size": "the model's hidden size (network throughput per token)",
+    "block_bytes": "one block's weights as served",
+    "cache_bytes_per_token": "attention cache of one token in one block",
+    "cache_tokens": "attention cache each server keeps per block (--attn_cache_tokens)",
+    "servers": "servers on average: the churn keeps the population there",
+    "relay_share": "share of servers reachable only through relays",
+    "node_share": "share of servers running the node in the mixed rule",
+    "mean_lifetime_h": "mean stay of a server, hours",
+    "lifetime": "distribution of stays: exponential, lognormal or weibull",
+    "crash_share": "share of servers that crash (their records linger) rather than leave",
+    "ramp_min": "the first population arrives over these minutes",
+    "block_load_s": "seconds to load one block",
+    "selection_delay_s": "mean random wait before choosing blocks (--mean_block_selection_delay)",
+    "check_period_s": "mean random wait between balance checks (--mean_balance_check_period)",
+    "update_period_s": "DHT refresh period (--update_period)",
+    "expiration_s": "DHT record lifetime (default: twice the update period)",
+    "dead_after_s": "what-if: a crashed server's record vanishes this soon (default: at expiry)",
+    "drain_s": "the node's --drain_timeout: open sessions finish within it when it moves or stops",
+    "balance_quality": "--balance_quality",
+    "balance_checks": "the node's --balance_checks",
+    "memory_margin": "the node's --memory_margin (room to load before switching)",
+    "sessions_per_hour": "client sessions arriving per hour (0: none)",
+    "session_min": "mean session length, minutes",
+    "hours": "simulated hours",
+    "warmup_h": "first hours left out of the figures",
+    "sample_s": "seconds between samples of the swarm's throughput",
+    "seeds": "runs per rule, seeds 0..N-1",
+    "jobs": "processes running them",
+    "out": "folder for report.md, throughput.png, throughput.txt, series.json",
+    "name": "the setting's name in the report",
+}
+
+
 def parse(argv: Optional[Sequence[str]] = None) -> Config:
     defaults = Config()
     p = argparse.ArgumentParser(
@@ -164,14 +201,16 @@ def parse(argv: Optional[Sequence[str]] = None) -> Config:
         + ", ".join(f"{d.name}:{d.memory_gb:g}:{d.kind}:{d.forward_rps:g}:{d.share:g}" for d in DEVICES)
         + ")",
     )
-    p.add_argument("--network_mbps", nargs=2, type=float, metavar=("LOW", "HIGH"))
-    p.add_argument("--rules", nargs="+", choices=RULES)
+    p.add_argument(
+        "--network_mbps", nargs=2, type=float, metavar=("LOW", "HIGH"), help="drawn log-uniformly (default 50 1000)"
+    )
+    p.add_argument("--rules", nargs="+", choices=RULES, help="the rules to run (default: all three)")
     for f in fields(Config):
         if f.name in ("devices", "network_mbps", "rules"):
             continue
         value = getattr(defaults, f.name)
         kind = {int: int, float: float, str: str}.get(type(value), float)
-        p.add_argument(f"--{f.name}", type=kind, help=f"(default {value})")
+        p.add_argument(f"--{f.name}", type=kind, help=f"{HELP.get(f.name, '')} (default {value})".strip())
     args = p.parse_args(argv)
     chosen = {k: v for k, v in vars(args).items() if v is not None and k in {f.name for f in fields(Config)}}
     if args.device:
