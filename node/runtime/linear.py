@@ -88,19 +88,39 @@ def _choose(key: tuple, x: torch.Tensor, weight: torch.Tensor) -> bool:
 
 
 class TunedLinear(nn.Linear):
-    """An nn.Linear (same parameters, same state dict) whose product is chosen as the module says."""
+    """An nn.Linear (same parameters, same state dict) whose product is chosen as the module says.
+
+    Each layer keeps its choices by exact number of rows (`ways`): a decode step of a small model runs
+    dozens of these, and looking the choice up again each time cost more than the product itself."""
+
+    ways: dict  # rows -> transposed (set here or, for a layer made a TunedLinear in place, by `tune`)
+
+    def __init__(self, *args, **kwargs):  # a copy made with type(layer)(...), e.g. a tensor-parallel shard
+        super().__init__(*args, **kwargs)
+        self.ways = {}
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape = x.shape
+        rows = x.numel() // shape[-1] if len(shape) >= 2 and shape[-1] else 0
+        transposed = self.ways.get(rows)
+        if transposed is None:
+            transposed = self._choose(x, rows)
+        if not transposed:
+            return F.linear(x, self.weight, self.bias)
         weight = self.weight
-        if x.device.type != "cpu" or x.dtype != weight.dtype or x.dim() < 2 or x.numel() == 0:
-            return F.linear(x, weight, self.bias)
-        rows = x.numel() // x.shape[-1]
-        flat = x.reshape(rows, x.shape[-1])
+        flat = x.reshape(rows, shape[-1])
+        return product(flat, weight, True, self.bias).view(*shape[:-1], weight.shape[0])
+
+    def _choose(self, x: torch.Tensor, rows: int) -> bool:
+        weight = self.weight
+        if x.device.type != "cpu" or x.dtype != weight.dtype or rows == 0:
+            return False  # F.linear as it is (not remembered: another input of these rows may qualify)
         key = (weight.shape[0], weight.shape[1], weight.dtype, rows_class(rows))
         transposed = _chosen.get(key)
         if transposed is None:
-            transposed = _choose(key, flat, weight)
-        return product(flat, weight, transposed, self.bias).view(*x.shape[:-1], weight.shape[0])
+            transposed = _choose(key, x.reshape(rows, x.shape[-1]), weight)
+        self.ways[rows] = transposed
+        return transposed
 
 
 def tune(block: nn.Module) -> nn.Module:
@@ -108,4 +128,5 @@ def tune(block: nn.Module) -> nn.Module:
     for module in block.modules():
         if type(module) is nn.Linear and module.weight.device.type == "cpu":
             module.__class__ = TunedLinear
+            module.ways = {}
     return block

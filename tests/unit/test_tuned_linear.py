@@ -93,3 +93,19 @@ def test_choices_are_kept_in_a_file_for_a_replacement_runtime(tmp_path, monkeypa
     path.write_text("{not json")
     monkeypatch.setattr(linear, "_chosen", {})
     assert linear.remember(str(path)) == 0 and linear._chosen == {}  # a damaged file: timed again
+
+
+def test_each_layer_keeps_its_choices_by_rows_and_copies_start_empty():
+    """A decode step looks its choice up in the layer itself; a layer copied with type(layer)(...) (a
+    tensor-parallel shard) starts with no choices of its own, and an input either way cannot take
+    (another dtype) is not remembered."""
+    tuned = layer(bias=False)
+    linear._chosen[(48, 32, torch.float32, 8)] = True
+    tuned(torch.randn(2, 3, 32))  # 6 rows: the class of 8
+    tuned(torch.randn(1, 32))
+    assert set(tuned.ways) == {6, 1} and tuned.ways[6] is True
+    with pytest.raises(RuntimeError):
+        tuned(torch.randn(5, 32, dtype=torch.float64))
+    assert 5 not in tuned.ways
+    copy = type(tuned)(32, 48, bias=False)
+    assert copy.ways == {} and copy(torch.randn(6, 32)).shape == (6, 48)
