@@ -8,6 +8,8 @@ module, before the imports it affects; importing this module does nothing by its
   not the torch that `import hivemind` drags in (hivemind/__init__ imports everything it has).
 - `defer(name)`: transformers imports torch.distributed.tensor (and sympy) at import time, which the
   runtimes never use: 40 MiB and 0.4 s per runtime process, put off until first use.
+- `runtime_imports()`: a runtime's OpenMP threads wait passively (they spun on a core the node's
+  other processes need), and torch.distributed.tensor is deferred.
 - `transformers_without_torch()`: the supervisor's model resolver reads configs with transformers,
   but must not import torch for it.
 - `die_with_parent()` / `die_with_supervisor()`: Linux's parent-death signal, so that nothing the
@@ -149,7 +151,15 @@ def defer(name: str) -> None:
 
 
 def runtime_imports() -> None:
-    """What a runtime process defers before it imports transformers."""
+    """What a runtime process sets and defers before it imports torch and transformers.
+
+    OpenMP's threads (torch's intra-op pool) wait for the next parallel region by spinning: between the
+    small ops of a decode step, the runtime's second thread kept a core busy for nothing, the core that
+    the node's frontend, stream keeper and p2pd need to pass the step on (a micro model's step: 12.9 ms
+    of runtime CPU per 10.2 ms step, 3.8 ms once passive, the 8B shape's kernels no slower; docs/
+    benchmarks.md). Passive threads sleep instead; read once, when torch loads libgomp. An operator's
+    own OMP_WAIT_POLICY is kept."""
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     defer("torch.distributed.tensor")
 
 

@@ -54,3 +54,22 @@ def test_deferred_import_loads_on_first_use_and_keeps_sympy_out_of_the_runtime()
     )
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120, cwd=ROOT)
     assert result.stdout.strip() == "OK", result.stderr[-3000:]
+
+
+def test_a_runtime_s_openmp_threads_wait_passively_unless_the_operator_says_otherwise():
+    """In a fresh process, as the runtime starts: libgomp reads OMP_WAIT_POLICY when torch loads it."""
+    script = textwrap.dedent(
+        """
+        import os
+        from node import startup
+        startup.runtime_imports()
+        import torch
+        print(os.environ.get("OMP_WAIT_POLICY"))
+        """
+    )
+    env = {k: v for k, v in __import__("os").environ.items() if k != "OMP_WAIT_POLICY"}
+    for given, expected in ((None, "PASSIVE"), ("ACTIVE", "ACTIVE")):
+        run_env = dict(env, **({"OMP_WAIT_POLICY": given} if given else {}))
+        out = subprocess.run([sys.executable, "-c", script], cwd=ROOT, env=run_env, capture_output=True, text=True)
+        assert out.returncode == 0, out.stderr
+        assert out.stdout.strip() == expected
