@@ -2,11 +2,12 @@
 
 Both choose with node/supervisor/block_selection.py, the Petals rule itself (checked against Petals'
 own functions in tests/unit/test_simulate.py). The node's steps are node/supervisor/placement_rules.py,
-the functions its supervisor calls: a move needs `balance_checks` consecutive imbalanced checks, the
-target must differ from its span, it loads the added blocks while serving when they fit (then switches
-at once) and otherwise drains its sessions before restarting, and it confirms the move before each
-step. Petals' server, as PROTOCOL 5.1 describes it: after a random wait it chooses; at each check that
-finds the swarm unbalanced it shuts down (its sessions end), waits, chooses again and reloads.
+the functions its supervisor calls: a move needs `balance_checks` consecutive imbalanced checks (one
+where a block has no server), the target must differ from its span, it loads the added blocks while
+serving when they fit (then switches at once) and otherwise drains its sessions before restarting, and
+it confirms the move before each step. Petals' server, as PROTOCOL 5.1 describes it: after a random
+wait it chooses; at each check that finds the swarm unbalanced it shuts down (its sessions end), waits,
+chooses again and reloads.
 """
 
 from __future__ import annotations
@@ -109,7 +110,9 @@ class NodeRule(PetalsRule):
         target = placement_rules.balance_target(
             server.peer, server.blocks, server.count, view, self.config.balance_quality, self.sim.rule_rng
         )
-        server.streak, move = placement_rules.after_check(server.streak, target, self.config.balance_checks)
+        server.streak, move = placement_rules.after_check(
+            server.streak, target, self.config.balance_checks, view.has_hole()
+        )
         if move is not None:
             server.moving = True
             old = server.blocks

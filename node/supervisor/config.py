@@ -402,7 +402,8 @@ def build_parser() -> argparse.ArgumentParser:
     node.add_argument(
         "--balance_checks",
         type=_positive_int,
-        help="consecutive balance checks that must find the swarm unbalanced before the node moves",
+        help="consecutive balance checks that must find the swarm unbalanced before the node moves (one when a "
+        "block has no server)",
     )
     node.add_argument(
         "--drain_timeout",

@@ -8,7 +8,8 @@ ServerInfo numbers.
 
 Rebalancing improves on Petals where its users suffer:
 - a move needs the imbalance in `--balance_checks` consecutive checks, so a passing one (a server
-  restarting, a record not yet refreshed) moves nobody;
+  restarting, a record not yet refreshed) moves nobody, unless a block has no server at all: then
+  one check moves;
 - a move must change the span: the target is chosen with this node taken out of the swarm, and a
   target equal to the current span is no move;
 - open sessions get up to `--drain_timeout` seconds on the old blocks (announced OFFLINE, so that no
@@ -169,7 +170,8 @@ class Placement:
             peer_id, current, self.count, swarm, self.config.balance_quality, self.rng
         )
         streak = self.streak
-        self.streak, move = placement_rules.after_check(streak, target, self.config.balance_checks)
+        hole = swarm.has_hole()
+        self.streak, move = placement_rules.after_check(streak, target, self.config.balance_checks, hole)
         if target is None:
             if streak:
                 self.log.info("imbalance passed", checks=streak)
@@ -177,7 +179,7 @@ class Placement:
         self.log.info(
             "swarm unbalanced",
             checks=streak + 1,
-            needed=self.config.balance_checks,
+            needed=1 if hole else self.config.balance_checks,
             blocks=list(current),
             target=list(target),
             swarm=_summary(swarm),

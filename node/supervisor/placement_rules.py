@@ -41,6 +41,11 @@ class Swarm:
             self.cached = block_selection.block_throughputs(self.spans, self.total)
         return self.cached
 
+    def has_hole(self) -> bool:
+        """A block that no JOINING or ONLINE server holds: every request through the model fails until
+        someone loads it."""
+        return min(self.throughputs(), default=0.0) <= 0
+
     def without(self, peer: str) -> "Swarm":
         """The swarm as if this peer were gone: where it would go is chosen without itself."""
         spans = {p: s for p, s in self.spans.items() if p != peer}
@@ -69,13 +74,16 @@ def balance_target(
     return None if target == tuple(current) else target
 
 
-def after_check(streak: int, target: Optional[Range], needed: int) -> tuple[int, Optional[Range]]:
+def after_check(streak: int, target: Optional[Range], needed: int, hole: bool) -> tuple[int, Optional[Range]]:
     """The hysteresis: a move needs the imbalance in `needed` consecutive checks, so a passing one (a
-    server restarting, a record not yet refreshed) moves nobody. Returns the new streak and the move."""
+    server restarting, a record not yet refreshed) moves nobody. Where the swarm has a hole (see
+    Swarm.has_hole) one check is enough: no client gets through the model meanwhile, and waiting cost
+    the small swarm of docs/placement.md more than the moves it spared. Returns the new streak and the
+    move."""
     if target is None:
         return 0, None
     streak += 1
-    if streak < needed:
+    if streak < needed and not hole:
         return streak, None
     return 0, target
 

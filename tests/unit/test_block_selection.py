@@ -6,6 +6,7 @@ import random
 
 import pytest
 
+from node.supervisor import placement_rules
 from node.supervisor.block_selection import (
     best_start,
     block_throughputs,
@@ -85,3 +86,26 @@ def test_balance_quality_above_one_forces_a_move_and_zero_never_moves():
 def test_the_local_server_must_be_announced():
     with pytest.raises(ValueError, match="not in the swarm"):
         should_choose_other_blocks("Z", swarm(("A", 0, 4, 1.0)), 8, 0.75)
+
+
+def checks_until_a_move(infos, needed: int) -> int:
+    """How many balance checks in a row A makes, on this swarm, before it moves."""
+    view = placement_rules.Swarm.from_infos(infos, 8)
+    streak = 0
+    for check in range(1, needed + 2):
+        target = placement_rules.balance_target("A", (0, 4), 4, view, 0.75, random.Random(0))
+        streak, move = placement_rules.after_check(streak, target, needed, view.has_hole())
+        if move is not None:
+            assert move == (4, 8)
+            return check
+    raise AssertionError("no move")
+
+
+def test_a_block_nobody_serves_is_filled_after_one_check_otherwise_after_balance_checks():
+    # blocks 4-7 have no server: waiting for more checks only keeps every client out
+    assert checks_until_a_move(swarm(("A", 0, 4, 1.0), ("B", 0, 4, 1.0)), needed=3) == 1
+    # an OFFLINE server is leaving: the hole is there all the same
+    assert checks_until_a_move(swarm(("A", 0, 4, 1.0), ("B", 0, 4, 1.0), ("C", 4, 8, 1.0, ServerState.OFFLINE)), 3) == 1
+    # a weak server covers them (ONLINE or still JOINING): the imbalance must persist as before
+    assert checks_until_a_move(swarm(("A", 0, 4, 1.0), ("B", 0, 4, 1.0), ("C", 4, 8, 0.1)), needed=3) == 3
+    assert checks_until_a_move(swarm(("A", 0, 4, 1.0), ("B", 0, 4, 1.0), ("C", 4, 8, 0.1, ServerState.JOINING)), 2) == 2
