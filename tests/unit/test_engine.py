@@ -9,7 +9,7 @@ import structlog
 import torch
 
 from node.runtime import compute
-from node.runtime.engine import PREFILL_CHUNK, Engine, chunk_length
+from node.runtime.engine import PREFILL_CHUNK, Engine
 from node.runtime.loading import load_blocks
 from protocol.frames import from_frames, to_frames
 from protocol.messages import Backward, Cancel, DropBlocks, DropCache, Failure, Forward, InferStep, Result, Serve
@@ -126,18 +126,6 @@ def test_a_long_prefill_goes_in_chunks_beside_other_sessions(plan, blocks):
     assert b in driver.answers and a not in driver.answers  # the short one did not wait for the whole prefill
     (out_a,) = driver.run_until([a])[0]
     assert rel_err(out_a, alone(blocks, long)) <= TOL
-
-
-def test_a_prefill_goes_in_as_few_rounds_as_chunks_need_of_even_lengths(plan, blocks):
-    """A tail of one token would cost a whole round (all weights read) for one token's work."""
-    assert [chunk_length(n, 256) for n in (1, 256, 257, 512, 513)] == [1, 256, 129, 256, 171]
-    driver = Driver(plan, blocks)
-    torch.manual_seed(5)
-    long = torch.randn(1, 2 * PREFILL_CHUNK + 1, HIDDEN)
-    a = driver.step(b"frontend.0", 1, long, 0, max_length=2 * PREFILL_CHUNK + 8)
-    (out,) = driver.run_until([a])[0]
-    assert driver.engine.counts.rounds == 3
-    assert rel_err(out, alone(blocks, long)) <= TOL
 
 
 def test_a_forward_waits_for_inference_then_runs(plan, blocks):
