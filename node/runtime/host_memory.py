@@ -3,8 +3,11 @@
 glibc keeps what torch frees on the CPU in its heaps for reuse: after one backward at the 8B shape the
 runtime holds ~850 MiB more than once ONLINE (docs/benchmarks.md), memory the blocks do not need until
 the next large request, and which a neighbouring process (or the node's own move, loading beside the
-current blocks) cannot use. malloc_trim returns the free pages of every heap. It walks the heaps, so it
-runs only once the runtime has been idle a moment after work (never between a session's steps).
+current blocks) cannot use. malloc_trim returns the free pages of every heap. The next large request
+then faults its memory in again: a backward at the 8B shape right after a trim took ~10% longer (12.8 to
+16.2 s against 12.0 to 14.3 s, alternating, in-process). So the memory goes back only once the runtime
+has been idle IDLE_SECONDS after work: a peer that trains (forward, backward, its own step, again) keeps
+it, a node nobody trains on gives it back; never between a session's steps.
 """
 
 from __future__ import annotations
@@ -14,7 +17,7 @@ import ctypes.util
 import time
 from typing import Callable, Optional
 
-IDLE_SECONDS = 0.5  # idle this long after work before memory is given back
+IDLE_SECONDS = 30.0  # idle this long after work before memory is given back
 
 
 def _malloc_trim() -> Optional[Callable[[int], int]]:
