@@ -47,7 +47,6 @@ import os
 import platform
 import shutil
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -380,7 +379,6 @@ def run(args, work: Path, dtype: torch.dtype, device: torch.device, bench_began:
         "(the client, the node and the local baseline share these cores; other load makes the figures noisy)"
     )
 
-    metrics_port = free_port()
     node = NodeProcess(
         model_path,
         work / "run",
@@ -393,7 +391,7 @@ def run(args, work: Path, dtype: torch.dtype, device: torch.device, bench_began:
         "--num_handlers",
         "1",
         "--metrics_port",
-        str(metrics_port),
+        "0",  # a free one, named in status.json
         dht_prefix=args.dht_prefix,
         log_path=work / "node.log",
     )
@@ -455,7 +453,7 @@ def run(args, work: Path, dtype: torch.dtype, device: torch.device, bench_began:
 
         # 1a. the fixed cost of a step: the node's time for it against its compute, and the client's
         print(f"fixed cost of a step: {STEP_COST_STEPS} one-token steps of one session ...", flush=True)
-        step_cost = measure_step_cost(client, route, config.hidden_size, metrics_port)
+        step_cost = measure_step_cost(client, route, config.hidden_size, node.status["metrics_port"])
 
         # 1b. generation, several concurrent sessions, against the same sequences batched locally
         k = args.sessions
@@ -689,23 +687,17 @@ def run(args, work: Path, dtype: torch.dtype, device: torch.device, bench_began:
     return True
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def step_counters(port: int) -> tuple[float, float, float]:
     """(steps timed, their seconds in the node, their compute seconds) from the node's /metrics."""
+    from prometheus_client.parser import text_string_to_metric_families
+
     with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as reply:
-        values = {}
-        for line in reply.read().decode().splitlines():
-            if line and not line.startswith("#"):
-                name, _, value = line.rpartition(" ")
-                values[name] = float(value)
+        families = {f.name: f for f in text_string_to_metric_families(reply.read().decode())}
     return tuple(
-        values.get(name, 0.0)
-        for name in ("node_steps_timed_total", "node_step_seconds_total", "node_step_compute_seconds_total")
+        sum(sample.value for sample in families[name].samples if sample.name.endswith("_total"))
+        if name in families
+        else 0.0
+        for name in ("node_steps_timed", "node_step_seconds", "node_step_compute_seconds")
     )
 
 
