@@ -61,11 +61,19 @@ def test_a_server_alone_covers_the_whole_model_when_it_holds_it():
         assert result.uncovered == 0.0 and min(result.fractions) == pytest.approx(1.0), rule
 
 
+def alone(config: Config, rule: str, stay: float, crash: bool) -> Simulation:
+    """A swarm of one server, QmA, that arrives at once and stays `stay` seconds, then crashes or leaves."""
+    sim = Simulation(config, rule, 0)
+    arrival = Arrival(
+        at=0.0, peer="QmA", device=GPU, network_rps=1e3, relay=False, node=rule == "node", stay=stay, crash=crash
+    )
+    sim.events.at(0.0, sim.arrive, arrival)
+    return sim
+
+
 def test_a_crashed_servers_record_lingers_until_it_expires():
     config = replace(STEADY, servers=1, sessions_per_hour=0.0)
-    sim = Simulation(config, "node", 0)
-    arrival = Arrival(at=0.0, peer="QmA", device=GPU, network_rps=1e3, relay=False, node=True, stay=1000.0, crash=True)
-    sim.events.at(0.0, sim.arrive, arrival)
+    sim = alone(config, "node", stay=1000.0, crash=True)
     sim.events.run_until(999.0)
     assert sim.dht.view.spans["QmA"].info.state == ServerState.ONLINE
     announced = sim.servers[0].announced_at
@@ -81,9 +89,7 @@ def test_a_crashed_servers_record_lingers_until_it_expires():
 
 def test_the_what_if_drops_a_crashed_servers_record_sooner():
     config = replace(STEADY, servers=1, sessions_per_hour=0.0, dead_after_s=30.0)
-    sim = Simulation(config, "node", 0)
-    arrival = Arrival(at=0.0, peer="QmA", device=GPU, network_rps=1e3, relay=False, node=True, stay=1000.0, crash=True)
-    sim.events.at(0.0, sim.arrive, arrival)
+    sim = alone(config, "node", stay=1000.0, crash=True)
     sim.events.run_until(1029.0)
     assert "QmA" in sim.dht.view.spans
     sim.events.run_until(1031.0)
@@ -92,9 +98,7 @@ def test_the_what_if_drops_a_crashed_servers_record_sooner():
 
 def test_a_graceful_leave_is_offline_at_once():
     config = replace(STEADY, servers=1, sessions_per_hour=0.0)
-    sim = Simulation(config, "petals", 0)
-    arrival = Arrival(at=0.0, peer="QmA", device=GPU, network_rps=1e3, relay=False, node=False, stay=500.0, crash=False)
-    sim.events.at(0.0, sim.arrive, arrival)
+    sim = alone(config, "petals", stay=500.0, crash=False)
     sim.events.run_until(501.0)
     assert "QmA" not in sim.dht.view.spans and ("QmA" in sim.dht.view.ranges)
 
