@@ -35,6 +35,7 @@ from protocol.wire import ITEMSIZE, RawTensor
 
 _CLIENT, _PUSH, _END, _ERROR = "client", "push", "end", "error"
 QUEUED_STEPS = 4  # steps waiting in a session: a client sends one at a time, a push races it with a copy
+NOT_REBUILT = "this session cannot be rebuilt after the server's runtime restarted"
 REMEMBERED_STEPS = 16  # step_ids kept to drop the second copy of a step (the push and the client's own)
 
 
@@ -427,9 +428,7 @@ class InferenceStream:
             try:
                 hidden, prompts = self.history.replay()
             except HistoryLost as e:
-                raise RuntimeError(
-                    f"this session cannot be rebuilt after the server's runtime restarted: {e}"
-                ) from None
+                raise RuntimeError(f"{NOT_REBUILT}: {e}") from None
         empty_prompts = RawTensor(hidden.dtype, (0,), b"")
         tensors = [hidden, prompts if prompts is not None else empty_prompts, RawTensor("int64", (0,), b"")]
         try:
@@ -439,7 +438,7 @@ class InferenceStream:
         except RuntimeReplaced:
             raise
         except Exception as e:
-            raise RuntimeError(f"this session cannot be rebuilt after the server's runtime restarted: {e}") from None
+            raise RuntimeError(f"{NOT_REBUILT}: {e}") from None
         if not fused:
             return None
         return last_positions(output, step[0].shape[1])
