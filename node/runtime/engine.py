@@ -62,6 +62,11 @@ from protocol.plan import NodePlan
 PREFILL_CHUNK = 256
 INFERENCE_ROUND_TOKENS = 4 * PREFILL_CHUNK  # tokens of all sessions in one round: more wait a round, peers in turn
 MAX_GATHER_WAIT = 0.1  # seconds a round may wait for the sessions of the previous round
+# Inference goes first, but not forever: once forwards or a backward have waited through this many seconds
+# of inference rounds (and at least twice their last round's time, so inference keeps two thirds of a
+# contended runtime), they get a round. Without it one peer's stream of prefills held every other peer's
+# forwards for as long as it kept sending.
+MAX_TRAINING_WAIT = 0.25
 IDLE_CHECK_PERIOD = 10.0  # seconds between looks for caches nobody steps any more
 
 Reply = Callable[[bytes, Message, Sequence], None]  # (to whom, the answer, its tensor frames)
@@ -163,6 +168,8 @@ class Engine:
         self.forward_turn: dict[str, None] = {}  # peers in the order their forwards advance next
         self.last_handles: set[int] = set()  # the sessions of the last inference round
         self.last_round_seconds = 0.0
+        self.inference_while_training_waits = 0.0  # seconds of inference rounds since training last ran
+        self.last_training_seconds = 0.0
         self.last_idle_check = time.monotonic()
         self.counts = RuntimeStats()  # the counters; `stats` adds the gauges
 
@@ -243,9 +250,21 @@ class Engine:
     # --- working -----------------------------------------------------------------------------
 
     def work(self) -> None:
-        """One round: inference steps if any are ready, else forwards or a backward."""
-        if not self.inference_round():
+        """One round: inference steps if any are ready, else forwards or a backward; training work that has
+        waited long enough goes before inference (MAX_TRAINING_WAIT)."""
+        if self.training_due() or not self.inference_round():
+            began = time.perf_counter()
             self.training_round()
+            self.last_training_seconds = time.perf_counter() - began
+            self.inference_while_training_waits = 0.0
+
+    @property
+    def training_waits(self) -> bool:
+        return bool(self.forwards or self.queue.training)
+
+    def training_due(self) -> bool:
+        waited = self.inference_while_training_waits
+        return self.training_waits and waited > max(MAX_TRAINING_WAIT, 2 * self.last_training_seconds)
 
     def gather_deadline(self) -> Optional[float]:
         """Sessions of the last round whose next step is not here yet usually are a few milliseconds away
@@ -321,6 +340,8 @@ class Engine:
             step.cache.last_used = time.monotonic()
         self.count_round(works, began)
         self.last_round_seconds = time.perf_counter() - began
+        if self.training_waits:
+            self.inference_while_training_waits += self.last_round_seconds
         self.steps = [s for s in self.steps if not self.finish_if_done(s)]
         return True
 

@@ -3,11 +3,11 @@
 Inference steps go first, all that are ready at once (one per session: a session's next step cannot
 start before its previous one ends), up to a budget of tokens per round; when more are ready, each peer
 gets a step in turn, so a peer with many sessions cannot push another peer's step out of the round.
-Forward and backward requests wait while inference steps are ready; then forwards are taken together
-up to a token budget, or one backward, each peer in turn, and within one peer's queue by Petals'
-`points` (higher first; points are not verified, so they order a peer's own requests, never another
-peer's). Work whose requester gave up is dropped. The queues are bounded, per peer and in all: what does
-not fit is refused at once.
+Forward and backward requests wait while inference steps are ready (for a bounded time: the engine's
+MAX_TRAINING_WAIT); then forwards are taken together up to a token budget, or one backward, each peer in
+turn, and within one peer's queue by Petals' `points` (higher first; points are not verified, so they
+order a peer's own requests, never another peer's). Work whose requester gave up is dropped. The queues
+are bounded, per peer and in all: what does not fit is refused at once.
 """
 
 from __future__ import annotations

@@ -9,6 +9,7 @@ import structlog
 import torch
 
 from node.runtime import compute
+from node.runtime import engine as engine_module
 from node.runtime.engine import PREFILL_CHUNK, Engine
 from node.runtime.loading import load_blocks
 from protocol.frames import from_frames, to_frames
@@ -138,6 +139,28 @@ def test_a_forward_waits_for_inference_then_runs(plan, blocks):
     assert driver.order == [step]  # inference goes first
     (out,) = driver.run_until([forward])[0]
     assert rel_err(out, alone(blocks, hidden, 1, 4)) <= TOL
+
+
+def test_a_forward_waits_for_inference_a_bounded_time(plan, blocks, monkeypatch):
+    """A peer that keeps sending prefills does not hold another peer's forward for as long as it sends:
+    the forward runs once it has waited through MAX_TRAINING_WAIT seconds of inference rounds, and then
+    inference goes first again."""
+    monkeypatch.setattr(engine_module, "MAX_TRAINING_WAIT", 0.0)
+    driver = Driver(plan, blocks)
+    torch.manual_seed(5)
+    hidden = torch.randn(1, 4, HIDDEN)
+    flood = [
+        driver.step(b"frontend.1", h, torch.randn(1, 2 * PREFILL_CHUNK, HIDDEN), 0, max_length=1024) for h in range(8)
+    ]
+    forward = driver.send(b"frontend.0", Forward, [hidden, torch.empty(0)], start=0, end=4, peer="honest")
+    driver.engine.work()  # an inference round: the forward has waited through none yet
+    assert forward not in driver.answers
+    driver.engine.work()  # its wait is over: it goes before the prefills still queued
+    (out,) = driver.run_until([forward], rounds=1)[0]
+    assert rel_err(out, alone(blocks, hidden)) <= TOL
+    assert not any(k in driver.answers for k in flood)
+    driver.run_until(flood, rounds=200)
+    assert all(k in driver.answers for k in flood)
 
 
 def test_a_backward_gives_the_input_gradients(plan, blocks):
