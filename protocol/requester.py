@@ -152,4 +152,4 @@ class Requester:
         if self._reader is not None:
             self._reader.cancel()
         self.fail_all("shutting down")
-        self.channel.sock.close(0)
+        self.channel.close(0)
