@@ -46,6 +46,7 @@ from protocol.messages import (
     Serve,
     Stop,
 )
+from protocol.timeouts import within
 from protocol.transport import BadMessage
 
 HANDLER = "TransformerConnectionHandler.rpc_inference"
@@ -187,7 +188,7 @@ class KeeperProcess:
                 if not stream.done:
                     await self.scopes.reserve(stream.peer, length)
                     connection.reserved.append(length)
-                payload = await asyncio.wait_for(reader.readexactly(length), FRAME_SECONDS + length / MIN_RATE)
+                payload = await within(reader.readexactly(length), FRAME_SECONDS + length / MIN_RATE)
             except (asyncio.IncompleteReadError, ConnectionError):
                 if not stream.done:
                     self.table.input_cut(stream)

@@ -19,6 +19,8 @@ from protocol.messages import Message
 Observer = Callable[[str, Message, Optional[bytes]], None]  # (direction "in"/"out", message, peer identity)
 
 _encoder = msgspec.msgpack.Encoder()
+# plain ints: pyzmq's flags are enums, and an enum's `&` costs more than the call that gave the events
+_EVENTS, _POLLIN, _POLLOUT, _NOBLOCK = int(zmq.EVENTS), int(zmq.POLLIN), int(zmq.POLLOUT), int(zmq.NOBLOCK)
 
 
 class Envelope(NamedTuple):
@@ -130,10 +132,10 @@ class AsyncChannel(_Codec):
         io = self._io
         try:
             while True:
-                events = io.getsockopt(zmq.EVENTS)
-                if self._outbox and events & zmq.POLLOUT:
+                events = io.getsockopt(_EVENTS)
+                if self._outbox and events & _POLLOUT:
                     try:
-                        io.send_multipart(self._outbox[0], zmq.NOBLOCK, copy=False)
+                        io.send_multipart(self._outbox[0], _NOBLOCK, copy=False)
                         self._outbox.popleft()
                         continue
                     except zmq.Again:
@@ -143,8 +145,8 @@ class AsyncChannel(_Codec):
                             raise
                         self._outbox.popleft()  # its peer left while it waited: as ZeroMQ drops it
                         continue
-                if events & zmq.POLLIN and len(self._inbox) < self.INBOX:
-                    self._inbox.append(io.recv_multipart(zmq.NOBLOCK, copy=False))
+                if events & _POLLIN and len(self._inbox) < self.INBOX:
+                    self._inbox.append(io.recv_multipart(_NOBLOCK, copy=False))
                     continue
                 break
         except zmq.ZMQError:
@@ -167,7 +169,7 @@ class AsyncChannel(_Codec):
             self._outbox.append(parts)  # behind what waits already: order kept
         else:
             try:
-                self._io.send_multipart(parts, zmq.NOBLOCK, copy=False)
+                self._io.send_multipart(parts, _NOBLOCK, copy=False)
             except zmq.Again:
                 self._outbox.append(parts)
         if self._watch():
