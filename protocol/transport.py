@@ -200,5 +200,7 @@ class AsyncChannel(_Codec):
             self._loop.remove_reader(self._fd)
         if self._retry is not None:
             self._retry.cancel()
+        for waiter in self._waiters:  # as zmq.asyncio did: whoever still waits is cancelled, not left hanging
+            waiter.cancel()
         self._fd = -1
         self.sock.close(linger)

@@ -136,3 +136,22 @@ def test_an_unroutable_identity_is_refused_at_send():
             ctx.term()
 
     run(main())
+
+
+def test_a_receiver_waiting_when_the_channel_closes_is_cancelled():
+    async def main():
+        ctx = zmq.asyncio.Context()
+        router, dealer = pair(ctx, "inproc://closing")
+        try:
+            waiting = asyncio.ensure_future(router.recv())
+            await asyncio.sleep(0.05)
+            router.close(0)
+            with pytest.raises(asyncio.CancelledError):
+                await asyncio.wait_for(waiting, 5)
+            with pytest.raises(zmq.ZMQError):
+                await router.recv()
+        finally:
+            dealer.close(0)
+            ctx.term()
+
+    run(main())
