@@ -46,7 +46,6 @@ from protocol.messages import (
     Serve,
     Stop,
 )
-from protocol.timeouts import within
 from protocol.transport import BadMessage
 
 HANDLER = "TransformerConnectionHandler.rpc_inference"
@@ -188,7 +187,7 @@ class KeeperProcess:
                 if not stream.done:
                     await self.scopes.reserve(stream.peer, length)
                     connection.reserved.append(length)
-                payload = await within(reader.readexactly(length), FRAME_SECONDS + length / MIN_RATE)
+                payload = await asyncio.wait_for(reader.readexactly(length), FRAME_SECONDS + length / MIN_RATE)
             except (asyncio.IncompleteReadError, ConnectionError):
                 if not stream.done:
                     self.table.input_cut(stream)

@@ -31,7 +31,6 @@ from protocol import wire
 from protocol.messages import Adopt, Allocate, Failure, GrowHistory, InferStep, Release
 from protocol.plan import NodePlan
 from protocol.requester import PeerUnavailable, Requester
-from protocol.timeouts import within
 from protocol.wire import ITEMSIZE, RawTensor
 
 _CLIENT, _PUSH, _END, _ERROR = "client", "push", "end", "error"
@@ -163,7 +162,7 @@ class InferenceStream:
         if left <= 0:
             raise expired
         try:
-            kind, item = await within(self.incoming.get(), min(self.plan.step_timeout, left))
+            kind, item = await asyncio.wait_for(self.incoming.get(), min(self.plan.step_timeout, left))
         except asyncio.TimeoutError:
             if time.monotonic() >= self.deadline:
                 raise expired from None

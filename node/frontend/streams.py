@@ -19,7 +19,6 @@ from hivemind.proto import runtime_pb2
 from node.frontend.kept import KeptContext
 from node.frontend.limits import Refused, Scopes
 from protocol import stream_framing as framing
-from protocol.timeouts import within
 
 PREFETCH = 5  # like hivemind: at most this many unread requests buffered per stream
 INPUT_DRAIN_SECONDS = 1.0  # after our last frame, how long to read (and drop) the rest of the client's input
@@ -118,7 +117,7 @@ def stream_handler(
                 )
             await reservation.reserve(length)
             try:
-                payload = await within(reader.readexactly(length), FRAME_SECONDS + length / MIN_RATE)
+                payload = await asyncio.wait_for(reader.readexactly(length), FRAME_SECONDS + length / MIN_RATE)
             except asyncio.TimeoutError:
                 raise Refused("slow_sender", f"a stream message of {length} bytes did not arrive in time") from None
             return marker, payload, length
