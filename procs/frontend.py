@@ -261,7 +261,7 @@ class FrontendProcess:
         self.log.info("drained", seconds=round(time.monotonic() - began, 2), calls_cut=cut)
 
     def close(self) -> None:
-        self.keeper.close()
+        self.keeper.sock.close()
         self.runtime.close()
         self.allocator.close()
         self.announcer.close()
