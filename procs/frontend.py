@@ -35,6 +35,7 @@ from hivemind.p2p.p2p_daemon_bindings.datastructures import StreamInfo
 from hivemind.proto import runtime_pb2
 from hivemind.utils.multiaddr import Multiaddr
 
+from node.frontend import backlog
 from node.frontend.kept import KeptStream
 from node.frontend.rpcs import KEPT, NAME_PREFIX, STREAMS, UNARY, Rpcs
 from node.frontend.streams import stream_handler
@@ -111,6 +112,7 @@ class FrontendProcess:
                 self.kept_handler = handler
             else:
                 await self.p2p.add_binary_stream_handler(NAME_PREFIX + name, handler, balanced=True)
+        self.log.info("stream backlog", backlog=backlog.widen(backlog.listen_path(self.p2p)))
         self.hello()
         # if we die, the supervisor unregisters our stream handlers (p2pd would go on dialing us)
         self.actor.ready(

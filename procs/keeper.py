@@ -30,6 +30,7 @@ import zmq.asyncio
 from hivemind.p2p import P2P
 from hivemind.utils.multiaddr import Multiaddr
 
+from node.frontend import backlog
 from node.frontend.limits import Refused, RequestSizes, Scopes
 from node.frontend.streams import drain_input
 from node.keeper.table import Close, Keeper, Stream, Write
@@ -122,6 +123,7 @@ class KeeperProcess:
     async def start(self) -> None:
         self.p2p = await P2P.replicate(Multiaddr(self.plan.daemon_maddr))
         await self.p2p.add_binary_stream_handler(HANDLER, self.handle, balanced=True)
+        self.log.info("stream backlog", backlog=backlog.widen(backlog.listen_path(self.p2p)))
         self.actor.ready(
             KeeperReady(
                 peer_id=self.p2p.peer_id.to_base58(),

@@ -18,7 +18,9 @@ server on the same model and prints the same lines, asserting nothing (the READM
 from __future__ import annotations
 
 import asyncio
+import collections
 import os
+import signal
 import statistics
 import struct
 import threading
@@ -43,6 +45,7 @@ from tests.helpers.rpc import EMPTY, NO_HYPO, UID, Caller, enc, hidden, next_ste
 MiB = 1 << 20
 MEMORY_BOUND = 256 * MiB
 SLACK = 0.75  # seconds
+FRONTENDS = ("frontend.0", "frontend.1")  # --num_handlers 2
 MAX_TOKENS = 8192  # micro-llama's --max_batch_size (GQA default)
 PETALS_PYTHON = os.environ.get("PETALS_PYTHON")
 
@@ -439,6 +442,43 @@ def test_attack_is_refused_or_bounded_and_the_honest_client_is_served(node, clie
         reasons, least = REFUSALS[name]
         after = refusals(node)
         assert sum(after.get(r, 0) - refused_before.get(r, 0) for r in reasons) >= least, after
+
+
+@pytest.mark.parametrize("rpc, actors", [("rpc_inference", ("keeper",)), ("rpc_forward_stream", FRONTENDS)])
+def test_streams_opened_while_their_handler_is_busy_are_all_answered(node, clients, rpc, actors):
+    """300 streams opened at once while the processes that accept them are stalled for a second (as a busy
+    process is): each gets an answer or the node's refusal, none a reset. With the accept queue hivemind
+    leaves (100), p2pd's dials beyond it failed and those streams broke (node/frontend/backlog.py)."""
+    _, attacker = clients
+    pids = [node.actor_pid(name) for name in actors]
+
+    async def one() -> str:
+        call = request(rpc, tensors=[hidden(1, 1), EMPTY, NO_HYPO], max_length=1)  # a session id each
+        try:
+            responses, error = await attacker.acall_collect(rpc, [call] if rpc == "rpc_inference" else call)
+        except Exception as e:  # a reset stream: what must not happen
+            return f"lost: {type(e).__name__}: {e}"[:150]
+        if error is not None:
+            return f"refused: {str(error)[-80:]}"  # the node's own answer, e.g. the per-peer session limit
+        return "answered" if responses else "lost: an empty reply"
+
+    async def flood() -> list[str]:
+        tasks = [asyncio.ensure_future(one()) for _ in range(300)]
+        await asyncio.sleep(0.5)  # the dials reach p2pd while nobody accepts them
+        for pid in pids:
+            os.kill(pid, signal.SIGCONT)
+        return await asyncio.gather(*tasks)
+
+    for pid in pids:
+        os.kill(pid, signal.SIGSTOP)
+    try:
+        outcomes = attacker.run(flood(), timeout=120)
+    finally:
+        for pid in pids:
+            os.kill(pid, signal.SIGCONT)
+    counts = collections.Counter(outcomes)
+    print(f"reliability: {rpc} streams opened while stalled: {dict(counts)}")
+    assert counts["answered"] > 0 and not any(o.startswith("lost") for o in counts), dict(counts)
 
 
 def refusals(node) -> dict:
