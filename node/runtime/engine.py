@@ -342,6 +342,8 @@ class Engine:
         self.last_round_seconds = time.perf_counter() - began
         if self.training_waits:
             self.inference_while_training_waits += self.last_round_seconds
+        else:  # what waited is gone (failed, cancelled): the next forward starts its own wait
+            self.inference_while_training_waits = 0.0
         self.steps = [s for s in self.steps if not self.finish_if_done(s)]
         return True
 

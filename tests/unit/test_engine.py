@@ -163,6 +163,22 @@ def test_a_forward_waits_for_inference_a_bounded_time(plan, blocks, monkeypatch)
     assert all(k in driver.answers for k in flood)
 
 
+def test_a_wait_whose_work_went_away_does_not_let_the_next_forward_jump(plan, blocks):
+    """The inference time a forward waited through is its own: if it goes away unrun (failed, its peer
+    gone), the next forward starts a wait of its own instead of inheriting the old one."""
+    driver = Driver(plan, blocks)
+    torch.manual_seed(5)
+    flood = [
+        driver.step(b"frontend.1", h, torch.randn(1, 2 * PREFILL_CHUNK, HIDDEN), 0, max_length=1024) for h in range(8)
+    ]
+    driver.engine.inference_while_training_waits = 10.0  # as a forward that was failed while waiting left it
+    driver.engine.work()  # an inference round, with no training work waiting
+    forward = driver.send(b"frontend.0", Forward, [torch.randn(1, 4, HIDDEN), torch.empty(0)], start=0, end=4)
+    driver.engine.work()
+    assert forward not in driver.answers
+    driver.run_until(flood + [forward], rounds=200)
+
+
 def test_a_backward_gives_the_input_gradients(plan, blocks):
     driver = Driver(plan, blocks)
     torch.manual_seed(4)
