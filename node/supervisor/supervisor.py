@@ -212,6 +212,9 @@ class Supervisor:
                 pass
 
     def _check(self, actor: ActorProcess, now: float) -> None:
+        if self.crashed_while_draining(actor, now):
+            # its sessions are still being served: the keeper holds their streams for its replacement
+            actor.respawn_at, actor.stopping = None, False
         if actor.respawn_at is not None:
             if now >= actor.respawn_at:
                 actor.spawn(self.plan.run_dir)
@@ -233,6 +236,20 @@ class Supervisor:
                 actor.kill()
             return
         self._died(actor, now)
+
+    def crashed_while_draining(self, actor: ActorProcess, now: float) -> bool:
+        """A frontend told to drain that died of something else before the drain's end (its planned exit is
+        code 0): like any crash, it is replaced, and its successor drains in its place (on_ready)."""
+        return (
+            self.drain_deadline is not None
+            and now < self.drain_deadline
+            and not self.stop_requested.is_set()
+            and actor.spec.name.startswith("frontend")
+            and actor.respawn_at == float("inf")
+            and actor.popen is not None
+            and not actor.running
+            and actor.popen.returncode != 0
+        )
 
     def _died(self, actor: ActorProcess, now: float) -> None:
         name = actor.spec.name
@@ -407,6 +424,8 @@ class Supervisor:
                 self.write_status()
                 if self.placement.placed and (name == "allocator" or name.startswith("frontend")):
                     self.send(name, Serve(self.plan.start_block, self.plan.end_block))
+                if self.drain_deadline is not None and name.startswith("frontend"):  # a crashed one's successor
+                    self.stop_planned(actor, Stop(max(0.0, self.drain_deadline - time.monotonic())))
             elif isinstance(msg, Measured):
                 self.placement.on_measured(msg)
             elif isinstance(msg, SwarmView):
@@ -606,7 +625,11 @@ class Supervisor:
 
     def drained(self, now: float) -> bool:
         """Whether every frontend is done; logs what the drain waits for every DRAIN_LOG_PERIOD seconds."""
-        frontends = [a for n, a in self.actors.items() if n.startswith("frontend") and a.running]
+        frontends = [  # a crashed one waiting for its successor is not done
+            a
+            for n, a in self.actors.items()
+            if n.startswith("frontend") and (a.running or a.respawn_at not in (None, float("inf")))
+        ]
         if not frontends:
             self.log.info("drained", seconds=round(now - self.drain_began, 1))
             return True

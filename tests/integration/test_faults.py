@@ -777,6 +777,29 @@ def test_a_stop_serves_open_sessions_until_their_clients_close_them(tmp_path_fac
         node.stop(signal.SIGKILL)
 
 
+def test_a_frontend_killed_during_a_stop_is_replaced_and_its_session_goes_on(tmp_path_factory, swarm, client, sample):
+    """The drain serves an open session; its frontend dies of something else meanwhile (kill -9): it is
+    replaced as at any time (the keeper hands the session's stream to the successor, which drains in its
+    place), the session's next steps are the same tokens, and the node stops once the client closes it."""
+    hidden, ref = sample
+    node = start_node(tmp_path_factory, swarm, "--shutdown_grace", "60")
+    try:
+        session, first = session_at(client, node, hidden)
+        assert rel_err(first, ref[:, :4]) <= TOL
+        node.proc.send_signal(signal.SIGTERM)
+        wait_until(lambda: node.status.get("state") == "draining", 10, "status.json saying draining", node)
+        old = node.actor_pid("frontend.0")
+        os.kill(old, signal.SIGKILL)
+        node.wait_ready("frontend.0", old_pid=old, timeout=60)
+        assert rel_err(session.step(hidden[:, 4:5]), ref[:, 4:5]) <= TOL
+        assert rel_err(session.step(hidden[:, 5:]), ref[:, 5:]) <= TOL
+        assert node.proc.poll() is None, "the node waits for its open session"
+        session.__exit__(None, None, None)
+        assert node.proc.wait(30) == 0, node.log_tail(40)
+    finally:
+        node.stop(signal.SIGKILL)
+
+
 def test_a_second_signal_stops_at_once(tmp_path_factory, swarm, client, sample):
     hidden, ref = sample
     node = start_node(tmp_path_factory, swarm, "--shutdown_grace", "120")
