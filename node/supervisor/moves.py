@@ -176,7 +176,6 @@ class Moves:
             ranks = [self.sup.actors[n] for n in self.sup.runtimes]
             for runtime in ranks:
                 runtime.respawn_at = float("inf")  # a planned restart: not a failure, no backoff
-                runtime.stopping = True
             if ranks[0].running and not self.sup.send("runtime.0", Stop(0.0)):
                 ranks[0].popen.terminate()
             deadline = time.monotonic() + 5.0

@@ -50,7 +50,6 @@ class ActorProcess:
     restarts: int = 0
     consecutive_failures: int = 0
     respawn_at: Optional[float] = None  # set while waiting out a backoff
-    stopping: bool = False
     load_ordered: bool = False  # runtime only: LoadBlocks was sent to this process
     reloading: bool = False  # replaced by a reload (node/supervisor/reload.py) until its successor is ready
     code: str = ""  # the code version its process reported when ready (node/code_version.py)
@@ -81,7 +80,6 @@ class ActorProcess:
         self.last_heartbeat = now
         self.ready = False
         self.respawn_at = None
-        self.stopping = False
         self.load_ordered = False
 
     def kill(self) -> None:

@@ -92,7 +92,6 @@ class Reload:
         """Stopped as planned: _check leaves them alone (respawn_at in the future) and counts no failure."""
         for actor in actors:
             actor.respawn_at = float("inf")
-            actor.stopping = True
             actor.reloading = True
         for actor in actors:  # the leader first: the other ranks serve its last round
             if actor.running and not self.sup.send(actor.spec.name, Stop(STOP_GRACE)):

@@ -214,7 +214,7 @@ class Supervisor:
     def _check(self, actor: ActorProcess, now: float) -> None:
         if self.crashed_while_draining(actor, now):
             # its sessions are still being served: the keeper holds their streams for its replacement
-            actor.respawn_at, actor.stopping = None, False
+            actor.respawn_at = None
         if actor.respawn_at is not None:
             if now >= actor.respawn_at:
                 actor.spawn(self.plan.run_dir)
@@ -681,7 +681,6 @@ class Supervisor:
         """Stop an actor on purpose with `msg` (Stop, Retire; SIGTERM where it cannot be sent): its exit is not
         a failure, and nothing replaces it (_check leaves an actor whose respawn time never comes alone)."""
         actor.respawn_at = float("inf")
-        actor.stopping = True
         if actor.running and not self.send(actor.spec.name, msg):
             actor.popen.terminate()
 
