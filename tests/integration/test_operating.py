@@ -176,7 +176,12 @@ def test_metrics_are_scraped_in_prometheus_format(tmp_path):
             with client.session(max_length=4, start=0, end=4) as session:
                 for t in range(4):
                     session.step(torch.randn(1, 1, 64))
-                held = scrape_until(port, "a session holding cache", lambda s: s[("node_sessions_open", ())] == 1)
+                # the frontend's count and the allocator's arrive with their own heartbeats: wait for both
+                held = scrape_until(
+                    port,
+                    "a session holding cache",
+                    lambda s: s[("node_sessions_open", ())] == 1 and s.get(("node_cache_tokens_used", ())) == 2 * 4 * 4,
+                )
             with pytest.raises(Exception):
                 client.forward(torch.randn(1, 4, 63), 0, 4)  # a wrong hidden size: an error
         timed = ("node_steps_timed_total", ())
