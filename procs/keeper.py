@@ -66,6 +66,7 @@ class Connection:
         self.readable = asyncio.Event()  # set whenever the window may have opened
         self.reserved: collections.deque[int] = collections.deque()  # bytes of each message not yet handled
         self.released = 0  # messages whose bytes went back to the scopes
+        self.errored = False  # the last frame written was an error: the client closes first (drain_input)
 
     def unbuffered(self) -> bool:
         """Whether a frame may be written at once: the client reads what was written before (what waits
@@ -141,7 +142,7 @@ class KeeperProcess:
             framing.write_error(writer, refusal)
             try:
                 await writer.drain()
-                await drain_input(reader, None)  # closing with input unread would reset the stream
+                await drain_input(reader, None, until_closed=True)  # see drain_input: closing first may lose it
             finally:
                 writer.close()
             return
@@ -158,7 +159,7 @@ class KeeperProcess:
         finally:
             stream.done = True
             connection.readable.set()
-            await self._finish(reading, writer)
+            await self._finish(connection, reading)
             self.release(connection, everything=True)
             self.table.gone(stream)
             self.connections.pop(stream.id, None)
@@ -234,16 +235,20 @@ class KeeperProcess:
                 if action.error is not None:
                     framing.write_error(writer, action.error)
                     await writer.drain()
+                    connection.errored = True
                 return
 
-    async def _finish(self, reading: asyncio.Task, writer: asyncio.StreamWriter) -> None:
-        """Give the client's remaining input a moment to end before the stream closes (see _read)."""
+    async def _finish(self, connection: Connection, reading: asyncio.Task) -> None:
+        """Give the client's remaining input a moment to end before the stream closes (see _read), and
+        after an error frame, the client a moment to close first (see drain_input)."""
         try:
             await asyncio.wait_for(reading, INPUT_DRAIN_SECONDS)
+            if connection.errored:
+                await drain_input(connection.reader, None, until_closed=True)
         except Exception:  # a timeout, or the reader's failure (logged by _reading_ended)
             pass
         finally:
-            writer.close()
+            connection.writer.close()
 
     # --- receiving: frontends ----------------------------------------------------------------
 
@@ -274,6 +279,7 @@ class KeeperProcess:
 
     def write(self, connection: Connection, action: Write) -> None:
         framing.write_frame(connection.writer, bytes([action.marker]), action.payload)
+        connection.errored = action.marker == framing.ERROR[0]
         if action.since:
             self.steps.add(time.perf_counter() - action.since, action.compute_us / 1e6)
 

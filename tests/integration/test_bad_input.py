@@ -17,6 +17,7 @@ from typing import Any, Optional, Sequence
 
 import pytest
 import torch
+from hivemind.p2p import PeerID
 from hivemind.p2p.p2p_daemon_bindings.utils import P2PHandlerError
 from hivemind.proto import runtime_pb2
 
@@ -29,6 +30,7 @@ from tests.helpers.rpc import (
     INFERENCE,
     MAX_TOKENS,
     NO_HYPO,
+    PREFIX,
     STREAMS,
     TENSOR_RPCS,
     TIMEOUT,
@@ -133,6 +135,34 @@ def test_bad_stream_frame(caller, rpc, frame, needle):
     assert len(frames) == 1 and frames[0][0] == framing.ERROR, frames
     text = framing.error_text(frames[0][1])
     assert text and needle in text, text
+
+
+@pytest.mark.parametrize("rpc", STREAMS)
+def test_an_error_stream_stays_open_until_its_client_has_closed(caller, rpc):
+    """After an error frame the server leaves the closing to the client (who stops reading at an error):
+    a stream its server closes may end in a reset that loses the error (node/frontend/streams.py,
+    drain_input). The error arrives, nothing follows it, and the stream is still open 0.3 s later."""
+
+    async def call():
+        _, reader, writer = await caller.swarm.p2p.call_binary_stream_handler(
+            PeerID.from_base58(caller.peer), PREFIX + rpc
+        )
+        try:
+            framing.write_message(writer, request(rpc, uid="micro-llama.x"))
+            framing.end_of_stream(writer)
+            await writer.drain()
+            marker, payload = await asyncio.wait_for(framing.read_frame(reader), TIMEOUT)
+            try:
+                after = await asyncio.wait_for(reader.read(1), 0.3)
+            except asyncio.TimeoutError:
+                after = None
+            return marker, framing.error_text(payload) if marker == framing.ERROR else payload, after
+        finally:
+            writer.close()
+
+    marker, text, after = caller.run(call())
+    assert marker == framing.ERROR and "does not serve" in text, (marker, text)
+    assert after is None, f"the server closed the stream right after its error ({after!r})"
 
 
 # --- 2. uids ------------------------------------------------------------------------------------------
