@@ -50,6 +50,9 @@ def wait_for_plan(run_dir: str) -> NodePlan:
     return read_plan(run_dir)
 
 
+LOOK_PERIOD = 0.05  # seconds between looks for probes attaching or leaving
+
+
 class Probe:
     """An XPUB socket that stays silent (and costs nothing) while nobody subscribes."""
 
@@ -60,10 +63,18 @@ class Probe:
         self._sock.setsockopt(zmq.SNDHWM, 10000)
         self._sock.bind(endpoint)
         self._topics: set[bytes] = set()
+        self._next_look = 0.0
         self._encoder = msgspec.msgpack.Encoder()
 
     @property
     def active(self) -> bool:
+        # Asked for every message the actor sends or receives; reading the XPUB socket each time (a failed
+        # non-blocking recv raises) cost 2 to 5% of the frontend's and keeper's time per step. A probe
+        # that attaches is seen within LOOK_PERIOD.
+        now = time.monotonic()
+        if now < self._next_look:
+            return bool(self._topics)
+        self._next_look = now + LOOK_PERIOD
         while True:
             try:
                 sub = self._sock.recv(zmq.NOBLOCK)

@@ -155,7 +155,7 @@ class AnnouncerProcess:
     async def close(self) -> None:
         if self.answering is not None:
             self.answering.cancel()
-        self.inbox.sock.close(0)
+        self.inbox.close(0)
         self.allocator.close()
         if self.reachability is not None:
             await self.reachability.close()

@@ -263,7 +263,7 @@ class FrontendProcess:
         self.log.info("drained", seconds=round(time.monotonic() - began, 2), calls_cut=cut)
 
     def close(self) -> None:
-        self.keeper.sock.close()
+        self.keeper.close()
         self.runtime.close()
         self.allocator.close()
         self.announcer.close()

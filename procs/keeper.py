@@ -343,7 +343,7 @@ async def amain(actor: actor_lib.Actor) -> None:
         await keeper.start()
         await keeper.serve()
     finally:
-        keeper.inbox.sock.close(0)
+        keeper.inbox.close(0)
 
 
 def main(actor: actor_lib.Actor) -> None:

@@ -20,6 +20,11 @@ from protocol.messages import Message
 from protocol.transport import AsyncChannel, BadMessage, Envelope, Observer
 
 
+def _expire(future: asyncio.Future) -> None:
+    if not future.done():
+        future.set_exception(asyncio.TimeoutError())
+
+
 class PeerUnavailable(RuntimeError):
     pass
 
@@ -79,12 +84,18 @@ class Requester:
 
     async def request(self, msg: Message, frames: Sequence = (), timeout: Optional[float] = None) -> Envelope:
         """Send `msg` (whose `req` came from next_id) and wait for the reply with the same `req`."""
-        future = asyncio.get_running_loop().create_future()
+        loop = asyncio.get_running_loop()
+        future = loop.create_future()
         self._pending[msg.req] = future
+        # a timer on the future itself: asyncio.wait_for adds a second future and callbacks to every
+        # request, a cost paid on each inference step
+        timer = None if timeout is None else loop.call_later(timeout, _expire, future)
         try:
             self.channel.send(msg, frames)
-            return await asyncio.wait_for(future, timeout)
+            return await future
         finally:
+            if timer is not None:
+                timer.cancel()
             self._pending.pop(msg.req, None)
 
     def down(self, reason: str) -> None:
@@ -152,4 +163,4 @@ class Requester:
         if self._reader is not None:
             self._reader.cancel()
         self.fail_all("shutting down")
-        self.channel.sock.close(0)
+        self.channel.close(0)
