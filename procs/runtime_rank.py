@@ -18,11 +18,13 @@ from node import startup
 startup.die_with_supervisor()
 startup.runtime_imports()  # before the imports below: see node/startup.py
 
+import os
 import time
 
 import torch
 
 from node import logs
+from node.runtime import linear
 from node.runtime.tensor_parallel.group import Group, rank_of
 from node.runtime.tensor_parallel.rank import RankEngine
 from procs import actor as actor_lib
@@ -56,6 +58,8 @@ def main(actor: actor_lib.Actor) -> None:
     logs.route_transformers_logs()
     rank = rank_of(actor.name)
     actor.plan.device = actor.plan.tensor_parallel_devices[rank]
+    # the products timed before, by any rank (every rank's shards have the same shapes; procs/runtime.py)
+    linear.remember(os.path.join(actor.plan.run_dir, "linear_choices.json"))
     if not wait_for_load_order(actor):
         return
     began = time.perf_counter()
