@@ -184,7 +184,8 @@ class Caller:
         )
 
     async def araw_stream(self, rpc: str, data: bytes) -> list[tuple[bytes, bytes]]:
-        """Write raw bytes into a stream RPC; returns every frame the server sends until it closes."""
+        """Write raw bytes into a stream RPC; returns every frame the server sends until it closes (or, after an
+        error frame, until 0.2 s pass without another)."""
         _, reader, writer = await self.swarm.p2p.call_binary_stream_handler(PeerID.from_base58(self.peer), PREFIX + rpc)
         frames = []
         try:
@@ -194,9 +195,16 @@ class Caller:
             except ConnectionError:
                 pass  # the server may refuse and close before our write is flushed: its reply is still there
             while True:
+                # after an error, a moment for anything that would wrongly follow it; then we close, as
+                # hivemind's client does (the server waits for that: node/frontend/streams.py drain_input)
+                after_error = frames and frames[-1][0] == framing.ERROR
                 try:
-                    frames.append(await asyncio.wait_for(framing.read_frame(reader), TIMEOUT))
+                    frames.append(await asyncio.wait_for(framing.read_frame(reader), 0.2 if after_error else TIMEOUT))
                 except asyncio.IncompleteReadError:
                     return frames
+                except asyncio.TimeoutError:
+                    if after_error:
+                        return frames
+                    raise
         finally:
             writer.close()

@@ -185,7 +185,18 @@ def test_metrics_are_scraped_in_prometheus_format(tmp_path):
             with pytest.raises(Exception):
                 client.forward(torch.randn(1, 4, 63), 0, 4)  # a wrong hidden size: an error
         timed = ("node_steps_timed_total", ())
-        samples = scrape_until(port, "4 forwards counted", lambda s: s.get(forward) == 4 and s.get(timed) == 4)
+        # every actor reports on its own heartbeat: wait until each has reported the calls above
+        samples = scrape_until(
+            port,
+            "4 forwards counted and the session's end reported",
+            lambda s: (
+                s.get(forward) == 4
+                and s.get(timed) == 4
+                and s.get(("node_cache_tokens_used", ())) == 0
+                and s.get(("node_sessions_open", ())) == 0
+                and s.get(("node_runtime_tasks_total", (("outcome", "done"),)), 0) >= 7
+            ),
+        )
         # the 4 steps timed by the stream keeper, and the blocks' compute in them (the close has no reply)
         assert samples[("node_step_seconds_total", ())] > samples[("node_step_compute_seconds_total", ())] > 0
         # Petals' unit is one K or V row of one block: K and V of 4 positions over 4 blocks
