@@ -37,6 +37,7 @@ KEPT = "rpc_inference"  # a stream that the stream keeper holds (procs/keeper.py
 STREAM_PART_BYTES = 4 * 1024 * 1024
 MAX_REQUESTS_IN_FLIGHT = 1024  # RPCs one frontend handles at once (sessions included)
 DRAIN_LOG_PERIOD = 10.0  # seconds between the log lines of a drain
+SESSION_WORK = ("rpc_inference", "rpc_push")  # calls that serve an open session (ended by the session's rules)
 
 
 def grace_over(grace: float) -> str:
@@ -61,6 +62,9 @@ class Rpcs:
         self.draining = False  # new calls are refused; open sessions are served until they end or the grace does
         self.drain_deadline = 0.0  # time.monotonic() when the grace ends
         self.cut_off = False  # the grace is over: what is still open gets its final error
+        # the tasks of calls under way that are not a session's (forward, backward, info): at a drain's end
+        # they are cancelled into their final error (`cut_calls`), not cut off by our exit without a reply
+        self.calls: set[asyncio.Task] = set()
         self.scopes = Scopes.of(plan)
 
     def attached(self, p2p) -> None:
@@ -96,13 +100,23 @@ class Rpcs:
         self.in_flight += 1
         self.counters.call(name)
         began = time.perf_counter()
+        task = None if name in SESSION_WORK else asyncio.current_task()
+        if task is not None:
+            self.calls.add(task)
         try:
             yield
+        except asyncio.CancelledError:
+            if task is not None and self.cut_off:  # cancelled by cut_calls: the caller gets the reason
+                error = ShuttingDown(f"{SHUTTING_DOWN} (the call outlived the time given to calls under way)")
+                self.counters.error(name, error)
+                raise error from None
+            raise
         except BaseException as e:
-            if not isinstance(e, (asyncio.CancelledError, GeneratorExit)):
+            if not isinstance(e, GeneratorExit):
                 self.counters.error(name, e)
             raise
         finally:
+            self.calls.discard(task)
             self.in_flight -= 1
             self.counters.observe(name, time.perf_counter() - began)
 
@@ -301,17 +315,34 @@ class Rpcs:
             deadline = time.monotonic() + 1.0
             while self.in_flight and time.monotonic() < deadline:
                 await asyncio.sleep(0.05)
+            await self.cut_calls()  # what waits on no other actor (a stream still being sent, say)
             await asyncio.sleep(0.1)  # the error replies leave through p2pd
         return unfinished
+
+    async def cut_calls(self) -> int:
+        """The calls under way that serve no session get their final error now, whatever they wait for (our
+        exit would end them without a reply, and p2pd keeps a unary caller waiting for its own timeout).
+        Gives their number."""
+        self.cut_off = True
+        cut = [task for task in self.calls if not task.done()]
+        for task in cut:
+            task.cancel()
+        deadline = time.monotonic() + 1.0
+        while any(not task.done() for task in cut) and time.monotonic() < deadline:
+            await asyncio.sleep(0.02)
+        return len(cut)
 
     async def _hand_over(self) -> int:
         """A retirement's end: the inference sessions are left as they are (the keeper holds every one's
         stream, and hands it to another frontend when this process exits: a slower step, as after a crash);
-        the other calls get a second more, then our exit cuts them off. Gives their number."""
+        the other calls get a second more, then their final error (`cut_calls`). Gives their number."""
         deadline = time.monotonic() + 1.0
-        while self.in_flight > len(self.sessions) and time.monotonic() < deadline:
+        while self.calls and time.monotonic() < deadline:
             await asyncio.sleep(0.05)
-        return max(0, self.in_flight - len(self.sessions))
+        cut = await self.cut_calls()
+        if cut:
+            await asyncio.sleep(0.1)  # the error replies leave through p2pd
+        return cut
 
     def cut(self) -> None:
         """A second stop: end the drain now."""

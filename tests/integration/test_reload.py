@@ -8,6 +8,7 @@ code versions (node/code_version.py, reported in status.json) tell old code from
 
 from __future__ import annotations
 
+import asyncio
 import os
 import shutil
 import signal
@@ -126,3 +127,49 @@ def test_reload_under_load_fails_no_call_and_runs_the_new_code(tmp_path, micro_h
     assert all(a["restarts"] == 0 for a in actors.values())  # a reload is not a failure
     states = [e["state"] for e in events if e.get("event") == "state" and e.get("actor") == "supervisor"]
     assert "JOINING" not in states and "OFFLINE" not in states  # ONLINE throughout
+
+
+def test_a_call_outliving_a_retirement_gets_its_final_error(tmp_path):
+    """A forward stream whose client is still sending when its frontend's retirement ends (--drain_timeout
+    plus a second) is answered with the node's shutting-down error, not cut off by the frontend's exit
+    with no answer (node/frontend/rpcs.py `cut_calls`)."""
+    from hivemind.p2p import PeerID
+
+    from protocol import stream_framing as framing
+    from protocol.messages import SHUTTING_DOWN
+    from tests.helpers.rpc import PREFIX, request
+
+    with NodeProcess(MICRO_LLAMA, tmp_path / "node", "--drain_timeout", "1") as node:
+        with Client(node.maddrs, "micro-llama") as client:
+
+            async def call() -> list:
+                _, reader, writer = await client.swarm.p2p.call_binary_stream_handler(
+                    PeerID.from_base58(node.peer_id), PREFIX + "rpc_forward_stream"
+                )
+                try:
+                    # the first part of a request, and no end-of-input: the frontend waits for the rest
+                    framing.write_message(writer, request("rpc_forward_stream"))
+                    await writer.drain()
+                    await asyncio.sleep(1.0)
+                    os.kill(node.proc.pid, signal.SIGHUP)
+                    frames = []
+                    while True:
+                        try:
+                            frames.append(await asyncio.wait_for(framing.read_frame(reader), 90))
+                        except asyncio.IncompleteReadError:
+                            return frames
+                        if frames[-1][0] == framing.ERROR:
+                            return frames
+                finally:
+                    writer.close()
+
+            frames = client.run(call(), timeout=120)
+        wait_until(
+            lambda: any(e.get("event") == "reload done" for e in node.log_events()), 120, "the reload done", node
+        )
+        events = node.log_events()
+    assert frames, "the stream ended with no answer"
+    marker, payload = frames[-1]
+    assert marker == framing.ERROR and SHUTTING_DOWN in framing.error_text(payload), frames
+    retired = [e for e in events if e.get("event") == "retired"]
+    assert retired and sum(e["calls_cut"] for e in retired) == 1, retired
