@@ -65,6 +65,7 @@ class Rpcs:
         # the tasks of calls under way that are not a session's (forward, backward, info): at a drain's end
         # they are cancelled into their final error (`cut_calls`), not cut off by our exit without a reply
         self.calls: set[asyncio.Task] = set()
+        self.cutting = False  # cut_calls cancels them (not cut_off: a retiring frontend's sessions go on)
         self.scopes = Scopes.of(plan)
 
     def attached(self, p2p) -> None:
@@ -106,7 +107,7 @@ class Rpcs:
         try:
             yield
         except asyncio.CancelledError:
-            if task is not None and self.cut_off:  # cancelled by cut_calls: the caller gets the reason
+            if task is not None and self.cutting:  # cancelled by cut_calls: the caller gets the reason
                 error = ShuttingDown(f"{SHUTTING_DOWN} (the call outlived the time given to calls under way)")
                 self.counters.error(name, error)
                 raise error from None
@@ -323,7 +324,7 @@ class Rpcs:
         """The calls under way that serve no session get their final error now, whatever they wait for (our
         exit would end them without a reply, and p2pd keeps a unary caller waiting for its own timeout).
         Gives their number."""
-        self.cut_off = True
+        self.cutting = True
         cut = [task for task in self.calls if not task.done()]
         for task in cut:
             task.cancel()
