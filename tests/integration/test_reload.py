@@ -129,17 +129,22 @@ def test_reload_under_load_fails_no_call_and_runs_the_new_code(tmp_path, micro_h
     assert "JOINING" not in states and "OFFLINE" not in states  # ONLINE throughout
 
 
-def test_a_call_outliving_a_retirement_gets_its_final_error(tmp_path):
-    """A forward stream whose client is still sending when its frontend's retirement ends (--drain_timeout
-    plus a second) is answered with the node's shutting-down error, not cut off by the frontend's exit
-    with no answer (node/frontend/rpcs.py `cut_calls`)."""
+@pytest.mark.parametrize(
+    "sig, flag, ended",
+    [(signal.SIGHUP, "--drain_timeout", "retired"), (signal.SIGTERM, "--shutdown_grace", "drained")],
+    ids=["reload", "stop"],
+)
+def test_a_call_outliving_a_retirement_gets_its_final_error(tmp_path, sig, flag, ended):
+    """A forward stream whose client is still sending when its frontend's retirement (a reload) or drain
+    (a stop) ends is answered with the node's shutting-down error, not cut off by the frontend's exit with
+    no answer (node/frontend/rpcs.py `cut_calls`)."""
     from hivemind.p2p import PeerID
 
     from protocol import stream_framing as framing
     from protocol.messages import SHUTTING_DOWN
     from tests.helpers.rpc import PREFIX, request
 
-    with NodeProcess(MICRO_LLAMA, tmp_path / "node", "--drain_timeout", "1") as node:
+    with NodeProcess(MICRO_LLAMA, tmp_path / "node", flag, "1") as node:
         with Client(node.maddrs, "micro-llama") as client:
 
             async def call() -> list:
@@ -151,7 +156,7 @@ def test_a_call_outliving_a_retirement_gets_its_final_error(tmp_path):
                     framing.write_message(writer, request("rpc_forward_stream"))
                     await writer.drain()
                     await asyncio.sleep(1.0)
-                    os.kill(node.proc.pid, signal.SIGHUP)
+                    os.kill(node.proc.pid, sig)
                     frames = []
                     while True:
                         try:
@@ -164,12 +169,10 @@ def test_a_call_outliving_a_retirement_gets_its_final_error(tmp_path):
                     writer.close()
 
             frames = client.run(call(), timeout=120)
-        wait_until(
-            lambda: any(e.get("event") == "reload done" for e in node.log_events()), 120, "the reload done", node
-        )
+        wait_until(lambda: any(e.get("event") == ended for e in node.log_events()), 120, f"a {ended} line", node)
         events = node.log_events()
     assert frames, "the stream ended with no answer"
     marker, payload = frames[-1]
     assert marker == framing.ERROR and SHUTTING_DOWN in framing.error_text(payload), frames
-    retired = [e for e in events if e.get("event") == "retired"]
-    assert retired and sum(e["calls_cut"] for e in retired) == 1, retired
+    lines = [e for e in events if e.get("event") == ended]
+    assert lines and sum(e["calls_cut"] for e in lines) == 1, lines
