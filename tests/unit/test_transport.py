@@ -5,6 +5,7 @@ channel's read-ahead, behind a full high-water mark, to a receiver cancelled whi
 from __future__ import annotations
 
 import asyncio
+import contextlib
 
 import pytest
 import zmq
@@ -14,8 +15,10 @@ from protocol.messages import Heartbeat
 from protocol.transport import AsyncChannel, BadMessage
 
 
-def pair(ctx, endpoint: str, hwm: int = 1000):
-    """(ROUTER channel, DEALER channel) connected at `endpoint`."""
+@contextlib.contextmanager
+def pair(endpoint: str, hwm: int = 1000):
+    """(ROUTER channel, DEALER channel) connected at `endpoint`, closed with their context afterwards."""
+    ctx = zmq.asyncio.Context()
     router = ctx.socket(zmq.ROUTER)
     router.setsockopt(zmq.ROUTER_MANDATORY, 1)
     router.setsockopt(zmq.RCVHWM, hwm)
@@ -24,7 +27,13 @@ def pair(ctx, endpoint: str, hwm: int = 1000):
     dealer.setsockopt(zmq.IDENTITY, b"d")
     dealer.setsockopt(zmq.SNDHWM, hwm)
     dealer.connect(endpoint)
-    return AsyncChannel(router, Heartbeat, router=True), AsyncChannel(dealer, Heartbeat)
+    channels = AsyncChannel(router, Heartbeat, router=True), AsyncChannel(dealer, Heartbeat)
+    try:
+        yield channels
+    finally:
+        for channel in channels:
+            channel.close(0)  # a second close (a test closed it itself) does nothing
+        ctx.term()
 
 
 def run(coro, seconds: float = 20.0):
@@ -39,9 +48,7 @@ def test_every_message_arrives_in_order_with_its_frames(tmp_path, endpoint):
     endpoint = f"ipc://{tmp_path}/t.sock" if endpoint == "ipc" else endpoint
 
     async def main():
-        ctx = zmq.asyncio.Context()
-        router, dealer = pair(ctx, endpoint)
-        try:
+        with pair(endpoint) as (router, dealer):
             count = 5 * AsyncChannel.INBOX  # beyond the read-ahead: the rest is read as room is made
             for i in range(count):
                 dealer.send(Heartbeat(f"n{i}", pid=i), [bytes([i % 256]) * 3])
@@ -53,10 +60,6 @@ def test_every_message_arrives_in_order_with_its_frames(tmp_path, endpoint):
             assert got == [(i, bytes([i % 256]) * 3) for i in range(count)]
             router.send(Heartbeat("back", pid=7), to=b"d")
             assert (await dealer.recv()).msg.pid == 7
-        finally:
-            router.close(0)
-            dealer.close(0)
-            ctx.term()
 
     run(main())
 
@@ -66,28 +69,20 @@ def test_sends_behind_a_full_high_water_mark_wait_their_turn_and_arrive(tmp_path
     that would block wait in order in the outbox and go when the receiver reads."""
 
     async def main():
-        ctx = zmq.asyncio.Context()
-        router, dealer = pair(ctx, f"ipc://{tmp_path}/hwm.sock", hwm=10)
-        try:
+        with pair(f"ipc://{tmp_path}/hwm.sock", hwm=10) as (router, dealer):
             for i in range(2000):
                 dealer.send(Heartbeat("x", pid=i), [b"\0" * 1024])
             assert dealer._outbox  # some did wait
             pids = [(await router.recv()).msg.pid for _ in range(2000)]
             assert pids == list(range(2000))
             assert not dealer._outbox
-        finally:
-            router.close(0)
-            dealer.close(0)
-            ctx.term()
 
     run(main())
 
 
 def test_a_receiver_cancelled_while_waiting_loses_nothing():
     async def main():
-        ctx = zmq.asyncio.Context()
-        router, dealer = pair(ctx, "inproc://cancelled")
-        try:
+        with pair("inproc://cancelled") as (router, dealer):
             waiting = asyncio.ensure_future(router.recv())
             await asyncio.sleep(0.05)
             waiting.cancel()
@@ -95,19 +90,13 @@ def test_a_receiver_cancelled_while_waiting_loses_nothing():
                 await waiting
             dealer.send(Heartbeat("after", pid=1))
             assert (await asyncio.wait_for(router.recv(), 5)).msg.pid == 1
-        finally:
-            router.close(0)
-            dealer.close(0)
-            ctx.term()
 
     run(main())
 
 
 def test_an_undecodable_message_is_a_bad_message_and_the_next_one_is_read():
     async def main():
-        ctx = zmq.asyncio.Context()
-        router, dealer = pair(ctx, "inproc://bad")
-        try:
+        with pair("inproc://bad") as (router, dealer):
             raw = zmq.Socket.shadow(dealer.sock.underlying)
             raw.send_multipart([b"\xc1 not msgpack"])
             dealer.send(Heartbeat("good", pid=2))
@@ -115,34 +104,22 @@ def test_an_undecodable_message_is_a_bad_message_and_the_next_one_is_read():
                 await router.recv()
             assert refused.value.sender == b"d"
             assert (await router.recv()).msg.pid == 2
-        finally:
-            router.close(0)
-            dealer.close(0)
-            ctx.term()
 
     run(main())
 
 
 def test_an_unroutable_identity_is_refused_at_send():
     async def main():
-        ctx = zmq.asyncio.Context()
-        router, dealer = pair(ctx, "inproc://unroutable")
-        try:
+        with pair("inproc://unroutable") as (router, dealer):
             with pytest.raises(zmq.ZMQError):
                 router.send(Heartbeat("nobody"), to=b"nobody")
-        finally:
-            router.close(0)
-            dealer.close(0)
-            ctx.term()
 
     run(main())
 
 
 def test_a_receiver_waiting_when_the_channel_closes_is_cancelled():
     async def main():
-        ctx = zmq.asyncio.Context()
-        router, dealer = pair(ctx, "inproc://closing")
-        try:
+        with pair("inproc://closing") as (router, dealer):
             waiting = asyncio.ensure_future(router.recv())
             await asyncio.sleep(0.05)
             router.close(0)
@@ -150,8 +127,5 @@ def test_a_receiver_waiting_when_the_channel_closes_is_cancelled():
                 await asyncio.wait_for(waiting, 5)
             with pytest.raises(zmq.ZMQError):
                 await router.recv()
-        finally:
-            dealer.close(0)
-            ctx.term()
 
     run(main())
