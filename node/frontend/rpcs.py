@@ -328,9 +328,8 @@ class Rpcs:
         cut = [task for task in self.calls if not task.done()]
         for task in cut:
             task.cancel()
-        deadline = time.monotonic() + 1.0
-        while any(not task.done() for task in cut) and time.monotonic() < deadline:
-            await asyncio.sleep(0.02)
+        if cut:
+            await asyncio.wait(cut, timeout=1.0)
         return len(cut)
 
     async def _hand_over(self) -> int:
