@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 
 TRIALS = 2  # timings of each way, the fastest counted
+LARGE_PRODUCT = 1 << 28  # rows x weight elements (64 rows of a 4096 x 1024 weight) from which one timing will do
 MARGIN = 0.9  # the transposed way must take under this share of F.linear's time
 MAX_ROWS_CLASS = 1 << 14
 
@@ -73,18 +74,23 @@ def product(x: torch.Tensor, weight: torch.Tensor, transposed: bool, bias: Optio
     return out if bias is None else out + bias
 
 
-def _choose(key: tuple, x: torch.Tensor, weight: torch.Tensor) -> bool:
-    best = {}
-    with torch.no_grad():
-        for _ in range(TRIALS):
-            for transposed in (False, True):
-                began = time.perf_counter()
-                product(x, weight, transposed)
-                took = time.perf_counter() - began
-                best[transposed] = min(took, best.get(transposed, took))
-    _chosen[key] = best[True] < MARGIN * best[False]
+def _choose(key: tuple, x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]):
+    """Times both ways on `x` and keeps the choice; returns it and the product of the chosen way (the
+    input's own output: timing costs one product more, not four). A large product is timed once: its
+    timing is steady, and timing it twice cost a restarted runtime's first 513-token prefill of the 8B
+    blocks about a second."""
+    trials = 1 if x.shape[0] * weight.numel() >= LARGE_PRODUCT else TRIALS
+    best: dict[bool, float] = {}
+    outputs: dict[bool, torch.Tensor] = {}
+    for _ in range(trials):  # in the caller's grad mode: the output returned may be part of a backward
+        for transposed in (False, True):
+            began = time.perf_counter()
+            outputs[transposed] = product(x, weight, transposed, bias)
+            took = time.perf_counter() - began
+            best[transposed] = min(took, best.get(transposed, took))
+    _chosen[key] = chosen = best[True] < MARGIN * best[False]
     _keep()
-    return _chosen[key]
+    return chosen, outputs[chosen]
 
 
 class TunedLinear(nn.Linear):
@@ -104,23 +110,26 @@ class TunedLinear(nn.Linear):
         rows = x.numel() // shape[-1] if len(shape) >= 2 and shape[-1] else 0
         transposed = self.ways.get(rows)
         if transposed is None:
-            transposed = self._choose(x, rows)
+            transposed, out = self._choose(x, rows)
+            if out is not None:
+                return out.view(*shape[:-1], self.weight.shape[0])
         if not transposed:
             return F.linear(x, self.weight, self.bias)
         weight = self.weight
         flat = x.reshape(rows, shape[-1])
         return product(flat, weight, True, self.bias).view(*shape[:-1], weight.shape[0])
 
-    def _choose(self, x: torch.Tensor, rows: int) -> bool:
+    def _choose(self, x: torch.Tensor, rows: int) -> tuple[bool, Optional[torch.Tensor]]:
+        """The way for inputs of `rows` rows, and x's product where choosing it computed that."""
         weight = self.weight
         if x.device.type != "cpu" or x.dtype != weight.dtype or rows == 0:
-            return False  # F.linear as it is (not remembered: another input of these rows may qualify)
+            return False, None  # F.linear as it is (not remembered: another input of these rows may qualify)
         key = (weight.shape[0], weight.shape[1], weight.dtype, rows_class(rows))
-        transposed = _chosen.get(key)
+        transposed, out = _chosen.get(key), None
         if transposed is None:
-            transposed = _choose(key, x.reshape(rows, x.shape[-1]), weight)
+            transposed, out = _choose(key, x.reshape(rows, x.shape[-1]), weight, self.bias)
         self.ways[rows] = transposed
-        return transposed
+        return transposed, out
 
 
 def tune(block: nn.Module) -> nn.Module:

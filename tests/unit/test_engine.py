@@ -129,6 +129,31 @@ def test_a_long_prefill_goes_in_chunks_beside_other_sessions(plan, blocks):
     assert rel_err(out_a, alone(blocks, long)) <= TOL
 
 
+def test_a_long_prefill_alone_on_the_runtime_goes_in_one_round(plan, blocks):
+    """Nobody else's token can wait behind it: one round (513 tokens in one pass, not 256 + 256 + 1)."""
+    driver = Driver(plan, blocks)
+    torch.manual_seed(2)
+    long = torch.randn(1, 2 * PREFILL_CHUNK + 1, HIDDEN)
+    a = driver.step(b"frontend.0", 1, long, 0, max_length=2 * PREFILL_CHUNK + 8)
+    driver.engine.work()
+    (out,) = driver.answer(a)
+    assert rel_err(out, alone(blocks, long)) <= TOL
+    assert driver.engine.counts.rounds == 1
+
+
+def test_a_long_prefill_is_chunked_while_a_session_of_the_last_round_may_step(plan, blocks):
+    """A session that just stepped sends its next token any moment: it must not wait for a whole prefill."""
+    driver = Driver(plan, blocks)
+    torch.manual_seed(2)
+    driver.run_until([driver.step(b"frontend.1", 2, torch.randn(1, 3, HIDDEN), 0)])
+    long = torch.randn(1, PREFILL_CHUNK + 40, HIDDEN)
+    a = driver.step(b"frontend.0", 1, long, 0, max_length=PREFILL_CHUNK + 64)
+    driver.engine.work()
+    assert a not in driver.answers
+    (out,) = driver.run_until([a])[0]
+    assert rel_err(out, alone(blocks, long)) <= TOL
+
+
 def test_a_forward_waits_for_inference_then_runs(plan, blocks):
     driver = Driver(plan, blocks)
     torch.manual_seed(3)

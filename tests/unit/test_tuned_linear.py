@@ -109,3 +109,27 @@ def test_each_layer_keeps_its_choices_by_rows_and_copies_start_empty():
     assert 5 not in tuned.ways
     copy = type(tuned)(32, 48, bias=False)
     assert copy.ways == {} and copy(torch.randn(6, 32)).shape == (6, 48)
+
+
+@pytest.mark.parametrize("large", [False, True])
+def test_the_input_that_is_timed_gets_the_product_of_the_chosen_way(large, monkeypatch):
+    """Timing both ways computed the product already: it is the answer (with the bias), and a large input
+    is timed once each way, so its first call costs two products, not five."""
+    monkeypatch.setattr(linear, "LARGE_PRODUCT", 1 if large else 1 << 40)
+    tuned = layer()
+    products = []
+    real = linear.product
+    monkeypatch.setattr(linear, "product", lambda *a: products.append(a[2]) or real(*a))
+    x = torch.randn(2, 5, 32)
+    first = tuned(x)
+    assert products == ([False, True] if large else [False, True, False, True])
+    assert first.shape == (2, 5, 48)
+    torch.testing.assert_close(first, F.linear(x, tuned.weight, tuned.bias), rtol=1e-5, atol=1e-6)
+    assert torch.equal(first, tuned(x))  # the same way as every later call: reproducible results
+
+
+def test_gradients_flow_through_the_input_that_was_timed():
+    tuned = layer()
+    x = torch.randn(2, 4, 32, requires_grad=True)
+    (grad,) = torch.autograd.grad(tuned(x).sum(), x)  # the first input of its size: timed, then answered
+    torch.testing.assert_close(grad, tuned.weight.sum(0).expand(2, 4, 32), rtol=1e-5, atol=1e-6)
