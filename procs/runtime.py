@@ -28,7 +28,7 @@ import zmq
 from node import logs
 from node.runtime import linear, lora
 from node.runtime.engine import Engine, GroupBroken, Step
-from node.runtime.host_memory import Trimmer
+from node.runtime.host_memory import Trimmer, hold_freed_memory
 from node.runtime.loading import load_adapters
 from node.runtime.models import get_family
 from node.runtime.quantize import QuantizationUnavailable, check_quantization, quantize_block
@@ -61,6 +61,7 @@ class RuntimeProcess:
         )
         self.free_memory: Optional[int] = None
         self.memory_checked = 0.0
+        hold_freed_memory()  # after loading: what the load freed went back as it was freed
         self.trimmer = Trimmer()  # what a request freed goes back to the system once the runtime is idle
 
     def serve(self) -> None:

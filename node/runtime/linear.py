@@ -5,7 +5,7 @@ of input, by timing both on the first input of each size class.
 torch does not run them equally fast, and which one wins depends on the CPU, the BLAS, the shape and the
 number of rows. On the 2-core AVX2 EPYC of docs/benchmarks.md, for Llama-3.1-8B's matrices: 8 rows (a
 round of 8 decoding sessions) 1.3 to 1.5 times faster transposed, 32 rows 1.6 to 1.9, 512 rows between
-0.8 and 1.8 by shape, 1 row the same. So each (weight shape, dtype, power-of-two class of rows) is timed
+0.8 and 1.8 by shape, 1 row the same. So each (weight shape, dtype, nearest power of two of rows) is timed
 once, both ways, on its first input, and the faster way (transposed only if it wins by 10%) serves it
 from then on: the same input always gets the same way, so results stay reproducible within a runtime.
 Only plain Linear layers on the CPU are concerned (quantized layers and GPUs keep their own kernels).
@@ -63,7 +63,10 @@ def _keep() -> None:
 
 
 def rows_class(rows: int) -> int:
-    return min(MAX_ROWS_CLASS, 1 << max(0, rows - 1).bit_length())
+    """The power of two nearest to `rows` (on a log scale): a 513-row rebuild after 512-token prefills
+    finds their choice instead of timing the 8B shape's products again (about 0.4 s of its first pass)."""
+    below = 1 << max(0, rows.bit_length() - 1)
+    return min(MAX_ROWS_CLASS, 2 * below if rows * rows > 2 * below * below else below)
 
 
 def product(x: torch.Tensor, weight: torch.Tensor, transposed: bool, bias: Optional[torch.Tensor] = None):

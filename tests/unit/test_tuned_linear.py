@@ -36,13 +36,33 @@ def test_the_choice_is_timed_once_per_shape_and_size_class_then_kept(monkeypatch
     timed = []
     real = linear._choose
     monkeypatch.setattr(linear, "_choose", lambda *a: timed.append(a[0]) or real(*a))
-    for rows in (3, 4, 3, 1, 9, 16):
+    for rows in (3, 4, 5, 1, 12, 16):
         tuned(torch.randn(rows, 32))
-    # classes 4 (3 and 4 rows), 1, 16 (9 and 16 rows): each timed on its first input only
+    # classes 4 (3 to 5 rows), 1, 16 (12 and 16 rows): each timed on its first input only
     assert [key[-1] for key in timed] == [4, 1, 16]
     assert set(linear._chosen) == {(48, 32, torch.float32, c) for c in (1, 4, 16)}
     x = torch.randn(3, 32)
     assert torch.equal(tuned(x), tuned(x))  # the same way every time: reproducible results
+
+
+def test_a_size_class_is_the_nearest_power_of_two():
+    """A rebuild of 512 tokens and a step (513 rows) is served by the choice its 512-row prefill timed."""
+    assert [linear.rows_class(r) for r in (1, 2, 3, 5, 6, 11, 12, 362, 363, 512, 513, 724, 725)] == [
+        1,
+        2,
+        4,
+        4,
+        8,
+        8,
+        16,
+        256,
+        512,
+        512,
+        512,
+        512,
+        1024,
+    ]
+    assert linear.rows_class(1 << 20) == linear.MAX_ROWS_CLASS
 
 
 def test_gradients_flow_through_either_product():
@@ -78,7 +98,7 @@ def test_choices_are_kept_in_a_file_for_a_replacement_runtime(tmp_path, monkeypa
     path = tmp_path / "linear_choices.json"
     monkeypatch.setattr(linear, "_file", None)
     assert linear.remember(str(path)) == 0  # nothing kept yet
-    layer(bias=False)(torch.randn(5, 32))
+    layer(bias=False)(torch.randn(7, 32))
     layer(bias=False)(torch.randn(1, 32))
     chosen = dict(linear._chosen)
     assert set(chosen) == {(48, 32, torch.float32, 8), (48, 32, torch.float32, 1)}
@@ -87,7 +107,7 @@ def test_choices_are_kept_in_a_file_for_a_replacement_runtime(tmp_path, monkeypa
     assert linear.remember(str(path)) == 2 and linear._chosen == chosen
     timed = []
     monkeypatch.setattr(linear, "_choose", lambda *a: timed.append(a[0]))
-    layer(bias=False)(torch.randn(7, 32))
+    layer(bias=False)(torch.randn(6, 32))
     assert timed == []  # served at once with the kept choice
 
     path.write_text("{not json")
