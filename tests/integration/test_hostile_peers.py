@@ -258,7 +258,7 @@ async def session_flood(caller: Caller) -> str:
             await asyncio.wait_for(stream.__anext__(), 30)
             return "open", stream
         except Exception as e:
-            return str(e), None
+            return f"{type(e).__name__}: {e}", None  # a timeout's text is empty: its name tells
 
     opened = await asyncio.gather(*(open_one(q) for q in feeds))
     await asyncio.sleep(2.0)
