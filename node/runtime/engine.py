@@ -10,9 +10,9 @@ INFERENCE_ROUND_TOKENS, each peer in turn: node/runtime/scheduler.py) and runs t
 together (one matrix multiplication per weight for all their tokens); a long prefill goes in chunks of
 PREFILL_CHUNK tokens, one per round, so that it cannot hold up everyone's next token for long (alone on
 the runtime, in chunks of LONE_CHUNK). Forward and backward requests run when no inference step is
-ready: forwards merged up to --max_batch_size tokens
-and taken through their blocks in rounds of at most --max_batch_size tokens x blocks, backwards one at a
-time. The queue is bounded: work that does not fit is refused at once.
+ready: forwards merged up to --max_batch_size tokens and taken through their blocks in rounds of at most
+--max_batch_size tokens x blocks, backwards one at a time. The queue is bounded: work that does not fit is
+refused at once.
 
 A move without downtime (PROTOCOL 5.1, node/supervisor/placement.py) is three orders (`control`): load
 the new blocks beside the old ones (on a thread: `loaded` says when they are in), serve the new range,
