@@ -46,8 +46,11 @@ def device_memory(device: torch.device) -> tuple[int, int]:
         return total, free + max(0, cached)
     import psutil
 
+    from node.weights import mapped
+
     ram = psutil.virtual_memory()
-    return ram.total, ram.available
+    # The kernel counts the checkpoint pages our blocks are served from as reclaimable, hence available.
+    return ram.total, max(0, ram.available - mapped.resident_bytes())
 
 
 def group_memory(plan: NodePlan, log=None) -> tuple[int, int]:

@@ -36,9 +36,13 @@ def load_blocks(plan: NodePlan, log, indices=None, group: "Optional[Group]" = No
     # held the whole block on the device first.
     host_first = plan.device != "cpu" and (plan.quant_type != "none" or group is not None)
     where = "cpu" if host_first else plan.device
+    # A CPU block served as the checkpoint holds it is served from the file's map (node/weights/mapped.py).
+    keep_mapped = plan.device == "cpu" and plan.quant_type == "none" and group is None
     for index in range(plan.start_block, plan.end_block) if indices is None else indices:
         began = time.perf_counter()
-        state = checkpoint.block_state(f"{family.block_prefix}.{index}.", dtype=dtype, device=where)
+        state = checkpoint.block_state(
+            f"{family.block_prefix}.{index}.", dtype=dtype, device=where, keep_mapped=keep_mapped
+        )
         block = family.block_class.from_state(config, state, dtype=dtype, device=where)
         if group is not None:
             block = block.shard(group.rank, group.world, None)

@@ -17,6 +17,7 @@ import safetensors
 from huggingface_hub.errors import EntryNotFoundError, LocalEntryNotFoundError
 from transformers import AutoConfig, PretrainedConfig
 
+from node.weights import mapped
 from node.weights.store import DEFAULT_ATTEMPTS, WeightStore
 
 if TYPE_CHECKING:  # the supervisor reads configs with this module and must not pay for torch
@@ -183,9 +184,13 @@ class Checkpoint:
 
     # --- tensors -------------------------------------------------------------------------------
 
-    def _read(self, names: Iterable[str], dtype: torch.dtype, device) -> dict[str, torch.Tensor]:
+    def _read(
+        self, names: Iterable[str], dtype: torch.dtype, device, keep_mapped: bool = False
+    ) -> dict[str, torch.Tensor]:
         """Reads the named tensors, opening each file that holds any of them once. Each tensor's bytes
-        are read once, into a tensor of the final dtype on the final device; nothing else of the file."""
+        are read once, into a tensor of the final dtype on the final device; nothing else of the file.
+        With `keep_mapped`, a tensor already in its final dtype on the CPU stays the file's (read and
+        mapped now: node/weights/mapped.py) instead of being copied into memory of our own."""
         weight_map = self.weight_map()
         by_file: dict[str, list[str]] = {}
         for name in names:
@@ -200,17 +205,21 @@ class Checkpoint:
                     if tensor.is_floating_point():
                         tensor = tensor.to(dtype)
                     tensor = tensor.to(device)
-                    if tensor is stored:
-                        # Already in the final dtype and device, but still the file's pages: read them
-                        # now into memory of our own, or the first request would read the disk, the
-                        # kernel could drop the weights under pressure, and an evicted file's disk
-                        # space would stay in use while the node runs.
+                    if tensor is stored and keep_mapped:
+                        mapped.fault_in(tensor)  # or the first request would wait on the disk
+                    elif tensor is stored:
+                        # Still the file's pages, but to be reshaped (quantized, sharded) or kept apart
+                        # from the file (embeddings): memory of our own, or a tensor kept from the map
+                        # would keep every page read through it mapped too.
                         tensor = tensor.clone()
                     out[name] = tensor
         return out
 
-    def block_state(self, index_prefix: str, *, dtype: torch.dtype, device="cpu") -> dict[str, torch.Tensor]:
-        """The tensors of one block, named relative to `index_prefix` (e.g. "model.layers.3.")."""
+    def block_state(
+        self, index_prefix: str, *, dtype: torch.dtype, device="cpu", keep_mapped: bool = False
+    ) -> dict[str, torch.Tensor]:
+        """The tensors of one block, named relative to `index_prefix` (e.g. "model.layers.3."); with
+        `keep_mapped`, those already in `dtype` on the CPU served from the file's map (see _read)."""
         weight_map = self.weight_map()
         candidates = [index_prefix]
         if index_prefix.rstrip(".").count(".") >= 2:
@@ -234,7 +243,7 @@ class Checkpoint:
                 f"{self.name}: no tensors start with {' or '.join(map(repr, candidates))}"
                 "; is the block index within num_hidden_layers and the model family right?"
             )
-        tensors = self._read(names, dtype, device)
+        tensors = self._read(names, dtype, device, keep_mapped)
         return {name[len(prefix) :]: tensor for name, tensor in tensors.items()}
 
     def tensors(self, names: list[str], *, dtype: torch.dtype, device="cpu") -> dict[str, torch.Tensor]:
