@@ -134,3 +134,37 @@ def test_a_complete_reply_is_closed_a_grace_after_its_last_frame(monkeypatch, gr
         assert gap >= grace / 2, f"closed {gap:.3f} s after the last frame, before the grace of {grace} s"
     else:
         assert gap < 0.5
+
+
+def test_the_grace_grows_with_the_streams_the_same_peer_has_open_and_is_bounded(monkeypatch):
+    monkeypatch.setattr(streams, "_open_streams", streams.collections.Counter())
+    streams._open_streams["a"] = 1
+    assert streams.close_grace("a") == streams.CLOSE_GRACE
+    streams._open_streams["a"] = 1 + streams.STREAMS_PER_GRACE
+    streams._open_streams["b"] = 1
+    assert streams.close_grace("a") == pytest.approx(2 * streams.CLOSE_GRACE)
+    assert streams.close_grace("b") == streams.CLOSE_GRACE  # another peer's streams do not delay this one's
+    streams._open_streams["a"] = 10_000
+    assert streams.close_grace("a") == streams.CLOSE_GRACE_MAX
+
+
+def test_a_handler_counts_its_stream_while_it_runs_and_forgets_it_after(monkeypatch):
+    monkeypatch.setattr(streams, "_open_streams", streams.collections.Counter())
+    seen = []
+
+    async def counting(requests, context):
+        async for _ in requests:
+            seen.append(dict(streams._open_streams))
+            yield runtime_pb2.ExpertResponse(metadata=b"m")
+            return
+
+    async def main():
+        task, reader, writer = await serve_one(counting, Log())
+        send_request(writer)
+        await asyncio.wait_for(framing.read_frame(reader), 5)
+        assert await closed_within(reader, 5)
+        await asyncio.wait_for(task, 5)
+        writer.close()
+
+    asyncio.run(main())
+    assert seen == [{str(PEER): 1}] and not streams._open_streams
