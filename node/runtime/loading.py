@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Optional
 from node.runtime import lora
 from node.runtime.models import get_family
 from node.runtime.quantize import quantize_block
+from node.weights import checkpoint as checkpoint_lib
 from node.weights.checkpoint import Checkpoint
 from protocol.frames import DTYPES
 from protocol.plan import NodePlan
@@ -36,13 +37,15 @@ def load_blocks(plan: NodePlan, log, indices=None, group: "Optional[Group]" = No
     # held the whole block on the device first.
     host_first = plan.device != "cpu" and (plan.quant_type != "none" or group is not None)
     where = "cpu" if host_first else plan.device
-    # A CPU block served as the checkpoint holds it is served from the file's map (node/weights/mapped.py).
-    keep_mapped = plan.device == "cpu" and plan.quant_type == "none" and group is None
+    if host_first:
+        host = checkpoint_lib.BORROWED  # quantized or sharded, then moved: nothing stays on the host
+    elif plan.device == "cpu" and plan.quant_type == "none" and group is None:
+        host = checkpoint_lib.MAPPED  # served as the checkpoint holds it: from the file's map
+    else:
+        host = checkpoint_lib.COPY
     for index in range(plan.start_block, plan.end_block) if indices is None else indices:
         began = time.perf_counter()
-        state = checkpoint.block_state(
-            f"{family.block_prefix}.{index}.", dtype=dtype, device=where, keep_mapped=keep_mapped
-        )
+        state = checkpoint.block_state(f"{family.block_prefix}.{index}.", dtype=dtype, device=where, host=host)
         block = family.block_class.from_state(config, state, dtype=dtype, device=where)
         if group is not None:
             block = block.shard(group.rank, group.world, None)

@@ -26,6 +26,15 @@ if TYPE_CHECKING:  # the supervisor reads configs with this module and must not 
 INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
 
+# What becomes of a tensor that is already in its final dtype on the CPU, still the pages of safetensors' map
+# of the file (a map of the whole file, which lives as long as one tensor taken from it):
+COPY = "copy"  # memory of our own: the tensor is kept apart from the file (embeddings), or reshaped on the host
+# and kept there (a CPU block quantized or sharded), where a tensor kept from the map would keep every page
+# read through that map mapped too
+MAPPED = "mapped"  # served from the map, every page read and mapped now (node/weights/mapped.py)
+BORROWED = "borrowed"  # left as it is: the caller converts or moves every tensor before it keeps one (a GPU
+# block quantized or sharded on the host), so that a copy would be read once more for nothing
+
 
 class Checkpoint:
     def __init__(
@@ -184,13 +193,13 @@ class Checkpoint:
 
     # --- tensors -------------------------------------------------------------------------------
 
-    def _read(
-        self, names: Iterable[str], dtype: torch.dtype, device, keep_mapped: bool = False
-    ) -> dict[str, torch.Tensor]:
+    def _read(self, names: Iterable[str], dtype: torch.dtype, device, host: str = COPY) -> dict[str, torch.Tensor]:
         """Reads the named tensors, opening each file that holds any of them once. Each tensor's bytes
         are read once, into a tensor of the final dtype on the final device; nothing else of the file.
-        With `keep_mapped`, a tensor already in its final dtype on the CPU stays the file's (read and
-        mapped now: node/weights/mapped.py) instead of being copied into memory of our own."""
+        `host` says what becomes of a tensor already in its final dtype on the CPU (see COPY, MAPPED,
+        BORROWED)."""
+        if host not in (COPY, MAPPED, BORROWED):
+            raise ValueError(f"host must be one of {COPY!r}, {MAPPED!r}, {BORROWED!r}, not {host!r}")
         weight_map = self.weight_map()
         by_file: dict[str, list[str]] = {}
         for name in names:
@@ -205,21 +214,18 @@ class Checkpoint:
                     if tensor.is_floating_point():
                         tensor = tensor.to(dtype)
                     tensor = tensor.to(device)
-                    if tensor is stored and keep_mapped:
+                    if tensor is stored and host == MAPPED:
                         mapped.fault_in(tensor)  # or the first request would wait on the disk
-                    elif tensor is stored:
-                        # Still the file's pages, but to be reshaped (quantized, sharded) or kept apart
-                        # from the file (embeddings): memory of our own, or a tensor kept from the map
-                        # would keep every page read through it mapped too.
+                    elif tensor is stored and host == COPY:
                         tensor = tensor.clone()
                     out[name] = tensor
         return out
 
     def block_state(
-        self, index_prefix: str, *, dtype: torch.dtype, device="cpu", keep_mapped: bool = False
+        self, index_prefix: str, *, dtype: torch.dtype, device="cpu", host: str = COPY
     ) -> dict[str, torch.Tensor]:
-        """The tensors of one block, named relative to `index_prefix` (e.g. "model.layers.3."); with
-        `keep_mapped`, those already in `dtype` on the CPU served from the file's map (see _read)."""
+        """The tensors of one block, named relative to `index_prefix` (e.g. "model.layers.3."); `host`: what
+        becomes of those already in `dtype` on the CPU (see _read)."""
         weight_map = self.weight_map()
         candidates = [index_prefix]
         if index_prefix.rstrip(".").count(".") >= 2:
@@ -243,7 +249,7 @@ class Checkpoint:
                 f"{self.name}: no tensors start with {' or '.join(map(repr, candidates))}"
                 "; is the block index within num_hidden_layers and the model family right?"
             )
-        tensors = self._read(names, dtype, device, keep_mapped)
+        tensors = self._read(names, dtype, device, host)
         return {name[len(prefix) :]: tensor for name, tensor in tensors.items()}
 
     def tensors(self, names: list[str], *, dtype: torch.dtype, device="cpu") -> dict[str, torch.Tensor]:

@@ -8,6 +8,7 @@ import os
 import subprocess
 import sys
 
+import msgspec
 import pytest
 import safetensors
 import safetensors.torch
@@ -17,7 +18,7 @@ import torch
 from node.runtime import capacity
 from node.runtime.loading import load_blocks
 from node.weights import mapped
-from node.weights.checkpoint import Checkpoint
+from node.weights.checkpoint import BORROWED, COPY, MAPPED, Checkpoint
 from tests.helpers.paths import MICRO_LLAMA
 from tests.helpers.plans import micro_plan
 
@@ -59,13 +60,18 @@ def test_blocks_reshaped_on_the_way_are_in_memory_of_their_own(tmp_path):
             assert mapping_of(weight)[0] != WEIGHTS, flags
 
 
-def test_a_checkpoint_read_without_keep_mapped_is_copied():
-    state = Checkpoint.open(str(MICRO_LLAMA)).block_state("model.layers.0.", dtype=torch.float32)
+def test_a_checkpoint_read_is_copied_by_default_and_borrowed_left_in_the_map():
+    checkpoint = Checkpoint.open(str(MICRO_LLAMA))
+    state = checkpoint.block_state("model.layers.0.", dtype=torch.float32)
     assert all(mapping_of(t)[0] != WEIGHTS for t in state.values())
+    borrowed = checkpoint.block_state("model.layers.0.", dtype=torch.float32, host=BORROWED)
+    assert all(mapping_of(t)[0] == WEIGHTS for t in borrowed.values())  # for a caller that converts them all
+    with pytest.raises(ValueError, match="host must be one of"):
+        checkpoint.block_state("model.layers.0.", dtype=torch.float32, host="kept")
 
 
 def test_a_write_to_a_mapped_weight_never_reaches_the_file():
-    state = Checkpoint.open(str(MICRO_LLAMA)).block_state("model.layers.1.", dtype=torch.float32, keep_mapped=True)
+    state = Checkpoint.open(str(MICRO_LLAMA)).block_state("model.layers.1.", dtype=torch.float32, host=MAPPED)
     name = "mlp.up_proj.weight"
     assert mapping_of(state[name])[0] == WEIGHTS
     before = state[name].clone()
@@ -120,3 +126,31 @@ def test_fault_in_reads_and_maps_every_page_of_a_tensor(tmp_path, monkeypatch, k
     assert mapping_of(weight)[1] < 2**20  # a map: nothing read yet
     mapped.fault_in(weight)
     assert mapping_of(weight)[1] >= 32 * 2**20
+
+
+class Captured(Exception):
+    pass
+
+
+@pytest.mark.parametrize(
+    "device, flags, host",
+    [
+        ("cpu", (), MAPPED),
+        ("cpu", ("--quant_type", "int8"), COPY),  # quantized on the host and kept there
+        ("cuda:0", ("--quant_type", "nf4"), BORROWED),  # quantized on the host, then every tensor moved up
+        ("cuda:0", (), COPY),  # read straight onto the device: nothing stays in the map either way
+    ],
+)
+def test_how_each_kind_of_block_holds_its_host_tensors(tmp_path, monkeypatch, device, flags, host):
+    plan = msgspec.structs.replace(micro_plan(str(tmp_path), *flags), device=device)
+    seen = []
+
+    def block_state(self, prefix, *, dtype, device="cpu", host=COPY):
+        seen.append((device, host))
+        raise Captured  # before anything touches the device
+
+    monkeypatch.setattr(Checkpoint, "block_state", block_state)
+    with pytest.raises(Captured):
+        load_blocks(plan, structlog.get_logger())
+    assert seen[0][1] == host
+    assert seen[0][0] == ("cpu" if host == BORROWED else device)
