@@ -14,6 +14,7 @@ from node.runtime import lora
 from node.runtime.models import get_family
 from node.runtime.quantize import quantize_block
 from node.weights import checkpoint as checkpoint_lib
+from node.weights import mapped
 from node.weights.checkpoint import Checkpoint
 from protocol.frames import DTYPES
 from protocol.plan import NodePlan
@@ -37,12 +38,14 @@ def load_blocks(plan: NodePlan, log, indices=None, group: "Optional[Group]" = No
     # held the whole block on the device first.
     host_first = plan.device != "cpu" and (plan.quant_type != "none" or group is not None)
     where = "cpu" if host_first else plan.device
-    if host_first:
-        host = checkpoint_lib.BORROWED  # quantized or sharded, then moved: nothing stays on the host
-    elif plan.device == "cpu" and plan.quant_type == "none" and group is None:
+    if plan.device == "cpu" and plan.quant_type == "none" and group is None:
         host = checkpoint_lib.MAPPED  # served as the checkpoint holds it: from the file's map
+    elif host_first or plan.device == "cpu":
+        # Quantized or sharded on the host: what quantization and the shard leave in the file's map (norms,
+        # biases, unquantized layers) is moved up (GPU) or copied out (CPU, mapped.take_out) after.
+        host = checkpoint_lib.BORROWED
     else:
-        host = checkpoint_lib.COPY
+        host = checkpoint_lib.COPY  # read straight onto the device
     for index in range(plan.start_block, plan.end_block) if indices is None else indices:
         began = time.perf_counter()
         state = checkpoint.block_state(f"{family.block_prefix}.{index}.", dtype=dtype, device=where, host=host)
@@ -52,6 +55,9 @@ def load_blocks(plan: NodePlan, log, indices=None, group: "Optional[Group]" = No
         block = quantize_block(block, plan.quant_type, dtype, device=plan.device)
         if host_first:
             block = block.to(plan.device)  # what quantization left on the host: norms, biases, unquantized layers
+        elif host == checkpoint_lib.BORROWED:
+            mapped.take_out(block, state.values())
+        del state
         lora.attach(block, index, family.block_prefix, adapters, dtype, plan.device)
         blocks[index] = block
         log.info("block loaded", block=index, seconds=round(time.perf_counter() - began, 3))

@@ -87,3 +87,22 @@ def _mapped_file_bytes(status_path: str = "/proc/self/status") -> Optional[int]:
     except OSError:
         pass
     return None
+
+
+def take_out(module: "torch.nn.Module", borrowed) -> None:
+    """Copies into memory of our own every CPU parameter and buffer of `module` that still lies in one of
+    the `borrowed` tensors (a block quantized or sharded on the host keeps its norms and biases, or views of
+    the map, as they were): one tensor kept from a map keeps the whole file mapped, and every page read
+    through it resident."""
+    ranges = [(t.data_ptr(), t.data_ptr() + t.numel() * t.element_size()) for t in borrowed if t.device.type == "cpu"]
+
+    def inside(t: torch.Tensor) -> bool:
+        return t.device.type == "cpu" and any(low <= t.data_ptr() < high for low, high in ranges)
+
+    for sub in module.modules():
+        for name, param in list(sub._parameters.items()):
+            if param is not None and inside(param):
+                param.data = param.data.clone()  # the same object: a quantized layer's Params keep their state
+        for name, buffer in list(sub._buffers.items()):
+            if buffer is not None and inside(buffer):
+                sub._buffers[name] = buffer.clone()

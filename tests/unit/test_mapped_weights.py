@@ -1,7 +1,8 @@
 """A CPU block served as the checkpoint holds it is served from the file's map (node/weights/mapped.py):
 its weights are the file's pages, all in memory before the block is served, private to the node (a write
 never reaches the file), and not counted as memory the host has available. Blocks that are reshaped on
-the way (another dtype, quantized) are in memory of the node's own."""
+the way (another dtype, quantized) are in memory of the node's own, with no copy of the file's tensors
+made before they are reshaped."""
 
 import json
 import os
@@ -45,6 +46,10 @@ def weights(blocks):
     return [p for block in blocks.values() for p in block.parameters()]
 
 
+def tensors(blocks):
+    return weights(blocks) + [b for block in blocks.values() for b in block.buffers()]
+
+
 def test_a_block_in_the_checkpoint_dtype_is_served_from_the_file_all_of_it_in_memory(tmp_path):
     blocks = load_blocks(micro_plan(str(tmp_path)), structlog.get_logger())
     for weight in weights(blocks):
@@ -54,10 +59,10 @@ def test_a_block_in_the_checkpoint_dtype_is_served_from_the_file_all_of_it_in_me
 
 
 def test_blocks_reshaped_on_the_way_are_in_memory_of_their_own(tmp_path):
-    for flags in (("--torch_dtype", "bfloat16"), ("--quant_type", "int8")):
+    for flags in (("--torch_dtype", "bfloat16"), ("--quant_type", "int8"), ("--quant_type", "nf4")):
         blocks = load_blocks(micro_plan(str(tmp_path), *flags), structlog.get_logger())
-        for weight in weights(blocks):
-            assert mapping_of(weight)[0] != WEIGHTS, flags
+        for tensor in tensors(blocks):
+            assert mapping_of(tensor)[0] != WEIGHTS, flags
 
 
 def test_a_checkpoint_read_is_copied_by_default_and_borrowed_left_in_the_map():
@@ -136,7 +141,7 @@ class Captured(Exception):
     "device, flags, host",
     [
         ("cpu", (), MAPPED),
-        ("cpu", ("--quant_type", "int8"), COPY),  # quantized on the host and kept there
+        ("cpu", ("--quant_type", "int8"), BORROWED),  # quantized on the host, then what is left in the map copied out
         ("cuda:0", ("--quant_type", "nf4"), BORROWED),  # quantized on the host, then every tensor moved up
         ("cuda:0", (), COPY),  # read straight onto the device: nothing stays in the map either way
     ],
@@ -154,3 +159,15 @@ def test_how_each_kind_of_block_holds_its_host_tensors(tmp_path, monkeypatch, de
         load_blocks(plan, structlog.get_logger())
     assert seen[0][1] == host
     assert seen[0][0] == ("cpu" if host == BORROWED else device)
+
+
+def test_take_out_copies_only_what_lies_in_the_borrowed_tensors_and_keeps_each_parameter_object():
+    state = Checkpoint.open(str(MICRO_LLAMA)).block_state("model.layers.2.", dtype=torch.float32, host=BORROWED)
+    module = torch.nn.Linear(64, 64, bias=False)
+    module.weight = torch.nn.Parameter(state["mlp.up_proj.weight"][:64], requires_grad=False)  # a view of the map
+    module.register_buffer("own", torch.ones(3))
+    param, own = module.weight, module.own
+    mapped.take_out(module, state.values())
+    assert module.weight is param and mapping_of(module.weight)[0] != WEIGHTS
+    assert torch.equal(module.weight, state["mlp.up_proj.weight"][:64])
+    assert module.own is own  # not from the map: left as it was
