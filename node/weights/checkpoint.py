@@ -27,13 +27,13 @@ INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
 
 # What becomes of a tensor that is already in its final dtype on the CPU, still the pages of safetensors' map
-# of the file (a map of the whole file, which lives as long as one tensor taken from it):
-COPY = "copy"  # memory of our own: the tensor is kept apart from the file (embeddings), or reshaped on the host
-# and kept there (a CPU block quantized or sharded), where a tensor kept from the map would keep every page
-# read through that map mapped too
+# of the file (a map of the whole file, which lives as long as one tensor taken from it, and keeps every page
+# read through it resident):
+COPY = "copy"  # memory of our own (the default: embeddings and heads, tests)
 MAPPED = "mapped"  # served from the map, every page read and mapped now (node/weights/mapped.py)
-BORROWED = "borrowed"  # left as it is: the caller converts or moves every tensor before it keeps one (a GPU
-# block quantized or sharded on the host), so that a copy would be read once more for nothing
+BORROWED = "borrowed"  # left as it is, for a caller that quantizes or cuts the block on the host and then moves
+# every tensor to the GPU, or copies out what is left in the map (mapped.take_out): a copy first would be
+# one more read and write of every weight
 
 
 class Checkpoint:
