@@ -3,7 +3,8 @@
 A CPU runtime that serves a block unchanged (the checkpoint's dtype, not quantized, not sharded) keeps
 the tensors safetensors maps (a private, copy-on-write map of the file) instead of copying them into
 memory of its own: copying 3.5 GB of 8B-shape blocks took 1.7-2.1 s from the page cache and 6 s from the
-disk, the largest part of the cold start (docs/benchmarks.md, "Cold start"); the map costs 0.1 s. The
+disk, the largest part of the cold start (docs/benchmarks.md, "The cold start: blocks served from the
+file's map"); the map costs 0.1 s. The
 Petals server serves mapped weights too.
 
 What the map changes, and how the node answers it:
