@@ -4,8 +4,7 @@ A CPU runtime that serves a block unchanged (the checkpoint's dtype, not quantiz
 the tensors safetensors maps (a private, copy-on-write map of the file) instead of copying them into
 memory of its own: copying 3.5 GB of 8B-shape blocks took 1.7-2.1 s from the page cache and 6 s from the
 disk, the largest part of the cold start (docs/benchmarks.md, "The cold start: blocks served from the
-file's map"); the map costs 0.1 s. The
-Petals server serves mapped weights too.
+file's map"); the map costs 0.1 s. The Petals server serves mapped weights too.
 
 What the map changes, and how the node answers it:
 - Nothing would be read until the first request touches it: `fault_in` reads and maps every page before
