@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import functools
 import os
 import time
 from typing import Callable, Optional
@@ -25,15 +26,17 @@ _INT_MAX = (1 << 31) - 1
 OPERATOR_SETTINGS = ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_", "MALLOC_TOP_PAD_", "MALLOC_MMAP_MAX_")
 
 
-def _libc():
+@functools.cache
+def libc() -> Optional[ctypes.CDLL]:
+    """The C library, loaded once for every caller (errno readable with ctypes.get_errno); None if absent."""
     try:
-        return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
     except OSError:
         return None
 
 
 def _malloc_trim() -> Optional[Callable[[int], int]]:
-    trim = getattr(_libc(), "malloc_trim", None)
+    trim = getattr(libc(), "malloc_trim", None)
     if trim is None:  # not glibc (musl, macOS): nothing to call
         return None
     trim.argtypes, trim.restype = [ctypes.c_size_t], ctypes.c_int
@@ -53,7 +56,7 @@ def hold_freed_memory() -> bool:
     tunables = os.environ.get("GLIBC_TUNABLES", "")
     if any(k in os.environ for k in OPERATOR_SETTINGS) or "threshold" in tunables or "top_pad" in tunables:
         return False
-    mallopt = getattr(_libc(), "mallopt", None)
+    mallopt = getattr(libc(), "mallopt", None)
     if mallopt is None:
         return False
     mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int

@@ -19,10 +19,11 @@ What the map changes, and how the node answers it:
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import errno
 import sys
 from typing import TYPE_CHECKING, Optional
+
+from node.runtime import host_memory
 
 if TYPE_CHECKING:
     import torch
@@ -30,17 +31,17 @@ if TYPE_CHECKING:
 MADV_POPULATE_READ = 22  # Linux 5.14: read and map every page of the range, synchronously
 PAGE = 4096
 
-_libc: Optional[ctypes.CDLL] = None
 _files_before: Optional[int] = None  # RssFile when this process first kept a weight mapped
 _populate_works = sys.platform.startswith("linux")
 
 
 def _madvise(start: int, length: int, advice: int) -> int:
-    global _libc
-    if _libc is None:
-        _libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
-        _libc.madvise.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int)
-    return 0 if _libc.madvise(start, length, advice) == 0 else ctypes.get_errno()
+    """0, or the errno of madvise(2) (ENOSYS where there is no C library to call)."""
+    madvise = getattr(host_memory.libc(), "madvise", None)
+    if madvise is None:
+        return errno.ENOSYS
+    madvise.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int)
+    return 0 if madvise(start, length, advice) == 0 else ctypes.get_errno()
 
 
 def fault_in(tensor: "torch.Tensor") -> None:
