@@ -33,6 +33,7 @@ from hivemind.utils.multiaddr import Multiaddr
 from node.frontend import backlog
 from node.frontend.limits import Refused, RequestSizes, Scopes
 from node.frontend.streams import drain_input
+from node.frontend.time_limit import within
 from node.keeper.table import Close, Keeper, Stream, Write
 from node.logs import quiet_hivemind
 from procs import actor as actor_lib
@@ -190,7 +191,7 @@ class KeeperProcess:
                 if not stream.done:
                     await self.scopes.reserve(stream.peer, length)
                     connection.reserved.append(length)
-                payload = await asyncio.wait_for(reader.readexactly(length), FRAME_SECONDS + length / MIN_RATE)
+                payload = await within(reader.readexactly(length), FRAME_SECONDS + length / MIN_RATE)
             except (asyncio.IncompleteReadError, ConnectionError):
                 if not stream.done:
                     self.table.input_cut(stream)

@@ -26,6 +26,7 @@ from node.frontend.open_sessions import OpenSessions
 from node.frontend.pushes import Pushes
 from node.frontend.runtime_link import RuntimeLink
 from node.frontend.streams import Received
+from node.frontend.time_limit import within
 from protocol import request_checks as rq
 from protocol import wire
 from protocol.messages import Adopt, Allocate, Failure, GrowHistory, InferStep, Release
@@ -162,7 +163,7 @@ class InferenceStream:
         if left <= 0:
             raise expired
         try:
-            kind, item = await asyncio.wait_for(self.incoming.get(), min(self.plan.step_timeout, left))
+            kind, item = await within(self.incoming.get(), min(self.plan.step_timeout, left))
         except asyncio.TimeoutError:
             if time.monotonic() >= self.deadline:
                 raise expired from None

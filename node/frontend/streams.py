@@ -22,6 +22,7 @@ from hivemind.proto import runtime_pb2
 
 from node.frontend.kept import KeptContext
 from node.frontend.limits import Refused, Scopes
+from node.frontend.time_limit import within
 from protocol import stream_framing as framing
 
 PREFETCH = 5  # like hivemind: at most this many unread requests buffered per stream
@@ -144,7 +145,7 @@ def stream_handler(
                 )
             await reservation.reserve(length)
             try:
-                payload = await asyncio.wait_for(reader.readexactly(length), FRAME_SECONDS + length / MIN_RATE)
+                payload = await within(reader.readexactly(length), FRAME_SECONDS + length / MIN_RATE)
             except asyncio.TimeoutError:
                 raise Refused("slow_sender", f"a stream message of {length} bytes did not arrive in time") from None
             return marker, payload, length
@@ -247,28 +248,28 @@ async def drain_input(
     deadline = loop.time() + INPUT_DRAIN_SECONDS
     dropped = 0
 
-    async def within(awaitable):
+    async def before_deadline(awaitable):
         return await asyncio.wait_for(awaitable, max(0.0, deadline - loop.time()))
 
     try:
         if receive is not None:  # a frame being read when the reply ended: let it finish
-            marker = (await within(receive))[0]
+            marker = (await before_deadline(receive))[0]
             receive = None
             if marker != framing.MESSAGE and not until_closed:
                 return
         if until_closed:
             while dropped < DRAIN_BYTES:
-                chunk = await within(reader.read(DRAIN_CHUNK))
+                chunk = await before_deadline(reader.read(DRAIN_CHUNK))
                 if not chunk:
                     return
                 dropped += len(chunk)
             return
         while dropped < DRAIN_BYTES:
-            marker, length = await within(framing.read_header(reader))
+            marker, length = await before_deadline(framing.read_header(reader))
             if marker != framing.MESSAGE:
                 return  # end-of-input (or an error or a bad frame: nothing more to read)
             while length > 0 and dropped < DRAIN_BYTES:
-                chunk = await within(reader.read(min(length, DRAIN_CHUNK)))
+                chunk = await before_deadline(reader.read(min(length, DRAIN_CHUNK)))
                 if not chunk:
                     return
                 length -= len(chunk)
