@@ -24,14 +24,17 @@ runtime.0") go to stderr, so stdout holds events only.
 count from status.json), redrawn every second (--count N: N tables; --once: one). --follow SESSION
 prints, for each step of that session (a session id or a prefix of one), where its time went:
 
-    step 3 req=7 handle=3 tokens=1: frontend 0.31 ms, to runtime 0.21 ms, queued 0.05 ms,
-        compute 5.35 ms, back 0.18 ms, reply 0.04 ms, total 6.14 ms
+    step 3 req=7 handle=3 tokens=1: keeper 0.42 ms, frontend 0.31 ms, to runtime 0.21 ms,
+        queued 0.05 ms, compute 5.35 ms, back 0.18 ms, reply 0.04 ms, to client 0.35 ms, total 6.91 ms
 
-frontend: from the step's arrival from the client to its InferStep leaving for the runtime (decoding,
-checks); to runtime / back: the ZeroMQ hops; queued: in the runtime's queue until a compute round
-took it (waiting for the round under way, or for the other sessions of the round); compute: that
-round (or rounds, for a long prefill) until its Result left; reply: until the frontend handed the
-answer to the client's stream. With --json each step is one object with the raw timestamps.
+keeper: from the stream keeper reading the client's message to the session taking it as a step (the
+ZeroMQ hop to the frontend, hivemind's framing, the protobuf, the session's queue); frontend: from
+there to its InferStep leaving for the runtime (checks); to runtime / back: the ZeroMQ hops; queued: in
+the runtime's queue until a compute round took it (admission, waiting for the round under way, or for
+the other sessions of the round); compute: that round (or rounds, for a long prefill) until its Result
+left; reply: until the frontend had the answer (the history, encoding); to client: until the keeper
+wrote it to the client's stream. A step pushed by another server (rpc_push) has no keeper parts. With
+--json each step is one object with the raw timestamps.
 
 Exit status: 0 when --duration or --count is reached, on Ctrl-C or when the node stops; 2 when
 RUN_DIR holds no node (no status.json, or no probe socket matches --actor).
@@ -231,31 +234,38 @@ class StatsTable:
 class StepTimer:
     """Times one session's steps across actors, from these events:
 
-    frontend  in  ClientStep    the step taken from the client's stream (or an rpc_push)
+    keeper    in  ClientMessage the client's message read from its stream (stream, message: its number)
+    frontend  in  ClientStep    the step taken from the client's stream (or an rpc_push); a client's own
+                                step names its stream and message, as the keeper does
     frontend  out InferStep     sent to the runtime (req numbers the frontend's runtime requests)
     runtime   in  InferStep     received by the runtime (peer_actor: which frontend)
     runtime   run Round         a compute round began with this step in it (the first one counts)
     runtime   out Result        computed (or Failure)
     frontend  in  Result        the answer back in the frontend
     frontend  out ClientReply   handed to the client's stream (or ClientError: the session ends)
+    keeper    out ClientFrame   the reply written to the client's stream (handled: the message it answers)
 
     Steps are keyed by (frontend, session) until the InferStep gives them a req, then by (frontend,
     req), which is how the runtime's events name them. Each actor publishes on its own socket, so
     the runtime's events of a step may reach us after the frontend's reply to it (or before the
     frontend's InferStep): the runtime's marks are kept by (frontend, req) on their own, and a
-    finished step waits up to GRACE seconds for them before it is printed, steps in order.
+    finished step waits up to GRACE seconds for them before it is printed, steps in order. The keeper's
+    marks likewise, by (stream, message); a pushed step has none.
     """
 
-    MARKS = ("received", "sent", "taken", "started", "finished", "back", "replied")
+    MARKS = ("read", "received", "sent", "taken", "started", "finished", "back", "replied", "written")
     RUNTIME_MARKS = ("taken", "started", "finished")
+    KEEPER_MARKS = ("read", "written")
     # (label, from, to): the intervals of one printed line
     PARTS = (
+        ("keeper", "read", "received"),
         ("frontend", "received", "sent"),
         ("to runtime", "sent", "taken"),
         ("queued", "taken", "started"),
         ("compute", "started", "finished"),
         ("back", "finished", "back"),
         ("reply", "back", "replied"),
+        ("to client", "replied", "written"),
     )
     GRACE = 1.0
     KEEP = 4096  # runtime marks of requests not (or no longer) ours, kept for a late frontend event
@@ -266,6 +276,7 @@ class StepTimer:
         self.pending: dict[tuple[str, str], dict] = {}  # (frontend, session) -> the step under way
         self.by_req: dict[tuple[str, int], dict] = {}  # (frontend, req) -> the step, until its answer is back
         self.runtime: dict[tuple[str, int], dict] = {}  # (frontend, req) -> the runtime's marks, oldest first
+        self.keeper: dict[tuple[int, int], dict] = {}  # (stream, message) -> the keeper's marks, oldest first
         self.done: list[tuple[float, dict]] = []  # (print by, step): answered, in the order answered
         self.count: dict[str, int] = {}  # steps seen per session
 
@@ -281,11 +292,14 @@ class StepTimer:
         return step
 
     def _marks(self, frontend: str, req: int) -> dict:
-        marks = self.runtime.get((frontend, req))
+        return self._kept_marks(self.runtime, (frontend, req))
+
+    def _kept_marks(self, table: dict, key: tuple) -> dict:
+        marks = table.get(key)
         if marks is None:
-            if len(self.runtime) >= self.KEEP:
-                del self.runtime[next(iter(self.runtime))]
-            marks = self.runtime[(frontend, req)] = {}
+            if len(table) >= self.KEEP:
+                del table[next(iter(table))]
+            marks = table[key] = {}
         return marks
 
     def feed(self, event: ProbeEvent, session: str, now: float) -> list[str]:
@@ -294,7 +308,10 @@ class StepTimer:
         if event.actor.startswith("frontend"):
             if event.type == "ClientStep" and ours:
                 self.pending.pop((event.actor, session), None)
-                self._step(event.actor, session)["received"] = event.t
+                step = self._step(event.actor, session)
+                step["received"] = event.t
+                if "stream" in event.fields and "message" in event.fields:
+                    step["kept"] = (event.fields["stream"], event.fields["message"])
             elif event.type == "InferStep" and event.dir == "out" and ours:
                 step = self._step(event.actor, session)
                 step.update(
@@ -326,6 +343,12 @@ class StepTimer:
                 self._marks(event.fields.get("peer_actor", ""), event.req)["taken"] = event.t
             elif event.dir == "out" and event.type in ("Result", "Failure"):
                 self._marks(event.fields.get("peer_actor", ""), event.req)["finished"] = event.t
+        elif event.actor.startswith("keeper"):
+            stream = event.fields.get("stream")
+            if event.type == "ClientMessage":
+                self._kept_marks(self.keeper, (stream, event.fields.get("message")))["read"] = event.t
+            elif event.type == "ClientFrame":  # the first frame of the reply to that message
+                self._kept_marks(self.keeper, (stream, event.fields.get("handled"))).setdefault("written", event.t)
         return self.due(now)
 
     def due(self, now: float) -> list[str]:
@@ -336,10 +359,16 @@ class StepTimer:
             marks = self.runtime.get((step["frontend"], step.get("req")), {}) if "sent" in step else None
             if marks is not None and now < print_by and not all(m in marks for m in self.RUNTIME_MARKS):
                 break
+            kept = self.keeper.get(step["kept"], {}) if "kept" in step else None
+            if kept is not None and now < print_by and not all(m in kept for m in self.KEEPER_MARKS):
+                break
             self.done.pop(0)
             if marks:
                 step.update(marks)
                 del self.runtime[(step["frontend"], step["req"])]
+            if kept:
+                step.update(kept)
+                del self.keeper[step["kept"]]
             lines.append(self.render(step))
         return lines
 
@@ -350,8 +379,13 @@ class StepTimer:
         def ms(a: str, b: str) -> Optional[float]:
             return round(1000 * (step[b] - step[a]), 3) if a in step and b in step else None
 
-        parts = {label: ms(a, b) for label, a, b in self.PARTS}
-        total = ms("received", "replied")
+        # the keeper's two parts only for a step from the keeper's stream (not a push)
+        parts = {
+            label: ms(a, b)
+            for label, a, b in self.PARTS
+            if "kept" in step or (a not in self.KEEPER_MARKS and b not in self.KEEPER_MARKS)
+        }
+        total = ms("read" if "read" in step else "received", "written" if "written" in step else "replied")
         if self.as_json:
             record = {k: step.get(k) for k in ("session", "n", "req", "handle", "tokens", "failed", "error")}
             record.update({k: step[k] for k in self.MARKS if k in step}, ms={**parts, "total": total})

@@ -224,6 +224,9 @@ class KeeperProcess:
                     return
                 continue
             self.table.received(stream, marker[0], payload, time.perf_counter())
+            if self.actor.probe.active:  # for `node.probe --follow`: when a client's step reached the node
+                fields = {"stream": stream.id, "message": stream.received}
+                self.actor.probe.publish("in", "ClientMessage", fields=fields)
 
     async def _write(self, connection: Connection) -> None:
         writer = connection.writer
@@ -283,6 +286,9 @@ class KeeperProcess:
         connection.errored = action.marker == framing.ERROR[0]
         if action.since:
             self.steps.add(time.perf_counter() - action.since, action.compute_us / 1e6)
+        if self.actor.probe.active:  # for `node.probe --follow`: when a reply left the node
+            fields = {"stream": connection.stream.id, "handled": action.handled, "marker": action.marker}
+            self.actor.probe.publish("out", "ClientFrame", fields=fields)
 
     def end(self, ended: dict[int, Close]) -> None:
         for stream_id, close in ended.items():

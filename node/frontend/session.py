@@ -135,9 +135,12 @@ class InferenceStream:
 
     def _trace(self, direction: str, type_: str, **fields) -> None:
         """For `node.probe --follow`: when the frontend took a step from its client and answered it
-        (these are not ZeroMQ messages, so no channel observer publishes them)."""
+        (these are not ZeroMQ messages, so no channel observer publishes them). A client's own step names
+        its message on the keeper's stream, as the keeper's ClientMessage and ClientFrame events do."""
         probe = self.services.probe
-        if probe is not None:
+        if probe is not None and probe.active:
+            if self.kept is not None and not self.pushed:
+                fields.update(stream=self.kept.stream, message=self.client_messages)
             probe.publish(direction, type_, self._sid, fields=fields)
 
     # --- receiving ---------------------------------------------------------------------------

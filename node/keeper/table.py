@@ -93,6 +93,7 @@ class Write:
     payload: bytes
     compute_us: int = 0  # the runtime's compute for the step it answers
     since: float = 0.0  # when the client message it answers was read (perf_counter); 0: not timed
+    handled: int = 0  # the client messages answered as of this frame (the probe matches a reply by it)
 
 
 @dataclass(frozen=True)
@@ -259,7 +260,7 @@ class Keeper:
             if msg.marker == ERROR_MARKER:
                 stream.replied = True
             payload = bytes(frames[0]) if frames else b""
-            return stream, Write(msg.marker, payload, msg.compute_us, stream.answering(msg.handled))
+            return stream, Write(msg.marker, payload, msg.compute_us, stream.answering(msg.handled), msg.handled)
         if isinstance(msg, StreamHandled):
             stream.handled = max(stream.handled, min(msg.handled, stream.received))
             stream.answering(msg.handled)  # no reply: its message is not timed

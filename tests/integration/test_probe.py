@@ -205,7 +205,17 @@ def test_probe_follows_a_session_step_by_step_with_timings(micro_node, micro_cli
     assert [line.split("tokens=")[1].split(":")[0] for line in probe.out] == ["4", "1", "1"]
     for n, line in enumerate(probe.out, 1):
         assert line.startswith(f"step {n} req=") and "?" not in line and "FAILED" not in line, line
-        for part in ("frontend ", "to runtime ", "queued ", "compute ", "back ", "reply ", "total "):
+        for part in (
+            "keeper ",
+            "frontend ",
+            "to runtime ",
+            "queued ",
+            "compute ",
+            "back ",
+            "reply ",
+            "to client ",
+            "total ",
+        ):
             assert part in line, line
 
 
@@ -226,7 +236,10 @@ def test_probe_follow_json_timestamps_are_in_order(micro_node, micro_client):
     steps = [json.loads(line) for line in probe.out]
     assert [s["n"] for s in steps] == [1, 2] and all(s["session"] == sid for s in steps)
     for s in steps:
-        marks = [s[k] for k in ("received", "sent", "taken", "started", "finished", "back", "replied")]
+        # from the keeper's read of the client's message to its write of the reply
+        marks = [
+            s[k] for k in ("read", "received", "sent", "taken", "started", "finished", "back", "replied", "written")
+        ]
         assert marks == sorted(marks), s
         parts = sum(v for k, v in s["ms"].items() if k != "total")
         assert abs(parts - s["ms"]["total"]) < 0.01 and not s["failed"], s

@@ -58,7 +58,7 @@ def test_messages_are_relayed_logged_and_read_no_further_than_the_window():
     assert not table.may_read(s)  # the frontend holds WINDOW unhandled messages
     assert [fr for _, _, fr in sent.of(StreamIn)] == [[b"step%d" % i] for i in range(WINDOW)]
     stream, action = table.from_frontend("frontend.0", StreamOut(s.id, MSG, 1), [b"reply"])
-    assert stream is s and action == Write(MSG, b"reply")
+    assert stream is s and action == Write(MSG, b"reply", handled=1)
     assert s.handled == 1 and table.may_read(s)
     table.from_frontend("frontend.0", StreamHandled(s.id, 2), [])
     assert s.handled == 2
@@ -111,7 +111,7 @@ def test_a_dead_frontends_stream_is_handed_over_with_its_log_and_what_was_answer
     assert table.resumed == 1
     # the old process's late frames are ignored; the new one's are written
     assert table.from_frontend(first, StreamOut(s.id, MSG, 2), [b"late"]) == (None, None)
-    assert table.from_frontend(second, StreamOut(s.id, MSG, 2), [b"out1"])[1] == Write(MSG, b"out1")
+    assert table.from_frontend(second, StreamOut(s.id, MSG, 2), [b"out1"])[1] == Write(MSG, b"out1", handled=2)
 
 
 def test_a_stream_waits_for_the_replacement_when_no_other_frontend_is_there():

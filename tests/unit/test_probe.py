@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 
 def test_step_timer_waits_for_runtime_events_that_arrive_after_the_reply():
     """Each actor publishes on its own socket: the runtime's events of a step can reach the probe after
@@ -49,3 +51,48 @@ def test_step_timer_waits_for_runtime_events_that_arrive_after_the_reply():
     late = timer.due(StepTimer.GRACE + 0.1)
     assert [line.split(" req=")[0] for line in late] == ["step 3", "step 4"]
     assert "to runtime ?" in late[0] and "?" not in late[1]
+
+
+def test_step_timer_adds_the_keepers_read_and_write_of_a_clients_step_but_not_of_a_push():
+    """A client's step is timed from the stream keeper reading its message to the keeper writing the
+    reply, matched by (stream, message number) whenever the keeper's events arrive; a step pushed by
+    another server has no keeper parts and is timed from the frontend's side only."""
+    from node.probe import StepTimer
+    from protocol.messages import ProbeEvent
+
+    timer = StepTimer("abc", as_json=True)
+    fe, rt, kp = "frontend.0", "runtime.0", "keeper"
+
+    def ev(actor, t, direction, type_, req=-1, **fields):
+        return ProbeEvent(actor, t, direction, type_, req=req, fields=fields)
+
+    def step(t, req, message=None):
+        kept = {} if message is None else {"stream": 4, "message": message}
+        return [
+            ev(fe, t, "in", "ClientStep", **kept),
+            ev(fe, t + 1, "out", "InferStep", req, handle=1, tensors=[["float32", [1, 1, 8]]]),
+            ev(rt, t + 2, "in", "InferStep", req, peer_actor=fe),
+            ev(rt, t + 3, "run", "Round", steps=[[fe, req]]),
+            ev(rt, t + 4, "out", "Result", req, peer_actor=fe),
+            ev(fe, t + 5, "in", "Result", req),
+            ev(fe, t + 6, "out", "ClientReply", **kept),
+        ]
+
+    lines = []
+    # message 2 of stream 4: the keeper's read comes before, its write after the frontend's reply
+    lines += timer.feed(ev(kp, 9.5, "in", "ClientMessage", stream=4, message=2), "", now=0.0)
+    for e in step(10, 7, message=2):
+        lines += timer.feed(e, "abcdef", now=0.0)
+    assert lines == []  # waits for the keeper's write
+    lines += timer.feed(ev(kp, 16.25, "out", "ClientFrame", stream=4, handled=2, marker=0), "", now=0.0)
+    lines += timer.feed(ev(kp, 16.5, "out", "ClientFrame", stream=4, handled=2, marker=0), "", now=0.0)  # 2nd frame
+    assert len(lines) == 1, lines
+    first = json.loads(lines[0])
+    assert first["ms"]["keeper"] == 500.0 and first["ms"]["to client"] == 250.0
+    assert first["ms"]["total"] == 6750.0 and abs(sum(first["ms"].values()) - 2 * 6750.0) < 1e-6
+    # a pushed step: no keeper parts, and no wait for keeper events
+    for e in step(20, 8):
+        lines += timer.feed(e, "abcdef", now=0.0)
+    assert len(lines) == 2, lines
+    pushed = json.loads(lines[1])
+    assert "keeper" not in pushed["ms"] and "to client" not in pushed["ms"] and pushed["ms"]["total"] == 6000.0
