@@ -402,7 +402,8 @@ class Engine:
     def finish_if_done(self, step: Step) -> bool:
         if step.done < step.hidden.shape[1]:
             return False
-        output = torch.cat(step.outputs, dim=1) if step.outputs else step.hidden
+        outputs = step.outputs
+        output = step.hidden if not outputs else outputs[0] if len(outputs) == 1 else torch.cat(outputs, dim=1)
         self.succeed(step.task, [output], step.compute_s)
         return True
 
