@@ -11,8 +11,8 @@ round under way and then its own, which may also advance another peer's longest 
 tokens through one block; SLACK covers the two shared cores (the attacker's client runs on them too).
 Each attack prints a `reliability: attack ...` line with its figures.
 
-With PETALS_PYTHON, test_the_same_attacks_against_a_petals_server runs the attacks against a Petals
-server on the same model and prints the same lines, asserting nothing (the README's comparison).
+`python -m tests.petals_attacks` runs the same attacks against a Petals server and prints the same lines
+(figures only: the Petals column of docs/reliability.md's table).
 """
 
 from __future__ import annotations
@@ -28,7 +28,6 @@ import time
 import uuid
 from typing import Callable
 
-import psutil
 import pytest
 import torch
 from hivemind.p2p import PeerID
@@ -47,7 +46,6 @@ MEMORY_BOUND = 256 * MiB
 SLACK = 0.75  # seconds
 FRONTENDS = ("frontend.0", "frontend.1")  # --num_handlers 2
 MAX_TOKENS = 8192  # micro-llama's --max_batch_size (GQA default)
-PETALS_PYTHON = os.environ.get("PETALS_PYTHON")
 
 pytestmark = [pytest.mark.reliability, pytest.mark.timeout(900)]
 
@@ -502,37 +500,3 @@ def test_the_node_still_computes_exactly_what_transformers_does(node, clients, m
     honest, _ = clients
     x = torch.randn(2, 7, 64)
     assert rel_err(honest.forward(x, 0, 4), hf_blocks(micro_hf, x, 0, 4)) <= 1e-5
-
-
-@pytest.mark.skipif(not PETALS_PYTHON, reason="needs PETALS_PYTHON, a Python with petals installed")
-def test_the_same_attacks_against_a_petals_server(tmp_path, tiny_llama):
-    """Figures only: what the same attacks do to a Petals server on the same machine, serving a model of
-    micro-llama's shape (hidden 64, 4 blocks, GQA) without its llama3 rope scaling, which the transformers
-    that Petals 2.2 pins cannot read. Each attack meets a fresh server: the effects of one (a server still
-    building a string of 2**62 uids) must not be counted against the next."""
-    from node.bench_petals import start_petals_server, stop_group
-
-    for name in ATTACKS:
-        log = tmp_path / f"petals-{name}.log"
-        server, maddrs = start_petals_server(PETALS_PYTHON, tiny_llama, 4, log, prefix="micro-llama")
-        try:
-            peer = maddrs[0].split("/p2p/")[-1]
-
-            def pids():
-                try:
-                    root = psutil.Process(server.pid)
-                    return [root.pid] + [p.pid for p in root.children(recursive=True)]
-                except psutil.NoSuchProcess:
-                    return []
-
-            target = type("Target", (), {"peer_id": peer})()
-            with Client(maddrs, "micro-llama") as honest, Client(maddrs, "micro-llama") as attacker_client:
-                bounds = bounds_of(honest)
-                try:
-                    attack_under_load(name, Caller(attacker_client, target), honest, pids, bounds, f"{name} (petals)")
-                except Exception as e:
-                    print(f"reliability: attack {name} (petals) raised {type(e).__name__}: {str(e)[:200]}")
-                if server.poll() is not None:
-                    print(f"reliability: attack {name} (petals): the server exited with {server.returncode}")
-        finally:
-            stop_group(server)
