@@ -1,13 +1,16 @@
-"""Linear layers that multiply the faster of torch's two ways on the CPU, chosen per weight shape and size
-of input, by timing both on the first input of each size class.
+"""Linear layers that multiply the fastest of torch's ways on the CPU, chosen per weight shape and size of
+input, by timing them on the first input of each size class.
 
-`x @ W.T` (F.linear, what transformers runs) and `(W @ x.T).T` compute the same product; the BLAS behind
-torch does not run them equally fast, and which one wins depends on the CPU, the BLAS, the shape and the
-number of rows. On the 2-core AVX2 EPYC of docs/benchmarks.md, for Llama-3.1-8B's matrices: 8 rows (a
-round of 8 decoding sessions) 1.3 to 1.5 times faster transposed, 32 rows 1.6 to 1.9, 512 rows between
-0.8 and 1.8 by shape, 1 row the same. So each (weight shape, dtype, nearest power of two of rows) is timed
-once, both ways, on its first input, and the faster way (transposed only if it wins by 10%) serves it
-from then on: the same input always gets the same way, so results stay reproducible within a runtime.
+`x @ W.T` (F.linear, what transformers runs) and `(W @ x.T).T` compute the same product, and for one row
+so does `torch.mv(W, x)`; the BLAS behind torch does not run them equally fast, and which one wins depends
+on the CPU, the BLAS, the dtype, the shape and the number of rows. On the 2-core AVX2 EPYC of
+docs/benchmarks.md, for Llama-3.1-8B's matrices in float32: 8 rows (a round of 8 decoding sessions) 1.3
+to 1.5 times faster transposed, 32 rows 1.6 to 1.9, 512 rows between 0.8 and 1.8 by shape, 1 row the
+same. On a 2-core Sapphire Rapids Xeon in bfloat16, one row (a decode step): the MLP's down projection
+(4096 x 14336) 14.7 ms through F.linear, 4.5 ms through torch.mv; the others 15% faster through mv. So
+each (weight shape, dtype, nearest power of two of rows) is timed once, every way, on its first input,
+and the fastest way (another than F.linear only if it wins by 10%) serves it from then on: the same input
+always gets the same way, so results stay reproducible within a runtime.
 Only plain Linear layers on the CPU are concerned (quantized layers and GPUs keep their own kernels).
 The choices are kept in a file of the node's run directory (`remember`): a runtime that replaces a crashed
 one makes the same choices at once, instead of timing every product again in its first requests (the
@@ -29,8 +32,10 @@ TRIALS = 2  # timings of each way, the fastest counted
 LARGE_PRODUCT = 1 << 28  # rows x weight elements (64 rows of a 4096 x 1024 weight) from which one timing will do
 MARGIN = 0.9  # the transposed way must take under this share of F.linear's time
 MAX_ROWS_CLASS = 1 << 14
+# the ways (False and True, as older choice files hold them, are LINEAR and TRANSPOSED)
+LINEAR, TRANSPOSED, VECTOR = 0, 1, 2  # x @ W.T (F.linear), (W @ x.T).T, torch.mv(W, x) for one row
 
-_chosen: dict[tuple, bool] = {}  # (out, in, dtype, rows class) -> transposed
+_chosen: dict[tuple, int] = {}  # (out, in, dtype, rows class) -> way
 _file: Optional[str] = None  # where the choices are kept (remember)
 
 
@@ -42,17 +47,24 @@ def remember(path: str) -> int:
     try:
         with open(path) as f:
             kept = json.load(f)
-        loaded = {(int(o), int(i), getattr(torch, d), int(r)): bool(t) for o, i, d, r, t in kept}
+        loaded = {(int(o), int(i), getattr(torch, d), int(r)): _way(t, int(r)) for o, i, d, r, t in kept}
     except (OSError, ValueError, TypeError, AttributeError):
         return 0
     _chosen.update(loaded)
     return len(loaded)
 
 
+def _way(value, rows_class_: int) -> int:
+    way = int(value)
+    if way not in (LINEAR, TRANSPOSED, VECTOR) or (way == VECTOR and rows_class_ != 1):
+        raise ValueError(f"not a way for {rows_class_} rows: {value!r}")
+    return way
+
+
 def _keep() -> None:
     if _file is None:
         return
-    rows = [[o, i, str(d).replace("torch.", ""), r, t] for (o, i, d, r), t in _chosen.items()]
+    rows = [[o, i, str(d).replace("torch.", ""), r, int(t)] for (o, i, d, r), t in _chosen.items()]
     temporary = f"{_file}.{os.getpid()}"
     try:
         with open(temporary, "w") as f:
@@ -69,29 +81,35 @@ def rows_class(rows: int) -> int:
     return min(MAX_ROWS_CLASS, 2 * below if rows * rows > 2 * below * below else below)
 
 
-def product(x: torch.Tensor, weight: torch.Tensor, transposed: bool, bias: Optional[torch.Tensor] = None):
-    """x [rows, in] times weight [out, in] transposed, plus bias: F.linear's way, or the transposed one."""
-    if not transposed:
+def product(x: torch.Tensor, weight: torch.Tensor, way: int, bias: Optional[torch.Tensor] = None):
+    """x [rows, in] times weight [out, in] transposed, plus bias: F.linear's way, the transposed one, or
+    (one row) a matrix-vector product."""
+    if way == LINEAR:
         return F.linear(x, weight, bias)  # the bias fused, as nn.Linear computes it
-    out = torch.mm(weight, x.t()).t().contiguous()
+    if way == VECTOR:
+        out = torch.mv(weight, x[0]).unsqueeze(0)
+    else:
+        out = torch.mm(weight, x.t()).t().contiguous()
     return out if bias is None else out + bias
 
 
 def _choose(key: tuple, x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]):
-    """Times both ways on `x` and keeps the choice; returns it and the product of the chosen way (the
-    input's own output: timing costs one product more, not four). A large product is timed once: its
-    timing is steady, and timing it twice cost a restarted runtime's first 513-token prefill of the 8B
+    """Times every way on `x` and keeps the choice; returns it and the product of the chosen way (the
+    input's own output: timing costs a product or two more, not four). A large product is timed once:
+    its timing is steady, and timing it twice cost a restarted runtime's first 513-token prefill of the 8B
     blocks about a second."""
     trials = 1 if x.shape[0] * weight.numel() >= LARGE_PRODUCT else TRIALS
-    best: dict[bool, float] = {}
-    outputs: dict[bool, torch.Tensor] = {}
+    ways = (LINEAR, TRANSPOSED, VECTOR) if x.shape[0] == 1 else (LINEAR, TRANSPOSED)
+    best: dict[int, float] = {}
+    outputs: dict[int, torch.Tensor] = {}
     for _ in range(trials):  # in the caller's grad mode: the output returned may be part of a backward
-        for transposed in (False, True):
+        for way in ways:
             began = time.perf_counter()
-            outputs[transposed] = product(x, weight, transposed, bias)
+            outputs[way] = product(x, weight, way, bias)
             took = time.perf_counter() - began
-            best[transposed] = min(took, best.get(transposed, took))
-    _chosen[key] = chosen = best[True] < MARGIN * best[False]
+            best[way] = min(took, best.get(way, took))
+    fastest = min(ways[1:], key=best.__getitem__)
+    _chosen[key] = chosen = fastest if best[fastest] < MARGIN * best[LINEAR] else LINEAR
     _keep()
     return chosen, outputs[chosen]
 
@@ -102,7 +120,7 @@ class TunedLinear(nn.Linear):
     Each layer keeps its choices by exact number of rows (`ways`): a decode step of a small model runs
     dozens of these, and looking the choice up again each time cost more than the product itself."""
 
-    ways: dict  # rows -> transposed (set here or, for a layer made a TunedLinear in place, by `tune`)
+    ways: dict  # rows -> way (set here or, for a layer made a TunedLinear in place, by `tune`)
 
     def __init__(self, *args, **kwargs):  # a copy made with type(layer)(...), e.g. a tensor-parallel shard
         super().__init__(*args, **kwargs)
@@ -111,28 +129,28 @@ class TunedLinear(nn.Linear):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
         rows = x.numel() // shape[-1] if len(shape) >= 2 and shape[-1] else 0
-        transposed = self.ways.get(rows)
-        if transposed is None:
-            transposed, out = self._choose(x, rows)
+        way = self.ways.get(rows)
+        if way is None:
+            way, out = self._choose(x, rows)
             if out is not None:
                 return out.view(*shape[:-1], self.weight.shape[0])
-        if not transposed:
+        if way == LINEAR:
             return F.linear(x, self.weight, self.bias)
         weight = self.weight
         flat = x.reshape(rows, shape[-1])
-        return product(flat, weight, True, self.bias).view(*shape[:-1], weight.shape[0])
+        return product(flat, weight, way, self.bias).view(*shape[:-1], weight.shape[0])
 
-    def _choose(self, x: torch.Tensor, rows: int) -> tuple[bool, Optional[torch.Tensor]]:
+    def _choose(self, x: torch.Tensor, rows: int) -> tuple[int, Optional[torch.Tensor]]:
         """The way for inputs of `rows` rows, and x's product where choosing it computed that."""
         weight = self.weight
         if x.device.type != "cpu" or x.dtype != weight.dtype or rows == 0:
-            return False, None  # F.linear as it is (not remembered: another input of these rows may qualify)
+            return LINEAR, None  # F.linear as it is (not remembered: another input of these rows may qualify)
         key = (weight.shape[0], weight.shape[1], weight.dtype, rows_class(rows))
-        transposed, out = _chosen.get(key), None
-        if transposed is None:
-            transposed, out = _choose(key, x.reshape(rows, x.shape[-1]), weight, self.bias)
-        self.ways[rows] = transposed
-        return transposed, out
+        way, out = _chosen.get(key), None
+        if way is None:
+            way, out = _choose(key, x.reshape(rows, x.shape[-1]), weight, self.bias)
+        self.ways[rows] = way
+        return way, out
 
 
 def tune(block: nn.Module) -> nn.Module:

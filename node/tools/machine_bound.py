@@ -2,7 +2,9 @@
 figure as a fraction of it).
 
 A decode step must read every weight once, so it cannot take less than the blocks' bytes over the memory
-bandwidth (measured as a matrix-vector product of a 14336 x 4096 weight, the size of an 8B MLP matrix);
+bandwidth (measured as matrix-vector products of 14336 x 4096 weights, the size of an 8B MLP matrix, in
+the fastest of the ways node/runtime/linear.py chooses from; MATRICES distinct ones in turn, so that a
+large last-level cache cannot hold what is read: a Sapphire Rapids' holds most of one in bfloat16);
 a forward of T tokens must do about 2 x parameters x T multiply-adds plus the attention's, so it cannot
 take less than that over the best matrix-product speed (a 512 x 4096 by 4096 x 14336 product, in both
 ways node/runtime/linear.py chooses from, the faster one counted: which one wins depends on the CPU and
@@ -15,9 +17,10 @@ import time
 
 import torch
 
-from node.runtime.linear import product
+from node.runtime.linear import LINEAR, TRANSPOSED, VECTOR, product
 
 ROWS, COLS, TOKENS = 14336, 4096, 512
+MATRICES = 4  # read in turn for the memory figure: 470 MB in bfloat16, 940 MB in float32
 
 
 def _best(fn, repeats: int) -> float:
@@ -34,6 +37,7 @@ def measure(dtype: torch.dtype, device: torch.device, repeats: int = 5) -> dict:
     """{"memory_gb_s", "matmul_gflop_s"} on `device` in `dtype`."""
     g = torch.Generator(device=device).manual_seed(0)
     weight = torch.randn(ROWS, COLS, generator=g, device=device).to(dtype)
+    weights = [weight] + [torch.randn(ROWS, COLS, generator=g, device=device).to(dtype) for _ in range(MATRICES - 1)]
     vector = torch.randn(1, COLS, generator=g, device=device).to(dtype)
     tokens = torch.randn(TOKENS, COLS, generator=g, device=device).to(dtype)
 
@@ -49,10 +53,10 @@ def measure(dtype: torch.dtype, device: torch.device, repeats: int = 5) -> dict:
         return _best(timed, repeats)
 
     with torch.inference_mode():
-        read = run(lambda: product(vector, weight, transposed=False))
-        best = min(run(lambda: product(tokens, weight, transposed)) for transposed in (False, True))
+        read = min(run(lambda: [product(vector, w, way) for w in weights]) for way in (LINEAR, TRANSPOSED, VECTOR))
+        best = min(run(lambda: product(tokens, weight, way)) for way in (LINEAR, TRANSPOSED))
     return {
-        "memory_gb_s": weight.numel() * weight.element_size() / read / 1e9,
+        "memory_gb_s": MATRICES * weight.numel() * weight.element_size() / read / 1e9,
         "matmul_gflop_s": 2 * ROWS * COLS * TOKENS / best / 1e9,
     }
 

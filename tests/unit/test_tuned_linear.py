@@ -1,4 +1,4 @@
-"""CPU Linear layers run the faster of two equivalent products (node/runtime/linear.py)."""
+"""CPU Linear layers run the fastest of equivalent products (node/runtime/linear.py)."""
 
 from __future__ import annotations
 
@@ -153,3 +153,44 @@ def test_gradients_flow_through_the_input_that_was_timed():
     x = torch.randn(2, 4, 32, requires_grad=True)
     (grad,) = torch.autograd.grad(tuned(x).sum(), x)  # the first input of its size: timed, then answered
     torch.testing.assert_close(grad, tuned.weight.sum(0).expand(2, 4, 32), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("way", [linear.LINEAR, linear.TRANSPOSED, linear.VECTOR])
+def test_every_way_of_one_row_is_the_linear_layer(way, dtype):
+    """One row (a decode step) may also go through torch.mv: the same product, with the bias."""
+    tuned = layer().to(dtype)
+    x = torch.randn(1, 1, 32, dtype=dtype)
+    linear._chosen[(48, 32, dtype, 1)] = way
+    out = tuned(x)
+    assert out.shape == (1, 1, 48) and out.is_contiguous() and tuned.ways[1] == way
+    tol = dict(rtol=1e-5, atol=1e-6) if dtype == torch.float32 else dict(rtol=2e-2, atol=2e-2)
+    torch.testing.assert_close(out, F.linear(x, tuned.weight, tuned.bias), **tol)
+
+
+def test_the_vector_way_is_timed_for_one_row_only_and_never_kept_for_more(tmp_path, monkeypatch):
+    tuned = layer()
+    products = []
+    real = linear.product
+    monkeypatch.setattr(linear, "product", lambda *a: products.append(a[2]) or real(*a))
+    tuned(torch.randn(1, 32))
+    assert sorted(set(products)) == [linear.LINEAR, linear.TRANSPOSED, linear.VECTOR]
+    products.clear()
+    tuned(torch.randn(3, 32))
+    assert sorted(set(products)) == [linear.LINEAR, linear.TRANSPOSED]
+    # a kept file naming the vector way for more than one row is damaged: nothing of it is used
+    path = tmp_path / "linear_choices.json"
+    path.write_text('[[48, 32, "float32", 1, 2], [48, 32, "float32", 4, 2]]')
+    monkeypatch.setattr(linear, "_chosen", {})
+    assert linear.remember(str(path)) == 0 and linear._chosen == {}
+    path.write_text('[[48, 32, "float32", 1, 2], [48, 32, "float32", 4, true]]')  # true: an older file's way
+    assert linear.remember(str(path)) == 2
+    assert linear._chosen == {(48, 32, torch.float32, 1): linear.VECTOR, (48, 32, torch.float32, 4): linear.TRANSPOSED}
+
+
+def test_gradients_flow_through_the_vector_way():
+    tuned = layer()
+    linear._chosen[(48, 32, torch.float32, 1)] = linear.VECTOR
+    x = torch.randn(1, 32, requires_grad=True)
+    (grad,) = torch.autograd.grad(tuned(x).sum(), x)
+    torch.testing.assert_close(grad, tuned.weight.sum(0).expand(1, 32), rtol=1e-5, atol=1e-6)
