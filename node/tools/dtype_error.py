@@ -80,8 +80,7 @@ def measure(model: str, dtype: str, tokens: int, steps: int, seed: int = 0) -> d
     from node.weights.checkpoint import Checkpoint
     from protocol.frames import DTYPES
 
-    torch.set_grad_enabled(False)
-    log = structlog.get_logger()
+    log = structlog.get_logger()  # no global grad switch: a caller (a test process) keeps its own
     with tempfile.TemporaryDirectory() as run_dir:
         probe = _plan(model, "float32", run_dir, 1)
         config = Checkpoint.of(probe).config()

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import json
 
+import torch
+
 from node.tools import dtype_error
 from tests.helpers.paths import MICRO_LLAMA
 
@@ -18,5 +20,6 @@ def test_bfloat16_is_measured_against_float32_on_the_same_blocks(tmp_path, capsy
     for row in figures["steps"]:
         assert 1e-4 < row["norm_rel"] < 5e-2 and 1e-4 < row["max_rel"] < 1e-1, row
         assert row["float32_s"] > 0 and row["bfloat16_s"] > 0
+    assert torch.is_grad_enabled()  # the tool leaves its caller's grad mode alone (later tests need it)
     printed = capsys.readouterr().out
     assert "bfloat16 against float32" in printed and "prefill of 8 tokens" in printed and "3 one-token steps" in printed
