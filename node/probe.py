@@ -292,9 +292,9 @@ class StepTimer:
         return step
 
     def _marks(self, frontend: str, req: int) -> dict:
-        return self._kept_marks(self.runtime, (frontend, req))
+        return self._bounded_marks(self.runtime, (frontend, req))
 
-    def _kept_marks(self, table: dict, key: tuple) -> dict:
+    def _bounded_marks(self, table: dict, key: tuple) -> dict:
         marks = table.get(key)
         if marks is None:
             if len(table) >= self.KEEP:
@@ -346,9 +346,9 @@ class StepTimer:
         elif event.actor.startswith("keeper"):
             stream = event.fields.get("stream")
             if event.type == "ClientMessage":
-                self._kept_marks(self.keeper, (stream, event.fields.get("message")))["read"] = event.t
+                self._bounded_marks(self.keeper, (stream, event.fields.get("message")))["read"] = event.t
             elif event.type == "ClientFrame":  # the first frame of the reply to that message
-                self._kept_marks(self.keeper, (stream, event.fields.get("handled"))).setdefault("written", event.t)
+                self._bounded_marks(self.keeper, (stream, event.fields.get("handled"))).setdefault("written", event.t)
         return self.due(now)
 
     def due(self, now: float) -> list[str]:

@@ -48,17 +48,15 @@ def _errors(out: torch.Tensor, ref: torch.Tensor) -> tuple[float, float]:
 
 
 class _Session:
-    """One sequence through every block, with its attention cache, in the blocks' dtype."""
+    """One sequence through every block, with its attention cache (made as the runtime makes it), in the
+    blocks' dtype."""
 
     def __init__(self, blocks: list, dtype: torch.dtype, max_length: int):
+        from node.runtime.kv_cache import SessionCaches
+
         self.blocks, self.dtype = blocks, dtype
-        self.cache = [
-            (
-                torch.zeros(b.kv_cache_shape(1, max_length), dtype=dtype),
-                torch.zeros(b.kv_cache_shape(1, max_length), dtype=dtype),
-            )
-            for b in blocks
-        ]
+        caches = SessionCaches(dtype, torch.device("cpu"))
+        self.cache = caches.get(0, 1, max_length, 0, len(blocks), 0, blocks).kv
         self.position = 0
 
     def step(self, hidden: torch.Tensor) -> tuple[torch.Tensor, float]:
@@ -76,7 +74,6 @@ def measure(model: str, dtype: str, tokens: int, steps: int, seed: int = 0) -> d
     import structlog
 
     from node.runtime.loading import load_blocks
-    from node.runtime.models import get_family
     from node.weights.checkpoint import Checkpoint
     from protocol.frames import DTYPES
 
@@ -84,7 +81,6 @@ def measure(model: str, dtype: str, tokens: int, steps: int, seed: int = 0) -> d
     with tempfile.TemporaryDirectory() as run_dir:
         probe = _plan(model, "float32", run_dir, 1)
         config = Checkpoint.of(probe).config()
-        get_family(config)  # refuses a family the node does not serve, naming it
         n_blocks = config.num_hidden_layers
         sessions = {}
         for name in ("float32", dtype):
@@ -95,7 +91,7 @@ def measure(model: str, dtype: str, tokens: int, steps: int, seed: int = 0) -> d
     inputs = [torch.randn(1, tokens, config.hidden_size, generator=g)]
     inputs += [torch.randn(1, 1, config.hidden_size, generator=g) for _ in range(steps)]
     rows = []
-    for i, hidden in enumerate(inputs):
+    for hidden in inputs:
         ref, ref_s = sessions["float32"].step(hidden)
         out, out_s = sessions[dtype].step(hidden)
         max_err, norm_err = _errors(out, ref)
