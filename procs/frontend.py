@@ -1,15 +1,17 @@
 """A network frontend: the Petals RPC handlers, registered on the supervisor's p2pd daemon.
 
 Owns: an attachment to the node's p2pd (P2P.replicate, so the peer id is the node's), the handler
-  registrations (balanced: p2pd spreads calls over all frontends) of every RPC but rpc_inference, a DEALER
-  to the stream keeper (procs/keeper.py), and the open inference sessions.
-Receives: Petals RPCs from the swarm; rpc_inference streams from the keeper, which holds their
-  connections (StreamOpen, StreamIn, StreamInEnd); replies from the runtime, the allocator and the announcer;
+  registrations (balanced: p2pd spreads streams over all frontends) of rpc_forward_stream and
+  rpc_backward_stream, a DEALER to the stream keeper (procs/keeper.py), and the open inference sessions.
+Receives: those streams from the swarm; from the keeper, which holds their connections: rpc_inference
+  streams (StreamOpen, StreamIn, StreamInEnd) and the unary calls (UnaryCall: rpc_info, rpc_forward,
+  rpc_backward, rpc_push); replies from the runtime, the allocator and the announcer;
   PushDelivery for sessions it owns; control: Stop (a drain: new calls are refused, open sessions are
   served until they end or the grace does; a second Stop with no grace cuts it short), Retire (a reload:
   a new frontend serves, this one takes nothing new and ends when its streams do), PeerDown, PeerUp,
   Serve (the blocks served now).
-Sends: KeeperHello (taking streams or not), StreamOut/StreamHandled/StreamKeep/StreamDone to the keeper;
+Sends: KeeperHello (taking streams or not), StreamOut/StreamHandled/StreamKeep/StreamDone, UnaryReply to
+  the keeper;
   Forward/Backward/InferStep/Cancel to the runtime; Allocate/Release/GrowHistory/Adopt/
   CapacityQuery/PushRoute to the allocator; ServingQuery to the announcer (before a push); replies and error frames
   to clients, pushes to the next servers of v2.2.0 clients' chains.
@@ -30,15 +32,16 @@ from typing import Optional
 
 import zmq
 import zmq.asyncio
-from hivemind.p2p import P2P, PeerID
+from hivemind.p2p import P2P, P2PContext, PeerID
 from hivemind.p2p.p2p_daemon_bindings.datastructures import StreamInfo
 from hivemind.proto import runtime_pb2
 from hivemind.utils.multiaddr import Multiaddr
 
 from node.frontend import backlog
 from node.frontend.kept import KeptStream
-from node.frontend.rpcs import KEPT, NAME_PREFIX, STREAMS, UNARY, Rpcs
+from node.frontend.rpcs import KEPT, NAME_PREFIX, STREAMS, Rpcs
 from node.frontend.streams import stream_handler
+from node.keeper.calls import UNARY  # held by the stream keeper, which relays each call to a frontend
 from node.logs import quiet_hivemind
 from procs import actor as actor_lib
 from protocol.messages import (
@@ -57,6 +60,8 @@ from protocol.messages import (
     StreamIn,
     StreamInEnd,
     StreamOpen,
+    UnaryCall,
+    UnaryReply,
 )
 from protocol.requester import Requester
 from protocol.transport import AsyncChannel, BadMessage
@@ -85,6 +90,7 @@ class FrontendProcess:
         self.keeper = AsyncChannel(keeper, KeeperToFrontend, observer=actor.probe.observe)
         self.kept: dict[int, KeptStream] = {}  # the keeper's streams we serve, by its stream number
         self.kept_handler = None  # node/frontend/streams.py's handler of rpc_inference, for kept streams
+        self.answering: set[asyncio.Task] = set()  # the keeper's unary calls being answered
         self.accepting, self.draining = True, False
 
     async def start(self) -> None:
@@ -93,11 +99,6 @@ class FrontendProcess:
         self.announcer.start()
         self.p2p = await P2P.replicate(Multiaddr(self.plan.daemon_maddr))
         self.rpcs.attached(self.p2p)
-        for name in UNARY:
-            request_type = runtime_pb2.ExpertUID if name == "rpc_info" else runtime_pb2.ExpertRequest
-            await self.p2p.add_protobuf_handler(
-                NAME_PREFIX + name, getattr(self.rpcs, name), request_type, balanced=True
-            )
         for name in STREAMS + (KEPT,):
             handler = stream_handler(
                 self.p2p,
@@ -145,6 +146,25 @@ class FrontendProcess:
                 stream = self.kept.get(msg.stream)
                 if stream is not None:
                     stream.feed_eof()
+            elif isinstance(msg, UnaryCall) and len(frames) == 1:
+                task = asyncio.get_running_loop().create_task(self.answer_call(msg, frames[0].bytes))
+                self.answering.add(task)  # the loop keeps only a weak reference
+                task.add_done_callback(self.answering.discard)
+
+    async def answer_call(self, msg: UnaryCall, request: bytes) -> None:
+        """A unary call the keeper holds: answered as hivemind would (its response, or the repr of what the
+        RPC raised, parsing included)."""
+        try:
+            if msg.rpc not in UNARY:
+                raise ValueError(f"no unary RPC named {msg.rpc!r}")
+            request_type = runtime_pb2.ExpertUID if msg.rpc == "rpc_info" else runtime_pb2.ExpertRequest
+            context = P2PContext(
+                handle_name=NAME_PREFIX + msg.rpc, local_id=self.p2p.peer_id, remote_id=PeerID.from_base58(msg.peer)
+            )
+            response = await getattr(self.rpcs, msg.rpc)(request_type.FromString(request), context)
+            self.keeper.send(UnaryReply(msg.call), [response.SerializeToString()])
+        except Exception as e:
+            self.keeper.send(UnaryReply(msg.call, error=repr(e)), [])
 
     def open_kept(self, msg: StreamOpen, frames: list) -> None:
         stream = KeptStream(msg.stream, msg.handled, lambda m, f: self.keeper.send(m, f), bool(msg.markers))
@@ -236,9 +256,7 @@ class FrontendProcess:
         other calls get their final error."""
         began = time.monotonic()
         self.accepting = False
-        self.hello()
-        for name in UNARY:
-            await self._unregister(self.p2p.remove_protobuf_handler, NAME_PREFIX + name)
+        self.hello()  # the keeper gives us no new calls
         for name in STREAMS:
             await self._unregister(self.p2p.remove_binary_stream_handler, NAME_PREFIX + name)
         self.log.info("retiring", sessions=len(self.rpcs.sessions), in_flight=self.rpcs.in_flight)

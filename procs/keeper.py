@@ -1,16 +1,21 @@
-"""The stream keeper: holds every rpc_inference stream's connection to p2pd, so that a frontend's crash
-does not end the sessions it served (docs/reliability.md, "A frontend's crash").
+"""The stream keeper: holds every rpc_inference stream's connection to p2pd and every unary call, so that
+a frontend's crash does not end the sessions it served, nor leave a call it held unanswered
+(docs/reliability.md, "A frontend's crash").
 
 p2pd binds a stream for life to the process that accepted its connection: when that process dies, the
 stream dies. So the process that accepts inference streams is not the one that runs sessions: this one
 only reads and writes hivemind's frames (PROTOCOL 1.2), within bounds, and relays them to a frontend;
-node/keeper/table.py decides which frontend, what is logged, and who takes a stream over.
-Owns: an attachment to the node's p2pd (P2P.replicate: the node's peer id), the rpc_inference handler
-  registration, every inference stream's connection, and the ROUTER `keeper.sock` to the frontends.
-Receives: streams from p2pd; from frontends (ROUTER): KeeperHello, StreamOut, StreamHandled, StreamKeep,
-  StreamDone; control: PeerDown(frontend.N) (its streams are handed over), Serve (the blocks served now,
-  which bound a message's size), Stop.
-Sends: StreamOpen, StreamIn, StreamInEnd to frontends; the frontends' frames to the streams' clients.
+node/keeper/table.py decides which frontend, what is logged, and who takes a stream over. p2pd leaves a
+unary call waiting for good when the process that took it dies, so the unary RPCs are registered here
+too, and node/keeper/calls.py relays each call to a frontend, and to another if that one dies.
+Owns: an attachment to the node's p2pd (P2P.replicate: the node's peer id), the registrations of
+  rpc_inference and of the unary RPCs, every inference stream's connection, every unary call until it is
+  answered, and the ROUTER `keeper.sock` to the frontends.
+Receives: streams and unary calls from p2pd; from frontends (ROUTER): KeeperHello, StreamOut,
+  StreamHandled, StreamKeep, StreamDone, UnaryReply; control: PeerDown(frontend.N) (its streams are
+  handed over, its calls sent again), Serve (the blocks served now, which bound a message's size), Stop.
+Sends: StreamOpen, StreamIn, StreamInEnd, UnaryCall to frontends; the frontends' frames to the streams'
+  clients, their answers to the calls' callers.
 """
 
 from __future__ import annotations
@@ -22,6 +27,7 @@ startup.light_hivemind()  # before the imports below: see node/startup.py
 
 import asyncio
 import collections
+import functools
 import time
 from typing import Optional
 
@@ -31,9 +37,11 @@ from hivemind.p2p import P2P
 from hivemind.utils.multiaddr import Multiaddr
 
 from node.frontend import backlog
+from node.frontend.errors import ShuttingDown
 from node.frontend.limits import Refused, RequestSizes, Scopes
 from node.frontend.streams import drain_input
 from node.frontend.time_limit import within
+from node.keeper.calls import UNARY, Call, Calls
 from node.keeper.table import Close, Keeper, Stream, Write
 from node.logs import quiet_hivemind
 from procs import actor as actor_lib
@@ -47,15 +55,41 @@ from protocol.messages import (
     PeerDown,
     Serve,
     Stop,
+    UnaryReply,
 )
 from protocol.transport import BadMessage
 
-HANDLER = "TransformerConnectionHandler.rpc_inference"
+NAME_PREFIX = "TransformerConnectionHandler."
+HANDLER = NAME_PREFIX + "rpc_inference"
 FRAME_SECONDS = 10.0  # a frame's payload must arrive within this, plus a second per MiB
 MIN_RATE = 1 << 20
 INPUT_DRAIN_SECONDS = 1.0  # after the last frame, how long the client's remaining input is read and dropped
 WRITE_BUFFER = 1 << 20  # bytes written to a stream and not yet taken by p2pd, past which writes wait
-WAIT_FOR_FRONTEND = 60.0  # how long a stream waits for a frontend (a replacement starts in seconds)
+WAIT_FOR_FRONTEND = 60.0  # how long a stream or a call waits for a frontend (a replacement starts in seconds)
+CALL_SLACK = 30.0  # past --request_timeout (which the frontend enforces), how long a call's answer may take
+
+
+class Raw:
+    """A unary call's request and response as bytes: hivemind's protobuf handler without the parsing (a
+    frontend parses the request, and its errors reach the caller as they would from the frontend)."""
+
+    def __init__(self, data: bytes):
+        self.data = data
+
+    @staticmethod
+    def FromString(data: bytes) -> bytes:  # noqa: N802 (protobuf's name)
+        return data
+
+    def SerializeToString(self) -> bytes:  # noqa: N802
+        return self.data
+
+
+class Relayed(Exception):
+    """A frontend's error for a call: its repr is the frontend's repr of what the RPC raised, which p2pd
+    gives the caller as the call's error (hivemind sends repr(e)), so the caller reads the same text."""
+
+    def __repr__(self) -> str:
+        return str(self.args[0])
 
 
 class Connection:
@@ -102,6 +136,8 @@ class KeeperProcess:
         ctx = zmq.asyncio.Context.shadow(actor.ctx)
         self.inbox = actor.bind_inbox(ctx, "keeper", KeeperInbox)
         self.table = Keeper(self.send, self.log)
+        self.calls = Calls(self.send, lambda: self.table.frontends, self.log, first_id=time.time_ns())
+        self.answers: dict[int, asyncio.Future] = {}  # each open call's caller waits on its own
         self.connections: dict[int, Connection] = {}
         self.refused: dict[str, int] = {}  # messages refused by a limit, per reason (node_refused_total)
         self.steps = StepTimes()
@@ -125,12 +161,15 @@ class KeeperProcess:
     async def start(self) -> None:
         self.p2p = await P2P.replicate(Multiaddr(self.plan.daemon_maddr))
         await self.p2p.add_binary_stream_handler(HANDLER, self.handle, balanced=True)
+        for rpc in UNARY:
+            handler = functools.partial(self.unary, rpc)
+            await self.p2p.add_protobuf_handler(NAME_PREFIX + rpc, handler, Raw, balanced=True)
         self.log.info("stream backlog", backlog=backlog.widen(backlog.listen_path(self.p2p)))
         self.actor.ready(
             KeeperReady(
                 peer_id=self.p2p.peer_id.to_base58(),
                 stream_maddr=str(self.p2p._client_listen_maddr),
-                stream_handlers=[HANDLER],
+                stream_handlers=[HANDLER],  # p2pd forgets the unary ones with our connection
             )
         )
 
@@ -254,6 +293,58 @@ class KeeperProcess:
         finally:
             connection.writer.close()
 
+    # --- receiving: unary calls from p2pd ------------------------------------------------------
+
+    async def unary(self, rpc: str, request: bytes, context) -> Raw:
+        """One unary call, answered by a frontend (another, if that one dies); its bytes are reserved for its
+        peer and for the keeper while it is held, as a frontend does."""
+        peer = str(context.remote_id)
+        try:
+            await self.scopes.reserve(peer, len(request))
+        except Refused as e:
+            self.refused[e.reason] = self.refused.get(e.reason, 0) + 1
+            self.log.info("refused", reason=e.reason, peer=peer, detail=str(e), rpc=rpc)
+            raise
+        answer = asyncio.get_running_loop().create_future()
+        call = self.calls.start(rpc, peer, request, time.monotonic())
+        self.answers[call.id] = answer
+        try:
+            limit = self.plan.request_timeout + CALL_SLACK
+            try:
+                return Raw(await within(answer, limit))
+            except asyncio.TimeoutError:
+                raise TimeoutError(f"{rpc} was not answered within {limit:.0f} s") from None
+        finally:
+            self.answers.pop(call.id, None)
+            self.calls.forget(call)
+            self.scopes.release(peer, len(request))
+
+    def answer(self, calls: list[Call]) -> None:
+        for call in calls:
+            future = self.answers.get(call.id)
+            if future is None or future.done():
+                continue
+            if call.error is not None:
+                future.set_exception(Relayed(call.error))
+            else:
+                future.set_result(call.response)
+
+    def frontend_down(self, name: str, now: float, pid: int = 0) -> None:
+        """Its streams are handed over and its calls sent again; news of a process whose replacement said
+        hello already is stale (what it held went to the replacement then)."""
+        known = self.table.frontends.get(name)
+        if pid and known is not None and known.pid != pid:
+            return
+        self.end(self.table.down(name, now, pid))
+        self.calls.down(name, now)
+
+    def hello(self, msg: KeeperHello, now: float) -> None:
+        known = self.table.frontends.get(msg.frontend)
+        self.end(self.table.hello(msg, now))  # a new pid under a known name: what the old one held goes first
+        if known is not None and known.pid != msg.pid:
+            self.calls.down(msg.frontend, now)
+        self.calls.assign_waiting()
+
     # --- receiving: frontends ----------------------------------------------------------------
 
     async def relay(self) -> None:
@@ -266,7 +357,12 @@ class KeeperProcess:
             sender = envelope.sender.decode(errors="replace")
             msg = envelope.msg
             if isinstance(msg, KeeperHello):
-                self.end(self.table.hello(msg, time.monotonic()))
+                self.hello(msg, time.monotonic())
+                continue
+            if isinstance(msg, UnaryReply):
+                call = self.calls.reply(sender, msg, envelope.frames)
+                if call is not None:
+                    self.answer([call])
                 continue
             stream, action = self.table.from_frontend(sender, msg, envelope.frames)
             if stream is None:
@@ -311,16 +407,19 @@ class KeeperProcess:
                 if isinstance(msg, Stop):
                     break
                 if isinstance(msg, PeerDown) and msg.name.startswith("frontend"):
-                    self.end(self.table.down(msg.name, now, msg.pid))
+                    self.frontend_down(msg.name, now, msg.pid)
                 elif isinstance(msg, Serve):
                     self.plan.start_block, self.plan.end_block = msg.start_block, msg.end_block
                 self.end(self.table.overdue(now, WAIT_FOR_FRONTEND))
+                self.answer(self.calls.overdue(now, WAIT_FOR_FRONTEND))
                 streams, kept, log_bytes = self.table.counts()
                 self.actor.stats = KeeperStats(
                     streams=streams,
                     kept=kept,
                     log_bytes=log_bytes,
                     resumed=self.table.resumed,
+                    calls=self.calls.count(),
+                    calls_resent=self.calls.resent,
                     refused=dict(self.refused),
                     bytes_in_flight=self.scopes.used,
                     steps_timed=self.steps.count,
@@ -334,6 +433,7 @@ class KeeperProcess:
 
     async def stop(self) -> None:
         """The frontends are gone (the supervisor stops us after them): what is still open ends now."""
+        self.answer(self.calls.end_all(repr(ShuttingDown(SHUTTING_DOWN))))
         self.end({stream_id: Close(SHUTTING_DOWN) for stream_id in self.connections})
         for connection in list(self.connections.values()):
             connection.stream.done = True

@@ -8,8 +8,9 @@ Sockets and who may send what on them:
 - runtime inbox: runtime ROUTER <- frontends' and the allocator's DEALERs
 - allocator inbox: allocator ROUTER <- frontends' and the announcer's DEALERs
 - announcer inbox: announcer ROUTER <- frontends' DEALERs
-- kept streams: the stream keeper's ROUTER <-> frontends' DEALERs (identity = frontend name); the keeper
-  holds every rpc_inference stream's p2pd connection and relays its frames (procs/keeper.py)
+- kept streams and calls: the stream keeper's ROUTER <-> frontends' DEALERs (identity = frontend name); the
+  keeper holds every rpc_inference stream's p2pd connection and every unary call, and relays their
+  frames (procs/keeper.py)
 - tensor-parallel group: runtime.0's PUSH -> each other rank's PULL (its work, in order)
 - probe plane: every actor's XPUB -> `python -m node.probe`
 """
@@ -148,6 +149,8 @@ class KeeperStats(ActorStats):
     kept: int = 0  # ... of which a frontend's crash would not end (their messages are logged)
     log_bytes: int = 0  # what those logs hold
     resumed: int = 0  # streams handed to another frontend after theirs died
+    calls: int = 0  # unary calls held (waiting for a frontend's answer)
+    calls_resent: int = 0  # unary calls sent again to another frontend after theirs died
     refused: dict[str, int] = {}  # messages refused by a limit, per reason (node_refused_total)
     bytes_in_flight: int = 0  # bytes of messages read and not yet handled by a frontend
     # inference steps from a client message read to its reply written, and the runtime's compute in them:
@@ -620,6 +623,28 @@ class StreamDone(Message):
     stream: int
 
 
+# Unary calls (rpc_info, rpc_forward, rpc_backward, rpc_push) are held by the keeper too: p2pd leaves a
+# unary call waiting for good when the process that registered its handler dies, so the keeper (which
+# outlives frontends) registers them and relays each call to a frontend, and to another if that one dies.
+
+
+class UnaryCall(Message):
+    """Keeper -> frontend: answer this call (`rpc`: the RPC's name, e.g. "rpc_forward"); frame: the request
+    as p2pd delivered it (a serialized protobuf)."""
+
+    call: int
+    rpc: str
+    peer: str
+
+
+class UnaryReply(Message):
+    """Frontend -> keeper: the call's response (frame: the serialized protobuf), or `error`: the repr of
+    what the RPC raised, which the keeper gives p2pd as the call's error (as hivemind's handlers do)."""
+
+    call: int
+    error: Optional[str] = None
+
+
 # --- probe plane: every actor's XPUB -> python -m node.probe -------------------------------------
 
 
@@ -646,5 +671,5 @@ AllocatorReply = Union[Granted, Failure, Capacity, PushDelivery]
 AnnouncerInbox = Union[ServingQuery]
 AnnouncerReply = Union[Serving]
 GroupInbox = Union[GroupRun, GroupBackward, GroupDrop, GroupStop]
-KeeperInbox = Union[KeeperHello, StreamOut, StreamHandled, StreamKeep, StreamDone]
-KeeperToFrontend = Union[StreamOpen, StreamIn, StreamInEnd]
+KeeperInbox = Union[KeeperHello, StreamOut, StreamHandled, StreamKeep, StreamDone, UnaryReply]
+KeeperToFrontend = Union[StreamOpen, StreamIn, StreamInEnd, UnaryCall]

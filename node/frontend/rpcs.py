@@ -1,7 +1,8 @@
 """The Petals RPCs (PROTOCOL 3): read and check a request, run it on the runtime, encode the reply.
 
-Registered by the frontend process (procs/frontend.py) under `TransformerConnectionHandler.<name>`, unary
-or stream as Petals clients call them. Raised exceptions become the client's error: `repr(e)` for unary
+Served under `TransformerConnectionHandler.<name>`, unary or stream as Petals clients call them: the
+streams registered by the frontend process (procs/frontend.py), the unary calls and rpc_inference
+relayed by the stream keeper (procs/keeper.py). Raised exceptions become the client's error: `repr(e)` for unary
 calls and `str(e)` in a stream's error frame. What the RPCs share lives beside: the runtime link
 (runtime_link.py), the open sessions (open_sessions.py), pushes to the next servers (pushes.py), the
 counters (counters.py) and the byte scopes (limits.py); one rpc_inference stream is session.py.
@@ -31,7 +32,6 @@ from protocol.plan import NodePlan
 from protocol.requester import Requester
 
 NAME_PREFIX = "TransformerConnectionHandler."
-UNARY = ("rpc_info", "rpc_forward", "rpc_backward", "rpc_push")
 STREAMS = ("rpc_forward_stream", "rpc_backward_stream")  # registered with p2pd by each frontend
 KEPT = "rpc_inference"  # a stream that the stream keeper holds (procs/keeper.py) and relays to a frontend
 STREAM_PART_BYTES = 4 * 1024 * 1024

@@ -76,6 +76,7 @@ def counters(stats: Optional[ActorStats]) -> Iterator[tuple[tuple, float]]:
             yield ("latency_sum", rpc), float(histogram.sum)
     elif isinstance(stats, KeeperStats):
         yield ("handed_over",), float(stats.resumed)
+        yield ("calls_resent",), float(stats.calls_resent)
         yield ("steps_timed",), float(stats.steps_timed)
         yield ("step_seconds",), float(stats.step_seconds)
         yield ("step_compute_seconds",), float(stats.step_compute_seconds)
@@ -170,6 +171,12 @@ class NodeCollector(Collector):
             "node_streams_handed_over",
             "inference streams handed to another frontend after theirs died",
             totals.get(("handed_over",), 0.0),
+        )
+        yield _gauge("node_calls_held", "unary calls held by the stream keeper, waiting for an answer", keeper.calls)
+        yield _counter(
+            "node_calls_resent",
+            "unary calls sent again to another frontend after theirs died",
+            totals.get(("calls_resent",), 0.0),
         )
         yield _counter(
             "node_steps_timed",

@@ -139,18 +139,21 @@ def test_session_recoveries_are_exported_as_a_counter_and_a_histogram():
 
 
 def test_the_stream_keepers_figures_are_exported():
-    """node_streams_kept, node_stream_log_bytes, and node_streams_handed_over_total across a replaced keeper."""
+    """node_streams_kept, node_stream_log_bytes, node_calls_held, and node_streams_handed_over_total and
+    node_calls_resent_total across a replaced keeper."""
     from node.supervisor.metrics import NodeCollector, Totals
     from protocol.messages import KeeperStats
 
     totals = Totals()
-    totals.observe("keeper", 1, KeeperStats(resumed=2, refused={"peer_bytes": 1}))
-    totals.observe("keeper", 2, KeeperStats(resumed=1))  # its replacement counts from zero
-    actors = {"keeper": {"restarts": 1, "ready": True, "stats": KeeperStats(streams=3, kept=2, log_bytes=4096)}}
+    totals.observe("keeper", 1, KeeperStats(resumed=2, calls_resent=4, refused={"peer_bytes": 1}))
+    totals.observe("keeper", 2, KeeperStats(resumed=1, calls_resent=1))  # its replacement counts from zero
+    stats = KeeperStats(streams=3, kept=2, log_bytes=4096, calls=5)
+    actors = {"keeper": {"restarts": 1, "ready": True, "stats": stats}}
     snapshot = {"state": 2, "blocks": [0, 4], "moves": 0, "actors": actors}
     families = {f.name: f for f in NodeCollector(lambda: snapshot, totals).collect()}
     value = {s.name: s.value for f in families.values() for s in f.samples if not s.labels}
-    assert value["node_streams_handed_over_total"] == 3.0
+    assert value["node_streams_handed_over_total"] == 3.0 and value["node_calls_resent_total"] == 5.0
+    assert value["node_calls_held"] == 5
     assert value["node_streams_kept"] == 2 and value["node_stream_log_bytes"] == 4096
     refused = {s.labels["reason"]: s.value for s in families["node_refused"].samples if s.name == "node_refused_total"}
     assert refused == {"peer_bytes": 1.0}
