@@ -5,7 +5,7 @@ Owns: an attachment to the node's p2pd (P2P.replicate, so the peer id is the nod
   rpc_backward_stream, a DEALER to the stream keeper (procs/keeper.py), and the open inference sessions.
 Receives: those streams from the swarm; from the keeper, which holds their connections: rpc_inference
   streams (StreamOpen, StreamIn, StreamInEnd) and the unary calls (UnaryCall: rpc_info, rpc_forward,
-  rpc_backward, rpc_push); replies from the runtime, the allocator and the announcer;
+  rpc_backward, rpc_push; UnaryCancel: its caller left); replies from the runtime, the allocator and the announcer;
   PushDelivery for sessions it owns; control: Stop (a drain: new calls are refused, open sessions are
   served until they end or the grace does; a second Stop with no grace cuts it short), Retire (a reload:
   a new frontend serves, this one takes nothing new and ends when its streams do), PeerDown, PeerUp,
@@ -61,6 +61,7 @@ from protocol.messages import (
     StreamInEnd,
     StreamOpen,
     UnaryCall,
+    UnaryCancel,
     UnaryReply,
 )
 from protocol.requester import Requester
@@ -90,7 +91,7 @@ class FrontendProcess:
         self.keeper = AsyncChannel(keeper, KeeperToFrontend, observer=actor.probe.observe)
         self.kept: dict[int, KeptStream] = {}  # the keeper's streams we serve, by its stream number
         self.kept_handler = None  # node/frontend/streams.py's handler of rpc_inference, for kept streams
-        self.answering: set[asyncio.Task] = set()  # the keeper's unary calls being answered
+        self.answering: dict[int, asyncio.Task] = {}  # the keeper's unary calls being answered, by number
         self.accepting, self.draining = True, False
 
     async def start(self) -> None:
@@ -148,8 +149,12 @@ class FrontendProcess:
                     stream.feed_eof()
             elif isinstance(msg, UnaryCall) and len(frames) == 1:
                 task = asyncio.get_running_loop().create_task(self.answer_call(msg, frames[0].bytes))
-                self.answering.add(task)  # the loop keeps only a weak reference
-                task.add_done_callback(self.answering.discard)
+                self.answering[msg.call] = task  # the loop keeps only a weak reference
+                task.add_done_callback(lambda _, call=msg.call: self.answering.pop(call, None))
+            elif isinstance(msg, UnaryCancel):
+                task = self.answering.get(msg.call)
+                if task is not None:
+                    task.cancel()
 
     async def answer_call(self, msg: UnaryCall, request: bytes) -> None:
         """A unary call the keeper holds: answered as hivemind would (its response, or the repr of what the

@@ -14,7 +14,7 @@ Owns: an attachment to the node's p2pd (P2P.replicate: the node's peer id), the 
 Receives: streams and unary calls from p2pd; from frontends (ROUTER): KeeperHello, StreamOut,
   StreamHandled, StreamKeep, StreamDone, UnaryReply; control: PeerDown(frontend.N) (its streams are
   handed over, its calls sent again), Serve (the blocks served now, which bound a message's size), Stop.
-Sends: StreamOpen, StreamIn, StreamInEnd, UnaryCall to frontends; the frontends' frames to the streams'
+Sends: StreamOpen, StreamIn, StreamInEnd, UnaryCall, UnaryCancel to frontends; the frontends' frames to the streams'
   clients, their answers to the calls' callers.
 """
 

@@ -637,6 +637,12 @@ class UnaryCall(Message):
     peer: str
 
 
+class UnaryCancel(Message):
+    """Keeper -> frontend: the call's caller is gone (p2pd cancelled it), or its time is up: stop its work."""
+
+    call: int
+
+
 class UnaryReply(Message):
     """Frontend -> keeper: the call's response (frame: the serialized protobuf), or `error`: the repr of
     what the RPC raised, which the keeper gives p2pd as the call's error (as hivemind's handlers do)."""
@@ -672,4 +678,4 @@ AnnouncerInbox = Union[ServingQuery]
 AnnouncerReply = Union[Serving]
 GroupInbox = Union[GroupRun, GroupBackward, GroupDrop, GroupStop]
 KeeperInbox = Union[KeeperHello, StreamOut, StreamHandled, StreamKeep, StreamDone, UnaryReply]
-KeeperToFrontend = Union[StreamOpen, StreamIn, StreamInEnd, UnaryCall]
+KeeperToFrontend = Union[StreamOpen, StreamIn, StreamInEnd, UnaryCall, UnaryCancel]

@@ -19,7 +19,7 @@ import itertools
 from dataclasses import dataclass
 from typing import Callable, Optional
 
-from protocol.messages import Message, UnaryCall, UnaryReply
+from protocol.messages import Message, UnaryCall, UnaryCancel, UnaryReply
 
 UNARY = ("rpc_info", "rpc_forward", "rpc_backward", "rpc_push")  # the unary RPCs, held by the keeper
 
@@ -63,7 +63,10 @@ class Calls:
         return call
 
     def forget(self, call: Call) -> None:
-        """The caller is done with it (answered, or gone): a late answer is dropped."""
+        """The caller is done with it (answered, or gone): a late answer is dropped, and the frontend that
+        holds a call not yet answered stops its work."""
+        if not call.done and call.frontend is not None:
+            self.send(call.frontend, UnaryCancel(call.id), [])
         call.done = True
         self.calls.pop(call.id, None)
 

@@ -7,7 +7,7 @@ import structlog
 
 from node.keeper.calls import NO_FRONTEND, UNARY, Calls
 from node.keeper.table import Keeper
-from protocol.messages import KeeperHello, UnaryCall, UnaryReply
+from protocol.messages import KeeperHello, UnaryCall, UnaryCancel, UnaryReply
 
 
 class Sent(list):
@@ -111,10 +111,15 @@ def test_a_call_that_comes_before_any_frontend_waits_for_one():
 def test_a_forgotten_call_takes_no_answer_and_the_stop_ends_the_rest():
     table, calls, sent = setup("frontend.0")
     gone, open_ = calls.start("rpc_forward", "p", b"x", 0.0), calls.start("rpc_forward", "p", b"y", 0.0)
-    calls.forget(gone)  # its caller left
+    calls.forget(gone)  # its caller left: its frontend stops the work
+    assert [(f, m.call) for f, m, _ in sent if isinstance(m, UnaryCancel)] == [("frontend.0", gone.id)]
     assert calls.reply("frontend.0", UnaryReply(gone.id), [b"late"]) is None
     ended = calls.end_all("ShuttingDown('stopping')")
     assert ended == [open_] and open_.error == "ShuttingDown('stopping')"
+    answered = calls.start("rpc_info", "p", b"z", 0.0)
+    calls.reply("frontend.0", UnaryReply(answered.id), [b"info"])
+    calls.forget(answered)  # answered: nothing to stop
+    assert len([m for _, m, _ in sent if isinstance(m, UnaryCancel)]) == 1
 
 
 def test_a_replaced_keeper_numbers_its_calls_above_its_predecessor_s():
