@@ -186,6 +186,24 @@ def test_chunked_attention_equals_unchunked(model):
         assert rel_err(torch.cat([first, rest], dim=1), full) <= TOL
 
 
+def test_a_cpu_prefill_with_no_past_attends_in_one_call_whatever_the_budget(model, monkeypatch):
+    """No earlier positions: one causal SDPA call (the CPU's flash kernel holds no scores), equal to the
+    output in chunks that a budget of a few rows would otherwise cut."""
+    import torch.nn.functional as F
+
+    n = model.config.num_hidden_layers
+    x = hidden_states(2, 30, model.config.hidden_size, seed=8)
+    block = model.blocks[0]
+    with torch.inference_mode():
+        full = model.ours(x, 0, n)
+        calls = []
+        sdpa = F.scaled_dot_product_attention
+        monkeypatch.setattr(F, "scaled_dot_product_attention", lambda *a, **k: calls.append(k) or sdpa(*a, **k))
+        tiny = model.ours(x, 0, n, max_chunk_bytes=2 * block.num_heads * 30 * 4)  # room for one query row
+    assert len(calls) == n and all(k.get("is_causal") for k in calls)
+    assert rel_err(tiny, full) <= TOL
+
+
 LONG_ROPES = {
     "dynamic": dict(rope_scaling={"rope_type": "dynamic", "factor": 2.0}, max_position_embeddings=16),
     "yarn": dict(
