@@ -28,9 +28,11 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import re
 import signal
 import threading
 import time
+import urllib.request
 from pathlib import Path
 from typing import Optional
 
@@ -508,6 +510,46 @@ class TestOneNode:
         check_serves(client, node, sample)
         events = [e for e in node.log_events() if e.get("event") == "call sent again"]
         assert {e["rpc"] for e in events} >= {"rpc_forward", "rpc_backward", "rpc_info"}
+
+
+def metric_values(node: NodeProcess, *names: str) -> dict[str, float]:
+    with urllib.request.urlopen(f"http://127.0.0.1:{node.status['metrics_port']}/metrics", timeout=10) as r:
+        text = r.read().decode()
+    found = {}
+    for name in names:
+        match = re.search(rf"^{name} ([0-9.e+-]+)$", text, re.M)
+        found[name] = float(match.group(1)) if match else None
+    return found
+
+
+def test_a_unary_call_whose_caller_left_stops_in_the_node(tmp_path_factory, swarm, client, sample):
+    """The keeper holds unary calls: when a caller gives up on one (p2pd cancels it), the frontend that holds
+    it stops its work, as hivemind cancelled the frontend's own handler before. The runtime is stopped (no
+    heartbeat kill for 30 s), so the forward waits on it; the caller leaves after 1 s; the node then holds
+    no call and handles no request, while the runtime is still stopped. Resumed, the node serves."""
+    node = start_node(tmp_path_factory, swarm, "--heartbeat_timeout", "30", "--metrics_port", "0")
+    names = ("node_requests_in_flight", "node_calls_held")
+    try:
+        hidden, _ = sample
+        check_serves(client, node, sample)
+        runtime = node.actor_pid("runtime.0")
+        os.kill(runtime, signal.SIGSTOP)
+        try:
+            with pytest.raises((asyncio.TimeoutError, TimeoutError)):
+                call(client, client.swarm.forward_span(span_of(node), hidden), 1.0)
+            wait_until(
+                lambda: metric_values(node, *names) == dict.fromkeys(names, 0.0),
+                timeout=10,
+                what="the call left by its caller, ended in the keeper and the frontend",
+                node=node,
+            )
+            assert psutil.Process(runtime).status() == psutil.STATUS_STOPPED  # nothing else ended it
+        finally:
+            signal_if_stopped(runtime, signal.SIGCONT)
+        check_serves(client, node, sample)
+        assert node.actor_pid("runtime.0") == runtime
+    finally:
+        node.stop()
 
 
 # --- a frontend dies during an inference session ---------------------------------------------
