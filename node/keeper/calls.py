@@ -19,6 +19,7 @@ import itertools
 from dataclasses import dataclass
 from typing import Callable, Optional
 
+from node.keeper.table import least_loaded
 from protocol.messages import Message, UnaryCall, UnaryCancel, UnaryReply
 
 UNARY = ("rpc_info", "rpc_forward", "rpc_backward", "rpc_push")  # the unary RPCs, held by the keeper
@@ -78,14 +79,7 @@ class Calls:
         retiring one (a reload: its replacement accepts)."""
         frontends = self.frontends().values()
         names = [f.name for f in frontends if f.accepting] or [f.name for f in frontends if f.draining]
-        if not names:
-            return None
-        load = {name: 0 for name in names}
-        for call in self.calls.values():
-            if call.frontend in load and not call.done:
-                load[call.frontend] += 1
-        turn = next(self._turn)
-        return min(names, key=lambda n: (load[n], (names.index(n) - turn) % len(names)))
+        return least_loaded(names, (call.frontend for call in self.calls.values() if not call.done), self._turn)
 
     def _assign(self, call: Call) -> None:
         frontend = self._choose()

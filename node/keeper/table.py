@@ -18,7 +18,7 @@ from __future__ import annotations
 import collections
 import itertools
 from dataclasses import dataclass, field
-from typing import Callable, Optional
+from typing import Callable, Iterable, Iterator, Optional
 
 from protocol import stream_framing as framing
 from protocol.messages import (
@@ -106,6 +106,19 @@ class Close:
 Action = Optional[object]  # Write, Close or None
 
 
+def least_loaded(names: list[str], holders: Iterable[Optional[str]], turn: Iterator[int]) -> Optional[str]:
+    """Of `names`, the frontend that holds the fewest of the things whose holders are `holders` (streams or
+    calls), ties broken in turn; None if there is none."""
+    if not names:
+        return None
+    load = {name: 0 for name in names}
+    for holder in holders:
+        if holder in load:
+            load[holder] += 1
+    start = next(turn)
+    return min(names, key=lambda n: (load[n], (names.index(n) - start) % len(names)))
+
+
 class Keeper:
     def __init__(self, send: Callable[[str, Message, list], None], log):
         self.send = send
@@ -168,14 +181,7 @@ class Keeper:
     def _choose(self) -> Optional[str]:
         """The accepting frontend with the fewest streams (ties in turn)."""
         accepting = [f.name for f in self.frontends.values() if f.accepting]
-        if not accepting:
-            return None
-        load = {name: 0 for name in accepting}
-        for stream in self.streams.values():
-            if stream.frontend in load:
-                load[stream.frontend] += 1
-        turn = next(self._turn)
-        return min(accepting, key=lambda n: (load[n], (accepting.index(n) - turn) % len(accepting)))
+        return least_loaded(accepting, (stream.frontend for stream in self.streams.values()), self._turn)
 
     def _assign(self, stream: Stream) -> None:
         frontend = self._choose()
