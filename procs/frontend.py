@@ -1,11 +1,12 @@
-"""A network frontend: the Petals RPC handlers, registered on the supervisor's p2pd daemon.
+"""A network frontend: the Petals RPCs, on requests the stream keeper (procs/keeper.py) relays.
 
-Owns: an attachment to the node's p2pd (P2P.replicate, so the peer id is the node's), the handler
-  registrations (balanced: p2pd spreads streams over all frontends) of rpc_forward_stream and
-  rpc_backward_stream, a DEALER to the stream keeper (procs/keeper.py), and the open inference sessions.
-Receives: those streams from the swarm; from the keeper, which holds their connections: rpc_inference
-  streams (StreamOpen, StreamIn, StreamInEnd) and the unary calls (UnaryCall: rpc_info, rpc_forward,
-  rpc_backward, rpc_push; UnaryCancel: its caller left); replies from the runtime, the allocator and the announcer;
+Owns: an attachment to the node's p2pd (P2P.replicate, so the peer id is the node's: it registers no
+  handler, and calls the next servers' rpc_push), a DEALER to the stream keeper, and the open inference
+  sessions.
+Receives: from the keeper, which holds every connection with the swarm: rpc_inference streams
+  (StreamOpen, StreamIn, StreamInEnd) and the calls (UnaryCall: rpc_info, rpc_forward, rpc_backward,
+  rpc_push, and rpc_forward_stream and rpc_backward_stream read whole; UnaryCancel: its caller left);
+  replies from the runtime, the allocator and the announcer;
   PushDelivery for sessions it owns; control: Stop (a drain: new calls are refused, open sessions are
   served until they end or the grace does; a second Stop with no grace cuts it short), Retire (a reload:
   a new frontend serves, this one takes nothing new and ends when its streams do), PeerDown, PeerUp,
@@ -37,11 +38,11 @@ from hivemind.p2p.p2p_daemon_bindings.datastructures import StreamInfo
 from hivemind.proto import runtime_pb2
 from hivemind.utils.multiaddr import Multiaddr
 
-from node.frontend import backlog
+from node.frontend.errors import ShuttingDown
 from node.frontend.kept import KeptStream
-from node.frontend.rpcs import KEPT, NAME_PREFIX, STREAMS, Rpcs
+from node.frontend.rpcs import KEPT, NAME_PREFIX, Rpcs
 from node.frontend.streams import stream_handler
-from node.keeper.calls import UNARY  # held by the stream keeper, which relays each call to a frontend
+from node.keeper.calls import STREAMED, UNARY  # held by the stream keeper, which relays each call to a frontend
 from node.logs import quiet_hivemind
 from procs import actor as actor_lib
 from protocol.messages import (
@@ -93,6 +94,7 @@ class FrontendProcess:
         self.kept_handler = None  # node/frontend/streams.py's handler of rpc_inference, for kept streams
         self.answering: dict[int, asyncio.Task] = {}  # the keeper's unary calls being answered, by number
         self.accepting, self.draining = True, False
+        self.retiring = False  # a reload replaced us: the calls we give up are asked again of our successor
 
     async def start(self) -> None:
         self.runtime.start()
@@ -100,28 +102,22 @@ class FrontendProcess:
         self.announcer.start()
         self.p2p = await P2P.replicate(Multiaddr(self.plan.daemon_maddr))
         self.rpcs.attached(self.p2p)
-        for name in STREAMS + (KEPT,):
-            handler = stream_handler(
-                self.p2p,
-                NAME_PREFIX + name,
-                getattr(self.rpcs, name),
-                self.log,
-                sizes=functools.partial(self.rpcs.stream_sizes, name),
-                scopes=self.rpcs.scopes,
-                refuse=self.rpcs.refuse,
-            )
-            if name == KEPT:  # the keeper holds these streams' connections: they reach us through it
-                self.kept_handler = handler
-            else:
-                await self.p2p.add_binary_stream_handler(NAME_PREFIX + name, handler, balanced=True)
-        self.log.info("stream backlog", backlog=backlog.widen(backlog.listen_path(self.p2p)))
+        # the keeper holds these streams' connections: they reach us through it (from_keeper)
+        self.kept_handler = stream_handler(
+            self.p2p,
+            NAME_PREFIX + KEPT,
+            self.rpcs.rpc_inference,
+            self.log,
+            sizes=functools.partial(self.rpcs.stream_sizes, KEPT),
+            scopes=self.rpcs.scopes,
+            refuse=self.rpcs.refuse,
+        )
         self.hello()
-        # if we die, the supervisor unregisters our stream handlers (p2pd would go on dialing us)
         self.actor.ready(
             FrontendReady(
                 peer_id=self.p2p.peer_id.to_base58(),
                 stream_maddr=str(self.p2p._client_listen_maddr),
-                stream_handlers=[NAME_PREFIX + name for name in STREAMS],  # not KEPT: the keeper's
+                stream_handlers=[],  # the keeper registers every handler: p2pd never dials us
             )
         )
 
@@ -147,8 +143,8 @@ class FrontendProcess:
                 stream = self.kept.get(msg.stream)
                 if stream is not None:
                     stream.feed_eof()
-            elif isinstance(msg, UnaryCall) and len(frames) == 1:
-                task = asyncio.get_running_loop().create_task(self.answer_call(msg, frames[0].bytes))
+            elif isinstance(msg, UnaryCall):
+                task = asyncio.get_running_loop().create_task(self.answer_call(msg, frames))
                 self.answering[msg.call] = task  # the loop keeps only a weak reference
                 task.add_done_callback(lambda _, call=msg.call: self.answering.pop(call, None))
             elif isinstance(msg, UnaryCancel):
@@ -156,20 +152,33 @@ class FrontendProcess:
                 if task is not None:
                     task.cancel()
 
-    async def answer_call(self, msg: UnaryCall, request: bytes) -> None:
-        """A unary call the keeper holds: answered as hivemind would (its response, or the repr of what the
-        RPC raised, parsing included)."""
+    async def answer_call(self, msg: UnaryCall, frames: list) -> None:
+        """A call the keeper holds: answered as hivemind would (its response, or the repr of what a unary RPC
+        raised, parsing included; a stream's reply in parts, or the text of its error frame)."""
+        stream = msg.rpc in STREAMED
         try:
-            if msg.rpc not in UNARY:
-                raise ValueError(f"no unary RPC named {msg.rpc!r}")
-            request_type = runtime_pb2.ExpertUID if msg.rpc == "rpc_info" else runtime_pb2.ExpertRequest
+            if msg.rpc not in UNARY and not stream:
+                raise ValueError(f"no RPC named {msg.rpc!r}")
             context = P2PContext(
                 handle_name=NAME_PREFIX + msg.rpc, local_id=self.p2p.peer_id, remote_id=PeerID.from_base58(msg.peer)
             )
-            response = await getattr(self.rpcs, msg.rpc)(request_type.FromString(request), context)
+            if stream:
+                responses = await self.rpcs.streamed_call(msg.rpc, [frame.bytes for frame in frames], context)
+                self.keeper.send(UnaryReply(msg.call), [response.SerializeToString() for response in responses])
+                return
+            if len(frames) != 1:
+                raise ValueError(f"a unary call comes in one frame, not {len(frames)}")
+            request_type = runtime_pb2.ExpertUID if msg.rpc == "rpc_info" else runtime_pb2.ExpertRequest
+            response = await getattr(self.rpcs, msg.rpc)(request_type.FromString(frames[0].bytes), context)
             self.keeper.send(UnaryReply(msg.call), [response.SerializeToString()])
+        except ShuttingDown as e:
+            if self.retiring:  # our --drain_timeout is over: our successor answers it, as if we had died
+                self.keeper.send(UnaryReply(msg.call, again=True), [])
+            else:
+                self.keeper.send(UnaryReply(msg.call, error=str(e) if stream else repr(e)), [])
         except Exception as e:
-            self.keeper.send(UnaryReply(msg.call, error=repr(e)), [])
+            error = (str(e) or type(e).__name__) if stream else repr(e)
+            self.keeper.send(UnaryReply(msg.call, error=error), [])
 
     def open_kept(self, msg: StreamOpen, frames: list) -> None:
         stream = KeptStream(msg.stream, msg.handled, lambda m, f: self.keeper.send(m, f), bool(msg.markers))
@@ -255,28 +264,23 @@ class FrontendProcess:
             self.allocator.send(adopt)
 
     async def retire(self, msg: Retire) -> None:
-        """A reload: our replacement already serves. Calls and streams that start from now on go to it (our
-        handlers leave p2pd); ours go on until they end, or until msg.timeout (--drain_timeout): then the
+        """A reload: our replacement already serves. Calls and streams that start from now on go to it (the
+        keeper gives us none); ours go on until they end, or until msg.timeout (--drain_timeout): then the
         inference sessions still open are handed to another frontend by the keeper as we exit, and the
-        other calls get their final error."""
+        other calls are given back to the keeper, which asks our successor (answer_call)."""
         began = time.monotonic()
-        self.accepting = False
-        self.hello()  # the keeper gives us no new calls
-        for name in STREAMS:
-            await self._unregister(self.p2p.remove_binary_stream_handler, NAME_PREFIX + name)
+        self.accepting, self.retiring = False, True
+        self.hello()  # the keeper gives us no new calls nor streams
         self.log.info("retiring", sessions=len(self.rpcs.sessions), in_flight=self.rpcs.in_flight)
         cut = await self.rpcs.drain(msg.timeout, refuse=False, hand_over=True)
         for stream in self.kept.values():  # what our exit would write to them (their end) must not leave
             stream.detach()
         self.log.info(
-            "retired", seconds=round(time.monotonic() - began, 2), calls_cut=cut, sessions_handed_over=len(self.kept)
+            "retired",
+            seconds=round(time.monotonic() - began, 2),
+            calls_handed_over=cut,
+            sessions_handed_over=len(self.kept),
         )
-
-    async def _unregister(self, remove, name: str) -> None:
-        try:
-            await remove(name)
-        except Exception as e:  # still ours to serve if it stays: the drain below ends it
-            self.log.warning("cannot remove a handler from p2pd", handler=name, error=repr(e))
 
     async def drain(self, grace: float) -> None:
         began = time.monotonic()

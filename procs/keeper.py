@@ -1,16 +1,18 @@
-"""The stream keeper: holds every rpc_inference stream's connection to p2pd and every unary call, so that
-a frontend's crash does not end the sessions it served, nor leave a call it held unanswered
-(docs/reliability.md, "A frontend's crash").
+"""The stream keeper: holds every rpc_inference stream's connection to p2pd, every forward and backward
+stream and every unary call, so that a frontend's crash does not end the sessions it served, nor leave a
+call it held unanswered (docs/reliability.md, "A frontend's crash").
 
 p2pd binds a stream for life to the process that accepted its connection: when that process dies, the
 stream dies. So the process that accepts inference streams is not the one that runs sessions: this one
 only reads and writes hivemind's frames (PROTOCOL 1.2), within bounds, and relays them to a frontend;
 node/keeper/table.py decides which frontend, what is logged, and who takes a stream over. p2pd leaves a
 unary call waiting for good when the process that took it dies, so the unary RPCs are registered here
-too, and node/keeper/calls.py relays each call to a frontend, and to another if that one dies.
+too, and node/keeper/calls.py relays each call to a frontend, and to another if that one dies. A forward
+or backward stream is one request in parts: it is read whole here (node/keeper/streamed.py) and relayed
+as a call the same way.
 Owns: an attachment to the node's p2pd (P2P.replicate: the node's peer id), the registrations of
-  rpc_inference and of the unary RPCs, every inference stream's connection, every unary call until it is
-  answered, and the ROUTER `keeper.sock` to the frontends.
+  rpc_inference, rpc_forward_stream, rpc_backward_stream and of the unary RPCs, every stream's connection,
+  every call until it is answered, and the ROUTER `keeper.sock` to the frontends.
 Receives: streams and unary calls from p2pd; from frontends (ROUTER): KeeperHello, StreamOut,
   StreamHandled, StreamKeep, StreamDone, UnaryReply; control: PeerDown(frontend.N) (its streams are
   handed over, its calls sent again), Serve (the blocks served now, which bound a message's size), Stop.
@@ -41,7 +43,8 @@ from node.frontend.errors import ShuttingDown
 from node.frontend.limits import Refused, RequestSizes, Scopes
 from node.frontend.streams import drain_input
 from node.frontend.time_limit import within
-from node.keeper.calls import UNARY, Call, Calls
+from node.keeper import streamed
+from node.keeper.calls import STREAMED, UNARY, Call, Calls
 from node.keeper.table import Close, Keeper, Stream, Write
 from node.logs import quiet_hivemind
 from procs import actor as actor_lib
@@ -139,6 +142,8 @@ class KeeperProcess:
         self.calls = Calls(self.send, lambda: self.table.frontends, self.log, first_id=time.time_ns())
         self.answers: dict[int, asyncio.Future] = {}  # each open call's caller waits on its own
         self.connections: dict[int, Connection] = {}
+        self.streamed: set[asyncio.Task] = set()  # the forward and backward streams being served
+        self.stopping: Optional[asyncio.Future] = None  # done once the keeper stops: requests still arriving end
         self.refused: dict[str, int] = {}  # messages refused by a limit, per reason (node_refused_total)
         self.steps = StepTimes()
         self.p2p: Optional[P2P] = None
@@ -159,8 +164,12 @@ class KeeperProcess:
             connection.released += 1
 
     async def start(self) -> None:
+        self.stopping = asyncio.get_running_loop().create_future()
         self.p2p = await P2P.replicate(Multiaddr(self.plan.daemon_maddr))
         await self.p2p.add_binary_stream_handler(HANDLER, self.handle, balanced=True)
+        for rpc in STREAMED:
+            handler = functools.partial(self.forward_or_backward, rpc)
+            await self.p2p.add_binary_stream_handler(NAME_PREFIX + rpc, handler, balanced=True)
         for rpc in UNARY:
             handler = functools.partial(self.unary, rpc)
             await self.p2p.add_protobuf_handler(NAME_PREFIX + rpc, handler, Raw, balanced=True)
@@ -169,7 +178,8 @@ class KeeperProcess:
             KeeperReady(
                 peer_id=self.p2p.peer_id.to_base58(),
                 stream_maddr=str(self.p2p._client_listen_maddr),
-                stream_handlers=[HANDLER],  # p2pd forgets the unary ones with our connection
+                # p2pd forgets the unary ones with our connection
+                stream_handlers=[HANDLER, *(NAME_PREFIX + rpc for rpc in STREAMED)],
             )
         )
 
@@ -245,8 +255,7 @@ class KeeperProcess:
                     if isinstance(e, ValueError)
                     else "slow_sender"
                 )
-                self.refused[kind] = self.refused.get(kind, 0) + 1
-                self.log.info("refused", reason=kind, peer=stream.peer, detail=reason, stream=stream.id)
+                self.refuse(kind, stream.peer, reason, stream=stream.id)
                 if not stream.done:
                     self.table.input_cut(stream)
                     stream.done = True
@@ -302,22 +311,58 @@ class KeeperProcess:
         try:
             await self.scopes.reserve(peer, len(request))
         except Refused as e:
-            self.refused[e.reason] = self.refused.get(e.reason, 0) + 1
-            self.log.info("refused", reason=e.reason, peer=peer, detail=str(e), rpc=rpc)
+            self.refuse(e.reason, peer, str(e), rpc=rpc)
             raise
+        try:
+            return Raw(b"".join(await self.held(rpc, peer, [request])))
+        finally:
+            self.scopes.release(peer, len(request))
+
+    async def held(self, rpc: str, peer: str, frames: list[bytes]) -> list[bytes]:
+        """A call's answer from a frontend (another, if that one dies): its messages, or the error raised
+        (Relayed: the text the caller is to get)."""
         answer = asyncio.get_running_loop().create_future()
-        call = self.calls.start(rpc, peer, request, time.monotonic())
+        call = self.calls.start(rpc, peer, frames, time.monotonic())
         self.answers[call.id] = answer
         try:
             limit = self.plan.request_timeout + CALL_SLACK
             try:
-                return Raw(await within(answer, limit))
+                return await within(answer, limit)
             except asyncio.TimeoutError:
                 raise TimeoutError(f"{rpc} was not answered within {limit:.0f} s") from None
         finally:
             self.answers.pop(call.id, None)
             self.calls.forget(call)
-            self.scopes.release(peer, len(request))
+
+    def refuse(self, reason: str, peer: str, detail: str, **fields) -> None:
+        self.refused[reason] = self.refused.get(reason, 0) + 1
+        self.log.info("refused", reason=reason, peer=peer, detail=detail, **fields)
+
+    # --- receiving: forward and backward streams from p2pd ------------------------------------
+
+    async def forward_or_backward(self, rpc: str, stream_info, reader, writer) -> None:
+        """rpc_forward_stream or rpc_backward_stream: read whole, then held as a call (node/keeper/streamed.py)."""
+        peer = str(stream_info.peer_id)
+        task = asyncio.current_task()
+        self.streamed.add(task)
+        try:
+            sizes = RequestSizes.of(self.plan)
+            total = sizes.forward if rpc == "rpc_forward_stream" else sizes.backward
+            refusal = self.table.refusal()
+            await streamed.serve(
+                rpc,
+                peer,
+                reader,
+                writer,
+                limits=streamed.Limits(total, total, self.plan.request_timeout),
+                scopes=self.scopes,
+                ask=functools.partial(self.held, rpc, peer),
+                refuse=functools.partial(self.refuse, rpc=rpc),
+                stopping=self.stopping if refusal is None else _done(),
+                log=self.log,
+            )
+        finally:
+            self.streamed.discard(task)
 
     def answer(self, calls: list[Call]) -> None:
         for call in calls:
@@ -360,7 +405,7 @@ class KeeperProcess:
                 self.hello(msg, time.monotonic())
                 continue
             if isinstance(msg, UnaryReply):
-                call = self.calls.reply(sender, msg, envelope.frames)
+                call = self.calls.reply(sender, msg, envelope.frames, time.monotonic())
                 if call is not None:
                     self.answer([call])
                 continue
@@ -433,14 +478,25 @@ class KeeperProcess:
 
     async def stop(self) -> None:
         """The frontends are gone (the supervisor stops us after them): what is still open ends now."""
-        self.answer(self.calls.end_all(repr(ShuttingDown(SHUTTING_DOWN))))
+        calls_cut = self.calls.end_all(repr(ShuttingDown(SHUTTING_DOWN)), SHUTTING_DOWN)
+        self.answer(calls_cut)
+        requests_cut = len(self.streamed) - sum(call.rpc in STREAMED for call in calls_cut)  # still arriving
+        self.stopping.set_result(None)
         self.end({stream_id: Close(SHUTTING_DOWN) for stream_id in self.connections})
         for connection in list(self.connections.values()):
             connection.stream.done = True
+        streams_cut = len(self.connections)
         deadline = time.monotonic() + 2.0
-        while self.connections and time.monotonic() < deadline:
+        while (self.connections or self.streamed) and time.monotonic() < deadline:
             await asyncio.sleep(0.05)
-        self.log.info("stopped", streams_cut=len(self.connections))
+        self.log.info("stopped", streams_cut=streams_cut, calls_cut=len(calls_cut) + requests_cut)
+
+
+def _done() -> asyncio.Future:
+    """A future already done: a stream that comes while every frontend drains is refused at once."""
+    future = asyncio.get_running_loop().create_future()
+    future.set_result(None)
+    return future
 
 
 async def amain(actor: actor_lib.Actor) -> None:

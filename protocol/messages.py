@@ -629,8 +629,8 @@ class StreamDone(Message):
 
 
 class UnaryCall(Message):
-    """Keeper -> frontend: answer this call (`rpc`: the RPC's name, e.g. "rpc_forward"); frame: the request
-    as p2pd delivered it (a serialized protobuf)."""
+    """Keeper -> frontend: answer this call (`rpc`: the RPC's name, e.g. "rpc_forward"); frames: the request
+    as p2pd delivered it (a serialized protobuf), or a forward or backward stream's messages, in order."""
 
     call: int
     rpc: str
@@ -644,11 +644,14 @@ class UnaryCancel(Message):
 
 
 class UnaryReply(Message):
-    """Frontend -> keeper: the call's response (frame: the serialized protobuf), or `error`: the repr of
-    what the RPC raised, which the keeper gives p2pd as the call's error (as hivemind's handlers do)."""
+    """Frontend -> keeper: the call's response (frames: the serialized protobuf, or a stream's messages in
+    order), or `error`: what the caller is told, the repr of what a unary RPC raised (p2pd gives it as the
+    call's error, as hivemind's handlers do) or its str for a stream (the text of the error frame), or
+    `again`: a retiring frontend (a reload) gives the call up at its --drain_timeout: ask another."""
 
     call: int
     error: Optional[str] = None
+    again: bool = False
 
 
 # --- probe plane: every actor's XPUB -> python -m node.probe -------------------------------------

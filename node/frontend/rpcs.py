@@ -1,9 +1,9 @@
 """The Petals RPCs (PROTOCOL 3): read and check a request, run it on the runtime, encode the reply.
 
-Served under `TransformerConnectionHandler.<name>`, unary or stream as Petals clients call them: the
-streams registered by the frontend process (procs/frontend.py), the unary calls and rpc_inference
-relayed by the stream keeper (procs/keeper.py). Raised exceptions become the client's error: `repr(e)` for unary
-calls and `str(e)` in a stream's error frame. What the RPCs share lives beside: the runtime link
+Served under `TransformerConnectionHandler.<name>`, unary or stream as Petals clients call them, on what
+the stream keeper (procs/keeper.py) relays: rpc_inference's frames as they come, the other calls whole
+(a forward or backward stream's parts together). Raised exceptions become the client's error: `repr(e)`
+for unary calls and `str(e)` in a stream's error frame. What the RPCs share lives beside: the runtime link
 (runtime_link.py), the open sessions (open_sessions.py), pushes to the next servers (pushes.py), the
 counters (counters.py) and the byte scopes (limits.py); one rpc_inference stream is session.py.
 """
@@ -24,7 +24,6 @@ from node.frontend.open_sessions import OpenSessions
 from node.frontend.pushes import Pushes
 from node.frontend.runtime_link import RuntimeLink
 from node.frontend.session import InferenceStream, SessionServices
-from node.frontend.streams import Received
 from protocol import SERVER_VERSION, rpc_info, wire
 from protocol import request_checks as rq
 from protocol.messages import SHUTTING_DOWN, Backward, CapacityQuery, Forward, FrontendStats, PushRoute
@@ -32,8 +31,7 @@ from protocol.plan import NodePlan
 from protocol.requester import Requester
 
 NAME_PREFIX = "TransformerConnectionHandler."
-STREAMS = ("rpc_forward_stream", "rpc_backward_stream")  # registered with p2pd by each frontend
-KEPT = "rpc_inference"  # a stream that the stream keeper holds (procs/keeper.py) and relays to a frontend
+KEPT = "rpc_inference"  # a stream that the stream keeper holds (procs/keeper.py) and relays frame by frame
 STREAM_PART_BYTES = 4 * 1024 * 1024
 MAX_REQUESTS_IN_FLIGHT = 1024  # RPCs one frontend handles at once (sessions included)
 DRAIN_LOG_PERIOD = 10.0  # seconds between the log lines of a drain
@@ -76,8 +74,9 @@ class Rpcs:
         return RequestSizes.of(self.plan)
 
     def stream_sizes(self, rpc: str) -> tuple[int, Optional[int]]:
-        """(one message, the whole stream) for node/frontend/streams.py: a forward or backward stream is one
-        request in parts; an inference stream is a session of steps, each at most one step's size."""
+        """(one message, the whole stream) for node/frontend/streams.py: an inference stream is a session
+        of steps, each at most one step's size; a forward or backward stream is one request in parts (the
+        keeper reads those: node/keeper/streamed.py)."""
         sizes = self.sizes()
         if rpc == "rpc_inference":
             return sizes.step, None
@@ -194,45 +193,43 @@ class Rpcs:
     async def rpc_backward(self, request: runtime_pb2.ExpertRequest, context) -> runtime_pb2.ExpertResponse:
         return await self._unary("rpc_backward", self.backward, request, context)
 
-    async def _collect(self, requests: AsyncIterator[Received]) -> tuple[str, dict, list]:
-        """A *_stream request: uid and metadata from the first part, tensors reassembled from all parts (their
-        bytes stay reserved until the stream ends)."""
-        uid, metadata, assembler = None, None, wire.StreamAssembler()
+    async def _collect(self, parts: list[runtime_pb2.ExpertRequest]) -> tuple[str, dict, list]:
+        """A *_stream request: uid and metadata from the first part, tensors reassembled from all parts."""
+        if not parts:
+            raise ValueError("the stream ended before any request arrived")
+        uid, metadata, assembler = parts[0].uid, wire.unpack_metadata(parts[0].metadata), wire.StreamAssembler()
         tensors = []
-        async for received in requests:
-            part = received.request
-            if uid is None:
-                uid, metadata = part.uid, wire.unpack_metadata(part.metadata)
-            elif part.uid != uid:
+        for part in parts:
+            if part.uid != uid:
                 raise ValueError(f"stream parts name different blocks: {uid!r} then {part.uid!r}")
             tensors.extend(assembler.feed(part.tensors))
-        if uid is None:
-            raise ValueError("the stream ended before any request arrived")
         assembler.finish()
         return uid, metadata, tensors
 
-    async def _collected(self, run, requests, peer: str) -> list[runtime_pb2.Tensor]:
-        uid, metadata, tensors = await self._collect(requests)
-        return await run(uid, tensors, metadata, peer)
-
-    async def _stream_reply(self, tensors: list[runtime_pb2.Tensor]) -> AsyncIterator[runtime_pb2.ExpertResponse]:
-        for tensor in tensors:
-            for part in wire.split_for_stream(tensor, STREAM_PART_BYTES):
-                yield runtime_pb2.ExpertResponse(tensors=[part])
-
-    async def _streamed(self, rpc: str, compute, requests, context) -> AsyncIterator[runtime_pb2.ExpertResponse]:
-        """rpc_forward_stream and rpc_backward_stream: one request in parts, its reply in parts."""
+    async def streamed_call(self, rpc: str, frames: list[bytes], context) -> list[runtime_pb2.ExpertResponse]:
+        """rpc_forward_stream or rpc_backward_stream, read whole by the keeper (`frames`: its parts, serialized
+        ExpertRequests, within the request's size limit): the reply's parts. The parts' bytes are reserved
+        here too while the call is handled, as for a unary call."""
         peer = str(context.remote_id)
+        compute = {"rpc_forward_stream": self.forward, "rpc_backward_stream": self.backward}[rpc]
         with self.track(rpc, peer):
-            outputs = await asyncio.wait_for(self._collected(compute, requests, peer), self.plan.request_timeout)
-            async for response in self._stream_reply(outputs):
-                yield response
-
-    def rpc_forward_stream(self, requests, context) -> AsyncIterator[runtime_pb2.ExpertResponse]:
-        return self._streamed("rpc_forward_stream", self.forward, requests, context)
-
-    def rpc_backward_stream(self, requests, context) -> AsyncIterator[runtime_pb2.ExpertResponse]:
-        return self._streamed("rpc_backward_stream", self.backward, requests, context)
+            async with self.reserved(peer, sum(len(frame) for frame in frames)):
+                parts = []
+                for frame in frames:
+                    part = runtime_pb2.ExpertRequest()
+                    try:
+                        part.ParseFromString(frame)
+                    except Exception:
+                        raise ValueError(f"malformed ExpertRequest ({len(frame)} bytes could not be parsed)") from None
+                    parts.append(part)
+                uid, metadata, tensors = await self._collect(parts)
+                del parts
+                outputs = await asyncio.wait_for(compute(uid, tensors, metadata, peer), self.plan.request_timeout)
+                return [
+                    runtime_pb2.ExpertResponse(tensors=[part])
+                    for tensor in outputs
+                    for part in wire.split_for_stream(tensor, STREAM_PART_BYTES)
+                ]
 
     # --- inference and push ------------------------------------------------------------------
 

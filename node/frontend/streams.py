@@ -1,6 +1,7 @@
 """Stream RPCs on the frontend: hivemind's framing of protobuf streams (PROTOCOL 1.2), read with bounds.
 
-`stream_handler` wraps one of node/frontend/rpcs.py's stream RPCs as a p2pd binary stream handler: it
+`stream_handler` wraps a stream RPC of node/frontend/rpcs.py (rpc_inference, whose frames the stream keeper
+relays through node/frontend/kept.py; it takes a p2pd stream's reader and writer just the same): it
 reads the client's frames into a bounded queue (at most PREFETCH unread), parses each as an
 ExpertRequest, writes the handler's responses, and turns malformed input into an error frame instead of
 a dropped stream. When the reply is complete early (an error), the rest of the client's input is read
@@ -47,6 +48,17 @@ def close_grace(peer: str) -> float:
     """How long after a complete reply's last frame its stream is closed."""
     others = max(0, _open_streams[peer] - 1)
     return min(CLOSE_GRACE_MAX, CLOSE_GRACE * (1 + others / STREAMS_PER_GRACE))
+
+
+def stream_opened(peer: str) -> None:
+    """A stream of `peer` is handled by this process from now on (see close_grace)."""
+    _open_streams[peer] += 1
+
+
+def stream_closed(peer: str) -> None:
+    _open_streams[peer] -= 1
+    if _open_streams[peer] <= 0:
+        del _open_streams[peer]
 
 
 class Reservation:
@@ -150,7 +162,7 @@ def stream_handler(
                 raise Refused("slow_sender", f"a stream message of {length} bytes did not arrive in time") from None
             return marker, payload, length
 
-        _open_streams[peer] += 1
+        stream_opened(peer)
         task = asyncio.get_running_loop().create_task(process())
         receiving = True
         ended = False  # the client sent its end-of-input, closed, or sent what cannot be read any further
@@ -224,9 +236,7 @@ def stream_handler(
                     await asyncio.wait({task})  # the handler releases what it holds as it ends
             finally:
                 reservation.close()
-                _open_streams[peer] -= 1
-                if not _open_streams[peer]:
-                    del _open_streams[peer]
+                stream_closed(peer)
 
     return handle
 

@@ -1,13 +1,16 @@
-"""The stream keeper's unary calls: which frontend answers each rpc_info, rpc_forward, rpc_backward and
-rpc_push, and what happens to a call whose frontend dies (docs/reliability.md, "A frontend's crash").
+"""The stream keeper's calls: which frontend answers each rpc_info, rpc_forward, rpc_backward, rpc_push,
+rpc_forward_stream and rpc_backward_stream, and what happens to a call whose frontend dies
+(docs/reliability.md, "A frontend's crash").
 
 p2pd delivers a unary call whole through the persistent connection of the process that registered its
 handler, and waits for that process's answer; when the process dies, p2pd neither fails the call nor
-gives it to another: its caller waits for its own timeout. So the keeper registers the unary handlers,
-and this table relays each call to a frontend (procs/keeper.py moves the bytes). A call whose frontend
-dies goes to another frontend, or to the dead one's replacement: forward, backward and info change
-nothing in the node, so asking again is safe, and a session drops a pushed step it has already taken
-by its step_id (PROTOCOL 3.7), so a push may be delivered twice.
+gives it to another: its caller waits for its own timeout. A stream dies with the process that accepted
+it. So the keeper registers these handlers, reads a stream's request whole (a forward or backward
+stream is one request in parts: nothing is computed before its last part), and this table relays each
+call to a frontend (procs/keeper.py moves the bytes). A call whose frontend dies goes to another
+frontend, or to the dead one's replacement: forward, backward and info change nothing in the node, so
+asking again is safe, and a session drops a pushed step it has already taken by its step_id (PROTOCOL
+3.7), so a push may be delivered twice.
 
 Like node/keeper/table.py, no socket and no clock: told what happened, it answers through
 `send(frontend, message, frames)` and through the calls its methods return as ended.
@@ -23,6 +26,7 @@ from node.keeper.table import least_loaded
 from protocol.messages import Message, UnaryCall, UnaryCancel, UnaryReply
 
 UNARY = ("rpc_info", "rpc_forward", "rpc_backward", "rpc_push")  # the unary RPCs, held by the keeper
+STREAMED = ("rpc_forward_stream", "rpc_backward_stream")  # streams read whole by the keeper, then held as calls
 
 NO_FRONTEND = "no frontend of the node answered this call within {limit:.0f} s; retry later"
 
@@ -32,10 +36,10 @@ class Call:
     id: int
     rpc: str  # e.g. "rpc_forward"
     peer: str
-    payload: bytes  # the request, kept until the call is answered (it may be asked again)
+    frames: list[bytes]  # the request (a stream's: its messages), kept until answered (it may be asked again)
     frontend: Optional[str] = None  # who answers it; None while it waits for one
     waiting_since: Optional[float] = None
-    response: Optional[bytes] = None  # the answer, once ended ...
+    response: Optional[list[bytes]] = None  # the answer (a stream's: its messages), once ended ...
     error: Optional[str] = None  # ... or the error the caller gets (repr of what the RPC raised)
     done: bool = False
     sent: int = 0  # how many frontends were asked
@@ -57,8 +61,8 @@ class Calls:
         self._turn = itertools.count()
         self.resent = 0  # calls asked again after their frontend died
 
-    def start(self, rpc: str, peer: str, payload: bytes, now: float) -> Call:
-        call = Call(next(self._ids), rpc, peer, payload, waiting_since=now)
+    def start(self, rpc: str, peer: str, frames: list[bytes], now: float) -> Call:
+        call = Call(next(self._ids), rpc, peer, frames, waiting_since=now)
         self.calls[call.id] = call
         self._assign(call)
         return call
@@ -90,7 +94,7 @@ class Calls:
             self.resent += 1
             self.log.info("call sent again", call=call.id, rpc=call.rpc, peer=call.peer, frontend=frontend)
         call.sent += 1
-        self.send(frontend, UnaryCall(call.id, call.rpc, call.peer), [call.payload])
+        self.send(frontend, UnaryCall(call.id, call.rpc, call.peer), list(call.frames))
 
     def assign_waiting(self) -> None:
         for call in self.calls.values():
@@ -114,25 +118,31 @@ class Calls:
                     ended.append(call)
         return ended
 
-    def end_all(self, error: str) -> list[Call]:
-        """The keeper stops: every call still open ends with `error`."""
+    def end_all(self, error: str, stream_error: str) -> list[Call]:
+        """The keeper stops: every call still open ends with `error` (a stream's: `stream_error`, the text of
+        its error frame)."""
         ended = [call for call in self.calls.values() if not call.done]
         for call in ended:
-            call.error, call.done = error, True
+            call.error, call.done = stream_error if call.rpc in STREAMED else error, True
         return ended
 
     # --- a frontend's answer -------------------------------------------------------------------
 
-    def reply(self, sender: str, msg: UnaryReply, frames: list) -> Optional[Call]:
+    def reply(self, sender: str, msg: UnaryReply, frames: list, now: float = 0.0) -> Optional[Call]:
         """The call a frontend answered, now ended; None for an answer from a frontend that no longer holds
-        the call (a late one from a process that was given up on) or to a call already ended."""
+        the call (a late one from a process that was given up on) or to a call already ended, and for a
+        call given up by a retiring frontend (`again`): it goes to another, or waits for one."""
         call = self.calls.get(msg.call)
         if call is None or call.done or call.frontend != sender:
+            return None
+        if msg.again:
+            call.frontend, call.waiting_since = None, now
+            self._assign(call)
             return None
         if msg.error is not None:
             call.error = msg.error
         else:
-            call.response = bytes(frames[0]) if frames else b""
+            call.response = [bytes(frame) for frame in frames]
         call.done = True
         return call
 

@@ -172,10 +172,14 @@ class NodeCollector(Collector):
             "inference streams handed to another frontend after theirs died",
             totals.get(("handed_over",), 0.0),
         )
-        yield _gauge("node_calls_held", "unary calls held by the stream keeper, waiting for an answer", keeper.calls)
+        yield _gauge(
+            "node_calls_held",
+            "calls (unary, or forward and backward streams read whole) the stream keeper holds, unanswered",
+            keeper.calls,
+        )
         yield _counter(
             "node_calls_resent",
-            "unary calls sent again to another frontend after theirs died",
+            "calls sent again to another frontend after theirs died or retired",
             totals.get(("calls_resent",), 0.0),
         )
         yield _counter(

@@ -8,10 +8,10 @@ Owned by the supervisor, which calls `request()` on SIGHUP. The choreography, on
   (node/frontend/session.py). The node stays ONLINE meanwhile: requests wait, none fails;
 - the allocator, then the announcer: their replacements learn what they must (the grants, the state)
   as after a crash;
-- each frontend in turn: a new one (a new name, frontend.K) registers its handlers with p2pd first,
-  then the old one removes its own (new calls and streams go to the new one), serves its open streams
-  until they end or --drain_timeout passes, and exits (Retire); the inference sessions still open then
-  are handed to another frontend by the stream keeper, not cut.
+- each frontend in turn: a new one (a new name, frontend.K) tells the stream keeper it takes work first,
+  then the old one that it takes none (new calls and streams go to the new one), serves its open streams
+  and calls until they end or --drain_timeout passes, and exits (Retire); the inference sessions still
+  open then are handed to another frontend by the stream keeper, and the calls asked of it, not cut.
 The supervisor itself is not replaced, nor the stream keeper (procs/keeper.py: the sessions' streams live
 in it, and would end with it): a change to their code needs a restart, which drains. Reloads are logged
 ("reload started", "reload done" with the code version) and counted (status.json, node_reloads_total).

@@ -417,7 +417,7 @@ class Supervisor:
                         if other is not actor:
                             self.send(other.spec.name, PeerUp(name))
                 actor.was_ready = True
-                if isinstance(msg.detail, (FrontendReady, KeeperReady)):
+                if isinstance(msg.detail, (FrontendReady, KeeperReady)) and msg.detail.stream_handlers:
                     self.stream_handlers[name] = (msg.detail.stream_maddr, list(msg.detail.stream_handlers))
                 elif isinstance(msg.detail, AnnouncerReady):
                     self.placement.using_relay = msg.detail.using_relay

@@ -478,16 +478,22 @@ class TestOneNode:
             assert failed_after < HEARTBEAT_TIMEOUT + ERROR_LIMIT
         assert served < HEARTBEAT_TIMEOUT + recovery_limit()
 
-    def test_unary_calls_held_by_a_killed_frontend_are_answered_by_its_replacement(self, shared, client, sample):
-        """p2pd leaves a unary call waiting for good when the process that took it dies; the keeper holds
-        unary calls and asks the frontend's replacement: rpc_forward, rpc_backward and rpc_info taken by a
-        frontend that is then killed are answered, with transformers' outputs, the caller only sees a delay."""
+    def test_calls_held_by_a_killed_frontend_are_answered_by_its_replacement(self, shared, client, sample, micro_hf):
+        """p2pd leaves a unary call waiting for good when the process that took it dies, and a stream dies
+        with the process that accepted it; the keeper holds both (a forward or backward stream read whole)
+        and asks the frontend's replacement: rpc_forward, rpc_backward, rpc_info, rpc_forward_stream and
+        rpc_backward_stream taken by a frontend that is then killed are answered, with transformers'
+        outputs, the caller only sees a delay."""
         node = shared
         hidden, ref = sample
         span = span_of(node)
         check_serves(client, node, sample)
         grad_out = torch.randn_like(hidden)
         expected_grad = call(client, client.swarm.backward_span(span, hidden, grad_out), 10)[0]
+        big = torch.randn(1, 4200, 64)  # over 1 MB: the client streams it
+        big_grad = torch.randn_like(big)
+        big_ref = hf_blocks(micro_hf, big, 0, NUM_BLOCKS)
+        big_expected_grad = call(client, client.swarm.backward_span(span, big, big_grad), 30)[0]
         pid = node.actor_pid("frontend.0")
         os.kill(pid, signal.SIGSTOP)
         try:
@@ -495,8 +501,10 @@ class TestOneNode:
                 "rpc_forward": background(client, client.swarm.forward_span(span, hidden), 60),
                 "rpc_backward": background(client, client.swarm.backward_span(span, hidden, grad_out), 60),
                 "rpc_info": background(client, client.swarm.rpc_info(span.peer_id, client.swarm.uid(0, 1)), 60),
+                "rpc_forward_stream": background(client, client.swarm.forward_span(span, big), 60),
+                "rpc_backward_stream": background(client, client.swarm.backward_span(span, big, big_grad), 60),
             }
-            time.sleep(1.0)  # p2pd has handed them to the keeper, and the keeper to the stopped frontend
+            time.sleep(1.5)  # p2pd has handed them to the keeper, and the keeper to the stopped frontend
         finally:
             sigkill(pid)
         t0 = time.monotonic()
@@ -504,12 +512,14 @@ class TestOneNode:
         assert rel_err(waiting["rpc_forward"].result(timeout=bound + 10), ref) <= TOL
         assert rel_err(waiting["rpc_backward"].result(timeout=bound + 10)[0], expected_grad) <= TOL
         assert waiting["rpc_info"].result(timeout=bound + 10)["version"]
+        assert rel_err(waiting["rpc_forward_stream"].result(timeout=bound + 10), big_ref) <= TOL
+        assert rel_err(waiting["rpc_backward_stream"].result(timeout=bound + 10)[0], big_expected_grad) <= TOL
         answered_after = time.monotonic() - t0
         assert answered_after < bound, f"answered {answered_after:.1f} s after the frontend died"
         node.wait_ready("frontend.0", pid, timeout=30)
         check_serves(client, node, sample)
         events = [e for e in node.log_events() if e.get("event") == "call sent again"]
-        assert {e["rpc"] for e in events} >= {"rpc_forward", "rpc_backward", "rpc_info"}
+        assert {e["rpc"] for e in events} >= set(waiting), events
 
 
 def metric_values(node: NodeProcess, *names: str) -> dict[str, float]:

@@ -129,50 +129,129 @@ def test_reload_under_load_fails_no_call_and_runs_the_new_code(tmp_path, micro_h
     assert "JOINING" not in states and "OFFLINE" not in states  # ONLINE throughout
 
 
-@pytest.mark.parametrize(
-    "sig, flag, ended",
-    [(signal.SIGHUP, "--drain_timeout", "retired"), (signal.SIGTERM, "--shutdown_grace", "drained")],
-    ids=["reload", "stop"],
-)
-def test_a_call_outliving_a_retirement_gets_its_final_error(tmp_path, sig, flag, ended):
-    """A forward stream whose client is still sending when its frontend's retirement (a reload) or drain
-    (a stop) ends is answered with the node's shutting-down error, not cut off by the frontend's exit with
-    no answer (node/frontend/rpcs.py `cut_calls`)."""
+async def _send_part(client, node):
+    """A forward stream's first (and only) part, without its end-of-input: (reader, writer)."""
     from hivemind.p2p import PeerID
 
     from protocol import stream_framing as framing
-    from protocol.messages import SHUTTING_DOWN
     from tests.helpers.rpc import PREFIX, request
 
-    with NodeProcess(MICRO_LLAMA, tmp_path / "node", flag, "1") as node:
+    _, reader, writer = await client.swarm.p2p.call_binary_stream_handler(
+        PeerID.from_base58(node.peer_id), PREFIX + "rpc_forward_stream"
+    )
+    framing.write_message(writer, request("rpc_forward_stream"))
+    await writer.drain()
+    return reader, writer
+
+
+async def _read_reply(reader, timeout: float) -> list:
+    """The frames of the reply, up to the server's close or its error frame."""
+    from protocol import stream_framing as framing
+
+    frames = []
+    while True:
+        try:
+            frames.append(await asyncio.wait_for(framing.read_frame(reader), timeout))
+        except asyncio.IncompleteReadError:
+            return frames
+        if frames[-1][0] == framing.ERROR:
+            return frames
+
+
+def test_a_stream_still_being_sent_through_a_reload_is_answered(tmp_path, micro_hf):
+    """The stream keeper holds forward and backward streams (procs/keeper.py): a forward stream whose client
+    is still sending while every frontend is replaced is answered once its request is complete, with
+    transformers' output, as if nothing had happened."""
+    from hivemind.proto import runtime_pb2
+
+    from protocol import stream_framing as framing
+    from protocol import wire
+    from tests.helpers.rpc import hidden
+
+    with NodeProcess(MICRO_LLAMA, tmp_path / "node", "--drain_timeout", "1") as node:
         with Client(node.maddrs, "micro-llama") as client:
 
             async def call() -> list:
-                _, reader, writer = await client.swarm.p2p.call_binary_stream_handler(
-                    PeerID.from_base58(node.peer_id), PREFIX + "rpc_forward_stream"
-                )
+                reader, writer = await _send_part(client, node)
                 try:
-                    # the first part of a request, and no end-of-input: the frontend waits for the rest
-                    framing.write_message(writer, request("rpc_forward_stream"))
+                    before = len(node.log_events())
+                    os.kill(node.proc.pid, signal.SIGHUP)
+                    while not any(e.get("event") == "reload done" for e in node.log_events()[before:]):
+                        await asyncio.sleep(0.2)
+                    framing.end_of_stream(writer)  # the request is complete only now
                     await writer.drain()
+                    return await _read_reply(reader, 60)
+                finally:
+                    writer.close()
+
+            frames = client.run(call(), timeout=150)
+        events = node.log_events()
+    assert frames and all(marker == framing.MESSAGE for marker, _ in frames), frames
+    parts = [runtime_pb2.ExpertResponse.FromString(payload).tensors[0] for _, payload in frames]
+    assembler = wire.StreamAssembler()
+    (output,) = [t for part in parts for t in assembler.feed([part])]
+    assert rel_err(wire.to_torch(wire.decode_tensor(output)), hf_blocks(micro_hf, hidden(), 0, 4)) <= TOL
+    assert [e["calls_handed_over"] for e in events if e.get("event") == "retired"] == [0]
+
+
+def test_a_stream_still_being_sent_when_the_node_stops_gets_its_final_error(tmp_path):
+    """A forward stream whose client is still sending when the node stops is answered with the node's
+    shutting-down error by the stream keeper as it stops, not cut off with no answer."""
+    from protocol import stream_framing as framing
+    from protocol.messages import SHUTTING_DOWN
+
+    with NodeProcess(MICRO_LLAMA, tmp_path / "node", "--shutdown_grace", "1") as node:
+        with Client(node.maddrs, "micro-llama") as client:
+
+            async def call() -> list:
+                reader, writer = await _send_part(client, node)
+                try:
                     await asyncio.sleep(1.0)
-                    os.kill(node.proc.pid, sig)
-                    frames = []
-                    while True:
-                        try:
-                            frames.append(await asyncio.wait_for(framing.read_frame(reader), 90))
-                        except asyncio.IncompleteReadError:
-                            return frames
-                        if frames[-1][0] == framing.ERROR:
-                            return frames
+                    os.kill(node.proc.pid, signal.SIGTERM)
+                    return await _read_reply(reader, 90)
                 finally:
                     writer.close()
 
             frames = client.run(call(), timeout=120)
-        wait_until(lambda: any(e.get("event") == ended for e in node.log_events()), 120, f"a {ended} line", node)
+        wait_until(lambda: any(e.get("event") == "stopped" for e in node.log_events()), 120, "the keeper stopped", node)
         events = node.log_events()
     assert frames, "the stream ended with no answer"
     marker, payload = frames[-1]
     assert marker == framing.ERROR and SHUTTING_DOWN in framing.error_text(payload), frames
-    lines = [e for e in events if e.get("event") == ended]
-    assert lines and sum(e["calls_cut"] for e in lines) == 1, lines
+    stopped = [e for e in events if e.get("event") == "stopped" and e.get("actor") == "keeper"]
+    assert stopped and stopped[0]["calls_cut"] == 1, stopped
+
+
+def test_calls_outliving_a_retirement_are_answered_by_its_successor(tmp_path, micro_hf):
+    """A frontend that retires (a reload) gives the calls still under way at its --drain_timeout back to
+    the stream keeper, which asks its successor. The new runtime is stopped once the reload has started it,
+    so forwards (unary and streams) wait in the old frontend through its retirement; resumed, every one is
+    answered with transformers' output, none with an error."""
+    torch.manual_seed(7)
+    inputs = [torch.randn(1, 5, 64), torch.randn(1, 4200, 64), torch.randn(2, 3, 64), torch.randn(1, 4300, 64)]
+    flags = ("--drain_timeout", "0.5", "--heartbeat_timeout", "120")  # the stopped runtime is not replaced
+    with NodeProcess(MICRO_LLAMA, tmp_path / "node", *flags) as node:
+        with Client(node.maddrs, "micro-llama") as client:
+            span = client.route(0, 4)[0]
+            old_runtime = node.actor_pid("runtime.0")
+            os.kill(node.proc.pid, signal.SIGHUP)
+            runtime = node.wait_ready("runtime.0", old_runtime, timeout=120)
+            os.kill(runtime, signal.SIGSTOP)
+            try:
+                waiting = [
+                    asyncio.run_coroutine_threadsafe(client.swarm.forward_span(span, x), client._loop) for x in inputs
+                ]
+                wait_until(
+                    lambda: any(e.get("event") == "retired" for e in node.log_events()), 120, "a retirement", node
+                )
+            finally:
+                os.kill(runtime, signal.SIGCONT)
+            results = [w.result(timeout=120) for w in waiting]
+            wait_until(lambda: any(e.get("event") == "reload done" for e in node.log_events()), 120, "reload", node)
+        events = node.log_events()
+    for x, out in zip(inputs, results):
+        assert rel_err(out, hf_blocks(micro_hf, x, 0, 4)) <= TOL
+    retired = [e for e in events if e.get("event") == "retired"]
+    resent = {e["rpc"] for e in events if e.get("event") == "call sent again"}
+    assert sum(e["calls_handed_over"] for e in retired) == len(inputs), retired
+    assert resent == {"rpc_forward", "rpc_forward_stream"}, resent

@@ -1,0 +1,142 @@
+"""One rpc_forward_stream or rpc_backward_stream held by the stream keeper (procs/keeper.py): its request
+read whole, within the limits, handed to `ask` (a frontend answers it, and another if that one dies:
+node/keeper/calls.py), and the answer written back in its parts, or the error in an error frame.
+
+A forward or backward stream is one request in parts (PROTOCOL 1.2, 3.5): nothing can be computed before
+its last part, so reading it whole here costs no time, and the keeper can ask again when the frontend that
+computes it dies, which a stream accepted by that frontend could not survive. Its bytes are reserved for
+its peer and the keeper before each part is read, as a frontend does (node/frontend/streams.py), and the
+stream is closed as there: after an error, once the client has closed (or a moment has passed); after a
+complete reply, a grace after its last frame.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass
+from typing import Awaitable, Callable
+
+from hivemind.proto import runtime_pb2
+
+from node.frontend.limits import Refused, Scopes
+from node.frontend.streams import (
+    FRAME_SECONDS,
+    MIN_RATE,
+    Reservation,
+    close_grace,
+    drain_input,
+    stream_closed,
+    stream_opened,
+)
+from node.frontend.time_limit import within
+from protocol import stream_framing as framing
+from protocol.messages import SHUTTING_DOWN
+
+
+class ClientEnded(Exception):
+    """The client ended its request with an error frame of its own: nothing is answered."""
+
+
+@dataclass(frozen=True)
+class Limits:
+    message: int  # the most bytes one part may hold
+    total: int  # ... and all parts together (the most the RPC can need on this node)
+    seconds: float  # the time the whole request has to arrive (--request_timeout)
+
+
+async def read_request(rpc: str, reader: asyncio.StreamReader, limits: Limits, reservation: Reservation) -> list[bytes]:
+    """The request's messages (serialized ExpertRequests, each checked to parse: a frontend parses them
+    again), up to the client's end-of-input."""
+    frames: list[bytes] = []
+    received = 0
+    while True:
+        marker, length = await framing.read_header(reader)
+        if length > limits.message:
+            raise Refused("message_size", f"a stream message of {length} bytes exceeds the limit of {limits.message}")
+        if received + length > limits.total:
+            need = f"the request exceeds {limits.total} bytes, the most a {rpc} request can need"
+            raise Refused("request_size", need)
+        await reservation.reserve(length)
+        try:
+            payload = await within(reader.readexactly(length), FRAME_SECONDS + length / MIN_RATE)
+        except asyncio.TimeoutError:
+            raise Refused("slow_sender", f"a stream message of {length} bytes did not arrive in time") from None
+        received += length
+        if marker == framing.MESSAGE:
+            try:  # a part that cannot be parsed is answered at once, not after the rest of the request
+                runtime_pb2.ExpertRequest.FromString(payload)
+            except Exception:
+                raise ValueError(f"malformed ExpertRequest ({length} bytes could not be parsed)") from None
+            frames.append(payload)
+        elif marker == framing.ERROR:
+            try:
+                text = framing.error_text(payload)
+            except Exception:  # an error frame whose payload is not an RPCError
+                text = f"an undecodable error frame of {length} bytes"
+            if text is None:
+                return frames
+            raise ClientEnded(f"the client sent an error: {text}")
+        else:
+            raise ValueError(f"malformed stream frame (marker {marker!r})")
+
+
+async def serve(
+    rpc: str,
+    peer: str,
+    reader: asyncio.StreamReader,
+    writer: asyncio.StreamWriter,
+    *,
+    limits: Limits,
+    scopes: Scopes,
+    ask: Callable[[list[bytes]], Awaitable[list[bytes]]],
+    refuse: Callable[[str, str, str], None],
+    stopping: asyncio.Future,
+    log,
+) -> None:
+    """One stream from its first byte to its close. `ask(frames)` gives the reply's messages or raises
+    what the client is told (its str); `refuse(reason, peer, detail)` counts and logs a refusal; once
+    `stopping` is done, a request still arriving is answered with the node's shutting-down error."""
+    reservation = Reservation(scopes, peer)
+    stream_opened(peer)
+    reading = asyncio.get_running_loop().create_task(read_request(rpc, reader, limits, reservation))
+    try:
+        done, _ = await asyncio.wait({reading, stopping}, timeout=limits.seconds, return_when=asyncio.FIRST_COMPLETED)
+        error = None
+        if reading not in done:
+            reading.cancel()
+            await asyncio.wait({reading})  # its read ends before drain_input reads on
+            error = SHUTTING_DOWN if stopping.done() else f"the request did not arrive within {limits.seconds:.0f} s"
+        else:
+            try:
+                frames = reading.result()
+            except (asyncio.IncompleteReadError, ConnectionError, ClientEnded) as e:
+                log.info("stream input cut before its end", rpc=rpc, peer=peer, error=repr(e))
+                return  # the client is gone, or ended the call itself: nobody reads an answer
+            except Refused as e:
+                refuse(e.reason, peer, str(e))
+                error = str(e)
+            except ValueError as e:
+                error = str(e)
+        if error is None:
+            try:
+                responses = await ask(frames)
+            except Exception as e:
+                error = str(e) or type(e).__name__
+            else:
+                del frames
+                for response in responses:
+                    framing.write_frame(writer, framing.MESSAGE, response)
+                    await writer.drain()
+                reservation.close()
+                await asyncio.sleep(close_grace(peer))  # see node/frontend/streams.py CLOSE_GRACE
+                return
+        framing.write_error(writer, error)
+        await writer.drain()
+        await drain_input(reader, None, until_closed=True)  # closing first may lose the error
+    except (ConnectionError, OSError) as e:
+        log.info("stream ended without a reply: the client is gone", rpc=rpc, peer=peer, error=repr(e))
+    finally:
+        reading.cancel()
+        reservation.close()
+        stream_closed(peer)
+        writer.close()
