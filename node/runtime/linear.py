@@ -8,8 +8,8 @@ docs/benchmarks.md, for Llama-3.1-8B's matrices in float32: 8 rows (a round of 8
 to 1.5 times faster transposed, 32 rows 1.6 to 1.9, 512 rows between 0.8 and 1.8 by shape, 1 row the
 same. On a 2-core Sapphire Rapids Xeon in bfloat16, one row (a decode step): the MLP's down projection
 (4096 x 14336) 14.7 ms through F.linear, 4.5 ms through torch.mv; the others 15% faster through mv. So
-each (weight shape, dtype, nearest power of two of rows) is timed once, every way, on its first input,
-and the fastest way (another than F.linear only if it wins by 10%) serves it from then on: the same input
+each (weight shape, dtype, nearest power of two of rows) is timed every way on its first input (each
+way warmed up first, then timed twice), and the fastest way (another than F.linear only if it wins by 10%) serves it from then on: the same input
 always gets the same way, so results stay reproducible within a runtime.
 Only plain Linear layers on the CPU are concerned (quantized layers and GPUs keep their own kernels).
 The choices are kept in a file of the node's run directory (`remember`): a runtime that replaces a crashed
@@ -29,7 +29,6 @@ import torch.nn.functional as F
 from torch import nn
 
 TRIALS = 2  # timings of each way, the fastest counted
-LARGE_PRODUCT = 1 << 28  # rows x weight elements (64 rows of a 4096 x 1024 weight) from which one timing will do
 MARGIN = 0.9  # the transposed way must take under this share of F.linear's time
 MAX_ROWS_CLASS = 1 << 14
 # the ways (False and True, as older choice files hold them, are LINEAR and TRANSPOSED)
@@ -95,17 +94,21 @@ def product(x: torch.Tensor, weight: torch.Tensor, way: int, bias: Optional[torc
 
 def _choose(key: tuple, x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]):
     """Times every way on `x` and keeps the choice; returns it and the product of the chosen way (the
-    input's own output: timing costs a product or two more, not four). A large product is timed once:
-    its timing is steady, and timing it twice cost a restarted runtime's first 513-token prefill of the 8B
-    blocks about a second."""
-    trials = 1 if x.shape[0] * weight.numel() >= LARGE_PRODUCT else TRIALS
+    input's own output). Each way runs once untimed first: the first product of a shape pays for what the
+    later ones find ready (its kernel's set-up, the output's memory, the threads waking), and timed cold,
+    whichever way ran first lost (on the 8b preset in bfloat16 a fresh process chose the transposed way for
+    2 of the 4 products of a 512-row forward, then F.linear for all 4 once warm, which is faster there).
+    Then each is timed TRIALS times, the fastest counted: a choice is made once per size class in the
+    node's life (`remember`), so a few products more at its first input buy a choice noise did not make."""
     ways = (LINEAR, TRANSPOSED, VECTOR) if x.shape[0] == 1 else (LINEAR, TRANSPOSED)
     best: dict[int, float] = {}
     outputs: dict[int, torch.Tensor] = {}
-    for _ in range(trials):  # in the caller's grad mode: the output returned may be part of a backward
+    for way in ways:  # in the caller's grad mode: the output returned may be part of a backward
+        outputs[way] = product(x, weight, way, bias)
+    for _ in range(TRIALS):
         for way in ways:
             began = time.perf_counter()
-            outputs[way] = product(x, weight, way, bias)
+            product(x, weight, way, bias)
             took = time.perf_counter() - began
             best[way] = min(took, best.get(way, took))
     fastest = min(ways[1:], key=best.__getitem__)
