@@ -38,6 +38,7 @@ import zmq.asyncio
 from hivemind.p2p import P2P
 from hivemind.utils.multiaddr import Multiaddr
 
+from node import host_memory
 from node.frontend import backlog
 from node.frontend.errors import ShuttingDown
 from node.frontend.limits import Refused, RequestSizes, Scopes
@@ -150,6 +151,11 @@ class KeeperProcess:
         # what strangers may make the keeper hold: a message's bytes are reserved before it is read and
         # given back once a frontend has handled it (what stays in a log is bounded by its budget)
         self.scopes = Scopes.of(self.plan)
+        # what large requests free stays in the heap for the next ones (page faults cost more than the
+        # copies: node/host_memory.py, procs/frontend.py), and goes back once the keeper is idle
+        host_memory.hold_freed_memory()
+        self.trimmer = host_memory.Trimmer()
+        self.calls_ended = 0
 
     def send(self, frontend: str, msg, frames: list) -> None:
         try:
@@ -333,6 +339,7 @@ class KeeperProcess:
         finally:
             self.answers.pop(call.id, None)
             self.calls.forget(call)
+            self.calls_ended += 1
 
     def refuse(self, reason: str, peer: str, detail: str, **fields) -> None:
         self.refused[reason] = self.refused.get(reason, 0) + 1
@@ -472,6 +479,8 @@ class KeeperProcess:
                     step_compute_seconds=self.steps.compute_seconds,
                 )
                 self.actor.publish_stats()
+                busy = bool(self.calls.count() or self.streamed)
+                self.trimmer.tick(busy, self.calls_ended + self.steps.count + self.table.received_total)
         finally:
             relaying.cancel()
         await self.stop()

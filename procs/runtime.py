@@ -26,9 +26,9 @@ import torch
 import zmq
 
 from node import logs
+from node.host_memory import Trimmer, hold_freed_memory
 from node.runtime import linear, lora
 from node.runtime.engine import Engine, GroupBroken, Step
-from node.runtime.host_memory import Trimmer, hold_freed_memory
 from node.runtime.loading import load_adapters
 from node.runtime.models import get_family
 from node.runtime.quantize import QuantizationUnavailable, check_quantization, quantize_block

@@ -128,6 +128,7 @@ class Keeper:
         self._ids = itertools.count(1)
         self._turn = itertools.count()
         self.resumed = 0  # streams handed over, in all
+        self.received_total = 0  # client messages read, of every stream
 
     # --- frontends ---------------------------------------------------------------------------
 
@@ -228,6 +229,7 @@ class Keeper:
 
     def received(self, stream: Stream, marker: int, payload: bytes, now: float = 0.0) -> None:
         stream.received += 1
+        self.received_total += 1
         if marker == MESSAGE_MARKER and now:
             stream.arrivals.append((stream.received, now))
         if marker == ERROR_MARKER:

@@ -9,8 +9,9 @@ to 1.5 times faster transposed, 32 rows 1.6 to 1.9, 512 rows between 0.8 and 1.8
 same. On a 2-core Sapphire Rapids Xeon in bfloat16, one row (a decode step): the MLP's down projection
 (4096 x 14336) 14.7 ms through F.linear, 4.5 ms through torch.mv; the others 15% faster through mv. So
 each (weight shape, dtype, nearest power of two of rows) is timed every way on its first input (each
-way warmed up first, then timed twice), and the fastest way (another than F.linear only if it wins by 10%) serves it from then on: the same input
-always gets the same way, so results stay reproducible within a runtime.
+way warmed up first, then timed twice), and the fastest way (another than F.linear only if it wins by
+10%) serves it from then on: the same input always gets the same way, so results stay reproducible
+within a runtime.
 Only plain Linear layers on the CPU are concerned (quantized layers and GPUs keep their own kernels).
 The choices are kept in a file of the node's run directory (`remember`): a runtime that replaces a crashed
 one makes the same choices at once, instead of timing every product again in its first requests (the

@@ -23,7 +23,7 @@ import errno
 import sys
 from typing import TYPE_CHECKING, Optional
 
-from node.runtime import host_memory
+from node import host_memory
 
 if TYPE_CHECKING:
     import torch

@@ -9,8 +9,8 @@ import sys
 
 import pytest
 
-from node.runtime import host_memory
-from node.runtime.host_memory import IDLE_SECONDS, Trimmer, _malloc_trim
+from node import host_memory
+from node.host_memory import IDLE_SECONDS, Trimmer, _malloc_trim
 
 
 class Clock:
@@ -50,7 +50,7 @@ def test_on_glibc_the_runtime_calls_malloc_trim_for_real():
 HOLD_PROBE = """
 import ctypes, sys
 import psutil
-from node.runtime import host_memory
+from node import host_memory
 held = host_memory.hold_freed_memory()
 libc = ctypes.CDLL("libc.so.6")
 libc.malloc.restype, libc.malloc.argtypes = ctypes.c_void_p, [ctypes.c_size_t]

@@ -1,4 +1,7 @@
-"""Giving the host memory that a forward or backward freed back to the system.
+"""Keeping the host memory that requests free for the next ones, and giving it back once idle.
+
+Used by the runtime, the frontends and the stream keeper (procs/runtime.py, procs/frontend.py,
+procs/keeper.py): in all three a large request's buffers are allocated and freed again and again.
 
 glibc keeps what torch frees on the CPU in its heaps for reuse: after one backward at the 8B shape the
 runtime holds ~850 MiB more than once ONLINE (docs/benchmarks.md), memory the blocks do not need until
@@ -76,6 +79,7 @@ class Trimmer:
         self.trims = 0
 
     def tick(self, busy: bool, done: int) -> bool:
+        """`busy`: work is under way; `done`: how much work has finished so far (any count that grows)."""
         """True when it trimmed now."""
         now = self.clock()
         if busy or done != self.done:
