@@ -28,6 +28,10 @@ Petals client does it) and in plain transformers in this process:
 - this machine's bound (node/tools/machine_bound.py, measured once the node has stopped): the memory
   bandwidth and the matrix-product speed of torch alone, hence the least time a decode step and the
   forward can take; the forward of the node and of transformers as a fraction of it.
+- the transport floor (node/tools/bare_rpc.py, measured once the node has stopped): the forward's and
+  the backward's bytes sent and returned between two bare p2pd daemons, serialized and in parts as a
+  Petals client sends them, nothing computed. Transformers' layers in this process never pay it, any
+  server does: the node is also compared with transformers' time plus this floor.
 
 The table gives node and local figures and their ratio, oriented so that higher is better for the
 node (node/local for tokens/s, local/node for seconds and MiB); below it, where a generated token's
@@ -539,6 +543,12 @@ def run(args, work: Path, dtype: torch.dtype, device: torch.device, bench_began:
         BATCH,
         LENGTH,
     )
+    print("measuring the transport floor (the same bytes between two bare p2pd daemons) ...", flush=True)
+    calls = max(1, min(args.repeats, 5))
+    transport = {
+        "forward_s": median(bare_rpc.transfer_round_trips([hidden], hidden, calls)),
+        "backward_s": median(bare_rpc.transfer_round_trips([hidden, grad_outputs], hidden, calls)),
+    }
 
     gen, fwd_s, bwd_s = samples["generate_s"], samples["forward_s"], samples["backward_s"]
     tokens_fb = BATCH * LENGTH
@@ -632,6 +642,14 @@ def run(args, work: Path, dtype: torch.dtype, device: torch.device, bench_began:
         f"{forward_node / bound['forward_tokens_s']:.0%} of it, transformers' at "
         f"{forward_local / bound['forward_tokens_s']:.0%}"
     )
+    forward_floor = median(fwd_s["local"]) + transport["forward_s"]
+    backward_floor = median(bwd_s["local"]) + transport["backward_s"]
+    print(
+        f"the transport floor (the same bytes sent and returned between two bare p2pd daemons, serialized and in "
+        f"parts as a Petals client sends them, nothing computed): forward {1000 * transport['forward_s']:.1f} ms, "
+        f"backward {1000 * transport['backward_s']:.1f} ms; transformers' layers plus it against the node: forward "
+        f"{forward_floor / median(fwd_s['node']):.3f}, backward {backward_floor / median(bwd_s['node']):.3f}"
+    )
     load_after = os.getloadavg()
     print(
         f"load average after: {load_after[0]:.2f} {load_after[1]:.2f} {load_after[2]:.2f}; "
@@ -678,6 +696,7 @@ def run(args, work: Path, dtype: torch.dtype, device: torch.device, bench_began:
             "bound": dict(machine, **bound, forward_fraction=forward_node / bound["forward_tokens_s"]),
             "per_token": per_token,
             "step_cost": step_cost,
+            "transport": transport,
             "recovery": recovery,
             "checks": checks,
             "samples": samples,

@@ -83,6 +83,10 @@ def test_bench_smoke(tmp_path):
     assert cost["client_s"] > cost["in_node_s"] and cost["bare_rpc_s"] > 0
     assert "the node adds" in out and "a bare RPC between two p2pd daemons" in out
     assert data["recovery"]["tokens"] == 512 and data["recovery"]["restart_s"] > 0
+    # what moving the forward's and backward's bytes costs any server: measured, and the rows against it
+    transport = data["transport"]
+    assert transport["backward_s"] > 0 and transport["forward_s"] > 0
+    assert "the transport floor" in out and "transformers' layers plus it against the node: forward" in out
 
     # the table is printed, with its ratio column explained
     assert "generation, 1 session, batch 1, 8 tokens" in out
