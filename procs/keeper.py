@@ -156,6 +156,7 @@ class KeeperProcess:
         host_memory.hold_freed_memory()
         self.trimmer = host_memory.Trimmer()
         self.calls_ended = 0
+        self.requests_cut = 0  # forward or backward requests still arriving when the keeper stopped
 
     def send(self, frontend: str, msg, frames: list) -> None:
         try:
@@ -193,14 +194,7 @@ class KeeperProcess:
 
     async def handle(self, stream_info, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         peer = str(stream_info.peer_id)
-        refusal = self.table.refusal()
-        if refusal is not None:
-            framing.write_error(writer, refusal)
-            try:
-                await writer.drain()
-                await drain_input(reader, None, until_closed=True)  # see drain_input: closing first may lose it
-            finally:
-                writer.close()
+        if await self.refused_now(reader, writer):
             return
         stream = self.table.open(peer, time.monotonic())
         connection = self.connections[stream.id] = Connection(stream, reader, writer)
@@ -219,6 +213,21 @@ class KeeperProcess:
             self.release(connection, everything=True)
             self.table.gone(stream)
             self.connections.pop(stream.id, None)
+
+    async def refused_now(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> bool:
+        """A new stream while every frontend drains (the node stops) gets the reason, and nothing is read."""
+        refusal = self.table.refusal()
+        if refusal is None:
+            return False
+        framing.write_error(writer, refusal)
+        try:
+            await writer.drain()
+            await drain_input(reader, None, until_closed=True)  # see drain_input: closing first may lose it
+        except (ConnectionError, OSError):
+            pass
+        finally:
+            writer.close()
+        return True
 
     def _reading_ended(self, task: asyncio.Task, connection: Connection) -> None:
         """A bug in reading must end the stream with an error, not leave its client waiting."""
@@ -350,13 +359,14 @@ class KeeperProcess:
     async def forward_or_backward(self, rpc: str, stream_info, reader, writer) -> None:
         """rpc_forward_stream or rpc_backward_stream: read whole, then held as a call (node/keeper/streamed.py)."""
         peer = str(stream_info.peer_id)
+        if await self.refused_now(reader, writer):
+            return
         task = asyncio.current_task()
         self.streamed.add(task)
         try:
             sizes = RequestSizes.of(self.plan)
             total = sizes.forward if rpc == "rpc_forward_stream" else sizes.backward
-            refusal = self.table.refusal()
-            await streamed.serve(
+            cut = await streamed.serve(
                 rpc,
                 peer,
                 reader,
@@ -365,9 +375,10 @@ class KeeperProcess:
                 scopes=self.scopes,
                 ask=functools.partial(self.held, rpc, peer),
                 refuse=functools.partial(self.refuse, rpc=rpc),
-                stopping=self.stopping if refusal is None else _done(),
+                stopping=self.stopping,
                 log=self.log,
             )
+            self.requests_cut += cut
         finally:
             self.streamed.discard(task)
 
@@ -489,7 +500,6 @@ class KeeperProcess:
         """The frontends are gone (the supervisor stops us after them): what is still open ends now."""
         calls_cut = self.calls.end_all(repr(ShuttingDown(SHUTTING_DOWN)), SHUTTING_DOWN)
         self.answer(calls_cut)
-        requests_cut = len(self.streamed) - sum(call.rpc in STREAMED for call in calls_cut)  # still arriving
         self.stopping.set_result(None)
         self.end({stream_id: Close(SHUTTING_DOWN) for stream_id in self.connections})
         for connection in list(self.connections.values()):
@@ -498,14 +508,7 @@ class KeeperProcess:
         deadline = time.monotonic() + 2.0
         while (self.connections or self.streamed) and time.monotonic() < deadline:
             await asyncio.sleep(0.05)
-        self.log.info("stopped", streams_cut=streams_cut, calls_cut=len(calls_cut) + requests_cut)
-
-
-def _done() -> asyncio.Future:
-    """A future already done: a stream that comes while every frontend drains is refused at once."""
-    future = asyncio.get_running_loop().create_future()
-    future.set_result(None)
-    return future
+        self.log.info("stopped", streams_cut=streams_cut, calls_cut=len(calls_cut) + self.requests_cut)
 
 
 async def amain(actor: actor_lib.Actor) -> None:

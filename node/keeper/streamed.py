@@ -92,26 +92,28 @@ async def serve(
     refuse: Callable[[str, str, str], None],
     stopping: asyncio.Future,
     log,
-) -> None:
+) -> bool:
     """One stream from its first byte to its close. `ask(frames)` gives the reply's messages or raises
     what the client is told (its str); `refuse(reason, peer, detail)` counts and logs a refusal; once
-    `stopping` is done, a request still arriving is answered with the node's shutting-down error."""
+    `stopping` is done, a request still arriving is answered with the node's shutting-down error. True
+    when that happened (the request was cut by the stop)."""
     reservation = Reservation(scopes, peer)
     stream_opened(peer)
     reading = asyncio.get_running_loop().create_task(read_request(rpc, reader, limits, reservation))
     try:
         done, _ = await asyncio.wait({reading, stopping}, timeout=limits.seconds, return_when=asyncio.FIRST_COMPLETED)
-        error = None
+        error, cut = None, False
         if reading not in done:
             reading.cancel()
             await asyncio.wait({reading})  # its read ends before drain_input reads on
-            error = SHUTTING_DOWN if stopping.done() else f"the request did not arrive within {limits.seconds:.0f} s"
+            cut = stopping.done()
+            error = SHUTTING_DOWN if cut else f"the request did not arrive within {limits.seconds:.0f} s"
         else:
             try:
                 frames = reading.result()
             except (asyncio.IncompleteReadError, ConnectionError, ClientEnded) as e:
                 log.info("stream input cut before its end", rpc=rpc, peer=peer, error=repr(e))
-                return  # the client is gone, or ended the call itself: nobody reads an answer
+                return False  # the client is gone, or ended the call itself: nobody reads an answer
             except Refused as e:
                 refuse(e.reason, peer, str(e))
                 error = str(e)
@@ -129,12 +131,14 @@ async def serve(
                     await writer.drain()
                 reservation.close()
                 await asyncio.sleep(close_grace(peer))  # see node/frontend/streams.py CLOSE_GRACE
-                return
+                return False
         framing.write_error(writer, error)
         await writer.drain()
         await drain_input(reader, None, until_closed=True)  # closing first may lose the error
+        return cut
     except (ConnectionError, OSError) as e:
         log.info("stream ended without a reply: the client is gone", rpc=rpc, peer=peer, error=repr(e))
+        return False
     finally:
         reading.cancel()
         reservation.close()

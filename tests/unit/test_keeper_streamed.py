@@ -105,7 +105,7 @@ def test_a_complete_request_is_asked_once_whole_and_its_reply_written_in_parts()
         return await served.frames()
 
     served, frames = run(body)
-    assert served.asked == [[part("a"), part("b")]]
+    assert served.asked == [[part("a"), part("b")]] and served.task.result() is False
     assert frames == [(framing.MESSAGE, b"reply-\x00"), (framing.MESSAGE, b"reply-\x01")]
     assert served.held_while_asked == len(part("a")) + len(part("b")) and served.scopes.used == 0
 
@@ -152,6 +152,7 @@ def test_a_request_still_arriving_when_the_keeper_stops_gets_the_shutting_down_e
 
     served, frames = run(body)
     assert len(frames) == 1 and framing.error_text(frames[0][1]) == SHUTTING_DOWN and served.asked == []
+    assert served.task.result() is True  # counted as cut by the stop
 
 
 def test_a_request_that_does_not_arrive_in_time_is_refused():
