@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import ctypes
 import errno
+import functools
 import sys
 from typing import TYPE_CHECKING, Optional
 
@@ -35,12 +36,20 @@ _files_before: Optional[int] = None  # RssFile when this process first kept a we
 _populate_works = sys.platform.startswith("linux")
 
 
+@functools.cache
+def _madvise_function():
+    """madvise(2) with its argument types set, once; None where there is no C library to call."""
+    madvise = getattr(host_memory.libc(), "madvise", None)
+    if madvise is not None:
+        madvise.argtypes, madvise.restype = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int), ctypes.c_int
+    return madvise
+
+
 def _madvise(start: int, length: int, advice: int) -> int:
     """0, or the errno of madvise(2) (ENOSYS where there is no C library to call)."""
-    madvise = getattr(host_memory.libc(), "madvise", None)
+    madvise = _madvise_function()
     if madvise is None:
         return errno.ENOSYS
-    madvise.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int)
     return 0 if madvise(start, length, advice) == 0 else ctypes.get_errno()
 
 
