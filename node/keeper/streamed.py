@@ -119,6 +119,9 @@ async def serve(
                 error = str(e)
             except ValueError as e:
                 error = str(e)
+            except Exception as e:  # a bug here must end the stream with an error, not leave its client waiting
+                log.error("stream reader failed", rpc=rpc, peer=peer, exc_info=e)
+                error = f"the server failed to read this stream: {e!r}"
         if error is None:
             try:
                 responses = await ask(frames)

@@ -25,6 +25,8 @@ class Log:
     def info(self, event, **fields):
         self.events.append(event)
 
+    error = info
+
 
 def part(text: str) -> bytes:
     return runtime_pb2.ExpertRequest(uid="x.0", metadata=text.encode()).SerializeToString()
@@ -188,3 +190,16 @@ def test_a_client_that_leaves_mid_request_gets_nothing_asked():
     served, _ = run(body)
     assert served.asked == [] and served.scopes.used == 0
     assert "stream input cut before its end" in served.log.events
+
+
+def test_a_failure_reading_the_request_is_the_client_s_error_not_its_silence(monkeypatch):
+    async def broken(*args):
+        raise RuntimeError("a bug")
+
+    monkeypatch.setattr(streamed, "read_request", broken)
+
+    async def body(served, stopping):
+        return await served.frames()
+
+    served, frames = run(body)
+    assert len(frames) == 1 and "the server failed to read this stream" in framing.error_text(frames[0][1])
