@@ -79,8 +79,8 @@ class Trimmer:
         self.trims = 0
 
     def tick(self, busy: bool, done: int) -> bool:
-        """`busy`: work is under way; `done`: how much work has finished so far (any count that grows)."""
-        """True when it trimmed now."""
+        """True when it trimmed now. `busy`: work is under way; `done`: how much work has finished so far (any
+        count that grows)."""
         now = self.clock()
         if busy or done != self.done:
             self.dirty, self.done, self.idle_since = True, done, now

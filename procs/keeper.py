@@ -364,14 +364,13 @@ class KeeperProcess:
         task = asyncio.current_task()
         self.streamed.add(task)
         try:
-            sizes = RequestSizes.of(self.plan)
-            total = sizes.forward if rpc == "rpc_forward_stream" else sizes.backward
+            message, total = RequestSizes.of(self.plan).stream(rpc)
             cut = await streamed.serve(
                 rpc,
                 peer,
                 reader,
                 writer,
-                limits=streamed.Limits(total, total, self.plan.request_timeout),
+                limits=streamed.Limits(message, total, self.plan.request_timeout),
                 scopes=self.scopes,
                 ask=functools.partial(self.held, rpc, peer),
                 refuse=functools.partial(self.refuse, rpc=rpc),

@@ -64,6 +64,14 @@ class RequestSizes:
     def largest(self) -> int:
         return max(self.forward, self.backward, self.step)
 
+    def stream(self, rpc: str) -> tuple[int, Optional[int]]:
+        """(one message, the whole stream) of a stream RPC: an inference stream is a session of steps, each
+        at most one step's size, with no total; a forward or backward stream is one request in parts."""
+        if rpc == "rpc_inference":
+            return self.step, None
+        total = self.forward if rpc == "rpc_forward_stream" else self.backward
+        return total, total
+
 
 class Scopes:
     """Bytes reserved by requests in flight: in all (this process) and per peer."""

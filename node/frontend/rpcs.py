@@ -74,14 +74,8 @@ class Rpcs:
         return RequestSizes.of(self.plan)
 
     def stream_sizes(self, rpc: str) -> tuple[int, Optional[int]]:
-        """(one message, the whole stream) for node/frontend/streams.py: an inference stream is a session
-        of steps, each at most one step's size; a forward or backward stream is one request in parts (the
-        keeper reads those: node/keeper/streamed.py)."""
-        sizes = self.sizes()
-        if rpc == "rpc_inference":
-            return sizes.step, None
-        total = sizes.forward if rpc == "rpc_forward_stream" else sizes.backward
-        return total, total
+        """(one message, the whole stream) for node/frontend/streams.py (RequestSizes.stream)."""
+        return self.sizes().stream(rpc)
 
     def refuse(self, reason: str, peer: str, detail: str) -> None:
         self.counters.refuse(reason, peer, detail)

@@ -61,6 +61,38 @@ def stream_closed(peer: str) -> None:
         del _open_streams[peer]
 
 
+async def read_bounded(
+    reader: asyncio.StreamReader,
+    reservation: "Reservation",
+    rpc: str,
+    received: int,
+    message_limit: int,
+    total_limit: Optional[int],
+) -> tuple[bytes, bytes, int]:
+    """(marker, payload, its length) of a stream's next frame: refused before its payload is read if it is
+    over `message_limit`, or takes the request (`received` bytes so far) over `total_limit` (None: none);
+    reserved, then read within FRAME_SECONDS plus a second per MiB."""
+    marker, length = await framing.read_header(reader)
+    if length > message_limit:
+        raise Refused("message_size", f"a stream message of {length} bytes exceeds the limit of {message_limit}")
+    if total_limit is not None and received + length > total_limit:
+        raise Refused("request_size", f"the request exceeds {total_limit} bytes, the most a {rpc} request can need")
+    await reservation.reserve(length)
+    try:
+        payload = await within(reader.readexactly(length), FRAME_SECONDS + length / MIN_RATE)
+    except asyncio.TimeoutError:
+        raise Refused("slow_sender", f"a stream message of {length} bytes did not arrive in time") from None
+    return marker, payload, length
+
+
+def client_error_text(payload: bytes) -> Optional[str]:
+    """The text of an error frame a client sent; None for its end-of-input."""
+    try:
+        return framing.error_text(payload)
+    except Exception:  # an error frame whose payload is not an RPCError
+        return f"an undecodable error frame of {len(payload)} bytes"
+
+
 class Reservation:
     """The bytes one stream holds in the frontend's and its peer's scopes (node/frontend/limits.py).
     Each message's bytes are reserved before it is read and released by `release` once it is handled
@@ -143,24 +175,9 @@ def stream_handler(
                 return True
             return False
 
-        async def read_next() -> Optional[tuple[bytes, bytes, int]]:
+        async def read_next() -> tuple[bytes, bytes, int]:
             """(marker, payload, bytes reserved) of the next frame, within the limits."""
-            marker, length = await framing.read_header(reader)
-            message_limit, total_limit = sizes()
-            if length > message_limit:
-                raise Refused(
-                    "message_size", f"a stream message of {length} bytes exceeds the limit of {message_limit}"
-                )
-            if total_limit is not None and received + length > total_limit:
-                raise Refused(
-                    "request_size", f"the request exceeds {total_limit} bytes, the most a {name} request can need"
-                )
-            await reservation.reserve(length)
-            try:
-                payload = await within(reader.readexactly(length), FRAME_SECONDS + length / MIN_RATE)
-            except asyncio.TimeoutError:
-                raise Refused("slow_sender", f"a stream message of {length} bytes did not arrive in time") from None
-            return marker, payload, length
+            return await read_bounded(reader, reservation, name, received, *sizes())
 
         stream_opened(peer)
         task = asyncio.get_running_loop().create_task(process())
@@ -202,10 +219,7 @@ def stream_handler(
                     await inbox.put(Received(request, nbytes, reservation))
                 elif marker == framing.ERROR:
                     reservation.release(nbytes)
-                    try:
-                        text = framing.error_text(payload)
-                    except Exception:  # an error frame whose payload is not an RPCError
-                        text = f"an undecodable error frame of {nbytes} bytes"
+                    text = client_error_text(payload)
                     await inbox.put(None if text is None else ConnectionError(f"the client sent an error: {text}"))
                     ended = True
                     # The input is complete: nothing more is read, so that the input side closing now (a

@@ -20,15 +20,14 @@ from hivemind.proto import runtime_pb2
 
 from node.frontend.limits import Refused, Scopes
 from node.frontend.streams import (
-    FRAME_SECONDS,
-    MIN_RATE,
     Reservation,
+    client_error_text,
     close_grace,
     drain_input,
+    read_bounded,
     stream_closed,
     stream_opened,
 )
-from node.frontend.time_limit import within
 from protocol import stream_framing as framing
 from protocol.messages import SHUTTING_DOWN
 
@@ -50,17 +49,7 @@ async def read_request(rpc: str, reader: asyncio.StreamReader, limits: Limits, r
     frames: list[bytes] = []
     received = 0
     while True:
-        marker, length = await framing.read_header(reader)
-        if length > limits.message:
-            raise Refused("message_size", f"a stream message of {length} bytes exceeds the limit of {limits.message}")
-        if received + length > limits.total:
-            need = f"the request exceeds {limits.total} bytes, the most a {rpc} request can need"
-            raise Refused("request_size", need)
-        await reservation.reserve(length)
-        try:
-            payload = await within(reader.readexactly(length), FRAME_SECONDS + length / MIN_RATE)
-        except asyncio.TimeoutError:
-            raise Refused("slow_sender", f"a stream message of {length} bytes did not arrive in time") from None
+        marker, payload, length = await read_bounded(reader, reservation, rpc, received, limits.message, limits.total)
         received += length
         if marker == framing.MESSAGE:
             try:  # a part that cannot be parsed is answered at once, not after the rest of the request
@@ -69,10 +58,7 @@ async def read_request(rpc: str, reader: asyncio.StreamReader, limits: Limits, r
                 raise ValueError(f"malformed ExpertRequest ({length} bytes could not be parsed)") from None
             frames.append(payload)
         elif marker == framing.ERROR:
-            try:
-                text = framing.error_text(payload)
-            except Exception:  # an error frame whose payload is not an RPCError
-                text = f"an undecodable error frame of {length} bytes"
+            text = client_error_text(payload)
             if text is None:
                 return frames
             raise ClientEnded(f"the client sent an error: {text}")
