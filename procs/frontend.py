@@ -178,12 +178,10 @@ class FrontendProcess:
             request_type = runtime_pb2.ExpertUID if msg.rpc == "rpc_info" else runtime_pb2.ExpertRequest
             response = await getattr(self.rpcs, msg.rpc)(request_type.FromString(frames[0].bytes), context)
             self.keeper.send(UnaryReply(msg.call), [response.SerializeToString()])
-        except ShuttingDown as e:
-            if self.retiring:  # our --drain_timeout is over: our successor answers it, as if we had died
-                self.keeper.send(UnaryReply(msg.call, again=True), [])
-            else:
-                self.keeper.send(UnaryReply(msg.call, error=str(e) if stream else repr(e)), [])
         except Exception as e:
+            if self.retiring and isinstance(e, ShuttingDown):  # our --drain_timeout is over: our successor
+                self.keeper.send(UnaryReply(msg.call, again=True), [])  # answers it, as if we had died
+                return
             error = (str(e) or type(e).__name__) if stream else repr(e)
             self.keeper.send(UnaryReply(msg.call, error=error), [])
 
