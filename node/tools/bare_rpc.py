@@ -12,6 +12,7 @@ rows. Both daemons are started by hivemind (P2P.create) and shut down before eit
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 
 import torch
@@ -25,19 +26,31 @@ TRANSFER_HANDLER = "bare.transfer"
 PART_BYTES = 2 << 20  # the parts a stream's tensors are split into (hivemind's client: DEFAULT_MAX_MSG_SIZE / 2)
 
 
+@contextlib.asynccontextmanager
+async def _two_daemons(name: str, handler):
+    """(server, client): two fresh p2pd daemons on loopback, the server's stream `handler` registered as
+    `name`; both shut down on leaving."""
+    server = await P2P.create(host_maddrs=["/ip4/127.0.0.1/tcp/0"])
+    client = None
+    try:
+        await server.add_protobuf_handler(
+            name, handler, runtime_pb2.ExpertRequest, stream_input=True, stream_output=True
+        )
+        client = await P2P.create(host_maddrs=["/ip4/127.0.0.1/tcp/0"], initial_peers=await server.get_visible_maddrs())
+        yield server, client
+    finally:
+        if client is not None:
+            await client.shutdown()
+        await server.shutdown()
+
+
 async def _echo(requests, context):
     async for request in requests:
         yield runtime_pb2.ExpertResponse(tensors=request.tensors)
 
 
 async def _round_trips(hidden_size: int, steps: int, warmup: int, timeout: float) -> list[float]:
-    server = await P2P.create(host_maddrs=["/ip4/127.0.0.1/tcp/0"])
-    client = None
-    try:
-        await server.add_protobuf_handler(
-            HANDLER, _echo, runtime_pb2.ExpertRequest, stream_input=True, stream_output=True
-        )
-        client = await P2P.create(host_maddrs=["/ip4/127.0.0.1/tcp/0"], initial_peers=await server.get_visible_maddrs())
+    async with _two_daemons(HANDLER, _echo) as (server, client):
         # the same payload as a decode step: one token's hidden state and a small metadata blob
         tensor = serialize_torch_tensor(torch.randn(1, 1, hidden_size))
         request = runtime_pb2.ExpertRequest(uid="bare", tensors=[tensor], metadata=b"\x00" * 128)
@@ -57,10 +70,6 @@ async def _round_trips(hidden_size: int, steps: int, warmup: int, timeout: float
                 times.append(time.perf_counter() - began)
         queue.put_nowait(None)
         return times
-    finally:
-        if client is not None:
-            await client.shutdown()
-        await server.shutdown()
 
 
 def echo_round_trips(hidden_size: int, steps: int = 100, warmup: int = 10, timeout: float = 10.0) -> list[float]:
@@ -69,20 +78,13 @@ def echo_round_trips(hidden_size: int, steps: int = 100, warmup: int = 10, timeo
 
 
 async def _transfers(sent: list[torch.Tensor], returned: torch.Tensor, calls: int, warmup: int, timeout: float):
-    server = await P2P.create(host_maddrs=["/ip4/127.0.0.1/tcp/0"])
-    client = None
-
     async def handler(requests, context):
         async for _ in requests:  # the whole request first, as a server needs it
             pass
         for part in split_for_streaming(serialize_torch_tensor(returned), PART_BYTES):
             yield runtime_pb2.ExpertResponse(tensors=[part])
 
-    try:
-        await server.add_protobuf_handler(
-            TRANSFER_HANDLER, handler, runtime_pb2.ExpertRequest, stream_input=True, stream_output=True
-        )
-        client = await P2P.create(host_maddrs=["/ip4/127.0.0.1/tcp/0"], initial_peers=await server.get_visible_maddrs())
+    async with _two_daemons(TRANSFER_HANDLER, handler) as (server, client):
 
         async def one() -> None:
             async def parts():
@@ -102,10 +104,6 @@ async def _transfers(sent: list[torch.Tensor], returned: torch.Tensor, calls: in
             if i >= warmup:
                 times.append(time.perf_counter() - began)
         return times
-    finally:
-        if client is not None:
-            await client.shutdown()
-        await server.shutdown()
 
 
 def transfer_round_trips(
