@@ -9,6 +9,7 @@ import socket
 import struct
 
 from hivemind.proto import runtime_pb2
+from structlog.testing import CapturingLogger
 
 from node.frontend.limits import Scopes
 from node.keeper import streamed
@@ -16,16 +17,6 @@ from protocol import stream_framing as framing
 from protocol.messages import SHUTTING_DOWN
 
 PEER = "QmWUBfS8Y8VeN6HEFXqZEwN6nrk2mxZELwpy7TuJLdU7oe"
-
-
-class Log:
-    def __init__(self):
-        self.events: list[str] = []
-
-    def info(self, event, **fields):
-        self.events.append(event)
-
-    error = info
 
 
 def part(text: str) -> bytes:
@@ -42,7 +33,7 @@ class Served:
         self.held_while_asked = 0
         self.ask_with = ask
         self.limits = limits
-        self.log = Log()
+        self.log = CapturingLogger()
 
     async def ask(self, frames: list[bytes]) -> list[bytes]:
         self.asked.append(frames)
@@ -189,7 +180,7 @@ def test_a_client_that_leaves_mid_request_gets_nothing_asked():
 
     served, _ = run(body)
     assert served.asked == [] and served.scopes.used == 0
-    assert "stream input cut before its end" in served.log.events
+    assert "stream input cut before its end" in [call.args[0] for call in served.log.calls]
 
 
 def test_a_failure_reading_the_request_is_the_client_s_error_not_its_silence(monkeypatch):

@@ -16,22 +16,13 @@ from types import SimpleNamespace
 import pytest
 from hivemind.p2p import PeerID
 from hivemind.proto import runtime_pb2
+from structlog.testing import CapturingLogger
 
 from node.frontend import streams
 from node.frontend.limits import Scopes
 from protocol import stream_framing as framing
 
 PEER = PeerID.from_base58("QmWUBfS8Y8VeN6HEFXqZEwN6nrk2mxZELwpy7TuJLdU7oe")
-
-
-class Log:
-    def __init__(self):
-        self.events: list[str] = []
-
-    def info(self, event, **fields):
-        self.events.append(event)
-
-    warning = info
 
 
 async def failing(requests, context):
@@ -46,7 +37,7 @@ async def answering(requests, context):
         received.release()
 
 
-async def serve_one(handler, log: Log):
+async def serve_one(handler, log: CapturingLogger):
     """(the handler's task, the client's reader and writer) for one stream over a unix socket pair."""
     ours, theirs = socket.socketpair()
     server_reader, server_writer = await asyncio.open_connection(sock=ours)
@@ -79,7 +70,7 @@ async def closed_within(reader, seconds: float) -> bool:
 
 def test_after_an_error_the_stream_stays_open_until_the_client_closes():
     async def main():
-        log = Log()
+        log = CapturingLogger()
         task, reader, writer = await serve_one(failing, log)
         send_request(writer)
         marker, payload = await asyncio.wait_for(framing.read_frame(reader), 5)
@@ -89,7 +80,7 @@ def test_after_an_error_the_stream_stays_open_until_the_client_closes():
         began = time.monotonic()
         writer.close()  # as hivemind's client does once it has read the error
         await asyncio.wait_for(task, 5)
-        return time.monotonic() - began, log.events
+        return time.monotonic() - began, [call.args[0] for call in log.calls]
 
     seconds, events = asyncio.run(main())
     assert seconds < 0.5, f"the handler took {seconds:.2f} s to end after the client closed"
@@ -100,7 +91,7 @@ def test_after_an_error_a_client_that_never_closes_is_closed_on(monkeypatch):
     monkeypatch.setattr(streams, "INPUT_DRAIN_SECONDS", 0.3)
 
     async def main():
-        task, reader, writer = await serve_one(failing, Log())
+        task, reader, writer = await serve_one(failing, CapturingLogger())
         send_request(writer)
         marker, _ = await asyncio.wait_for(framing.read_frame(reader), 5)
         assert marker == framing.ERROR
@@ -118,7 +109,7 @@ def test_a_complete_reply_is_closed_a_grace_after_its_last_frame(monkeypatch, gr
     monkeypatch.setattr(streams, "CLOSE_GRACE", grace)
 
     async def main():
-        task, reader, writer = await serve_one(answering, Log())
+        task, reader, writer = await serve_one(answering, CapturingLogger())
         send_request(writer)
         marker, payload = await asyncio.wait_for(framing.read_frame(reader), 5)
         assert marker == framing.MESSAGE and runtime_pb2.ExpertResponse.FromString(payload).metadata == b"m"
@@ -159,7 +150,7 @@ def test_a_handler_counts_its_stream_while_it_runs_and_forgets_it_after(monkeypa
             return
 
     async def main():
-        task, reader, writer = await serve_one(counting, Log())
+        task, reader, writer = await serve_one(counting, CapturingLogger())
         send_request(writer)
         await asyncio.wait_for(framing.read_frame(reader), 5)
         assert await closed_within(reader, 5)
