@@ -50,11 +50,13 @@ from protocol.messages import (
     AllocatorReply,
     AnnouncerReply,
     FrontendReady,
+    Granted,
     KeeperHello,
     KeeperToFrontend,
     PeerDown,
     PeerUp,
     PushDelivery,
+    Release,
     Retire,
     RuntimeReply,
     Serve,
@@ -139,25 +141,30 @@ class FrontendProcess:
             except BadMessage as e:
                 self.log.warning("bad message from the stream keeper", reason=e.reason)
                 continue
-            msg, frames = envelope.msg, envelope.frames
-            if isinstance(msg, StreamOpen):
-                self.open_kept(msg, frames)
-            elif isinstance(msg, StreamIn):
-                stream = self.kept.get(msg.stream)
-                if stream is not None and frames:
-                    stream.feed(msg.marker, frames[0])
-            elif isinstance(msg, StreamInEnd):
-                stream = self.kept.get(msg.stream)
-                if stream is not None:
-                    stream.feed_eof()
-            elif isinstance(msg, UnaryCall):
-                task = asyncio.get_running_loop().create_task(self.answer_call(msg, frames))
-                self.answering[msg.call] = task  # the loop keeps only a weak reference
-                task.add_done_callback(lambda _, call=msg.call: self.answering.pop(call, None))
-            elif isinstance(msg, UnaryCancel):
-                task = self.answering.get(msg.call)
-                if task is not None:
-                    task.cancel()
+            try:
+                self.keeper_message(envelope.msg, envelope.frames)
+            except Exception as e:  # a bug with one message must not stop every stream this frontend serves
+                self.log.error("a message of the stream keeper failed", msg=type(envelope.msg).__name__, exc_info=e)
+
+    def keeper_message(self, msg, frames: list) -> None:
+        if isinstance(msg, StreamOpen):
+            self.open_kept(msg, frames)
+        elif isinstance(msg, StreamIn):
+            stream = self.kept.get(msg.stream)
+            if stream is not None and frames:
+                stream.feed(msg.marker, frames[0])
+        elif isinstance(msg, StreamInEnd):
+            stream = self.kept.get(msg.stream)
+            if stream is not None:
+                stream.feed_eof()
+        elif isinstance(msg, UnaryCall):
+            task = asyncio.get_running_loop().create_task(self.answer_call(msg, frames))
+            self.answering[msg.call] = task  # the loop keeps only a weak reference
+            task.add_done_callback(lambda _, call=msg.call: self.answering.pop(call, None))
+        elif isinstance(msg, UnaryCancel):
+            task = self.answering.get(msg.call)
+            if task is not None:
+                task.cancel()
 
     async def answer_call(self, msg: UnaryCall, frames: list) -> None:
         """A call the keeper holds: answered as hivemind would (its response, or the repr of what a unary RPC
@@ -196,14 +203,21 @@ class FrontendProcess:
 
     def _kept_ended(self, stream: KeptStream) -> None:
         stream.close()  # the handler closed it already, unless it failed
-        self.kept.pop(stream.stream, None)
+        if self.kept.get(stream.stream) is stream:  # not a new keeper's stream of the same number
+            del self.kept[stream.stream]
 
     def hello(self) -> None:
         self.keeper.send(KeeperHello(self.actor.name, os.getpid(), self.accepting, self.draining))
 
     def unsolicited(self, envelope) -> None:
-        if isinstance(envelope.msg, PushDelivery) and len(envelope.frames) == 1:
-            self.rpcs.deliver_push(envelope.msg.session, envelope.frames[0].bytes)
+        msg = envelope.msg
+        if isinstance(msg, PushDelivery) and len(envelope.frames) == 1:
+            self.rpcs.deliver_push(msg.session, envelope.frames[0].bytes)
+        elif isinstance(msg, Granted) and not self.rpcs.sessions.hold(msg.handle):
+            # granted to a session that stopped waiting (its client left, or its wait timed out): the cache
+            # and the session's slots would stay held until the lease lapsed
+            self.allocator.send(Release(msg.handle))
+            self.log.info("late grant released", handle=msg.handle)
 
     async def serve(self) -> None:
         """Until our drain (a stop, or a retirement after a reload) is over; control messages are handled
@@ -235,6 +249,7 @@ class FrontendProcess:
                 self.peer_up(msg.name)
             elif isinstance(msg, Serve):  # the blocks were chosen, or the node moved
                 self.plan.start_block, self.plan.end_block = msg.start_block, msg.end_block
+                self.rpcs.scopes.follow(self.plan)
             self.actor.stats = self.rpcs.stats()
             self.actor.publish_stats()
             latency = self.rpcs.counters.latency.values()
@@ -251,8 +266,10 @@ class FrontendProcess:
         elif name == "announcer":
             self.announcer.down("the announcer restarted")
         elif name == "keeper":  # the streams it held died with it (as with p2pd): their sessions end
-            for stream in list(self.kept.values()):
+            for stream in self.kept.values():
+                stream.detach()  # its replacement numbers its streams afresh: nothing of these may reach it
                 stream.feed_eof()
+            self.kept.clear()
 
     def peer_up(self, name: str) -> None:
         if name == "runtime.0":  # the leader is ready only once its whole group is

@@ -42,7 +42,7 @@ from node import host_memory
 from node.frontend import backlog
 from node.frontend.errors import ShuttingDown
 from node.frontend.limits import Refused, RequestSizes, Scopes
-from node.frontend.streams import drain_input
+from node.frontend.streams import FRAME_OVERHEAD, drain_input
 from node.frontend.time_limit import within
 from node.keeper import streamed
 from node.keeper.calls import STREAMED, UNARY, Call, Calls
@@ -112,6 +112,11 @@ class Connection:
         beyond WRITE_BUFFER goes through `actions`, whose writer waits for the client)."""
         transport = self.writer.transport
         return not transport.is_closing() and transport.get_write_buffer_size() < WRITE_BUFFER
+
+    def writable(self) -> bool:
+        """Whether the client takes its replies: nothing waits to be written. Its next message is read only
+        then, so that a client that sends and never reads cannot make the keeper hold its replies."""
+        return self.actions.empty() and self.unbuffered()
 
 
 class StepTimes:
@@ -242,7 +247,7 @@ class KeeperProcess:
         what is left is read and dropped so that closing the stream does not reset it."""
         stream, reader = connection.stream, connection.reader
         while True:
-            while not self.table.may_read(stream) and not stream.done:
+            while not (self.table.may_read(stream) and connection.writable()) and not stream.done:
                 connection.readable.clear()
                 await connection.readable.wait()
             if stream.input_ended:
@@ -253,8 +258,8 @@ class KeeperProcess:
                 if length > limit:
                     raise ValueError(f"a stream message of {length} bytes exceeds the limit of {limit}")
                 if not stream.done:
-                    await self.scopes.reserve(stream.peer, length)
-                    connection.reserved.append(length)
+                    await self.scopes.reserve(stream.peer, length + FRAME_OVERHEAD)
+                    connection.reserved.append(length + FRAME_OVERHEAD)
                 payload = await within(reader.readexactly(length), FRAME_SECONDS + length / MIN_RATE)
             except (asyncio.IncompleteReadError, ConnectionError):
                 if not stream.done:
@@ -286,24 +291,35 @@ class KeeperProcess:
                 if marker != framing.MESSAGE:
                     return
                 continue
-            self.table.received(stream, marker[0], payload, time.perf_counter())
+            ended = self.table.received(stream, marker[0], payload, time.perf_counter())
+            if ended is not None:
+                connection.actions.put_nowait(ended)
             if self.actor.probe.active:  # for `node.probe --follow`: when a client's step reached the node
                 fields = {"stream": stream.id, "message": stream.received}
                 self.actor.probe.publish("in", "ClientMessage", fields=fields)
 
     async def _write(self, connection: Connection) -> None:
+        """What waits for the client (frames beyond WRITE_BUFFER, a Close): each frame must be taken in the
+        time a frame of its size has to arrive, or the client, which does not read, is treated as gone."""
         writer = connection.writer
         while True:
             action = await connection.actions.get()
             if isinstance(action, Write):
                 self.write(connection, action)
-                await writer.drain()
+                await self._drained(connection, len(action.payload))
             elif isinstance(action, Close):
                 if action.error is not None:
                     framing.write_error(writer, action.error)
-                    await writer.drain()
+                    await self._drained(connection, len(action.error))
                     connection.errored = True
                 return
+
+    async def _drained(self, connection: Connection, nbytes: int) -> None:
+        if not await streamed.written(connection.writer, nbytes):
+            stream = connection.stream
+            self.refuse("slow_reader", stream.peer, "the client did not read its replies", stream=stream.id)
+            raise ConnectionError(f"the client did not take a frame of {nbytes} bytes in time")
+        connection.readable.set()  # its next message may be read now (Connection.writable)
 
     async def _finish(self, connection: Connection, reading: asyncio.Task) -> None:
         """Give the client's remaining input a moment to end before the stream closes (see _read), and
@@ -416,28 +432,32 @@ class KeeperProcess:
             except BadMessage as e:
                 self.log.warning("bad message from a frontend", reason=e.reason)
                 continue
-            sender = envelope.sender.decode(errors="replace")
-            msg = envelope.msg
-            if isinstance(msg, KeeperHello):
-                self.hello(msg, time.monotonic())
-                continue
-            if isinstance(msg, UnaryReply):
-                call = self.calls.reply(sender, msg, envelope.frames, time.monotonic())
-                if call is not None:
-                    self.answer([call])
-                continue
-            stream, action = self.table.from_frontend(sender, msg, envelope.frames)
-            if stream is None:
-                continue
-            connection = self.connections.get(stream.id)
-            if connection is None:
-                continue
-            self.release(connection)
-            if isinstance(action, Write) and connection.actions.empty() and connection.unbuffered():
-                self.write(connection, action)  # at once: no task switch
-            elif action is not None:
-                connection.actions.put_nowait(action)
-            connection.readable.set()
+            try:
+                self.from_frontend(envelope.sender.decode(errors="replace"), envelope.msg, envelope.frames)
+            except Exception as e:  # a bug with one message must not stop every stream and call the keeper holds
+                self.log.error("a frontend's message failed", msg=type(envelope.msg).__name__, exc_info=e)
+
+    def from_frontend(self, sender: str, msg, frames: list) -> None:
+        if isinstance(msg, KeeperHello):
+            self.hello(msg, time.monotonic())
+            return
+        if isinstance(msg, UnaryReply):
+            call = self.calls.reply(sender, msg, frames, time.monotonic())
+            if call is not None:
+                self.answer([call])
+            return
+        stream, action = self.table.from_frontend(sender, msg, frames)
+        if stream is None:
+            return
+        connection = self.connections.get(stream.id)
+        if connection is None:
+            return
+        self.release(connection)
+        if isinstance(action, Write) and connection.actions.empty() and connection.unbuffered():
+            self.write(connection, action)  # at once: no task switch
+        elif action is not None:
+            connection.actions.put_nowait(action)
+        connection.readable.set()
 
     def write(self, connection: Connection, action: Write) -> None:
         framing.write_frame(connection.writer, bytes([action.marker]), action.payload)
@@ -472,6 +492,7 @@ class KeeperProcess:
                     self.frontend_down(msg.name, now, msg.pid)
                 elif isinstance(msg, Serve):
                     self.plan.start_block, self.plan.end_block = msg.start_block, msg.end_block
+                    self.scopes.follow(self.plan)
                 self.end(self.table.overdue(now, WAIT_FOR_FRONTEND))
                 self.answer(self.calls.overdue(now, WAIT_FOR_FRONTEND))
                 streams, kept, log_bytes = self.table.counts()

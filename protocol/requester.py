@@ -153,10 +153,9 @@ class Requester:
                 return
             req = getattr(envelope.msg, "req", None)
             future = self._pending.get(req) if req is not None else None
-            if future is not None:
-                if not future.done():
-                    future.set_result(envelope)
-            elif self._on_unsolicited is not None:
+            if future is not None and not future.done():
+                future.set_result(envelope)
+            elif self._on_unsolicited is not None:  # a reply to a request that stopped waiting is one too
                 self._on_unsolicited(envelope)
 
     def close(self) -> None:

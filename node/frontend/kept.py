@@ -39,14 +39,18 @@ class KeptStream:
         self.reader = asyncio.StreamReader()
         self._out = bytearray()
         self._done = False
+        self._input_ended = False
 
     # --- the keeper's side ---------------------------------------------------------------------
 
     def feed(self, marker: int, payload) -> None:
+        if self._input_ended:  # a late frame of a keeper that died: its client is gone
+            return
         payload = bytes(payload)
         self.reader.feed_data(framing.header(bytes([marker]), len(payload)) + payload)
 
     def feed_eof(self) -> None:
+        self._input_ended = True
         self.reader.feed_eof()
 
     # --- the session's side --------------------------------------------------------------------

@@ -78,10 +78,20 @@ class Scopes:
 
     @classmethod
     def of(cls, plan) -> "Scopes":
-        """The limits a node's process applies (--max_bytes_in_flight, --max_peer_bytes_in_flight), by default
-        4 and 2 times the largest request."""
+        return cls(*cls.limits(plan))
+
+    @staticmethod
+    def limits(plan) -> tuple[int, int]:
+        """(in all, per peer): what a node's process applies (--max_bytes_in_flight, --max_peer_bytes_in_flight),
+        by default 4 and 2 times the largest request."""
         largest = RequestSizes.of(plan).largest
-        return cls(plan.max_bytes_in_flight or 4 * largest, plan.max_peer_bytes_in_flight or 2 * largest)
+        return plan.max_bytes_in_flight or 4 * largest, plan.max_peer_bytes_in_flight or 2 * largest
+
+    def follow(self, plan) -> None:
+        """The blocks served changed (chosen once the node has started, or a move): the default limits follow
+        the largest request now (deep prompts grow with the blocks served). What is held stays held."""
+        self.total_limit, self.peer_limit = self.limits(plan)
+        self._freed.set()  # a larger limit may make room for a request that waits
 
     def __init__(self, total: int, per_peer: int):
         self.total_limit = total

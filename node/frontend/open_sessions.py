@@ -36,6 +36,10 @@ class OpenSessions:
     def __len__(self) -> int:
         return len(self.live)
 
+    def hold(self, handle: int) -> bool:
+        """Whether an open session holds the allocator's grant `handle`."""
+        return any(session.handle == handle for session in self.live)
+
     def adopt_messages(self) -> list[Adopt]:
         """The grants our open sessions hold, for an allocator that restarted and lost its books."""
         return [adopt for adopt in (s.adopt_message() for s in list(self.live)) if adopt is not None]

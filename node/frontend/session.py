@@ -82,6 +82,10 @@ class InferenceStream:
     def push(self, request: runtime_pb2.ExpertRequest) -> None:
         if self.queued >= QUEUED_STEPS:
             raise SessionBusy(f"session {self._sid} has {self.queued} steps waiting; the pushed step is dropped")
+        if self.kept is not None and self.client_messages < self.kept.replayed:
+            # taken over from a frontend that died, and its history not yet all recorded again: the step
+            # would run at the wrong position, and the client's own copy of it would be dropped
+            raise SessionBusy(f"session {self._sid} is being taken over; the pushed step is dropped")
         self._enqueue(_PUSH, request)
 
     def _enqueue(self, kind: str, request) -> None:

@@ -32,6 +32,10 @@ DRAIN_BYTES = 64 << 20  # ... and how much of it at most
 DRAIN_CHUNK = 64 << 10
 FRAME_SECONDS = 10.0  # a frame's payload must arrive within this, plus a second per MiB (a body read timeout)
 MIN_RATE = 1 << 20  # bytes per second
+# What one frame costs beyond its payload (its objects, its parse, its place in a relayed call), counted
+# against the limits with it: otherwise empty or 2-byte parts would be nearly free, and one forward stream of
+# millions of them would hold hundreds of MB and the reading process's loop. A real request has a few parts.
+FRAME_OVERHEAD = 1024
 # A reply the client reads to its end is ended by our close, which may turn into a reset (see drain_input)
 # that drops what the client's daemon has not yet passed on: this long after our last frame it has (under
 # a load of 5 busy threads on 2 cores: 17 of 10000 replies lost at once, 2 after 5 ms, none after 20 ms).
@@ -69,20 +73,26 @@ async def read_bounded(
     message_limit: int,
     total_limit: Optional[int],
 ) -> tuple[bytes, bytes, int]:
-    """(marker, payload, its length) of a stream's next frame: refused before its payload is read if it is
-    over `message_limit`, or takes the request (`received` bytes so far) over `total_limit` (None: none);
-    reserved, then read within FRAME_SECONDS plus a second per MiB."""
+    """(marker, payload, bytes counted) of a stream's next frame: refused before its payload is read if it is
+    over `message_limit`, or takes the request (`received` bytes counted so far) over `total_limit` (None:
+    none); reserved, then read within FRAME_SECONDS plus a second per MiB. A frame counts its payload and
+    FRAME_OVERHEAD."""
     marker, length = await framing.read_header(reader)
     if length > message_limit:
         raise Refused("message_size", f"a stream message of {length} bytes exceeds the limit of {message_limit}")
-    if total_limit is not None and received + length > total_limit:
-        raise Refused("request_size", f"the request exceeds {total_limit} bytes, the most a {rpc} request can need")
-    await reservation.reserve(length)
+    counted = length + FRAME_OVERHEAD
+    if total_limit is not None and received + counted > total_limit:
+        raise Refused(
+            "request_size",
+            f"the request exceeds {total_limit} bytes (each part counted with {FRAME_OVERHEAD} bytes of "
+            f"overhead), the most a {rpc} request can need",
+        )
+    await reservation.reserve(counted)
     try:
         payload = await within(reader.readexactly(length), FRAME_SECONDS + length / MIN_RATE)
     except asyncio.TimeoutError:
         raise Refused("slow_sender", f"a stream message of {length} bytes did not arrive in time") from None
-    return marker, payload, length
+    return marker, payload, counted
 
 
 def client_error_text(payload: bytes) -> Optional[str]:
@@ -183,7 +193,7 @@ def stream_handler(
         task = asyncio.get_running_loop().create_task(process())
         receiving = True
         ended = False  # the client sent its end-of-input, closed, or sent what cannot be read any further
-        received = 0  # payload bytes so far
+        received = 0  # bytes counted so far (read_bounded)
         receive = None
         try:
             while not task.done():

@@ -20,6 +20,8 @@ from hivemind.proto import runtime_pb2
 
 from node.frontend.limits import Refused, Scopes
 from node.frontend.streams import (
+    FRAME_SECONDS,
+    MIN_RATE,
     Reservation,
     client_error_text,
     close_grace,
@@ -28,6 +30,7 @@ from node.frontend.streams import (
     stream_closed,
     stream_opened,
 )
+from node.frontend.time_limit import within
 from protocol import stream_framing as framing
 from protocol.messages import SHUTTING_DOWN
 
@@ -49,13 +52,13 @@ async def read_request(rpc: str, reader: asyncio.StreamReader, limits: Limits, r
     frames: list[bytes] = []
     received = 0
     while True:
-        marker, payload, length = await read_bounded(reader, reservation, rpc, received, limits.message, limits.total)
-        received += length
+        marker, payload, counted = await read_bounded(reader, reservation, rpc, received, limits.message, limits.total)
+        received += counted
         if marker == framing.MESSAGE:
             try:  # a part that cannot be parsed is answered at once, not after the rest of the request
                 runtime_pb2.ExpertRequest.FromString(payload)
             except Exception:
-                raise ValueError(f"malformed ExpertRequest ({length} bytes could not be parsed)") from None
+                raise ValueError(f"malformed ExpertRequest ({len(payload)} bytes could not be parsed)") from None
             frames.append(payload)
         elif marker == framing.ERROR:
             text = client_error_text(payload)
@@ -64,6 +67,17 @@ async def read_request(rpc: str, reader: asyncio.StreamReader, limits: Limits, r
             raise ClientEnded(f"the client sent an error: {text}")
         else:
             raise ValueError(f"malformed stream frame (marker {marker!r})")
+
+
+async def written(writer: asyncio.StreamWriter, nbytes: int) -> bool:
+    """Whether a frame of `nbytes` just written was taken by the client's side in the time a frame of that
+    size has to arrive (FRAME_SECONDS plus a second per MiB): a client that does not read its reply would
+    otherwise hold the request's reservation, and the reply, for as long as its connection lives."""
+    try:
+        await within(writer.drain(), FRAME_SECONDS + nbytes / MIN_RATE)
+    except asyncio.TimeoutError:
+        return False
+    return True
 
 
 async def serve(
@@ -117,13 +131,15 @@ async def serve(
                 del frames
                 for response in responses:
                     framing.write_frame(writer, framing.MESSAGE, response)
-                    await writer.drain()
+                    if not await written(writer, len(response)):
+                        log.info("reply not read: stream closed", rpc=rpc, peer=peer, bytes=len(response))
+                        return False
                 reservation.close()
                 await asyncio.sleep(close_grace(peer))  # see node/frontend/streams.py CLOSE_GRACE
                 return False
         framing.write_error(writer, error)
-        await writer.drain()
-        await drain_input(reader, None, until_closed=True)  # closing first may lose the error
+        if await written(writer, len(error)):
+            await drain_input(reader, None, until_closed=True)  # closing first may lose the error
         return cut
     except (ConnectionError, OSError) as e:
         log.info("stream ended without a reply: the client is gone", rpc=rpc, peer=peer, error=repr(e))

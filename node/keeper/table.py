@@ -227,7 +227,10 @@ class Keeper:
         """Backpressure: the client is read no further while its frontend holds WINDOW unhandled messages."""
         return not stream.done and not stream.input_ended and stream.received - stream.handled < WINDOW
 
-    def received(self, stream: Stream, marker: int, payload: bytes, now: float = 0.0) -> None:
+    def received(self, stream: Stream, marker: int, payload: bytes, now: float = 0.0) -> Optional[Close]:
+        """A client message: logged while the stream is kept, sent to its frontend. A Close when the stream
+        must end: it waits for a frontend, and this message took its log past the budget, so that no
+        frontend could take it over any more (one would take the message for one it had answered)."""
         stream.received += 1
         self.received_total += 1
         if marker == MESSAGE_MARKER and now:
@@ -239,8 +242,12 @@ class Keeper:
             stream.log_bytes += len(payload)
             if stream.budget is not None and stream.log_bytes > stream.budget:
                 stream.forget(f"its messages exceeded the {stream.budget} bytes kept for it")
+                if stream.frontend is None and not stream.done:
+                    stream.done = True
+                    return Close(FRONTEND_LOST.format(why=stream.why_not_kept))
         if stream.frontend is not None:
             self.send(stream.frontend, StreamIn(stream.id, marker), [payload])
+        return None
 
     def input_cut(self, stream: Stream) -> None:
         """The client's connection closed with no end-of-input: the client is gone."""

@@ -17,6 +17,7 @@ from hivemind.p2p import P2PHandlerError
 
 from node.client.swarm import Client
 from node.tools.launcher import NodeProcess
+from tests.helpers.metrics import scrape_until
 from tests.helpers.paths import MICRO_LLAMA, ROOT
 
 # --attn_cache_tokens 64 on micro-llama: 65536 bytes in all; a session costs 1024 bytes per token of
@@ -157,3 +158,40 @@ def test_sessions_beyond_max_sessions_are_refused_whoever_opens_them(client, nod
                 step(extra, length=1)
     with client.session(max_length=1, start=0, end=4) as session:  # room again once they closed
         step(session, length=1)
+
+
+def test_a_grant_made_after_its_client_left_is_given_back(tmp_path):
+    """A client that leaves while its session waits for room: the grant the allocator makes it later was
+    dropped by the frontend, and held the cache (and the session's slots) until its lease lapsed, half an
+    hour by default. The frontend now gives it back at once."""
+    flags = ["--attn_cache_tokens", "64", "--max_alloc_timeout", "60", "--metrics_port", "0"]
+    with NodeProcess(MICRO_LLAMA, tmp_path / "node", "--num_handlers", "2", *flags) as node:
+        port = node.status["metrics_port"]
+        with Client(node.maddrs, "micro-llama") as client:
+            first = client.session(max_length=40, start=0, end=4).__enter__()
+            step(first)
+            script = textwrap.dedent(
+                f"""
+                import time, torch
+                from node.client.swarm import Client
+                client = Client({node.maddrs!r}, "micro-llama")
+                session = client.session(max_length=40, start=0, end=4, metadata={{"alloc_timeout": 60}}).__enter__()
+                print("opening", flush=True)
+                session.step(torch.randn(1, 2, 64))  # waits for room
+                """
+            )
+            env = dict(os.environ, PYTHONPATH=str(ROOT))
+            proc = subprocess.Popen([sys.executable, "-c", script], env=env, stdout=subprocess.PIPE, text=True)
+            try:
+                assert proc.stdout.readline().strip() == "opening"
+                scrape_until(port, "the second session waiting", lambda s: s.get(("node_cache_waiting", ())) == 1)
+                doomed = [proc.pid] + [p.pid for p in psutil.Process(proc.pid).children(recursive=True)]
+                for pid in doomed:  # the waiting client and its p2pd vanish
+                    os.kill(pid, signal.SIGKILL)
+            finally:
+                proc.kill()
+                proc.wait()
+            time.sleep(1.0)  # its stream's end reaches the session that waits
+            first.__exit__(None, None, None)  # room: the allocator grants the session nobody waits for
+            scrape_until(port, "the late grant given back", lambda s: s.get(("node_cache_waiting", ())) == 0)
+            wait_available(client, node, FULL, timeout=10)

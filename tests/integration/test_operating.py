@@ -17,6 +17,7 @@ import psutil
 import pytest
 
 from node.tools.launcher import NodeProcess
+from tests.helpers.metrics import scrape_until
 from tests.helpers.paths import MICRO_LLAMA, ROOT
 from tests.helpers.waiting import wait_until
 
@@ -134,32 +135,6 @@ def test_node_notifies_ready_watchdog_and_stopping(tmp_path):
     assert len(pings) <= window / 0.5 + 2, (window, texts)
     gaps = [b - a for a, b in zip(pings, pings[1:])]
     assert max(gaps) < 2.5, gaps
-
-
-def scrape(port: int) -> dict:
-    """{(sample name, sorted labels): value} of the node's /metrics, parsed by prometheus_client."""
-    import urllib.request
-
-    from prometheus_client.parser import text_string_to_metric_families
-
-    text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
-    return {
-        (s.name, tuple(sorted(s.labels.items()))): s.value
-        for f in text_string_to_metric_families(text)
-        for s in f.samples
-    }
-
-
-def scrape_until(port: int, what: str, predicate, timeout: float = 15.0) -> dict:
-    """Scrape until `predicate(samples)` holds: counts arrive with the actors' next heartbeats."""
-    deadline = time.monotonic() + timeout
-    while True:
-        samples = scrape(port)
-        if predicate(samples):
-            return samples
-        if time.monotonic() > deadline:
-            raise AssertionError(f"{what}: {sorted(samples.items())}")
-        time.sleep(0.3)
 
 
 def test_metrics_are_scraped_in_prometheus_format(tmp_path):

@@ -11,6 +11,7 @@ import struct
 from hivemind.proto import runtime_pb2
 from structlog.testing import CapturingLogger
 
+from node.frontend import streams
 from node.frontend.limits import Scopes
 from node.keeper import streamed
 from protocol import stream_framing as framing
@@ -100,7 +101,9 @@ def test_a_complete_request_is_asked_once_whole_and_its_reply_written_in_parts()
     served, frames = run(body)
     assert served.asked == [[part("a"), part("b")]] and served.task.result() is False
     assert frames == [(framing.MESSAGE, b"reply-\x00"), (framing.MESSAGE, b"reply-\x01")]
-    assert served.held_while_asked == len(part("a")) + len(part("b")) and served.scopes.used == 0
+    # each frame counts FRAME_OVERHEAD beside its payload: the two parts and the end-of-input
+    counted = len(part("a")) + len(part("b")) + 3 * streams.FRAME_OVERHEAD
+    assert served.held_while_asked == counted and served.scopes.used == 0
 
 
 def test_a_part_that_does_not_parse_is_answered_at_once():
@@ -194,3 +197,37 @@ def test_a_failure_reading_the_request_is_the_client_s_error_not_its_silence(mon
 
     served, frames = run(body)
     assert len(frames) == 1 and "the server failed to read this stream" in framing.error_text(frames[0][1])
+
+
+def test_empty_parts_are_not_free():
+    """Each part counts FRAME_OVERHEAD against the request's bound: a stream of empty (or 2-byte) parts once
+    held 21 times what it reserved, and nothing bounded how many it sent."""
+
+    async def body(served, stopping):
+        for _ in range(200):
+            framing.write_frame(served.writer, framing.MESSAGE, b"")  # an empty ExpertRequest parses
+        return await served.frames()
+
+    served, frames = run(body, limits=streamed.Limits(1 << 16, 1 << 17, 5.0))
+    assert [reason for reason, _ in served.refused] == ["request_size"]
+    assert len(frames) == 1 and "overhead" in framing.error_text(frames[0][1])
+    assert served.asked == [] and served.scopes.used == 0
+
+
+def test_a_reply_its_client_does_not_read_ends_the_stream_and_its_reservation(monkeypatch):
+    """Its writes had no time limit: a client that sent a request and never read held its reservation (and
+    the reply) for as long as its connection lived."""
+    monkeypatch.setattr(streamed, "FRAME_SECONDS", 0.3)
+    monkeypatch.setattr(streamed, "MIN_RATE", 1 << 40)  # the frame's time: FRAME_SECONDS alone
+
+    async def big_reply(frames):
+        return [b"x" * (16 << 20)]
+
+    async def body(served, stopping):
+        framing.write_frame(served.writer, framing.MESSAGE, part("a"))
+        framing.end_of_stream(served.writer)
+        await asyncio.wait_for(asyncio.shield(served.task), 10)  # the client reads nothing meanwhile
+
+    served, _ = run(body, ask=big_reply)
+    assert served.task.result() is False and served.scopes.used == 0
+    assert "reply not read: stream closed" in [call.args[0] for call in served.log.calls]

@@ -129,6 +129,25 @@ def test_a_stream_waits_for_the_replacement_when_no_other_frontend_is_there():
     assert frames == [b"m0", b"m1"] and handover.handled == 0
 
 
+def test_a_waiting_stream_whose_log_outgrows_its_budget_ends_instead_of_being_handed_over_empty():
+    """It was handed to the replacement with an empty log and the count of messages answered: the message
+    read while it waited never reached a frontend, and the new one took the client's next message for one
+    already answered. Nothing could take it over any more: it ends, as a stream not kept ends at once."""
+    table, sent = keeper("frontend.0")
+    s = table.open("peer", 0.0)
+    table.from_frontend("frontend.0", StreamKeep(s.id, 10), [])
+    table.received(s, MSG, b"m0")
+    table.from_frontend("frontend.0", StreamOut(s.id, MSG, 1), [b"out0"])
+    table.down("frontend.0", now=1.0)
+    assert table.received(s, MSG, b"m1 is longer") == Close(
+        FRONTEND_LOST.format(why="its messages exceeded the 10 bytes kept for it")
+    )
+    assert s.done
+    opened = len(sent.of(StreamOpen))
+    table.hello(KeeperHello("frontend.0", 200), now=2.0)  # the replacement takes nothing
+    assert len(sent.of(StreamOpen)) == opened
+
+
 def test_a_replacement_saying_hello_before_its_predecessors_death_is_known_takes_its_streams():
     table, sent = keeper("frontend.0")
     s = table.open("peer", 0.0)
