@@ -106,6 +106,7 @@ class Connection:
         self.reserved: collections.deque[int] = collections.deque()  # bytes of each message not yet handled
         self.released = 0  # messages whose bytes went back to the scopes
         self.errored = False  # the last frame written was an error: the client closes first (drain_input)
+        self.unwritten = 0  # frames given to `actions` that `_write` has not yet seen taken by the client
 
     def unbuffered(self) -> bool:
         """Whether a frame may be written at once: the client reads what was written before (what waits
@@ -114,9 +115,11 @@ class Connection:
         return not transport.is_closing() and transport.get_write_buffer_size() < WRITE_BUFFER
 
     def writable(self) -> bool:
-        """Whether the client takes its replies: nothing waits to be written. Its next message is read only
-        then, so that a client that sends and never reads cannot make the keeper hold its replies."""
-        return self.actions.empty() and self.unbuffered()
+        """Whether the client takes its replies: no frame waits in `actions` or is being drained by `_write`
+        (each in a bounded time). Its next message is read only then, so that a client that sends and never
+        reads cannot make the keeper hold its replies. Not the transport's buffer: a frame written at once
+        may leave it above WRITE_BUFFER, and nothing would wake the reader when it empties."""
+        return self.unwritten == 0
 
 
 class StepTimes:
@@ -307,6 +310,8 @@ class KeeperProcess:
             if isinstance(action, Write):
                 self.write(connection, action)
                 await self._drained(connection, len(action.payload))
+                connection.unwritten -= 1
+                connection.readable.set()  # its next message may be read now (Connection.writable)
             elif isinstance(action, Close):
                 if action.error is not None:
                     framing.write_error(writer, action.error)
@@ -319,7 +324,6 @@ class KeeperProcess:
             stream = connection.stream
             self.refuse("slow_reader", stream.peer, "the client did not read its replies", stream=stream.id)
             raise ConnectionError(f"the client did not take a frame of {nbytes} bytes in time")
-        connection.readable.set()  # its next message may be read now (Connection.writable)
 
     async def _finish(self, connection: Connection, reading: asyncio.Task) -> None:
         """Give the client's remaining input a moment to end before the stream closes (see _read), and
@@ -456,6 +460,7 @@ class KeeperProcess:
         if isinstance(action, Write) and connection.actions.empty() and connection.unbuffered():
             self.write(connection, action)  # at once: no task switch
         elif action is not None:
+            connection.unwritten += isinstance(action, Write)
             connection.actions.put_nowait(action)
         connection.readable.set()
 
