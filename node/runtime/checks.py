@@ -61,6 +61,23 @@ def hypo_ids(tensor: torch.Tensor, batch: int, target: Target) -> Optional[torch
     return tensor.to(target.device)
 
 
+def states(tensor: torch.Tensor, name: str, hidden_size: int, batch: Optional[int] = None) -> None:
+    """Hidden states (or their gradients) are [batch, length, hidden_size]: the frontend checked this, and
+    what reaches the blocks otherwise fails a whole round (every session in it), or the runtime itself."""
+    shape = tuple(tensor.shape)
+    if len(shape) != 3 or shape[2] != hidden_size or (batch is not None and shape[0] != batch):
+        expected = f"[{batch if batch is not None else 'batch'}, length, {hidden_size}]"
+        raise RequestError(f"{name} must have shape {expected}, got {list(shape)}")
+
+
+def room(position: int, length: int, max_length: int) -> None:
+    """A step of `length` tokens from `position` must fit the session's max_length."""
+    if position + length > max_length:
+        raise RequestError(
+            f"a step of {length} tokens from position {position} exceeds the session's max_length {max_length}"
+        )
+
+
 def position(position: int, held: int) -> None:
     """A step continues from `position`: the cache must hold at least that many tokens."""
     if position > held:

@@ -118,7 +118,7 @@ class Forwarding:
 
     @property
     def tokens(self) -> int:
-        return self.work.hidden.shape[0] * self.work.hidden.shape[1]
+        return max(1, self.work.hidden.shape[0] * self.work.hidden.shape[1])  # an empty one: a round's share
 
     def next_chunk(self, blocks: int) -> compute.Work:
         w = self.work
@@ -218,9 +218,25 @@ class Engine:
             dropped = [i for i, b in enumerate(self.blocks) if b is not None and i not in kept]
             for i in dropped:
                 self.blocks[i] = None
+            self.fail_outside(kept)
             self.drop_caches([h for h, c in self.caches.items() if c.start < msg.start_block or c.end > msg.end_block])
             self.log.info("blocks dropped", dropped=dropped, kept=[msg.start_block, msg.end_block])
         return []
+
+    def fail_outside(self, kept: range) -> None:
+        """Forwards and steps under way that need a block no longer held fail now, with a reason: left in
+        their round, they made it fail for everyone in it (a block that is None is not callable)."""
+        error = f"the server no longer serves these blocks (it moved to {kept.start}:{kept.stop}); retry elsewhere"
+
+        def outside(first: int, count: int) -> bool:
+            return first < kept.start or first + count > kept.stop
+
+        for f in [f for f in self.forwards if outside(f.work.first, f.work.n_blocks)]:
+            self.fail(f.task, error)
+            self.forwards.remove(f)
+        for step in [s for s in self.steps if outside(s.first, len(s.cache.kv))]:
+            self.fail(step.task, error)
+            self.steps.remove(step)
 
     def loaded(self) -> Optional[BlocksLoaded]:
         """Blocks loaded beside the served ones are installed (between rounds); what to tell the supervisor."""
@@ -235,7 +251,19 @@ class Engine:
         return BlocksLoaded(*loader.span)
 
     def drop_caches(self, handles) -> None:
+        """The caches go, and with them the steps of their sessions under way or queued: continued, they made
+        their caches again (at position 0 here, or on a tensor-parallel rank at their next chunk, which
+        makes a cache on first sight), outside the allocator's books. Their grant has ended: whoever sent
+        them (a frontend that died, a session past its lease) gets an error, if anyone still listens."""
         handles = list(handles)
+        gone = set(handles)
+        error = "this session's attention cache was released (its grant ended); open a new session"
+        for step in [s for s in self.steps if s.task.msg.handle in gone]:
+            self.fail(step.task, error)
+            self.steps.remove(step)
+        for task in [t for t in self.queue.inference if t.msg.handle in gone]:
+            self.queue.cancel(task.sender, task.msg.req)
+            self.fail(task, error)
         self.caches.drop(handles)
         if self.grouped and handles:
             self.share(GroupDrop(handles), ())
@@ -303,7 +331,10 @@ class Engine:
         busy = {s.task.msg.handle for s in self.steps}
         under_way = sum(step_cost(s.hidden.shape[0], s.hidden.shape[1] - s.done) for s in self.steps)
         room = INFERENCE_ROUND_TOKENS - under_way
-        for task in self.queue.take_inference(busy, max_tokens=max(0, room), cost=task_cost):
+        # a new step joins only while the round has room (the first one whatever its size): "at least one"
+        # with no room left let one more prefill join every round, and rounds grew past any bound
+        taken = self.queue.take_inference(busy, max_tokens=room, cost=task_cost) if room > 0 else []
+        for task in taken:
             step = self.guard(task, self.admit)
             if step is not None:
                 self.steps.append(step)
@@ -380,6 +411,8 @@ class Engine:
         msg: InferStep = task.msg
         first, n_blocks = self.block_range(msg.start, msg.end)
         hidden, prompts, hypo_ids = from_frames(msg.tensors, task.frames, ("hidden_states", "prompts", "hypo_ids"))
+        checks.states(hidden, "hidden_states", self.plan.hidden_size, msg.batch)
+        checks.room(msg.position, hidden.shape[1], msg.max_length)
         cache = self.caches.get(
             msg.handle,
             msg.batch,
@@ -389,6 +422,11 @@ class Engine:
             msg.position,
             self.blocks[first : first + n_blocks],
         )
+        if (cache.batch, cache.max_length) != (msg.batch, msg.max_length):
+            raise RequestError(
+                f"session {msg.session}'s cache holds a batch of {cache.batch} x {cache.max_length} tokens, "
+                f"not {msg.batch} x {msg.max_length}"
+            )
         checks.position(msg.position, cache.length)
         hidden = checks.finite(hidden, "hidden_states", self.target)
         prompts = checks.prompts(prompts, self.target)
@@ -427,8 +465,12 @@ class Engine:
                 self.succeed(tasks[0], outputs, time.perf_counter() - began)
             self.counts.busy_seconds += time.perf_counter() - began
             return
-        prepared = [(task, self.guard(task, self.prepare_forward)) for task in tasks]
-        self.forwards += [Forwarding(task, work) for task, work in prepared if work is not None]
+        for task in tasks:
+            work = self.guard(task, self.prepare_forward)
+            if work is not None and work.hidden.numel() == 0:  # no tokens: the blocks map none to none
+                self.succeed(task, [work.hidden], 0.0)
+            elif work is not None:
+                self.forwards.append(Forwarding(task, work))
         if not self.forwards:
             return
         began = time.perf_counter()
@@ -469,6 +511,7 @@ class Engine:
         msg: Forward = task.msg
         first, n_blocks = self.block_range(msg.start, msg.end)
         hidden, prompts = from_frames(msg.tensors, task.frames, ("hidden_states", "prompts"))
+        checks.states(hidden, "hidden_states", self.plan.hidden_size)
         hidden = checks.finite(hidden, "hidden_states", self.target)
         return compute.Work(first, n_blocks, hidden, prompts=checks.prompts(prompts, self.target))
 
@@ -476,9 +519,15 @@ class Engine:
         msg: Backward = task.msg
         first, n_blocks = self.block_range(msg.start, msg.end)
         tensors = from_frames(msg.tensors, task.frames, ("inputs", "grad_outputs", "prompts"))
+        checks.states(tensors[0], "inputs", self.plan.hidden_size)
+        checks.states(tensors[1], "grad_outputs", self.plan.hidden_size, tensors[0].shape[0])
+        if tensors[1].shape != tensors[0].shape:
+            raise RequestError(f"grad_outputs has shape {list(tensors[1].shape)}, not that of inputs")
         x = checks.finite(tensors[0], "inputs", self.target)
         grad_outputs = checks.finite(tensors[1], "grad_outputs", self.target)
         prompts = checks.prompts(tensors[2], self.target)
+        if x.numel() == 0:  # no tokens: nothing flows back
+            return [x] if prompts is None else [x, torch.zeros_like(prompts)]
         if self.grouped:
             shared = [x, grad_outputs, prompts if prompts is not None else torch.empty(0)]
             metas, frames = to_frames(shared)

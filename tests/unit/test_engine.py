@@ -279,3 +279,101 @@ def test_a_stop_finishes_what_is_under_way_and_fails_the_rest(plan, blocks):
     started = driver.step(b"frontend.0", 1, torch.randn(1, 2, HIDDEN), 0)
     driver.engine.drain(grace=30.0)
     assert not isinstance(driver.answer(started), Failure)
+
+
+def test_requests_without_tokens_are_answered_without_compute(plan, blocks):
+    """A forward of [1, 0, H] divided by its token count and took the runtime down; a backward of none
+    has nothing to give back. Both are answered with empty tensors, and the runtime serves on."""
+    driver = Driver(plan, blocks)
+    forward = driver.send(b"frontend.0", Forward, [torch.randn(1, 0, HIDDEN), torch.empty(0)], start=0, end=4)
+    empty = torch.randn(0, 3, HIDDEN)
+    backward = driver.send(b"frontend.0", Backward, [empty, empty.clone(), torch.empty(0)], start=0, end=4)
+    after = driver.send(b"frontend.0", Forward, [torch.randn(1, 2, HIDDEN), torch.empty(0)], start=0, end=4)
+    (out,), (grad,), (later,) = driver.run_until([forward, backward, after])
+    assert out.shape == (1, 0, HIDDEN) and grad.shape == (0, 3, HIDDEN) and later.shape == (1, 2, HIDDEN)
+
+
+def test_inference_rounds_stay_within_their_tokens_however_many_prefills_wait(plan, blocks):
+    """With no room left in a round, one more step still joined every round ("at least one"): 16 prefills of 2048
+    tokens made rounds of 2816 tokens against 1024. The first step of a round still comes whatever its
+    size, so a round holds at most INFERENCE_ROUND_TOKENS plus one step's chunk."""
+    driver = Driver(plan, blocks)
+    torch.manual_seed(8)
+    keys = [driver.step(b"frontend.%d" % h, h, torch.randn(1, 2048, HIDDEN), 0, max_length=2048) for h in range(16)]
+    largest = 0
+    for _ in range(400):
+        if all(k in driver.answers for k in keys):
+            break
+        driver.engine.work()
+        largest = max(largest, driver.engine.counts.round_tokens)
+    assert all(not isinstance(driver.answer(k), Failure) for k in keys)
+    assert largest <= engine_module.INFERENCE_ROUND_TOKENS + PREFILL_CHUNK
+
+
+def test_work_on_dropped_blocks_fails_alone(plan, blocks):
+    """A move dropped blocks under a forward still under way: its next round failed, and with it every
+    other forward in that round (a dropped block is None). Now it fails at once with a reason, and the
+    forwards on the blocks still held are served."""
+    driver = Driver(plan, blocks)
+    driver.engine.plan.max_batch_size = 8  # a forward of 8 tokens goes a block per round
+    try:
+        torch.manual_seed(9)
+        moved = driver.send(b"frontend.0", Forward, [torch.randn(1, 8, HIDDEN), torch.empty(0)], start=0, end=4)
+        driver.engine.work()
+        assert moved not in driver.answers
+        staying = torch.randn(1, 2, HIDDEN)
+        kept = driver.send(b"frontend.1", Forward, [staying, torch.empty(0)], start=2, end=4, peer="b")
+        driver.engine.control(DropBlocks(2, 4))
+        failure, (out,) = driver.run_until([moved, kept])
+        assert isinstance(failure, Failure) and "no longer serves these blocks" in failure.error
+        assert rel_err(out, alone(blocks, staying, 2, 4)) <= TOL
+    finally:
+        driver.engine.plan.max_batch_size = plan.max_batch_size
+
+
+def test_the_steps_of_a_dropped_cache_end_with_it(plan, blocks):
+    """The allocator ends a grant while its session's prefill is under way, or a step of it waits: left to
+    run, they made the cache again (on a tensor-parallel rank for good), outside the allocator's books."""
+    driver = Driver(plan, blocks)
+    torch.manual_seed(10)
+    long = driver.step(b"frontend.0", 1, torch.randn(1, 3 * PREFILL_CHUNK, HIDDEN), 0, max_length=3 * PREFILL_CHUNK)
+    other = driver.step(b"frontend.1", 2, torch.randn(1, 2, HIDDEN), 0)
+    driver.engine.work()  # the long prefill's first chunk: under way
+    waiting = driver.step(b"frontend.0", 3, torch.randn(1, 2, HIDDEN), 0)
+    driver.engine.take(b"allocator", DropCache([1, 3]))
+    a, b, c = driver.run_until([long, other, waiting])
+    assert isinstance(a, Failure) and "released" in a.error and isinstance(c, Failure)
+    assert not isinstance(b, Failure)
+    assert set(h for h, _ in driver.engine.caches.items()) == {2}
+
+
+@pytest.mark.parametrize(
+    "hidden, batch, max_length, position, expected",
+    [
+        (torch.randn(HIDDEN), 1, 16, 0, "must have shape [1, length, 64]"),
+        (torch.randn(2, 3, HIDDEN), 1, 16, 0, "must have shape [1, length, 64]"),
+        (torch.randn(1, 3, 32), 1, 16, 0, "must have shape [1, length, 64]"),
+        (torch.randn(1, 5, HIDDEN), 1, 4, 0, "exceeds the session's max_length 4"),
+    ],
+)
+def test_a_step_whose_shape_the_cache_cannot_take_is_refused_alone(
+    plan, blocks, hidden, batch, max_length, position, expected
+):
+    """The frontend checks these; a runtime that trusted them failed every session of the round (or, for a
+    1-D tensor, died)."""
+    driver = Driver(plan, blocks)
+    good = driver.step(b"frontend.0", 1, torch.randn(1, 2, HIDDEN), 0)
+    driver.req += 1
+    metas, frames = to_frames([hidden, torch.empty(0), torch.empty(0, dtype=torch.int64)])
+    msg = InferStep(driver.req, "s9", 9, 0, 4, position, max_length, batch, metas, peer="frontend.1")
+    driver.engine.take(b"frontend.1", msg, [bytearray(f) for f in frames])
+    result, refused = driver.run_until([good, (b"frontend.1", driver.req)])
+    assert not isinstance(result, Failure)
+    assert isinstance(refused, Failure) and expected in refused.error
+
+
+def test_a_step_for_a_cache_of_another_shape_is_refused(plan, blocks):
+    driver = Driver(plan, blocks)
+    driver.run_until([driver.step(b"frontend.0", 1, torch.randn(1, 2, HIDDEN), 0, max_length=32)])
+    (refused,) = driver.run_until([driver.step(b"frontend.0", 1, torch.randn(2, 1, HIDDEN), 2, max_length=32)])
+    assert isinstance(refused, Failure) and "holds a batch of 1 x 32 tokens, not 2 x 32" in refused.error
