@@ -392,6 +392,16 @@ def test_batch_over_max_batch_size(caller, rpc, shape):
     caller.expect_error(rpc, request(rpc, tensors=tensors, **metadata), f"max_batch_size ({b * t} > {MAX_TOKENS})")
 
 
+@pytest.mark.parametrize("shape", [(1, 0), (0, 3)], ids=["no-positions", "no-sequences"])
+@pytest.mark.parametrize("rpc", ["rpc_forward", "rpc_backward"])
+def test_no_tokens_are_answered_with_nothing(caller, rpc, shape):
+    """A forward of [1, 0, H] took the runtime down (it divided by the token count): blocks map no tokens to
+    none, and the answer is an empty tensor of the same shape (the autouse check: no actor restarted)."""
+    h = torch.zeros(*shape, H)
+    (response,) = caller.call(rpc, request(rpc, tensors=default_tensors(rpc, h)))
+    assert wire.decode_tensor(response.tensors[0]).shape == (*shape, H)
+
+
 # --- 4. inference: max_length and steps ---------------------------------------------------------------
 
 
