@@ -126,7 +126,8 @@ class Admission:
 
     def allocate(self, sender: bytes, owner: str, msg: Allocate, now: float) -> None:
         held = self.sessions.get(msg.session) if msg.session else None
-        if held is not None and msg.resumed and held.peer == msg.peer:
+        taken_over = held is not None and msg.resumed and held.peer == msg.peer
+        if taken_over:
             lease = self.budget.release(held.handle)
             self.log.info("session taken over", session=msg.session, owner=owner, previous_owner=held.owner)
             self.ended([lease] if lease is not None else [], "taken over")
@@ -163,13 +164,16 @@ class Admission:
             history=self.geometry.session_history_bytes(msg.batch, msg.max_length),
         )
         try:
-            lease = self.budget.request(waiter, now)
+            # a session taken over goes on with the room it held, before those waiting: it must not fail
+            lease = self.budget.request(waiter, now, first=taken_over)
         except AllocationFailed as e:
             self.log.info("allocation refused", session=msg.session, reason=str(e))
             self.reply(sender, Failure(msg.req, str(e)))
             return
         if lease is not None:
             self.granted(waiter, lease)
+        if taken_over:
+            self.grant_waiting(now)  # what it held and no longer needs
 
     def refuse(self, sender: bytes, msg: Allocate, reason: str, error: str) -> None:
         self.refused[reason] = self.refused.get(reason, 0) + 1

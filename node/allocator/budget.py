@@ -149,12 +149,13 @@ class CacheBudget:
         self.history_used += history
         return lease
 
-    def request(self, waiter: Waiter, now: float) -> Optional[Lease]:
-        """Grant at once, queue (None), or raise AllocationFailed."""
+    def request(self, waiter: Waiter, now: float, first: bool = False) -> Optional[Lease]:
+        """Grant at once, queue (None), or raise AllocationFailed. `first`: the request goes before those
+        waiting (a session taken over from a frontend that died, whose grant was just given back)."""
         if waiter.size > self.capacity:
             raise self._fail(waiter, "larger than the whole cache")
         queued = sum(w.size for w in self.waiters)
-        if not self.waiters and self.used + waiter.size <= self.capacity:
+        if (first or not self.waiters) and self.used + waiter.size <= self.capacity:
             return self._grant(waiter, now)
         if waiter.deadline <= now:
             why = "the cache is full" if self.used + waiter.size > self.capacity else "others are waiting"

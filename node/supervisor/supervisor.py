@@ -147,6 +147,7 @@ class Supervisor:
             self.plan.daemon_maddr = self.daemon.control_maddr
             self.plan.peer_id = self.daemon.peer_id
             write_plan(self.plan)
+            self.plan_published(time.monotonic())
             self.maddrs = await self.daemon.visible_maddrs()
             if self.config.metrics_port is not None:
                 from node.supervisor import metrics
@@ -210,6 +211,15 @@ class Supervisor:
                 await asyncio.wait_for(self.stop_requested.wait(), TICK)
             except asyncio.TimeoutError:
                 pass
+
+    def plan_published(self, now: float) -> None:
+        """The actors started before the plan existed and wait for plan.json before they can speak: their
+        allowance for a first heartbeat starts now, not at their spawn (resolving the model may take
+        minutes, e.g. while another node holds the weight cache's lock; they were all killed, and the node
+        gave up)."""
+        for actor in self.actors.values():
+            if actor.running and actor.last_heartbeat <= actor.started_at:
+                actor.started_at = actor.last_heartbeat = now
 
     def _check(self, actor: ActorProcess, now: float) -> None:
         if self.crashed_while_draining(actor, now):
@@ -395,54 +405,57 @@ class Supervisor:
             if actor is None:
                 self.log.warning("message from an unknown actor", actor=name)
                 continue
-            msg = envelope.msg
-            if isinstance(msg, Heartbeat):
-                actor.last_heartbeat = time.monotonic()
-                actor.stats = msg.stats
-                if self.metrics_totals is not None:
-                    self.metrics_totals.observe(name, msg.pid, msg.stats)
-            elif isinstance(msg, Ready):
-                if msg.pid != actor.pid:
-                    continue  # a late message from a predecessor
-                actor.last_heartbeat = time.monotonic()
-                actor.ready = True
-                actor.reloading = False
-                actor.code = msg.code
-                actor.consecutive_failures = 0
-                self.log.info(
-                    "actor ready", actor=name, pid=msg.pid, code=msg.code, **msgspec.structs.asdict(msg.detail)
-                )
-                if actor.was_ready:
-                    for other in self.actors.values():
-                        if other is not actor:
-                            self.send(other.spec.name, PeerUp(name))
-                actor.was_ready = True
-                if isinstance(msg.detail, (FrontendReady, KeeperReady)) and msg.detail.stream_handlers:
-                    self.stream_handlers[name] = (msg.detail.stream_maddr, list(msg.detail.stream_handlers))
-                elif isinstance(msg.detail, AnnouncerReady):
-                    self.placement.using_relay = msg.detail.using_relay
-                self.write_status()
-                if self.placement.placed and (name == "allocator" or name.startswith("frontend")):
-                    self.send(name, Serve(self.plan.start_block, self.plan.end_block))
-                if self.drain_deadline is not None and name.startswith("frontend"):  # a crashed one's successor
-                    self.stop_planned(actor, Stop(max(0.0, self.drain_deadline - time.monotonic())))
-            elif isinstance(msg, Measured):
-                self.placement.on_measured(msg)
-            elif isinstance(msg, SwarmView):
-                self.placement.on_view(msg)
-            elif isinstance(msg, SwarmMap):
-                self.swarm_map = (time.time(), msg)
-            elif isinstance(msg, BlocksLoaded):
-                self.moves.on_loaded(msg)
-            elif isinstance(msg, Fatal):
-                self.log.error("actor cannot work; stopping the node", actor=name, reason=msg.reason)
-                self.exit_code = 1
-            elif isinstance(msg, Announced):
-                self.confirmed = msg.state
-                self.log.info("announced", state=ServerState(msg.state).name, ok=msg.ok)
-                self.state_changed.set()
-                if not msg.ok:
-                    self.log.warning("announcement incomplete", state=ServerState(msg.state).name, error=msg.error)
+            try:
+                self.on_message(name, actor, envelope.msg)
+            except Exception as e:  # a bug with one message must not leave every later heartbeat unread
+                self.log.error("control message failed", actor=name, msg=type(envelope.msg).__name__, exc_info=e)
+
+    def on_message(self, name: str, actor: ActorProcess, msg) -> None:
+        if isinstance(msg, Heartbeat):
+            actor.last_heartbeat = time.monotonic()
+            actor.stats = msg.stats
+            if self.metrics_totals is not None:
+                self.metrics_totals.observe(name, msg.pid, msg.stats)
+        elif isinstance(msg, Ready):
+            if msg.pid != actor.pid:
+                return  # a late message from a predecessor
+            actor.last_heartbeat = time.monotonic()
+            actor.ready = True
+            actor.reloading = False
+            actor.code = msg.code
+            actor.consecutive_failures = 0
+            self.log.info("actor ready", actor=name, pid=msg.pid, code=msg.code, **msgspec.structs.asdict(msg.detail))
+            if actor.was_ready:
+                for other in self.actors.values():
+                    if other is not actor:
+                        self.send(other.spec.name, PeerUp(name))
+            actor.was_ready = True
+            if isinstance(msg.detail, (FrontendReady, KeeperReady)) and msg.detail.stream_handlers:
+                self.stream_handlers[name] = (msg.detail.stream_maddr, list(msg.detail.stream_handlers))
+            elif isinstance(msg.detail, AnnouncerReady):
+                self.placement.using_relay = msg.detail.using_relay
+            self.write_status()
+            if self.placement.placed and (name == "allocator" or name.startswith("frontend")):
+                self.send(name, Serve(self.plan.start_block, self.plan.end_block))
+            if self.drain_deadline is not None and name.startswith("frontend"):  # a crashed one's successor
+                self.stop_planned(actor, Stop(max(0.0, self.drain_deadline - time.monotonic())))
+        elif isinstance(msg, Measured):
+            self.placement.on_measured(msg)
+        elif isinstance(msg, SwarmView):
+            self.placement.on_view(msg)
+        elif isinstance(msg, SwarmMap):
+            self.swarm_map = (time.time(), msg)
+        elif isinstance(msg, BlocksLoaded):
+            self.moves.on_loaded(msg)
+        elif isinstance(msg, Fatal):
+            self.log.error("actor cannot work; stopping the node", actor=name, reason=msg.reason)
+            self.exit_code = 1
+        elif isinstance(msg, Announced):
+            self.confirmed = msg.state
+            self.log.info("announced", state=ServerState(msg.state).name, ok=msg.ok)
+            self.state_changed.set()
+            if not msg.ok:
+                self.log.warning("announcement incomplete", state=ServerState(msg.state).name, error=msg.error)
 
     # --- placement ---------------------------------------------------------------------------
 
@@ -594,9 +607,12 @@ class Supervisor:
             "updated": time.time(),
         }
         path = os.path.join(self.plan.run_dir, "status.json")
-        with open(path + ".tmp", "w") as f:
-            json.dump(status, f)
-        os.replace(path + ".tmp", path)
+        try:
+            with open(path + ".tmp", "w") as f:
+                json.dump(status, f)
+            os.replace(path + ".tmp", path)
+        except OSError as e:  # a full disk: status.json goes stale, the node serves on
+            self.log.warning("cannot write status.json", error=str(e))
 
     # --- draining and shutdown ---------------------------------------------------------------
 

@@ -133,3 +133,19 @@ def test_a_session_handed_over_takes_its_dead_frontends_grant_over(tmp_path):
     assert d.dropped == [old.handle] and d.admission.stats().sessions == 1
     d.admission.owner_down("frontend.0")  # the news comes: nothing of frontend.1's is dropped
     assert d.dropped == [old.handle] and d.admission.stats().sessions == 1
+
+
+def test_a_session_handed_over_goes_before_those_waiting(tmp_path):
+    """With the cache full and a session waiting, the taken-over session's new request went behind the
+    waiter and, with no alloc_timeout, failed ("others are waiting"): a hand-over the client saw. It goes on
+    with the room it held; what it no longer needs goes to the waiter."""
+    d = Driver(tmp_path)
+    budget, geometry = d.admission.budget, d.admission.geometry
+    half = 64
+    while geometry.session_bytes(1, half * 2, 4) <= budget.capacity // 2:
+        half *= 2
+    d.allocate(sender=F0, session="s", peer="p", max_length=half)
+    d.allocate(sender=F0, session="x", peer="q", max_length=half)  # the cache is full
+    assert d.allocate(sender=F0, session="w", peer="r", max_length=half, timeout=30.0) is None  # waits
+    taken = d.allocate(sender=F1, session="s", peer="p", max_length=half, resumed=True)
+    assert isinstance(taken, Granted) and len(budget.waiters) == 1
