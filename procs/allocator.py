@@ -60,7 +60,7 @@ class AllocatorProcess:
         deadline = self.admission.next_deadline()
         if deadline is None:
             return 100
-        return int(max(0, min(0.1, deadline - time.time())) * 1000)
+        return int(max(0, min(0.1, deadline - time.monotonic())) * 1000)
 
     def handle_control(self) -> None:
         while not self.actor.control_inbox.empty():

@@ -52,14 +52,15 @@ class Admission:
         )
 
     def next_deadline(self) -> Optional[float]:
-        """When (time.time()) a lease lapses or a waiter times out next."""
+        """When (time.monotonic(): a step of the wall clock must not end leases early or waits late) a lease
+        lapses or a waiter times out next."""
         return self.budget.next_deadline()
 
     # --- receiving ---------------------------------------------------------------------------
 
     def take(self, sender: bytes, msg: Message, frames: Sequence = ()) -> None:
         owner = sender.decode(errors="replace")
-        now = time.time()
+        now = time.monotonic()
         if isinstance(msg, Allocate):
             self.allocate(sender, owner, msg, now)
         elif isinstance(msg, Release):
@@ -105,7 +106,7 @@ class Admission:
         if leases or waiters:
             self.log.info("dropped sessions of a replaced frontend", frontend=name, sessions=len(leases))
         self.ended(leases, "owner replaced")
-        self.grant_waiting(time.time())
+        self.grant_waiting(time.monotonic())
 
     def resize(self, num_blocks: int) -> None:
         """The budget follows the number of blocks served (chosen after this process started)."""
@@ -120,7 +121,7 @@ class Admission:
             capacity_bytes=self.budget.capacity,
             history_bytes=self.budget.history_capacity,
         )
-        self.grant_waiting(time.time())
+        self.grant_waiting(time.monotonic())
 
     # --- deciding ----------------------------------------------------------------------------
 
@@ -141,6 +142,9 @@ class Admission:
                 self.log.info("allocation asked again: the same grant", session=msg.session, owner=owner)
                 self.reply(sender, Granted(msg.req, held.handle, held.history))
                 return
+            self.reply(sender, Failure(msg.req, f"session_id {msg.session} is already open on this server"))
+            return
+        if msg.session and any(w.session == msg.session for w in self.budget.waiters):  # one grant per id
             self.reply(sender, Failure(msg.req, f"session_id {msg.session} is already open on this server"))
             return
         plan = self.plan
@@ -221,7 +225,7 @@ class Admission:
             self.granted(waiter, lease)
 
     def expire(self) -> None:
-        now = time.time()
+        now = time.monotonic()
         expired, timed_out = self.budget.expire(now)
         if expired:
             self.log.info("leases lapsed", sessions=[lease.session for lease in expired])

@@ -149,3 +149,17 @@ def test_a_session_handed_over_goes_before_those_waiting(tmp_path):
     assert d.allocate(sender=F0, session="w", peer="r", max_length=half, timeout=30.0) is None  # waits
     taken = d.allocate(sender=F1, session="s", peer="p", max_length=half, resumed=True)
     assert isinstance(taken, Granted) and len(budget.waiters) == 1
+
+
+def test_a_session_id_waiting_for_room_is_not_granted_twice(tmp_path):
+    """The one-session-per-id check looked at grants only: two requests naming one id while the cache was
+    full both waited, and both were granted (pushes then found only the second)."""
+    d = Driver(tmp_path)
+    budget, geometry = d.admission.budget, d.admission.geometry
+    full = 64
+    while geometry.session_bytes(1, full * 2, 4) <= budget.capacity:
+        full *= 2
+    d.allocate(session="x", max_length=full)
+    assert d.allocate(sender=F0, session="w", peer="p", max_length=8, timeout=30.0) is None  # waits
+    twice = d.allocate(sender=F1, session="w", peer="p", max_length=8, timeout=30.0)
+    assert "already open" in twice.error and len(budget.waiters) == 1
