@@ -103,6 +103,7 @@ class Supervisor:
         self.exit_code: Optional[int] = None
         self.started = False  # every actor has been ready once
         self.announced: Optional[int] = None  # last state sent to the announcer
+        self.ever_announced = False  # whether the swarm may hold a record of ours (OFFLINE on the way out)
         self.reported: Optional[int] = None  # last state announced: status.json keeps it while the announcer restarts
         self.confirmed: Optional[int] = None  # last state the announcer stored
         self.state_changed = asyncio.Event()
@@ -337,6 +338,10 @@ class Supervisor:
     def _update_state(self) -> None:
         announcer = self.actors["announcer"]
         if self.drain_deadline is not None:  # OFFLINE until the end; a replaced runtime still loads
+            if announcer.ready and self.ever_announced and self.announced != ServerState.OFFLINE:
+                # the announcer was being replaced when the drain began: its successor says OFFLINE now,
+                # or the swarm would go on sending new clients here through the whole drain
+                self.announce(ServerState.OFFLINE)
             self.order_loads()
             return
         if not announcer.ready or self.moves.moving:
@@ -378,6 +383,7 @@ class Supervisor:
         if self.drain_deadline is not None and state != ServerState.OFFLINE:
             return  # a move that was under way when the drain began: the node stays OFFLINE
         self.announced = self.reported = state
+        self.ever_announced = True
         self.state_changed.clear()
         self.send(
             "announcer",
@@ -670,7 +676,7 @@ class Supervisor:
         began = time.monotonic()
         if self.drain_deadline is None:
             self.notifier.stopping()
-        if self.actors["announcer"].ready and self.announced not in (None, ServerState.OFFLINE):
+        if self.actors["announcer"].ready and self.ever_announced and self.announced != ServerState.OFFLINE:
             self.announce(ServerState.OFFLINE)
             try:
                 while self.confirmed != ServerState.OFFLINE:

@@ -15,6 +15,7 @@ from structlog.testing import CapturingLogger
 
 from node.supervisor.processes import ActorProcess, ActorSpec, RestartIntensity
 from node.supervisor.supervisor import STARTUP_SILENCE, Supervisor
+from protocol.dht_records import ServerState
 from protocol.messages import Heartbeat
 from protocol.transport import Envelope
 
@@ -112,3 +113,22 @@ def test_a_control_message_whose_handling_fails_does_not_stop_the_heartbeats():
     finally:
         actors["frontend.0"].popen.kill()
         actors["frontend.0"].popen.wait()
+
+
+def test_a_drain_begun_while_the_announcer_was_replaced_says_offline_once_it_is_back():
+    """Its crash forgets what was announced; a stop then skipped OFFLINE (nothing to take back, it seemed),
+    and the swarm went on sending new clients here through the whole drain."""
+    announced = []
+    sup = types.SimpleNamespace(
+        actors={"announcer": types.SimpleNamespace(ready=True)},
+        drain_deadline=time.monotonic() + 60,
+        ever_announced=True,
+        announced=None,  # the announcer was replaced: its successor was told nothing yet
+        announce=announced.append,
+        order_loads=lambda: None,
+    )
+    Supervisor._update_state(sup)
+    assert announced == [ServerState.OFFLINE]
+    sup.announced = ServerState.OFFLINE
+    Supervisor._update_state(sup)
+    assert announced == [ServerState.OFFLINE]  # once
