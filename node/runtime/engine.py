@@ -211,6 +211,9 @@ class Engine:
         if isinstance(msg, LoadBlocks) and self.loading is None:
             missing = [i for i in range(msg.start_block, msg.end_block) if self.blocks[i] is None]
             self.loading = BlockLoader(self.plan, self.log, (msg.start_block, msg.end_block), missing)
+        elif isinstance(msg, LoadBlocks):  # one load at a time: say so now rather than at the move's timeout
+            error = f"blocks {list(self.loading.span)} are still loading"
+            return [BlocksLoaded(msg.start_block, msg.end_block, ok=False, error=error)]
         elif isinstance(msg, Serve):
             self.plan.start_block, self.plan.end_block = msg.start_block, msg.end_block
         elif isinstance(msg, DropBlocks):

@@ -33,6 +33,7 @@ class Moves:
         self.sup = sup
         self.moving = False  # a move is under way: it drives the node's state itself
         self.loaded: Optional[asyncio.Future] = None  # BlocksLoaded of a load-then-switch move
+        self.loading: Optional[tuple[int, int]] = None  # ... and the blocks it asked for
 
     @property
     def plan(self):
@@ -51,6 +52,11 @@ class Moves:
         return self.sup.config
 
     def on_loaded(self, msg: BlocksLoaded) -> None:
+        """The runtime's answer to our LoadBlocks: only for the blocks this move asked for (a load abandoned
+        at its timeout may finish during the next move, and must not pass for that one's)."""
+        if (msg.start_block, msg.end_block) != self.loading:
+            self.log.info("late load ignored", blocks=[msg.start_block, msg.end_block], ok=msg.ok)
+            return
         if self.loaded is not None and not self.loaded.done():
             self.loaded.set_result(msg)
 
@@ -101,6 +107,7 @@ class Moves:
         self.moving = True
         try:
             self.loaded = asyncio.get_running_loop().create_future()
+            self.loading = (start, end)
             if not self.sup.send("runtime.0", LoadBlocks(start, end)):
                 return
             try:

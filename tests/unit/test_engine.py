@@ -13,7 +13,19 @@ from node.runtime import engine as engine_module
 from node.runtime.engine import PREFILL_CHUNK, Engine
 from node.runtime.loading import load_blocks
 from protocol.frames import from_frames, to_frames
-from protocol.messages import Backward, Cancel, DropBlocks, DropCache, Failure, Forward, InferStep, Result, Serve
+from protocol.messages import (
+    Backward,
+    BlocksLoaded,
+    Cancel,
+    DropBlocks,
+    DropCache,
+    Failure,
+    Forward,
+    InferStep,
+    LoadBlocks,
+    Result,
+    Serve,
+)
 from tests.helpers.plans import micro_plan
 from tests.helpers.reference import rel_err
 
@@ -377,3 +389,14 @@ def test_a_step_for_a_cache_of_another_shape_is_refused(plan, blocks):
     driver.run_until([driver.step(b"frontend.0", 1, torch.randn(1, 2, HIDDEN), 0, max_length=32)])
     (refused,) = driver.run_until([driver.step(b"frontend.0", 1, torch.randn(2, 1, HIDDEN), 2, max_length=32)])
     assert isinstance(refused, Failure) and "holds a batch of 1 x 32 tokens, not 2 x 32" in refused.error
+
+
+def test_a_load_asked_while_another_runs_is_refused_at_once(plan, blocks):
+    """It was ignored, and its move waited for its timeout (or took the other load's answer for its own)."""
+    driver = Driver(plan, blocks)
+    assert driver.engine.control(LoadBlocks(0, 4)) == []
+    (refused,) = driver.engine.control(LoadBlocks(0, 2))
+    assert (refused.start_block, refused.end_block, refused.ok) == (0, 2, False)
+    assert "still loading" in refused.error
+    driver.engine.loading.done.wait(30)
+    assert driver.engine.loaded() == BlocksLoaded(0, 4)

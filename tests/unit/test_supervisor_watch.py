@@ -132,3 +132,20 @@ def test_a_drain_begun_while_the_announcer_was_replaced_says_offline_once_it_is_
     sup.announced = ServerState.OFFLINE
     Supervisor._update_state(sup)
     assert announced == [ServerState.OFFLINE]  # once
+
+
+def test_a_load_abandoned_by_one_move_does_not_pass_for_the_next_ones():
+    """A load that outlived its move's timeout answered later, and its BlocksLoaded (other blocks) settled
+    the next move's wait: the node would have switched to blocks it had not loaded."""
+    from node.supervisor.moves import Moves
+    from protocol.messages import BlocksLoaded
+
+    async def main():
+        moves = Moves(types.SimpleNamespace(log=CapturingLogger()))
+        moves.loaded, moves.loading = asyncio.get_running_loop().create_future(), (4, 8)
+        moves.on_loaded(BlocksLoaded(2, 6))  # the abandoned move's
+        assert not moves.loaded.done()
+        moves.on_loaded(BlocksLoaded(4, 8))
+        return moves.loaded.result()
+
+    assert asyncio.run(main()) == BlocksLoaded(4, 8)
