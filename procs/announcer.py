@@ -30,6 +30,7 @@ from hivemind.dht.routing import DHTID
 from hivemind.p2p import P2P
 from hivemind.utils.multiaddr import Multiaddr
 
+from node import msgpack_depth
 from node.announcer.presence import Presence
 from node.announcer.reachability import Reachability, Unreachable, confirm_public_reachability, only_relays_reach
 from node.logs import quiet_hivemind
@@ -165,6 +166,7 @@ class AnnouncerProcess:
 
 async def amain(actor: actor_lib.Actor) -> None:
     quiet_hivemind()
+    msgpack_depth.install()  # before the DHT decodes anything a peer sent
     announcer = AnnouncerProcess(actor)
     try:
         await announcer.start()

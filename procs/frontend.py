@@ -71,6 +71,8 @@ from protocol.messages import (
 from protocol.requester import Requester
 from protocol.transport import AsyncChannel, BadMessage
 
+LATE_GRANT_GRACE = 2.0  # seconds a grant nobody waited for may take to find its session (unsolicited)
+
 
 class FrontendProcess:
     """Attaches the RPCs to p2pd and moves control messages and actor replies to them; decides nothing."""
@@ -215,9 +217,15 @@ class FrontendProcess:
             self.rpcs.deliver_push(msg.session, envelope.frames[0].bytes)
         elif isinstance(msg, Granted) and not self.rpcs.sessions.hold(msg.handle):
             # granted to a session that stopped waiting (its client left, or its wait timed out): the cache
-            # and the session's slots would stay held until the lease lapsed
-            self.allocator.send(Release(msg.handle))
-            self.log.info("late grant released", handle=msg.handle)
+            # and the session's slots would stay held until the lease lapsed. Not at once: a session whose
+            # request was failed over to a new allocator asked again, and gets this same grant in a moment
+            loop = asyncio.get_running_loop()
+            loop.call_later(LATE_GRANT_GRACE, self.release_unheld, msg.handle)
+
+    def release_unheld(self, handle: int) -> None:
+        if not self.rpcs.sessions.hold(handle):
+            self.allocator.send(Release(handle))
+            self.log.info("late grant released", handle=handle)
 
     async def serve(self) -> None:
         """Until our drain (a stop, or a retirement after a reload) is over; control messages are handled

@@ -287,11 +287,22 @@ async def read_servers(dht_node, prefix: str, num_blocks: int) -> dict[int, dict
         if entry is None or not isinstance(entry.value, dict):
             continue
         for peer, item in entry.value.items():
+            if not is_peer_id(peer):  # any peer may store any subkey: an int one broke sorting, a huge one bloated
+                continue
             try:
                 out[index][peer] = from_tuple(item.value)
             except (TypeError, ValueError):
                 continue
     return out
+
+
+BASE58 = frozenset("123456789ABCDEFGHJKLMNPQRSTUVWXYZabcdefghijkmnopqrstuvwxyz")
+MAX_PEER_ID_CHARS = 128  # a libp2p peer id in base58 is 46 to 53 characters
+
+
+def is_peer_id(subkey: Any) -> bool:
+    """Whether a record's subkey can be a peer id (base58), as the Petals client requires of it."""
+    return isinstance(subkey, str) and 0 < len(subkey) <= MAX_PEER_ID_CHARS and BASE58.issuperset(subkey)
 
 
 # --- spans (PROTOCOL 2.5) -------------------------------------------------------------------------

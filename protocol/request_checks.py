@@ -287,13 +287,20 @@ def _short(value: Any, limit: int = 80) -> str:
     return text if len(text) <= limit else text[:limit] + "..."
 
 
+MAX_EMPTY_EXTENT = 1 << 32  # what the other dimensions of an empty tensor may multiply to
+
+
 def optional_tensor(tensor):
-    """Petals sends an empty tensor for an absent argument."""
+    """Petals sends an empty tensor for an absent argument. Its other dimensions are bounded still: torch
+    cannot even describe an empty tensor of (0, 2**31 - 1, 2**31 - 1, 2**31 - 1) (its strides overflow)."""
     if tensor is None:
         return None
-    n = 1
+    n, extent = 1, 1
     for d in tensor.shape:
         n *= d
+        extent *= max(d, 1)
+    if n == 0 and extent > MAX_EMPTY_EXTENT:
+        raise ValueError(f"an empty tensor of shape {list(tensor.shape)}: its other dimensions are absurd")
     return None if n == 0 else tensor
 
 

@@ -205,6 +205,12 @@ def _decode_compressed(t, dtype: str, shape: tuple) -> RawTensor:
     name = COMPRESSION_NAMES[t.compression]
     if dtype not in FLOAT_DTYPES:
         raise ValueError(f"{name} compression applies to floating point tensors, not {dtype}")
+    if t.compression in (FLOAT16, MEANSTD_16BIT):  # checked before hivemind converts what it was given
+        numel = math.prod(shape)
+        stats = 0 if t.compression == FLOAT16 else 2 * 4 * (numel // shape[-1] if shape and shape[-1] else 0)
+        nbytes, expected = len(t.buffer), 2 * numel + stats
+        if nbytes != expected:
+            raise ValueError(f"{name} tensor {_describe(dtype, shape)} needs {expected} bytes, got {nbytes}")
     try:
         if t.compression in (QUANTILE_8BIT, UNIFORM_8BIT, BLOCKWISE_8BIT):
             tensor = _dequantize(t.buffer, t.compression, dtype, shape)
@@ -470,10 +476,17 @@ def safe_loads(data: bytes, *, descriptors: bool = False) -> Any:
     return msgpack.unpackb(data, ext_hook=hook, raw=False)
 
 
+MAX_METADATA_BYTES = 64 << 10  # a Petals request's metadata is some hundred bytes (64 next_servers: ~7 KB)
+
+
 def unpack_metadata(b: bytes) -> dict:
-    """ExpertRequest.metadata -> dict (empty bytes -> {}); decodes like hivemind's MSGPackSerializer."""
+    """ExpertRequest.metadata -> dict (empty bytes -> {}); decodes like hivemind's MSGPackSerializer.
+    Refused above MAX_METADATA_BYTES before decoding: msgpack's empty maps and lists are one byte each and
+    decode to objects of 50 to 70, so megabytes of them (a request may be that large) took gigabytes."""
     if not b:
         return {}
+    if len(b) > MAX_METADATA_BYTES:
+        raise ValueError(f"metadata of {len(b)} bytes exceeds the limit of {MAX_METADATA_BYTES}")
     try:
         value = safe_loads(b)
     except Exception as e:  # msgpack raises several types (ExtraData, FormatError, StackError, ValueError, ...)

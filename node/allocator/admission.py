@@ -144,9 +144,17 @@ class Admission:
                 return
             self.reply(sender, Failure(msg.req, f"session_id {msg.session} is already open on this server"))
             return
-        if msg.session and any(w.session == msg.session for w in self.budget.waiters):  # one grant per id
-            self.reply(sender, Failure(msg.req, f"session_id {msg.session} is already open on this server"))
-            return
+        waiting = next((w for w in self.budget.waiters if w.session == msg.session), None) if msg.session else None
+        if waiting is not None:  # one grant per id, waiting ones included
+            size = self.geometry.session_bytes(msg.batch, msg.max_length, msg.blocks)
+            if (waiting.owner, waiting.peer, waiting.size) == (owner, msg.peer, size):
+                waiting.req = msg.req  # its frontend asking again (its first request failed over): this one
+                return  # is answered
+            if msg.resumed and waiting.peer == msg.peer:
+                self.budget.waiters.remove(waiting)  # its dead frontend's request: the take-over replaces it
+            else:
+                self.reply(sender, Failure(msg.req, f"session_id {msg.session} is already open on this server"))
+                return
         plan = self.plan
         if len(self.budget.leases) + len(self.budget.waiters) >= plan.max_sessions:
             self.refuse(sender, msg, "sessions", f"the server has {plan.max_sessions} sessions open; retry later")

@@ -20,6 +20,7 @@ from hivemind.dht.node import DHTNode
 from hivemind.p2p import P2P, PeerID
 from hivemind.proto import runtime_pb2
 
+from node import msgpack_depth
 from protocol import wire
 from protocol.dht_records import ServerInfo, ServerState, block_uids, read_servers
 
@@ -78,6 +79,7 @@ class SwarmClient:
 
     @classmethod
     async def connect(cls, initial_peers: Sequence[str], dht_prefix: str) -> "SwarmClient":
+        msgpack_depth.install()  # what any peer stored is decoded here too
         dht = await DHTNode.create(
             initial_peers=list(initial_peers),
             client_mode=True,

@@ -107,7 +107,9 @@ def should_move(
     moved = True
     while moved:
         moved = False
-        peers = sorted(spans)
+        # a record any peer wrote may publish a span of no blocks (start_block == end_block) or more than the
+        # model: it cannot be placed anywhere, and best_start refused it (which ended every later check)
+        peers = sorted(peer for peer, span in spans.items() if 0 < span.length <= total_blocks)
         rng.shuffle(peers)
         for peer in peers:
             span, start = spans[peer], positions[peer]

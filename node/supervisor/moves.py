@@ -73,6 +73,9 @@ class Moves:
             except (PlacementError, asyncio.TimeoutError) as e:
                 self.log.warning("balance check failed", error=str(e) or repr(e))
                 continue
+            except Exception as e:  # what any peer wrote in the DHT must not end the checks for good
+                self.log.error("balance check failed", exc_info=e)
+                continue
             if target is not None:
                 await self.move(*target)
 

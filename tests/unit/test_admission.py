@@ -163,3 +163,34 @@ def test_a_session_id_waiting_for_room_is_not_granted_twice(tmp_path):
     assert d.allocate(sender=F0, session="w", peer="p", max_length=8, timeout=30.0) is None  # waits
     twice = d.allocate(sender=F1, session="w", peer="p", max_length=8, timeout=30.0)
     assert "already open" in twice.error and len(budget.waiters) == 1
+
+
+def test_a_wait_asked_again_by_its_frontend_is_answered_once_with_the_later_request(tmp_path):
+    """A frontend whose request failed over to a replaced allocator asks again while the first copy waits:
+    one waiter, answered under the second request's number (the first one's caller has gone)."""
+    d = Driver(tmp_path)
+    budget, geometry = d.admission.budget, d.admission.geometry
+    full = 64
+    while geometry.session_bytes(1, full * 2, 4) <= budget.capacity:
+        full *= 2
+    first = d.allocate(session="x", max_length=full)
+    assert d.allocate(sender=F0, session="w", peer="p", max_length=8, timeout=30.0) is None
+    asked_before = d.req
+    assert d.allocate(sender=F0, session="w", peer="p", max_length=8, timeout=30.0) is None
+    assert len(budget.waiters) == 1
+    d.admission.take(F0, Release(first.handle))  # room
+    granted = d.answer(F0, d.req)
+    assert isinstance(granted, Granted) and d.answer(F0, asked_before) is None
+    assert d.admission.stats().sessions == 1
+
+
+def test_a_take_over_replaces_its_dead_frontends_waiting_request(tmp_path):
+    d = Driver(tmp_path)
+    budget, geometry = d.admission.budget, d.admission.geometry
+    full = 64
+    while geometry.session_bytes(1, full * 2, 4) <= budget.capacity:
+        full *= 2
+    d.allocate(session="x", max_length=full)
+    assert d.allocate(sender=F0, session="w", peer="p", max_length=8, timeout=30.0) is None
+    assert d.allocate(sender=F1, session="w", peer="p", max_length=8, timeout=30.0, resumed=True) is None
+    assert [w.owner for w in budget.waiters] == ["frontend.1"]

@@ -109,3 +109,11 @@ def test_a_block_nobody_serves_is_filled_after_one_check_otherwise_after_balance
     # a weak server covers them (ONLINE or still JOINING): the imbalance must persist as before
     assert checks_until_a_move(swarm(("A", 0, 4, 1.0), ("B", 0, 4, 1.0), ("C", 4, 8, 0.1)), needed=3) == 3
     assert checks_until_a_move(swarm(("A", 0, 4, 1.0), ("B", 0, 4, 1.0), ("C", 4, 8, 0.1, ServerState.JOINING)), 2) == 2
+
+
+def test_a_record_of_no_blocks_does_not_stop_the_balance_checks():
+    """Any peer may publish start_block == end_block: its span of no blocks made best_start refuse, which
+    ended the balance task for good (Petals' own check ignores it)."""
+    infos = swarm(("A", 0, 4, 1.0), ("B", 0, 4, 1.0))
+    infos[1]["C"] = ServerInfo(state=ServerState.ONLINE, throughput=0.5, start_block=1, end_block=1)
+    assert should_choose_other_blocks("A", infos, 8, 0.75, random.Random(0))

@@ -317,3 +317,24 @@ def test_compute_spans_state_changes_and_gaps():
     infos = {5: {"QmA": server(start=0, end=100)}, 6: {}}
     span = d.compute_spans(infos, ServerState.ONLINE)["QmA"]
     assert (span.start, span.end) == (5, 7)
+
+
+def test_records_under_subkeys_that_cannot_be_peer_ids_are_skipped():
+    """Any peer may store any subkey: an int one beside real peer ids broke every sort of the records (the
+    announcer died, a node choosing its blocks could not start), and huge strings bloated our own records."""
+    import asyncio
+    from types import SimpleNamespace
+
+    from protocol.dht_records import read_servers, to_tuple
+
+    info = to_tuple(ServerInfo(state=ServerState.ONLINE, throughput=1.0))
+    good = "QmWUBfS8Y8VeN6HEFXqZEwN6nrk2mxZELwpy7TuJLdU7oe"
+    entries = {good: info, 7: info, b"raw": info, "0OIl": info, "Q" * 5000: info, "": info}
+    record = SimpleNamespace(value={k: SimpleNamespace(value=v) for k, v in entries.items()})
+
+    class DHT:
+        async def get_many(self, uids, sufficient_expiration_time=None):
+            return {uids[0]: record}
+
+    found = asyncio.run(read_servers(DHT(), "m", 1))
+    assert list(found[0]) == [good]

@@ -444,12 +444,13 @@ def test_decode_tensor_errors():
         wire.decode_tensor(t(buffer=b"\xff" * 8 + b"\0" * 4, compression=runtime_pb2.QUANTILE_8BIT))
     with pytest.raises(ValueError, match=r"cannot decode MEANSTD_16BIT tensor float32\[\]: "):
         wire.decode_tensor(t(size=[], buffer=b"\0" * 2, compression=runtime_pb2.MEANSTD_16BIT))
-    with pytest.raises(
-        ValueError,
-        match=r"cannot decode FLOAT16 tensor float32\[2, 2\]: "
-        r"RuntimeError: shape '\[2, 2\]' is invalid for input of size 3",
-    ):
+    # 16-bit buffers are measured before hivemind converts them: a [0]-shaped one of 16 MiB took 80 MiB
+    with pytest.raises(ValueError, match=r"^FLOAT16 tensor float32\[2, 2\] needs 8 bytes, got 6$"):
         wire.decode_tensor(t(buffer=b"\0" * 6, compression=runtime_pb2.FLOAT16))
+    with pytest.raises(ValueError, match=r"^FLOAT16 tensor float32\[0\] needs 0 bytes, got 16777216$"):
+        wire.decode_tensor(t(size=[0], buffer=b"\0" * (16 << 20), compression=runtime_pb2.FLOAT16))
+    with pytest.raises(ValueError, match=r"^MEANSTD_16BIT tensor float32\[2, 2\] needs 24 bytes, got 8$"):
+        wire.decode_tensor(t(buffer=b"\0" * 8, compression=runtime_pb2.MEANSTD_16BIT))
     # a zero-sized tensor with a huge other dimension is fine: no bytes
     assert wire.decode_tensor(t(size=[0, 2**31 - 1], buffer=b"")).numel == 0
 
@@ -600,7 +601,11 @@ def test_metadata_nesting_limits():
     ):
         wire.unpack_metadata(_nested_tuples(5000))
     with pytest.raises(ValueError, match=r"^metadata is not valid msgpack: StackError"):
-        wire.unpack_metadata(b"\x81\xa1a" + b"\x91" * 100_000)  # plain arrays: msgpack's own limit
+        wire.unpack_metadata(b"\x81\xa1a" + b"\x91" * 60_000)  # plain arrays: msgpack's own limit
+    # empty maps are a byte each and ~64 bytes decoded: metadata is refused by size before it is decoded
+    bomb = b"\x81\xa1a\xdd" + (4 << 20).to_bytes(4, "big") + b"\x80" * (4 << 20)
+    with pytest.raises(ValueError, match=r"^metadata of 4194312 bytes exceeds the limit of 65536$"):
+        wire.unpack_metadata(bomb)
     # ext types other than tuples are not decoded in metadata
     assert wire.unpack_metadata(msgpack.packb({"x": msgpack.ExtType(0x51, b"\x80")})) == {
         "x": msgpack.ExtType(0x51, b"\x80")
@@ -702,3 +707,16 @@ def test_import_is_cheap():
 
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
+
+
+def test_an_absent_argument_s_empty_tensor_has_bounded_dimensions():
+    """Torch could not even describe an empty tensor of (0, 2**31 - 1, 2**31 - 1, 2**31 - 1): its strides
+    overflowed, and the runtime logged a traceback as a bug for each such request."""
+    from types import SimpleNamespace
+
+    from protocol.request_checks import optional_tensor
+
+    assert optional_tensor(SimpleNamespace(shape=(0,))) is None
+    assert optional_tensor(SimpleNamespace(shape=(0, 1, 16, 4096))) is None
+    with pytest.raises(ValueError, match="other dimensions are absurd"):
+        optional_tensor(SimpleNamespace(shape=(0, 2**31 - 1, 2**31 - 1, 2**31 - 1)))
