@@ -129,8 +129,8 @@ class Requester:
             try:
                 return await self.request(make(), frames, max(0.001, deadline - loop.time()))
             except PeerUnavailable:
-                if loop.time() >= deadline:
-                    raise
+                if loop.time() >= deadline or self._up.is_set():
+                    raise  # failed with the peer still up (fail_all: our own process stops): no replacement to wait for
 
     def fail_all(self, reason: str) -> None:
         for future in self._pending.values():

@@ -62,3 +62,33 @@ def test_a_reply_after_its_request_timed_out_is_unsolicited():
 
     _, unsolicited = run(body)
     assert [(type(e.msg), e.msg.handle) for e in unsolicited] == [(Granted, 9)]
+
+
+def test_a_request_failed_over_waits_for_the_replacement_but_not_for_our_own_stop():
+    """request_surviving sends again to a peer's replacement; a request failed while the peer is up (the
+    frontend's drain ends: fail_all) was sent again too, and a session still opening got no final error."""
+    from protocol.requester import PeerUnavailable
+
+    async def body(allocator, requester, unsolicited):
+        def make():
+            return Allocate(requester.next_id(), "s", 1, 8, 2)
+
+        stopping = asyncio.ensure_future(requester.request_surviving(make, timeout=5))
+        await allocator.recv()
+        requester.fail_all("shutting down")
+        try:
+            await stopping
+            raise AssertionError("sent again")
+        except PeerUnavailable:
+            pass
+        replaced = asyncio.ensure_future(requester.request_surviving(make, timeout=5))
+        await allocator.recv()
+        requester.down("the allocator died")
+        await asyncio.sleep(0.05)
+        requester.up()
+        again = await allocator.recv()  # sent again to the replacement
+        allocator.send(Granted(again.msg.req, handle=5), to=again.sender)
+        return (await replaced).msg.handle
+
+    handle, _ = run(body)
+    assert handle == 5
