@@ -163,6 +163,7 @@ class Engine:
         for index, block in blocks.items():
             self.blocks[index] = block
         self.loading: Optional[BlockLoader] = None
+        self.loading_abandoned = False  # its move gave up (a DropBlocks came meanwhile): nothing is installed
         self.target = Target(DTYPES[plan.torch_dtype], torch.device(plan.device))
         self.caches = SessionCaches(self.target.dtype, self.target.device)
         self.queue = Scheduler(
@@ -211,6 +212,7 @@ class Engine:
         if isinstance(msg, LoadBlocks) and self.loading is None:
             missing = [i for i in range(msg.start_block, msg.end_block) if self.blocks[i] is None]
             self.loading = BlockLoader(self.plan, self.log, (msg.start_block, msg.end_block), missing)
+            self.loading_abandoned = False
         elif isinstance(msg, LoadBlocks):  # one load at a time: say so now rather than at the move's timeout
             error = f"blocks {list(self.loading.span)} are still loading"
             return [BlocksLoaded(msg.start_block, msg.end_block, ok=False, error=error)]
@@ -221,6 +223,9 @@ class Engine:
             dropped = [i for i, b in enumerate(self.blocks) if b is not None and i not in kept]
             for i in dropped:
                 self.blocks[i] = None
+            # a DropBlocks while blocks load: the move that asked for them gave up (or switched before the
+            # load ended, which the supervisor does not do): what the load brings is not installed
+            self.loading_abandoned = self.loading is not None
             self.fail_outside(kept)
             self.drop_caches([h for h, c in self.caches.items() if c.start < msg.start_block or c.end > msg.end_block])
             self.log.info("blocks dropped", dropped=dropped, kept=[msg.start_block, msg.end_block])
@@ -249,6 +254,9 @@ class Engine:
         if loader.error is not None:
             self.log.error("cannot load the new blocks", blocks=list(loader.span), error=loader.error)
             return BlocksLoaded(*loader.span, ok=False, error=loader.error)
+        if self.loading_abandoned:  # held until the next DropBlocks, for nobody, before
+            self.log.info("blocks loaded for an abandoned move: not installed", blocks=list(loader.span))
+            return BlocksLoaded(*loader.span, ok=False, error="the move was abandoned before the load ended")
         for index, block in loader.blocks.items():
             self.blocks[index] = block
         return BlocksLoaded(*loader.span)

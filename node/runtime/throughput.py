@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import fcntl
 import json
+import math
 import os
 import time
 from contextlib import contextmanager
@@ -119,6 +120,18 @@ def network_rps(hidden_size: int, bandwidth_bits: Optional[float]) -> float:
     return (bandwidth_bits or DEFAULT_BANDWIDTH) / (hidden_size * 16)
 
 
+def _usable(entry) -> bool:
+    """A cached measurement whose figures are positive finite numbers (a damaged file's are measured again:
+    a NaN or a negative throughput made every announcement fail)."""
+    fields = ("inference_rps", "forward_rps", "network_rps")
+    if not isinstance(entry, dict):
+        return False
+    try:
+        return all(math.isfinite(float(entry[f])) and float(entry[f]) > 0 for f in fields)
+    except (KeyError, TypeError, ValueError):
+        return False
+
+
 def get_throughput_info(
     cache_dir: str,
     key: str,
@@ -130,7 +143,7 @@ def get_throughput_info(
 ) -> dict:
     """The cached measurement for `key`, measuring (and caching) it when missing or when forced."""
     with locked_cache(cache_dir) as cache:
-        if force or key not in cache or not isinstance(cache[key], dict):
+        if force or not _usable(cache.get(key)):
             began = time.perf_counter()
             cache[key] = dict(measure(), network_rps=network_rps(hidden_size, bandwidth_bits))
             if log is not None:

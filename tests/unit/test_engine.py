@@ -400,3 +400,19 @@ def test_a_load_asked_while_another_runs_is_refused_at_once(plan, blocks):
     assert "still loading" in refused.error
     driver.engine.loading.done.wait(30)
     assert driver.engine.loaded() == BlocksLoaded(0, 4)
+
+
+def test_blocks_loading_for_a_move_that_gave_up_are_not_installed(plan, blocks):
+    """A load that outlived its move's timeout installed its blocks when it ended: memory held for blocks
+    nobody serves, until some later move dropped them."""
+    driver = Driver(plan, blocks)
+    driver.engine.control(DropBlocks(0, 2))  # the node serves 0:2
+    driver.engine.control(LoadBlocks(0, 4))  # a move to 0:4 loads 2:4 ...
+    driver.engine.control(DropBlocks(0, 2))  # ... and gives up before the load ends
+    assert driver.engine.loading.done.wait(60)
+    answer = driver.engine.loaded()
+    assert not answer.ok and "abandoned" in answer.error
+    assert driver.engine.blocks[2] is None and driver.engine.blocks[3] is None
+    driver.engine.control(LoadBlocks(0, 4))  # the next move's load is installed
+    assert driver.engine.loading.done.wait(60)
+    assert driver.engine.loaded() == BlocksLoaded(0, 4) and driver.engine.blocks[3] is not None

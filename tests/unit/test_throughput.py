@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import multiprocessing
 
+import pytest
 import torch
 
 from node.runtime import throughput
@@ -45,6 +46,17 @@ def test_measured_once_then_read_from_the_cache(tmp_path):
 
 def test_a_corrupt_cache_is_measured_again(tmp_path):
     (tmp_path / "throughput_v5.json").write_text("{not json")
+    info = throughput.get_throughput_info(
+        str(tmp_path), "k", lambda: {"inference_rps": 1.0, "forward_rps": 2.0}, 64, None
+    )
+    assert info["forward_rps"] == 2.0
+
+
+@pytest.mark.parametrize("damaged", [float("nan"), -3.0, 0.0, "fast", None])
+def test_a_cached_figure_that_is_not_a_positive_number_is_measured_again(tmp_path, damaged):
+    """A NaN or negative throughput read from a damaged file made every announcement fail."""
+    entry = {"inference_rps": 1.0, "forward_rps": damaged, "network_rps": 3.0}
+    (tmp_path / "throughput_v5.json").write_text(json.dumps({"k": entry}))
     info = throughput.get_throughput_info(
         str(tmp_path), "k", lambda: {"inference_rps": 1.0, "forward_rps": 2.0}, 64, None
     )
