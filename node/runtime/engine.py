@@ -118,7 +118,7 @@ class Forwarding:
 
     @property
     def tokens(self) -> int:
-        return max(1, self.work.hidden.shape[0] * self.work.hidden.shape[1])  # an empty one: a round's share
+        return self.work.hidden.shape[0] * self.work.hidden.shape[1]
 
     def next_chunk(self, blocks: int) -> compute.Work:
         w = self.work
@@ -242,7 +242,11 @@ class Engine:
         for f in [f for f in self.forwards if outside(f.work.first, f.work.n_blocks)]:
             self.fail(f.task, error)
             self.forwards.remove(f)
-        for step in [s for s in self.steps if outside(s.first, len(s.cache.kv))]:
+        self.fail_steps(lambda step: outside(step.first, len(step.cache.kv)), error)
+
+    def fail_steps(self, which: Callable[[Step], bool], error: str) -> None:
+        """The steps under way for which `which` holds fail with `error` and leave the rounds."""
+        for step in [s for s in self.steps if which(s)]:
             self.fail(step.task, error)
             self.steps.remove(step)
 
@@ -269,9 +273,7 @@ class Engine:
         handles = list(handles)
         gone = set(handles)
         error = "this session's attention cache was released (its grant ended); open a new session"
-        for step in [s for s in self.steps if s.task.msg.handle in gone]:
-            self.fail(step.task, error)
-            self.steps.remove(step)
+        self.fail_steps(lambda step: step.task.msg.handle in gone, error)
         for task in [t for t in self.queue.inference if t.msg.handle in gone]:
             self.queue.cancel(task.sender, task.msg.req)
             self.fail(task, error)
@@ -433,11 +435,6 @@ class Engine:
             msg.position,
             self.blocks[first : first + n_blocks],
         )
-        if (cache.batch, cache.max_length) != (msg.batch, msg.max_length):
-            raise RequestError(
-                f"session {msg.session}'s cache holds a batch of {cache.batch} x {cache.max_length} tokens, "
-                f"not {msg.batch} x {msg.max_length}"
-            )
         checks.position(msg.position, cache.length)
         hidden = checks.finite(hidden, "hidden_states", self.target)
         prompts = checks.prompts(prompts, self.target)
@@ -531,7 +528,6 @@ class Engine:
         first, n_blocks = self.block_range(msg.start, msg.end)
         tensors = from_frames(msg.tensors, task.frames, ("inputs", "grad_outputs", "prompts"))
         checks.states(tensors[0], "inputs", self.plan.hidden_size)
-        checks.states(tensors[1], "grad_outputs", self.plan.hidden_size, tensors[0].shape[0])
         if tensors[1].shape != tensors[0].shape:
             raise RequestError(f"grad_outputs has shape {list(tensors[1].shape)}, not that of inputs")
         x = checks.finite(tensors[0], "inputs", self.target)

@@ -45,6 +45,11 @@ class SessionCaches:
         if cache is not None:
             if (cache.start, cache.end) != (start, end):
                 raise RequestError(f"this session serves blocks {cache.start}:{cache.end}, not {start}:{end}")
+            if (cache.batch, cache.max_length) != (batch, max_length):
+                raise RequestError(
+                    f"this session's cache holds a batch of {cache.batch} x {cache.max_length} tokens, "
+                    f"not {batch} x {max_length}"
+                )
             return cache
         if position != 0:
             raise CacheMissing("the attention cache of this session is gone (the server restarted); open a new session")

@@ -46,6 +46,14 @@ class Driver:
         found = [m for t, m, _ in self.replies if t == to and getattr(m, "req", None) == req]
         return found[-1] if found else None
 
+    def max_length_taking(self, share: int = 1) -> int:
+        """The largest max_length (a power of two from 64) whose session takes at most 1/share of the cache."""
+        budget, geometry = self.admission.budget, self.admission.geometry
+        length = 64
+        while geometry.session_bytes(1, length * 2, 4) <= budget.capacity // share:
+            length *= 2
+        return length
+
 
 def test_grants_and_releases_free_the_runtimes_tensors(tmp_path):
     d = Driver(tmp_path)
@@ -140,10 +148,7 @@ def test_a_session_handed_over_goes_before_those_waiting(tmp_path):
     waiter and, with no alloc_timeout, failed ("others are waiting"): a hand-over the client saw. It goes on
     with the room it held; what it no longer needs goes to the waiter."""
     d = Driver(tmp_path)
-    budget, geometry = d.admission.budget, d.admission.geometry
-    half = 64
-    while geometry.session_bytes(1, half * 2, 4) <= budget.capacity // 2:
-        half *= 2
+    budget, half = d.admission.budget, d.max_length_taking(2)
     d.allocate(sender=F0, session="s", peer="p", max_length=half)
     d.allocate(sender=F0, session="x", peer="q", max_length=half)  # the cache is full
     assert d.allocate(sender=F0, session="w", peer="r", max_length=half, timeout=30.0) is None  # waits
@@ -155,10 +160,7 @@ def test_a_session_id_waiting_for_room_is_not_granted_twice(tmp_path):
     """The one-session-per-id check looked at grants only: two requests naming one id while the cache was
     full both waited, and both were granted (pushes then found only the second)."""
     d = Driver(tmp_path)
-    budget, geometry = d.admission.budget, d.admission.geometry
-    full = 64
-    while geometry.session_bytes(1, full * 2, 4) <= budget.capacity:
-        full *= 2
+    budget, full = d.admission.budget, d.max_length_taking()
     d.allocate(session="x", max_length=full)
     assert d.allocate(sender=F0, session="w", peer="p", max_length=8, timeout=30.0) is None  # waits
     twice = d.allocate(sender=F1, session="w", peer="p", max_length=8, timeout=30.0)
@@ -169,10 +171,7 @@ def test_a_wait_asked_again_by_its_frontend_is_answered_once_with_the_later_requ
     """A frontend whose request failed over to a replaced allocator asks again while the first copy waits:
     one waiter, answered under the second request's number (the first one's caller has gone)."""
     d = Driver(tmp_path)
-    budget, geometry = d.admission.budget, d.admission.geometry
-    full = 64
-    while geometry.session_bytes(1, full * 2, 4) <= budget.capacity:
-        full *= 2
+    budget, full = d.admission.budget, d.max_length_taking()
     first = d.allocate(session="x", max_length=full)
     assert d.allocate(sender=F0, session="w", peer="p", max_length=8, timeout=30.0) is None
     asked_before = d.req
@@ -186,10 +185,7 @@ def test_a_wait_asked_again_by_its_frontend_is_answered_once_with_the_later_requ
 
 def test_a_take_over_replaces_its_dead_frontends_waiting_request(tmp_path):
     d = Driver(tmp_path)
-    budget, geometry = d.admission.budget, d.admission.geometry
-    full = 64
-    while geometry.session_bytes(1, full * 2, 4) <= budget.capacity:
-        full *= 2
+    budget, full = d.admission.budget, d.max_length_taking()
     d.allocate(session="x", max_length=full)
     assert d.allocate(sender=F0, session="w", peer="p", max_length=8, timeout=30.0) is None
     assert d.allocate(sender=F1, session="w", peer="p", max_length=8, timeout=30.0, resumed=True) is None
